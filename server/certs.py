@@ -1,0 +1,199 @@
+"""Certificates: a self-signed one for the first start and `presenced cert`, and the checks of
+`presenced check` (readable, PEM, key matches, validity period, names cover our domains)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import idna
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+if TYPE_CHECKING:
+    from server.config import Config
+
+log = logging.getLogger("presenced")
+
+# RFC 6120 §13.7.1.4: id-on-xmppAddr, an otherName holding a UTF8String JID.
+ID_ON_XMPPADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")
+EXPIRY_WARNING = datetime.timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    severity: str  # "error" or "warning"
+    subject: str  # the [tls] setting it concerns: "certificate" or "key"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
+
+
+def _a_label(domain: str) -> str:
+    """The ASCII form certificates carry (dNSName is IA5String, RFC 5280 §4.2.1.6)."""
+    try:
+        return idna.encode(domain).decode("ascii").lower()
+    except idna.IDNAError:
+        return domain.lower()
+
+
+def _utf8_string(text: str) -> bytes:
+    """DER UTF8String (tag 12)."""
+    data = text.encode("utf-8")
+    n = len(data)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + \
+        n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return b"\x0c" + length + data
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Readers never see half a file; a key file is never readable by others, not even briefly."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def generate_self_signed(domains: Sequence[str], cert_path: Path | str, key_path: Path | str,
+                         days: int = 825) -> None:
+    """An EC P-256 key and a self-signed certificate naming every domain (DNS-ID and XmppAddr)."""
+    if not domains:
+        raise ValueError("a certificate needs at least one domain")
+    cert_path, key_path = Path(cert_path), Path(key_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _a_label(domains[0]))])
+    now = datetime.datetime.now(datetime.UTC)
+    san: list[x509.GeneralName] = [x509.DNSName(_a_label(d)) for d in domains]
+    san += [x509.OtherName(ID_ON_XMPPADDR, _utf8_string(d)) for d in domains]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate peers' clock skew
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        # clientAuth too: an s2s stream authenticates the initiating server by its certificate.
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    for path in (cert_path, key_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()), 0o600)
+    _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def ensure_certificate(config: Config) -> None:
+    """At start: make the default self-signed certificate when it is not there yet."""
+    tls = config.tls
+    if tls.generated and not (tls.certificate.exists() and tls.key.exists()):
+        generate_self_signed(config.domains, tls.certificate, tls.key)
+        log.warning("event=certificate-generated certificate=%s key=%s domains=%s self_signed=1",
+                    tls.certificate, tls.key, ",".join(config.domains))
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The names a certificate is for: DNS-IDs and XmppAddrs; the CN only when there is no
+    subjectAltName (RFC 6125 §6.4.4)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+    for other in san.get_values_for_type(x509.OtherName):
+        if other.type_id == ID_ON_XMPPADDR and other.value[:1] == b"\x0c":
+            length = other.value[1]
+            start = 2 if length < 0x80 else 2 + (length & 0x7F)
+            names.append(_a_label(other.value[start:].decode("utf-8", "replace")))
+    return names
+
+
+def covers(names: Sequence[str], domain: str) -> bool:
+    """RFC 6125 §6.4: exact match, or a wildcard standing for the whole leftmost label."""
+    domain = _a_label(domain)
+    for name in names:
+        if name == domain:
+            return True
+        if name.startswith("*.") and "." in domain and domain.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
+def check_certificate(cert_path: Path | str, key_path: Path | str,
+                      domains: Sequence[str]) -> list[Problem]:
+    """Everything wrong with a certificate/key pair for serving these domains."""
+    problems: list[Problem] = []
+    try:
+        certs = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
+    except OSError as exc:
+        problems.append(Problem("error", "certificate",
+                                f"cannot read certificate {cert_path}: {exc.strerror}"))
+        certs = []
+    except ValueError:
+        problems.append(Problem("error", "certificate",
+                                f"{cert_path} holds no PEM certificate"))
+        certs = []
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except OSError as exc:
+        problems.append(Problem("error", "key", f"cannot read key {key_path}: {exc.strerror}"))
+        key = None
+    except TypeError:
+        problems.append(Problem("error", "key", f"key {key_path} is encrypted"))
+        key = None
+    except (ValueError, UnsupportedAlgorithm):
+        problems.append(Problem("error", "key", f"{key_path} holds no PEM private key"))
+        key = None
+    if not certs:
+        return problems
+    leaf = certs[0]  # the chain starts with our own certificate (RFC 8446 §4.4.2)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key is not None and key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(
+            *spki):
+        problems.append(Problem("error", "key",
+                                f"key {key_path} does not belong to certificate {cert_path}"))
+    now = datetime.datetime.now(datetime.UTC)
+    if now < leaf.not_valid_before_utc:
+        problems.append(Problem("error", "certificate", f"certificate {cert_path} is not valid "
+                                f"before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"))
+    if now > leaf.not_valid_after_utc:
+        problems.append(Problem("error", "certificate", f"certificate {cert_path} expired on "
+                                f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"))
+    elif now + EXPIRY_WARNING > leaf.not_valid_after_utc:
+        problems.append(Problem("warning", "certificate", f"certificate {cert_path} expires on "
+                                f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"))
+    names = certificate_names(leaf)
+    for domain in domains:
+        if not covers(names, domain):
+            problems.append(Problem("warning", "certificate",
+                                    f"certificate {cert_path} is not for {domain} "
+                                    f"(it names {', '.join(names) or 'nothing'})"))
+    return problems

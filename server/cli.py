@@ -1,0 +1,356 @@
+"""The presenced command: serve, adduser, deluser, passwd, check, cert.
+
+A failure the user can fix is one line on stderr, ``presenced: error: ...``, and exit status 1
+(2 for usage errors and for ``serve`` with a bad config); a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import getpass
+import importlib.metadata
+import logging
+import os
+import socket
+import sys
+import time
+import tomllib
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import precis_i18n
+
+from server.certs import check_certificate, ensure_certificate, generate_self_signed
+from server.config import Address, Config, ConfigErrors, load_config, where
+from server.jid import JID, InvalidJID, normalize_domain
+from server.storage import StorageError, open_storage
+from server.storage.base import AccountExists, Credentials, NoSuchAccount
+
+if TYPE_CHECKING:
+    from server.storage import Storage
+
+T = TypeVar("T")
+
+
+class CLIError(Exception):
+    """A failure the user can fix; printed as one line."""
+
+
+def _error(message: str) -> None:
+    print(f"presenced: error: {message}", file=sys.stderr)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("presenced")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _account(text: str, config: Config) -> tuple[str, str]:
+    """(localpart, domain) of a bare JID at one of our domains."""
+    try:
+        jid = JID.parse(text)
+    except InvalidJID as exc:
+        raise CLIError(f"invalid JID {text!r}: {exc}") from None
+    if jid.local is None or jid.resource:
+        raise CLIError(f"{text!r} is not a bare JID of the form user@domain")
+    if jid.domain not in config.domains:
+        raise CLIError(f"{jid.domain} is not a domain of this server; it serves "
+                       f"{', '.join(config.domains)} (see --config)")
+    return jid.local, jid.domain
+
+
+def _password(given: str | None, confirm: bool) -> str:
+    """From --password, else prompted (twice) on a terminal, else one line of stdin."""
+    if given is not None:
+        password = given
+    elif sys.stdin.isatty():
+        try:
+            password = getpass.getpass("Password: ")
+            if confirm and password and getpass.getpass("Password (again): ") != password:
+                raise CLIError("the passwords do not match")
+        except EOFError:
+            password = ""
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise CLIError("empty password")
+    return password
+
+
+def _credentials(password: str, config: Config) -> Credentials:
+    from server.stream.scram import derive_credentials
+
+    try:  # RFC 8265 §4.2: one that does not prepare could never be used to log in
+        precis_i18n.get_profile("OpaqueString").enforce(password)
+    except UnicodeError as exc:
+        raise CLIError(f"unusable password: {exc} (RFC 8265 OpaqueString)") from None
+    return derive_credentials(password, config.c2s.scram_iterations)
+
+
+def _with_storage(config: Config, use: Callable[[Storage], Awaitable[T]]) -> T:
+    async def run() -> T:
+        storage = await open_storage(config)
+        try:
+            return await use(storage)
+        finally:
+            await storage.close()
+    return asyncio.run(run())
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def _log_to_stderr(level: str) -> None:
+    """One line per event: ``time=... level=INFO logger=presenced event=... key=value``."""
+    formatter = logging.Formatter(
+        "time=%(asctime)s.%(msecs)03dZ level=%(levelname)s logger=%(name)s %(message)s",
+        "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigErrors as exc:
+        for e in exc.errors:
+            _error(str(e))
+        return 2
+    _log_to_stderr("DEBUG" if args.debug else config.log.level.upper())
+    ensure_certificate(config)
+    if args.config is None:
+        print(f"presenced: no --config: serving {', '.join(config.domains)} with the built-in "
+              f"defaults, data in {config.data_dir}\n"
+              f"presenced: add a user with: presenced adduser user@{config.domains[0]}",
+              file=sys.stderr)
+    import server.app
+
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(server.app.serve(config))
+
+
+def cmd_adduser(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    user, domain = _account(args.jid, config)
+    credentials = _credentials(_password(args.password, confirm=True), config)
+    try:
+        _with_storage(config, lambda s: s.accounts.create(user, domain, credentials))
+    except AccountExists:
+        raise CLIError(f"{user}@{domain} already exists (change its password with "
+                       f"presenced passwd)") from None
+    print(f"added {user}@{domain}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    user, domain = _account(args.jid, config)
+    if not _with_storage(config, lambda s: s.accounts.exists(user, domain)):
+        raise CLIError(f"no such user: {user}@{domain}")
+    credentials = _credentials(_password(args.password, confirm=True), config)
+    try:
+        _with_storage(config, lambda s: s.accounts.set_credentials(user, domain, credentials))
+    except NoSuchAccount:  # deleted meanwhile
+        raise CLIError(f"no such user: {user}@{domain}") from None
+    print(f"changed the password of {user}@{domain}")
+    return 0
+
+
+def cmd_deluser(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    user, domain = _account(args.jid, config)
+    try:
+        _with_storage(config, lambda s: s.accounts.delete(user, domain))
+    except NoSuchAccount:
+        raise CLIError(f"no such user: {user}@{domain}") from None
+    print(f"deleted {user}@{domain}")
+    return 0
+
+
+def _bind_problem(address: Address) -> tuple[str, str] | None:
+    """(severity, message) when we could not listen on the address now."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return "error", f"{address}: cannot resolve {address.host}: {exc.strerror}"
+    for family, kind, proto, _name, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+                sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:  # a running presenced is a good reason
+                return "warning", f"{address} is in use (by a running presenced?)"
+            return "error", f"cannot listen on {address}: {exc.strerror}"
+    return None
+
+
+def _writable_dir(path: Path) -> str | None:
+    """Why we could not create or write files in this directory, or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" if existing == path else \
+            f"cannot create {path}: {existing} is not writable"
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigErrors as exc:
+        for e in exc.errors:
+            print(f"error: {e}")
+        print(f"{len(exc.errors)} error(s)")
+        return 1
+    found: list[tuple[str, str, str]] = []  # (severity, where, message)
+    tls = config.tls
+    if tls.generated and not (tls.certificate.exists() and tls.key.exists()):
+        print(f"note: a self-signed certificate for {', '.join(config.domains)} will be made "
+              f"at first start: {tls.certificate}")
+    else:
+        for p in check_certificate(tls.certificate, tls.key, config.domains):
+            found.append((p.severity, where(config, f"tls.{p.subject}"), p.message))
+    if tls.ca_file is not None and not os.access(tls.ca_file, os.R_OK):
+        found.append(("error", where(config, "tls.ca_file"), f"cannot read {tls.ca_file}"))
+    for key, directory in (("data_dir", config.data_dir), ("storage.path",
+                                                          config.storage.path.parent)):
+        problem = _writable_dir(directory)
+        if problem:
+            found.append(("error", where(config, key), problem))
+            break
+    for kind in ("c2s", "c2s_tls", "s2s"):
+        for address in getattr(config.listen, kind):
+            bind = _bind_problem(address)
+            if bind:
+                found.append((bind[0], where(config, f"listen.{kind}"), bind[1]))
+    for severity, place, message in found:
+        print(f"{severity}: {place}: {message}")
+    errors = sum(1 for f in found if f[0] == "error")
+    warnings = len(found) - errors
+    name = config.path or "built-in defaults"
+    print(f"{name}: {errors} error(s), {warnings} warning(s)" if found else f"{name}: ok")
+    return 1 if errors else 0
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    domains: list[str] = []
+    for raw in args.domains:
+        try:
+            domains.append(normalize_domain(raw))
+        except ValueError as exc:
+            raise CLIError(f"invalid domain {raw!r}: {exc}") from None
+    cert_path, key_path = args.out / f"{domains[0]}.pem", args.out / f"{domains[0]}.key"
+    for path in (cert_path, key_path):
+        if path.exists() and not args.force:
+            raise CLIError(f"{path} exists (--force replaces it)")
+    generate_self_signed(domains, cert_path, key_path, days=args.days)
+    print(cert_path)
+    print(key_path)
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def _days(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage errors too start with ``presenced: error:``, also after a command name."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"presenced: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="presenced", description="A federated XMPP server: the presence service.")
+    parser.add_argument("--version", action="version", version=f"presenced {version()}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common = _Parser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, metavar="FILE",
+                        help="TOML configuration (default: built-in defaults, see "
+                             "conf/presenced.toml)")
+    # SUPPRESS: absent after the command, the value before it stays.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str,
+                parents: list[_Parser] | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help,
+                           parents=[common] if parents is None else parents)
+        p.set_defaults(run=run)
+        return p
+
+    command("serve", cmd_serve, "run the server until SIGTERM or SIGINT")
+    password_help = "the password (visible to other local users: prefer the prompt or stdin)"
+    for name, run, help in (("adduser", cmd_adduser, "create an account"),
+                            ("passwd", cmd_passwd, "change an account's password")):
+        p = command(name, run, help + " (prompts for the password, or reads a line of stdin)")
+        p.add_argument("jid", metavar="JID", help="user@domain")
+        p.add_argument("--password", "-p", metavar="PW", help=password_help)
+    command("deluser", cmd_deluser, "delete an account and everything it owns").add_argument(
+        "jid", metavar="JID", help="user@domain")
+    command("check", cmd_check, "check the configuration, certificate and listening addresses")
+    cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
+                   "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
+    cert.add_argument("domains", nargs="+", metavar="DOMAIN")
+    cert.add_argument("--out", "-o", type=Path, default=Path("."), metavar="DIR",
+                      help="directory to write to (default: the current one)")
+    cert.add_argument("--days", type=_days, default=825, help="validity in days (default 825)")
+    cert.add_argument("--force", action="store_true", help="replace existing files")
+    cert.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except ConfigErrors as exc:
+        for e in exc.errors:
+            _error(str(e))
+    except (CLIError, StorageError) as exc:
+        _error(str(exc))
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(exc, OSError) and exc.filename is not None:  # permissions, full disk, ...
+            _error(f"{exc.filename}: {exc.strerror}")
+        elif not args.debug:
+            _error(f"unexpected {type(exc).__name__}: {exc} (run with --debug to see where)")
+    return 1

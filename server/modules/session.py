@@ -1,0 +1,16 @@
+"""The legacy session establishment of RFC 3921 §3, offered as optional
+(draft-cridland-xmpp-session-01): old clients still send it and expect a result."""
+
+from __future__ import annotations
+
+from server.module import Module, Stanza
+from server.sessions import Session
+from server.xml import ns
+from server.xml.stanza import result
+
+module = Module("session")
+
+
+@module.iq_set(ns.SESSION, to=("host", "self"))
+def establish(stanza: Stanza, _origin: Session | None) -> Stanza:
+    return result(stanza)

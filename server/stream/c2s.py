@@ -1,0 +1,313 @@
+"""One client connection: bytes <-> TLS <-> XML parser <-> negotiation / router.
+
+The I/O layer is thin: it moves bytes and carries out what the negotiation machine asks for.
+After resource binding it handles stanzas itself (the hot path): check and stamp 'from',
+route, and keep per-stream order when routing goes asynchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from server.errors import StanzaError, StreamError
+from server.jid import JID, InvalidJID
+from server.stream import negotiation as neg
+from server.stream.tls import TLSError, TLSLayer
+from server.xml import ns
+from server.xml.stanza import STANZA_TAGS
+from server.xml.writer import STREAM_CLOSE, serialize, stream_error, stream_header
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+log = logging.getLogger("presenced.c2s")
+_Element = etree._Element
+_BACKLOG_PAUSE = 64          # stanzas waiting behind an async handler before we stop reading
+_WRITE_BUFFER_LIMIT = 8 << 20  # a client that does not read this much gets disconnected
+_CLOSE_GRACE = 2.0           # RFC 6120 §4.4: wait this long for the peer's </stream:stream>
+
+
+class C2SConnection(asyncio.Protocol):
+    __slots__ = (
+        "_backlog",
+        "_bare_str",
+        "_blocked",
+        "_closing",
+        "_flush_handle",
+        "_jid_str",
+        "_out",
+        "_parser",
+        "_server",
+        "_tls",
+        "_transport",
+        "bound",
+        "directed",
+        "extra",
+        "interested",
+        "jid",
+        "last_activity",
+        "negotiation",
+        "opened_at",
+        "peer",
+        "presence",
+        "priority",
+    )
+
+    def __init__(self, server: Server, direct_tls: bool) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._tls: TLSLayer | None = server.tls_layer(direct=True) if direct_tls else None
+        self._parser = server.new_parser()
+        self._out: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._backlog: deque[_Element] = deque()
+        self._blocked = False
+        self._closing = False
+        self.negotiation = neg.C2SNegotiation(
+            server.c2s_policy, direct_tls=direct_tls, channel_binding=self._channel_binding,
+            post_bind_features=server.post_bind_features)
+        self.bound = False
+        self.jid: JID = server.placeholder_jid
+        self._jid_str = ""
+        self._bare_str = ""
+        self.priority = 0
+        self.presence: _Element | None = None
+        self.interested = False   # RFC 6121 §2.1.6: requested the roster, so gets roster pushes
+        self.directed: set[JID] | None = None  # RFC 6121 §4.6: directed presence recipients
+        self.extra: dict[str, Any] | None = None  # per-session state of feature modules
+        self.peer = ""
+        self.opened_at = self.last_activity = server.loop.time()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self._server.loop.time()
+        if self._tls is not None:
+            try:
+                data, out = self._tls.receive(data)
+            except TLSError as exc:
+                log.info("event=tls-failed peer=%s reason=%s", self.peer, exc)
+                self._abort()
+                return
+            if out:
+                self._write_raw(out)
+            if not data:
+                return
+        if self._closing:
+            # We already sent </stream:stream>; the peer's closing tag lets us hang up now.
+            if STREAM_CLOSE in data and self._transport is not None:
+                self._transport.close()
+            return
+        try:
+            events = self._parser.feed(data)
+        except StreamError as err:
+            self.close(err.condition, err.text)
+            return
+        for event in events:
+            if self._closing:
+                return
+            if self.bound and type(event) is _ElementType:
+                self._stanza(event)  # type: ignore[arg-type]
+            else:
+                self._carry_out(self.negotiation.receive(event))
+
+    def eof_received(self) -> bool | None:
+        if not self._closing:
+            self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._server.connections.discard(self)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._out.clear()
+        self._end_session("disconnected" if exc is None else "connection-lost")
+
+    # -- negotiation -------------------------------------------------------------------------
+
+    def _channel_binding(self, kind: str) -> bytes | None:
+        return self._tls.channel_binding(kind) if self._tls is not None else None
+
+    def _carry_out(self, actions: list[neg.Action]) -> None:
+        for action in actions:
+            if isinstance(action, neg.Send):
+                self._write_now(action.data)
+            elif isinstance(action, neg.CloseStream):
+                self.close(action.condition, action.text)
+                return
+            elif isinstance(action, neg.LookupCredentials):
+                self._spawn(self._lookup(action.user, action.domain))
+            elif isinstance(action, neg.StartTLS):
+                self._tls = self._server.tls_layer(direct=False)
+                self._parser = self._server.new_parser()
+                self.negotiation.tls_established()
+            elif isinstance(action, neg.RestartStream):
+                self._parser = self._server.new_parser()
+            elif isinstance(action, neg.Authenticated):
+                log.info("event=authenticated peer=%s user=%s@%s", self.peer, action.user,
+                         action.domain)
+            elif isinstance(action, neg.BindResource):
+                self._bind(action.iq, action.resource)
+
+    async def _lookup(self, user: str, domain: str) -> None:
+        try:
+            found = await self._server.storage.accounts.get_credentials(user, domain)
+        except Exception:
+            log.exception("event=credentials-lookup-failed user=%s@%s", user, domain)
+            found = None
+        if not self._closing:
+            self._carry_out(self.negotiation.credentials(found))
+
+    def _bind(self, iq: _Element, resource: str | None) -> None:
+        server = self._server
+        negotiation = self.negotiation
+        assert negotiation.user is not None and negotiation.domain is not None
+        bare = JID.from_parts(negotiation.user, negotiation.domain)
+        try:
+            full = server.sessions.bind(self, bare, resource)
+        except StanzaError as err:
+            self._carry_out(negotiation.bind_failed(iq, err))
+            return
+        self.jid = full
+        self._jid_str = str(full)
+        self._bare_str = str(bare)
+        self.bound = True
+        self._carry_out(negotiation.bound(iq, self._jid_str))
+        log.info("event=bound peer=%s jid=%s", self.peer, self._jid_str)
+        for pending in server.hooks.fire_all("session-bound", self):
+            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
+                self._spawn(pending)
+
+    # -- stanzas (hot path) ------------------------------------------------------------------
+
+    def _stanza(self, el: _Element) -> None:
+        if self._blocked:
+            self._backlog.append(el)
+            if len(self._backlog) == _BACKLOG_PAUSE and self._transport is not None:
+                self._transport.pause_reading()
+            return
+        if el.tag not in STANZA_TAGS:
+            self.close("unsupported-stanza-type", f"unexpected element {el.tag}")
+            return
+        sender = el.get("from")
+        # RFC 6120 §8.1.2.1: the server stamps the full JID; a client may only claim its own.
+        if sender is not None and sender != self._jid_str and sender != self._bare_str:
+            try:
+                claimed = JID.parse(sender)
+            except InvalidJID:
+                claimed = None
+            if claimed != self.jid and claimed != self.jid.bare:
+                self.close("invalid-from", "'from' is not your address")
+                return
+        el.set("from", self._jid_str)
+        pending = self._server.router.route(el, self)
+        if pending is not None:
+            self._blocked = True
+            task = asyncio.ensure_future(pending)
+            task.add_done_callback(self._resume)
+
+    def _resume(self, _task: asyncio.Future[Any]) -> None:
+        self._blocked = False
+        backlog = self._backlog
+        while backlog and not self._blocked and not self._closing:
+            self._stanza(backlog.popleft())
+        if not backlog and self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    # -- output ------------------------------------------------------------------------------
+
+    def send(self, stanza: _Element) -> None:
+        """Queue a stanza; everything queued in one loop iteration goes out in one write."""
+        if self._closing:
+            return
+        self._out.append(serialize(stanza, ns.CLIENT))
+        if self._flush_handle is None:
+            self._flush_handle = self._server.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self._out:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        self._write_raw(self._tls.send(data) if self._tls is not None else data)
+
+    def _write_now(self, data: bytes) -> None:
+        if self._out:
+            self._out.append(data)
+            self._flush()
+        else:
+            self._write_raw(self._tls.send(data) if self._tls is not None else data)
+
+    def _write_raw(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT and not self._closing:
+            log.info("event=slow-reader peer=%s jid=%s", self.peer, self._jid_str)
+            self.close("policy-violation", "you are not reading your stream")
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, condition: str | None = None, text: str | None = None) -> None:
+        """End the stream: optional stream error, </stream:stream>, then TCP after a grace."""
+        if self._closing:
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
+        if condition is not None:
+            log.info("event=stream-error peer=%s jid=%s condition=%s text=%s", self.peer,
+                     self._jid_str or "-", condition, text or "-")
+            data = b""
+            if not self.negotiation.header_sent:
+                # RFC 6120 §4.9.1.2: send our stream header before the error.
+                data = stream_header(content_ns=ns.CLIENT, from_=self._server.default_domain,
+                                     to=None, id_=None)
+                self.negotiation.header_sent = True
+            self._write_now(data + stream_error(condition, text))
+        else:
+            self._write_now(STREAM_CLOSE)
+        self._closing = True
+        self._end_session(condition or "closed")
+        transport = self._transport
+        if transport is not None:
+            if self._tls is not None:
+                self._write_raw(self._tls.close())
+            self._server.loop.call_later(_CLOSE_GRACE, transport.close)
+
+    def _abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _end_session(self, reason: str) -> None:
+        if self.bound:
+            self.bound = False
+            server = self._server
+            if server.sessions.unbind(self):
+                log.info("event=unbound jid=%s reason=%s", self._jid_str, reason)
+            for pending in server.hooks.fire_all("session-closed", self, reason):
+                if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
+                    server.router.spawn(pending)
+
+    def _spawn(self, coro: Any) -> None:
+        self._server.router.spawn(coro)
+
+
+_ElementType = type(etree.Element("x"))

@@ -1,0 +1,54 @@
+"""Writing streams: headers, stream errors, and stanzas in the stream's content namespace."""
+
+from __future__ import annotations
+
+from xml.sax.saxutils import quoteattr
+
+from lxml import etree
+
+from server.xml import ns
+
+STREAM_CLOSE = b"</stream:stream>"
+_CLIENT_DECL = b'xmlns="jabber:client"'
+_SERVER_DECL = b'xmlns="jabber:server"'
+
+
+def stream_header(*, content_ns: str, from_: str | None, to: str | None, id_: str | None,
+                  version: str = "1.0", lang: str = "en",
+                  extra_ns: dict[str, str] | None = None) -> bytes:
+    parts = ["<?xml version='1.0'?><stream:stream", f" xmlns={quoteattr(content_ns)}",
+             f" xmlns:stream='{ns.STREAMS}'"]
+    for prefix, uri in (extra_ns or {}).items():
+        parts.append(f" xmlns:{prefix}={quoteattr(uri)}")
+    for name, value in (("from", from_), ("to", to), ("id", id_), ("version", version),
+                        ("xml:lang", lang)):
+        if value is not None:
+            parts.append(f" {name}={quoteattr(value)}")
+    parts.append(">")
+    return "".join(parts).encode()
+
+
+def stream_error(condition: str, text: str | None = None) -> bytes:
+    body = f'<{condition} xmlns="{ns.STREAM_ERRORS}"/>'
+    if text:
+        escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        body += f'<text xmlns="{ns.STREAM_ERRORS}" xml:lang="en">{escaped}</text>'
+    return f"<stream:error>{body}</stream:error>".encode() + STREAM_CLOSE
+
+
+def serialize(stanza: etree._Element, content_ns: str) -> bytes:
+    """A canonical {jabber:client} stanza as bytes for a stream whose default namespace is
+    content_ns. Only the top element's declaration changes for jabber:server: nested
+    jabber:client content (e.g. XEP-0297 forwarded stanzas) keeps its namespace."""
+    data: bytes = etree.tostring(stanza)
+    if content_ns == ns.SERVER:
+        return data.replace(_CLIENT_DECL, _SERVER_DECL, 1)
+    return data
+
+
+def to_canonical(stanza: etree._Element) -> etree._Element:
+    """A {jabber:server} stanza from an s2s stream as a canonical {jabber:client} one."""
+    if etree.QName(stanza).namespace != ns.SERVER:
+        return stanza
+    data = etree.tostring(stanza).replace(_SERVER_DECL, _CLIENT_DECL, 1)
+    return etree.fromstring(data)

@@ -1,0 +1,139 @@
+"""Fixtures: a real presenced on loopback (random ports) and real clients (slixmpp, raw)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import slixmpp
+
+from server.app import Server
+from server.certs import generate_self_signed
+from server.config import load_config
+from server.storage import open_storage
+from server.stream.scram import derive_credentials
+from tests.rawclient import RawClient
+
+PASSWORD = "secret-password"
+DOMAINS = ("a.test", "b.test")
+
+
+def on_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    data_dir: Path
+    config_path: Path
+    _clients: list[slixmpp.ClientXMPP] = field(default_factory=list)
+
+    def address(self, kind: str = "c2s") -> tuple[str, int]:
+        for k, host, port in self.server.bound_addresses():
+            if k == kind:
+                return host, port
+        raise LookupError(kind)
+
+    async def add_user(self, jid: str, password: str = PASSWORD) -> None:
+        user, domain = jid.split("@")
+        await self.server.storage.accounts.create(user, domain, derive_credentials(password))
+
+    async def raw(self, *, direct_tls: bool = False) -> RawClient:
+        host, port = self.address("c2s_tls" if direct_tls else "c2s")
+        return await RawClient.connect(host, port, direct_tls=direct_tls)
+
+    async def raw_login(self, jid: str, resource: str = "raw", password: str = PASSWORD) -> RawClient:
+        user, domain = jid.split("@")
+        client = await self.raw()
+        client.jid = await client.login(domain, user, password, resource)  # type: ignore[attr-defined]
+        return client
+
+    async def client(self, jid: str, password: str = PASSWORD, *, resource: str = "slix",
+                     presence: bool = True, direct_tls: bool = False,
+                     plugins: tuple[str, ...] = ()) -> slixmpp.ClientXMPP:
+        """A logged-in slixmpp client (session_start reached)."""
+        xmpp = slixmpp.ClientXMPP(f"{jid}/{resource}", password)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        xmpp.ssl_context = ctx
+        xmpp.enable_direct_tls = direct_tls
+        xmpp.enable_starttls = not direct_tls
+        for plugin in plugins:
+            xmpp.register_plugin(plugin)
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def session_start(_event: object) -> None:
+            if presence:
+                xmpp.send_presence()
+            if not started.done():
+                started.set_result(None)
+
+        def failed(event: object) -> None:
+            if not started.done():
+                started.set_exception(AssertionError(f"login failed: {event}"))
+
+        xmpp.add_event_handler("session_start", session_start)
+        xmpp.add_event_handler("failed_auth", failed)
+        xmpp.add_event_handler("connection_failed", failed)
+        host, port = self.address("c2s_tls" if direct_tls else "c2s")
+        xmpp.connect(host, port)
+        await asyncio.wait_for(started, 10)
+        self._clients.append(xmpp)
+        return xmpp
+
+
+
+def write_config(tmp: Path, extra: str = "") -> Path:
+    data_dir = tmp / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cert, key = data_dir / "cert.pem", data_dir / "key.pem"
+    if not cert.exists():
+        generate_self_signed(list(DOMAINS), cert, key)
+    path = tmp / "presenced.toml"
+    path.write_text(textwrap.dedent(f"""\
+        domains = {list(DOMAINS)!r}
+        data_dir = "{data_dir}"
+        [listen]
+        c2s = ["127.0.0.1:0"]
+        c2s_tls = ["127.0.0.1:0"]
+        [tls]
+        certificate = "{cert}"
+        key = "{key}"
+        """) + textwrap.dedent(extra))
+    return path
+
+
+async def start_server(tmp: Path, extra: str = "") -> RunningServer:
+    path = write_config(tmp, extra)
+    server = Server(load_config(path))
+    await server.start()
+    return RunningServer(server, tmp / "data", path)
+
+
+async def stop_server(running: RunningServer) -> None:
+    for xmpp in running._clients:
+        xmpp.disconnect(wait=0.1)
+    await asyncio.sleep(0)
+    await running.server.stop()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
+    running = await start_server(tmp_path)
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+__all__ = ["PASSWORD", "RunningServer", "on_ci", "open_storage", "start_server", "stop_server"]

@@ -1,0 +1,1 @@
+def validate_stream_bytes(data): pass  # PLACEHOLDER until schemas land

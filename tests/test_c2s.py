@@ -1,0 +1,313 @@
+"""c2s over real sockets: negotiation, errors for bad input, stanzas, routing basics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from datetime import datetime
+
+import pytest
+from lxml import etree
+
+from tests.conftest import PASSWORD, RunningServer
+from tests.rawclient import BIND_NS, CLIENT, SASL_NS, STREAMS, TLS_NS, RawClient, header
+from tests.schema import validate_stream_bytes
+
+FEATURES = f"{{{STREAMS}}}features"
+
+
+async def features_of(client: RawClient, to: str = "a.test") -> etree._Element:
+    return await client.open(to)
+
+
+# -- stream headers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("head", "condition"), [
+    (header("unknown.test"), "host-unknown"),
+    (b"<?xml version='1.0'?><stream:stream version='1.0' xmlns='jabber:client' "
+     b"xmlns:stream='http://etherx.jabber.org/streams'>", "host-unknown"),
+    (header("a.test", xmlns="jabber:server"), "invalid-namespace"),
+    (header("a.test", xmlns="urn:wrong"), "invalid-namespace"),
+    (b"<stream:stream to='a.test' version='1.0' xmlns='jabber:client' "
+     b"xmlns:stream='urn:not-streams'>", "invalid-namespace"),
+    (header("a.test", version=None), "unsupported-version"),
+    (header("a.test", version="2.0"), "unsupported-version"),
+    (b"<s:stream to='a.test' version='1.0' xmlns='jabber:client' "
+     b"xmlns:s='http://etherx.jabber.org/streams'>", "bad-namespace-prefix"),
+    (b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'b'>]><stream:stream to='a.test'>",
+     "restricted-xml"),
+    (b"<stream:stream to='a.test' <<>", "not-well-formed"),
+])
+async def test_bad_stream_headers_get_stream_errors(server: RunningServer, head: bytes,
+                                                    condition: str) -> None:
+    client = await server.raw()
+    await client.send(head)
+    assert await client.stream_error() == condition
+    await client.wait_closed()
+    validate_stream_bytes(bytes(client.received))
+
+
+async def test_stream_version_1_x_is_accepted(server: RunningServer) -> None:
+    client = await server.raw()
+    await client.send(header("a.test", version="1.5"))
+    await client.expect(FEATURES)
+    assert client.stream_attrs["version"] == "1.0"
+    assert client.stream_attrs["from"] == "a.test"
+    assert client.stream_attrs.get("id")
+    await client.close()
+
+
+async def test_starttls_is_required_and_plain_not_offered_before_tls(server: RunningServer) -> None:
+    client = await server.raw()
+    features = await features_of(client)
+    starttls = features.find(f"{{{TLS_NS}}}starttls")
+    assert starttls is not None and starttls.find(f"{{{TLS_NS}}}required") is not None
+    assert features.find(f"{{{SASL_NS}}}mechanisms") is None
+    # A stanza before authentication is refused.
+    await client.send("<message to='b@a.test'><body>x</body></message>")
+    assert await client.stream_error() == "not-authorized"
+    validate_stream_bytes(bytes(client.received))
+
+
+async def test_auth_before_starttls_is_refused(server: RunningServer) -> None:
+    client = await server.raw()
+    await features_of(client)
+    await client.send(f"<auth xmlns='{SASL_NS}' mechanism='PLAIN'>AHVzZXIAcGFzcw==</auth>")
+    failure = await client.expect(f"{{{SASL_NS}}}failure")
+    assert failure.find(f"{{{SASL_NS}}}encryption-required") is not None
+
+
+async def test_mechanisms_after_tls(server: RunningServer) -> None:
+    client = await server.raw()
+    await features_of(client)
+    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
+    await client.expect(f"{{{TLS_NS}}}proceed")
+    await client.starttls()
+    features = await features_of(client)
+    mechanisms = [m.text for m in features.iter(f"{{{SASL_NS}}}mechanism")]
+    assert "SCRAM-SHA-256" in mechanisms and "SCRAM-SHA-1" in mechanisms and "PLAIN" in mechanisms
+    assert "SCRAM-SHA-256-PLUS" in mechanisms  # tls-exporter / tls-server-end-point available
+    assert features.find(f"{{{TLS_NS}}}starttls") is None
+    await client.close()
+
+
+async def test_plain_login_and_bad_password(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw()
+    await features_of(client)
+    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
+    await client.expect(f"{{{TLS_NS}}}proceed")
+    await client.starttls()
+    await features_of(client)
+    bad = base64.b64encode(b"\0alice\0wrong").decode()
+    await client.send(f"<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{bad}</auth>")
+    failure = await client.expect(f"{{{SASL_NS}}}failure")
+    assert failure.find(f"{{{SASL_NS}}}not-authorized") is not None
+    await client.send(f"<auth xmlns='{SASL_NS}' mechanism='PLAIN'>not base64!</auth>")
+    failure = await client.expect(f"{{{SASL_NS}}}failure")
+    assert failure.find(f"{{{SASL_NS}}}incorrect-encoding") is not None
+    good = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    await client.send(f"<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{good}</auth>")
+    await client.expect(f"{{{SASL_NS}}}success")
+    client.restart()
+    features = await features_of(client)
+    assert features.find(f"{{{BIND_NS}}}bind") is not None
+    validate_stream_bytes(bytes(client.received))
+    await client.close()
+
+
+async def test_unknown_mechanism_and_too_many_failures(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw()
+    await features_of(client)
+    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
+    await client.expect(f"{{{TLS_NS}}}proceed")
+    await client.starttls()
+    await features_of(client)
+    await client.send(f"<auth xmlns='{SASL_NS}' mechanism='X-UNKNOWN'/>")
+    failure = await client.expect(f"{{{SASL_NS}}}failure")
+    assert failure.find(f"{{{SASL_NS}}}invalid-mechanism") is not None
+    bad = base64.b64encode(b"\0alice\0wrong").decode()
+    for _ in range(2):
+        await client.send(f"<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{bad}</auth>")
+        await client.expect(f"{{{SASL_NS}}}failure")
+    assert await client.stream_error() == "policy-violation"
+
+
+async def test_abort_sasl(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw()
+    await features_of(client)
+    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
+    await client.expect(f"{{{TLS_NS}}}proceed")
+    await client.starttls()
+    await features_of(client)
+    first = base64.b64encode(b"n,,n=alice,r=abcdefgh").decode()
+    await client.send(f"<auth xmlns='{SASL_NS}' mechanism='SCRAM-SHA-1'>{first}</auth>")
+    await client.expect(f"{{{SASL_NS}}}challenge")
+    await client.send(f"<abort xmlns='{SASL_NS}'/>")
+    failure = await client.expect(f"{{{SASL_NS}}}failure")
+    assert failure.find(f"{{{SASL_NS}}}aborted") is not None
+    await client.close()
+
+
+async def test_direct_tls_login(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    host, port = server.address("c2s_tls")
+    client = await RawClient.connect(host, port, direct_tls=True)
+    features = await features_of(client)
+    assert features.find(f"{{{TLS_NS}}}starttls") is None
+    assert features.find(f"{{{SASL_NS}}}mechanisms") is not None
+    await client.close()
+    xmpp = await server.client("alice@a.test", direct_tls=True)
+    assert str(xmpp.boundjid) == "alice@a.test/slix"
+
+
+async def test_raw_login_bind_and_session(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw()
+    jid = await client.login("a.test", "alice", PASSWORD, resource="laptop")
+    assert jid == "alice@a.test/laptop"
+    await client.send("<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
+    reply = await client.expect(f"{{{CLIENT}}}iq")
+    assert reply.get("type") == "result" and reply.get("id") == "s1", etree.tostring(reply)
+    validate_stream_bytes(bytes(client.received))
+    await client.close()
+
+
+async def test_server_generated_resource(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw()
+    jid = await client.login("a.test", "alice", PASSWORD, resource=None)
+    assert jid.startswith("alice@a.test/") and len(jid) > len("alice@a.test/")
+    await client.close()
+
+
+async def test_resource_conflict_new_session_wins(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    old = await server.raw_login("alice@a.test", resource="phone")
+    new = await server.raw_login("alice@a.test", resource="phone")
+    assert await old.stream_error() == "conflict"
+    await new.send("<iq type='get' id='p' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    reply = await new.expect(f"{{{CLIENT}}}iq")
+    assert reply.get("type") == "result"
+    await new.close()
+
+
+async def test_stanza_before_bind_is_refused(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw()
+    await client.authenticate("a.test", "alice", PASSWORD)
+    await features_of(client)
+    await client.send("<message to='alice@a.test'><body>x</body></message>")
+    assert await client.stream_error() == "not-authorized"
+
+
+# -- stanzas ---------------------------------------------------------------------------------------
+
+async def test_from_is_stamped_and_spoofing_refused(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test", resource="r")
+    await bob.send("<presence/>")
+    alice = await server.raw_login("alice@a.test", resource="r")
+    await alice.send("<message to='bob@a.test/r' type='chat'><body>hi</body></message>")
+    msg = await bob.expect(f"{{{CLIENT}}}message")
+    assert msg.get("from") == "alice@a.test/r"
+    assert msg.findtext(f"{{{CLIENT}}}body") == "hi"
+    await alice.send("<message from='bob@a.test/r' to='bob@a.test/r'><body>x</body></message>")
+    assert await alice.stream_error() == "invalid-from"
+    await bob.close()
+
+
+async def test_server_iqs(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    xmpp = await server.client("alice@a.test", plugins=("xep_0030", "xep_0092", "xep_0199",
+                                                          "xep_0202"))
+    info = await xmpp["xep_0030"].get_info(jid="a.test")
+    features = info["disco_info"]["features"]
+    assert "urn:xmpp:ping" in features and "jabber:iq:version" in features
+    assert ("server", "im", None, "presenced") in info["disco_info"]["identities"]
+    version = await xmpp["xep_0092"].get_version("a.test")
+    assert version["software_version"]["name"] == "presenced"
+    rtt = await xmpp["xep_0199"].ping("a.test")
+    assert rtt >= 0
+    t = await xmpp["xep_0202"].get_entity_time("a.test")
+    # Read the XML: slixmpp 1.17's get_utc() appends a second 'Z' to XEP-0202's own format.
+    utc = t.xml.findtext("{urn:xmpp:time}time/{urn:xmpp:time}utc")
+    assert utc is not None and utc.endswith("Z")
+    assert datetime.strptime(utc, "%Y-%m-%dT%H:%M:%SZ")
+
+
+async def test_unknown_iq_service_unavailable_and_results_dropped(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw_login("alice@a.test")
+    await client.send("<iq type='get' id='u1' to='a.test'><q xmlns='urn:unknown'/></iq>")
+    reply = await client.expect(f"{{{CLIENT}}}iq")
+    assert reply.get("type") == "error" and reply.get("id") == "u1"
+    assert reply.find(f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}service-unavailable") is not None
+    # A result or error to the server is never answered: the next reply we see is the ping's.
+    await client.send("<iq type='result' id='r1' to='a.test'/>")
+    await client.send("<iq type='error' id='r2' to='a.test'><error type='cancel'>"
+                      "<bad-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+    await client.send("<iq type='get' id='p1' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    reply = await client.expect(f"{{{CLIENT}}}iq")
+    assert reply.get("id") == "p1" and reply.get("type") == "result"
+    # jid-malformed for a bad 'to'
+    await client.send("<message to='a@b@c' id='m1'><body>x</body></message>")
+    reply = await client.expect(f"{{{CLIENT}}}message")
+    assert reply.get("type") == "error"
+    assert reply.find(f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}jid-malformed") is not None
+    validate_stream_bytes(bytes(client.received))
+    await client.close()
+
+
+async def test_restricted_xml_after_login(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    for bad, condition in [(b"<!-- c -->", "restricted-xml"), (b"<?pi x?>", "restricted-xml"),
+                           (b"<message>&xxe;</message>", "restricted-xml"),
+                           (b"<message><body>x</message>", "not-well-formed")]:
+        client = await server.raw_login("alice@a.test")
+        await client.send(bad)
+        assert await client.stream_error() == condition, bad
+        validate_stream_bytes(bytes(client.received))
+
+
+async def test_oversized_stanza_is_a_policy_violation(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw_login("alice@a.test")
+    await client.send(b"<message to='a.test'><body>" + b"x" * 300_000 + b"</body></message>")
+    assert await client.stream_error() == "policy-violation"
+
+
+async def test_whitespace_keepalive(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw_login("alice@a.test")
+    for _ in range(3):
+        await client.send(b" ")
+    await client.send("<iq type='get' id='p1' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    reply = await client.expect(f"{{{CLIENT}}}iq")
+    assert reply.get("type") == "result"
+    await client.close()
+
+
+async def test_chat_between_slixmpp_clients(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.client("alice@a.test")
+    bob = await server.client("bob@a.test")
+    got: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    bob.add_event_handler("message", lambda m: got.done() or got.set_result(str(m["body"])))
+    await asyncio.sleep(0.1)
+    alice.send_message(mto="bob@a.test/slix", mbody="hello bob", mtype="chat")
+    assert await asyncio.wait_for(got, 5) == "hello bob"
+
+
+async def test_graceful_shutdown_closes_streams(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import start_server
+    running = await start_server(tmp_path)
+    await running.add_user("alice@a.test")
+    client = await running.raw_login("alice@a.test")
+    await running.server.stop()
+    assert await client.stream_error() == "system-shutdown"
+    assert client.closed
