@@ -122,6 +122,7 @@ def _log_to_stderr(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)  # a line per query, even at debug
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

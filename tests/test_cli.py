@@ -421,7 +421,10 @@ def test_serve_until_sigterm(tmp_path: Path) -> None:
     seen: list[str] = []
     try:
         while not any("event=started" in line for line in seen):
-            line = lines.get(timeout=30)
+            try:
+                line = lines.get(timeout=30)
+            except queue.Empty:
+                pytest.fail("no event=started within 30 s:\n" + "".join(seen))
             assert line is not None, "".join(seen)  # it ended before it started
             seen.append(line)
         # The self-signed certificate was made for the configured domains.

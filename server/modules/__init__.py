@@ -7,4 +7,11 @@ MODULES: list[str] = [
     "version",
     "time",
     "messages",
+    "roster",
+    "presence",
+    "offline",
+    "blocking",
+    "vcard",
+    "private",
+    "last",
 ]

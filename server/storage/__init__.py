@@ -14,7 +14,15 @@ from server.config import Config
 
 if TYPE_CHECKING:
     from server.config import StorageConfig
-    from server.storage.base import AccountStore
+    from server.storage.base import (
+        AccountStore,
+        BlocklistStore,
+        LastActivityStore,
+        OfflineStore,
+        PrivateStore,
+        RosterStore,
+        VCardStore,
+    )
 
 # [storage] backend -> module with ``async def connect(config: StorageConfig) -> Storage``
 BACKENDS = {"sqlite": "server.storage.sqlite"}
@@ -28,6 +36,12 @@ class Storage(abc.ABC):
     """One backend's stores. Later concerns add an attribute here (``rosters: RosterStore``)."""
 
     accounts: AccountStore
+    rosters: RosterStore
+    vcards: VCardStore
+    private: PrivateStore
+    last_activity: LastActivityStore
+    offline: OfflineStore
+    blocklists: BlocklistStore
 
     @abc.abstractmethod
     async def close(self) -> None: ...

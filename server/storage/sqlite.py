@@ -21,7 +21,10 @@ from pathlib import Path
 import aiosqlite
 
 from server.config import StorageConfig
-from server.storage import Storage, StorageError
+from server.storage import Storage, StorageError, userdata
+from server.storage import blocklist as blocklist_store
+from server.storage import offline as offline_store
+from server.storage import roster as roster_store
 from server.storage.base import AccountExists, Credentials, NoSuchAccount, ScramKeys
 
 # A migration is a sequence of SQL statements or a coroutine function doing the same; the
@@ -46,6 +49,14 @@ MIGRATIONS: list[Migration] = [
             created INTEGER NOT NULL DEFAULT (strftime('%s', 'now')),
             PRIMARY KEY (domain, localpart)
         ) WITHOUT ROWID"""],
+    # 2: rosters (RFC 6121 §2) with subscription states and versions (XEP-0237).
+    roster_store.MIGRATION,
+    # 3: vCards (XEP-0054), private XML (XEP-0049), last activity (XEP-0012).
+    userdata.MIGRATION,
+    # 4: offline messages (XEP-0160).
+    offline_store.MIGRATION,
+    # 5: blocklists (XEP-0191).
+    blocklist_store.MIGRATION,
 ]
 
 
@@ -110,6 +121,13 @@ class SQLiteStorage(Storage):
         self._db = db
         self.path = path
         self.accounts = SQLiteAccountStore(db)
+        self.write_lock = asyncio.Lock()  # serialises multi-statement transactions
+        self.rosters = roster_store.SQLiteRosterStore(db, self.write_lock)
+        self.vcards = userdata.SQLiteVCardStore(db, self.write_lock)
+        self.private = userdata.SQLitePrivateStore(db, self.write_lock)
+        self.last_activity = userdata.SQLiteLastActivityStore(db, self.write_lock)
+        self.offline = offline_store.SQLiteOfflineStore(db, self.write_lock)
+        self.blocklists = blocklist_store.SQLiteBlocklistStore(db, self.write_lock)
 
     async def close(self) -> None:
         await self._db.close()

@@ -33,6 +33,7 @@ _CLOSE_GRACE = 2.0           # RFC 6120 §4.4: wait this long for the peer's </s
 
 
 class C2SConnection(asyncio.Protocol):
+    local_client = True  # stanzas from it get outbound processing (the user's server)
     __slots__ = (
         "_backlog",
         "_bare_str",

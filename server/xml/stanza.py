@@ -19,9 +19,9 @@ _CLIENT_NSMAP = {None: ns.CLIENT}
 
 
 def element(tag: str, attrs: dict[str, str] | None = None, text: str | None = None) -> Element:
-    """A new element; names in jabber:client get it as the default namespace (no prefixes)."""
-    nsmap = _CLIENT_NSMAP if tag.startswith("{jabber:client}") else None
-    el = etree.Element(tag, attrs or {}, nsmap=nsmap)
+    """A new element whose namespace is the default one (serialises without prefixes)."""
+    namespace = tag[1:tag.index("}")] if tag.startswith("{") else None
+    el = etree.Element(tag, attrs or {}, nsmap={None: namespace} if namespace else None)
     if text is not None:
         el.text = text
     return el
@@ -29,7 +29,11 @@ def element(tag: str, attrs: dict[str, str] | None = None, text: str | None = No
 
 def child(parent: Element, tag: str, attrs: dict[str, str] | None = None,
           text: str | None = None) -> Element:
-    el = etree.SubElement(parent, tag, attrs or {})
+    namespace = tag[1:tag.index("}")] if tag.startswith("{") else None
+    if namespace is not None and parent.nsmap.get(None) != namespace:
+        el = etree.SubElement(parent, tag, attrs or {}, nsmap={None: namespace})
+    else:
+        el = etree.SubElement(parent, tag, attrs or {})
     if text is not None:
         el.text = text
     return el

@@ -1,0 +1,780 @@
+"""A lean asyncio XMPP client and the benchmark scenarios it drives.
+
+Negotiation is parsed for real (lxml pull parser: stream features, SASL SCRAM-SHA-1 with
+scramp, bind); once a session is established, a measuring client switches to a *sink* that only
+counts closing tags in the decrypted bytes (``</message>``, ``</presence>``) — the cost of the
+generator must stay far below the server's. Flow control is in-process: a sender keeps at most
+``window`` messages in flight to its receiver, refilled from the receiver's data callback, so
+no coroutine runs per message and no queue grows without bound.
+
+Scenarios run in worker processes (``worker_main``) driven by ``bench.run``: each receives its
+share of users, connects, reports ready, then runs over a timeline given by the parent
+(start, end of warm-up, end) in CLOCK_MONOTONIC seconds, which all processes share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import random
+import re
+import ssl
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import scramp
+import scramp.core
+from lxml import etree
+
+STREAMS = "http://etherx.jabber.org/streams"
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
+BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
+SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
+REGISTER_NS = "jabber:iq:register"
+ROSTER_NS = "jabber:iq:roster"
+PING_NS = "urn:xmpp:ping"
+CLIENT_NS = "jabber:client"
+
+# A typical chat message body: 100 bytes of text.
+BODY = ("The quick brown fox jumps over the lazy dog while the benchmark counts every "
+        "message it receives....")
+assert len(BODY) == 100
+
+
+class XMPPError(Exception):
+    """The server refused or broke the exchange (stream error, SASL failure, iq error)."""
+
+
+class Unsupported(XMPPError):
+    """The server does not offer what the scenario needs (e.g. no roster)."""
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _cache_pbkdf2() -> None:
+    """The client's PBKDF2 (4096+ HMACs per login) is pure generator overhead: the server stores
+    derived keys and does not repeat it. Accounts created in bulk share a salt, so caching the
+    salted password keeps the generator's per-login cost at what a real client with a cached
+    SaltedPassword (RFC 5802 §5.1) pays."""
+    original = scramp.core.hi
+    if getattr(original, "bench_cached", False):
+        return
+    cached = functools.lru_cache(maxsize=4096)(original)
+
+    def hi(hf: Any, password: bytes, salt: bytes, iterations: Any) -> bytes:
+        return cached(hf, password, salt, int(iterations))  # type: ignore[no-any-return]
+    hi.bench_cached = True  # type: ignore[attr-defined]
+    scramp.core.hi = hi
+
+
+_cache_pbkdf2()
+
+
+@functools.lru_cache(maxsize=1)
+def client_context() -> ssl.SSLContext:
+    """Certificates are not verified: every server here has a throw-away one. One context for all
+    connections; no session resumption, so every login pays a full handshake on every server."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _header(domain: str) -> bytes:
+    return (f"<?xml version='1.0'?><stream:stream to='{domain}' version='1.0' xml:lang='en' "
+            f"xmlns='{CLIENT_NS}' xmlns:stream='{STREAMS}'>").encode()
+
+
+def _esc(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace('"', "&quot;"))
+
+
+@dataclass
+class Target:
+    """Where and as whom: the server's c2s address and the accounts' domain and password."""
+
+    host: str
+    port: int
+    domain: str
+    password: str
+
+
+class Client(asyncio.Protocol):
+    """One c2s connection. Parses everything until ``sink`` is set, then hands raw bytes to it."""
+
+    def __init__(self, target: Target, user: str, resource: str = "bench") -> None:
+        self.target = target
+        self.user = user
+        self.resource = resource
+        self.jid = f"{user}@{target.domain}/{resource}"  # replaced by the bound one
+        self.transport: asyncio.Transport | None = None
+        self.sink: Callable[[bytes], None] | None = None
+        self.features: etree._Element | None = None
+        self._loop = asyncio.get_running_loop()
+        self._parser: etree.XMLPullParser | None = None
+        self._root: etree._Element | None = None
+        self._depth = 0
+        self._inbox: deque[etree._Element] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: BaseException | None = None
+        self._ids = 0
+
+    # asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink(data)
+            return
+        if self._parser is None:
+            return
+        try:
+            self._parser.feed(data)
+            for event, el in self._parser.read_events():
+                if event == "start":
+                    self._depth += 1
+                    if self._depth == 1:
+                        self._root = el
+                    continue
+                self._depth -= 1
+                if self._depth == 1 and self._root is not None:
+                    self._root.remove(el)  # detached: memory stays flat over a long stream
+                    self._inbox.append(el)
+                elif self._depth == 0:
+                    self._lost = XMPPError("the server closed the stream")
+        except etree.XMLSyntaxError as exc:
+            self._lost = XMPPError(f"not XML: {exc}")
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost is None:
+            self._lost = exc or XMPPError("connection closed")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # primitives ------------------------------------------------------------------------------
+
+    def send(self, data: bytes | str) -> None:
+        assert self.transport is not None
+        self.transport.write(data.encode() if isinstance(data, str) else data)
+
+    def next_id(self) -> str:
+        self._ids += 1
+        return f"b{self._ids}"
+
+    async def next_element(self, timeout: float = 30.0) -> etree._Element:
+        while not self._inbox:
+            if self._lost is not None:
+                raise XMPPError(f"{self.user}: {self._lost}")
+            self._waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError:
+                raise XMPPError(f"{self.user}: nothing received for {timeout:.0f} s") from None
+        el = self._inbox.popleft()
+        if el.tag == f"{{{STREAMS}}}error":
+            raise XMPPError(f"{self.user}: stream error {[c.tag for c in el]}")
+        return el
+
+    async def expect(self, predicate: Callable[[etree._Element], bool],
+                     timeout: float = 30.0) -> etree._Element:
+        """The next element matching predicate; the others are dropped (or answered, for iq
+        requests that need a result, as a client must do, RFC 6120 §8.2.3)."""
+        while True:
+            el = await self.next_element(timeout)
+            if predicate(el):
+                return el
+            self.answer(el)
+
+    def answer(self, el: etree._Element) -> None:
+        if el.tag == f"{{{CLIENT_NS}}}iq" and el.get("type") in ("get", "set"):
+            kind = "result" if el.get("type") == "set" else "error"  # roster pushes: result
+            attrs = f"type='{kind}' id='{_esc(el.get('id', ''))}'"
+            if el.get("from"):
+                attrs += f" to='{_esc(el.get('from', ''))}'"
+            error = ("<error type='cancel'><service-unavailable "
+                     "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
+                     if kind == "error" else "")
+            self.send(f"<iq {attrs}>{error}</iq>")
+
+    async def iq(self, payload: str, type_: str = "get", to: str | None = None,
+                 timeout: float = 30.0) -> etree._Element:
+        iq_id = self.next_id()
+        dest = f" to='{_esc(to)}'" if to else ""
+        self.send(f"<iq type='{type_}' id='{iq_id}'{dest}>{payload}</iq>")
+        reply = await self.expect(
+            lambda el: el.tag == f"{{{CLIENT_NS}}}iq" and el.get("id") == iq_id
+            and el.get("type") in ("result", "error"), timeout)
+        if reply.get("type") == "error":
+            raise XMPPError(f"{self.user}: iq error {etree.tostring(reply)[:300]!r}")
+        return reply
+
+    async def _open_stream(self, timeout: float) -> etree._Element:
+        self._parser = etree.XMLPullParser(events=("start", "end"), resolve_entities=False,
+                                           no_network=True)
+        self._root = None
+        self._depth = 0
+        self._inbox.clear()
+        self.send(_header(self.target.domain))
+        self.features = await self.expect(lambda el: el.tag == f"{{{STREAMS}}}features", timeout)
+        return self.features
+
+    # negotiation -----------------------------------------------------------------------------
+
+    async def connect(self, timeout: float = 30.0) -> etree._Element:
+        """TCP, stream, STARTTLS, stream: returns the features offered over TLS."""
+        await asyncio.wait_for(self._loop.create_connection(
+            lambda: self, self.target.host, self.target.port), timeout)
+        features = await self._open_stream(timeout)
+        if features.find(f"{{{TLS_NS}}}starttls") is None:
+            raise XMPPError("STARTTLS not offered")
+        self.send(f"<starttls xmlns='{TLS_NS}'/>")
+        reply = await self.next_element(timeout)
+        if reply.tag != f"{{{TLS_NS}}}proceed":
+            raise XMPPError(f"STARTTLS refused: {reply.tag}")
+        assert self.transport is not None
+        tls = await self._loop.start_tls(self.transport, self, client_context(),
+                                         server_hostname=self.target.domain,
+                                         ssl_handshake_timeout=timeout)
+        assert isinstance(tls, asyncio.Transport)
+        self.transport = tls
+        return await self._open_stream(timeout)
+
+    async def authenticate(self, features: etree._Element, timeout: float = 30.0) -> None:
+        """SASL SCRAM-SHA-1 (RFC 5802, RFC 6120 §6), checking the server's signature."""
+        offered = [m.text for m in features.iterfind(f"{{{SASL_NS}}}mechanisms/"
+                                                     f"{{{SASL_NS}}}mechanism")]
+        if "SCRAM-SHA-1" not in offered:
+            raise XMPPError(f"SCRAM-SHA-1 not offered ({offered})")
+        scram = scramp.ScramClient(["SCRAM-SHA-1"], self.user, self.target.password)
+        first = base64.b64encode(scram.get_client_first().encode()).decode()
+        self.send(f"<auth xmlns='{SASL_NS}' mechanism='SCRAM-SHA-1'>{first}</auth>")
+        challenge = await self.next_element(timeout)
+        if challenge.tag != f"{{{SASL_NS}}}challenge":
+            raise XMPPError(f"{self.user}: SASL {etree.QName(challenge).localname}")
+        scram.set_server_first(base64.b64decode(challenge.text or "").decode())
+        final = base64.b64encode(scram.get_client_final().encode()).decode()
+        self.send(f"<response xmlns='{SASL_NS}'>{final}</response>")
+        outcome = await self.next_element(timeout)
+        if outcome.tag == f"{{{SASL_NS}}}challenge":  # RFC 6120 §6.4.6: additional data
+            self.send(f"<response xmlns='{SASL_NS}'/>")
+            scram.set_server_final(base64.b64decode(outcome.text or "").decode())
+            outcome = await self.next_element(timeout)
+        elif outcome.tag == f"{{{SASL_NS}}}success":
+            scram.set_server_final(base64.b64decode(outcome.text or "").decode())
+        if outcome.tag != f"{{{SASL_NS}}}success":
+            raise XMPPError(f"{self.user}: SASL {etree.QName(outcome).localname}")
+
+    async def bind(self, features: etree._Element, timeout: float = 30.0) -> None:
+        if features.find(f"{{{BIND_NS}}}bind") is None:
+            raise XMPPError("resource binding not offered")
+        reply = await self.iq(f"<bind xmlns='{BIND_NS}'><resource>{_esc(self.resource)}"
+                              f"</resource></bind>", "set", timeout=timeout)
+        jid = reply.findtext(f"{{{BIND_NS}}}bind/{{{BIND_NS}}}jid")
+        if not jid:
+            raise XMPPError("bind result without a JID")
+        self.jid = jid
+        session = features.find(f"{{{SESSION_NS}}}session")
+        if session is not None and session.find(f"{{{SESSION_NS}}}optional") is None:
+            await self.iq(f"<session xmlns='{SESSION_NS}'/>", "set", timeout=timeout)  # RFC 3921
+
+    async def login(self, *, presence: bool = True, roster: bool = False,
+                    barrier: bool = True, timeout: float = 30.0) -> None:
+        """STARTTLS, SCRAM-SHA-1, bind, [roster get], [initial presence], then a ping round trip
+        so that the server has processed all of it when this returns."""
+        features = await self.connect(timeout)
+        await self.authenticate(features, timeout)
+        features = await self._open_stream(timeout)
+        await self.bind(features, timeout)
+        if roster:
+            reply = await self.iq(f"<query xmlns='{ROSTER_NS}'/>", timeout=timeout)
+            if reply.find(f"{{{ROSTER_NS}}}query") is None:
+                raise XMPPError("roster result without a query")
+        if presence:
+            self.send("<presence/>")
+        if barrier:
+            await self.iq(f"<ping xmlns='{PING_NS}'/>", to=self.target.domain, timeout=timeout)
+
+    async def register(self, timeout: float = 30.0) -> bool:
+        """XEP-0077 in-band registration on a fresh TLS stream; False when it already exists."""
+        features = await self.connect(timeout)
+        if features.find("{http://jabber.org/features/iq-register}register") is None:
+            raise Unsupported("in-band registration not offered")
+        try:
+            await self.iq(f"<query xmlns='{REGISTER_NS}'><username>{_esc(self.user)}</username>"
+                          f"<password>{_esc(self.target.password)}</password></query>",
+                          "set", timeout=timeout)
+        except XMPPError as exc:
+            if "conflict" in str(exc):
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.transport.write(b"</stream:stream>")
+            self.transport.close()
+
+
+class TagCounter:
+    """Occurrences of a byte string in a stream cut into arbitrary pieces."""
+
+    __slots__ = ("_keep", "_tail", "marker")
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self._keep = len(marker) - 1
+        self._tail = b""
+
+    def count(self, data: bytes) -> int:
+        if self._tail:
+            data = self._tail + data
+        self._tail = data[-self._keep:]
+        return data.count(self.marker)
+
+
+async def _gather_bounded(coros: Sequence[Any], limit: int) -> list[Any]:
+    """Run the awaitables with at most limit at once (connecting hundreds of TLS clients)."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(coro: Any) -> Any:
+        async with sem:
+            return await coro
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+async def connect_many(target: Target, users: Sequence[str], *, roster: bool = False,
+                       presence: bool = True, limit: int = 32) -> list[Client]:
+    clients = [Client(target, u) for u in users]
+    try:
+        await _gather_bounded([c.login(roster=roster, presence=presence) for c in clients],
+                              limit)
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return clients
+
+
+async def register_inband(target: Target, users: Sequence[str], limit: int = 16) -> int:
+    """Create accounts over XMPP (XEP-0077), one stream each; returns how many were new."""
+    async def one(user: str) -> bool:
+        client = Client(target, user)
+        try:
+            return await client.register()
+        finally:
+            client.close()
+    return sum(await _gather_bounded([one(u) for u in users], limit))
+
+
+# -- rosters ------------------------------------------------------------------------------------
+
+
+def ring_contacts(index: int, total: int, contacts: int) -> list[int]:
+    """The contacts of user index in a ring: the contacts/2 users on each side."""
+    half = contacts // 2
+    return [(index + k) % total for k in range(-half, half + 1) if k != 0]
+
+
+async def make_rosters(target: Target, users: Sequence[str], contacts: int,
+                       timeout: float = 120.0) -> None:
+    """Mutual 'both' subscriptions along a ring (each user with `contacts` contacts), made the
+    way clients make them: subscribe, subscribed both ways (RFC 6121 §3.1), then checked with
+    a roster get. Raises Unsupported when the server has no roster."""
+    total = len(users)
+    if contacts % 2 or contacts >= total:
+        raise ValueError("contacts must be even and smaller than the number of users")
+    domain = target.domain
+    probe = Client(target, users[0])
+    try:
+        await probe.login(presence=False)
+        try:
+            await probe.iq(f"<query xmlns='{ROSTER_NS}'/>")
+        except XMPPError as exc:
+            raise Unsupported(f"no roster: {exc}") from None
+    finally:
+        probe.close()
+    clients = await connect_many(target, users, roster=True)
+    bare = [f"{u}@{domain}" for u in users]
+    index = {b: i for i, b in enumerate(bare)}
+    want = [set(ring_contacts(i, total, contacts)) for i in range(total)]
+    approved: list[set[int]] = [set() for _ in range(total)]
+    asked: list[set[int]] = [set() for _ in range(total)]
+    incomplete = {i for i in range(total) if want[i]}
+    done = asyncio.get_running_loop().create_future()
+
+    async def handle(i: int) -> None:
+        client = clients[i]
+        while True:
+            el = await client.next_element(timeout)
+            if el.tag != f"{{{CLIENT_NS}}}presence":
+                client.answer(el)
+                continue
+            peer = index.get((el.get("from") or "").split("/")[0])
+            if peer is None:
+                continue
+            kind = el.get("type")
+            if kind == "subscribe":
+                client.send(f"<presence to='{bare[peer]}' type='subscribed'/>")
+                if peer not in asked[i]:
+                    asked[i].add(peer)
+                    client.send(f"<presence to='{bare[peer]}' type='subscribe'/>")
+            elif kind == "subscribed":
+                approved[i].add(peer)
+                if approved[i] >= want[i]:
+                    incomplete.discard(i)
+                    if not incomplete and not done.done():
+                        done.set_result(None)
+
+    handlers = [asyncio.ensure_future(handle(i)) for i in range(total)]
+    try:
+        for i in range(total):  # the lower index of each pair asks first
+            for j in want[i]:
+                if j > i:
+                    asked[i].add(j)
+                    clients[i].send(f"<presence to='{bare[j]}' type='subscribe'/>")
+        waiting = [done, *handlers]
+        finished, _ = await asyncio.wait(waiting, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if done not in finished:
+            for h in finished:
+                h.result()  # raises the handler's error
+            raise XMPPError(f"subscriptions incomplete after {timeout:.0f} s: "
+                            f"{len(incomplete)} users")
+    finally:
+        for h in handlers:
+            h.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+    # Check: every roster holds exactly the ring contacts, all with subscription='both'.
+    for i, client in enumerate(clients):
+        reply = await client.iq(f"<query xmlns='{ROSTER_NS}'/>")
+        both = {index.get(item.get("jid", "")) for item in reply.iter(f"{{{ROSTER_NS}}}item")
+                if item.get("subscription") == "both"}
+        if both != want[i]:
+            raise XMPPError(f"{users[i]}: roster has 'both' for {sorted(map(str, both))}, "
+                            f"expected {sorted(want[i])}")
+    for client in clients:
+        client.close()
+
+
+# -- scenarios (run in a worker process) --------------------------------------------------------
+
+
+@dataclass
+class Timeline:
+    start: float  # time.monotonic() seconds, the same clock in every process
+    warm: float   # counting starts
+    end: float    # counting stops
+
+    async def wait(self, until: float) -> None:
+        delay = until - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class Control:
+    """The worker's side of the conversation with the parent (bench.run)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def ready(self, info: dict[str, Any]) -> Timeline:
+        self.conn.send(("ready", info))
+        loop = asyncio.get_running_loop()
+        message = await loop.run_in_executor(None, self.conn.recv)
+        if message[0] != "go":
+            raise RuntimeError(f"expected go, got {message[0]}")
+        return Timeline(*message[1:])
+
+
+@dataclass
+class Snapshots:
+    """Counter values at the end of warm-up and at the end of the measurement."""
+
+    read: Callable[[], int]
+    at_warm: int = 0
+    at_end: int = 0
+    _handles: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    def schedule(self, timeline: Timeline) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        self._handles = [loop.call_later(max(0.0, timeline.warm - now), self._warm),
+                         loop.call_later(max(0.0, timeline.end - now), self._end)]
+
+    def _warm(self) -> None:
+        self.at_warm = self.read()
+
+    def _end(self) -> None:
+        self.at_end = self.read()
+
+    @property
+    def delta(self) -> int:
+        return self.at_end - self.at_warm
+
+
+async def op_logins(control: Control, target: Target, users: list[str],
+                    concurrency: int) -> dict[str, Any]:
+    """`concurrency` clients, each logging in and out again in a loop (a user each)."""
+    timeline = await control.ready({"clients": concurrency})
+    await timeline.wait(timeline.start)
+    counted = 0
+    errors = 0
+    first_error = ""
+    durations: list[float] = []
+
+    async def loop_user(user: str) -> None:
+        nonlocal counted, errors, first_error
+        while time.monotonic() < timeline.end:
+            client = Client(target, user)
+            began = time.monotonic()
+            try:
+                await client.login(timeout=20.0)
+            except (XMPPError, OSError, TimeoutError) as exc:
+                errors += 1
+                first_error = first_error or str(exc)
+                await asyncio.sleep(0.05)
+                continue
+            finally:
+                client.close()
+            ended = time.monotonic()
+            if timeline.warm <= ended < timeline.end:
+                counted += 1
+                durations.append(ended - began)
+
+    await asyncio.gather(*(loop_user(users[i % len(users)]) for i in range(concurrency)))
+    return {"count": counted, "errors": errors, "first_error": first_error,
+            "durations": durations}
+
+
+class _Pair:
+    """A sender keeping `window` messages in flight to its receiver."""
+
+    __slots__ = ("counter", "message", "received", "running", "sender", "sent", "window")
+
+    def __init__(self, sender: Client, receiver: Client, window: int) -> None:
+        self.sender = sender
+        self.window = window
+        self.message = (f"<message to='{_esc(receiver.jid)}' type='chat' id='m'>"
+                        f"<body>{BODY}</body></message>").encode()
+        self.counter = TagCounter(b"</message>")
+        self.sent = 0
+        self.received = 0
+        self.running = False
+        receiver.sink = self.on_data
+
+    def fill(self) -> None:
+        room = self.window - (self.sent - self.received)
+        if room > 0 and self.running:
+            assert self.sender.transport is not None
+            self.sender.transport.write(self.message * room)
+            self.sent += room
+
+    def on_data(self, data: bytes) -> None:
+        self.received += self.counter.count(data)
+        if self.sent - self.received <= self.window // 2:
+            self.fill()
+
+
+async def _pairs(target: Target, pairs: list[tuple[str, str]]) -> tuple[list[Client],
+                                                                          list[Client]]:
+    senders = await connect_many(target, [s for s, _ in pairs])
+    receivers = await connect_many(target, [r for _, r in pairs])
+    for s in senders:  # what comes back to a sender (errors, if any) is not measured
+        s.sink = _drop
+    return senders, receivers
+
+
+def _drop(_data: bytes) -> None:
+    pass
+
+
+async def op_messages(control: Control, target: Target, pairs: list[tuple[str, str]],
+                      window: int) -> dict[str, Any]:
+    senders, receivers = await _pairs(target, pairs)
+    flows = [_Pair(s, r, window) for s, r in zip(senders, receivers, strict=True)]
+    timeline = await control.ready({"pairs": len(flows)})
+    snaps = Snapshots(lambda: sum(f.received for f in flows))
+    snaps.schedule(timeline)
+    await timeline.wait(timeline.start)
+    for f in flows:
+        f.running = True
+        f.fill()
+    await timeline.wait(timeline.end + 0.01)
+    for f in flows:
+        f.running = False
+    sent = sum(f.sent for f in flows)
+    for c in senders + receivers:
+        c.close()
+    return {"delivered": snaps.delta, "sent": sent}
+
+
+_STAMP = re.compile(rb"<body>t=(\d+);")
+
+
+async def op_latency(control: Control, target: Target, pairs: list[tuple[str, str]],
+                     rate: float) -> dict[str, Any]:
+    """Messages at a fixed total rate, each carrying its send time; latency = receipt - send."""
+    senders, receivers = await _pairs(target, pairs)
+    samples: list[int] = []  # microseconds
+    warm_ns = end_ns = 0
+
+    def sink_for() -> Callable[[bytes], None]:
+        buffer = bytearray()
+
+        def sink(data: bytes) -> None:
+            now = time.monotonic_ns()
+            buffer.extend(data)
+            cut = buffer.rfind(b"</message>")
+            if cut < 0:
+                return
+            for stamp in _STAMP.findall(buffer, 0, cut):
+                sent_ns = int(stamp)
+                if warm_ns <= sent_ns and now < end_ns:
+                    samples.append((now - sent_ns) // 1000)
+            del buffer[:cut + 10]
+        return sink
+
+    for r in receivers:
+        r.sink = sink_for()
+    templates = [(s, f"<message to='{_esc(r.jid)}' type='chat' id='l'><body>t=")
+                 for s, r in zip(senders, receivers, strict=True)]
+    timeline = await control.ready({"pairs": len(templates)})
+    warm_ns, end_ns = int(timeline.warm * 1e9), int(timeline.end * 1e9)
+    await timeline.wait(timeline.start)
+    sent = 0
+    turn = 0
+    began = time.monotonic()
+    while (now := time.monotonic()) < timeline.end:
+        due = int((now - began) * rate) - sent
+        for _ in range(due):
+            sender, head = templates[turn % len(templates)]
+            turn += 1
+            stamp = f"{time.monotonic_ns()};"
+            pad = BODY[:100 - len(stamp) - 2]
+            sender.send(f"{head}{stamp}{pad}</body></message>")
+        sent += max(due, 0)
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(0.2)  # the last messages' latencies
+    for c in senders + receivers:
+        c.close()
+    return {"latencies_us": samples, "sent": sent}
+
+
+class _Presentity:
+    """A fan-out user: counts presence notifications from others (not its own echo)."""
+
+    __slots__ = ("all", "client", "mine_dq", "mine_sq", "notifications")
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.all = TagCounter(b"</presence>")
+        self.mine_sq = TagCounter(f"from='{_esc(client.jid)}'".encode())
+        self.mine_dq = TagCounter(f'from="{_esc(client.jid)}"'.encode())
+        self.notifications = 0
+
+
+async def op_presence(control: Control, target: Target, users: list[str], contacts: int,
+                      cap: int) -> dict[str, Any]:
+    """Every user online with its `contacts` mutual contacts; users change presence in turn,
+    keeping at most `cap` notifications in flight in this process."""
+    clients = await connect_many(target, users, roster=True)
+    people = [_Presentity(c) for c in clients]
+    state = {"changes": 0, "delivered": 0, "offset": 0, "turn": 0}
+    running = False
+    stanzas = [b"<presence><show>away</show><status>bench</status></presence>",
+               b"<presence><status>bench</status></presence>"]
+
+    def in_flight() -> int:
+        return state["changes"] * contacts - (state["delivered"] - state["offset"])
+
+    def fill() -> None:
+        for _ in range(max((cap - in_flight()) // contacts, 0)):
+            turn = state["turn"]
+            people[turn % len(people)].client.send(stanzas[(turn // len(people)) & 1])
+            state["turn"] = turn + 1
+            state["changes"] += 1
+
+    def sink_for(p: _Presentity) -> Callable[[bytes], None]:
+        def sink(data: bytes) -> None:
+            n = p.all.count(data) - p.mine_sq.count(data) - p.mine_dq.count(data)
+            p.notifications += n
+            state["delivered"] += n
+            if running and in_flight() <= cap // 2:
+                fill()
+        return sink
+
+    for p in people:
+        p.client.sink = sink_for(p)
+    timeline = await control.ready({"users": len(people)})
+    snaps = Snapshots(lambda: state["delivered"])
+    snaps.schedule(timeline)
+    await timeline.wait(timeline.start)
+    # Initial presences that arrived meanwhile do not count against the window.
+    state["offset"] = state["delivered"]
+    running = True
+    fill()
+    await timeline.wait(timeline.end + 0.01)
+    running = False
+    for c in clients:
+        c.close()
+    return {"delivered": snaps.delta, "changes": state["changes"]}
+
+
+async def op_idle(control: Control, target: Target, users: list[str]) -> dict[str, Any]:
+    """Authenticated TLS sessions (bound, with initial presence) that then stay idle."""
+    clients = await connect_many(target, users, limit=16)
+    timeline = await control.ready({"sessions": len(clients)})
+    await timeline.wait(timeline.end)
+    for c in clients:
+        c.close()
+    await asyncio.sleep(0.1)
+    return {"sessions": len(clients)}
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    "logins": op_logins,
+    "messages": op_messages,
+    "latency": op_latency,
+    "presence": op_presence,
+    "idle": op_idle,
+}
+
+
+def worker_main(conn: Connection) -> None:
+    """A generator process: runs the ops the parent sends, one at a time, until "quit"."""
+    random.seed()
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        while True:
+            message = conn.recv()
+            if message[0] == "quit":
+                return
+            _, name, target, params = message
+            try:
+                result = runner.run(OPS[name](Control(conn), Target(**target), **params))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+            else:
+                conn.send(("done", result))

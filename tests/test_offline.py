@@ -1,0 +1,180 @@
+"""Offline messages (XEP-0160, RFC 6121 §8.5.2.2.1) over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from server.modules import offline
+from tests.conftest import RunningServer, start_server, stop_server
+from tests.rawclient import CLIENT, RawClient
+
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+DELAY = "{urn:xmpp:delay}delay"
+MESSAGE = f"{{{CLIENT}}}message"
+PRESENCE = f"{{{CLIENT}}}presence"
+IQ = f"{{{CLIENT}}}iq"
+
+
+async def sync(client: RawClient, ident: str = "sync") -> list[etree._Element]:
+    """Ping the server; returns what arrived before the answer. The server handles one
+    stream's stanzas in order, so everything sent before has been processed."""
+    await client.send(f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    before: list[etree._Element] = []
+    while True:
+        el = await client.next()
+        if el.tag == IQ and el.get("id") == ident:
+            assert el.get("type") == "result"
+            return before
+        before.append(el)
+
+
+def error_condition(el: etree._Element) -> tuple[str | None, str | None]:
+    error = el.find(f"{{{CLIENT}}}error")
+    assert error is not None, etree.tostring(el)
+    for c in error:
+        if etree.QName(c).namespace == STANZAS and etree.QName(c).localname != "text":
+            return error.get("type"), etree.QName(c).localname
+    return error.get("type"), None
+
+
+async def send_messages(sender: RawClient, to: str, bodies: list[str]) -> list[etree._Element]:
+    for i, body in enumerate(bodies):
+        await sender.send(f"<message to='{to}' type='chat' id='m{i}'><body>{body}</body>"
+                          f"<thread>t1</thread></message>")
+    return await sync(sender)
+
+
+async def come_online(client: RawClient, priority: int = 0) -> list[etree._Element]:
+    """Initial presence; returns the stanzas that arrive with it (own presence excluded)."""
+    await client.send(f"<presence><priority>{priority}</priority></presence>")
+    return [el for el in await sync(client, "online") if el.tag != PRESENCE]
+
+
+async def test_stored_and_delivered_in_order_with_delay(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    assert await send_messages(bob, "alice@a.test", ["one", "two", "three"]) == []
+    assert await server.server.storage.offline.count("alice", "a.test") == 3
+
+    alice = await server.raw_login("alice@a.test")
+    # Bound but not available: nothing is delivered yet (XEP-0160 §3).
+    assert await sync(alice) == []
+    got = await come_online(alice)
+    assert [m.findtext(f"{{{CLIENT}}}body") for m in got] == ["one", "two", "three"]
+    for i, message in enumerate(got):
+        assert message.tag == MESSAGE
+        assert message.get("from") == "bob@a.test/raw"
+        assert message.get("to") == "alice@a.test"
+        assert message.get("id") == f"m{i}"
+        assert message.findtext(f"{{{CLIENT}}}thread") == "t1"
+        delay = message.find(DELAY)
+        assert delay is not None and delay.get("from") == "a.test"
+        stamp = datetime.fromisoformat(delay.get("stamp", "").replace("Z", "+00:00"))
+        assert before <= stamp <= datetime.now(UTC)
+    assert await server.server.storage.offline.count("alice", "a.test") == 0
+
+    # Delivered once: a second resource coming online gets nothing.
+    alice2 = await server.raw_login("alice@a.test", resource="second")
+    assert await come_online(alice2) == []
+    # Now that alice is available, messages go straight to her and are not stored.
+    assert await send_messages(bob, "alice@a.test", ["live"]) == []
+    assert [m.findtext(f"{{{CLIENT}}}body") for m in await sync(alice)
+            if m.tag == MESSAGE] == ["live"]
+    assert await server.server.storage.offline.count("alice", "a.test") == 0
+
+
+async def test_negative_priority_does_not_take_offline_messages(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await send_messages(bob, "alice@a.test", ["kept"])
+    shy = await server.raw_login("alice@a.test", resource="shy")
+    assert await come_online(shy, priority=-1) == []
+    # RFC 6121 §8.5.2.1.1: a negative-priority resource is not a target: still stored.
+    await send_messages(bob, "alice@a.test", ["also kept"])
+    assert await server.server.storage.offline.count("alice", "a.test") == 2
+    alice = await server.raw_login("alice@a.test", resource="main")
+    got = await come_online(alice, priority=1)
+    assert [m.findtext(f"{{{CLIENT}}}body") for m in got] == ["kept", "also kept"]
+
+
+async def test_headline_is_not_stored(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<message to='alice@a.test' type='headline'><body>news</body></message>")
+    assert await sync(bob) == []
+    assert await server.server.storage.offline.count("alice", "a.test") == 0
+
+
+async def test_quota_gives_resource_constraint(server: RunningServer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offline, "DEFAULT_MAX_MESSAGES", 2)
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    replies = await send_messages(bob, "alice@a.test", ["a", "b", "c"])
+    assert len(replies) == 1
+    assert replies[0].get("type") == "error" and replies[0].get("id") == "m2"
+    assert error_condition(replies[0]) == ("wait", "resource-constraint")
+    assert await server.server.storage.offline.count("alice", "a.test") == 2
+
+
+async def test_messages_survive_a_restart(tmp_path: Path) -> None:
+    running = await start_server(tmp_path)
+    try:
+        await running.add_user("alice@a.test")
+        await running.add_user("bob@a.test")
+        bob = await running.raw_login("bob@a.test")
+        assert await send_messages(bob, "alice@a.test", ["before", "restart"]) == []
+        await bob.close()
+    finally:
+        await stop_server(running)
+    running = await start_server(tmp_path)
+    try:
+        alice = await running.raw_login("alice@a.test")
+        got = await come_online(alice)
+        assert [m.findtext(f"{{{CLIENT}}}body") for m in got] == ["before", "restart"]
+        assert all(m.find(DELAY) is not None for m in got)
+        await alice.close()
+    finally:
+        await stop_server(running)
+
+
+async def test_message_to_unknown_account_is_service_unavailable(server: RunningServer) -> None:
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    replies = await send_messages(bob, "nobody@a.test", ["hello?"])
+    assert len(replies) == 1 and replies[0].get("type") == "error"
+    assert error_condition(replies[0]) == ("cancel", "service-unavailable")
+
+
+async def test_disco_advertises_msgoffline(server: RunningServer) -> None:
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<iq type='get' id='d1' to='a.test'>"
+                   "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+    reply = await bob.expect(IQ)
+    features = {f.get("var") for f in reply.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert "msgoffline" in features
+
+
+async def test_slixmpp_client_gets_offline_messages(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await send_messages(bob, "alice@a.test", ["hi from the past"])
+    xmpp = await server.client("alice@a.test", presence=False, plugins=("xep_0203",))
+    got: asyncio.Queue[object] = asyncio.Queue()
+    xmpp.add_event_handler("message", got.put_nowait)
+    xmpp.send_presence()
+    msg = await asyncio.wait_for(got.get(), 5)
+    assert msg["body"] == "hi from the past"  # type: ignore[index]
+    assert msg["delay"]["from"] == "a.test"  # type: ignore[index]

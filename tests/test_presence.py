@@ -1,0 +1,192 @@
+"""Presence and subscriptions between real slixmpp and raw clients (RFC 6121 §3–§4)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lxml import etree
+
+from tests.conftest import RunningServer
+from tests.rawclient import CLIENT, RawClient
+
+PRESENCE = f"{{{CLIENT}}}presence"
+IQ = f"{{{CLIENT}}}iq"
+ROSTER = "jabber:iq:roster"
+
+
+async def next_presence(client: RawClient, type_: str | None = None,
+                        from_: str | None = None) -> etree._Element:
+    """The next presence of that type (roster pushes and others are skipped)."""
+    while True:
+        el = await client.next()
+        if el.tag == IQ and el.get("type") == "set":  # acknowledge roster pushes
+            await client.send(f"<iq type='result' id='{el.get('id')}'/>")
+            continue
+        if el.tag == PRESENCE and el.get("type") == type_ and (
+                from_ is None or el.get("from", "").startswith(from_)):
+            return el
+
+
+async def roster_of(client: RawClient) -> dict[str, etree._Element]:
+    await client.send(f"<iq type='get' id='r1'><query xmlns='{ROSTER}'/></iq>")
+    while True:
+        el = await client.next()
+        if el.tag == IQ and el.get("id") == "r1":
+            return {i.get("jid"): i for i in el.iter(f"{{{ROSTER}}}item")}
+
+
+async def nothing_more(client: RawClient) -> None:
+    """Nothing else is queued: a ping's answer is the next stanza."""
+    await client.send("<iq type='get' id='probe-end' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    el = await client.next()
+    assert el.tag == IQ and el.get("id") == "probe-end", etree.tostring(el)
+
+
+async def subscribe_both(server: RunningServer, a: RawClient, b: RawClient, ajid: str,
+                         bjid: str) -> None:
+    await a.send(f"<presence to='{bjid}' type='subscribe'/>")
+    req = await next_presence(b, "subscribe")
+    assert req.get("from") == ajid
+    await b.send(f"<presence to='{ajid}' type='subscribed'/>")
+    await next_presence(a, "subscribed")
+    # After 'subscribed', the new watcher gets the current presence (RFC 6121 §3.1.5).
+    await next_presence(a, None, bjid)
+    await b.send(f"<presence to='{ajid}' type='subscribe'/>")
+    await next_presence(a, "subscribe")
+    await a.send(f"<presence to='{bjid}' type='subscribed'/>")
+    await next_presence(b, "subscribed")
+
+
+async def test_subscription_handshake_and_presence(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.raw_login("alice@a.test", resource="pc")
+    bob = await server.raw_login("bob@a.test", resource="pc")
+    await roster_of(alice)
+    await roster_of(bob)
+    await alice.send("<presence/>")
+    await next_presence(alice, None, "alice@a.test/pc")  # own presence echoed
+    await bob.send("<presence/>")
+    await next_presence(bob, None, "bob@a.test/pc")
+    await subscribe_both(server, alice, bob, "alice@a.test", "bob@a.test")
+    roster = await roster_of(alice)
+    assert roster["bob@a.test"].get("subscription") == "both"
+    # A presence update reaches the subscriber with its extensions intact.
+    await bob.send("<presence><show>away</show><status>lunch</status>"
+                   "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='v'/>"
+                   "</presence>")
+    update = await next_presence(alice, None, "bob@a.test/pc")
+    assert update.findtext(f"{{{CLIENT}}}show") == "away"
+    assert update.find("{http://jabber.org/protocol/caps}c").get("ver") == "v"
+    # Abrupt disconnect: alice sees bob go unavailable.
+    bob.writer.transport.abort()
+    gone = await next_presence(alice, "unavailable", "bob@a.test/pc")
+    assert gone.get("from") == "bob@a.test/pc"
+    # Bob comes back: his initial presence reaches alice, and alice's reaches him (probe).
+    bob2 = await server.raw_login("bob@a.test", resource="phone")
+    await bob2.send("<presence/>")
+    seen = set()
+    while len(seen) < 2:
+        p = await bob2.next()
+        if p.tag == PRESENCE:
+            seen.add(p.get("from"))
+    assert seen == {"alice@a.test/pc", "bob@a.test/phone"}
+    await next_presence(alice, None, "bob@a.test/phone")
+
+
+async def test_pending_request_redelivered_at_login(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence to='bob@a.test' type='subscribe'><status>hi bob</status></presence>")
+    roster = await roster_of(alice)
+    assert roster["bob@a.test"].get("ask") == "subscribe"
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<presence/>")
+    req = await next_presence(bob, "subscribe")
+    assert req.get("from") == "alice@a.test"
+    assert req.findtext(f"{{{CLIENT}}}status") == "hi bob"
+
+
+async def test_probe_from_stranger_reveals_nothing(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("eve@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence><status>secret</status></presence>")
+    eve = await server.raw_login("eve@a.test")
+    await eve.send("<presence to='alice@a.test' type='probe'/>")
+    answer = await next_presence(eve, "unsubscribed")
+    assert answer.get("from") == "alice@a.test"
+    await eve.send("<presence to='nobody@a.test' type='probe'/>")
+    answer = await next_presence(eve, "unsubscribed")
+    assert answer.get("from") == "nobody@a.test"
+
+
+async def test_directed_presence_undone_at_logout(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<presence/>")
+    await next_presence(bob, None, "bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence/>")
+    await alice.send("<presence to='bob@a.test'><status>directed</status></presence>")
+    p = await next_presence(bob, None, "alice@a.test")
+    assert p.findtext(f"{{{CLIENT}}}status") == "directed"
+    await alice.close()
+    gone = await next_presence(bob, "unavailable", "alice@a.test")
+    assert gone.get("from") == "alice@a.test/raw"
+
+
+async def test_priority_routing_of_bare_messages(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    high = await server.raw_login("bob@a.test", resource="high")
+    low = await server.raw_login("bob@a.test", resource="low")
+    await high.send("<presence><priority>5</priority></presence>")
+    await low.send("<presence><priority>1</priority></presence>")
+    await asyncio.sleep(0.2)
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<message to='bob@a.test' type='chat'><body>to the top</body></message>")
+    while True:
+        el = await high.next()
+        if el.tag == f"{{{CLIENT}}}message":
+            assert el.findtext(f"{{{CLIENT}}}body") == "to the top"
+            break
+    # Negative priority: no bare-JID messages at all.
+    await high.send("<presence><priority>-1</priority></presence>")
+    await low.send("<presence><priority>-1</priority></presence>")
+    await asyncio.sleep(0.2)
+    await alice.send("<message to='bob@a.test' type='chat' id='m2'><body>nobody</body></message>")
+    # Stored offline (or bounced when offline storage is absent) — never delivered to 'low'.
+    await asyncio.sleep(0.3)
+    while True:
+        el = await low.next()
+        if el.tag == IQ and el.get("id") == "probe-end":
+            break
+        assert el.tag != f"{{{CLIENT}}}message", etree.tostring(el)
+        if el.tag == PRESENCE:
+            await low.send("<iq type='get' id='probe-end' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+
+
+async def test_slixmpp_subscription_and_roster(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.client("alice@a.test")
+    bob = await server.client("bob@a.test")
+    for xmpp in (alice, bob):  # decide explicitly, not by slixmpp's automatic answers
+        xmpp.roster.auto_authorize = None  # None: neither accept nor reject by itself
+        xmpp.roster.auto_subscribe = False
+    bob.add_event_handler("presence_subscribe",
+                          lambda p: bob.send_presence(pto=p["from"].bare, ptype="subscribed"))
+    got: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def available(p):  # type: ignore[no-untyped-def]
+        if p["from"].bare == "bob@a.test" and not got.done():
+            got.set_result(str(p["from"]))
+    alice.add_event_handler("presence_available", available)
+    alice.send_presence(pto="bob@a.test", ptype="subscribe")
+    assert await asyncio.wait_for(got, 5) == "bob@a.test/slix"
+    roster = await alice.get_roster()
+    items = roster["roster"]["items"]
+    assert items["bob@a.test"]["subscription"] == "to", items
