@@ -76,7 +76,7 @@ def _cache_pbkdf2() -> None:
     cached = functools.lru_cache(maxsize=4096)(original)
 
     def hi(hf: Any, password: bytes, salt: bytes, iterations: Any) -> bytes:
-        return cached(hf, password, salt, int(iterations))  # type: ignore[no-any-return]
+        return cached(hf, password, salt, int(iterations))
     hi.bench_cached = True  # type: ignore[attr-defined]
     scramp.core.hi = hi
 
@@ -137,8 +137,7 @@ class Client(asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
         if self.sink is not None:
@@ -257,8 +256,7 @@ class Client(asyncio.Protocol):
         tls = await self._loop.start_tls(self.transport, self, client_context(),
                                          server_hostname=self.target.domain,
                                          ssl_handshake_timeout=timeout)
-        assert isinstance(tls, asyncio.Transport)
-        self.transport = tls
+        self.transport = tls  # type: ignore[assignment]
         return await self._open_stream(timeout)
 
     async def authenticate(self, features: etree._Element, timeout: float = 30.0) -> None:

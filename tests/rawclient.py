@@ -130,7 +130,12 @@ class RawClient:
             await self.expect(f"{{{TLS_NS}}}proceed")
             await self.starttls()
             features = await self.open(domain)
-        client = scramp.ScramClient([mechanism], user, password)
+        binding = None
+        if mechanism.endswith("-PLUS"):
+            # RFC 5929 tls-server-end-point: the stdlib cannot export keying material.
+            ssl_object = self.writer.get_extra_info("ssl_object")
+            binding = ("tls-server-end-point", ssl_object)
+        client = scramp.ScramClient([mechanism], user, password, channel_binding=binding)
         first = client.get_client_first()
         await self.send(f"<auth xmlns='{SASL_NS}' mechanism='{mechanism}'>"
                         f"{base64.b64encode(first.encode()).decode()}</auth>")

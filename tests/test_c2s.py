@@ -313,3 +313,25 @@ async def test_graceful_shutdown_closes_streams(tmp_path) -> None:  # type: igno
     await running.server.stop()
     assert await client.stream_error() == "system-shutdown"
     assert client.closed
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS",
+                                       "SCRAM-SHA-256-PLUS"])
+async def test_scram_mechanisms_end_to_end(server: RunningServer, mechanism: str) -> None:
+    """scramp as an independent client; -PLUS with tls-server-end-point channel binding."""
+    await server.add_user("alice@a.test")
+    client = await server.raw()
+    await client.authenticate("a.test", "alice", PASSWORD, mechanism=mechanism)
+    features = await features_of(client)
+    assert features.find(f"{{{BIND_NS}}}bind") is not None
+    await client.close()
+
+
+async def test_scram_wrong_password_and_unknown_user_look_alike(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    for user, password in (("alice", "wrong"), ("nobody", "wrong")):
+        client = await server.raw()
+        with pytest.raises(AssertionError) as failed:
+            await client.authenticate("a.test", user, password, mechanism="SCRAM-SHA-256")
+        assert "not-authorized" in str(failed.value)
+        await client.close()

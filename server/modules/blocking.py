@@ -96,10 +96,6 @@ def closed(session: Session, _reason: str) -> None:
 
 # -- enforcement ---------------------------------------------------------------------------------
 
-def _local_user(jid: JID) -> bool:
-    return jid.local is not None and jid.domain in _server().hosts
-
-
 @module.on("filter/user", priority=100)
 def filter_user(stanza: Stanza, origin: Session | None, to: JID) -> object:
     if _passed and id(stanza) in _passed:
@@ -116,7 +112,7 @@ def filter_user(stanza: Stanza, origin: Session | None, to: JID) -> object:
             try:
                 sender = JID.parse(claimed)
             except InvalidJID:
-                return None  # the router answers for the malformed address elsewhere
+                return None  # not an address a blocklist can match
             # Presence the server sends on a user's behalf (broadcasts, probes) is outbound
             # too: a blocked contact must not get it (XEP-0191 §3.3).
             outbound = (stanza.tag == st.PRESENCE and sender.local is not None

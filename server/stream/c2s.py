@@ -87,8 +87,7 @@ class C2SConnection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._server.connections.add(self)
@@ -159,8 +158,8 @@ class C2SConnection(asyncio.Protocol):
             elif isinstance(action, neg.RestartStream):
                 self._parser = self._server.new_parser()
             elif isinstance(action, neg.Authenticated):
-                log.info("event=authenticated peer=%s user=%s@%s", self.peer, action.user,
-                         action.domain)
+                log.info("event=authenticated peer=%s user=%s@%s mechanism=%s", self.peer,
+                         action.user, action.domain, action.mechanism)
             elif isinstance(action, neg.BindResource):
                 self._bind(action.iq, action.resource)
 

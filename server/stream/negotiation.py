@@ -63,6 +63,7 @@ class LookupCredentials:
 class Authenticated:
     user: str
     domain: str
+    mechanism: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ class C2SNegotiation:
         self.stage = Stage.PRE_AUTH if direct_tls else Stage.PRE_TLS
         self.domain: str | None = None
         self.user: str | None = None
+        self.mechanism = ""
         self.stream_id = ""
         self.lang = "en"
         self.header_sent = False
@@ -317,6 +319,7 @@ class C2SNegotiation:
             initial = _decode(el.text)
             if initial is None:
                 return self._sasl_step(sasl.Failure("incorrect-encoding"))
+        self.mechanism = mechanism
         self._sasl = sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls)
         self.stage = Stage.SASL
         return self._sasl_step(self._sasl.start(mechanism, initial))
@@ -344,7 +347,7 @@ class C2SNegotiation:
             self._awaiting_header = True
             self._sasl = None
             return [Send(_sasl_element("success", step.data)), RestartStream(),
-                    Authenticated(user, self.domain)]
+                    Authenticated(user, self.domain, self.mechanism)]
         # Failure
         self._sasl = None
         self.stage = Stage.PRE_AUTH if self.tls or not self._tls_required() else Stage.PRE_TLS
