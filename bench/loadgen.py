@@ -256,7 +256,7 @@ class Client(asyncio.Protocol):
         tls = await self._loop.start_tls(self.transport, self, client_context(),
                                          server_hostname=self.target.domain,
                                          ssl_handshake_timeout=timeout)
-        self.transport = tls  # type: ignore[assignment]
+        self.transport = tls
         return await self._open_stream(timeout)
 
     async def authenticate(self, features: etree._Element, timeout: float = 30.0) -> None:

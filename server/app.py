@@ -46,7 +46,8 @@ class Server:
         self.connections: set[C2SConnection] = set()
         self.c2s_policy = Policy(domains=self.hosts,
                                  require_starttls=config.c2s.require_starttls,
-                                 allow_plain=config.c2s.allow_plain)
+                                 allow_plain=config.c2s.allow_plain,
+                                 scram_iterations=config.c2s.scram_iterations)
         self._stream_features: list[Any] = []
         self._listeners: list[tuple[str, asyncio.Server]] = []
         self._sweeper: asyncio.Task[None] | None = None

@@ -168,7 +168,9 @@ class C2SConnection(asyncio.Protocol):
             found = await self._server.storage.accounts.get_credentials(user, domain)
         except Exception:
             log.exception("event=credentials-lookup-failed user=%s@%s", user, domain)
-            found = None
+            if not self._closing:
+                self._carry_out(self.negotiation.credentials_failed())
+            return
         if not self._closing:
             self._carry_out(self.negotiation.credentials(found))
 

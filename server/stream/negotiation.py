@@ -100,6 +100,7 @@ class Policy:
     require_starttls: bool = True
     allow_plain: bool = True
     tls_available: bool = True
+    scram_iterations: int = 4096  # shown to unknown users too, so they look like real ones
 
 
 class C2SNegotiation:
@@ -146,6 +147,13 @@ class C2SNegotiation:
             return []
         self.stage = Stage.SASL
         return self._sasl_step(self._sasl.provide_credentials(found))
+
+    def credentials_failed(self) -> list[Action]:
+        """The lookup itself failed (storage down): RFC 6120 §6.5.10 temporary-auth-failure."""
+        if self.stage is not Stage.AWAIT_CREDENTIALS or self._sasl is None:
+            return []
+        self.stage = Stage.SASL
+        return self._sasl_step(self._sasl.fail("temporary-auth-failure"))
 
     def bound(self, iq: _Element, full_jid: str) -> list[Action]:
         self.stage = Stage.BOUND
@@ -320,7 +328,9 @@ class C2SNegotiation:
             if initial is None:
                 return self._sasl_step(sasl.Failure("incorrect-encoding"))
         self.mechanism = mechanism
-        self._sasl = sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls)
+        self._sasl = sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls,
+                                     domain=self.domain,
+                                     iterations=self.policy.scram_iterations)
         self.stage = Stage.SASL
         return self._sasl_step(self._sasl.start(mechanism, initial))
 

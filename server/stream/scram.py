@@ -188,7 +188,7 @@ class ScramServer:
 
     def client_first(self, data: bytes) -> str:
         """Parse client-first-message; returns the username as sent (unescaped)."""
-        self._advance("client-first", "credentials")
+        self._advance("client-first")
         text = _text(data)
         flag, _, rest = text.partition(",")
         authzid, sep, bare = rest.partition(",")
@@ -236,13 +236,14 @@ class ScramServer:
         self._cbind_input = f"{flag},{authzid},".encode() + cb_data
         self._client_first_bare = bare
         self._nonce = client_nonce + self._server_part
+        self._stage = "credentials"
         return self.username
 
     def server_first(self, keys: ScramKeys | None, *,
                      fake_iterations: int = MIN_ITERATIONS, fake_seed: str | None = None) -> bytes:
         """server-first-message for the stored keys; None for an unknown user, who gets fake
         keys (salt from fake_seed, default the username) and fails at the proof."""
-        self._advance("credentials", "client-final")
+        self._advance("credentials")
         self._known = keys is not None
         if keys is None:
             seed = self.username if fake_seed is None else fake_seed
@@ -250,11 +251,12 @@ class ScramServer:
         self._keys = keys
         salt = base64.b64encode(keys.salt).decode()
         self._server_first = f"r={self._nonce},s={salt},i={keys.iterations}"
+        self._stage = "client-final"
         return self._server_first.encode()
 
     def client_final(self, data: bytes) -> bytes:
         """Verify client-final-message; returns server-final-message 'v=ServerSignature'."""
-        self._advance("client-final", "done")
+        self._advance("client-final")
         assert self._keys is not None
         text = _text(data)
         without_proof, sep, proof_b64 = text.rpartition(",p=")
@@ -286,8 +288,8 @@ class ScramServer:
         server_signature = hmac.digest(keys.server_key, auth_message, self.hash_name)
         return b"v=" + base64.b64encode(server_signature)
 
-    def _advance(self, expected: str, then: str) -> None:
-        if self._stage != expected:
-            self._stage = "done"
-            raise _malformed(f"SCRAM message out of order (expected {self._stage})")
-        self._stage = then
+    def _advance(self, expected: str) -> None:
+        # Until the step succeeds the exchange counts as over: a failed step ends it.
+        stage, self._stage = self._stage, "done"
+        if stage != expected:
+            raise _malformed(f"SCRAM {expected} message out of order")

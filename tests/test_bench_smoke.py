@@ -1,0 +1,66 @@
+"""The benchmark keeps working: a seconds-long run against a real Prosody, and the limit row.
+
+Nothing here asserts anything about speed; CI machines vary too much.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import replace
+
+import pytest
+
+from bench.limit import MESSAGE, stanza_floor
+from bench.run import Fleet, Params, format_table, run_server
+
+# Serialised in the stream's tree, a stanza declares the stream's namespaces (quotes doubled).
+SERIALISED = len(MESSAGE) + len(' xmlns="jabber:client" '
+                                'xmlns:stream="http://etherx.jabber.org/streams"')
+BENCH_HOST = "127.0.0.28"  # bench servers use 127.0.0.20-29
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def test_limit_row_parses_serialises_and_moves_every_stanza() -> None:
+    result = stanza_floor(300)
+    assert result.stanzas == 300
+    assert result.bytes_moved == 300 * SERIALISED  # every stanza came back out of the socket
+    assert result.cpu_seconds > 0
+    assert result.stanzas_per_second == pytest.approx(300 / result.cpu_seconds)
+
+
+def test_limit_row_without_io_still_serialises_every_stanza() -> None:
+    result = stanza_floor(300, io=False)
+    assert result.bytes_moved == 300 * SERIALISED
+    assert not result.io
+
+
+def test_quick_messages_against_prosody() -> None:
+    if shutil.which("prosody") is None and not os.environ.get("CI"):
+        pytest.skip("prosody is not installed (apt-get install prosody lua-unbound)")
+    params = replace(Params.quick(), servers=("prosody",), scenarios=("messages",),
+                     duration=2.0)
+    logged: list[str] = []
+    fleet = Fleet(1)
+    try:
+        figures = run_server("prosody", params, fleet, log=logged.append, host=BENCH_HOST,
+                             port=free_port(BENCH_HOST))
+    finally:
+        fleet.close()
+    assert "messages_error" not in figures, (figures, logged)
+    assert figures["msgs_delivered"] > 0
+    assert figures["msgs_per_s"] > 0 and figures["cpu_per_1000"] > 0
+    table = format_table(params, {"prosody": figures}, (stanza_floor(100),
+                                                        stanza_floor(100, io=False)))
+    print(table)
+    header, rule, *rows = table.splitlines()
+    assert header.split() == ["scenario", "prosody"] and set(rule) == {"-", " "}
+    delivered = next(r for r in rows if r.startswith("1:1 messages delivered/s"))
+    assert delivered.split()[-1].replace(",", "").isdigit()
+    assert any(r.startswith("limit (Python, 1 core") for r in rows)
