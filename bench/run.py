@@ -341,7 +341,9 @@ def run_server(kind: str, p: Params, fleet: Fleet, log: Callable[[str], None] = 
                 log(f"{kind}: the server died:\n{peer.log_tail()}")
                 break
     finally:
+        t = time.monotonic()
         peer.stop()
+        log(f"{kind}: stopped in {time.monotonic() - t:.1f} s")
     return out
 
 

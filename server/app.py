@@ -133,8 +133,9 @@ class Server:
         """Negotiation and idle timeouts, checked for all connections at once (cheaper than a
         timer per connection)."""
         limits = self.config.limits
+        interval = min(_SWEEP_INTERVAL, limits.negotiation_timeout / 2, limits.idle_timeout / 2)
         while True:
-            await asyncio.sleep(_SWEEP_INTERVAL)
+            await asyncio.sleep(interval)
             now = self.loop.time()
             for conn in list(self.connections):
                 if not conn.bound and now - conn.opened_at > limits.negotiation_timeout:

@@ -335,3 +335,26 @@ async def test_scram_wrong_password_and_unknown_user_look_alike(server: RunningS
             await client.authenticate("a.test", user, password, mechanism="SCRAM-SHA-256")
         assert "not-authorized" in str(failed.value)
         await client.close()
+
+
+async def test_negotiation_and_idle_timeouts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import start_server, stop_server
+    running = await start_server(tmp_path, "[limits]\nnegotiation_timeout = 1.0\n"
+                                           "idle_timeout = 1.5\n")
+    try:
+        await running.add_user("alice@a.test")
+        silent = await running.raw()
+        await silent.open("a.test")  # then nothing: negotiation never finishes
+        assert await silent.stream_error(timeout=5) == "connection-timeout"
+        idle = await running.raw_login("alice@a.test")
+        assert await idle.stream_error(timeout=6) == "connection-timeout"
+        # Whitespace keepalives keep a session alive past the idle timeout.
+        alive = await running.raw_login("alice@a.test", resource="alive")
+        for _ in range(4):
+            await asyncio.sleep(0.6)
+            await alive.send(b" ")
+        await alive.send("<iq type='get' id='p' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+        reply = await alive.expect(f"{{{CLIENT}}}iq")
+        assert reply.get("id") == "p"
+    finally:
+        await stop_server(running)

@@ -240,7 +240,7 @@ def test_no_item_outbound() -> None:
     assert pre.state == SubState.parse("None", approved=True)
     assert not pre.route and pre.create_item and pre.roster_push
     for kind in ("unsubscribe", "unsubscribed"):
-        result = outbound(None, kind)  # type: ignore[arg-type]
+        result = outbound(None, kind)
         assert result.state == NONE_STATE and not result.create_item
         assert not result.roster_push
     assert outbound(None, "unsubscribe").route  # A.2.2: without exception
@@ -376,7 +376,7 @@ class Pair:
                 return
             state: SubState | None = me.state
             for k in ("unsubscribe", "unsubscribed"):
-                result = outbound(state, k)  # type: ignore[arg-type]
+                result = outbound(state, k)
                 state = result.state
                 if result.route:
                     peer.inbox.append(k)

@@ -1,0 +1,39 @@
+"""Helpers for tests that run `presenced` as a real process (CLI, kill -9, Debian clients)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def presenced(*args: str) -> list[str]:
+    exe = shutil.which("presenced")
+    return [exe, *args] if exe else [sys.executable, "-m", "server", *args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(presenced(*args), cwd=cwd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            if "event=started" in line:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"presenced did not start: {line}")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
