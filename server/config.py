@@ -291,6 +291,14 @@ class C2SConfig:
         metadata=option("an integer from 4096 to 10000000", _int(4096, 10_000_000), 4096))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PresenceConfig:
+    # A watcher fetching (probing) more often is a poller over the limit (RFC 2778 §2.2).
+    max_fetches_per_minute: int = field(
+        metadata=option("an integer from 1 to 10000", _int(1, 10000), 6))
+    cross_domain_subscriptions: bool = field(metadata=option(_BOOL, _bool, True))
+
+
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -311,6 +319,7 @@ class Config:
     limits: LimitsConfig = field(metadata=section(LimitsConfig))
     c2s: C2SConfig = field(metadata=section(C2SConfig))
     log: LogConfig = field(metadata=section(LogConfig))
+    presence: PresenceConfig = field(metadata=section(PresenceConfig))
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 
 from bench.limit import MESSAGE, stanza_floor
+from bench.peers import EjabberdPeer, Peer, ProsodyPeer, make_ca, make_certificates
 from bench.run import Fleet, Params, format_table, run_server
 
 # Serialised in the stream's tree, a stanza declares the stream's namespaces (quotes doubled).
@@ -25,6 +26,26 @@ def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def need_prosody() -> None:
+    if shutil.which("prosody") is None and not os.environ.get("CI"):
+        pytest.skip("prosody is not installed (apt-get install prosody lua-unbound)")
+
+
+def s2s_features(host: str, port: int) -> bytes:
+    """What a peer answers to an incoming s2s stream header, up to its stream features."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                     b"xmlns:stream='http://etherx.jabber.org/streams' "
+                     b"xmlns:db='jabber:server:dialback' to='bench.test' from='b.test' "
+                     b"version='1.0'>")
+        received = b""
+        while b"</stream:features>" not in received:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    return received
 
 
 def test_limit_row_parses_serialises_and_moves_every_stanza() -> None:
@@ -42,8 +63,7 @@ def test_limit_row_without_io_still_serialises_every_stanza() -> None:
 
 
 def test_quick_messages_against_prosody() -> None:
-    if shutil.which("prosody") is None and not os.environ.get("CI"):
-        pytest.skip("prosody is not installed (apt-get install prosody lua-unbound)")
+    need_prosody()
     params = replace(Params.quick(), servers=("prosody",), scenarios=("messages",),
                      duration=2.0)
     logged: list[str] = []
@@ -64,3 +84,37 @@ def test_quick_messages_against_prosody() -> None:
     delivered = next(r for r in rows if r.startswith("1:1 messages delivered/s"))
     assert delivered.split()[-1].replace(",", "").isdigit()
     assert any(r.startswith("limit (Python, 1 core") for r in rows)
+
+
+@pytest.mark.parametrize("dialback", [True, False])
+def test_prosody_peer_serves_s2s_with_a_test_ca(tmp_path, dialback: bool) -> None:
+    need_prosody()
+    ca = make_ca(tmp_path / "ca")
+    certs = make_certificates(tmp_path / "certs", ["bench.test"], ca=ca)
+    port = free_port(BENCH_HOST)
+    peer: Peer = ProsodyPeer(tmp_path / "prosody", host=BENCH_HOST, c2s_port=None,
+                             s2s_port=port, certificates=certs, cafile=ca.certificate,
+                             dialback=dialback, hosts={"b.test": "127.0.0.7"})
+    with peer:
+        assert peer.pid_tree() and peer.rss_kib() > 0
+        features = s2s_features(BENCH_HOST, port)
+    assert not peer.running
+    assert b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>" in features
+    assert (b"urn:xmpp:features:dialback" in features) is dialback
+    assert (tmp_path / "prosody" / "hosts").read_text() == "127.0.0.7 b.test\n"
+
+
+def test_ejabberd_peer_serves_s2s_with_a_test_ca(tmp_path) -> None:
+    if shutil.which("ejabberdctl") is None:
+        pytest.skip("ejabberd is not installed (apt-get install ejabberd)")
+    ca = make_ca(tmp_path / "ca")
+    certs = make_certificates(tmp_path / "certs", ["bench.test"], ca=ca)
+    port = free_port(BENCH_HOST)
+    peer = EjabberdPeer(host=BENCH_HOST, c2s_port=None, s2s_port=port, certificates=certs,
+                        cafile=ca.certificate)
+    with peer:
+        assert peer.server_pids() and peer.rss_kib() > 0
+        features = s2s_features(BENCH_HOST, port)
+    assert not peer.running and not peer.workdir.exists()
+    assert b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>" in features
+    assert b"urn:xmpp:features:dialback" in features

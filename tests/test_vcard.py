@@ -173,3 +173,19 @@ async def test_vcard_survives_restart_and_account_deletion(tmp_path: Path) -> No
         await client.close()
     finally:
         await stop_server(running)
+
+
+async def test_avatar_hash_added_to_presence(server: RunningServer) -> None:
+    """XEP-0153: the server adds <x xmlns='vcard-temp:x:update'><photo>SHA-1</photo></x>."""
+    import hashlib
+    await server.add_user("alice@a.test")
+    client = await server.raw_login("alice@a.test")
+    await ask(client, "<iq type='set' id='v'><vCard xmlns='vcard-temp'>"
+                      "<PHOTO><BINVAL>aGVsbG8=</BINVAL></PHOTO></vCard></iq>")
+    await client.send("<presence/>")
+    while True:
+        el = await client.next()
+        if el.tag == "{jabber:client}presence":
+            break
+    photo = el.findtext("{vcard-temp:x:update}x/{vcard-temp:x:update}photo")
+    assert photo == hashlib.sha1(b"hello").hexdigest()

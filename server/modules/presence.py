@@ -20,7 +20,13 @@ from server.jid import JID
 from server.module import Module, Stanza
 from server.presence import presentity as pt
 from server.presence.access import AccessRules
-from server.presence.subscription import Kind, inbound, is_subscriber, outbound
+from server.presence.subscription import (
+    Kind,
+    inbound,
+    is_subscriber,
+    outbound,
+    roster_item_needed,
+)
 from server.roster import RosterManager, state_of, with_state
 from server.sessions import Session
 from server.storage.base import RosterItem
@@ -36,7 +42,7 @@ _SHOW = ns.q(ns.CLIENT, "show")
 
 @module.on_load
 def load(server):  # type: ignore[no-untyped-def]
-    server.access = AccessRules(server.hooks)
+    server.access = AccessRules(server.hooks, server.config.presence.cross_domain_subscriptions)
 
 
 @module.stream_feature
@@ -105,6 +111,10 @@ def _validate_available(stanza: Stanza) -> None:
 
 async def _available(stanza: Stanza, session: Session) -> bool:
     first = session.presence is None
+    # Modules may complete the presence before it goes out (e.g. the XEP-0153 avatar hash).
+    for pending in _server().hooks.fire_all("presence/outgoing", session, stanza):
+        if asyncio.iscoroutine(pending):
+            await pending
     session.priority = pt.parse_priority(stanza)
     session.presence = stanza
     user = session.jid.bare
@@ -258,17 +268,22 @@ async def _outbound_subscription(stanza: Stanza, session: Session, contact: JID,
         roster = await manager.get(user)
         item = roster.items.get(str(contact))
         decision = outbound(state_of(item), kind)
-        if decision.state != state_of(item) or item is None:
-            base = item or RosterItem(contact=str(contact), listed=kind == "subscribe")
-            listed = base.listed or kind == "subscribe" or (kind == "subscribed"
-                                                            and decision.route)
-            new = with_state(base, decision.state)
-            if decision.route and kind == "subscribed":
-                new = RosterItem(**{**_fields(new), "request": None})
-            new = RosterItem(**{**_fields(new), "listed": listed})
-            if item is not None or listed:
+        base = item or RosterItem(contact=str(contact), listed=False)
+        listed = base.listed or decision.create_item
+        request = None if kind == "subscribed" and decision.route else base.request
+        new = RosterItem(**{**_fields(with_state(base, decision.state)), "listed": listed,
+                            "request": request})
+        if new != base or item is None:
+            if roster_item_needed(decision.state, listed=listed):
                 await manager.put(user, new, push=decision.roster_push or listed != base.listed)
+            elif item is not None:
+                await manager.remove(user, str(contact))
     notes: list[Stanza] = []
+    if decision.send_unavailable:
+        # RFC 6121 §3.2.2: unavailable first, while the contact is still a subscriber.
+        for other in _server().sessions.resources(user):
+            if other.presence is not None:
+                notes.append(pt.unavailable(other, str(contact)))
     if decision.route:
         # RFC 6121 §3.1.2: stamped with the user's bare JID.
         out = _presence(kind, str(user), str(contact))
@@ -277,12 +292,7 @@ async def _outbound_subscription(stanza: Stanza, session: Session, contact: JID,
         notes.append(out)
     if decision.send_presence:
         for t in pt.tuples(user, _server().sessions):
-            note = pt.notification(t.stanza, str(contact))
-            notes.append(note)
-    if decision.send_unavailable:
-        for other in _server().sessions.resources(user):
-            if other.presence is not None:
-                notes.append(pt.unavailable(other, str(contact)))
+            notes.append(pt.notification(t.stanza, str(contact)))
     await _route_all(notes)
 
 
@@ -331,12 +341,10 @@ async def _inbound_subscription(stanza: Stanza, user: JID, kind: Kind) -> None:
             request = etree.tostring(stanza).decode() if decision.store_pending else (
                 None if not decision.state.pending_in else base.request)
             new = RosterItem(**{**_fields(new), "request": request})
-            if not new.listed and new.subscription == "none" and not (
-                    new.pending_in or new.pending_out or new.approved):
-                if item is not None:
-                    await manager.remove(user, str(sender))
-            else:
+            if roster_item_needed(decision.state, listed=new.listed):
                 await manager.put(user, new, push=decision.roster_push)
+            elif item is not None:
+                await manager.remove(user, str(sender))
     notes: list[Stanza] = []
     if decision.deliver:
         # RFC 6121 §3.1.3: deliver to all available resources (stanza from the bare JID).

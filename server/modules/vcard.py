@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from server.app import Server
 
 module = Module("vcard")
+UPDATE = ns.q(ns.VCARD_UPDATE, "x")
 module.feature(ns.VCARD)
 
 VCARD = ns.q(ns.VCARD, "vCard")
@@ -137,3 +138,21 @@ def server_vcard(stanza: Stanza, _origin: Session | None) -> Stanza:
     child(vcard, ns.q(ns.VCARD, "FN"), text=stanza.get("to") or "")
     child(vcard, ns.q(ns.VCARD, "DESC"), text="presenced XMPP server")
     return result(stanza, vcard)
+
+
+@module.on("presence/outgoing")
+def add_avatar_hash(session: Session, presence: Stanza) -> object:
+    """XEP-0153 §4.1: presence carries the avatar hash; added when the client left it out
+    (as Prosody's mod_vcard_legacy does), so contacts of every client learn of avatar changes."""
+    if presence.find(UPDATE) is not None:
+        return None
+
+    async def add() -> None:
+        jid = session.jid
+        assert jid.local is not None
+        photo = await avatar_hash(jid.local, jid.domain)
+        if photo is None:
+            return  # no vCard: say nothing rather than "no avatar"
+        update = etree.SubElement(presence, UPDATE, nsmap={None: ns.VCARD_UPDATE})
+        etree.SubElement(update, ns.q(ns.VCARD_UPDATE, "photo")).text = photo or None
+    return add()

@@ -1,0 +1,145 @@
+"""jabber:iq:roster over real sockets: get, set, remove, pushes, versioning, errors."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from tests.conftest import RunningServer
+from tests.rawclient import CLIENT, RawClient
+from tests.test_presence import next_presence
+
+ROSTER = "jabber:iq:roster"
+IQ = f"{{{CLIENT}}}iq"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+
+_skipped: dict[int, list[etree._Element]] = {}
+
+
+async def request(client: RawClient, xml: str, id_: str) -> etree._Element:
+    """Send an iq and wait for its answer; other stanzas are kept for push()."""
+    await client.send(xml)
+    while True:
+        el = await client.next()
+        if el.tag == IQ and el.get("id") == id_:
+            return el
+        _skipped.setdefault(id(client), []).append(el)
+
+
+async def push(client: RawClient) -> etree._Element:
+    while True:
+        kept = _skipped.get(id(client))
+        el = kept.pop(0) if kept else await client.next()
+        if el.tag == IQ and el.get("type") == "set":
+            assert el.get("from") in (None, client.jid.split("/")[0])  # type: ignore[attr-defined]
+            await client.send(f"<iq type='result' id='{el.get('id')}'/>")
+            return el.find(f"{{{ROSTER}}}query/{{{ROSTER}}}item")
+
+
+def error_of(reply: etree._Element) -> str:
+    assert reply.get("type") == "error", etree.tostring(reply)
+    err = reply.find(f"{{{CLIENT}}}error")
+    return next(etree.QName(c).localname for c in err if etree.QName(c).namespace == STANZAS)
+
+
+async def test_set_get_push_remove_and_versions(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    pc = await server.raw_login("alice@a.test", resource="pc")
+    phone = await server.raw_login("alice@a.test", resource="phone")
+    quiet = await server.raw_login("alice@a.test", resource="quiet")  # never asks: no pushes
+    first = await request(pc, f"<iq type='get' id='g1'><query xmlns='{ROSTER}'/></iq>", "g1")
+    version = first.find(f"{{{ROSTER}}}query").get("ver")
+    assert version is not None and len(first.find(f"{{{ROSTER}}}query")) == 0
+    await request(phone, f"<iq type='get' id='g2'><query xmlns='{ROSTER}'/></iq>", "g2")
+    reply = await request(pc, f"<iq type='set' id='s1'><query xmlns='{ROSTER}'>"
+                              "<item jid='Bob@A.test' name='Bob'><group>Friends</group></item>"
+                              "</query></iq>", "s1")
+    assert reply.get("type") == "result"
+    for client in (pc, phone):
+        item = await push(client)
+        assert item.get("jid") == "bob@a.test" and item.get("subscription") == "none"
+        assert item.findtext(f"{{{ROSTER}}}group") == "Friends"
+    # Versioning: the current version gives an empty result, an old one the full roster.
+    full = await request(pc, f"<iq type='get' id='g3'><query xmlns='{ROSTER}' ver='{version}'/>"
+                             "</iq>", "g3")
+    query = full.find(f"{{{ROSTER}}}query")
+    new_version = query.get("ver")
+    assert new_version != version and [i.get("jid") for i in query] == ["bob@a.test"]
+    same = await request(pc, f"<iq type='get' id='g4'><query xmlns='{ROSTER}' "
+                             f"ver='{new_version}'/></iq>", "g4")
+    assert same.get("type") == "result" and len(same) == 0
+    # Remove: pushed with subscription='remove'; removing again is item-not-found.
+    await request(pc, f"<iq type='set' id='r1'><query xmlns='{ROSTER}'>"
+                      "<item jid='bob@a.test' subscription='remove'/></query></iq>", "r1")
+    assert (await push(phone)).get("subscription") == "remove"
+    again = await request(pc, f"<iq type='set' id='r2'><query xmlns='{ROSTER}'>"
+                              "<item jid='bob@a.test' subscription='remove'/></query></iq>", "r2")
+    assert error_of(again) == "item-not-found"
+    # The resource that never requested the roster got no push: its next stanza is a ping reply.
+    reply = await request(quiet, "<iq type='get' id='p' to='a.test'>"
+                                 "<ping xmlns='urn:xmpp:ping'/></iq>", "p")
+    assert reply.get("type") == "result"
+
+
+@pytest.mark.parametrize(("item", "condition"), [
+    ("<item jid='a@b@c'/>", "jid-malformed"),
+    ("<item jid='bob@a.test/res'/>", "jid-malformed"),
+    ("<item jid='alice@a.test'/>", "bad-request"),
+    ("<item jid='bob@a.test'><group>x</group><group>x</group></item>", "bad-request"),
+    ("<item jid='bob@a.test'><group></group></item>", "not-acceptable"),
+    ("<item jid='bob@a.test' name='" + "n" * 1100 + "'/>", "not-acceptable"),
+    ("<item jid='bob@a.test'/><item jid='carol@a.test'/>", "bad-request"),
+    ("", "bad-request"),
+])
+async def test_roster_set_errors(server: RunningServer, item: str, condition: str) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw_login("alice@a.test")
+    reply = await request(client, f"<iq type='set' id='e'><query xmlns='{ROSTER}'>{item}"
+                                  "</query></iq>", "e")
+    assert error_of(reply) == condition
+
+
+async def test_subscription_attribute_from_client_is_ignored(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    client = await server.raw_login("alice@a.test")
+    await request(client, f"<iq type='set' id='s'><query xmlns='{ROSTER}'>"
+                          "<item jid='bob@a.test' subscription='both' ask='subscribe'/>"
+                          "</query></iq>", "s")
+    roster = await request(client, f"<iq type='get' id='g'><query xmlns='{ROSTER}'/></iq>", "g")
+    item = roster.find(f"{{{ROSTER}}}query/{{{ROSTER}}}item")
+    assert item.get("subscription") == "none" and item.get("ask") is None
+
+
+async def test_max_roster_size(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.modules.roster as roster_module
+    monkeypatch.setattr(roster_module, "MAX_ITEMS", 2)
+    await server.add_user("alice@a.test")
+    client = await server.raw_login("alice@a.test")
+    for n in range(3):
+        reply = await request(client, f"<iq type='set' id='s{n}'><query xmlns='{ROSTER}'>"
+                                      f"<item jid='c{n}@a.test'/></query></iq>", f"s{n}")
+        if n < 2:
+            assert reply.get("type") == "result"
+        else:
+            assert error_of(reply) == "not-allowed"
+
+
+async def test_pre_approval(server: RunningServer) -> None:
+    """RFC 6121 §3.4: alice pre-approves bob; bob's later request is approved at once."""
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await request(alice, f"<iq type='get' id='g'><query xmlns='{ROSTER}'/></iq>", "g")
+    await alice.send("<presence/>")
+    await alice.send("<presence to='bob@a.test' type='subscribed'/>")
+    item = await push(alice)
+    assert item.get("jid") == "bob@a.test" and item.get("approved") == "true"
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<presence/>")
+    await bob.send("<presence to='alice@a.test' type='subscribe'/>")
+    answer = await next_presence(bob, "subscribed")
+    assert answer.get("from") == "alice@a.test"
+    await next_presence(bob, None, "alice@a.test")  # alice's presence follows at once
+    item = await push(alice)
+    assert item.get("subscription") == "from" and item.get("approved") is None
