@@ -21,6 +21,8 @@ import datetime
 import hashlib
 import hmac
 import os
+import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -32,6 +34,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -212,6 +215,14 @@ def wait_for_port(host: str, port: int, timeout: float,
         time.sleep(0.05)
 
 
+def raise_nofile_limit(wanted: int = 65536) -> None:
+    """Servers inherit our open-file limit: a thousand sessions need more than 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -318,13 +329,13 @@ class Peer:
 
     # helpers -------------------------------------------------------------------------------
 
-    def _spawn(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None,
-               output: Path | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, argv: Sequence[str], *, cwd: Path, output: Path | None = None,
+               **popen: Any) -> subprocess.Popen[bytes]:
+        raise_nofile_limit()
         out = open(output or self.workdir / f"{self.kind}.out", "ab")  # noqa: SIM115
         try:
             return subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=dict(env) if env is not None else None)
+                                    stderr=subprocess.STDOUT, start_new_session=True, **popen)
         finally:
             out.close()
 
@@ -640,10 +651,23 @@ class EjabberdPeer(Peer):
             'ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n')
         subprocess.run(["chown", "-R", "ejabberd:ejabberd", str(d)], check=True)
 
+    @staticmethod
+    def _as_ejabberd() -> dict[str, Any]:
+        """Run as root, ejabberdctl would switch to its user through su, whose PAM session
+        resets the open-file limit to 1024 (accept fails with EMFILE at ~1000 sessions): be
+        that user from the start instead, with our limits and its home (the Erlang cookie)."""
+        if os.geteuid() != 0:
+            return {}
+        account = pwd.getpwnam("ejabberd")
+        env = dict(os.environ, HOME=account.pw_dir, USER="ejabberd", LOGNAME="ejabberd")
+        return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": [],
+                "env": env}
+
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """ejabberdctl against this node (e.g. "register", "u", "d", "pw")."""
         done = subprocess.run(self._ctl_argv(*args), capture_output=True, text=True,
-                              timeout=timeout, cwd=self.workdir / "spool")
+                              timeout=timeout, cwd=self.workdir / "spool",
+                              **self._as_ejabberd())
         if done.returncode != 0:
             raise PeerError(f"ejabberdctl {args[0]}: {done.stdout}{done.stderr}")
         return done.stdout
@@ -661,7 +685,8 @@ class EjabberdPeer(Peer):
                             f"directory under /tmp (the default)")
         self._check_free()
         self._write_config()
-        self.process = self._spawn(self._ctl_argv("foreground"), cwd=self.workdir / "spool")
+        self.process = self._spawn(self._ctl_argv("foreground"), cwd=self.workdir / "spool",
+                                   **self._as_ejabberd())
         self._wait_listening(timeout)
 
     def stop(self, timeout: float = 15.0) -> None:

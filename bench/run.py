@@ -17,7 +17,6 @@ import contextlib
 import math
 import multiprocessing
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,14 @@ from typing import Any
 
 from bench import loadgen
 from bench.limit import LimitResult, stanza_floor
-from bench.peers import EjabberdPeer, Peer, PresencedPeer, ProsodyPeer, cpu_seconds
+from bench.peers import (
+    EjabberdPeer,
+    Peer,
+    PresencedPeer,
+    ProsodyPeer,
+    cpu_seconds,
+    raise_nofile_limit,
+)
 
 SERVERS = ("presenced", "prosody", "ejabberd")
 ADDRESSES = {"presenced": "127.0.0.20", "prosody": "127.0.0.21", "ejabberd": "127.0.0.22"}
@@ -505,8 +511,7 @@ def parse_args(argv: Sequence[str] | None) -> Params:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parse_args(argv)
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by servers, generators
+    raise_nofile_limit()  # inherited by the servers and the generators
     print(describe(p), flush=True)
     limit = (stanza_floor(p.limit_stanzas), stanza_floor(p.limit_stanzas, io=False))
     results: dict[str, dict[str, Any]] = {}

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiodns
+import pycares
 
 DEFAULT_PORT = 5269
 
@@ -98,7 +99,7 @@ class Resolver:
         records = []
         for answer in result.answer:
             data = answer.data
-            if getattr(data, "port", None) is None:
+            if not isinstance(data, pycares.SRVRecordData):
                 continue
             records.append(SrvRecord(data.priority, data.weight, data.port,
                                      _text(data.target), direct))

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from server.config import Config
+    from server.presence.access import AccessRules
+    from server.roster import RosterManager
 
 log = logging.getLogger("presenced")
 _SWEEP_INTERVAL = 5.0
@@ -52,6 +54,8 @@ class Server:
         self._listeners: list[tuple[str, asyncio.Server]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.storage: Storage
+        self.rosters: RosterManager  # set by the roster module
+        self.access: AccessRules     # set by the presence module
         self.loop: asyncio.AbstractEventLoop
         self._tls_starttls: SSL.Context
         self._tls_direct: SSL.Context

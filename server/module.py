@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml.etree import _Element
 
 if TYPE_CHECKING:
     from server.app import Server
 
-Stanza = _Element
+Stanza: TypeAlias = _Element
 
 
 Handler = Callable[..., "_Element | None | Awaitable[_Element | None]"]

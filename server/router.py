@@ -9,7 +9,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from server.sessions import Session, SessionManager
 
 log = logging.getLogger("presenced.router")
-_Element = etree._Element
+_Element: TypeAlias = etree._Element
 
 
 class Router:
@@ -55,7 +55,7 @@ class Router:
             return None
         if result is None or result is True:
             return None
-        if isinstance(result, _Element):
+        if etree.iselement(result):
             self.reply(result, origin)
             return None
         if inspect.isawaitable(result):
@@ -72,7 +72,7 @@ class Router:
         except Exception:
             self._internal_error(stanza, origin)
             return
-        if isinstance(result, _Element):
+        if etree.iselement(result):
             self.reply(result, origin)
 
     def spawn(self, pending: Awaitable[None]) -> None:

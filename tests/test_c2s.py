@@ -358,3 +358,24 @@ async def test_negotiation_and_idle_timeouts(tmp_path) -> None:  # type: ignore[
         assert reply.get("id") == "p"
     finally:
         await stop_server(running)
+
+
+async def test_cli_account_commands_while_running(server: RunningServer) -> None:
+    """`presenced adduser` on the running server's config: the account works at once."""
+    from tests.process import presenced
+    proc = await asyncio.create_subprocess_exec(
+        *presenced("adduser", "carol@a.test", "--password", PASSWORD, "--config",
+                   str(server.config_path)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    client = await server.raw_login("carol@a.test")
+    assert client.jid == "carol@a.test/raw"  # type: ignore[attr-defined]
+    await client.close()
+    proc = await asyncio.create_subprocess_exec(
+        *presenced("passwd", "carol@a.test", "--password", "new-password", "--config",
+                   str(server.config_path)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await proc.communicate()
+    assert proc.returncode == 0
+    await server.raw_login("carol@a.test", password="new-password")

@@ -14,4 +14,7 @@ MODULES: list[str] = [
     "vcard",
     "private",
     "last",
+    "watchers",
+    "visibility",
+    "adhoc",
 ]

@@ -14,7 +14,9 @@ module.feature(ns.DISCO_INFO, ns.DISCO_ITEMS)
 
 
 @module.iq_get(ns.DISCO_INFO)
-def server_info(stanza: Stanza, _origin: Session | None) -> Stanza:
+def server_info(stanza: Stanza, origin: Session | None) -> Stanza:
+    if stanza[0].get("node") is not None:
+        return _node(stanza, origin, ns.DISCO_INFO)
     query = _query(stanza, ns.DISCO_INFO)
     # XEP-0030 §3.1 / registry: a server is category 'server', type 'im'.
     child(query, ns.q(ns.DISCO_INFO, "identity"),
@@ -26,8 +28,21 @@ def server_info(stanza: Stanza, _origin: Session | None) -> Stanza:
 
 
 @module.iq_get(ns.DISCO_ITEMS)
-def server_items(stanza: Stanza, _origin: Session | None) -> Stanza:
+def server_items(stanza: Stanza, origin: Session | None) -> Stanza:
+    if stanza[0].get("node") is not None:
+        return _node(stanza, origin, ns.DISCO_ITEMS)
     return result(stanza, _query(stanza, ns.DISCO_ITEMS))
+
+
+def _node(stanza: Stanza, origin: Session | None, xmlns: str) -> Stanza:
+    """A node of the server's (XEP-0030 §3.2): the module owning it fills the query through the
+    'disco/node' hook (args: query, origin, node) and returns non-None."""
+    node = stanza[0].get("node", "")
+    query = element(ns.q(xmlns, "query"), {"node": node})
+    assert module.server is not None
+    if module.server.hooks.fire("disco/node", query, origin, node) is None:
+        raise StanzaError("item-not-found", f"no such node {node!r}")
+    return result(stanza, query)
 
 
 @module.iq_get(ns.DISCO_INFO, to=("bare",))

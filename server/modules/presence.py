@@ -41,7 +41,7 @@ _SHOW = ns.q(ns.CLIENT, "show")
 
 
 @module.on_load
-def load(server):  # type: ignore[no-untyped-def]
+def load(server):
     server.access = AccessRules(server.hooks, server.config.presence.cross_domain_subscriptions)
 
 
@@ -148,8 +148,10 @@ async def _on_initial_presence(session: Session, roster: Any) -> None:
         if state is not None and state.to:
             contact_jid = JID.parse(contact)
             if contact_jid.domain in _server().hosts:
-                # Answer the probe from local state, for this session only.
-                for other in pt.tuples(contact_jid, sessions):
+                # Answer the probe from local state, for this session only, as the access
+                # rules allow (a probe would be refused: blocking, per-contact visibility).
+                shown = not _server().access.denied(contact_jid, session.jid)
+                for other in pt.tuples(contact_jid, sessions) if shown else ():
                     note = pt.notification(other.stanza, str(session.jid))
                     session.send(note)
             else:
@@ -239,7 +241,7 @@ async def _outbound(stanza: Stanza, session: Session, to: JID) -> bool:
     type_ = stanza.get("type")
     user = session.jid.bare
     if type_ in SUBSCRIPTION_KINDS:
-        await _outbound_subscription(stanza, session, to.bare, type_)  # type: ignore[arg-type]
+        await _outbound_subscription(stanza, session, to.bare, type_)
         return True
     if type_ is None or type_ == "unavailable":
         # RFC 6121 §4.6: directed presence; tracked unless the target is a subscriber.
@@ -300,7 +302,7 @@ async def _inbound(stanza: Stanza, to: JID) -> bool:
     type_ = stanza.get("type")
     sessions = _server().sessions
     if type_ in SUBSCRIPTION_KINDS:
-        await _inbound_subscription(stanza, to.bare, type_)  # type: ignore[arg-type]
+        await _inbound_subscription(stanza, to.bare, type_)
         return True
     if type_ == "probe":
         await _probe(stanza, to.bare)

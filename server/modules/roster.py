@@ -22,7 +22,7 @@ GROUP = ns.q(ns.ROSTER, "group")
 
 
 @module.on_load
-def load(server):  # type: ignore[no-untyped-def]
+def load(server):
     server.rosters = RosterManager(server)
 
 
@@ -106,7 +106,7 @@ async def _remove(user: JID, contact: str, existing: RosterItem | None) -> None:
     router = module.server.router
     state = state_of(existing)
     for kind in ("unsubscribe", "unsubscribed"):
-        decision = outbound(state, kind)  # type: ignore[arg-type]
+        decision = outbound(state, kind)
         if decision.route:
             notice = etree.Element(ns.q(ns.CLIENT, "presence"),
                                    {"type": kind, "from": str(user), "to": contact},

@@ -58,7 +58,7 @@ def _fetches() -> FetchLog:
 
 
 @module.on_load
-def load(server):  # type: ignore[no-untyped-def]
+def load(server: Any) -> None:
     server.fetches = FetchLog(server.config.presence.max_fetches_per_minute)
 
 

@@ -23,6 +23,7 @@ from server.storage.base import RosterItem
 WINDOW = 60.0          # seconds: the rate is fetches per minute
 RETENTION = 3600.0     # seconds a watcher is remembered after its last fetch
 MAX_WATCHERS = 256     # fetchers remembered per presentity (the least recent are forgotten)
+MAX_PRESENTITIES = 10_000  # presentities with a record (probes may name accounts that do not exist)
 
 KINDS = ("subscriber", "pending", "fetcher", "poller")
 STATUSES = ("active", "pending", "refused")
@@ -41,15 +42,17 @@ class FetchRecord:
 
 
 class FetchLog:
-    """Fetches per (presentity, watcher), bounded: at most `max_watchers` per presentity, none
-    older than `retention` seconds."""
+    """Fetches per (presentity, watcher), bounded: at most `max_watchers` per presentity and
+    `max_presentities` presentities (the least recently fetched are forgotten), none older
+    than `retention` seconds."""
 
     def __init__(self, max_per_minute: int, *, max_watchers: int = MAX_WATCHERS,
-                 retention: float = RETENTION) -> None:
+                 max_presentities: int = MAX_PRESENTITIES, retention: float = RETENTION) -> None:
         if max_per_minute < 1:
             raise ValueError("max_per_minute must be at least 1")
         self.max_per_minute = max_per_minute
         self.max_watchers = max_watchers
+        self.max_presentities = max_presentities
         self.retention = retention
         self._log: dict[JID, dict[JID, FetchRecord]] = {}
 
@@ -63,9 +66,12 @@ class FetchLog:
 
     def record(self, presentity: JID, watcher: JID, allowed: bool, now: float,
                refused_for_rate: bool = False) -> FetchRecord:
-        watchers = self._log.get(presentity)
+        watchers = self._log.pop(presentity, None)
         if watchers is None:
-            watchers = self._log[presentity] = {}
+            if len(self._log) >= self.max_presentities:
+                del self._log[next(iter(self._log))]
+            watchers = {}
+        self._log[presentity] = watchers  # (re)inserted last: the most recently fetched
         bare = watcher.bare
         record = watchers.get(bare)
         if record is None:

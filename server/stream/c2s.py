@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from server.app import Server
 
 log = logging.getLogger("presenced.c2s")
-_Element = etree._Element
+_Element: TypeAlias = etree._Element
 _BACKLOG_PAUSE = 64          # stanzas waiting behind an async handler before we stop reading
 _WRITE_BUFFER_LIMIT = 8 << 20  # a client that does not read this much gets disconnected
 _CLOSE_GRACE = 2.0           # RFC 6120 §4.4: wait this long for the peer's </stream:stream>
@@ -119,7 +119,7 @@ class C2SConnection(asyncio.Protocol):
             if self._closing:
                 return
             if self.bound and type(event) is _ElementType:
-                self._stanza(event)  # type: ignore[arg-type]
+                self._stanza(event)
             else:
                 self._carry_out(self.negotiation.receive(event))
 

@@ -13,6 +13,7 @@ import enum
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from lxml import etree
 
@@ -24,7 +25,7 @@ from server.xml import ns
 from server.xml.parser import StreamClosed, StreamOpened
 from server.xml.writer import stream_header
 
-_Element = etree._Element
+_Element: TypeAlias = etree._Element
 
 STARTTLS = ns.q(ns.TLS, "starttls")
 AUTH = ns.q(ns.SASL, "auth")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -42,7 +43,7 @@ def server_context(certificate: Path, key: Path, *, alpn: Sequence[bytes] = (),
     if alpn:
         offered = list(alpn)
 
-        def select(_conn: SSL.Connection, protos: list[bytes]) -> bytes:
+        def select(_conn: SSL.Connection, protos: list[bytes]) -> Any:
             for proto in protos:
                 if proto in offered:
                     return proto

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from lxml import etree
 
@@ -42,7 +43,7 @@ class StreamClosed:
     pass
 
 
-Event = StreamOpened | StreamClosed | etree._Element
+Event: TypeAlias = StreamOpened | StreamClosed | etree._Element
 
 
 class StreamParser:

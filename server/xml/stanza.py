@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 from lxml import etree
 
 from server.errors import StanzaError
 from server.xml import ns
 
-Element = etree._Element
+Element: TypeAlias = etree._Element
 
 MESSAGE = ns.q(ns.CLIENT, "message")
 PRESENCE = ns.q(ns.CLIENT, "presence")

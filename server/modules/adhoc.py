@@ -1,0 +1,125 @@
+"""Ad-Hoc Commands (XEP-0050) offered by the server to its own users.
+
+Commands are listed as disco items of the server under the node
+'http://jabber.org/protocol/commands' (XEP-0050 §2.2) and run with
+<command xmlns='http://jabber.org/protocol/commands' node='...' action='execute'/> sent to the
+server's domain. Every command here is single-stage: the first execute completes it, with a
+XEP-0004 data form of type 'result'.
+
+  watchers  "Who watches my presence": the requester's watcher information (see
+            server/modules/watchers.py) as a table with columns jid, kind, count, last.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.errors import StanzaError
+from server.jid import JID
+from server.module import Module, Stanza
+from server.presence.watchers import Watcher, timestamp
+from server.sessions import Session
+from server.xml import ns
+from server.xml import stanza as st
+
+module = Module("adhoc")
+module.feature(ns.COMMANDS)
+
+COMMAND = ns.q(ns.COMMANDS, "command")
+_X = ns.q(ns.DATA_FORMS, "x")
+_FIELD = ns.q(ns.DATA_FORMS, "field")
+_VALUE = ns.q(ns.DATA_FORMS, "value")
+
+Run = Callable[[JID], Awaitable[Stanza]]
+
+
+def _server() -> Any:
+    assert module.server is not None
+    return module.server
+
+
+async def _watchers(requester: JID) -> Stanza:
+    pending = _server().hooks.fire("watchers/list", requester)
+    if pending is None:
+        raise StanzaError("item-not-found", "watcher information is not available")
+    rows: list[Watcher] = await pending
+    form = st.element(_X, {"type": "result"})
+    st.child(form, ns.q(ns.DATA_FORMS, "title"), text="Who watches my presence")
+    reported = st.child(form, ns.q(ns.DATA_FORMS, "reported"))
+    columns = (("jid", "Watcher", "jid-single"), ("kind", "Kind", "text-single"),
+               ("count", "Fetches in the last hour", "text-single"),
+               ("last", "Last fetch", "text-single"))
+    for var, label, type_ in columns:
+        st.child(reported, _FIELD, {"var": var, "label": label, "type": type_})
+    for row in rows:
+        item = st.child(form, ns.q(ns.DATA_FORMS, "item"))
+        values = (row.jid, row.kind, str(row.count),
+                  timestamp(row.last) if row.last is not None else "")
+        for (var, _label, _type), value in zip(columns, values, strict=True):
+            st.child(st.child(item, _FIELD, {"var": var}), _VALUE, text=value)
+    return form
+
+
+# node -> (name, run); XEP-0050 §2.2: the name is shown to users.
+COMMANDS: dict[str, tuple[str, Run]] = {
+    "watchers": ("Who watches my presence", _watchers),
+}
+
+
+def _requester(origin: Session | None) -> JID | None:
+    """Commands are for the server's own users (XEP-0050 §2.1: the responder decides)."""
+    if origin is None or origin.jid.local is None or origin.jid.domain not in _server().hosts:
+        return None
+    return origin.jid.bare
+
+
+@module.on("disco/node")
+def disco_node(query: Stanza, origin: Session | None, node: str) -> object:
+    if _requester(origin) is None:
+        return None
+    domain = _server().default_domain if origin is None else origin.jid.domain
+    if query.tag == ns.q(ns.DISCO_ITEMS, "query") and node == ns.COMMANDS:
+        for name, (label, _run) in COMMANDS.items():
+            st.child(query, ns.q(ns.DISCO_ITEMS, "item"),
+                     {"jid": domain, "node": name, "name": label})
+        return True
+    if query.tag == ns.q(ns.DISCO_INFO, "query") and node in COMMANDS:
+        # XEP-0050 §2.3: a command node is an automation/command-node.
+        st.child(query, ns.q(ns.DISCO_INFO, "identity"),
+                 {"category": "automation", "type": "command-node", "name": COMMANDS[node][0]})
+        for feature in (ns.COMMANDS, ns.DATA_FORMS):
+            st.child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
+        return True
+    return None
+
+
+@module.iq_set(ns.COMMANDS)
+async def execute(stanza: Stanza, origin: Session | None) -> Stanza:
+    request = st.payload(stanza)
+    if request is None or request.tag != COMMAND:
+        raise StanzaError("bad-request", "expected <command/>")
+    requester = _requester(origin)
+    if requester is None:
+        raise StanzaError("forbidden", "commands are for this server's users")
+    node = request.get("node", "")
+    command = COMMANDS.get(node)
+    if command is None:
+        raise StanzaError("item-not-found", f"no command {node!r}")
+    action = request.get("action", "execute")
+    if action == "cancel":
+        # XEP-0050 §3.5: nothing to undo for a single-stage command.
+        return st.result(stanza, _command(node, request, "canceled"))
+    if action not in ("execute", "complete"):
+        raise StanzaError("bad-request", f"action {action!r} does not apply to {node!r}")
+    form = await command[1](requester)
+    answer = _command(node, request, "completed")
+    answer.append(form)
+    return st.result(stanza, answer)
+
+
+def _command(node: str, request: Stanza, status: str) -> Stanza:
+    # XEP-0050 §3.4: the responder names the session; a client may have named it already.
+    sessionid = request.get("sessionid") or secrets.token_hex(8)
+    return st.element(COMMAND, {"node": node, "sessionid": sessionid, "status": status})
