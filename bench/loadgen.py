@@ -24,7 +24,7 @@ import ssl
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -354,13 +354,32 @@ class TagCounter:
 
 
 async def _gather_bounded(coros: Sequence[Any], limit: int) -> list[Any]:
-    """Run the awaitables with at most limit at once (connecting hundreds of TLS clients)."""
+    """Run the awaitables with at most limit at once (connecting hundreds of TLS clients); on
+    the first failure the others are cancelled and that failure is raised."""
     sem = asyncio.Semaphore(limit)
 
     async def one(coro: Any) -> Any:
-        async with sem:
-            return await coro
-    return await asyncio.gather(*(one(c) for c in coros))
+        try:
+            async with sem:
+                return await coro
+        finally:
+            coro.close()  # cancelled before it started: no "never awaited" warning
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(c)) for c in coros]
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+@contextlib.contextmanager
+def closing_all(clients: Sequence[Client]) -> Iterator[None]:
+    """Close every client on the way out, whatever happened."""
+    try:
+        yield
+    finally:
+        for c in clients:
+            c.close()
 
 
 async def connect_many(target: Target, users: Sequence[str], *, roster: bool = False,
@@ -404,7 +423,6 @@ async def make_rosters(target: Target, users: Sequence[str], contacts: int,
     total = len(users)
     if contacts % 2 or contacts >= total:
         raise ValueError("contacts must be even and smaller than the number of users")
-    domain = target.domain
     probe = Client(target, users[0])
     try:
         await probe.login(presence=False)
@@ -415,6 +433,14 @@ async def make_rosters(target: Target, users: Sequence[str], contacts: int,
     finally:
         probe.close()
     clients = await connect_many(target, users, roster=True)
+    with closing_all(clients):
+        await _subscribe_ring(clients, users, contacts, timeout)
+
+
+async def _subscribe_ring(clients: list[Client], users: Sequence[str], contacts: int,
+                          timeout: float) -> None:
+    total = len(users)
+    domain = clients[0].target.domain
     bare = [f"{u}@{domain}" for u in users]
     index = {b: i for i, b in enumerate(bare)}
     want = [set(ring_contacts(i, total, contacts)) for i in range(total)]
@@ -473,8 +499,6 @@ async def make_rosters(target: Target, users: Sequence[str], contacts: int,
         if both != want[i]:
             raise XMPPError(f"{users[i]}: roster has 'both' for {sorted(map(str, both))}, "
                             f"expected {sorted(want[i])}")
-    for client in clients:
-        client.close()
 
 
 # -- scenarios (run in a worker process) --------------------------------------------------------
@@ -599,7 +623,12 @@ class _Pair:
 async def _pairs(target: Target, pairs: list[tuple[str, str]]) -> tuple[list[Client],
                                                                           list[Client]]:
     senders = await connect_many(target, [s for s, _ in pairs])
-    receivers = await connect_many(target, [r for _, r in pairs])
+    try:
+        receivers = await connect_many(target, [r for _, r in pairs])
+    except BaseException:
+        for s in senders:
+            s.close()
+        raise
     for s in senders:  # what comes back to a sender (errors, if any) is not measured
         s.sink = _drop
     return senders, receivers
@@ -612,21 +641,19 @@ def _drop(_data: bytes) -> None:
 async def op_messages(control: Control, target: Target, pairs: list[tuple[str, str]],
                       window: int) -> dict[str, Any]:
     senders, receivers = await _pairs(target, pairs)
-    flows = [_Pair(s, r, window) for s, r in zip(senders, receivers, strict=True)]
-    timeline = await control.ready({"pairs": len(flows)})
-    snaps = Snapshots(lambda: sum(f.received for f in flows))
-    snaps.schedule(timeline)
-    await timeline.wait(timeline.start)
-    for f in flows:
-        f.running = True
-        f.fill()
-    await timeline.wait(timeline.end + 0.01)
-    for f in flows:
-        f.running = False
-    sent = sum(f.sent for f in flows)
-    for c in senders + receivers:
-        c.close()
-    return {"delivered": snaps.delta, "sent": sent}
+    with closing_all(senders + receivers):
+        flows = [_Pair(s, r, window) for s, r in zip(senders, receivers, strict=True)]
+        timeline = await control.ready({"pairs": len(flows)})
+        snaps = Snapshots(lambda: sum(f.received for f in flows))
+        snaps.schedule(timeline)
+        await timeline.wait(timeline.start)
+        for f in flows:
+            f.running = True
+            f.fill()
+        await timeline.wait(timeline.end + 0.01)
+        for f in flows:
+            f.running = False
+    return {"delivered": snaps.delta, "sent": sum(f.sent for f in flows)}
 
 
 _STAMP = re.compile(rb"<body>t=(\d+);")
@@ -655,29 +682,26 @@ async def op_latency(control: Control, target: Target, pairs: list[tuple[str, st
             del buffer[:cut + 10]
         return sink
 
-    for r in receivers:
-        r.sink = sink_for()
-    templates = [(s, f"<message to='{_esc(r.jid)}' type='chat' id='l'><body>t=")
-                 for s, r in zip(senders, receivers, strict=True)]
-    timeline = await control.ready({"pairs": len(templates)})
-    warm_ns, end_ns = int(timeline.warm * 1e9), int(timeline.end * 1e9)
-    await timeline.wait(timeline.start)
-    sent = 0
-    turn = 0
-    began = time.monotonic()
-    while (now := time.monotonic()) < timeline.end:
-        due = int((now - began) * rate) - sent
-        for _ in range(due):
-            sender, head = templates[turn % len(templates)]
-            turn += 1
-            stamp = f"{time.monotonic_ns()};"
-            pad = BODY[:100 - len(stamp) - 2]
-            sender.send(f"{head}{stamp}{pad}</body></message>")
-        sent += max(due, 0)
-        await asyncio.sleep(0.002)
-    await asyncio.sleep(0.2)  # the last messages' latencies
-    for c in senders + receivers:
-        c.close()
+    with closing_all(senders + receivers):
+        for r in receivers:
+            r.sink = sink_for()
+        templates = [(s, f"<message to='{_esc(r.jid)}' type='chat' id='l'><body>t=")
+                     for s, r in zip(senders, receivers, strict=True)]
+        timeline = await control.ready({"pairs": len(templates)})
+        warm_ns, end_ns = int(timeline.warm * 1e9), int(timeline.end * 1e9)
+        await timeline.wait(timeline.start)
+        sent = 0
+        began = time.monotonic()
+        while (now := time.monotonic()) < timeline.end:
+            due = int((now - began) * rate) - sent
+            for turn in range(sent, sent + due):
+                sender, head = templates[turn % len(templates)]
+                stamp = f"{time.monotonic_ns()};"
+                pad = BODY[:100 - len(stamp) - 2]  # the body stays 100 bytes
+                sender.send(f"{head}{stamp}{pad}</body></message>")
+            sent += max(due, 0)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.2)  # the last messages' latencies
     return {"latencies_us": samples, "sent": sent}
 
 
@@ -724,30 +748,28 @@ async def op_presence(control: Control, target: Target, users: list[str], contac
                 fill()
         return sink
 
-    for p in people:
-        p.client.sink = sink_for(p)
-    timeline = await control.ready({"users": len(people)})
-    snaps = Snapshots(lambda: state["delivered"])
-    snaps.schedule(timeline)
-    await timeline.wait(timeline.start)
-    # Initial presences that arrived meanwhile do not count against the window.
-    state["offset"] = state["delivered"]
-    running = True
-    fill()
-    await timeline.wait(timeline.end + 0.01)
-    running = False
-    for c in clients:
-        c.close()
+    with closing_all(clients):
+        for p in people:
+            p.client.sink = sink_for(p)
+        timeline = await control.ready({"users": len(people)})
+        snaps = Snapshots(lambda: state["delivered"])
+        snaps.schedule(timeline)
+        await timeline.wait(timeline.start)
+        # Initial presences that arrived meanwhile do not count against the window.
+        state["offset"] = state["delivered"]
+        running = True
+        fill()
+        await timeline.wait(timeline.end + 0.01)
+        running = False
     return {"delivered": snaps.delta, "changes": state["changes"]}
 
 
 async def op_idle(control: Control, target: Target, users: list[str]) -> dict[str, Any]:
     """Authenticated TLS sessions (bound, with initial presence) that then stay idle."""
     clients = await connect_many(target, users, limit=16)
-    timeline = await control.ready({"sessions": len(clients)})
-    await timeline.wait(timeline.end)
-    for c in clients:
-        c.close()
+    with closing_all(clients):
+        timeline = await control.ready({"sessions": len(clients)})
+        await timeline.wait(timeline.end)
     await asyncio.sleep(0.1)
     return {"sessions": len(clients)}
 

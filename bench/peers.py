@@ -278,8 +278,18 @@ class Peer:
     def start(self, timeout: float = 30.0) -> None:
         raise NotImplementedError
 
+    def _stop_process(self, timeout: float) -> None:
+        self._terminate(timeout)
+
     def stop(self, timeout: float = 15.0) -> None:
-        raise NotImplementedError
+        """Stop the server and remove its directory (unless given by the caller or keep)."""
+        self._stop_process(timeout)
+        self._cleanup()
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """A fresh process on the same data (accounts, rosters): no state left in memory."""
+        self._stop_process(timeout)
+        self.start(timeout)
 
     async def astart(self, timeout: float = 30.0) -> None:
         """start() without blocking the event loop (for async tests with an in-process server)."""
@@ -544,9 +554,6 @@ class ProsodyPeer(Peer):
                                    cwd=self.workdir)
         self._wait_listening(timeout)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        self._terminate(timeout)
-        self._cleanup()
 
 
 def _prosody_encode(name: str) -> str:
@@ -689,7 +696,7 @@ class EjabberdPeer(Peer):
                                    **self._as_ejabberd())
         self._wait_listening(timeout)
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def _stop_process(self, timeout: float) -> None:
         if self.process is not None and self.process.poll() is None:
             try:
                 self.ctl("stop", timeout=timeout)
@@ -697,7 +704,6 @@ class EjabberdPeer(Peer):
             except (PeerError, subprocess.TimeoutExpired):
                 self._kill()
         self.process = None
-        self._cleanup()
 
 
 def _unreachable_by_others(path: Path) -> bool:
@@ -801,6 +807,3 @@ class PresencedPeer(Peer):
                                     str(self.config_file)], cwd=REPO, output=self.log_file)
         self._wait_listening(timeout)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        self._terminate(timeout)
-        self._cleanup()

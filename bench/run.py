@@ -61,6 +61,7 @@ class Params:
     presence_cap: int = 500     # ... notifications in flight per generator process
     idle: int = 1000            # memory: idle sessions
     limit_stanzas: int = 50000  # limit row: stanzas processed
+    fresh: bool = True          # a freshly started server (same data) for each scenario
 
     @classmethod
     def quick(cls) -> Params:
@@ -108,10 +109,14 @@ class Fleet:
     """Generator worker processes (bench.loadgen.worker_main), driven in lock step."""
 
     def __init__(self, procs: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
+        self.procs = procs
         self.conns: list[Connection] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
-        for _ in range(procs):
+        self._spawn()
+
+    def _spawn(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(self.procs):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=loadgen.worker_main, args=(child,), daemon=True)
             proc.start()
@@ -133,6 +138,19 @@ class Fleet:
             shards: list[dict[str, Any] | None],
             warmup: float, duration: float, *, on_warm: Callable[[], Any] | None = None,
             setup_timeout: float = 300.0) -> Window:
+        """One op on every generator with a shard; server and generator CPU are sampled at the
+        end of warm-up and at the end."""
+        try:
+            return self._run(op, peer, target, shards, warmup, duration, on_warm,
+                             setup_timeout)
+        except (TimeoutError, EOFError, OSError):
+            self.close()  # out of step with us: start afresh for the next op
+            self._spawn()
+            raise
+
+    def _run(self, op: str, peer: Peer, target: loadgen.Target,
+             shards: list[dict[str, Any] | None], warmup: float, duration: float,
+             on_warm: Callable[[], Any] | None, setup_timeout: float) -> Window:
         active = [(conn, params) for conn, params in zip(self.conns, shards, strict=False)
                   if params is not None]
         for conn, params in active:
@@ -170,8 +188,11 @@ class Fleet:
         for proc in self.processes:
             proc.join(5)
             if proc.is_alive():
-                proc.kill()
+                proc.kill()  # our own child, by its handle
                 proc.join()
+        for conn in self.conns:
+            conn.close()
+        self.conns, self.processes = [], []
 
 
 # -- scenarios ----------------------------------------------------------------------------------
@@ -195,7 +216,7 @@ def scenario_memory(p: Params, peer: Peer, fleet: Fleet, target: loadgen.Target,
     users = p.general_accounts[:p.idle]
     # Warm-up: sessions in and out, so that code loaded on first use is resident at the base.
     fleet.run("idle", peer, target, split(fleet, "users", users[:10]), 0.2, 0.0)
-    time.sleep(1.0)
+    time.sleep(max(1.0, p.warmup))
     base = peer.rss_kib()
     window = fleet.run("idle", peer, target, split(fleet, "users", users), 1.5, 0.2,
                        on_warm=peer.rss_kib)
@@ -323,6 +344,7 @@ def run_server(kind: str, p: Params, fleet: Fleet, log: Callable[[str], None] = 
     try:
         prepare_accounts(peer, target, users)
         log(f"{kind}: up with {len(users)} accounts in {time.monotonic() - began:.1f} s")
+        used = kind == "ejabberd"  # registration sessions came and went
         if "presence" in p.scenarios:
             t = time.monotonic()
             try:
@@ -331,7 +353,13 @@ def run_server(kind: str, p: Params, fleet: Fleet, log: Callable[[str], None] = 
                     f"{time.monotonic() - t:.1f} s")
             except loadgen.Unsupported as exc:
                 out["presence_unsupported"] = str(exc)
+            used = True
         for name in p.scenarios:
+            if used and p.fresh:
+                # No heap, caches or garbage left over from the scenario before: the order of
+                # scenarios does not change the figures.
+                peer.restart()
+            used = True
             t = time.monotonic()
             try:
                 RUNNERS[name](p, peer, fleet, target, out)
@@ -450,7 +478,8 @@ def describe(p: Params) -> str:
         "servers: " + ", ".join(f"{k} {versions[k]} on {ADDRESSES[k]}:5222" for k in p.servers),
         "all: STARTTLS (TLS 1.3, EC P-256), SCRAM-SHA-1 (4096 iterations), info log to a file, "
         "no MAM, TCP_NODELAY (Prosody: network_settings nagle = false)",
-        f"each scenario: {p.warmup:g} s warm-up (not counted), then {p.duration:g} s measured",
+        f"each scenario: {'a freshly started server (same data), ' if p.fresh else ''}"
+        f"{p.warmup:g} s warm-up (not counted), then {p.duration:g} s measured",
         f"logins: {p.clients} clients, each in a loop: connect, STARTTLS, SASL, bind, initial "
         "presence, ping, close",
         f"1:1: {p.pairs} pairs, each sender at full speed with <= {p.window} messages in flight "
@@ -484,6 +513,9 @@ def parse_args(argv: Sequence[str] | None) -> Params:
                     help="comma-separated, among " + ", ".join(SCENARIOS))
     ap.add_argument("--quick", action="store_true",
                     help="tiny parameters, seconds per server (the CI smoke run)")
+    ap.add_argument("--no-restart", dest="fresh", action="store_false", default=None,
+                    help="run all scenarios in one server process (default: restart the "
+                         "server before each scenario)")
     defaults = Params()
     for name, kind in (("procs", int), ("warmup", float), ("duration", float),
                        ("clients", int), ("pairs", int), ("window", int),

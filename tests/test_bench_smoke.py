@@ -13,8 +13,9 @@ from dataclasses import replace
 import pytest
 
 from bench.limit import MESSAGE, stanza_floor
+from bench.loadgen import TagCounter, ring_contacts
 from bench.peers import EjabberdPeer, Peer, ProsodyPeer, make_ca, make_certificates
-from bench.run import Fleet, Params, format_table, run_server
+from bench.run import Fleet, Params, format_table, run_server, shard
 
 # Serialised in the stream's tree, a stanza declares the stream's namespaces (quotes doubled).
 SERIALISED = len(MESSAGE) + len(' xmlns="jabber:client" '
@@ -46,6 +47,26 @@ def s2s_features(host: str, port: int) -> bytes:
             assert chunk, received
             received += chunk
     return received
+
+
+def test_tag_counter_finds_closing_tags_cut_anywhere() -> None:
+    stream = b"<message to='a'><body>x</body></message><presence/>" * 4
+    for size in range(1, len(stream) + 1):
+        counter = TagCounter(b"</message>")
+        pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
+        assert sum(counter.count(piece) for piece in pieces) == 4, size
+
+
+def test_ring_contacts_are_mutual_and_distinct() -> None:
+    for i in range(9):
+        mine = ring_contacts(i, 9, 4)
+        assert len(set(mine)) == 4 and i not in mine
+        assert all(i in ring_contacts(j, 9, 4) for j in mine)
+
+
+def test_shards_are_contiguous_and_complete() -> None:
+    assert shard(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert shard([1], 2) == [[1], []]
 
 
 def test_limit_row_parses_serialises_and_moves_every_stanza() -> None:

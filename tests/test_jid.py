@@ -487,8 +487,8 @@ def test_precis_runs_once_per_part(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jid_module, "_USERNAME", username)
     monkeypatch.setattr(jid_module, "_OPAQUE", opaque)
     # Other tests fill the per-part caches ("one" is a common resource): start empty.
-    for cached in (jid_module.normalize_localpart, jid_module.normalize_resource,
-                   jid_module.normalize_domain, jid_module._parse):
+    for cached in (jid_module._localpart, jid_module._resource, jid_module._domain,
+                   jid_module._parse):
         cached.cache_clear()
     local = f"Cache{next(_fresh)}-{id(username)}"  # never seen by the caches before
 

@@ -20,7 +20,8 @@ QUERY = ns.q(ns.PRIVATE, "query")
 MAX_ITEM_SIZE = 64 * 1024  # bytes of one stored fragment
 MAX_ITEMS_PER_SET = 32
 # XEP-0049 §2.3: fragments in these namespaces are refused with not-acceptable.
-RESERVED = frozenset({ns.CLIENT, ns.SERVER, ns.PRIVATE})
+# ...and ours, which holds per-contact visibility (modules/visibility.py).
+RESERVED = frozenset({ns.CLIENT, ns.SERVER, ns.PRIVATE, ns.WATCHERS})
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
                           remove_comments=True, remove_pis=True)
 

@@ -10,7 +10,9 @@ account (no 'to' or one's bare JID):
 The JID is taken as a bare JID. A hidden watcher sees the presentity as offline: on hide it
 gets unavailable presence from each available resource, broadcasts skip it, and its probes
 are answered with unavailable presence (not 'unsubscribed', which would tell it something is
-being withheld). On unhide it gets the current presence, if it is a subscriber.
+being withheld). On unhide it gets the current presence, if it is a subscriber. While hidden,
+no available or unavailable presence of the account reaches it, directed presence included
+(unhide first), nor the unavailable presence of a logout.
 A hidden subscriber shows in watcher information (server/modules/watchers.py) with
 status='refused'.
 
@@ -115,6 +117,36 @@ def access_deny(presentity: JID, watcher: JID, what: str) -> object:
     return None
 
 
+@module.on("filter/user", priority=90)
+def filter_user(stanza: Stanza, origin: Session | None, to: JID) -> object:
+    """Whatever path a presentity's presence takes (broadcast, logout, directed, the answer to
+    a subscription), it does not reach a watcher it hides from."""
+    if stanza.tag != st.PRESENCE or stanza.get("type") not in (None, "unavailable"):
+        return None
+    if id(stanza) in _passed:
+        return None
+    try:
+        sender = JID.parse(stanza.get("from", ""))
+    except InvalidJID:
+        return None
+    if sender.local is None or sender.domain not in _server().hosts or sender.bare == to.bare:
+        return None
+    hidden = _hidden.get(sender.bare)
+    if hidden is not None:
+        return True if str(to.bare) in hidden else None
+    if sender.resource is None or stanza.get("type") != "unavailable":
+        return None  # probe answers from the bare JID: the probe hook has decided already
+    # A logout after the account's cache was dropped (session-closed runs first).
+    return _filter_uncached(stanza, origin, sender.bare, to)
+
+
+async def _filter_uncached(stanza: Stanza, origin: Session | None, sender: JID,
+                           to: JID) -> bool:
+    if str(to.bare) in await _load(sender):
+        return True
+    return await _reroute(stanza, origin)
+
+
 @module.on("presence/broadcast", priority=10)
 def broadcast(stanza: Stanza, origin: Session) -> object:
     # The broadcast consults access/deny synchronously: make sure the set is loaded first
@@ -130,6 +162,7 @@ async def _load_then_route(stanza: Stanza, origin: Session) -> bool:
 
 
 @module.on("presence/bare", priority=40)
+@module.on("presence/full", priority=40)
 def probe(stanza: Stanza, origin: Session | None, to: JID) -> object:
     """RFC 6121 §4.3.2, inbound: a hidden watcher's probe is answered as if the presentity
     were offline."""
@@ -160,7 +193,7 @@ async def _probe_uncached(stanza: Stanza, origin: Session | None, presentity: JI
 
 
 async def _reroute(stanza: Stanza, origin: Session | None) -> bool:
-    """Route the stanza again, marked as checked here (the next handler takes it)."""
+    """Route the stanza (again), marked as checked here: this module's hooks let it pass."""
     key = id(stanza)
     _passed.add(key)
     try:
@@ -174,14 +207,10 @@ async def _reroute(stanza: Stanza, origin: Session | None) -> bool:
 
 
 async def _answer_hidden(presentity: JID, watcher: JID) -> bool:
-    server = _server()
-    server.hooks.fire_all("presence/fetched", presentity, watcher, False)
+    _server().hooks.fire_all("presence/fetched", presentity, watcher, False)
     answer = st.element(st.PRESENCE, {"type": "unavailable", "from": str(presentity),
                                       "to": str(watcher)})
-    pending = server.router.route(answer, None)
-    if pending is not None:
-        await pending
-    return True
+    return await _reroute(answer, None)
 
 
 # -- the protocol --------------------------------------------------------------------------------
@@ -239,6 +268,4 @@ async def _presence_after_change(user: JID, contact: JID, hidden: bool) -> None:
             note = copy.deepcopy(session.presence)
         note.set("from", str(session.jid))
         note.set("to", str(contact))
-        pending = server.router.route(note, None)
-        if pending is not None:
-            await pending
+        await _reroute(note, None)  # marked: the filter would drop the unavailable
