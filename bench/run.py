@@ -495,8 +495,10 @@ def describe(p: Params) -> str:
 
 def _version(kind: str) -> str:
     package = {"prosody": "prosody", "ejabberd": "ejabberd"}.get(kind)
-    if package is None or shutil.which("dpkg-query") is None:
-        return ""
+    if package is None:
+        return "(this tree)"
+    if shutil.which("dpkg-query") is None:
+        return "?"
     done = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
                           capture_output=True, text=True)
     return done.stdout.strip()

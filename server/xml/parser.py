@@ -86,6 +86,10 @@ class StreamParser:
                 self._parser.feed(piece)
                 out += self._events()
             except etree.XMLSyntaxError as exc:
+                # Bytes after </stream:stream> are no error of the stream: it has ended.
+                out += self._events()
+                if self._closed:
+                    return out
                 message = str(exc)
                 if "encoding" in message.lower() or "UTF-8" in message:
                     raise StreamError("unsupported-encoding", "only UTF-8 is allowed") from exc
