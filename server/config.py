@@ -299,6 +299,19 @@ class PresenceConfig:
     cross_domain_subscriptions: bool = field(metadata=option(_BOOL, _bool, True))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RosterConfig:
+    # RFC 6121 §2.3.3: beyond this many items a roster set is refused with <not-allowed/>.
+    max_items: int = field(metadata=option("an integer from 1 to 100000", _int(1, 100000), 1000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfflineConfig:
+    # XEP-0160: stored messages per account; beyond it senders get <resource-constraint/>.
+    max_messages: int = field(metadata=option("an integer from 0 to 100000", _int(0, 100000),
+                                              1000))
+
+
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -320,6 +333,8 @@ class Config:
     c2s: C2SConfig = field(metadata=section(C2SConfig))
     log: LogConfig = field(metadata=section(LogConfig))
     presence: PresenceConfig = field(metadata=section(PresenceConfig))
+    roster: RosterConfig = field(metadata=section(RosterConfig))
+    offline: OfflineConfig = field(metadata=section(OfflineConfig))
 
 
 # -- loading ------------------------------------------------------------------------------------

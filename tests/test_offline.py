@@ -6,10 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from lxml import etree
 
-from server.modules import offline
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.rawclient import CLIENT, RawClient
 
@@ -114,17 +112,19 @@ async def test_headline_is_not_stored(server: RunningServer) -> None:
     assert await server.server.storage.offline.count("alice", "a.test") == 0
 
 
-async def test_quota_gives_resource_constraint(server: RunningServer,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(offline, "DEFAULT_MAX_MESSAGES", 2)
-    await server.add_user("alice@a.test")
-    await server.add_user("bob@a.test")
-    bob = await server.raw_login("bob@a.test")
-    replies = await send_messages(bob, "alice@a.test", ["a", "b", "c"])
-    assert len(replies) == 1
-    assert replies[0].get("type") == "error" and replies[0].get("id") == "m2"
-    assert error_condition(replies[0]) == ("wait", "resource-constraint")
-    assert await server.server.storage.offline.count("alice", "a.test") == 2
+async def test_quota_gives_resource_constraint(tmp_path: Path) -> None:
+    running = await start_server(tmp_path, "[offline]\nmax_messages = 2\n")
+    try:
+        await running.add_user("alice@a.test")
+        await running.add_user("bob@a.test")
+        bob = await running.raw_login("bob@a.test")
+        replies = await send_messages(bob, "alice@a.test", ["a", "b", "c"])
+        assert len(replies) == 1
+        assert replies[0].get("type") == "error" and replies[0].get("id") == "m2"
+        assert error_condition(replies[0]) == ("wait", "resource-constraint")
+        assert await running.server.storage.offline.count("alice", "a.test") == 2
+    finally:
+        await stop_server(running)
 
 
 async def test_messages_survive_a_restart(tmp_path: Path) -> None:

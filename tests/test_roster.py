@@ -111,18 +111,21 @@ async def test_subscription_attribute_from_client_is_ignored(server: RunningServ
     assert item.get("subscription") == "none" and item.get("ask") is None
 
 
-async def test_max_roster_size(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.modules.roster as roster_module
-    monkeypatch.setattr(roster_module, "MAX_ITEMS", 2)
-    await server.add_user("alice@a.test")
-    client = await server.raw_login("alice@a.test")
-    for n in range(3):
-        reply = await request(client, f"<iq type='set' id='s{n}'><query xmlns='{ROSTER}'>"
-                                      f"<item jid='c{n}@a.test'/></query></iq>", f"s{n}")
-        if n < 2:
-            assert reply.get("type") == "result"
-        else:
-            assert error_of(reply) == "not-allowed"
+async def test_max_roster_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import start_server, stop_server
+    running = await start_server(tmp_path, "[roster]\nmax_items = 2\n")
+    try:
+        await running.add_user("alice@a.test")
+        client = await running.raw_login("alice@a.test")
+        for n in range(3):
+            reply = await request(client, f"<iq type='set' id='s{n}'><query xmlns='{ROSTER}'>"
+                                          f"<item jid='c{n}@a.test'/></query></iq>", f"s{n}")
+            if n < 2:
+                assert reply.get("type") == "result"
+            else:
+                assert error_of(reply) == "not-allowed"
+    finally:
+        await stop_server(running)
 
 
 async def test_pre_approval(server: RunningServer) -> None:

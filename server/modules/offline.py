@@ -27,8 +27,6 @@ log = logging.getLogger("presenced.offline")
 module = Module("offline")
 module.feature(ns.OFFLINE)
 
-# Per-account quota; `[offline] max_messages` overrides it once config.py has that section.
-DEFAULT_MAX_MESSAGES = 1000
 _DELAY = ns.q(ns.DELAY, "delay")
 # Stored stanzas are our own serialisation; still, never resolve entities or reach the network.
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
@@ -37,9 +35,10 @@ _delivering: set[JID] = set()  # accounts whose stored messages are being delive
 
 
 def max_messages() -> int:
+    """The per-account quota, `[offline] max_messages`."""
     assert module.server is not None
-    section = getattr(module.server.config, "offline", None)
-    return int(getattr(section, "max_messages", DEFAULT_MAX_MESSAGES))
+    limit: int = module.server.config.offline.max_messages
+    return limit
 
 
 def stamp(now: datetime | None = None) -> str:

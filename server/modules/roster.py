@@ -15,7 +15,6 @@ from server.xml import ns
 from server.xml.stanza import element, result
 
 module = Module("roster")
-MAX_ITEMS = 1000          # per account (RFC 6121 §2.3.3: refused with not-allowed beyond)
 MAX_NAME = 1023           # octets of an item name or group name
 ITEM = ns.q(ns.ROSTER, "item")
 GROUP = ns.q(ns.ROSTER, "group")
@@ -86,8 +85,9 @@ async def roster_set(stanza: Stanza, origin: Session | None) -> Stanza:
             raise StanzaError("bad-request", "duplicate group")
         if existing is None or not existing.listed:
             listed = sum(1 for i in roster.items.values() if i.listed)
-            if listed >= MAX_ITEMS:
-                raise StanzaError("not-allowed", f"the roster is full ({MAX_ITEMS} items)")
+            limit = module.server.config.roster.max_items
+            if listed >= limit:
+                raise StanzaError("not-allowed", f"the roster is full ({limit} items)")
         # RFC 6121 §2.1.2.5 / §2.3.2: 'subscription' (except remove) and 'ask' are ignored.
         base = existing or RosterItem(contact=str(contact))
         updated = RosterItem(contact=str(contact), name=name, groups=tuple(groups),
