@@ -1,4 +1,7 @@
-"""Errors are values: stream errors end a stream, stanza errors answer one stanza (RFC 6120 §4.9, §8.3)."""
+"""Errors are values: stream errors end a stream, stanza errors answer one stanza.
+
+RFC 6120 §4.9 and §8.3.
+"""
 
 from __future__ import annotations
 

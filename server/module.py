@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 Stanza: TypeAlias = _Element
 
 
-Handler = Callable[..., "_Element | None | Awaitable[_Element | None]"]
+Handler = Callable[..., "_Element | Awaitable[_Element | None] | None"]
 # Who an iq is addressed to: the server's domain, an account's bare JID (the sender's own, or
 # another's), or absent `to` from a client (RFC 6120 §10.3.3: handled for the sender's account).
 TARGETS = ("host", "self", "bare")
@@ -45,7 +45,8 @@ class Module:
         """Disco features (XEP-0030) this module provides."""
         self.features.extend(names)
 
-    def iq(self, type_: str, xmlns: str, to: Iterable[str] = ("host",)) -> Callable[[Handler], Handler]:
+    def iq(self, type_: str, xmlns: str,
+           to: Iterable[str] = ("host",)) -> Callable[[Handler], Handler]:
         targets = tuple(to)
         for target in targets:
             if target not in TARGETS:
@@ -64,7 +65,8 @@ class Module:
     def iq_set(self, xmlns: str, to: Iterable[str] = ("host",)) -> Callable[[Handler], Handler]:
         return self.iq("set", xmlns, to)
 
-    def on(self, event: str, priority: int = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def on(self, event: str,
+           priority: int = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Hook an event (see server/hooks.py for the names)."""
 
         def register(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,7 +75,8 @@ class Module:
 
         return register
 
-    def stream_feature(self, fn: Callable[[Any], _Element | None]) -> Callable[[Any], _Element | None]:
+    def stream_feature(
+            self, fn: Callable[[Any], _Element | None]) -> Callable[[Any], _Element | None]:
         """A c2s stream feature offered after resource binding (e.g. roster versioning)."""
         self.stream_features.append(fn)
         return fn

@@ -158,7 +158,8 @@ class Router:
                 handler = self._iq.get((type_, "bare", xmlns))
             if handler is not None:
                 return handler(stanza, origin)
-            result = self.hooks.fire("iq/" + ("bare" if kind == "self" else kind), stanza, origin, jid)
+            event = "iq/" + ("bare" if kind == "self" else kind)
+            result = self.hooks.fire(event, stanza, origin, jid)
             if result is None:
                 raise StanzaError("service-unavailable")
             return result

@@ -50,7 +50,8 @@ class RunningServer:
         host, port = self.address("c2s_tls" if direct_tls else "c2s")
         return await RawClient.connect(host, port, direct_tls=direct_tls)
 
-    async def raw_login(self, jid: str, resource: str = "raw", password: str = PASSWORD) -> RawClient:
+    async def raw_login(self, jid: str, resource: str = "raw",
+                        password: str = PASSWORD) -> RawClient:
         user, domain = jid.split("@")
         client = await self.raw()
         client.jid = await client.login(domain, user, password, resource)  # type: ignore[attr-defined]

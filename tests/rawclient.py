@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ssl
 
 import scramp
@@ -171,7 +172,5 @@ class RawClient:
             except (ConnectionError, RuntimeError):
                 pass
             self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, TimeoutError, ssl.SSLError):
             await asyncio.wait_for(self.writer.wait_closed(), 2)
-        except (ConnectionError, TimeoutError, ssl.SSLError):
-            pass

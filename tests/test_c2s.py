@@ -367,7 +367,7 @@ async def test_cli_account_commands_while_running(server: RunningServer) -> None
         *presenced("adduser", "carol@a.test", "--password", PASSWORD, "--config",
                    str(server.config_path)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+    _out, err = await proc.communicate()
     assert proc.returncode == 0, err
     client = await server.raw_login("carol@a.test")
     assert client.jid == "carol@a.test/raw"  # type: ignore[attr-defined]

@@ -1,6 +1,4 @@
 """XMPP addresses: RFC 7622 parsing, PRECIS/IDNA normalisation, equality and caching."""
-# Look-alike characters (fullwidth, Greek) are what these tests are about.
-# ruff: noqa: RUF001, RUF003
 
 from __future__ import annotations
 

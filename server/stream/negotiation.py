@@ -79,7 +79,8 @@ class CloseStream:
     text: str | None = None
 
 
-Action = Send | StartTLS | RestartStream | LookupCredentials | Authenticated | BindResource | CloseStream
+Action = (Send | StartTLS | RestartStream | LookupCredentials | Authenticated | BindResource
+          | CloseStream)
 
 
 class Stage(enum.Enum):
@@ -186,7 +187,7 @@ class C2SNegotiation:
                 domain = normalize_domain(to)
             except InvalidJID:
                 domain = None
-        header_from = domain if domain in self.policy.domains else next(iter(sorted(self.policy.domains)))
+        header_from = domain if domain in self.policy.domains else min(self.policy.domains)
         if self.domain is not None:  # restarted stream: keep the domain of the first one
             header_from = self.domain
         out: list[Action] = [Send(stream_header(content_ns=ns.CLIENT, from_=header_from,
@@ -214,7 +215,7 @@ class C2SNegotiation:
         if self.domain is not None and domain != self.domain:
             return out + self._fail("host-unknown", "the domain changed on stream restart")
         self.domain = domain
-        return out + [Send(self._features())]
+        return [*out, Send(self._features())]
 
     def _features(self) -> bytes:
         features = etree.Element(ns.q(ns.STREAMS, "features"), nsmap={"stream": ns.STREAMS})

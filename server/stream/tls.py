@@ -8,6 +8,7 @@ batch of outgoing stanzas at once and let OpenSSL release idle buffers (SSL_MODE
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,10 +112,8 @@ class TLSLayer:
 
     def close(self) -> bytes:
         """A close_notify alert to send, if the session got that far."""
-        try:
+        with contextlib.suppress(SSL.Error):
             self._conn.shutdown()
-        except SSL.Error:
-            pass
         return self._pending_out()
 
     def _pending_out(self) -> bytes:
