@@ -20,6 +20,15 @@ async def features_of(client: RawClient, to: str = "a.test") -> etree._Element:
     return await client.open(to)
 
 
+async def secured(client: RawClient) -> etree._Element:
+    """STARTTLS, then the restarted stream's features."""
+    await features_of(client)
+    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
+    await client.expect(f"{{{TLS_NS}}}proceed")
+    await client.starttls()
+    return await features_of(client)
+
+
 # -- stream headers ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("head", "condition"), [
@@ -94,11 +103,7 @@ async def test_mechanisms_after_tls(server: RunningServer) -> None:
 async def test_plain_login_and_bad_password(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     client = await server.raw()
-    await features_of(client)
-    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
-    await client.expect(f"{{{TLS_NS}}}proceed")
-    await client.starttls()
-    await features_of(client)
+    await secured(client)
     bad = base64.b64encode(b"\0alice\0wrong").decode()
     await client.send(f"<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{bad}</auth>")
     failure = await client.expect(f"{{{SASL_NS}}}failure")
@@ -119,11 +124,7 @@ async def test_plain_login_and_bad_password(server: RunningServer) -> None:
 async def test_unknown_mechanism_and_too_many_failures(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     client = await server.raw()
-    await features_of(client)
-    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
-    await client.expect(f"{{{TLS_NS}}}proceed")
-    await client.starttls()
-    await features_of(client)
+    await secured(client)
     await client.send(f"<auth xmlns='{SASL_NS}' mechanism='X-UNKNOWN'/>")
     failure = await client.expect(f"{{{SASL_NS}}}failure")
     assert failure.find(f"{{{SASL_NS}}}invalid-mechanism") is not None
@@ -137,11 +138,7 @@ async def test_unknown_mechanism_and_too_many_failures(server: RunningServer) ->
 async def test_abort_sasl(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     client = await server.raw()
-    await features_of(client)
-    await client.send(f"<starttls xmlns='{TLS_NS}'/>")
-    await client.expect(f"{{{TLS_NS}}}proceed")
-    await client.starttls()
-    await features_of(client)
+    await secured(client)
     first = base64.b64encode(b"n,,n=alice,r=abcdefgh").decode()
     await client.send(f"<auth xmlns='{SASL_NS}' mechanism='SCRAM-SHA-1'>{first}</auth>")
     await client.expect(f"{{{SASL_NS}}}challenge")

@@ -58,29 +58,27 @@ class SQLiteRosterStore:
         return (versions[0][0] if versions else 0), items
 
     async def put(self, user: str, domain: str, item: RosterItem) -> int:
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._db.execute(
-                    f"INSERT OR REPLACE INTO roster_items (domain, localpart, {_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (domain, user, item.contact, item.name, json.dumps(list(item.groups)),
-                     item.subscription, item.pending_out, item.pending_in, item.approved,
-                     item.listed, item.request))
-                version = await self._bump(user, domain)
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
-        return version
+        return await self._change_and_bump(
+            user, domain,
+            f"INSERT OR REPLACE INTO roster_items (domain, localpart, {_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (domain, user, item.contact, item.name, json.dumps(list(item.groups)),
+             item.subscription, item.pending_out, item.pending_in, item.approved, item.listed,
+             item.request))
 
     async def delete(self, user: str, domain: str, contact: str) -> int:
+        return await self._change_and_bump(
+            user, domain,
+            "DELETE FROM roster_items WHERE domain = ? AND localpart = ? AND contact = ?",
+            (domain, user, contact))
+
+    async def _change_and_bump(self, user: str, domain: str, sql: str,
+                               args: tuple[object, ...]) -> int:
+        """One change and the new roster version, in one transaction."""
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
-                await self._db.execute(
-                    "DELETE FROM roster_items WHERE domain = ? AND localpart = ? AND contact = ?",
-                    (domain, user, contact))
+                await self._db.execute(sql, args)
                 version = await self._bump(user, domain)
             except BaseException:
                 await self._db.execute("ROLLBACK")
