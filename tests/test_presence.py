@@ -190,3 +190,84 @@ async def test_slixmpp_subscription_and_roster(server: RunningServer) -> None:
     roster = await alice.get_roster()
     items = roster["roster"]["items"]
     assert items["bob@a.test"]["subscription"] == "to", items
+
+
+async def test_unsubscribe_and_cancel_with_pushes_and_unavailable(server: RunningServer) -> None:
+    """RFC 6121 §3.2 (cancel: unsubscribed) and §3.3 (unsubscribe), end to end."""
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.raw_login("alice@a.test", resource="pc")
+    bob = await server.raw_login("bob@a.test", resource="pc")
+    await roster_of(alice)
+    await roster_of(bob)
+    await alice.send("<presence/>")
+    await bob.send("<presence/>")
+    await subscribe_both(server, alice, bob, "alice@a.test", "bob@a.test")
+    # Bob cancels alice's subscription to him: alice gets unavailable, then 'unsubscribed'.
+    await bob.send("<presence to='alice@a.test' type='unsubscribed'/>")
+    gone = await next_presence(alice, "unavailable", "bob@a.test/pc")
+    assert gone.get("to", "").startswith("alice@a.test")
+    await next_presence(alice, "unsubscribed", "bob@a.test")
+    assert (await roster_of(alice))["bob@a.test"].get("subscription") == "from"
+    assert (await roster_of(bob))["alice@a.test"].get("subscription") == "to"
+    # Bob unsubscribes from alice: her roster drops the "from" (RFC 6121 §3.3).
+    await bob.send("<presence to='alice@a.test' type='unsubscribe'/>")
+    await next_presence(alice, "unsubscribe", "bob@a.test")
+    assert (await roster_of(alice))["bob@a.test"].get("subscription") == "none"
+    assert (await roster_of(bob))["alice@a.test"].get("subscription") == "none"
+    # Presence no longer flows either way.
+    await bob.send("<presence><status>unseen</status></presence>")
+    await nothing_more_than_own(alice)
+
+
+async def nothing_more_than_own(client: RawClient) -> None:
+    await client.send("<iq type='get' id='end' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    while True:
+        el = await client.next()
+        if el.tag == IQ and el.get("id") == "end":
+            return
+        assert el.tag != PRESENCE or el.get("from", "").startswith("alice@"), etree.tostring(el)
+
+
+async def test_presence_to_own_bare_jid_reaches_other_resources(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    pc = await server.raw_login("alice@a.test", resource="pc")
+    phone = await server.raw_login("alice@a.test", resource="phone")
+    await phone.send("<presence/>")
+    await next_presence(phone, None, "alice@a.test/phone")
+    await pc.send("<presence to='alice@a.test'><status>note to self</status></presence>")
+    note = await next_presence(phone, None, "alice@a.test/pc")
+    assert note.findtext(f"{{{CLIENT}}}status") == "note to self"
+
+
+async def test_message_types_to_bare_jid(server: RunningServer) -> None:
+    """RFC 6121 §8.5.2: headline to every non-negative resource, groupchat bounced,
+    error dropped, chat to the highest priority."""
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    one = await server.raw_login("bob@a.test", resource="one")
+    two = await server.raw_login("bob@a.test", resource="two")
+    await one.send("<presence><priority>2</priority></presence>")
+    await two.send("<presence><priority>1</priority></presence>")
+    await asyncio.sleep(0.2)
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<message to='bob@a.test' type='headline'><body>news</body></message>")
+    for client in (one, two):
+        while True:
+            el = await client.next()
+            if el.tag == f"{{{CLIENT}}}message":
+                assert el.findtext(f"{{{CLIENT}}}body") == "news"
+                break
+    await alice.send("<message to='bob@a.test' type='groupchat' id='g'><body>x</body></message>")
+    err = await alice.next()
+    while err.tag != f"{{{CLIENT}}}message":
+        err = await alice.next()
+    assert err.get("type") == "error" and err.get("id") == "g"
+    assert err.find(f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}service-unavailable") is not None
+    await alice.send("<message to='bob@a.test' type='error' id='e'><body>x</body></message>")
+    await alice.send("<message to='bob@a.test' type='chat' id='c'><body>top</body></message>")
+    while True:
+        el = await one.next()
+        if el.tag == f"{{{CLIENT}}}message":
+            assert el.get("id") == "c"  # the error-type message was dropped, not delivered
+            break
