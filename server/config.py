@@ -179,6 +179,22 @@ def _domains(value: Any, _ctx: _Context) -> tuple[str, ...]:
     return tuple(domains)
 
 
+def _bare_jids(value: Any, _ctx: _Context) -> tuple[str, ...]:
+    from server.jid import JID, InvalidJID
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid
+    out: list[str] = []
+    for raw in value:
+        try:
+            jid = JID.parse(raw)
+        except InvalidJID as exc:
+            raise _Invalid(f'"{raw}": {exc}') from None
+        if jid.local is None or jid.resource is not None:
+            raise _Invalid(f'"{raw}" is not a bare JID user@domain')
+        out.append(str(jid))
+    return tuple(out)
+
+
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
@@ -326,6 +342,8 @@ class Config:
     domains: tuple[str, ...] = field(
         metadata=option("a non-empty list of domain names", _domains, ["localhost"]))
     data_dir: Path = field(metadata=option("a directory name", _path("config"), "./presenced-data"))
+    # Accounts with admin rights: they may read any account's watcher information (RFC 2778 §5.1.2).
+    admins: tuple[str, ...] = field(metadata=option("a list of bare JIDs", _bare_jids, []))
     listen: ListenConfig = field(metadata=section(ListenConfig))
     tls: TLSConfig = field(metadata=section(TLSConfig))
     storage: StorageConfig = field(metadata=section(StorageConfig))

@@ -93,7 +93,7 @@ class RunningServer:
 
 
 
-def write_config(tmp: Path, extra: str = "") -> Path:
+def write_config(tmp: Path, extra: str = "", top: str = "") -> Path:
     data_dir = tmp / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     cert, key = data_dir / "cert.pem", data_dir / "key.pem"
@@ -103,6 +103,7 @@ def write_config(tmp: Path, extra: str = "") -> Path:
     path.write_text(textwrap.dedent(f"""\
         domains = {list(DOMAINS)!r}
         data_dir = "{data_dir}"
+        {top}
         [listen]
         c2s = ["127.0.0.1:0"]
         c2s_tls = ["127.0.0.1:0"]
@@ -113,8 +114,9 @@ def write_config(tmp: Path, extra: str = "") -> Path:
     return path
 
 
-async def start_server(tmp: Path, extra: str = "") -> RunningServer:
-    path = write_config(tmp, extra)
+async def start_server(tmp: Path, extra: str = "", top: str = "") -> RunningServer:
+    """extra: tables appended at the end; top: top-level keys."""
+    path = write_config(tmp, extra, top)
     server = Server(load_config(path))
     await server.start()
     return RunningServer(server, tmp / "data", path)

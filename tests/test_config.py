@@ -248,7 +248,7 @@ INVALID = [
     ('[log]\nlevel = "verbose"', "log.level", 2, '"debug", "info", "warning", "error"'),
     ('[log]\nlevel = "INFO"', "log.level", 2, "one of"),
     # unknown keys and tables, and tables that are not tables
-    ("colour = 1", "colour", 1, "unknown key; expected one of domains, data_dir, listen"),
+    ("colour = 1", "colour", 1, "unknown key; expected one of domains, data_dir, admins, listen"),
     ("# x\n[bogus]\na = 1", "bogus", 2, "unknown table"),
     ("[limits]\nmax_depht = 3", "limits.max_depht", 2, "unknown key; expected one of "
      "max_stanza_size, max_depth"),

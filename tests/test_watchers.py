@@ -277,3 +277,22 @@ async def test_commands_raw_errors(server: RunningServer) -> None:
                      "xmlns='http://jabber.org/protocol/disco#items' node='other'/></iq>")
     reply = await alice.next()
     assert reply.find(f"{{{CLIENT}}}error/{{{STANZAS}}}item-not-found") is not None
+
+
+async def test_admins_read_any_accounts_watchers(tmp_path: Path) -> None:
+    """RFC 2778 §5.1.2: the service's administrators may see watcher information too."""
+    running = await start_server(tmp_path, top='admins = ["root@a.test"]')
+    try:
+        for user in ("root", "alice", "eve"):
+            await running.add_user(f"{user}@a.test")
+        eve = await running.raw_login("eve@a.test")
+        await eve.send("<presence to='alice@a.test' type='probe'/>")
+        await next_presence(eve, "unsubscribed")
+        root = await running.raw_login("root@a.test")
+        reply = await watchers_iq(root, to="alice@a.test")
+        assert reply.get("type") == "result"
+        assert "eve@a.test" in rows_of(reply)
+        other = await watchers_iq(eve, to="alice@a.test")
+        assert other.get("type") == "error"
+    finally:
+        await stop_server(running)

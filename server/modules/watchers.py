@@ -18,7 +18,7 @@ fetcher (probed without being a subscriber), poller (probed more often than
 [presence] max_fetches_per_minute; takes precedence). status: active (gets presence), pending,
 refused (access rules or the rate limit deny it presence). count/first/last describe the
 fetches (probes) of the last hour; a subscriber that never probed has count='0' and neither
-time. Anyone but the account itself gets <forbidden/>.
+time. Anyone but the account itself and the admins of [admins] gets <forbidden/>.
 
 Rate limit: a probe from a watcher over the limit is answered with a presence error
 <policy-violation/> instead of presence or 'unsubscribed'. The fetch log is in memory only.
@@ -124,8 +124,9 @@ async def get_watchers(stanza: Stanza, origin: Session | None) -> Stanza:
     if request is None or request.tag != WATCHERS:
         raise StanzaError("bad-request", "expected <watchers/>")
     presentity = JID.parse(stanza.get("to") or stanza.get("from", "")).bare
-    if origin is None or origin.jid.bare != presentity:
-        # Only the presentity itself may learn who watches it.
+    admin = origin is not None and str(origin.jid.bare) in module.server.config.admins  # type: ignore[union-attr]
+    if origin is None or (origin.jid.bare != presentity and not admin):
+        # Only the presentity itself (and the server's admins) may learn who watches it.
         raise StanzaError("forbidden", "only the account itself may read its watchers")
     answer = st.element(WATCHERS)
     for row in await list_watchers(presentity):
