@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def drain(proc: subprocess.Popen[str]) -> None:
+    """Keep reading the server's log so that a full pipe never blocks it."""
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    threading.Thread(target=lambda: stderr.read(), daemon=True).start()
+
+
 @contextlib.contextmanager
 def serving(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(presenced(*args), cwd=cwd, stderr=subprocess.PIPE, text=True)
@@ -33,6 +41,7 @@ def serving(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
                 break
             if proc.poll() is not None:
                 raise AssertionError(f"presenced did not start: {line}")
+        drain(proc)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)

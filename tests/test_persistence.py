@@ -9,7 +9,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-from tests.process import free_port, presenced
+from tests.process import drain, free_port, presenced
 from tests.rawclient import CLIENT, RawClient
 
 
@@ -19,6 +19,7 @@ def start(config: Path, cwd: Path) -> subprocess.Popen[str]:
     assert proc.stderr is not None
     for line in proc.stderr:
         if "event=started" in line:
+            drain(proc)
             return proc
     raise AssertionError("presenced did not start")
 

@@ -148,3 +148,12 @@ def test_writer_helpers() -> None:
     assert error[0][1].text == "no <such> host"
     server_stanza = etree.fromstring(b"<message xmlns='jabber:server'><body>x</body></message>")
     assert to_canonical(server_stanza).tag == "{jabber:client}message"
+
+
+def test_standalone_copy_for_keeping() -> None:
+    from server.xml.stanza import standalone
+    presence = run([HEAD + b"<presence><show>away</show><c xmlns='urn:caps' v='1'/></presence>"])[1]
+    kept = standalone(presence)  # type: ignore[arg-type]
+    assert serialize(kept, "jabber:client") == serialize(presence, "jabber:client")  # type: ignore[arg-type]
+    kept.set("to", "x@a.test")
+    assert presence.get("to") is None  # type: ignore[union-attr]

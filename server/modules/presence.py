@@ -31,6 +31,7 @@ from server.roster import RosterManager, state_of, with_state
 from server.sessions import Session
 from server.storage.base import RosterItem
 from server.xml import ns
+from server.xml.stanza import standalone
 
 log = logging.getLogger("presenced.presence")
 module = Module("presence")
@@ -116,7 +117,7 @@ async def _available(stanza: Stanza, session: Session) -> bool:
         if asyncio.iscoroutine(pending):
             await pending
     session.priority = pt.parse_priority(stanza)
-    session.presence = stanza
+    session.presence = standalone(stanza)  # kept: must not pin the stream's parser
     user = session.jid.bare
     roster = await _rosters().get(user)
     access: AccessRules = _server().access
