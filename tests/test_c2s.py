@@ -376,3 +376,60 @@ async def test_cli_account_commands_while_running(server: RunningServer) -> None
     await proc.communicate()
     assert proc.returncode == 0
     await server.raw_login("carol@a.test", password="new-password")
+
+
+def _exporter_login(host: str, port: int, cb_data: bytes | None) -> bytes:
+    """A pyOpenSSL client (the stdlib cannot export keying material) logging in with
+    SCRAM-SHA-256-PLUS over the tls-exporter binding (RFC 9266) read from its own TLS session.
+    cb_data replaces the real binding to test a mismatch. Returns the SASL outcome element."""
+    import re
+    import socket
+    import struct
+
+    from OpenSSL import SSL
+
+    from tests.test_scram import HandClient
+
+    def read_until(recv, marker: bytes) -> bytes:  # type: ignore[no-untyped-def]
+        data = b""
+        while not re.search(marker, data):
+            chunk = recv(65536)
+            assert chunk, data
+            data += chunk
+        return data
+
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(header("a.test"))
+    read_until(sock.recv, b"</stream:features>")
+    sock.sendall(f"<starttls xmlns='{TLS_NS}'/>".encode())
+    read_until(sock.recv, b"<proceed")
+    sock.settimeout(None)  # pyOpenSSL needs a blocking socket; the kernel bounds each read
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    conn = SSL.Connection(ctx, sock)
+    conn.set_connect_state()
+    conn.do_handshake()
+    conn.sendall(header("a.test"))
+    features = read_until(conn.recv, b"</stream:features>")
+    assert b"SCRAM-SHA-256-PLUS" in features and b"tls-exporter" in features
+    real = conn.export_keying_material(b"EXPORTER-Channel-Binding", 32)
+    client = HandClient("sha256", "alice", PASSWORD, cb_name="tls-exporter",
+                        cb_data=real if cb_data is None else cb_data)
+    conn.sendall(f"<auth xmlns='{SASL_NS}' mechanism='SCRAM-SHA-256-PLUS'>"
+                 f"{base64.b64encode(client.first()).decode()}</auth>".encode())
+    challenge = read_until(conn.recv, b"</challenge>")
+    server_first = base64.b64decode(re.search(rb"<challenge[^>]*>([^<]*)<", challenge).group(1))  # type: ignore[union-attr]
+    conn.sendall(f"<response xmlns='{SASL_NS}'>"
+                 f"{base64.b64encode(client.final(server_first)).decode()}</response>".encode())
+    outcome = read_until(conn.recv, b"</success>|</failure>|<success[^>]*/>")
+    conn.close()
+    return outcome
+
+
+async def test_scram_plus_with_tls_exporter_end_to_end(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    host, port = server.address("c2s")
+    outcome = await asyncio.to_thread(_exporter_login, host, port, None)
+    assert b"<success" in outcome, outcome
+    outcome = await asyncio.to_thread(_exporter_login, host, port, b"\0" * 32)
+    assert b"<failure" in outcome and b"not-authorized" in outcome, outcome

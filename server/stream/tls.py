@@ -106,6 +106,8 @@ class TLSLayer:
         """Encrypt; returns the records to write."""
         try:
             self._conn.sendall(plaintext)
+        except SSL.WantReadError:
+            pass  # the handshake never finished (the peer left): nothing can be sent
         except SSL.Error as exc:
             raise TLSError(_describe(exc)) from exc
         return self._pending_out()
