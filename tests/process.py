@@ -18,10 +18,18 @@ def presenced(*args: str) -> list[str]:
     return [exe, *args] if exe else [sys.executable, "-m", "server", *args]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct free ports: every socket stays bound until all are chosen, so the
+    kernel cannot hand the same ephemeral port out twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def drain(proc: subprocess.Popen[str]) -> None:

@@ -16,17 +16,12 @@ from bench.limit import MESSAGE, stanza_floor
 from bench.loadgen import TagCounter, ring_contacts
 from bench.peers import EjabberdPeer, Peer, ProsodyPeer, make_ca, make_certificates
 from bench.run import Fleet, Params, format_table, run_server, shard
+from tests.process import free_port
 
 # Serialised in the stream's tree, a stanza declares the stream's namespaces (quotes doubled).
 SERIALISED = len(MESSAGE) + len(' xmlns="jabber:client" '
                                 'xmlns:stream="http://etherx.jabber.org/streams"')
 BENCH_HOST = "127.0.0.28"  # bench servers use 127.0.0.20-29
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def need_prosody() -> None:

@@ -15,7 +15,7 @@ import pytest
 import slixmpp
 
 from tests.conftest import on_ci
-from tests.process import free_port, presenced, serving
+from tests.process import free_ports, presenced, serving
 
 GO_SENDXMPP = shutil.which("go-sendxmpp")
 pytestmark = pytest.mark.skipif(GO_SENDXMPP is None and not on_ci(),
@@ -53,7 +53,7 @@ async def send_with_go_sendxmpp(*args: str, message: str) -> None:
 
 
 async def test_go_sendxmpp_starttls_and_direct_tls(tmp_path: Path) -> None:
-    c2s, c2s_tls = free_port(), free_port()
+    c2s, c2s_tls = free_ports(2)
     config = tmp_path / "presenced.toml"
     config.write_text(textwrap.dedent(f"""\
         domains = ["a.test"]
