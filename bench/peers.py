@@ -125,6 +125,12 @@ def make_certificates(directory: Path, names: Sequence[str], *,
                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
                               critical=False)
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+    if ca_cert is not None:
+        # RFC 5280 §4.2.1.1: issued certificates name their issuer's key (strict verifiers,
+        # e.g. cryptography's, insist on it).
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False)
     cert = builder.sign(signer, hashes.SHA256())
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     if ca_cert is not None:
@@ -590,10 +596,22 @@ class EjabberdPeer(Peer):
                  extra_modules: Mapping[str, Mapping[str, object]] | None = None,
                  dialback: bool = True, s2s_use_starttls: str = "optional",
                  in_band_registration: bool = False, loglevel: str = "info",
+                 s2s_hosts: Mapping[str, tuple[str, int]] | None = None,
                  extra_config: str = "", keep: bool = False) -> None:
+        """s2s_hosts: remote domain → (IPv4 address, port) that ejabberd's outgoing s2s
+        connections to that domain go to (through a dnsmasq of ours serving SRV records whose
+        targets are the addresses themselves; see _start_dns)."""
         super().__init__(workdir=workdir, host=host, domains=domains, c2s_port=c2s_port,
                          c2s_direct_tls_port=c2s_direct_tls_port, s2s_port=s2s_port,
                          certificates=certificates, cafile=cafile, keep=keep)
+        self.s2s_hosts = {domain.lower(): (address, int(port))
+                          for domain, (address, port) in (s2s_hosts or {}).items()}
+        for domain, (address, port) in self.s2s_hosts.items():
+            if not _is_ipv4(address) or not 0 < port < 65536 or not _is_dns_name(domain):
+                raise PeerError(f"s2s_hosts: {domain} → {address}:{port} is not a DNS name → "
+                                "IPv4 address, port")
+        self._dns: subprocess.Popen[bytes] | None = None
+        self.dns_port: int | None = None
         mods = {k: dict(v) for k, v in (modules if modules is not None
                                         else EJABBERD_MODULES).items()}
         mods.update({k: dict(v) for k, v in (extra_modules or {}).items()})
@@ -656,6 +674,15 @@ class EjabberdPeer(Peer):
             f"INET_DIST_INTERFACE=127.0.0.1\nEJABBERD_CONFIG_PATH={d / 'ejabberd.yml'}\n"
             f"EJABBERD_PID_PATH={d / 'ejabberd.pid'}\n"
             'ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n')
+        # ejabberdctl exports ERL_INETRC=CONFIG_DIR/inetrc: Erlang's own resolver (inet_res,
+        # which ejabberd uses for SRV only) asks our dnsmasq and nothing else.
+        inetrc = d / "inetrc"
+        if self.s2s_hosts and self.dns_port:
+            nameserver = "{" + self.host.replace(".", ",") + "}"
+            inetrc.write_text('{resolv_conf, "/dev/null"}.\n'
+                              f"{{nameserver, {nameserver}, {self.dns_port}}}.\n")
+        else:
+            inetrc.unlink(missing_ok=True)
         subprocess.run(["chown", "-R", "ejabberd:ejabberd", str(d)], check=True)
 
     @staticmethod
@@ -691,10 +718,60 @@ class EjabberdPeer(Peer):
             raise PeerError(f"{self.workdir} is not reachable by the ejabberd user: use a "
                             f"directory under /tmp (the default)")
         self._check_free()
-        self._write_config()
-        self.process = self._spawn(self._ctl_argv("foreground"), cwd=self.workdir / "spool",
-                                   **self._as_ejabberd())
-        self._wait_listening(timeout)
+        try:
+            if self.s2s_hosts:
+                self._start_dns(timeout)
+            self._write_config()
+            self.process = self._spawn(self._ctl_argv("foreground"), cwd=self.workdir / "spool",
+                                       **self._as_ejabberd())
+            self._wait_listening(timeout)
+        except BaseException:
+            self._stop_dns()
+            raise
+
+    def _start_dns(self, timeout: float) -> None:
+        """ejabberd's outgoing s2s (xmpp_stream_out) asks inet_res for the SRV records
+        _xmpps-server/_xmpp-server._tcp.DOMAIN, then resolves each target with
+        net:getaddrinfo, i.e. libc (/etc/hosts, /etc/resolv.conf; Erlang's inetrc plays no
+        part): a target "b.test" fails there with enoname. A target that is an IPv4 address
+        written as a name ("127.0.0.32") needs no lookup, so a dnsmasq on our own address,
+        serving only such SRV records, is all it takes, and it carries the port too."""
+        if shutil.which("dnsmasq") is None:
+            raise PeerError("s2s_hosts needs dnsmasq (apt-get install dnsmasq-base)")
+        self._stop_dns()
+        self.dns_port = _free_udp_tcp_port(self.host)
+        lines = ["no-resolv", "no-hosts", "no-poll", "bind-interfaces", "log-queries",
+                 "log-facility=-", "pid-file=", f"listen-address={self.host}",
+                 f"port={self.dns_port}"]
+        for domain, (address, port) in self.s2s_hosts.items():
+            # local=: NXDOMAIN at once for anything else under it (_xmpps-server, A, AAAA).
+            lines += [f"local=/{domain}/",
+                      f"srv-host=_xmpp-server._tcp.{domain},{address},{port},0,5"]
+        conf = self.workdir / "dnsmasq.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        log = self.workdir / "dnsmasq.log"
+        self._dns = self._spawn(["dnsmasq", "--keep-in-foreground", f"--conf-file={conf}"],
+                                cwd=self.workdir, output=log)
+        probe = f"_xmpp-server._tcp.{next(iter(self.s2s_hosts))}"
+        deadline = time.monotonic() + timeout
+        while not _dns_answers(self.host, self.dns_port, probe):
+            if self._dns.poll() is not None or time.monotonic() > deadline:
+                self._stop_dns()
+                raise PeerError(f"dnsmasq on {self.host}:{self.dns_port} does not answer "
+                                f"{probe}:\n{_tail(log)}")
+
+    def _stop_dns(self) -> None:
+        dns, self._dns = self._dns, None
+        if dns is None:
+            return
+        if dns.poll() is None:
+            dns.send_signal(signal.SIGTERM)
+            try:
+                dns.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):  # its own session
+                    os.killpg(dns.pid, signal.SIGKILL)
+                dns.wait()
 
     def _stop_process(self, timeout: float) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -704,6 +781,50 @@ class EjabberdPeer(Peer):
             except (PeerError, subprocess.TimeoutExpired):
                 self._kill()
         self.process = None
+        self._stop_dns()
+
+
+def _is_ipv4(address: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, address)
+    except OSError:
+        return False
+    return True
+
+
+def _is_dns_name(name: str) -> bool:
+    labels = name.rstrip(".").split(".")
+    return all(0 < len(label) < 64 and label.isascii()
+               and all(c.isalnum() or c == "-" for c in label) for label in labels)
+
+
+def _free_udp_tcp_port(host: str) -> int:
+    """A port free for both UDP and TCP on host (a DNS server listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = int(udp.getsockname()[1])
+            if port_is_free(host, port):
+                return port
+    raise PeerError(f"no free UDP+TCP port on {host}")
+
+
+def _dns_answers(host: str, port: int, name: str, wait: float = 0.2) -> bool:
+    """The DNS server at host:port answers an SRV query for name with at least one record."""
+    query_id = int.from_bytes(os.urandom(2), "big")
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    packet = (query_id.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+              + qname + b"\x00\x21\x00\x01")  # RD; one question: SRV, IN
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(wait)
+        try:
+            sock.sendto(packet, (host, port))
+            reply = sock.recv(4096)
+        except OSError:  # timeout, or ECONNREFUSED while it is not bound yet
+            time.sleep(wait / 4)
+            return False
+    return (len(reply) >= 12 and reply[:2] == packet[:2] and reply[2] & 0x80 != 0
+            and reply[3] & 0x0F == 0 and int.from_bytes(reply[6:8], "big") > 0)
 
 
 def _unreachable_by_others(path: Path) -> bool:
@@ -736,10 +857,11 @@ class PresencedPeer(Peer):
                  c2s_direct_tls_port: int | None = None, s2s_port: int | None = None,
                  certificates: Certificates | None = None, cafile: Path | None = None,
                  log_level: str = "info", python: str = sys.executable,
-                 keep: bool = False) -> None:
+                 extra_config: str = "", keep: bool = False) -> None:
         super().__init__(workdir=workdir, host=host, domains=domains, c2s_port=c2s_port,
                          c2s_direct_tls_port=c2s_direct_tls_port, s2s_port=s2s_port,
                          certificates=certificates, cafile=cafile, keep=keep)
+        self.extra_config = extra_config  # TOML tables appended, e.g. "[s2s]\nroutes = …"
         self.log_level = log_level
         self.python = python
         self.config_file = self.workdir / "presenced.toml"
@@ -758,7 +880,7 @@ class PresencedPeer(Peer):
                 f"c2s_tls = {addr(self.c2s_direct_tls_port)}\n")
         if self.s2s_port:
             text += f"s2s = {addr(self.s2s_port)}\n"
-        text += f'[tls]\n{tls}[log]\nlevel = "{self.log_level}"\n'
+        text += f'[tls]\n{tls}[log]\nlevel = "{self.log_level}"\n{self.extra_config}'
         self.config_file.write_text(text)
 
     def write_accounts(self, domain: str, users: Iterable[str], password: str) -> int:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from federation.service import Federation
 from server.hooks import Hooks
 from server.jid import JID
 from server.module import Module
@@ -20,7 +21,7 @@ from server.sessions import SessionManager
 from server.storage import Storage, open_storage
 from server.stream.c2s import C2SConnection
 from server.stream.negotiation import Policy
-from server.stream.tls import TLSLayer, end_point_hash, server_context
+from server.stream.tls import TLSLayer, end_point_hash, sni_server_context
 from server.xml.parser import StreamParser
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class Server:
         self._tls_starttls: SSL.Context
         self._tls_direct: SSL.Context
         self._end_point: bytes | None = None
+        self.federation: Federation | None = None
 
     # -- pieces the connections use ----------------------------------------------------------
 
@@ -83,10 +85,11 @@ class Server:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         tls = self.config.tls
-        self._tls_starttls = server_context(tls.certificate, tls.key, ca_file=tls.ca_file)
+        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
+        self._tls_starttls = sni_server_context(default, per_domain, ca_file=tls.ca_file)
         # XEP-0368: direct TLS negotiates ALPN "xmpp-client".
-        self._tls_direct = server_context(tls.certificate, tls.key, alpn=[b"xmpp-client"],
-                                          ca_file=tls.ca_file)
+        self._tls_direct = sni_server_context(default, per_domain, alpn=[b"xmpp-client"],
+                                              ca_file=tls.ca_file)
         self._end_point = end_point_hash(tls.certificate.read_bytes())
         self.storage = await open_storage(self.config)
         try:
@@ -95,7 +98,11 @@ class Server:
                 await self._listen(address.host, address.port, direct_tls=False)
             for address in self.config.listen.c2s_tls:
                 await self._listen(address.host, address.port, direct_tls=True)
+            self.federation = Federation(self)
+            await self.federation.start()
         except BaseException:
+            if self.federation is not None:
+                await self.federation.stop()
             await self._close_listeners()
             await self.storage.close()
             raise
@@ -114,8 +121,9 @@ class Server:
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         """(kind, host, port) of every listening socket: tests listen on port 0."""
-        return [(kind, *sock.getsockname()[:2])
-                for kind, listener in self._listeners for sock in listener.sockets]
+        own = [(kind, *sock.getsockname()[:2])
+               for kind, listener in self._listeners for sock in listener.sockets]
+        return own + (self.federation.bound_addresses() if self.federation else [])
 
     async def _load_modules(self) -> None:
         for name in MODULES:
@@ -160,6 +168,8 @@ class Server:
         await self._close_listeners()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.federation is not None:
+            await self.federation.stop()
         for conn in list(self.connections):
             conn.close("system-shutdown", "the server is shutting down")
         deadline = self.loop.time() + 3.0

@@ -238,6 +238,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         for p in check_certificate(tls.certificate, tls.key, config.domains):
             found.append((p.severity, where(config, f"tls.{p.subject}"), p.message))
+    for domain, (chain, private_key) in tls.domain_certificates.items():
+        for p in check_certificate(chain, private_key, [domain]):
+            found.append((p.severity, where(config, "tls.domain_certificates"),
+                          f"{domain}: {p.message}"))
     if tls.ca_file is not None and not os.access(tls.ca_file, os.R_OK):
         found.append(("error", where(config, "tls.ca_file"), f"cannot read {tls.ca_file}"))
     for key, directory in (("data_dir", config.data_dir), ("storage.path",
@@ -246,7 +250,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if problem:
             found.append(("error", where(config, key), problem))
             break
-    for kind in ("c2s", "c2s_tls", "s2s"):
+    for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls"):
         for address in getattr(config.listen, kind):
             bind = _bind_problem(address)
             if bind:

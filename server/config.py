@@ -245,11 +245,12 @@ class ListenConfig:
     c2s_tls: tuple[Address, ...] = field(
         metadata=option(_ADDRESSES, _addresses, ["127.0.0.1:5223"]))
     s2s: tuple[Address, ...] = field(metadata=option(_ADDRESSES, _addresses, []))
+    s2s_tls: tuple[Address, ...] = field(metadata=option(_ADDRESSES, _addresses, []))
 
     @staticmethod
     def _finish(values: dict[str, Any], given: dict[str, Any], report: _Report) -> None:
         seen: dict[Address, str] = {}
-        for kind in ("c2s", "c2s_tls", "s2s"):
+        for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls"):
             for address in values[kind] or ():
                 if address.port and address in seen:
                     report(kind, "distinct addresses", f'"{address}" is also in {seen[address]}')
@@ -259,6 +260,22 @@ class ListenConfig:
 _FILE = "a file name"
 
 
+def _domain_certificates(value: Any, ctx: _Context) -> dict[str, tuple[Path, Path]]:
+    if not isinstance(value, dict):
+        raise _Invalid
+    path = _path("config")
+    out: dict[str, tuple[Path, Path]] = {}
+    for raw, files in value.items():
+        try:
+            domain = normalize_domain(raw)
+        except ValueError as exc:
+            raise _Invalid(f'"{raw}": {exc}') from None
+        if not isinstance(files, list) or len(files) != 2:
+            raise _Invalid(f'"{raw}": give [certificate, key]')
+        out[domain] = (path(files[0], ctx), path(files[1], ctx))
+    return out
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TLSConfig:
     certificate: Path = field(
@@ -266,6 +283,8 @@ class TLSConfig:
     key: Path = field(
         metadata=option(_FILE, _path("config"), derive=lambda ctx: ctx.data_dir / "key.pem"))
     ca_file: Path | None = field(metadata=option(_FILE, _path("config")))
+    domain_certificates: dict[str, tuple[Path, Path]] = field(metadata=option(
+        'a table of "domain" = ["certificate file", "key file"]', _domain_certificates, {}))
     generated: bool  # certificate and key are data_dir's, made at first start when absent
 
     @staticmethod
@@ -328,6 +347,71 @@ class OfflineConfig:
                                               1000))
 
 
+def _domain_list(value: Any, _ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid
+    return _domains(value, _ctx) if value else ()
+
+
+def _routes(value: Any, _ctx: _Context) -> dict[str, Address]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _Invalid
+    routes: dict[str, Address] = {}
+    for raw, target in value.items():
+        try:
+            domain = normalize_domain(raw)
+        except ValueError as exc:
+            raise _Invalid(f'"{raw}": {exc}') from None
+        address = parse_address(target)
+        if not address.port:
+            raise _Invalid(f'"{raw}": port 0 is no destination')
+        routes[domain] = address
+    return routes
+
+
+def _secret(value: Any, _ctx: _Context) -> str:
+    if not isinstance(value, str) or len(value) < 16:
+        raise _Invalid
+    return value
+
+
+def _nameservers(value: Any, _ctx: _Context) -> tuple[str, ...]:
+    """IP addresses, each optionally with a port ("127.0.0.53:5353", "[::1]:53")."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid
+    for raw in value:
+        try:
+            ipaddress.ip_address(raw)
+            continue
+        except ValueError:
+            pass
+        try:
+            address = parse_address(raw)
+            ipaddress.ip_address(address.host)
+        except (_Invalid, ValueError):
+            raise _Invalid(f'"{raw}" is not an IP address (with an optional port)') from None
+    return tuple(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class S2SConfig:
+    # RFC 6120 §5.3.1: STARTTLS is mandatory-to-negotiate, in both directions.
+    require_starttls: bool = field(metadata=option(_BOOL, _bool, True))
+    # false: Server Dialback (XEP-0220) may stand in for a certificate that does not verify.
+    require_valid_certificates: bool = field(metadata=option(_BOOL, _bool, False))
+    routes: dict[str, Address] = field(
+        metadata=option('a table of "domain" = "host:port"', _routes, {}))
+    allow: tuple[str, ...] = field(metadata=option("a list of domain names", _domain_list, []))
+    deny: tuple[str, ...] = field(metadata=option("a list of domain names", _domain_list, []))
+    connect_timeout: float = field(metadata=option(_SECONDS, _seconds, 10.0))
+    negotiation_timeout: float = field(metadata=option(_SECONDS, _seconds, 30.0))
+    idle_timeout: float = field(metadata=option(_SECONDS, _seconds, 600.0))
+    dialback_secret: str | None = field(
+        metadata=option("a string of at least 16 characters", _secret))
+    nameservers: tuple[str, ...] = field(
+        metadata=option('a list of IP addresses, "ip" or "ip:port"', _nameservers, []))
+
+
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -353,6 +437,7 @@ class Config:
     presence: PresenceConfig = field(metadata=section(PresenceConfig))
     roster: RosterConfig = field(metadata=section(RosterConfig))
     offline: OfflineConfig = field(metadata=section(OfflineConfig))
+    s2s: S2SConfig = field(metadata=section(S2SConfig))
 
 
 # -- loading ------------------------------------------------------------------------------------

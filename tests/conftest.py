@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import slixmpp
@@ -93,30 +94,44 @@ class RunningServer:
 
 
 
-def write_config(tmp: Path, extra: str = "", top: str = "") -> Path:
+def write_config(tmp: Path, extra: str = "", top: str = "", *,
+                 domains: tuple[str, ...] = DOMAINS, host: str = "127.0.0.1",
+                 s2s: str | None = None, s2s_tls: str | None = None, certificate: tuple[Path, Path] | None = None,
+                 ca_file: Path | None = None) -> Path:
+    """s2s, s2s_tls: federation listeners' "host:port"; certificate: (chain, key) instead of a
+    self-signed one made for the domains."""
     data_dir = tmp / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    cert, key = data_dir / "cert.pem", data_dir / "key.pem"
-    if not cert.exists():
-        generate_self_signed(list(DOMAINS), cert, key)
+    if certificate is None:
+        cert, key = data_dir / "cert.pem", data_dir / "key.pem"
+        if not cert.exists():
+            generate_self_signed(list(domains), cert, key)
+    else:
+        cert, key = certificate
+    listen_s2s = f's2s = ["{s2s}"]' if s2s else ""
+    listen_s2s_tls = f's2s_tls = ["{s2s_tls}"]' if s2s_tls else ""
+    ca = f'ca_file = "{ca_file}"' if ca_file else ""
     path = tmp / "presenced.toml"
     path.write_text(textwrap.dedent(f"""\
-        domains = {list(DOMAINS)!r}
+        domains = {list(domains)!r}
         data_dir = "{data_dir}"
         {top}
         [listen]
-        c2s = ["127.0.0.1:0"]
-        c2s_tls = ["127.0.0.1:0"]
+        c2s = ["{host}:0"]
+        c2s_tls = ["{host}:0"]
+        {listen_s2s}
+        {listen_s2s_tls}
         [tls]
         certificate = "{cert}"
         key = "{key}"
+        {ca}
         """) + textwrap.dedent(extra))
     return path
 
 
-async def start_server(tmp: Path, extra: str = "", top: str = "") -> RunningServer:
-    """extra: tables appended at the end; top: top-level keys."""
-    path = write_config(tmp, extra, top)
+async def start_server(tmp: Path, extra: str = "", top: str = "", **options: Any) -> RunningServer:
+    """extra: tables appended at the end; top: top-level keys; options: see write_config."""
+    path = write_config(tmp, extra, top, **options)
     server = Server(load_config(path))
     await server.start()
     return RunningServer(server, tmp / "data", path)

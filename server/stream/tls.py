@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,25 @@ class TLSError(Exception):
     pass
 
 
+def _accept_any(_conn: SSL.Connection, _cert: Any, _errno: int, _depth: int, _ok: int) -> bool:
+    # The handshake never fails on the peer's certificate: federation checks it afterwards
+    # (RFC 6125 identity, XEP-0178) and may fall back to dialback (XEP-0220) as configured.
+    return True
+
+
 def server_context(certificate: Path, key: Path, *, alpn: Sequence[bytes] = (),
-                   ca_file: Path | None = None) -> SSL.Context:
-    """A server context: TLS 1.2+, the configured chain and key, ALPN (XEP-0368) when given."""
+                   ca_file: Path | None = None,
+                   request_certificate: bool = False) -> SSL.Context:
+    """A server context: TLS 1.2+, the configured chain and key, ALPN (XEP-0368) when given.
+    request_certificate: ask the peer for its certificate (s2s, for SASL EXTERNAL)."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
-                    | SSL.OP_NO_RENEGOTIATION)
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    ctx.use_certificate_chain_file(str(certificate))
-    ctx.use_privatekey_file(str(key))
-    ctx.check_privatekey()
+    _common(ctx, certificate, key)
+    ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
     if ca_file is not None:
         ctx.load_verify_locations(str(ca_file))
+    if request_certificate:
+        ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+        ctx.set_session_id(b"presenced-s2s")
     if alpn:
         offered = list(alpn)
 
@@ -54,9 +61,52 @@ def server_context(certificate: Path, key: Path, *, alpn: Sequence[bytes] = (),
     return ctx
 
 
+def sni_server_context(default: tuple[Path, Path], per_domain: Mapping[str, tuple[Path, Path]],
+                       **options: Any) -> SSL.Context:
+    """A server context whose connections switch to a domain's own certificate when the peer
+    names that domain in SNI (RFC 6066 §3); each context gets the same options."""
+    ctx = server_context(*default, **options)
+    by_name = {domain: server_context(cert, key, **options)
+               for domain, (cert, key) in per_domain.items()}
+    if by_name:
+        def switch(conn: SSL.Connection) -> None:
+            name = conn.get_servername()
+            if name:
+                chosen = by_name.get(name.decode("ascii", "replace").lower())
+                if chosen is not None:
+                    conn.set_context(chosen)
+
+        ctx.set_tlsext_servername_callback(switch)
+    return ctx
+
+
+def client_context(certificate: Path, key: Path, *, alpn: Sequence[bytes] = ()) -> SSL.Context:
+    """An s2s client context: our chain is offered as the client certificate (XEP-0178)."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    _common(ctx, certificate, key)
+    ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+    if alpn:
+        ctx.set_alpn_protos(list(alpn))
+    return ctx
+
+
+def _common(ctx: SSL.Context, certificate: Path, key: Path) -> None:
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.use_certificate_chain_file(str(certificate))
+    ctx.use_privatekey_file(str(key))
+    ctx.check_privatekey()
+
+
 def end_point_hash(certificate_pem: bytes) -> bytes:
     """RFC 5929 §4.1: hash of our certificate; MD5/SHA-1 signatures are upgraded to SHA-256."""
-    cert = x509.load_pem_x509_certificate(certificate_pem)
+    return _end_point_of(x509.load_pem_x509_certificate(certificate_pem).public_bytes(_DER))
+
+
+@lru_cache(maxsize=64)
+def _end_point_of(der: bytes) -> bytes:
+    cert = x509.load_der_x509_certificate(der)
     algorithm = cert.signature_hash_algorithm
     if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
         return hashlib.sha256(cert.public_bytes(_DER)).digest()
@@ -66,15 +116,31 @@ def end_point_hash(certificate_pem: bytes) -> bytes:
 
 
 class TLSLayer:
-    """One server-side TLS session: ciphertext in, plaintext out, and back."""
+    """One TLS session: ciphertext in, plaintext out, and back. Server side unless a
+    server_name is given (an s2s client; SNI carries the remote domain)."""
 
     __slots__ = ("_conn", "_end_point", "handshake_done")
 
-    def __init__(self, context: SSL.Context, end_point: bytes | None = None) -> None:
+    def __init__(self, context: SSL.Context, end_point: bytes | None = None, *,
+                 server_name: str | None = None) -> None:
         self._conn = SSL.Connection(context, None)
-        self._conn.set_accept_state()
+        if server_name is None:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_tlsext_host_name(server_name.encode("idna"))
+            self._conn.set_connect_state()
         self._end_point = end_point
         self.handshake_done = False
+
+    def start(self) -> bytes:
+        """Client side: the ClientHello to send first."""
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as exc:
+            raise TLSError(_describe(exc)) from exc
+        return self._pending_out()
 
     def receive(self, data: bytes) -> tuple[bytes, bytes]:
         """Feed ciphertext; return (plaintext, ciphertext to send back). Raises TLSError."""
@@ -154,7 +220,11 @@ class TLSLayer:
                 return None
             return self._conn.export_keying_material(EXPORTER_LABEL, 32)
         if kind == "tls-server-end-point":
-            return self._end_point
+            # The certificate this connection actually served (SNI may have chosen it).
+            served = self._conn.get_certificate()
+            if served is None:
+                return self._end_point
+            return _end_point_of(served.to_cryptography().public_bytes(_DER))
         return None
 
     def bindings(self) -> list[str]:
@@ -162,8 +232,16 @@ class TLSLayer:
                 if self.channel_binding(k) is not None]
 
     def peer_certificate_chain(self) -> list[bytes]:
-        chain = self._conn.get_peer_cert_chain() or []
-        return [c.to_cryptography().public_bytes(_DER) for c in chain]
+        """The peer's chain as DER, leaf first. On the server side OpenSSL's chain lacks the
+        peer's own certificate (SSL_get_peer_cert_chain(3)), so it is put in front."""
+        chain = [c.to_cryptography().public_bytes(_DER)
+                 for c in self._conn.get_peer_cert_chain() or []]
+        leaf = self._conn.get_peer_certificate()
+        if leaf is not None:
+            der = leaf.to_cryptography().public_bytes(_DER)
+            if not chain or chain[0] != der:
+                chain.insert(0, der)
+        return chain
 
 
 def _describe(exc: SSL.Error) -> str:

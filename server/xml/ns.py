@@ -34,3 +34,9 @@ WATCHERS = "urn:presenced:watchers:0"   # our watcher-information protocol (RFC 
 def q(namespace: str, local: str) -> str:
     """Clark notation '{ns}local' as lxml uses it."""
     return f"{{{namespace}}}{local}"
+
+# Federation (RFC 6120 server-to-server, XEP-0220 dialback, XEP-0288 bidirectional streams).
+DIALBACK = "jabber:server:dialback"
+DIALBACK_FEATURE = "urn:xmpp:features:dialback"
+BIDI = "urn:xmpp:bidi"
+BIDI_FEATURE = "urn:xmpp:features:bidi"

@@ -1,0 +1,211 @@
+"""Federation: the s2s listener, one outbound stream per (local, remote) domain pair, dialback
+verification, certificate checks, policy ([s2s] allow/deny) and bounces.
+
+The router hands us every stanza for a domain we do not host (hook `route/remote`, after the
+presence module's outbound processing); inbound streams hand stanzas to the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from federation import auth
+from federation import negotiation as neg
+from federation.inbound import InboundStream
+from federation.outbound import OutboundStream
+from federation.resolver import Resolver
+from server.errors import StanzaError
+from server.jid import JID, InvalidJID
+from server.stream.tls import TLSLayer, client_context, sni_server_context
+from server.xml import ns
+from server.xml import stanza as st
+from server.xml.parser import StreamParser
+from server.xml.writer import serialize, to_canonical
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from OpenSSL import SSL
+
+    from server.app import Server
+    from server.sessions import Session
+
+log = logging.getLogger("presenced.s2s")
+_SWEEP_INTERVAL = 5.0
+_ALPN = [b"xmpp-server"]  # XEP-0368 §3
+
+
+class Federation:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.router = server.router
+        self.config = config = server.config.s2s
+        self.hosts = server.hosts
+        self.default_domain = server.default_domain
+        self._secret = (config.dialback_secret or secrets.token_hex(32)).encode()
+        self.policy = neg.Policy(
+            domains=server.hosts, require_tls=config.require_starttls,
+            require_valid_certificates=config.require_valid_certificates,
+            allowed=self.allowed, dialback_key=self.dialback_key, keys_equal=auth.keys_equal)
+        self.resolver = Resolver({d: (a.host, a.port) for d, a in config.routes.items()},
+                                 nameservers=config.nameservers or None,
+                                 timeout=config.connect_timeout)
+        tls = server.config.tls
+        self.trust = auth.load_trust(tls.ca_file)
+        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
+        self._inbound_ctx = sni_server_context(default, per_domain, ca_file=tls.ca_file,
+                                               request_certificate=True)
+        self._inbound_direct_ctx = sni_server_context(default, per_domain, alpn=_ALPN,
+                                                      ca_file=tls.ca_file,
+                                                      request_certificate=True)
+        # Towards peers each hosted domain shows its own certificate (XEP-0178 identity).
+        self._outbound_ctx: dict[tuple[str, bool], SSL.Context] = {}
+        for domain in self.hosts:
+            cert, key = per_domain.get(domain, default)
+            self._outbound_ctx[(domain, False)] = client_context(cert, key)
+            self._outbound_ctx[(domain, True)] = client_context(cert, key, alpn=_ALPN)
+        self.outbound: dict[tuple[str, str], OutboundStream] = {}
+        self.inbound: set[InboundStream] = set()
+        self._listeners: list[tuple[str, asyncio.Server]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.server.hooks.add("route/remote", self.route, 0)
+        listen = self.server.config.listen
+        for kind, addresses in (("s2s", listen.s2s), ("s2s_tls", listen.s2s_tls)):
+            for address in addresses:
+                await self._listen(kind, address.host, address.port)
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _listen(self, kind: str, host: str, port: int) -> None:
+        direct = kind == "s2s_tls"
+        listener = await self.loop.create_server(
+            lambda: InboundStream(self, direct_tls=direct), host, port, reuse_address=True,
+            backlog=1024)
+        self._listeners.append((kind, listener))
+        for sock in listener.sockets:
+            name = sock.getsockname()
+            log.info("event=listening kind=%s address=%s:%s", kind, name[0], name[1])
+
+    def bound_addresses(self) -> list[tuple[str, str, int]]:
+        return [(kind, *sock.getsockname()[:2])
+                for kind, listener in self._listeners for sock in listener.sockets]
+
+    async def stop(self) -> None:
+        for _kind, listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for stream in list(self.inbound):
+            stream.close("system-shutdown", "the server is shutting down")
+        for out in list(self.outbound.values()):
+            out.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.resolver.close()
+
+    async def _sweep(self) -> None:
+        config = self.config
+        while True:
+            await asyncio.sleep(min(_SWEEP_INTERVAL, config.idle_timeout / 2))
+            now = self.loop.time()
+            for stream in list(self.inbound):
+                if (not stream.negotiation.authenticated
+                        and now - stream.opened_at > config.negotiation_timeout):
+                    stream.close("connection-timeout", "authentication took too long")
+                elif now - stream.last_activity > config.idle_timeout:
+                    stream.close("connection-timeout", "idle for too long")
+            for out in list(self.outbound.values()):
+                if out.ready and now - out.last_activity > config.idle_timeout:
+                    log.info("event=s2s-idle-close local=%s remote=%s", out.local, out.remote)
+                    out.close()
+
+    # -- pieces the streams use --------------------------------------------------------------
+
+    def new_parser(self) -> StreamParser:
+        return self.server.new_parser()
+
+    def inbound_tls(self, direct: bool) -> TLSLayer:
+        return TLSLayer(self._inbound_direct_ctx if direct else self._inbound_ctx)
+
+    def outbound_tls(self, local: str, remote: str, direct: bool) -> TLSLayer:
+        return TLSLayer(self._outbound_ctx[(local, direct)], server_name=remote)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def allowed(self, domain: str) -> bool:
+        if domain in self.config.deny:
+            return False
+        return not self.config.allow or domain in self.config.allow
+
+    def dialback_key(self, receiving: str, originating: str, stream_id: str) -> str:
+        return auth.dialback_key(self._secret, receiving, originating, stream_id)
+
+    def certificate_valid(self, chain: list[bytes], domain: str, peer: str) -> bool:
+        verdict = auth.verify_peer(chain, domain, self.trust)
+        if not verdict.valid:
+            log.info("event=s2s-certificate-invalid peer=%s domain=%s reason=%s", peer, domain,
+                     verdict.reason)
+        return verdict.valid
+
+    def forget(self, stream: OutboundStream) -> None:
+        key = (stream.local, stream.remote)
+        if self.outbound.get(key) is stream:
+            del self.outbound[key]
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def route(self, stanza: etree._Element, origin: Session | None, to: JID) -> bool:
+        """A stanza for a remote domain: onto the stream for its (from-domain, to-domain)."""
+        remote = to.domain
+        sender = stanza.get("from")
+        try:
+            local = JID.parse(sender).domain if sender else self.default_domain
+        except InvalidJID:
+            local = self.default_domain
+        if local not in self.hosts:
+            # Only our own users' stanzas leave here: never relay between two other servers.
+            raise StanzaError("not-allowed", "this server does not relay")
+        if not self.allowed(remote):
+            raise StanzaError("not-allowed", f"no federation with {remote}")
+        self._stream(local, remote).send(serialize(stanza, ns.SERVER))
+        return True
+
+    def _stream(self, local: str, remote: str) -> OutboundStream:
+        stream = self.outbound.get((local, remote))
+        if stream is None or stream.closing or stream.failed:
+            stream = self.outbound[(local, remote)] = OutboundStream(self, local, remote)
+        return stream
+
+    async def verify_key(self, local: str, remote: str, stream_id: str, key: str) -> bool | None:
+        """XEP-0220 §2.3: ask the authoritative server of `remote` (over our stream to it)
+        whether it made `key` for its stream `stream_id` to `local`. None: no answer."""
+        future = self._stream(local, remote).verify(stream_id, key)
+        try:
+            return await asyncio.wait_for(future, self.config.negotiation_timeout)
+        except TimeoutError:
+            return None
+
+    def bounce(self, data: bytes, condition: str, text: str) -> None:
+        """RFC 6120 §8.3.3: tell our user the stanza could not be delivered (never for an error;
+        never for an iq result, which nobody waits for)."""
+        stanza = to_canonical(etree.fromstring(data))
+        if st.is_error(stanza) or (stanza.tag == st.IQ and stanza.get("type") == "result"):
+            return
+        reply = st.error_reply(stanza, StanzaError(condition, text))
+        pending = self.router.route(reply, None)
+        if pending is not None:
+            self.router.spawn(pending)
