@@ -93,9 +93,10 @@ def _for_tls(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsag
 
 
 # A peer server is a TLS client on its outbound streams and a TLS server on ours, and many
-# deployed XMPP certificates carry serverAuth only (public CAs are dropping clientAuth). The
-# client verifier demands clientAuth and the server verifier serverAuth, on the leaf and on every
-# intermediate with an EKU, so both policies accept either. The leaf may also lack a
+# deployed XMPP certificates carry serverAuth only (some public CAs no longer issue clientAuth).
+# cryptography's client verifier demands clientAuth and its server verifier serverAuth, on the
+# leaf and on every intermediate with an EKU; our EE and CA policies accept either. The leaf may
+# also lack a
 # subjectAltName (RFC 6125 §6.4.4 CN fallback, checked by us) and an authorityKeyIdentifier
 # (private CAs often omit it; RFC 5280 path building works on names). Everything else is webpki.
 _EE_POLICY = (ExtensionPolicy.webpki_defaults_ee()

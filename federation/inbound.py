@@ -1,30 +1,22 @@
-"""A stream another server opened to us: negotiate, authenticate, then route what it carries.
-
-Stanzas are routed with no origin session: for the router they come from another server, so
-modules apply inbound processing (RFC 6121 §3.1.3, §4.3.2). Routing may go asynchronous; the
-next stanza waits for it, which keeps the stream's order (RFC 6120 §10.1).
-"""
+"""A stream another server opened to us: negotiate, authenticate, then route what it carries
+(and, when the peer asked for XEP-0288 bidirectionality, carry our stanzas back to it)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from federation import negotiation as neg
 from federation.stream import S2SStream
 from server.xml import ns
 from server.xml.parser import Event
-from server.xml.writer import stream_header, to_canonical
+from server.xml.writer import stream_header
 
 if TYPE_CHECKING:
-    from lxml.etree import _Element
-
     from federation.service import Federation
 
 log = logging.getLogger("presenced.s2s")
-_BACKLOG_PAUSE = 64
 
 
 class InboundStream(S2SStream):
@@ -37,8 +29,6 @@ class InboundStream(S2SStream):
         self.negotiation = neg.InboundNegotiation(
             federation.policy, direct_tls=direct_tls, certificate_valid=self._certificate_valid)
         self._verdicts: dict[str, bool] = {}
-        self._backlog: deque[_Element] = deque()
-        self._blocked = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -65,7 +55,7 @@ class InboundStream(S2SStream):
     def _carry_out(self, actions: list[neg.Action]) -> None:
         for action in actions:
             if isinstance(action, neg.Deliver):
-                self._deliver(action.stanza)
+                self.deliver(action.stanza)
             elif isinstance(action, neg.Send):
                 self.write_now(action.data)
             elif isinstance(action, neg.CloseStream):
@@ -80,8 +70,12 @@ class InboundStream(S2SStream):
             elif isinstance(action, neg.VerifyKey):
                 self.federation.spawn(self._verify(action))
             elif isinstance(action, neg.Authenticated):
+                bidi = self.negotiation.bidi
                 log.info("event=s2s-authenticated direction=in peer=%s local=%s remote=%s "
-                         "method=%s", self.peer, action.local, action.remote, action.method)
+                         "method=%s bidi=%s", self.peer, action.local, action.remote,
+                         action.method, bidi)
+                if bidi:  # XEP-0288: our stanzas for that pair may use this stream
+                    self.federation.bidi[(action.local, action.remote)] = self
 
     async def _verify(self, request: neg.VerifyKey) -> None:
         valid = await self.federation.verify_key(request.local, request.remote,
@@ -90,30 +84,13 @@ class InboundStream(S2SStream):
             self._carry_out(self.negotiation.dialback_verified(request.local, request.remote,
                                                                valid))
 
-    # -- stanzas -----------------------------------------------------------------------------
-
-    def _deliver(self, stanza: _Element) -> None:
-        if self._blocked:
-            self._backlog.append(stanza)
-            if len(self._backlog) == _BACKLOG_PAUSE and self.transport is not None:
-                self.transport.pause_reading()
-            return
-        pending = self.federation.router.route(to_canonical(stanza), None)
-        if pending is not None:
-            self._blocked = True
-            task = asyncio.ensure_future(pending)
-            task.add_done_callback(self._resume)
-
-    def _resume(self, _task: asyncio.Future[Any]) -> None:
-        self._blocked = False
-        backlog = self._backlog
-        while backlog and not self._blocked and not self.closing:
-            self._deliver(backlog.popleft())
-        if not backlog and self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+    def send(self, data: bytes) -> None:
+        """A stanza of ours over this stream (XEP-0288 bidirectional)."""
+        self.last_activity = self.loop.time()
+        self.queue(data)
 
     def closed(self, reason: str) -> None:
-        self.federation.inbound.discard(self)
+        self.federation.forget_inbound(self)
 
     def lost(self, exc: Exception | None) -> None:
-        self.federation.inbound.discard(self)
+        self.federation.forget_inbound(self)

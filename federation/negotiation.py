@@ -41,6 +41,8 @@ SASL_FAILURE = ns.q(ns.SASL, "failure")
 DB_RESULT = ns.q(ns.DIALBACK, "result")
 DB_VERIFY = ns.q(ns.DIALBACK, "verify")
 DIALBACK_FEATURE = ns.q(ns.DIALBACK_FEATURE, "dialback")
+BIDI = ns.q(ns.BIDI, "bidi")
+BIDI_FEATURE = ns.q(ns.BIDI_FEATURE, "bidi")
 STANZA_TAGS = frozenset(ns.q(ns.SERVER, name) for name in ("message", "presence", "iq"))
 MAX_SASL_FAILURES = 3
 MAX_PENDING_VERIFICATIONS = 8  # dialback requests one inbound stream may have under way
@@ -129,6 +131,7 @@ class Policy:
     domains: frozenset[str]                   # hosted domains
     require_tls: bool = True
     require_valid_certificates: bool = False
+    bidi: bool = True                         # offer and use XEP-0288
     allowed: Callable[[str], bool] = field(default=lambda _domain: True)
     # XEP-0185 key for (receiving server, originating server, stream id)
     dialback_key: Callable[[str, str, str], str] = field(default=lambda r, o, i: "")
@@ -189,6 +192,45 @@ def _sasl_failure(condition: str) -> bytes:
     return (f'<failure xmlns="{ns.SASL}"><{condition}/></failure>').encode()
 
 
+def answer_verify(policy: Policy, el: _Element) -> list[Action] | None:
+    """We are the authoritative server (XEP-0220 §2.3.2): is the key one we made?
+    None when the request is malformed."""
+    receiving, originating = _domain(el.get("from")), _domain(el.get("to"))
+    stream_id = el.get("id")
+    key = (el.text or "").strip()
+    if receiving is None or originating is None or not stream_id:
+        return None
+    attrs = {"from": originating, "to": receiving, "id": stream_id}
+    if originating not in policy.domains:
+        return [Send(dialback_element("verify", {**attrs, "type": "error"},
+                                      error="item-not-found"))]
+    expected = policy.dialback_key(receiving, originating, stream_id)
+    valid = bool(key) and policy.keys_equal(key, expected)
+    return [Send(dialback_element("verify", {**attrs, "type": "valid" if valid else "invalid"}))]
+
+
+def check_stanza(el: _Element, hosts: frozenset[str], remotes: set[str],
+                 pairs: set[tuple[str, str]]) -> tuple[str, str] | None:
+    """The stream error for a stanza a peer may not send on this stream, or None.
+    pairs: the (local, remote) domain pairs the stream authenticated."""
+    sender, to = el.get("from"), el.get("to")
+    # RFC 6120 §8.1.1.2, §8.1.2.2: both are required on server-to-server streams.
+    if not sender or not to:
+        return "improper-addressing", "a stanza needs 'from' and 'to'"
+    try:
+        sender_jid, to_jid = JID.parse(sender), JID.parse(to)
+    except InvalidJID:
+        return "improper-addressing", "'from' or 'to' is not a valid JID"
+    # RFC 6120 §4.9.3.9: only domains this stream authenticated may send.
+    if sender_jid.domain not in remotes:
+        return "invalid-from", f"{sender_jid.domain} is not authenticated here"
+    if to_jid.domain not in hosts:
+        return "host-unknown", f"{to_jid.domain} is not served here"
+    if (to_jid.domain, sender_jid.domain) not in pairs:
+        return "not-authorized", f"{sender_jid.domain} is not authenticated for {to_jid.domain}"
+    return None
+
+
 class Stage(enum.Enum):
     AWAIT_HEADER = "await-header"
     OPEN = "open"              # features sent (inbound) / received (outbound)
@@ -215,6 +257,7 @@ class InboundNegotiation:
         self.remote: str | None = None     # the header's 'from', when given
         self.header_sent = False
         self.sasl_done = False
+        self.bidi = False                  # XEP-0288: the peer asked for it
         self.authenticated: set[tuple[str, str]] = set()  # (local, remote)
         self._remotes: set[str] = set()
         self._pending: set[tuple[str, str]] = set()
@@ -248,10 +291,20 @@ class InboundNegotiation:
             return self._starttls()
         if tag == AUTH:
             return self._auth(event)
+        if tag == BIDI:
+            return self._bidi()
         if tag == STREAM_ERROR:
             self.stage = Stage.CLOSED
             return [CloseStream()]
         return self._fail("unsupported-stanza-type", f"unexpected element {tag}")
+
+    def _bidi(self) -> list[Action]:
+        # XEP-0288 §2.2: after TLS, before authentication.
+        if not self.policy.bidi or self.authenticated or self.sasl_done or (
+                self.policy.require_tls and not self.tls):
+            return self._fail("policy-violation", "bidirectionality is not available now")
+        self.bidi = True
+        return []
 
     def dialback_verified(self, local: str, remote: str, valid: bool | None) -> list[Action]:
         """The authoritative server's answer (None: it could not be reached)."""
@@ -307,6 +360,8 @@ class InboundNegotiation:
                 parts.append(f'<mechanisms xmlns="{ns.SASL}"><mechanism>EXTERNAL</mechanism>'
                              "</mechanisms>")
             parts.append(f'<dialback xmlns="{ns.DIALBACK_FEATURE}"><errors/></dialback>')
+            if self.policy.bidi:
+                parts.append(f'<bidi xmlns="{ns.BIDI_FEATURE}"/>')
         return ("<stream:features>" + "".join(parts) + "</stream:features>").encode()
 
     # -- negotiation elements ----------------------------------------------------------------
@@ -391,43 +446,17 @@ class InboundNegotiation:
                 Authenticated(local, remote, method)]
 
     def _db_verify(self, el: _Element) -> list[Action]:
-        """We are the authoritative server (XEP-0220 §2.3.2): is the key one we made?"""
         if el.get("type") is not None:
             return self._fail("unsupported-stanza-type", "a verify answer on an inbound stream")
-        receiving, originating = _domain(el.get("from")), _domain(el.get("to"))
-        stream_id = el.get("id")
-        key = (el.text or "").strip()
-        if receiving is None or originating is None or not stream_id:
-            return self._fail("improper-addressing", "<db:verify/> needs 'from', 'to' and 'id'")
-        attrs = {"from": originating, "to": receiving, "id": stream_id}
-        if originating not in self.policy.domains:
-            return [Send(dialback_element("verify", {**attrs, "type": "error"},
-                                          error="item-not-found"))]
-        expected = self.policy.dialback_key(receiving, originating, stream_id)
-        valid = bool(key) and self.policy.keys_equal(key, expected)
-        return [Send(dialback_element("verify", {**attrs, "type": "valid" if valid
-                                                 else "invalid"}))]
+        answer = answer_verify(self.policy, el)
+        return answer if answer is not None else self._fail(
+            "improper-addressing", "<db:verify/> needs 'from', 'to' and 'id'")
 
     def _stanza(self, el: _Element) -> list[Action]:
         if not self.authenticated:
             return self._fail("not-authorized", "authenticate before sending stanzas")
-        sender, to = el.get("from"), el.get("to")
-        # RFC 6120 §8.1.1.2, §8.1.2.2: both are required on server-to-server streams.
-        if not sender or not to:
-            return self._fail("improper-addressing", "a stanza needs 'from' and 'to'")
-        try:
-            sender_jid, to_jid = JID.parse(sender), JID.parse(to)
-        except InvalidJID:
-            return self._fail("improper-addressing", "'from' or 'to' is not a valid JID")
-        # RFC 6120 §4.9.3.9: only domains this stream authenticated may send.
-        if sender_jid.domain not in self._remotes:
-            return self._fail("invalid-from", f"{sender_jid.domain} is not authenticated here")
-        if to_jid.domain not in self.policy.domains:
-            return self._fail("host-unknown", f"{to_jid.domain} is not served here")
-        if (to_jid.domain, sender_jid.domain) not in self.authenticated:
-            return self._fail("not-authorized",
-                              f"{sender_jid.domain} is not authenticated for {to_jid.domain}")
-        return [Deliver(el)]
+        problem = check_stanza(el, self.policy.domains, self._remotes, self.authenticated)
+        return [Deliver(el)] if problem is None else self._fail(*problem)
 
     def _fail(self, condition: str, text: str) -> list[Action]:
         self.stage = Stage.CLOSED
@@ -452,6 +481,7 @@ class OutboundNegotiation:
         self._sasl_done = False
         self._dialback_offered = False
         self._can_verify = False
+        self.bidi = False  # XEP-0288: the peer may send us stanzas on this stream
 
     def start(self) -> list[Action]:
         return [Send(self._header())]
@@ -515,8 +545,21 @@ class OutboundNegotiation:
         if tag == TLS_FAILURE:
             return self._failed("remote-server-not-found", "the peer refused TLS")
         if tag in STANZA_TAGS:
-            # Without XEP-0288 a stream carries stanzas one way only.
-            return self._fail("unsupported-stanza-type", "stanzas go on your own stream to us")
+            # Without XEP-0288 a stream carries stanzas one way only; with it, the peer sends
+            # from its domain to ours once we are authenticated (XEP-0288 §2.2).
+            if not self.bidi or self.stage is not Stage.READY:
+                return self._fail("unsupported-stanza-type", "stanzas go on your own stream")
+            problem = check_stanza(event, self.policy.domains, {self.remote},
+                                   {(self.local, self.remote)})
+            return [Deliver(event)] if problem is None else self._fail(*problem)
+        if tag == DB_VERIFY and self.bidi:
+            answer = answer_verify(self.policy, event)
+            return answer if answer is not None else self._fail(
+                "improper-addressing", "<db:verify/> needs 'from', 'to' and 'id'")
+        if tag == DB_RESULT and self.bidi and event.get("type") is None:
+            # XEP-0288 lets the peer piggyback more domains here; we do not take them.
+            attrs = {"from": event.get("to", ""), "to": event.get("from", ""), "type": "error"}
+            return [Send(dialback_element("result", attrs, error="feature-not-implemented"))]
         return self._fail("unsupported-stanza-type", f"unexpected element {tag}")
 
     def _stream_opened(self, event: StreamOpened) -> list[Action]:
@@ -550,6 +593,10 @@ class OutboundNegotiation:
         if not self._can_verify:
             self._can_verify = True
             out.append(CanVerify())
+        if BIDI_FEATURE in offered and self.policy.bidi and not self.bidi:
+            # XEP-0288 §2.2: asked for before SASL or dialback.
+            self.bidi = True
+            out.append(Send(f'<bidi xmlns="{ns.BIDI}"/>'.encode()))
         mechanisms = features.find(MECHANISMS)
         external = mechanisms is not None and any(
             (m.text or "").strip() == "EXTERNAL" for m in mechanisms)

@@ -165,6 +165,8 @@ class OutboundStream(S2SStream):
                 for future in self._verifying.pop(action.stream_id, []):
                     if not future.done():
                         future.set_result(action.valid)
+            elif isinstance(action, neg.Deliver):
+                self.deliver(action.stanza)
             elif isinstance(action, neg.Ready):
                 self._ready(action.method)
             elif isinstance(action, neg.Failed):
@@ -176,8 +178,10 @@ class OutboundStream(S2SStream):
     def _ready(self, method: str) -> None:
         self.ready = True
         self._cancel_timer()
+        assert self.negotiation is not None
         log.info("event=s2s-authenticated direction=out local=%s remote=%s method=%s "
-                 "queued=%d", self.local, self.remote, method, len(self._pending))
+                 "bidi=%s queued=%d", self.local, self.remote, method, self.negotiation.bidi,
+                 len(self._pending))
         for data in self._pending:
             self.queue(data)
         self._pending.clear()

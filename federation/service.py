@@ -51,7 +51,7 @@ class Federation:
         self._secret = (config.dialback_secret or secrets.token_hex(32)).encode()
         self.policy = neg.Policy(
             domains=server.hosts, require_tls=config.require_starttls,
-            require_valid_certificates=config.require_valid_certificates,
+            require_valid_certificates=config.require_valid_certificates, bidi=config.bidi,
             allowed=self.allowed, dialback_key=self.dialback_key, keys_equal=auth.keys_equal)
         self.resolver = Resolver({d: (a.host, a.port) for d, a in config.routes.items()},
                                  nameservers=config.nameservers or None,
@@ -72,6 +72,8 @@ class Federation:
             self._outbound_ctx[(domain, True)] = client_context(cert, key, alpn=_ALPN)
         self.outbound: dict[tuple[str, str], OutboundStream] = {}
         self.inbound: set[InboundStream] = set()
+        # XEP-0288: inbound streams that carry our stanzas back, by (local, remote) pair.
+        self.bidi: dict[tuple[str, str], InboundStream] = {}
         self._listeners: list[tuple[str, asyncio.Server]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -161,6 +163,11 @@ class Federation:
                      verdict.reason)
         return verdict.valid
 
+    def forget_inbound(self, stream: InboundStream) -> None:
+        self.inbound.discard(stream)
+        for pair in [p for p, s in self.bidi.items() if s is stream]:
+            del self.bidi[pair]
+
     def forget(self, stream: OutboundStream) -> None:
         key = (stream.local, stream.remote)
         if self.outbound.get(key) is stream:
@@ -181,7 +188,12 @@ class Federation:
             raise StanzaError("not-allowed", "this server does not relay")
         if not self.allowed(remote):
             raise StanzaError("not-allowed", f"no federation with {remote}")
-        self._stream(local, remote).send(serialize(stanza, ns.SERVER))
+        data = serialize(stanza, ns.SERVER)
+        back = self.bidi.get((local, remote))
+        if back is not None and not back.closing:
+            back.send(data)  # the peer's own stream to us (XEP-0288)
+        else:
+            self._stream(local, remote).send(data)
         return True
 
     def _stream(self, local: str, remote: str) -> OutboundStream:

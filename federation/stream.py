@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 from server.errors import StreamError
 from server.stream.tls import TLSError, TLSLayer
 from server.xml.parser import Event
-from server.xml.writer import STREAM_CLOSE, stream_error
+from server.xml.writer import STREAM_CLOSE, stream_error, to_canonical
 
 if TYPE_CHECKING:
+    from lxml.etree import _Element
+
     from federation.service import Federation
 
 log = logging.getLogger("presenced.s2s")
 _WRITE_BUFFER_LIMIT = 16 << 20  # a peer that does not read this much is dropped
 _CLOSE_GRACE = 2.0
+_BACKLOG_PAUSE = 64  # stanzas waiting behind an asynchronous route before we stop reading
 
 
 class S2SStream(asyncio.Protocol):
@@ -34,6 +38,8 @@ class S2SStream(asyncio.Protocol):
         self.opened_at = self.last_activity = self.loop.time()
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
+        self._backlog: deque[_Element] = deque()
+        self._blocked = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -100,6 +106,31 @@ class S2SStream(asyncio.Protocol):
     def header_needed(self) -> bytes:
         """Our stream header, when a stream error must go out before we sent one."""
         return b""
+
+    # -- stanzas from the peer ---------------------------------------------------------------
+
+    def deliver(self, stanza: _Element) -> None:
+        """Route a stanza the negotiation accepted, with no origin session: for the router it
+        comes from another server (inbound processing, RFC 6121 §3.1.3, §4.3.2). Routing may go
+        asynchronous; the next stanza waits, which keeps the stream's order (RFC 6120 §10.1)."""
+        if self._blocked:
+            self._backlog.append(stanza)
+            if len(self._backlog) == _BACKLOG_PAUSE and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        pending = self.federation.router.route(to_canonical(stanza), None)
+        if pending is not None:
+            self._blocked = True
+            task = asyncio.ensure_future(pending)
+            task.add_done_callback(self._resume)
+
+    def _resume(self, _task: asyncio.Future[Any]) -> None:
+        self._blocked = False
+        backlog = self._backlog
+        while backlog and not self._blocked and not self.closing:
+            self.deliver(backlog.popleft())
+        if not backlog and self.transport is not None and not self.closing:
+            self.transport.resume_reading()
 
     # -- output ------------------------------------------------------------------------------
 

@@ -399,6 +399,8 @@ class S2SConfig:
     require_starttls: bool = field(metadata=option(_BOOL, _bool, True))
     # false: Server Dialback (XEP-0220) may stand in for a certificate that does not verify.
     require_valid_certificates: bool = field(metadata=option(_BOOL, _bool, False))
+    # XEP-0288: one TCP connection carries stanzas both ways when the peer supports it too.
+    bidi: bool = field(metadata=option(_BOOL, _bool, True))
     routes: dict[str, Address] = field(
         metadata=option('a table of "domain" = "host:port"', _routes, {}))
     allow: tuple[str, ...] = field(metadata=option("a list of domain names", _domain_list, []))

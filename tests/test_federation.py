@@ -189,17 +189,32 @@ def methods(running: RunningServer) -> set[str]:
             if s.negotiation is not None and s.ready}
 
 
-@pytest.mark.parametrize("certificates", [True, False])
-async def test_two_servers_federate(tmp_path: Path, certificates: bool) -> None:
-    """SASL EXTERNAL with certificates of a shared CA, else dialback (XEP-0220)."""
-    async with federated(tmp_path, certificates=certificates) as fed:
+@pytest.mark.parametrize("bidi", [True, False], ids=["bidi", "two-streams"])
+@pytest.mark.parametrize("certificates", [True, False], ids=["certificates", "dialback"])
+async def test_two_servers_federate(tmp_path: Path, certificates: bool, bidi: bool) -> None:
+    """SASL EXTERNAL with certificates of a shared CA, else dialback (XEP-0220); over one
+    bidirectional connection (XEP-0288) or one connection per direction."""
+    async with federated(tmp_path, certificates=certificates,
+                         s2s_one="" if bidi else "bidi = false\n") as fed:
         alice = await fed.one.raw_login(f"alice@{ONE}", resource="pc")
         bob = await fed.login_two()
         await federation_scenario(alice, bob, f"alice@{ONE}", f"bob@{TWO}")
         method = "sasl-external" if certificates else "dialback"
         assert methods(fed.one) == {method}
-        assert f"direction=out local={TWO} remote={ONE} method={method}" in fed.two_log()
-        assert "direction=in peer=" in fed.two_log()
+        log = fed.two_log()
+        assert f"local={TWO} remote={ONE} method={method} bidi={bidi}" in log
+        federation = fed.one.server.federation
+        assert federation is not None
+        if bidi and certificates:
+            # two.test answered over one.test's connection: it opened none of its own.
+            assert "direction=out" not in log and not federation.inbound
+        elif bidi:
+            # It had to connect back to check the dialback key (XEP-0288 §2.2: never on the
+            # connection the request came on), but stanzas went over the bidi stream.
+            assert "event=s2s-connected direction=out" in log
+        else:
+            assert f"direction=out local={TWO} remote={ONE} method={method}" in log
+            assert federation.inbound
 
 
 async def test_valid_certificates_required_refuses_dialback(tmp_path: Path) -> None:
@@ -236,8 +251,18 @@ async def test_silent_peer_bounces_remote_server_timeout(tmp_path: Path) -> None
         domains=(ONE,), host=HOST_ONE)
     try:
         await one.add_user(f"alice@{ONE}")
+        await one.add_user(f"dave@{ONE}")
         alice = await one.raw_login(f"alice@{ONE}")
-        await expect_bounce(alice, f"bob@{TWO}", "remote-server-timeout", timeout=10)
+        dave = await one.raw_login(f"dave@{ONE}")
+        await alice.send(f"<message to='bob@{TWO}' type='chat' id='bounce1'><body>x</body>"
+                         "</message>")
+        # A dead peer does not hold up local delivery while its stream hangs.
+        await alice.send(f"<message to='{dave.jid}' id='local'><body>meanwhile</body></message>")  # type: ignore[attr-defined]
+        assert (await next_message(dave, timeout=0.5)).findtext(f"{{{CLIENT}}}body") == "meanwhile"
+        got = await next_message(alice, timeout=10)
+        assert got.get("id") == "bounce1" and got.get("type") == "error"
+        assert got.find(f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}"
+                        "remote-server-timeout") is not None
     finally:
         await stop_server(one)
         silent.close()

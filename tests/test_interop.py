@@ -105,17 +105,19 @@ async def scenario_with(ours: RunningServer, peer_host: str, peer_domain: str) -
 
 # -- Prosody --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["certificates", "dialback"])
+@pytest.mark.parametrize("mode", ["certificates", "dialback", "bidi"])
 async def test_prosody(tmp_path: Path, mode: str) -> None:
+    """bidi: certificates, and Prosody's mod_s2s_bidi (XEP-0288) answers over our stream."""
     need("prosody", "prosody lua-unbound")
-    strict = mode == "certificates"
+    strict = mode in ("certificates", "bidi")
     ca = make_ca(tmp_path / "ca") if strict else None
     our_certs = make_certificates(tmp_path / "ours-certs", [OURS, OURS2], ca=ca)
     peer_certs = make_certificates(tmp_path / "prosody-certs", [PROSODY], ca=ca)
     peer = ProsodyPeer(tmp_path / "prosody", host=PROSODY_HOST, domains=(PROSODY,),
                        s2s_port=S2S_PORT, certificates=peer_certs,
                        cafile=ca.certificate if ca else None, dialback=not strict,
-                       s2s_secure_auth=strict, hosts={OURS: OUR_HOST, OURS2: OUR_HOST})
+                       s2s_secure_auth=strict, hosts={OURS: OUR_HOST, OURS2: OUR_HOST},
+                       extra_modules=("s2s_bidi",) if mode == "bidi" else ())
     peer.register("bob", PROSODY, PASSWORD)
     async with our_server(tmp_path, PROSODY, PROSODY_HOST, certs=our_certs,
                           ca_file=ca.certificate if ca else None, strict=strict) as ours:
@@ -123,7 +125,14 @@ async def test_prosody(tmp_path: Path, mode: str) -> None:
             await scenario_with(ours, PROSODY_HOST, PROSODY)
             want = "sasl-external" if strict else "dialback"
             assert outbound_methods(ours) == {want}, peer.log_tail()
-            assert inbound_methods(ours) == {want}, peer.log_tail()
+            federation = ours.server.federation
+            assert federation is not None
+            if mode == "bidi":  # Prosody never needed a connection of its own to us
+                assert all(s.negotiation.bidi for s in federation.outbound.values()
+                           if s.negotiation is not None)
+                assert not federation.inbound, peer.log_tail()
+            else:
+                assert inbound_methods(ours) == {want}, peer.log_tail()
         # The peer is down now: our user learns it (RFC 6120 §8.3.3).
         alice = await ours.raw_login(f"alice@{OURS}", resource="later")
         await wait_no_outbound(ours)

@@ -388,3 +388,75 @@ def test_outbound_peer_closing_a_ready_stream_is_no_failure() -> None:
     machine.receive(opened(to=LOCAL, from_=REMOTE, id_="sid3"))
     assert machine.receive(xml("<stream:features/>")) == [neg.Ready("sasl-external")]
     assert machine.receive(StreamClosed()) == [neg.CloseStream()]
+
+
+# -- XEP-0288 bidirectional streams -----------------------------------------------------------
+
+BIDI_REQUEST = "<bidi xmlns='urn:xmpp:bidi'/>"
+FEATURES_BIDI = ("<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                 "<mechanism>EXTERNAL</mechanism></mechanisms>"
+                 "<bidi xmlns='urn:xmpp:features:bidi'/></stream:features>")
+
+
+def test_inbound_offers_and_accepts_bidi_before_authentication() -> None:
+    machine, features = inbound_after_tls(valid_for={REMOTE})
+    assert b"urn:xmpp:features:bidi" in features
+    assert machine.receive(xml(BIDI_REQUEST)) == [] and machine.bidi
+    machine, _ = inbound_after_tls(bidi=False)
+    assert closed_with(machine.receive(xml(BIDI_REQUEST))) == "policy-violation"
+    machine, features = inbound_after_tls(bidi=False)
+    assert b"bidi" not in features
+
+
+def test_inbound_bidi_after_authentication_is_refused() -> None:
+    machine, _ = inbound_after_tls(valid_for={REMOTE})
+    machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}'>k1</db:result>"))
+    assert closed_with(machine.receive(xml(BIDI_REQUEST))) == "policy-violation"
+
+
+def ready_bidi_outbound() -> neg.OutboundNegotiation:
+    machine = outbound()
+    to_tls(machine, True)
+    machine.receive(opened(to=LOCAL, from_=REMOTE, id_="sid2"))
+    out = sent(machine.receive(xml(FEATURES_BIDI)))
+    # XEP-0288 §2.2: <bidi/> goes before the authentication.
+    assert out.index(b"urn:xmpp:bidi") < out.index(b"<auth")
+    machine.receive(xml("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"))
+    machine.receive(opened(to=LOCAL, from_=REMOTE, id_="sid3"))
+    assert machine.receive(xml("<stream:features/>")) == [neg.Ready("sasl-external")]
+    assert machine.bidi
+    return machine
+
+
+def test_outbound_bidi_carries_the_peers_stanzas() -> None:
+    machine = ready_bidi_outbound()
+    stanza = xml(f"<message from='x@{REMOTE}' to='y@{LOCAL}'/>")
+    assert machine.receive(stanza) == [neg.Deliver(stanza)]
+
+
+@pytest.mark.parametrize(("stanza", "condition"), [
+    (f"<message from='x@c.test' to='y@{LOCAL}'/>", "invalid-from"),
+    (f"<message from='x@{REMOTE}' to='y@c.test'/>", "host-unknown"),
+    (f"<message to='y@{LOCAL}'/>", "improper-addressing"),
+])
+def test_outbound_bidi_checks_addresses(stanza: str, condition: str) -> None:
+    machine = ready_bidi_outbound()
+    assert closed_with(machine.receive(xml(stanza))) == condition
+
+
+def test_outbound_bidi_not_before_ready_nor_unasked() -> None:
+    machine = outbound(bidi=False)
+    to_tls(machine, True)
+    machine.receive(opened(to=LOCAL, from_=REMOTE, id_="sid2"))
+    assert b"urn:xmpp:bidi" not in sent(machine.receive(xml(FEATURES_BIDI)))
+    stanza = xml(f"<message from='x@{REMOTE}' to='y@{LOCAL}'/>")
+    assert closed_with(machine.receive(stanza)) == "unsupported-stanza-type"
+
+
+def test_outbound_bidi_answers_verify_and_declines_piggyback() -> None:
+    machine = ready_bidi_outbound()
+    answer = etree.fromstring(sent(machine.receive(xml(
+        f"<db:verify from='{REMOTE}' to='{LOCAL}' id='sid'>key:b.test:a.test:sid</db:verify>"))))
+    assert answer.get("type") == "valid"
+    out = sent(machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}'>k</db:result>")))
+    assert b"feature-not-implemented" in out
