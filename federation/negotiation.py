@@ -21,6 +21,7 @@ from typing import TypeAlias
 from lxml import etree
 
 from server.jid import JID, InvalidJID, normalize_domain
+from server.stream.negotiation import CloseStream, RestartStream, Send, StartTLS, version_ok
 from server.xml import ns
 from server.xml.parser import StreamClosed, StreamOpened
 from server.xml.writer import stream_header
@@ -50,28 +51,7 @@ _DB_NSMAP: dict[str | None, str] = {"db": ns.DIALBACK}
 _EXTRA_NS = {"db": ns.DIALBACK}
 
 
-# -- actions -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """Switch to TLS now (inbound: <proceed/> went out; outbound: <proceed/> came in)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RestartStream:
-    """A new stream follows: discard the parser (RFC 6120 §4.3.3)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CloseStream:
-    condition: str | None = None
-    text: str | None = None
-
+# -- actions (Send, StartTLS, RestartStream and CloseStream are the c2s machine's) --------------
 
 @dataclass(frozen=True, slots=True)
 class Authenticated:
@@ -140,11 +120,6 @@ class Policy:
 
 # -- helpers -----------------------------------------------------------------------------------
 
-def _version_ok(version: str) -> bool:
-    major, _, _minor = version.partition(".")
-    return major.isdigit() and int(major) == 1
-
-
 def _domain(value: str | None) -> str | None:
     if not value:
         return None
@@ -183,7 +158,7 @@ def _check_header(event: StreamOpened) -> tuple[str, str] | None:
         return "invalid-namespace", "content namespace must be jabber:server"
     version = event.attrs.get("version")
     # RFC 6120 §4.7.5: no version means 0.9, which we do not speak.
-    if version is None or not _version_ok(version):
+    if version is None or not version_ok(version):
         return "unsupported-version", "XMPP 1.0 is required"
     return None
 

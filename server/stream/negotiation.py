@@ -46,7 +46,7 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class StartTLS:
-    """Switch the transport to TLS (after <proceed/> went out); then a new stream is expected."""
+    """Switch the transport to TLS now (after <proceed/>); then a new stream is expected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +206,7 @@ class C2SNegotiation:
             return out + self._fail("bad-namespace-prefix", "use the prefix 'stream'")
         # RFC 6120 §4.7.5: no version means 0.9, which we do not speak; major must be 1.
         version = attrs.get("version")
-        if version is None or not _version_ok(version):
+        if version is None or not version_ok(version):
             return out + self._fail("unsupported-version", "XMPP 1.0 is required")
         if not to:
             return out + self._fail("host-unknown", "the stream header needs 'to'")
@@ -374,7 +374,8 @@ class C2SNegotiation:
         return [CloseStream(condition, text)]
 
 
-def _version_ok(version: str) -> bool:
+def version_ok(version: str) -> bool:
+    """RFC 6120 §4.7.5: we speak major version 1."""
     major, _, _minor = version.partition(".")
     return major.isdigit() and int(major) == 1
 
