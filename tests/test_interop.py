@@ -17,9 +17,16 @@ from pathlib import Path
 import pytest
 
 from bench.peers import EjabberdPeer, Peer, ProsodyPeer, make_ca, make_certificates
+from federation import auth
 from tests.conftest import PASSWORD, RunningServer, on_ci, start_server, stop_server
 from tests.rawclient import CLIENT, RawClient
-from tests.test_federation import expect_bounce, federation_scenario, next_message
+from tests.test_federation import (
+    DIALBACK,
+    expect_bounce,
+    federation_scenario,
+    next_message,
+    s2s_open,
+)
 
 OURS, OURS2 = "ours.test", "second.test"  # two hosted domains, each its own s2s identity
 OUR_HOST = "127.0.0.44"        # peers find ours.test here, on port 5269
@@ -175,3 +182,31 @@ async def test_ejabberd(tmp_path: Path, mode: str) -> None:
         await wait_no_outbound(ours)
         await expect_bounce(alice, f"bob@{EJABBERD}",
                             ("remote-server-not-found", "remote-server-timeout"))
+
+
+async def test_prosody_asks_us_about_dialback_keys(tmp_path: Path) -> None:
+    """We are the authoritative server (XEP-0220 §2.3): someone claiming to be ours.test
+    offers Prosody a dialback key; Prosody asks us, and only our own key is accepted."""
+    need("prosody", "prosody lua-unbound")
+    secret = "ours.test's dialback secret for this test"
+    peer = ProsodyPeer(tmp_path / "prosody", host=PROSODY_HOST, domains=(PROSODY,),
+                       s2s_port=S2S_PORT, dialback=True, hosts={OURS: OUR_HOST})
+    # Prosody sends its <db:verify/> only once its own stream to us is authenticated, for
+    # which we check its key in turn: we must be able to reach it.
+    ours = await start_server(tmp_path / "ours", f'[s2s]\ndialback_secret = "{secret}"\n'
+                              f'routes = {{ "{PROSODY}" = "{PROSODY_HOST}:{S2S_PORT}" }}\n',
+                              domains=(OURS,), host=OUR_HOST, s2s=f"{OUR_HOST}:{S2S_PORT}")
+    try:
+        with running(peer):
+            for key, expected in (("f" * 64, "invalid"), (None, "valid")):
+                raw, _features = await s2s_open(PROSODY_HOST, S2S_PORT, PROSODY, OURS)
+                if key is None:  # the genuine key, as ours.test would compute it (XEP-0185)
+                    key = auth.dialback_key(secret.encode(), PROSODY, OURS,
+                                            raw.stream_attrs["id"])
+                await raw.send(f"<db:result xmlns:db='{DIALBACK}' from='{OURS}' "
+                               f"to='{PROSODY}'>{key}</db:result>")
+                result = await raw.expect(f"{{{DIALBACK}}}result", timeout=15)
+                assert result.get("type") == expected, peer.log_tail()
+                await raw.close()
+    finally:
+        await stop_server(ours)

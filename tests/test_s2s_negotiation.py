@@ -460,3 +460,22 @@ def test_outbound_bidi_answers_verify_and_declines_piggyback() -> None:
     assert answer.get("type") == "valid"
     out = sent(machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}'>k</db:result>")))
     assert b"feature-not-implemented" in out
+
+
+def test_inbound_refuses_unrequested_dialback_answers() -> None:
+    """A forged <db:result type='valid'/> or verify answer on an inbound stream is no
+    authentication (XEP-0288 §4): the stream ends."""
+    for forged in (f"<db:result from='{REMOTE}' to='{LOCAL}' type='valid'/>",
+                   f"<db:verify from='{REMOTE}' to='{LOCAL}' id='x' type='valid'/>"):
+        machine, _ = inbound_after_tls()
+        assert closed_with(machine.receive(xml(forged))) == "unsupported-stanza-type"
+        assert machine.authenticated == set()
+
+
+def test_outbound_ignores_a_valid_result_it_did_not_ask_for() -> None:
+    machine = outbound()
+    to_tls(machine, True)
+    machine.receive(opened(to=LOCAL, from_=REMOTE, id_="sid2"))
+    machine.receive(xml(FEATURES_TLS))  # SASL under way, no dialback request sent
+    actions = machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}' type='valid'/>"))
+    assert not of(neg.Ready, actions) and closed_with(actions) == "unsupported-stanza-type"
