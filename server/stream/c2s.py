@@ -66,7 +66,7 @@ class C2SConnection(asyncio.Protocol):
         self._parser = server.new_parser()
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._backlog: deque[_Element] = deque()
+        self._backlog: deque[_Element] | None = None  # made when needed: a deque is 760 bytes
         self._blocked = False
         self._closing = False
         self.negotiation = neg.C2SNegotiation(
@@ -198,8 +198,11 @@ class C2SConnection(asyncio.Protocol):
 
     def _stanza(self, el: _Element) -> None:
         if self._blocked:
-            self._backlog.append(el)
-            if len(self._backlog) == _BACKLOG_PAUSE and self._transport is not None:
+            backlog = self._backlog
+            if backlog is None:
+                backlog = self._backlog = deque()
+            backlog.append(el)
+            if len(backlog) == _BACKLOG_PAUSE and self._transport is not None:
                 self._transport.pause_reading()
             return
         if el.tag not in STANZA_TAGS:
@@ -227,8 +230,10 @@ class C2SConnection(asyncio.Protocol):
         backlog = self._backlog
         while backlog and not self._blocked and not self._closing:
             self._stanza(backlog.popleft())
-        if not backlog and self._transport is not None and not self._closing:
-            self._transport.resume_reading()
+        if not backlog:
+            self._backlog = None
+            if self._transport is not None and not self._closing:
+                self._transport.resume_reading()
 
     # -- output ------------------------------------------------------------------------------
 

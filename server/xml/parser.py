@@ -11,12 +11,25 @@ a detached `{jabber:client}message` then serialises as `<message xmlns="jabber:c
 instead of with generated `ns0:` prefixes (+1.4 µs per stanza). The copy's document still
 refers to this parser: an element kept for long must go through
 `server.xml.stanza.standalone()`, or it pins the parser's ~10 KiB libxml2 context.
+
+An idle stream holds no lxml parser. A read that ends at a stanza boundary (depth 1, the last
+bytes a complete tag then whitespace, so libxml2 holds nothing but whitespace) gives its lxml
+parser back to a per-thread pool keyed by the stream's opening tag (name and namespace
+declarations). The next read borrows any parser with the same key. These parsers are
+interchangeable: between stanzas, all a parser holds is the root's namespace context. If the
+pool has none, a new parser reads a synthetic opening tag first. Most reads end at a boundary,
+so one parser serves most streams. This saves ~13 KiB of RSS per idle TLS session (bench memory
+scenario: 42.7 -> 29.7 KiB). Giving back and borrowing cost ~1 µs per read; a new parser would
+cost 10 µs. Error text is taken from the stream's own fatal error, never from what other
+streams left in a shared parser's log.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -30,6 +43,16 @@ _CHARREF = re.compile(rb"#(?:[0-9]{1,7}|x[0-9a-fA-F]{1,6})\Z")
 _ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
 _CDATA = b"<![CDATA["
 _SLICE = 16384
+_WHITESPACE = b" \t\r\n"
+_BLANK = re.compile(rb"[ \t\r\n]*\Z")
+# The end of a read after which libxml2 holds nothing but whitespace: a complete tag ('>' may
+# occur in quoted attribute values), then whitespace. Text or a partial tag stays pending.
+_TAG_END = re.compile(rb"""<[^<>"']*(?:(?:"[^"]*"|'[^']*')[^<>"']*)*>[ \t\r\n]*\Z""")
+_POOL_OPENINGS = 4        # stream openings (c2s, s2s in and out, ...) with idle lxml parsers kept
+_POOL_SIZE = 8            # idle lxml parsers kept per opening (per thread)
+_RETIRE_AFTER = 64 << 20  # bytes one lxml parser reads before it is let go (bounds its counters)
+_ESCAPE = str.maketrans({"&": "&amp;", "<": "&lt;", '"': "&quot;", "\t": "&#9;", "\n": "&#10;",
+                         "\r": "&#13;"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +72,14 @@ Event: TypeAlias = StreamOpened | StreamClosed | etree._Element
 
 
 class StreamParser:
-    __slots__ = ("_closed", "_depth", "_held", "_in_cdata", "_max_depth", "_max_stanza",
-                 "_offset", "_parser", "_root", "_since_stanza")
+    __slots__ = ("_closed", "_depth", "_fed", "_held", "_in_cdata", "_max_depth", "_max_stanza",
+                 "_offset", "_opening", "_parser", "_pool", "_root", "_since_stanza")
 
     def __init__(self, max_stanza_size: int = 262144, max_depth: int = 32) -> None:
-        self._parser = etree.XMLPullParser(
-            events=("start", "end"), resolve_entities=False, no_network=True, load_dtd=False,
-            huge_tree=False, remove_comments=False, remove_pis=False)
+        self._parser: etree.XMLPullParser | None = None  # made or borrowed by feed()
+        self._pool = _pool()
+        self._opening: str | None = None  # the pool key, once the stream is open
+        self._fed = 0  # bytes the lxml parser has read, from any stream
         self._max_stanza = max_stanza_size
         self._max_depth = max_depth
         self._root: etree._Element | None = None
@@ -79,20 +103,34 @@ class StreamParser:
         if not data:
             return []
         self._offset += len(data)
+        parser = self._parser
+        if parser is None:
+            if data[0] in _WHITESPACE and self._opening is not None and _BLANK.match(data):
+                # Whitespace between stanzas (keepalives) needs no parser.
+                self._since_stanza += len(data)
+                if self._since_stanza > self._max_stanza:
+                    raise StreamError("policy-violation", "stanza too large")
+                return []
+            parser = self._borrow()
+        self._fed += len(data)
         out: list[Event] = []
         # Large reads are fed in slices so the size limit holds within one slice of slack.
         for start in range(0, len(data), _SLICE):
             piece = data[start:start + _SLICE]
             self._since_stanza += len(piece)
             try:
-                self._parser.feed(piece)
+                parser.feed(piece)
                 out += self._events()
             except etree.XMLSyntaxError as exc:
                 # Bytes after </stream:stream> are no error of the stream: it has ended.
                 out += self._events()
                 if self._closed:
                     return out
-                message = str(exc)
+                # str(exc) names the parser's first logged error, which may be an earlier
+                # non-fatal one of another stream: the fatal one is this stream's own (a parser
+                # with a fatal error is never given back).
+                fatal = parser.feed_error_log.filter_from_fatals()
+                message = fatal[-1].message if fatal else "not well-formed"
                 if "encoding" in message.lower() or "UTF-8" in message:
                     raise StreamError("unsupported-encoding", "only UTF-8 is allowed") from exc
                 raise StreamError("not-well-formed", message[:200]) from exc
@@ -100,17 +138,51 @@ class StreamParser:
                 break
             if self._since_stanza > self._max_stanza and self._depth >= 1:
                 raise StreamError("policy-violation", "stanza too large")
+        if self._depth == 1 and not self._closed:
+            last_tag = data.rfind(b"<")
+            if last_tag >= 0 and _TAG_END.match(data, last_tag):
+                self._give_back(parser)
         return out
+
+    @property
+    def idle(self) -> bool:
+        """True while it holds no lxml parser (none yet, or given back between stanzas)."""
+        return self._parser is None
+
+    def _borrow(self) -> etree.XMLPullParser:
+        opening = self._opening
+        lent = self._pool.take(opening) if opening is not None else None
+        if lent is not None:
+            self._parser, self._root, self._fed = lent
+            return lent[0]
+        parser = self._parser = _lxml_parser()
+        self._fed = 0
+        if opening is not None:
+            # A new parser enters the stream through the same opening tag, unseen by the caller.
+            parser.feed(opening.encode())
+            for _event, root in parser.read_events():
+                self._root = root
+        return parser
+
+    def _give_back(self, parser: etree.XMLPullParser) -> None:
+        """Between stanzas: let the next read of any stream with this opening use the parser."""
+        assert self._opening is not None and self._root is not None
+        if self._fed < _RETIRE_AFTER:
+            self._pool.give(self._opening, (parser, self._root, self._fed))
+        self._parser = None
+        self._root = None
 
     def _events(self) -> list[Event]:
         out: list[Event] = []
         max_depth = self._max_depth
+        assert self._parser is not None
         for event, el in self._parser.read_events():
             if event == "start":
                 self._depth += 1
                 if self._depth == 1:
                     self._root = el
                     nsmap = dict(el.nsmap)
+                    self._opening = _opening(el, nsmap)
                     out.append(StreamOpened(el.tag, dict(el.attrib), nsmap.get(None), nsmap))
                 elif self._depth > max_depth:
                     raise StreamError("policy-violation", "elements nested too deeply")
@@ -192,3 +264,75 @@ class StreamParser:
 def _check_text(text: str | None) -> None:
     if text is not None and text.strip():
         raise StreamError("bad-format", "text is not allowed between stanzas")
+
+
+def _lxml_parser() -> etree.XMLPullParser:
+    return etree.XMLPullParser(
+        events=("start", "end"), resolve_entities=False, no_network=True, load_dtd=False,
+        huge_tree=False, remove_comments=False, remove_pis=False)
+
+
+def _opening(root: etree._Element, nsmap: dict[str | None, str]) -> str:
+    """The root's start tag reduced to its name and namespace declarations. A new parser that
+    reads it reads later stanzas the same way as the original one, and </stream:stream> still
+    matches. Interned, so streams with the same opening share one string."""
+    tag = root.tag
+    prefix = root.prefix
+    key = (tag, prefix, tuple(nsmap.items()))
+    opening = _OPENINGS.get(key)
+    if opening is not None:
+        return opening
+    name = tag[tag.index("}") + 1:] if tag[0] == "{" else tag
+    if prefix:
+        name = f"{prefix}:{name}"
+    declarations = "".join(
+        f' xmlns{":" + p if p else ""}="{uri.translate(_ESCAPE)}"'
+        for p, uri in sorted(nsmap.items(), key=lambda item: item[0] or ""))
+    opening = sys.intern(f"<{name}{declarations}>")
+    if len(_OPENINGS) < _POOL_OPENINGS * 4:
+        _OPENINGS[key] = opening  # saves 3 µs per stream; made-up openings fill it, no more
+    return opening
+
+
+_OPENINGS: dict[tuple[str, str | None, tuple[tuple[str | None, str], ...]], str] = {}
+
+
+_Lent: TypeAlias = tuple[etree.XMLPullParser, etree._Element, int]  # parser, its root, bytes read
+
+
+class _Pool:
+    """lxml parsers at a stanza boundary, by stream opening. Few openings are kept, the least
+    recently used goes first: streams with made-up openings cannot hold on to memory, nor push
+    out the parsers of the openings in use."""
+
+    __slots__ = ("idle",)
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[_Lent]] = {}  # least recently given first
+
+    def take(self, opening: str) -> _Lent | None:
+        parsers = self.idle.get(opening)
+        return parsers.pop() if parsers else None
+
+    def give(self, opening: str, lent: _Lent) -> None:
+        idle = self.idle
+        parsers = idle.pop(opening, None)
+        if parsers is None:
+            parsers = []
+            if len(idle) >= _POOL_OPENINGS:
+                del idle[next(iter(idle))]
+        idle[opening] = parsers
+        if len(parsers) < _POOL_SIZE:
+            parsers.append(lent)
+
+
+_local = threading.local()
+
+
+def _pool() -> _Pool:
+    """This thread's pool: an lxml parser stays in the thread that made it."""
+    try:
+        pool: _Pool = _local.pool
+    except AttributeError:
+        pool = _local.pool = _Pool()
+    return pool
