@@ -20,12 +20,10 @@ log = logging.getLogger("presenced.s2s")
 
 
 class InboundStream(S2SStream):
-    direction = "in"
+    kind = "s2s-in"
 
     def __init__(self, federation: Federation, direct_tls: bool) -> None:
-        super().__init__(federation)
-        if direct_tls:
-            self.tls = federation.inbound_tls(direct=True)
+        super().__init__(federation, federation.inbound_tls(direct=True) if direct_tls else None)
         self.negotiation = neg.InboundNegotiation(
             federation.policy, direct_tls=direct_tls, certificate_valid=self._certificate_valid)
         self._verdicts: dict[str, bool] = {}
@@ -37,19 +35,19 @@ class InboundStream(S2SStream):
     def _certificate_valid(self, domain: str) -> bool:
         verdict = self._verdicts.get(domain)
         if verdict is None:
-            chain = self.tls.peer_certificate_chain() if self.tls is not None else []
+            chain = self._tls.peer_certificate_chain() if self._tls is not None else []
             verdict = self._verdicts[domain] = self.federation.certificate_valid(
                 chain, domain, self.peer)
         return verdict
 
-    def header_needed(self) -> bytes:
+    def _header_for_error(self) -> bytes:
         if self.negotiation.header_sent:
             return b""
         self.negotiation.header_sent = True
         return stream_header(content_ns=ns.SERVER, from_=self.federation.default_domain,
                              to=None, id_=None)
 
-    def event(self, event: Event) -> None:
+    def _event(self, event: Event) -> None:
         self._carry_out(self.negotiation.receive(event))
 
     def _carry_out(self, actions: list[neg.Action]) -> None:
@@ -57,16 +55,16 @@ class InboundStream(S2SStream):
             if isinstance(action, neg.Deliver):
                 self.deliver(action.stanza)
             elif isinstance(action, neg.Send):
-                self.write_now(action.data)
+                self._write_now(action.data)
             elif isinstance(action, neg.CloseStream):
                 self.close(action.condition, action.text)
                 return
             elif isinstance(action, neg.StartTLS):
-                self.tls = self.federation.inbound_tls(direct=False)
-                self.parser = self.federation.new_parser()
+                self._tls = self.federation.inbound_tls(direct=False)
+                self._parser = self.federation.new_parser()
                 self.negotiation.tls_established()
             elif isinstance(action, neg.RestartStream):
-                self.parser = self.federation.new_parser()
+                self._parser = self.federation.new_parser()
             elif isinstance(action, neg.VerifyKey):
                 self.federation.spawn(self._verify(action))
             elif isinstance(action, neg.Authenticated):
@@ -86,11 +84,14 @@ class InboundStream(S2SStream):
 
     def send(self, data: bytes) -> None:
         """A stanza of ours over this stream (XEP-0288 bidirectional)."""
-        self.last_activity = self.loop.time()
-        self.queue(data)
+        self.last_activity = self._loop.time()
+        self._queue(data)
 
-    def closed(self, reason: str) -> None:
+    def _ended(self, reason: str) -> None:
         self.federation.forget_inbound(self)
 
-    def lost(self, exc: Exception | None) -> None:
+    def _lost(self, exc: Exception | None) -> None:
         self.federation.forget_inbound(self)
+
+    def _who(self) -> str:
+        return self.negotiation.remote or "-"

@@ -33,7 +33,7 @@ def _is_ip(host: str) -> bool:
 
 
 class OutboundStream(S2SStream):
-    direction = "out"
+    kind = "s2s-out"
 
     def __init__(self, federation: Federation, local: str, remote: str) -> None:
         super().__init__(federation)
@@ -47,7 +47,7 @@ class OutboundStream(S2SStream):
         self._verify_requests: list[bytes] = []
         self._verifying: dict[str, list[asyncio.Future[bool | None]]] = {}
         self._can_verify = False
-        self._timer: asyncio.TimerHandle | None = self.loop.call_later(
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
             federation.config.negotiation_timeout, self._timed_out)
         federation.spawn(self._connect())
 
@@ -56,8 +56,8 @@ class OutboundStream(S2SStream):
     def send(self, data: bytes) -> None:
         """A serialised jabber:server stanza."""
         if self.ready:
-            self.last_activity = self.loop.time()
-            self.queue(data)
+            self.last_activity = self._loop.time()
+            self._queue(data)
         elif len(self._pending) >= MAX_QUEUED:
             self.federation.bounce(data, "resource-constraint",
                                    f"too much queued for {self.remote}")
@@ -66,7 +66,7 @@ class OutboundStream(S2SStream):
 
     def verify(self, stream_id: str, key: str) -> asyncio.Future[bool | None]:
         """Ask the peer whether it made `key` for the stream `stream_id` it opened to us."""
-        future: asyncio.Future[bool | None] = self.loop.create_future()
+        future: asyncio.Future[bool | None] = self._loop.create_future()
         if self.failed:
             future.set_result(None)
             return future
@@ -76,7 +76,7 @@ class OutboundStream(S2SStream):
             request = neg.OutboundNegotiation(self.federation.policy, self.local,
                                               self.remote).verify_request(stream_id, key)
             if self._can_verify:
-                self.queue(request)
+                self._queue(request)
             else:
                 self._verify_requests.append(request)
         return future
@@ -103,7 +103,7 @@ class OutboundStream(S2SStream):
                 tried.append(f"{host}:{port}")
                 self._direct = target.direct_tls
                 try:
-                    await asyncio.wait_for(self.loop.create_connection(lambda: self, host, port),
+                    await asyncio.wait_for(self._loop.create_connection(lambda: self, host, port),
                                            federation.config.connect_timeout)
                 except TimeoutError:
                     timed_out = True
@@ -131,35 +131,35 @@ class OutboundStream(S2SStream):
         self.negotiation = neg.OutboundNegotiation(self.federation.policy, self.local,
                                                    self.remote, direct_tls=self._direct)
         if self._direct:
-            self.tls = self.federation.outbound_tls(self.local, self.remote, direct=True)
-            self.write_raw(self.tls.start())
+            self._tls = self.federation.outbound_tls(self.local, self.remote, direct=True)
+            self._write_raw(self._tls.start())
         self._carry_out(self.negotiation.start())
 
     # -- negotiation -------------------------------------------------------------------------
 
-    def event(self, event: Event) -> None:
+    def _event(self, event: Event) -> None:
         assert self.negotiation is not None
         self._carry_out(self.negotiation.receive(event))
 
-    def tls_ready(self) -> None:
-        assert self.negotiation is not None and self.tls is not None
-        valid = self.federation.certificate_valid(self.tls.peer_certificate_chain(),
+    def _tls_ready(self) -> None:
+        assert self.negotiation is not None and self._tls is not None
+        valid = self.federation.certificate_valid(self._tls.peer_certificate_chain(),
                                                   self.remote, self.peer)
         self._carry_out(self.negotiation.tls_established(valid))
 
     def _carry_out(self, actions: list[neg.Action]) -> None:
         for action in actions:
             if isinstance(action, neg.Send):
-                self.write_now(action.data)
+                self._write_now(action.data)
             elif isinstance(action, neg.StartTLS):
-                self.tls = self.federation.outbound_tls(self.local, self.remote, direct=False)
-                self.write_raw(self.tls.start())
+                self._tls = self.federation.outbound_tls(self.local, self.remote, direct=False)
+                self._write_raw(self._tls.start())
             elif isinstance(action, neg.RestartStream):
-                self.parser = self.federation.new_parser()
+                self._parser = self.federation.new_parser()
             elif isinstance(action, neg.CanVerify):
                 self._can_verify = True
                 for request in self._verify_requests:
-                    self.queue(request)
+                    self._queue(request)
                 self._verify_requests.clear()
             elif isinstance(action, neg.VerifyAnswer):
                 for future in self._verifying.pop(action.stream_id, []):
@@ -183,7 +183,7 @@ class OutboundStream(S2SStream):
                  "bidi=%s queued=%d", self.local, self.remote, method, self.negotiation.bidi,
                  len(self._pending))
         for data in self._pending:
-            self.queue(data)
+            self._queue(data)
         self._pending.clear()
 
     def _timed_out(self) -> None:
@@ -192,7 +192,7 @@ class OutboundStream(S2SStream):
             self._fail("remote-server-timeout",
                        f"{self.remote} did not authenticate within "
                        f"{self.federation.config.negotiation_timeout:g} s")
-            if self.transport is not None and not self.closing:
+            if self._transport is not None and not self.closing:
                 self.close("connection-timeout", "authentication took too long")
 
     def _cancel_timer(self) -> None:
@@ -220,12 +220,14 @@ class OutboundStream(S2SStream):
 
     # -- ending ------------------------------------------------------------------------------
 
-    def closed(self, reason: str) -> None:
+    def _ended(self, reason: str) -> None:
         self.federation.forget(self)
         if not self.ready:
             self._fail("remote-server-not-found", f"stream to {self.remote} closed ({reason})")
 
-    def lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.closed("connection lost")
+    def _lost(self, exc: Exception | None) -> None:
+        self._ended("connection lost")
         self._cancel_timer()
+
+    def _who(self) -> str:
+        return self.remote

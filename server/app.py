@@ -176,7 +176,7 @@ class Server:
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn._abort()
+            conn.abort("shutdown")
         await self.router.drain()
         await self.storage.close()
         log.info("event=stopped")

@@ -1,7 +1,7 @@
-"""One client connection: bytes <-> TLS <-> XML parser <-> negotiation / router.
+"""One client connection: negotiation (the c2s machine), then stanzas to the router.
 
-The I/O layer is thin: it moves bytes and carries out what the negotiation machine asks for.
-After resource binding it handles stanzas itself (the hot path): check and stamp 'from',
+The byte moving (TLS, parser, batched writes, closing) is XMLStreamConnection's. After
+resource binding this class handles stanzas itself (the hot path): check and stamp 'from',
 route, and keep per-stream order when routing goes asynchronous.
 """
 
@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
 
-from server.errors import StanzaError, StreamError
+from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.stream import negotiation as neg
-from server.stream.tls import TLSError, TLSLayer
+from server.stream.connection import XMLStreamConnection
 from server.xml import ns
+from server.xml.parser import Event
 from server.xml.stanza import STANZA_TAGS
-from server.xml.writer import STREAM_CLOSE, serialize, stream_error, stream_header
+from server.xml.writer import serialize, stream_header
 
 if TYPE_CHECKING:
     from server.app import Server
@@ -28,47 +29,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced.c2s")
 _Element: TypeAlias = etree._Element
 _BACKLOG_PAUSE = 64          # stanzas waiting behind an async handler before we stop reading
-_WRITE_BUFFER_LIMIT = 8 << 20  # a client that does not read this much gets disconnected
-_CLOSE_GRACE = 2.0           # RFC 6120 §4.4: wait this long for the peer's </stream:stream>
 
 
-class C2SConnection(asyncio.Protocol):
+class C2SConnection(XMLStreamConnection):
+    kind = "c2s"
     local_client = True  # stanzas from it get outbound processing (the user's server)
     __slots__ = (
         "_backlog",
         "_bare_str",
         "_blocked",
-        "_closing",
-        "_flush_handle",
         "_jid_str",
-        "_out",
-        "_parser",
         "_server",
-        "_tls",
-        "_transport",
         "bound",
         "directed",
         "extra",
         "interested",
         "jid",
-        "last_activity",
         "negotiation",
-        "opened_at",
-        "peer",
         "presence",
         "priority",
     )
 
     def __init__(self, server: Server, direct_tls: bool) -> None:
+        super().__init__(server.loop, server.new_parser(),
+                         server.tls_layer(direct=True) if direct_tls else None)
         self._server = server
-        self._transport: asyncio.Transport | None = None
-        self._tls: TLSLayer | None = server.tls_layer(direct=True) if direct_tls else None
-        self._parser = server.new_parser()
-        self._out: list[bytes] = []
-        self._flush_handle: asyncio.Handle | None = None
         self._backlog: deque[_Element] | None = None  # made when needed: a deque is 760 bytes
         self._blocked = False
-        self._closing = False
         self.negotiation = neg.C2SNegotiation(
             server.c2s_policy, direct_tls=direct_tls, channel_binding=self._channel_binding,
             post_bind_features=server.post_bind_features)
@@ -81,61 +68,35 @@ class C2SConnection(asyncio.Protocol):
         self.interested = False   # RFC 6121 §2.1.6: requested the roster, so gets roster pushes
         self.directed: set[JID] | None = None  # RFC 6121 §4.6: directed presence recipients
         self.extra: dict[str, Any] | None = None  # per-session state of feature modules
-        self.peer = ""
-        self.opened_at = self.last_activity = server.loop.time()
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
+    # -- the stream --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        super().connection_made(transport)
         self._server.connections.add(self)
 
-    def data_received(self, data: bytes) -> None:
-        self.last_activity = self._server.loop.time()
-        if self._tls is not None:
-            try:
-                data, out = self._tls.receive(data)
-            except TLSError as exc:
-                log.info("event=tls-failed peer=%s reason=%s", self.peer, exc)
-                self._abort()
-                return
-            if out:
-                self._write_raw(out)
-            if not data:
-                return
-        if self._closing:
-            # We already sent </stream:stream>; the peer's closing tag lets us hang up now.
-            if STREAM_CLOSE in data and self._transport is not None:
-                self._transport.close()
-            return
-        try:
-            events = self._parser.feed(data)
-        except StreamError as err:
-            self.close(err.condition, err.text)
-            return
-        for event in events:
-            if self._closing:
-                return
-            if self.bound and type(event) is _ElementType:
-                self._stanza(event)
-            else:
-                self._carry_out(self.negotiation.receive(event))
+    def _event(self, event: Event) -> None:
+        if self.bound and type(event) is _ElementType:
+            self._stanza(event)
+        else:
+            self._carry_out(self.negotiation.receive(event))
 
-    def eof_received(self) -> bool | None:
-        if not self._closing:
-            self.close()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
+    def _lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        self._out.clear()
         self._end_session("disconnected" if exc is None else "connection-lost")
+
+    def _ended(self, reason: str) -> None:
+        self._end_session(reason)
+
+    def _who(self) -> str:
+        return self._jid_str or "-"
+
+    def _header_for_error(self) -> bytes:
+        if self.negotiation.header_sent:
+            return b""
+        self.negotiation.header_sent = True
+        return stream_header(content_ns=ns.CLIENT, from_=self._server.default_domain, to=None,
+                             id_=None)
 
     # -- negotiation -------------------------------------------------------------------------
 
@@ -239,69 +200,7 @@ class C2SConnection(asyncio.Protocol):
 
     def send(self, stanza: _Element) -> None:
         """Queue a stanza; everything queued in one loop iteration goes out in one write."""
-        if self._closing:
-            return
-        self._out.append(serialize(stanza, ns.CLIENT))
-        if self._flush_handle is None:
-            self._flush_handle = self._server.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_handle = None
-        if not self._out:
-            return
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        self._write_raw(self._tls.send(data) if self._tls is not None else data)
-
-    def _write_now(self, data: bytes) -> None:
-        if self._out:
-            self._out.append(data)
-            self._flush()
-        else:
-            self._write_raw(self._tls.send(data) if self._tls is not None else data)
-
-    def _write_raw(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(data)
-        if transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT and not self._closing:
-            log.info("event=slow-reader peer=%s jid=%s", self.peer, self._jid_str)
-            self.close("policy-violation", "you are not reading your stream")
-
-    # -- closing -----------------------------------------------------------------------------
-
-    def close(self, condition: str | None = None, text: str | None = None) -> None:
-        """End the stream: optional stream error, </stream:stream>, then TCP after a grace."""
-        if self._closing:
-            return
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush()
-        if condition is not None:
-            log.info("event=stream-error peer=%s jid=%s condition=%s text=%s", self.peer,
-                     self._jid_str or "-", condition, text or "-")
-            data = b""
-            if not self.negotiation.header_sent:
-                # RFC 6120 §4.9.1.2: send our stream header before the error.
-                data = stream_header(content_ns=ns.CLIENT, from_=self._server.default_domain,
-                                     to=None, id_=None)
-                self.negotiation.header_sent = True
-            self._write_now(data + stream_error(condition, text))
-        else:
-            self._write_now(STREAM_CLOSE)
-        self._closing = True
-        self._end_session(condition or "closed")
-        transport = self._transport
-        if transport is not None:
-            if self._tls is not None:
-                self._write_raw(self._tls.close())
-            self._server.loop.call_later(_CLOSE_GRACE, transport.close)
-
-    def _abort(self) -> None:
-        self._closing = True
-        if self._transport is not None:
-            self._transport.abort()
+        self._queue(serialize(stanza, ns.CLIENT))
 
     def _end_session(self, reason: str) -> None:
         if self.bound:

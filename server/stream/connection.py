@@ -1,0 +1,180 @@
+"""What every XML stream connection does, client or server: bytes <-> TLS <-> parser, batched
+writes, and closing (RFC 6120 §4.4). Subclasses (c2s.py, federation's streams) decide what
+parser events mean; this layer only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from server.errors import StreamError
+from server.stream.tls import TLSError, TLSLayer
+from server.xml.parser import Event, StreamParser
+from server.xml.writer import STREAM_CLOSE, stream_error
+
+log = logging.getLogger("presenced.stream")
+WRITE_BUFFER_LIMIT = 8 << 20  # a peer that does not read this much gets disconnected
+CLOSE_GRACE = 2.0             # RFC 6120 §4.4: wait this long for the peer's </stream:stream>
+
+
+class XMLStreamConnection(asyncio.Protocol):
+    kind = "stream"  # for logs: "c2s", "s2s-in", "s2s-out"
+    __slots__ = ("_closing", "_flush_handle", "_loop", "_out", "_parser", "_tls", "_transport",
+                 "last_activity", "opened_at", "peer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, parser: StreamParser,
+                 tls: TLSLayer | None) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._tls = tls
+        self._parser = parser
+        self._out: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._closing = False
+        self.peer = ""
+        self.opened_at = self.last_activity = loop.time()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self._loop.time()
+        tls = self._tls
+        if tls is not None:
+            was_done = tls.handshake_done
+            try:
+                data, out = tls.receive(data)
+            except TLSError as exc:
+                log.info("event=tls-failed kind=%s peer=%s reason=%s", self.kind, self.peer, exc)
+                self.abort(f"TLS failed: {exc}")
+                return
+            if out:
+                self._write_raw(out)
+            if not was_done and tls.handshake_done:
+                self._tls_ready()
+            if not data:
+                return
+        if self._closing:
+            # We already sent </stream:stream>; the peer's closing tag lets us hang up now.
+            if STREAM_CLOSE in data and self._transport is not None:
+                self._transport.close()
+            return
+        try:
+            events = self._parser.feed(data)
+        except StreamError as err:
+            self.close(err.condition, err.text)
+            return
+        for event in events:
+            if self._closing:
+                return
+            self._event(event)
+
+    def eof_received(self) -> bool | None:
+        if not self._closing:
+            self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._out.clear()
+        self._lost(exc)
+
+    # -- for subclasses ----------------------------------------------------------------------
+
+    def _event(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def _tls_ready(self) -> None:
+        """The TLS handshake just finished."""
+
+    def _lost(self, exc: Exception | None) -> None:
+        """The TCP connection is gone."""
+
+    def _ended(self, reason: str) -> None:
+        """The stream is ending: we sent </stream:stream> (or a stream error), or aborted."""
+
+    def _header_for_error(self) -> bytes:
+        """Our stream header, when a stream error must go out before we sent one
+        (RFC 6120 §4.9.1.2); empty once it was sent."""
+        return b""
+
+    def _who(self) -> str:
+        """Who is at the other end, for logs."""
+        return "-"
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        """Everything queued in one loop iteration goes out in one TLS record batch."""
+        if self._closing:
+            return
+        self._out.append(data)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        out = self._out
+        if not out:
+            return
+        data = b"".join(out) if len(out) > 1 else out[0]
+        out.clear()
+        self._write_raw(self._tls.send(data) if self._tls is not None else data)
+
+    def _write_now(self, data: bytes) -> None:
+        if self._out:
+            self._out.append(data)
+            self._flush()
+        else:
+            self._write_raw(self._tls.send(data) if self._tls is not None else data)
+
+    def _write_raw(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or not data:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT and not self._closing:
+            log.info("event=slow-reader kind=%s peer=%s who=%s", self.kind, self.peer,
+                     self._who())
+            self.close("policy-violation", "you are not reading your stream")
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, condition: str | None = None, text: str | None = None) -> None:
+        """End the stream: optional stream error, </stream:stream>, then TCP after a grace."""
+        if self._closing:
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
+        if condition is not None:
+            log.info("event=stream-error kind=%s peer=%s who=%s condition=%s text=%s",
+                     self.kind, self.peer, self._who(), condition, text or "-")
+            self._write_now(self._header_for_error() + stream_error(condition, text))
+        else:
+            self._write_now(STREAM_CLOSE)
+        self._closing = True
+        self._ended(condition or "closed")
+        transport = self._transport
+        if transport is not None:
+            if self._tls is not None:
+                self._write_raw(self._tls.close())
+            self._loop.call_later(CLOSE_GRACE, transport.close)
+
+    def abort(self, reason: str = "aborted") -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+        self._ended(reason)
