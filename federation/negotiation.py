@@ -139,10 +139,12 @@ def _element(tag: str, attrs: dict[str, str], text: str | None = None,
 
 def dialback_element(kind: str, attrs: dict[str, str], key: str | None = None,
                      error: str | None = None) -> bytes:
-    """<db:result/> or <db:verify/>; an error carries a stanza error (XEP-0220 §2.4)."""
+    """<db:result/> or <db:verify/>; an error carries a stanza error (XEP-0220 §2.4) whose
+    <error/> is in the stream's content namespace, jabber:server, like a stanza's."""
     el = _element(ns.q(ns.DIALBACK, kind), attrs, key, _DB_NSMAP)
     if error is not None:
-        err = etree.SubElement(el, ns.q(ns.DIALBACK, "error"), type="cancel")
+        err = etree.SubElement(el, ns.q(ns.SERVER, "error"), type="cancel",
+                               nsmap={None: ns.SERVER})
         etree.SubElement(err, ns.q(ns.STANZA_ERRORS, error), nsmap={None: ns.STANZA_ERRORS})
     data: bytes = etree.tostring(el)
     return data
@@ -291,8 +293,10 @@ class InboundNegotiation:
             return [Send(dialback_element("result", {**attrs, "type": "error"},
                                           error="remote-connection-failed"))]
         if not valid:
-            # XEP-0220 §2.4: the originating server learns the key was refused.
-            return [Send(dialback_element("result", {**attrs, "type": "invalid"}))]
+            # XEP-0220 §2.2.1: a spoofing attempt; we say so and close the stream.
+            self.stage = Stage.CLOSED
+            return [Send(dialback_element("result", {**attrs, "type": "invalid"})),
+                    CloseStream()]
         return self._authorize(local, remote, "dialback")
 
     # -- stream header -----------------------------------------------------------------------
@@ -602,8 +606,13 @@ class OutboundNegotiation:
         type_ = el.get("type")
         if type_ == "valid":
             return self._ready("dialback")
-        return self._failed("remote-server-not-found",
-                            f"{self.remote} refused our dialback key ({type_})")
+        if type_ == "invalid":  # XEP-0220 §2.1.1: bounced as internal-server-error
+            return self._failed("internal-server-error", f"{self.remote} refused our key")
+        # type='error' is no verdict on the key: bounced as remote-server-timeout.
+        condition = next((etree.QName(c).localname for err in el for c in err
+                          if etree.QName(c).namespace == ns.STANZA_ERRORS), "undefined")
+        return self._failed("remote-server-timeout",
+                            f"{self.remote} could not check our key ({condition})")
 
     def _ready(self, method: str) -> list[Action]:
         self.stage = Stage.READY

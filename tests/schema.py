@@ -26,6 +26,8 @@ _FILES = {
     "urn:ietf:params:xml:ns:xmpp-stanzas": "stanzaerror.xsd",
     "urn:ietf:params:xml:ns:xmpp-streams": "streamerror.xsd",
     "urn:presenced:watchers:0": "watchers.xsd",
+    "jabber:server:dialback": "dialback.xsd",
+    "urn:xmpp:bidi": "bidi.xsd",
 }
 _HEADER = re.compile(rb"(?:<\?xml[^>]*\?>)?\s*<stream:stream\b[^>]*>")
 

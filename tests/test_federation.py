@@ -25,6 +25,7 @@ from federation import auth
 from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
 from tests.process import free_port, free_ports
 from tests.rawclient import CLIENT, STREAMS, RawClient, header
+from tests.schema import validate_stream_bytes
 from tests.test_presence import next_presence, roster_of, subscribe_both
 
 ONE, TWO = "one.test", "two.test"
@@ -308,9 +309,10 @@ async def test_forged_dialback_key_is_refused(tmp_path: Path) -> None:
                        "0123456789abcdef0123456789abcdef</db:result>")
         result = await raw.expect(f"{{{DIALBACK}}}result", timeout=15)
         assert result.get("type") == "invalid"
-        await raw.send(f"<message xmlns='{SERVER_NS}' from='eve@{TWO}' to='alice@{ONE}'>"
-                       "<body>spoof</body></message>")
-        assert await raw.stream_error() == "not-authorized"
+        # XEP-0220 §2.2.1: and the stream ends; nothing it carried is accepted.
+        await raw.wait_closed()
+        assert raw.closed
+        validate_stream_bytes(bytes(raw.received))
 
 
 async def test_stanza_from_unauthenticated_domain_is_invalid_from(tmp_path: Path) -> None:
@@ -326,6 +328,7 @@ async def test_stanza_from_unauthenticated_domain_is_invalid_from(tmp_path: Path
         await raw.send(f"<message xmlns='{SERVER_NS}' from='eve@three.test' to='alice@{ONE}'>"
                        "<body>spoof</body></message>")
         assert await raw.stream_error() == "invalid-from"
+        validate_stream_bytes(bytes(raw.received))
 
 
 async def test_unknown_host_and_missing_tls(tmp_path: Path) -> None:
@@ -338,6 +341,7 @@ async def test_unknown_host_and_missing_tls(tmp_path: Path) -> None:
         await raw.expect(f"{{{STREAMS}}}features")
         await raw.send(f"<db:result xmlns:db='{DIALBACK}' from='{TWO}' to='{ONE}'>k</db:result>")
         assert await raw.stream_error() == "policy-violation"
+        validate_stream_bytes(bytes(raw.received))
 
 
 @pytest.mark.parametrize("certificates", [True, False])

@@ -161,11 +161,23 @@ def test_inbound_dialback_verified_by_the_authoritative_server() -> None:
     assert of(neg.Deliver, machine.receive(stanza)) == [neg.Deliver(stanza)]
 
 
-@pytest.mark.parametrize(("answer", "type_"), [(False, "invalid"), (None, "error")])
-def test_inbound_dialback_refused(answer: bool | None, type_: str) -> None:
+def test_inbound_dialback_invalid_closes_the_stream() -> None:
+    """XEP-0220 §2.2.1: a refused key is a spoofing attempt: 'invalid', then the stream ends."""
     machine, _ = inbound_after_tls()
     machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}'>k1</db:result>"))
-    assert f'type="{type_}"'.encode() in sent(machine.dialback_verified(LOCAL, REMOTE, answer))
+    actions = machine.dialback_verified(LOCAL, REMOTE, False)
+    assert b'type="invalid"' in sent(actions) and closed_with(actions) is None
+    assert machine.authenticated == set()
+
+
+def test_inbound_dialback_unverifiable_is_an_error_not_the_end() -> None:
+    machine, _ = inbound_after_tls()
+    machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}'>k1</db:result>"))
+    answer = etree.fromstring(sent(machine.dialback_verified(LOCAL, REMOTE, None)))
+    assert answer.get("type") == "error"
+    # XEP-0220 §2.4: the error element is in the stream's namespace, like a stanza error.
+    assert answer.find(f"{{{SERVER}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}"
+                       "remote-connection-failed") is not None
     stanza = xml(f"<message from='x@{REMOTE}' to='y@{LOCAL}'/>")
     assert closed_with(machine.receive(stanza)) == "not-authorized"
 
@@ -304,14 +316,20 @@ def test_outbound_sasl_failure_falls_back_to_dialback() -> None:
     assert b"db:result" in sent(actions)
 
 
-@pytest.mark.parametrize("type_", ["invalid", "error"])
-def test_outbound_dialback_refused(type_: str) -> None:
+@pytest.mark.parametrize(("answer", "bounce"), [
+    ("type='invalid'/>", "internal-server-error"),
+    ("type='error'><error type='cancel'><item-not-found "
+     "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></db:result>", "remote-server-timeout"),
+])
+def test_outbound_dialback_refused(answer: str, bounce: str) -> None:
+    """XEP-0220 §2.1.1: queued stanzas go back as internal-server-error (invalid) or
+    remote-server-timeout (error)."""
     machine = outbound()
     to_tls(machine, False)
     machine.receive(opened(to=LOCAL, from_=REMOTE, id_="sid2"))
     machine.receive(xml(FEATURES_DIALBACK))
-    actions = machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}' type='{type_}'/>"))
-    assert of(neg.Failed, actions)[0].condition == "remote-server-not-found"
+    actions = machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}' {answer}"))
+    assert of(neg.Failed, actions)[0].condition == bounce
 
 
 def test_outbound_required_valid_certificate() -> None:
@@ -479,3 +497,21 @@ def test_outbound_ignores_a_valid_result_it_did_not_ask_for() -> None:
     machine.receive(xml(FEATURES_TLS))  # SASL under way, no dialback request sent
     actions = machine.receive(xml(f"<db:result from='{REMOTE}' to='{LOCAL}' type='valid'/>"))
     assert not of(neg.Ready, actions) and closed_with(actions) == "unsupported-stanza-type"
+
+
+@pytest.mark.parametrize(("kind", "attrs", "key", "error"), [
+    ("result", {"from": LOCAL, "to": REMOTE}, "k", None),
+    ("result", {"from": LOCAL, "to": REMOTE, "type": "valid"}, None, None),
+    ("result", {"from": LOCAL, "to": REMOTE, "type": "error"}, None, "item-not-found"),
+    ("verify", {"from": LOCAL, "to": REMOTE, "id": "i1", "type": "invalid"}, None, None),
+    ("verify", {"from": LOCAL, "to": REMOTE, "id": "i1", "type": "error"}, None, "forbidden"),
+])
+def test_dialback_elements_validate(kind: str, attrs: dict[str, str], key: str | None,
+                                    error: str | None) -> None:
+    """What we send is what XEP-0220's schema (schemas/dialback.xsd) allows."""
+    from tests.schema import validate_element
+    validate_element(etree.fromstring(neg.dialback_element(kind, attrs, key, error)))
+    wrong = etree.fromstring(f"<db:result xmlns:db='{DB}' from='a' to='b' type='error'>"
+                             "<db:error/></db:result>")
+    with pytest.raises(AssertionError):
+        validate_element(wrong)
