@@ -53,7 +53,7 @@ class InboundStream(S2SStream):
     def _carry_out(self, actions: list[neg.Action]) -> None:
         for action in actions:
             if isinstance(action, neg.Deliver):
-                self.deliver(action.stanza)
+                self._stanza(action.stanza)
             elif isinstance(action, neg.Send):
                 self._write_now(action.data)
             elif isinstance(action, neg.CloseStream):

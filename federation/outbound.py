@@ -166,7 +166,7 @@ class OutboundStream(S2SStream):
                     if not future.done():
                         future.set_result(action.valid)
             elif isinstance(action, neg.Deliver):
-                self.deliver(action.stanza)
+                self._stanza(action.stanza)
             elif isinstance(action, neg.Ready):
                 self._ready(action.method)
             elif isinstance(action, neg.Failed):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
@@ -28,16 +27,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presenced.c2s")
 _Element: TypeAlias = etree._Element
-_BACKLOG_PAUSE = 64          # stanzas waiting behind an async handler before we stop reading
 
 
 class C2SConnection(XMLStreamConnection):
     kind = "c2s"
     local_client = True  # stanzas from it get outbound processing (the user's server)
     __slots__ = (
-        "_backlog",
         "_bare_str",
-        "_blocked",
         "_jid_str",
         "_server",
         "bound",
@@ -54,8 +50,6 @@ class C2SConnection(XMLStreamConnection):
         super().__init__(server.loop, server.new_parser(),
                          server.tls_layer(direct=True) if direct_tls else None)
         self._server = server
-        self._backlog: deque[_Element] | None = None  # made when needed: a deque is 760 bytes
-        self._blocked = False
         self.negotiation = neg.C2SNegotiation(
             server.c2s_policy, direct_tls=direct_tls, channel_binding=self._channel_binding,
             post_bind_features=server.post_bind_features)
@@ -158,13 +152,7 @@ class C2SConnection(XMLStreamConnection):
     # -- stanzas (hot path) ------------------------------------------------------------------
 
     def _stanza(self, el: _Element) -> None:
-        if self._blocked:
-            backlog = self._backlog
-            if backlog is None:
-                backlog = self._backlog = deque()
-            backlog.append(el)
-            if len(backlog) == _BACKLOG_PAUSE and self._transport is not None:
-                self._transport.pause_reading()
+        if self._blocked and self._hold(el):
             return
         if el.tag not in STANZA_TAGS:
             self.close("unsupported-stanza-type", f"unexpected element {el.tag}")
@@ -182,19 +170,7 @@ class C2SConnection(XMLStreamConnection):
         el.set("from", self._jid_str)
         pending = self._server.router.route(el, self)
         if pending is not None:
-            self._blocked = True
-            task = asyncio.ensure_future(pending)
-            task.add_done_callback(self._resume)
-
-    def _resume(self, _task: asyncio.Future[Any]) -> None:
-        self._blocked = False
-        backlog = self._backlog
-        while backlog and not self._blocked and not self._closing:
-            self._stanza(backlog.popleft())
-        if not backlog:
-            self._backlog = None
-            if self._transport is not None and not self._closing:
-                self._transport.resume_reading()
+            self._wait_for(pending)
 
     # -- output ------------------------------------------------------------------------------
 

@@ -7,21 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 from server.errors import StreamError
 from server.stream.tls import TLSError, TLSLayer
 from server.xml.parser import Event, StreamParser
 from server.xml.writer import STREAM_CLOSE, stream_error
 
+if TYPE_CHECKING:
+    from lxml.etree import _Element
+
 log = logging.getLogger("presenced.stream")
 WRITE_BUFFER_LIMIT = 8 << 20  # a peer that does not read this much gets disconnected
 CLOSE_GRACE = 2.0             # RFC 6120 §4.4: wait this long for the peer's </stream:stream>
+BACKLOG_PAUSE = 64            # stanzas waiting behind an asynchronous route: stop reading
 
 
 class XMLStreamConnection(asyncio.Protocol):
     kind = "stream"  # for logs: "c2s", "s2s-in", "s2s-out"
-    __slots__ = ("_closing", "_flush_handle", "_loop", "_out", "_parser", "_tls", "_transport",
-                 "last_activity", "opened_at", "peer")
+    __slots__ = ("_backlog", "_blocked", "_closing", "_flush_handle", "_loop", "_out", "_parser",
+                 "_tls", "_transport", "last_activity", "opened_at", "peer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, parser: StreamParser,
                  tls: TLSLayer | None) -> None:
@@ -32,6 +39,8 @@ class XMLStreamConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._closing = False
+        self._backlog: deque[_Element] | None = None  # made when needed: a deque is 760 bytes
+        self._blocked = False
         self.peer = ""
         self.opened_at = self.last_activity = loop.time()
 
@@ -113,6 +122,40 @@ class XMLStreamConnection(asyncio.Protocol):
     def _who(self) -> str:
         """Who is at the other end, for logs."""
         return "-"
+
+    # -- stanzas in stream order (RFC 6120 §10.1) ---------------------------------------------
+
+    def _stanza(self, stanza: _Element) -> None:
+        """One stanza from the peer, handled in order: see _hold and _wait_for."""
+        raise NotImplementedError
+
+    def _hold(self, stanza: _Element) -> bool:
+        """True when an earlier stanza's routing is still under way: this one waits."""
+        if not self._blocked:
+            return False
+        backlog = self._backlog
+        if backlog is None:
+            backlog = self._backlog = deque()
+        backlog.append(stanza)
+        if len(backlog) == BACKLOG_PAUSE and self._transport is not None:
+            self._transport.pause_reading()
+        return True
+
+    def _wait_for(self, pending: Awaitable[Any]) -> None:
+        """Routing went asynchronous: later stanzas wait until it is done."""
+        self._blocked = True
+        task = asyncio.ensure_future(pending)
+        task.add_done_callback(self._resume)
+
+    def _resume(self, _task: asyncio.Future[Any]) -> None:
+        self._blocked = False
+        backlog = self._backlog
+        while backlog and not self._blocked and not self._closing:
+            self._stanza(backlog.popleft())
+        if not backlog:
+            self._backlog = None
+            if self._transport is not None and not self._closing:
+                self._transport.resume_reading()
 
     # -- output ------------------------------------------------------------------------------
 
