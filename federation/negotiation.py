@@ -366,7 +366,8 @@ class InboundNegotiation:
                 return self._sasl_refused("incorrect-encoding")
         # RFC 6120 §6.4.6 / XEP-0178 §3: the identity is the authzid, else the stream's 'from';
         # the certificate must be valid for it.
-        if identity is None or not self.policy.allowed(identity):
+        if (identity is None or identity in self.policy.domains
+                or not self.policy.allowed(identity)):
             return self._sasl_refused("not-authorized")
         if self.remote is not None and identity != self.remote:
             return self._sasl_refused("invalid-authzid")
@@ -400,7 +401,8 @@ class InboundNegotiation:
         reply = {"from": local, "to": remote, "type": "error"}
         if local not in self.policy.domains:
             return [Send(dialback_element("result", reply, error="item-not-found"))]
-        if not self.policy.allowed(remote):
+        # A peer never speaks for one of our own domains (nor for a domain policy excludes).
+        if remote in self.policy.domains or not self.policy.allowed(remote):
             return [Send(dialback_element("result", reply, error="forbidden"))]
         if (local, remote) in self.authenticated:
             return [Send(dialback_element("result", {**reply, "type": "valid"}))]

@@ -515,3 +515,15 @@ def test_dialback_elements_validate(kind: str, attrs: dict[str, str], key: str |
                              "<db:error/></db:result>")
     with pytest.raises(AssertionError):
         validate_element(wrong)
+
+
+def test_inbound_nobody_speaks_for_our_own_domains() -> None:
+    machine, _ = inbound_after_tls(valid_for={LOCAL})
+    out = sent(machine.receive(xml(f"<db:result from='{LOCAL}' to='{LOCAL}'>k</db:result>")))
+    assert b"forbidden" in out and machine.authenticated == set()
+    authzid = base64.b64encode(LOCAL.encode()).decode()
+    machine = neg.InboundNegotiation(policy(), direct_tls=True, certificate_valid=lambda _d: True)
+    machine.receive(opened(from_=None))
+    actions = machine.receive(xml("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                                  f"mechanism='EXTERNAL'>{authzid}</auth>"))
+    assert b"not-authorized" in sent(actions) and machine.authenticated == set()
