@@ -459,14 +459,14 @@ async def test_direct_tls_found_by_xmpps_server_srv(tmp_path: Path) -> None:
     records = [f"address=/{ONE}/{HOST_ONE}",
                f"srv-host=_xmpps-server._tcp.{ONE},{ONE},{direct_one},0,5"]
     with dns_server(tmp_path, records) as nameserver:
-        one = await start_server(
-            tmp_path / "one",
-            f'[s2s]\nroutes = {{ "{TWO}" = "{HOST_TWO}:{port_two}" }}\n',
-            domains=(ONE,), host=HOST_ONE, s2s_tls=f"{HOST_ONE}:{direct_one}")
         two = PresencedPeer(tmp_path / "two", host=HOST_TWO, domains=(TWO,), c2s_port=c2s_two,
                             s2s_port=port_two,
                             extra_config=f'[s2s]\nnameservers = ["{nameserver}"]\n')
         two.register("bob", TWO, PASSWORD)
+        one = await start_server(
+            tmp_path / "one",
+            f'[s2s]\nroutes = {{ "{TWO}" = "{HOST_TWO}:{port_two}" }}\n',
+            domains=(ONE,), host=HOST_ONE, s2s_tls=f"{HOST_ONE}:{direct_one}")
         try:
             await one.add_user(f"alice@{ONE}")
             await two.astart()
