@@ -169,6 +169,12 @@ def _sasl_failure(condition: str) -> bytes:
     return (f'<failure xmlns="{ns.SASL}"><{condition}/></failure>').encode()
 
 
+def verify_request(local: str, remote: str, stream_id: str, key: str) -> bytes:
+    """<db:verify/> asking the peer (authoritative for `remote`) about a key it sent us on its
+    stream `stream_id` (XEP-0220 §2.1.2)."""
+    return dialback_element("verify", {"from": local, "to": remote, "id": stream_id}, key)
+
+
 def answer_verify(policy: Policy, el: _Element) -> list[Action] | None:
     """We are the authoritative server (XEP-0220 §2.3.2): is the key one we made?
     None when the request is malformed."""
@@ -481,9 +487,7 @@ class OutboundNegotiation:
         return [RestartStream(), Send(self._header())]
 
     def verify_request(self, stream_id: str, key: str) -> bytes:
-        """<db:verify/> asking the peer (authoritative for `remote`) about a key it sent us."""
-        return dialback_element("verify", {"from": self.local, "to": self.remote,
-                                           "id": stream_id}, key)
+        return verify_request(self.local, self.remote, stream_id, key)
 
     def receive(self, event: Event) -> list[Action]:
         if self.stage is Stage.CLOSED:

@@ -73,8 +73,7 @@ class OutboundStream(S2SStream):
         waiting = self._verifying.setdefault(stream_id, [])
         waiting.append(future)
         if len(waiting) == 1:
-            request = neg.OutboundNegotiation(self.federation.policy, self.local,
-                                              self.remote).verify_request(stream_id, key)
+            request = neg.verify_request(self.local, self.remote, stream_id, key)
             if self._can_verify:
                 self._queue(request)
             else:

@@ -20,6 +20,7 @@ TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
 STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
 def header(to: str, version: str | None = "1.0", xmlns: str = CLIENT, extra: str = "") -> bytes:
@@ -96,11 +97,27 @@ class RawClient:
             await self._read_more(timeout)
         return self._queue.pop(0)
 
+    async def next_of(self, kind: str, timeout: float = 5.0) -> etree._Element:
+        """The next message, presence or iq (`kind`); other stanzas are skipped."""
+        tag = f"{{{CLIENT}}}{kind}"
+        while True:
+            el = await self.next(timeout)
+            if el.tag == tag:
+                return el
+
     async def expect(self, tag: str, timeout: float = 5.0) -> etree._Element:
         el = await self.next(timeout)
         if el.tag != tag:
             raise AssertionError(f"expected {tag}, got {etree.tostring(el)!r}")
         return el
+
+    async def ask(self, xml: str, *, skip_others: bool = False) -> etree._Element:
+        """Send an iq; the answer must be the next stanza (skip_others: the next iq, past the
+        presence the server may send meanwhile)."""
+        await self.send(xml)
+        if not skip_others:
+            return await self.expect(f"{{{CLIENT}}}iq")
+        return await self.next_of("iq")
 
     async def open(self, to: str) -> etree._Element:
         """Send a header; returns the features."""
@@ -174,3 +191,12 @@ class RawClient:
             self.writer.close()
         with contextlib.suppress(ConnectionError, TimeoutError, ssl.SSLError):
             await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+
+def condition(reply: etree._Element) -> str:
+    """The defined condition of an error stanza (RFC 6120 §8.3.3)."""
+    assert reply.get("type") == "error", etree.tostring(reply)
+    error = reply.find(f"{{{CLIENT}}}error")
+    assert error is not None
+    names = [etree.QName(c).localname for c in error if etree.QName(c).namespace == STANZAS]
+    return next(n for n in names if n != "text")

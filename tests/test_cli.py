@@ -445,3 +445,17 @@ def test_serve_until_sigterm(tmp_path: Path) -> None:
     assert all(line.startswith("time=") and " level=" in line for line in seen), seen
     assert any("event=certificate-generated" in line for line in seen)
     assert any("event=stopped" in line for line in seen)
+
+
+def test_check_domain_certificates(tmp_path: Path) -> None:
+    """A hosted domain's own certificate ([tls] domain_certificates) is checked for that
+    domain: here it names another one."""
+    generate_self_signed(["a.test"], tmp_path / "a.pem", tmp_path / "a.key")
+    config = write_config(tmp_path, """\
+        [tls]
+        domain_certificates = { "b.test" = ["a.pem", "a.key"] }
+        """)
+    result = presenced(tmp_path, "check", "-c", str(config))
+    assert result.code == 0, result  # a warning: clients and peers asking for b.test balk
+    assert (f"warning: {config}:9: [tls] domain_certificates: b.test: certificate "
+            f"{tmp_path}/a.pem is not for b.test (it names a.test, a.test)") in result.out

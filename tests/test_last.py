@@ -14,27 +14,14 @@ from slixmpp import JID as SlixJID
 from server.jid import JID
 from server.modules import last as last_module
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.rawclient import CLIENT, RawClient
+from tests.rawclient import condition
 
 LAST = "jabber:iq:last"
 QUERY = f"{{{LAST}}}query"
-STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
-async def ask(client: RawClient, xml: str) -> etree._Element:
-    await client.send(xml)
-    while True:  # skip presence the server may send meanwhile
-        el = await client.next()
-        if el.tag == f"{{{CLIENT}}}iq":
-            return el
 
 
-def condition(reply: etree._Element) -> str:
-    assert reply.get("type") == "error", etree.tostring(reply)
-    error = reply.find(f"{{{CLIENT}}}error")
-    assert error is not None
-    names = [etree.QName(c).localname for c in error if etree.QName(c).namespace == STANZAS]
-    return next(n for n in names if n != "text")
 
 
 def last_query(to: str | None, id_: str = "l") -> str:
@@ -79,16 +66,16 @@ async def test_logout_time_and_status(server: RunningServer) -> None:
     allow(server, {"alice@a.test"}, seen)
     alice = await server.raw_login("alice@a.test")
     # Never logged out yet, not online.
-    reply = await ask(alice, last_query("bob@a.test", "never"))
+    reply = await alice.ask(last_query("bob@a.test", "never"), skip_others=True)
     assert condition(reply) == "item-not-found"
     assert seen == [("bob@a.test", "alice@a.test/raw")]
 
     bob = await server.raw_login("bob@a.test")
     await bob.send("<presence/>")
-    reply = await ask(bob, last_query(None, "self"))  # own account, available: 0
+    reply = await bob.ask(last_query(None, "self"), skip_others=True)  # own account, available: 0
     assert reply.get("type") == "result"
     assert reply.find(QUERY).get("seconds") == "0"
-    reply = await ask(alice, last_query("bob@a.test", "online"))
+    reply = await alice.ask(last_query("bob@a.test", "online"), skip_others=True)
     query = reply.find(QUERY)
     assert query is not None and query.get("seconds") == "0" and not query.text
 
@@ -98,7 +85,7 @@ async def test_logout_time_and_status(server: RunningServer) -> None:
     logout, status = await logged_out(server, "bob")
     assert before <= logout <= int(time.time()) and status == "Heading Home"
 
-    reply = await ask(alice, last_query("bob@a.test", "offline"))
+    reply = await alice.ask(last_query("bob@a.test", "offline"), skip_others=True)
     assert reply.get("type") == "result" and reply.get("from") == "bob@a.test"
     query = reply.find(QUERY)
     assert query is not None and query.text == "Heading Home"
@@ -106,7 +93,7 @@ async def test_logout_time_and_status(server: RunningServer) -> None:
 
     # Pretend the logout was long ago: seconds count from the stored time.
     await server.server.storage.last_activity.set("bob", "a.test", logout - 903, "Gone")
-    reply = await ask(alice, last_query("bob@a.test", "old"))
+    reply = await alice.ask(last_query("bob@a.test", "old"), skip_others=True)
     query = reply.find(QUERY)
     assert query is not None and query.text == "Gone"
     assert 903 <= int(query.get("seconds", "-1")) <= 910
@@ -122,13 +109,13 @@ async def test_forbidden_and_unknown(server: RunningServer) -> None:
     await carol.send("<presence/>")
     alice = await server.raw_login("alice@a.test")
     # XEP-0012 §3: not allowed to see carol's presence, online or not.
-    reply = await ask(alice, last_query("carol@a.test", "f"))
+    reply = await alice.ask(last_query("carol@a.test", "f"), skip_others=True)
     assert condition(reply) == "forbidden"
     assert seen == [("carol@a.test", "alice@a.test/raw")]
-    reply = await ask(alice, last_query("nobody@a.test", "u"))
+    reply = await alice.ask(last_query("nobody@a.test", "u"), skip_others=True)
     assert condition(reply) == "service-unavailable"
-    reply = await ask(alice, "<iq type='get' id='d' to='a.test'>"
-                             "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+    reply = await alice.ask("<iq type='get' id='d' to='a.test'>"
+                             "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>", skip_others=True)
     features = {f.get("var") for f in reply.iter("{http://jabber.org/protocol/disco#info}feature")}
     assert LAST in features
     await alice.close()
@@ -144,9 +131,9 @@ async def test_no_access_answer_means_only_the_account_itself(
     bob = await server.raw_login("bob@a.test")
     await bob.send("<presence/>")
     alice = await server.raw_login("alice@a.test")
-    reply = await ask(alice, last_query("bob@a.test"))
+    reply = await alice.ask(last_query("bob@a.test"), skip_others=True)
     assert condition(reply) == "forbidden"
-    reply = await ask(bob, last_query("bob@a.test"))
+    reply = await bob.ask(last_query("bob@a.test"), skip_others=True)
     assert reply.find(QUERY).get("seconds") == "0"
     await alice.close()
     await bob.close()
@@ -158,14 +145,14 @@ async def test_shutdown_records_logout_of_online_accounts(tmp_path: Path) -> Non
         await running.add_user("bob@a.test")
         bob = await running.raw_login("bob@a.test")
         await bob.send("<presence/>")
-        reply = await ask(bob, last_query(None))
+        reply = await bob.ask(last_query(None), skip_others=True)
         assert reply.find(QUERY).get("seconds") == "0"
     finally:
         await stop_server(running)
     running = await start_server(tmp_path)
     try:
         bob = await running.raw_login("bob@a.test")  # no available presence: offline answer
-        reply = await ask(bob, last_query("bob@a.test"))
+        reply = await bob.ask(last_query("bob@a.test"), skip_others=True)
         assert reply.get("type") == "result", etree.tostring(reply)
         assert 0 <= int(reply.find(QUERY).get("seconds", "-1")) <= 10
         await bob.close()

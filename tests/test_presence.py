@@ -148,11 +148,8 @@ async def test_priority_routing_of_bare_messages(server: RunningServer) -> None:
     await asyncio.sleep(0.2)
     alice = await server.raw_login("alice@a.test")
     await alice.send("<message to='bob@a.test' type='chat'><body>to the top</body></message>")
-    while True:
-        el = await high.next()
-        if el.tag == f"{{{CLIENT}}}message":
-            assert el.findtext(f"{{{CLIENT}}}body") == "to the top"
-            break
+    el = await high.next_of("message")
+    assert el.findtext(f"{{{CLIENT}}}body") == "to the top"
     # Negative priority: no bare-JID messages at all.
     await high.send("<presence><priority>-1</priority></presence>")
     await low.send("<presence><priority>-1</priority></presence>")
@@ -253,21 +250,13 @@ async def test_message_types_to_bare_jid(server: RunningServer) -> None:
     alice = await server.raw_login("alice@a.test")
     await alice.send("<message to='bob@a.test' type='headline'><body>news</body></message>")
     for client in (one, two):
-        while True:
-            el = await client.next()
-            if el.tag == f"{{{CLIENT}}}message":
-                assert el.findtext(f"{{{CLIENT}}}body") == "news"
-                break
+        el = await client.next_of("message")
+        assert el.findtext(f"{{{CLIENT}}}body") == "news"
     await alice.send("<message to='bob@a.test' type='groupchat' id='g'><body>x</body></message>")
-    err = await alice.next()
-    while err.tag != f"{{{CLIENT}}}message":
-        err = await alice.next()
+    err = await alice.next_of("message")
     assert err.get("type") == "error" and err.get("id") == "g"
     assert err.find(f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}service-unavailable") is not None
     await alice.send("<message to='bob@a.test' type='error' id='e'><body>x</body></message>")
     await alice.send("<message to='bob@a.test' type='chat' id='c'><body>top</body></message>")
-    while True:
-        el = await one.next()
-        if el.tag == f"{{{CLIENT}}}message":
-            assert el.get("id") == "c"  # the error-type message was dropped, not delivered
-            break
+    el = await one.next_of("message")
+    assert el.get("id") == "c"  # the error-type message was dropped, not delivered

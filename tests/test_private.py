@@ -7,11 +7,10 @@ from slixmpp.xmlstream import ElementBase
 
 from server.modules import private as private_module
 from tests.conftest import RunningServer
-from tests.rawclient import CLIENT, RawClient
+from tests.rawclient import condition
 
 PRIVATE = "jabber:iq:private"
 QUERY = f"{{{PRIVATE}}}query"
-STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
 class Prefs(ElementBase):
@@ -22,17 +21,8 @@ class Prefs(ElementBase):
     sub_interfaces = interfaces
 
 
-async def ask(client: RawClient, xml: str) -> etree._Element:
-    await client.send(xml)
-    return await client.expect(f"{{{CLIENT}}}iq")
 
 
-def condition(reply: etree._Element) -> str:
-    assert reply.get("type") == "error", etree.tostring(reply)
-    error = reply.find(f"{{{CLIENT}}}error")
-    assert error is not None
-    names = [etree.QName(c).localname for c in error if etree.QName(c).namespace == STANZAS]
-    return next(n for n in names if n != "text")
 
 
 async def test_store_and_retrieve_with_slixmpp(server: RunningServer) -> None:
@@ -57,22 +47,22 @@ async def test_keys_replacement_and_unknown(server: RunningServer) -> None:
     await server.add_user("bob@a.test")
     client = await server.raw_login("alice@a.test")
     # Unknown: the requested element comes back empty.
-    reply = await ask(client, f"<iq type='get' id='g0'><query xmlns='{PRIVATE}'>"
+    reply = await client.ask(f"<iq type='get' id='g0'><query xmlns='{PRIVATE}'>"
                               "<a xmlns='urn:one'/></query></iq>")
     assert reply.get("type") == "result"
     stored = reply.find(f"{QUERY}/{{urn:one}}a")
     assert stored is not None and len(stored) == 0 and not stored.text
     # Two in one set; the key is (name, namespace).
-    reply = await ask(client, f"<iq type='set' id='s1'><query xmlns='{PRIVATE}'>"
+    reply = await client.ask(f"<iq type='set' id='s1'><query xmlns='{PRIVATE}'>"
                               "<a xmlns='urn:one'><v>1</v></a><b xmlns='urn:one'><v>2</v></b>"
                               "<a xmlns='urn:two'><v>3</v></a></query></iq>")
     assert reply.get("type") == "result" and reply.get("id") == "s1"
-    reply = await ask(client, f"<iq type='set' id='s2'><query xmlns='{PRIVATE}'>"
+    reply = await client.ask(f"<iq type='set' id='s2'><query xmlns='{PRIVATE}'>"
                               "<a xmlns='urn:one' x='y'><v>4</v></a></query></iq>")
     assert reply.get("type") == "result"
     for name, namespace, value in (("a", "urn:one", "4"), ("b", "urn:one", "2"),
                                    ("a", "urn:two", "3")):
-        reply = await ask(client, f"<iq type='get' id='g'><query xmlns='{PRIVATE}'>"
+        reply = await client.ask(f"<iq type='get' id='g'><query xmlns='{PRIVATE}'>"
                                   f"<{name} xmlns='{namespace}'/></query></iq>")
         item = reply.find(f"{QUERY}/{{{namespace}}}{name}")
         assert item is not None, etree.tostring(reply)
@@ -82,7 +72,7 @@ async def test_keys_replacement_and_unknown(server: RunningServer) -> None:
 
     # Bob's storage is his own.
     bob = await server.raw_login("bob@a.test")
-    reply = await ask(bob, f"<iq type='get' id='g'><query xmlns='{PRIVATE}'>"
+    reply = await bob.ask(f"<iq type='get' id='g'><query xmlns='{PRIVATE}'>"
                            "<a xmlns='urn:one'/></query></iq>")
     item = reply.find(f"{QUERY}/{{urn:one}}a")
     assert item is not None and len(item) == 0
@@ -117,16 +107,16 @@ async def test_errors(server: RunningServer) -> None:
          "bad-request"),
     ]
     for xml, expected in cases:
-        reply = await ask(client, xml)
+        reply = await client.ask(xml)
         assert condition(reply) == expected, xml[:80]
     # A set refused for one child stored none of them.
-    reply = await ask(client, f"<iq type='set' id='m'><query xmlns='{PRIVATE}'>"
+    reply = await client.ask(f"<iq type='set' id='m'><query xmlns='{PRIVATE}'>"
                               "<ok xmlns='urn:ok'/><x xmlns='jabber:client'/></query></iq>")
     assert condition(reply) == "not-acceptable"
-    reply = await ask(client, f"<iq type='get' id='g'><query xmlns='{PRIVATE}'>"
+    reply = await client.ask(f"<iq type='get' id='g'><query xmlns='{PRIVATE}'>"
                               "<ok xmlns='urn:ok'><v/></ok></query></iq>")
     assert len(reply.find(f"{QUERY}/{{urn:ok}}ok")) == 0
-    reply = await ask(client, "<iq type='get' id='d' to='a.test'>"
+    reply = await client.ask("<iq type='get' id='d' to='a.test'>"
                               "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
     features = {f.get("var") for f in reply.iter("{http://jabber.org/protocol/disco#info}feature")}
     assert PRIVATE in features

@@ -6,30 +6,19 @@ import base64
 import hashlib
 from pathlib import Path
 
-from lxml import etree
 from slixmpp import JID as SlixJID
 from slixmpp.plugins.xep_0054.stanza import VCardTemp
 
 from server.modules import vcard as vcard_module
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.rawclient import CLIENT, RawClient
+from tests.rawclient import condition
 
 VCARD_NS = "vcard-temp"
-STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 IMAGE = bytes(range(256)) * 8  # not an image, but the hash is over whatever bytes BINVAL holds
 
 
-async def ask(client: RawClient, xml: str) -> etree._Element:
-    await client.send(xml)
-    return await client.expect(f"{{{CLIENT}}}iq")
 
 
-def condition(reply: etree._Element) -> str:
-    assert reply.get("type") == "error", etree.tostring(reply)
-    error = reply.find(f"{{{CLIENT}}}error")
-    assert error is not None
-    names = [etree.QName(c).localname for c in error if etree.QName(c).namespace == STANZAS]
-    return next(n for n in names if n != "text")
 
 
 async def test_publish_and_read_vcard_with_slixmpp(server: RunningServer) -> None:
@@ -57,22 +46,22 @@ async def test_publish_and_read_vcard_with_slixmpp(server: RunningServer) -> Non
 async def test_own_vcard_without_to_and_replacement(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     client = await server.raw_login("alice@a.test")
-    reply = await ask(client, "<iq type='get' id='g0'><vCard xmlns='vcard-temp'/></iq>")
+    reply = await client.ask("<iq type='get' id='g0'><vCard xmlns='vcard-temp'/></iq>")
     vcard = reply.find(f"{{{VCARD_NS}}}vCard")
     # XEP-0054 §3.1: nothing stored yet is an empty vCard.
     assert reply.get("type") == "result" and vcard is not None and len(vcard) == 0
     assert await vcard_module.avatar_hash("alice", "a.test") is None
 
-    reply = await ask(client, "<iq type='set' id='s1'><vCard xmlns='vcard-temp'>"
+    reply = await client.ask("<iq type='set' id='s1'><vCard xmlns='vcard-temp'>"
                               "<FN>First</FN><PHOTO><BINVAL>aGVsbG8=</BINVAL></PHOTO></vCard></iq>")
     assert reply.get("type") == "result" and reply.get("id") == "s1"
     assert await vcard_module.avatar_hash("alice", "a.test") == hashlib.sha1(b"hello").hexdigest()
-    reply = await ask(client, "<iq type='set' id='s2'><vCard xmlns='vcard-temp'>"
+    reply = await client.ask("<iq type='set' id='s2'><vCard xmlns='vcard-temp'>"
                               "<FN>Second</FN><x:note xmlns:x='urn:x'>kept</x:note></vCard></iq>")
     assert reply.get("type") == "result"
     # A vCard without a photo: '' (presence then carries an empty <photo/>).
     assert await vcard_module.avatar_hash("alice", "a.test") == ""
-    reply = await ask(client, "<iq type='get' id='g1'><vCard xmlns='vcard-temp'/></iq>")
+    reply = await client.ask("<iq type='get' id='g1'><vCard xmlns='vcard-temp'/></iq>")
     vcard = reply.find(f"{{{VCARD_NS}}}vCard")
     assert vcard is not None
     assert vcard.findtext(f"{{{VCARD_NS}}}FN") == "Second"
@@ -85,18 +74,18 @@ async def test_other_accounts_vcard_errors_and_empty(server: RunningServer) -> N
     await server.add_user("alice@a.test")
     await server.add_user("bob@a.test")
     client = await server.raw_login("alice@a.test")
-    reply = await ask(client, "<iq type='get' id='b' to='bob@a.test'>"
+    reply = await client.ask("<iq type='get' id='b' to='bob@a.test'>"
                               "<vCard xmlns='vcard-temp'/></iq>")
     assert reply.get("type") == "result" and reply.get("from") == "bob@a.test"
     vcard = reply.find(f"{{{VCARD_NS}}}vCard")
     assert vcard is not None and len(vcard) == 0
-    reply = await ask(client, "<iq type='get' id='n' to='nobody@a.test'>"
+    reply = await client.ask("<iq type='get' id='n' to='nobody@a.test'>"
                               "<vCard xmlns='vcard-temp'/></iq>")
     assert condition(reply) == "service-unavailable"
-    reply = await ask(client, "<iq type='set' id='f' to='bob@a.test'>"
+    reply = await client.ask("<iq type='set' id='f' to='bob@a.test'>"
                               "<vCard xmlns='vcard-temp'><FN>Mallory</FN></vCard></iq>")
     assert condition(reply) == "forbidden"
-    reply = await ask(client, "<iq type='get' id='b2' to='bob@a.test'>"
+    reply = await client.ask("<iq type='get' id='b2' to='bob@a.test'>"
                               "<vCard xmlns='vcard-temp'/></iq>")
     assert len(reply.find(f"{{{VCARD_NS}}}vCard")) == 0
     await client.close()
@@ -106,16 +95,16 @@ async def test_bad_vcards_are_refused(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     client = await server.raw_login("alice@a.test")
     big = "x" * (vcard_module.MAX_VCARD_SIZE + 1)
-    reply = await ask(client, f"<iq type='set' id='big'><vCard xmlns='vcard-temp'><DESC>{big}"
+    reply = await client.ask(f"<iq type='set' id='big'><vCard xmlns='vcard-temp'><DESC>{big}"
                               "</DESC></vCard></iq>")
     assert condition(reply) == "not-acceptable"
-    reply = await ask(client, "<iq type='set' id='b64'><vCard xmlns='vcard-temp'><PHOTO>"
+    reply = await client.ask("<iq type='set' id='b64'><vCard xmlns='vcard-temp'><PHOTO>"
                               "<BINVAL>not*base64!</BINVAL></PHOTO></vCard></iq>")
     assert condition(reply) == "bad-request"
-    reply = await ask(client, "<iq type='set' id='el'><card xmlns='vcard-temp'/></iq>")
+    reply = await client.ask("<iq type='set' id='el'><card xmlns='vcard-temp'/></iq>")
     assert condition(reply) == "bad-request"
     # Nothing of the refused sets was stored.
-    reply = await ask(client, "<iq type='get' id='g'><vCard xmlns='vcard-temp'/></iq>")
+    reply = await client.ask("<iq type='get' id='g'><vCard xmlns='vcard-temp'/></iq>")
     assert len(reply.find(f"{{{VCARD_NS}}}vCard")) == 0
     await client.close()
 
@@ -125,7 +114,7 @@ async def test_folded_binval_hash(server: RunningServer) -> None:
     client = await server.raw_login("alice@a.test")
     encoded = base64.b64encode(IMAGE).decode()
     folded = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
-    reply = await ask(client, "<iq type='set' id='s'><vCard xmlns='vcard-temp'><PHOTO>"
+    reply = await client.ask("<iq type='set' id='s'><vCard xmlns='vcard-temp'><PHOTO>"
                               f"<TYPE>image/png</TYPE><BINVAL>{folded}</BINVAL></PHOTO></vCard></iq>")
     assert reply.get("type") == "result"
     assert await vcard_module.avatar_hash("alice", "a.test") == hashlib.sha1(IMAGE).hexdigest()
@@ -135,10 +124,10 @@ async def test_folded_binval_hash(server: RunningServer) -> None:
 async def test_server_vcard_and_disco_feature(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     client = await server.raw_login("alice@a.test")
-    reply = await ask(client, "<iq type='get' id='s' to='b.test'><vCard xmlns='vcard-temp'/></iq>")
+    reply = await client.ask("<iq type='get' id='s' to='b.test'><vCard xmlns='vcard-temp'/></iq>")
     assert reply.get("type") == "result" and reply.get("from") == "b.test"
     assert reply.findtext(f"{{{VCARD_NS}}}vCard/{{{VCARD_NS}}}FN") == "b.test"
-    reply = await ask(client, "<iq type='get' id='d' to='a.test'>"
+    reply = await client.ask("<iq type='get' id='d' to='a.test'>"
                               "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
     features = {f.get("var") for f in reply.iter("{http://jabber.org/protocol/disco#info}feature")}
     assert "vcard-temp" in features
@@ -151,7 +140,7 @@ async def test_vcard_survives_restart_and_account_deletion(tmp_path: Path) -> No
         await running.add_user("alice@a.test")
         await running.add_user("bob@a.test")
         client = await running.raw_login("alice@a.test")
-        reply = await ask(client, "<iq type='set' id='s'><vCard xmlns='vcard-temp'>"
+        reply = await client.ask("<iq type='set' id='s'><vCard xmlns='vcard-temp'>"
                                   "<PHOTO><BINVAL>aGVsbG8=</BINVAL></PHOTO></vCard></iq>")
         assert reply.get("type") == "result"
         await client.close()
@@ -163,7 +152,7 @@ async def test_vcard_survives_restart_and_account_deletion(tmp_path: Path) -> No
         assert await vcard_module.avatar_hash("alice", "a.test") == \
             hashlib.sha1(b"hello").hexdigest()
         client = await running.raw_login("bob@a.test")
-        reply = await ask(client, "<iq type='get' id='g' to='alice@a.test'>"
+        reply = await client.ask("<iq type='get' id='g' to='alice@a.test'>"
                                   "<vCard xmlns='vcard-temp'/></iq>")
         assert reply.findtext(f"{{{VCARD_NS}}}vCard/{{{VCARD_NS}}}PHOTO/{{{VCARD_NS}}}BINVAL") \
             == "aGVsbG8="
@@ -180,7 +169,7 @@ async def test_avatar_hash_added_to_presence(server: RunningServer) -> None:
     import hashlib
     await server.add_user("alice@a.test")
     client = await server.raw_login("alice@a.test")
-    await ask(client, "<iq type='set' id='v'><vCard xmlns='vcard-temp'>"
+    await client.ask("<iq type='set' id='v'><vCard xmlns='vcard-temp'>"
                       "<PHOTO><BINVAL>aGVsbG8=</BINVAL></PHOTO></vCard></iq>")
     await client.send("<presence/>")
     while True:

@@ -6,11 +6,10 @@ json_each), hence one transaction of its own on the shared autocommit connection
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterable
 
-import aiosqlite
+from server.storage.store import SQLiteStore
 
 # Appended to sqlite.MIGRATIONS.
 MIGRATION = [
@@ -25,14 +24,8 @@ MIGRATION = [
 ]
 
 
-class SQLiteBlocklistStore:
-    """BlocklistStore."""
-
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._db = db
-        # Writes hold the storage's write lock: on the one shared connection, a statement run
-        # while another store's transaction is open would join it (and its rollback).
-        self._lock = lock
+class SQLiteBlocklistStore(SQLiteStore):
+    """BlocklistStore. Writes hold the storage's write lock (see store.py)."""
 
     async def get(self, user: str, domain: str) -> list[str]:
         rows = await self._db.execute_fetchall(

@@ -6,9 +6,7 @@ connection: a message is committed when store() returns (it survives a process k
 
 from __future__ import annotations
 
-import asyncio
-
-import aiosqlite
+from server.storage.store import SQLiteStore
 
 # Appended to sqlite.MIGRATIONS. AUTOINCREMENT: ids never go back, so a message stored while
 # another batch is being delivered always sorts after it and survives its deletion.
@@ -25,14 +23,8 @@ MIGRATION = [
 ]
 
 
-class SQLiteOfflineStore:
-    """OfflineStore."""
-
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._db = db
-        # Writes hold the storage's write lock: on the one shared connection, a statement run
-        # while another store's transaction is open would join it (and its rollback).
-        self._lock = lock
+class SQLiteOfflineStore(SQLiteStore):
+    """OfflineStore. Writes hold the storage's write lock (see store.py)."""
 
     async def store(self, user: str, domain: str, stanza: bytes, max_messages: int) -> bool:
         # The quota check and the insert are one statement, so concurrent senders cannot

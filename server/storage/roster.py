@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import aiosqlite
-
 from server.storage.base import RosterItem
+from server.storage.store import SQLiteStore
 
 MIGRATION = [
     """CREATE TABLE roster_items (
@@ -39,10 +37,8 @@ MIGRATION = [
 _COLUMNS = "contact, name, groups, subscription, pending_out, pending_in, approved, listed, request"
 
 
-class SQLiteRosterStore:
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._db = db
-        self._lock = lock  # one connection: multi-statement transactions must not interleave
+class SQLiteRosterStore(SQLiteStore):
+    """RosterStore. Changes are multi-statement transactions under the write lock."""
 
     async def load(self, user: str, domain: str) -> tuple[int, list[RosterItem]]:
         rows = await self._db.execute_fetchall(

@@ -1,22 +1,15 @@
 """SQLite stores for small per-account data: vCards (XEP-0054), private XML (XEP-0049) and last
 activity (XEP-0012). Each call is one statement, hence one transaction (autocommit).
-Writes hold the storage's write lock: on the one shared connection, a statement issued while
-another store's multi-statement transaction is open would otherwise become part of it.
-
 The tables reference accounts(domain, localpart) with ON DELETE CASCADE (see sqlite.py), so
-deleting an account removes its vCard, private XML and last activity; writing for an account
-that no longer exists raises NoSuchAccount.
+deleting an account removes its vCard, private XML and last activity; see store.py for the
+write lock and NoSuchAccount.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 from collections.abc import Sequence
 
-import aiosqlite
-
-from server.storage.base import NoSuchAccount
+from server.storage.store import SQLiteStore
 
 MIGRATION = [
     """CREATE TABLE vcards (
@@ -50,52 +43,34 @@ MIGRATION = [
 ]
 
 
-class SQLiteVCardStore:
+class SQLiteVCardStore(SQLiteStore):
     """VCardStore."""
 
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._db = db
-        self._lock = lock
-
     async def get(self, user: str, domain: str) -> str | None:
-        rows = await self._db.execute_fetchall(
+        row = await self._first(
             "SELECT vcard FROM vcards WHERE domain = ? AND localpart = ?", (domain, user))
-        for row in rows:
-            return str(row[0])
-        return None
+        return None if row is None else str(row[0])
 
     async def set(self, user: str, domain: str, vcard: str, avatar_hash: str) -> None:
-        try:
-            async with self._lock:
-                await self._db.execute(
-                    "INSERT OR REPLACE INTO vcards (domain, localpart, vcard, avatar_hash) "
-                    "VALUES (?, ?, ?, ?)", (domain, user, vcard, avatar_hash))
-        except sqlite3.IntegrityError:
-            raise NoSuchAccount(f"{user}@{domain}") from None
+        await self._write(user, domain,
+                          "INSERT OR REPLACE INTO vcards (domain, localpart, vcard, avatar_hash) "
+                          "VALUES (?, ?, ?, ?)", (domain, user, vcard, avatar_hash))
 
     async def avatar_hash(self, user: str, domain: str) -> str | None:
-        rows = await self._db.execute_fetchall(
+        row = await self._first(
             "SELECT avatar_hash FROM vcards WHERE domain = ? AND localpart = ?", (domain, user))
-        for row in rows:
-            return str(row[0])
-        return None
+        return None if row is None else str(row[0])
 
 
-class SQLitePrivateStore:
+class SQLitePrivateStore(SQLiteStore):
     """PrivateStore."""
 
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._db = db
-        self._lock = lock
-
     async def get(self, user: str, domain: str, namespace: str, name: str) -> str | None:
-        rows = await self._db.execute_fetchall(
+        row = await self._first(
             "SELECT xml FROM private_xml "
             "WHERE domain = ? AND localpart = ? AND namespace = ? AND name = ?",
             (domain, user, namespace, name))
-        for row in rows:
-            return str(row[0])
-        return None
+        return None if row is None else str(row[0])
 
     async def set(self, user: str, domain: str, items: Sequence[tuple[str, str, str]]) -> None:
         """Store (namespace, name, xml) items, replacing earlier ones with the same key. One
@@ -105,35 +80,21 @@ class SQLitePrivateStore:
         rows = ", ".join("(?, ?, ?, ?, ?)" for _ in items)
         params = [value for namespace, name, xml in items
                   for value in (domain, user, namespace, name, xml)]
-        try:
-            async with self._lock:
-                await self._db.execute(
-                    "INSERT OR REPLACE INTO private_xml "
-                    f"(domain, localpart, namespace, name, xml) VALUES {rows}", params)
-        except sqlite3.IntegrityError:
-            raise NoSuchAccount(f"{user}@{domain}") from None
+        await self._write(user, domain,
+                          "INSERT OR REPLACE INTO private_xml "
+                          f"(domain, localpart, namespace, name, xml) VALUES {rows}", params)
 
 
-class SQLiteLastActivityStore:
+class SQLiteLastActivityStore(SQLiteStore):
     """LastActivityStore."""
 
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._db = db
-        self._lock = lock
-
     async def get(self, user: str, domain: str) -> tuple[int, str] | None:
-        rows = await self._db.execute_fetchall(
+        row = await self._first(
             "SELECT logout, status FROM last_activity WHERE domain = ? AND localpart = ?",
             (domain, user))
-        for row in rows:
-            return int(row[0]), str(row[1])
-        return None
+        return None if row is None else (int(row[0]), str(row[1]))
 
     async def set(self, user: str, domain: str, logout: int, status: str) -> None:
-        try:
-            async with self._lock:
-                await self._db.execute(
-                    "INSERT OR REPLACE INTO last_activity (domain, localpart, logout, status) "
-                    "VALUES (?, ?, ?, ?)", (domain, user, logout, status))
-        except sqlite3.IntegrityError:
-            raise NoSuchAccount(f"{user}@{domain}") from None
+        await self._write(user, domain,
+                          "INSERT OR REPLACE INTO last_activity (domain, localpart, logout, "
+                          "status) VALUES (?, ?, ?, ?)", (domain, user, logout, status))

@@ -23,6 +23,8 @@ from server.storage.base import Credentials
 from server.stream import sasl
 from server.xml import ns
 from server.xml.parser import StreamClosed, StreamOpened
+from server.xml.stanza import IQ, error_reply
+from server.xml.stanza import STANZA_TAGS as STANZAS
 from server.xml.writer import stream_header
 
 _Element: TypeAlias = etree._Element
@@ -31,8 +33,6 @@ STARTTLS = ns.q(ns.TLS, "starttls")
 AUTH = ns.q(ns.SASL, "auth")
 RESPONSE = ns.q(ns.SASL, "response")
 ABORT = ns.q(ns.SASL, "abort")
-IQ = ns.q(ns.CLIENT, "iq")
-STANZAS = frozenset({ns.q(ns.CLIENT, "message"), ns.q(ns.CLIENT, "presence"), IQ})
 CHANNEL_BINDINGS = ("tls-exporter", "tls-server-end-point")
 MAX_SASL_FAILURES = 3  # RFC 6120 §6.4.5: allow at least 2 and at most 5 retries
 
@@ -166,7 +166,6 @@ class C2SNegotiation:
 
     def bind_failed(self, iq: _Element, error: StanzaError) -> list[Action]:
         self.stage = Stage.BIND
-        from server.xml.stanza import error_reply
         return [Send(etree.tostring(error_reply(iq, error)))]
 
     # -- stream headers ----------------------------------------------------------------------
