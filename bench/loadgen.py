@@ -620,8 +620,8 @@ class _Pair:
             self.fill()
 
 
-async def _pairs(target: Target, pairs: list[tuple[str, str]]) -> tuple[list[Client],
-                                                                          list[Client]]:
+async def _pairs(target: Target, pairs: list[tuple[str, str]],
+                 sink: bool = True) -> tuple[list[Client], list[Client]]:
     senders = await connect_many(target, [s for s, _ in pairs])
     try:
         receivers = await connect_many(target, [r for _, r in pairs])
@@ -629,8 +629,9 @@ async def _pairs(target: Target, pairs: list[tuple[str, str]]) -> tuple[list[Cli
         for s in senders:
             s.close()
         raise
-    for s in senders:  # what comes back to a sender (errors, if any) is not measured
-        s.sink = _drop
+    if sink:
+        for s in senders:  # what comes back to a sender (errors, if any) is not measured
+            s.sink = _drop
     return senders, receivers
 
 
@@ -638,22 +639,72 @@ def _drop(_data: bytes) -> None:
     pass
 
 
+SM_NS = "urn:xmpp:sm:3"
+
+
+class _SMPair(_Pair):
+    """A _Pair with XEP-0198 on both ends, as a phone client runs it: the sender asks for an
+    acknowledgement after each batch it writes, the receiver answers the server's <r/>."""
+
+    __slots__ = ("receiver", "requests")
+    REQUEST = f"<r xmlns='{SM_NS}'/>".encode()
+
+    def __init__(self, sender: Client, receiver: Client, window: int) -> None:
+        super().__init__(sender, receiver, window)
+        self.requests = TagCounter(b"<r xmlns")
+        self.receiver = receiver
+
+    def fill(self) -> None:
+        room = self.window - (self.sent - self.received)
+        if room > 0 and self.running:
+            assert self.sender.transport is not None
+            self.sender.transport.write(self.message * room + self.REQUEST)
+            self.sent += room
+
+    def on_data(self, data: bytes) -> None:
+        super().on_data(data)
+        if self.requests.count(data) and self.receiver.transport is not None:
+            # h: every stanza the receiver got since enabling is one of these messages.
+            self.receiver.transport.write(f"<a xmlns='{SM_NS}' h='{self.received}'/>".encode())
+
+
+async def _enable_sm(clients: Sequence[Client]) -> None:
+    for c in clients:
+        c.send(f"<enable xmlns='{SM_NS}' resume='true'/>")
+    for c in clients:
+        await c.expect(lambda el: el.tag == f"{{{SM_NS}}}enabled")
+
+
 async def op_messages(control: Control, target: Target, pairs: list[tuple[str, str]],
-                      window: int) -> dict[str, Any]:
-    senders, receivers = await _pairs(target, pairs)
+                      window: int, sm: bool = False) -> dict[str, Any]:
+    senders, receivers = await _pairs(target, pairs, sink=not sm)
     with closing_all(senders + receivers):
-        flows = [_Pair(s, r, window) for s, r in zip(senders, receivers, strict=True)]
-        timeline = await control.ready({"pairs": len(flows)})
-        snaps = Snapshots(lambda: sum(f.received for f in flows))
-        snaps.schedule(timeline)
-        await timeline.wait(timeline.start)
-        for f in flows:
-            f.running = True
-            f.fill()
-        await timeline.wait(timeline.end + 0.01)
-        for f in flows:
-            f.running = False
-    return {"delivered": snaps.delta, "sent": sum(f.sent for f in flows)}
+        if sm:
+            await _enable_sm(senders + receivers)
+            for s in senders:
+                s.sink = _drop
+        pair = _SMPair if sm else _Pair
+        flows = [pair(s, r, window) for s, r in zip(senders, receivers, strict=True)]
+        delivered = await _measure(control, {"pairs": len(flows)}, flows,
+                                   lambda: sum(f.received for f in flows), _Pair.fill)
+    return {"delivered": delivered, "sent": sum(f.sent for f in flows)}
+
+
+async def _measure(control: Control, info: dict[str, Any], flows: Sequence[Any],
+                   counter: Callable[[], int], begin: Callable[[Any], None]) -> int:
+    """Start every flow at the timeline's start (begin(flow)), stop them at its end; how much
+    the counter grew over the measured window."""
+    timeline = await control.ready(info)
+    snaps = Snapshots(counter)
+    snaps.schedule(timeline)
+    await timeline.wait(timeline.start)
+    for f in flows:
+        f.running = True
+        begin(f)
+    await timeline.wait(timeline.end + 0.01)
+    for f in flows:
+        f.running = False
+    return snaps.delta
 
 
 _STAMP = re.compile(rb"<body>t=(\d+);")
@@ -774,9 +825,67 @@ async def op_idle(control: Control, target: Target, users: list[str]) -> dict[st
     return {"sessions": len(clients)}
 
 
+class _OfflineSender:
+    """Batches of messages to users who are not online (each one is stored: the storage-heavy
+    path), each batch closed by a ping: the server handles a stream in order and stores a
+    message before it handles the next stanza, so the ping's answer means "batch stored"."""
+
+    __slots__ = (
+        "_errors",
+        "_replies",
+        "batch",
+        "client",
+        "errors",
+        "payload",
+        "replies",
+        "running",
+        "stored",
+    )
+
+    def __init__(self, client: Client, recipients: list[str], batch: int) -> None:
+        self.client = client
+        self.batch = batch
+        messages = b"".join(
+            (f"<message to='{_esc(recipients[i % len(recipients)])}' type='chat'>"
+             f"<body>{BODY}</body></message>").encode() for i in range(batch))
+        self.payload = messages + b"<iq type='get' id='b'><ping xmlns='urn:xmpp:ping'/></iq>"
+        self._replies = TagCounter(b"<iq ")
+        self._errors = TagCounter(b"<error ")
+        self.replies = self.errors = self.stored = 0
+        self.running = False
+        client.sink = self.on_data
+
+    def send(self) -> None:
+        if self.running:
+            assert self.client.transport is not None
+            self.client.transport.write(self.payload)
+
+    def on_data(self, data: bytes) -> None:
+        self.errors += self._errors.count(data)
+        done = self._replies.count(data)
+        if done:
+            self.replies += done
+            self.stored = self.replies * self.batch - self.errors
+            self.send()
+
+
+async def op_offline(control: Control, target: Target, senders: list[str],
+                     recipients: list[str], batch: int) -> dict[str, Any]:
+    clients = await connect_many(target, senders)
+    jids = [f"{user}@{target.domain}" for user in recipients]
+    with closing_all(clients):
+        flows = [_OfflineSender(c, jids[i::len(clients)] or jids, batch)
+                 for i, c in enumerate(clients)]
+        stored = await _measure(control, {"senders": len(flows)}, flows,
+                                lambda: sum(f.stored for f in flows), _OfflineSender.send)
+    return {"stored": stored, "errors": sum(f.errors for f in flows)}
+
+
 OPS: dict[str, Callable[..., Any]] = {
+    "offline": op_offline,
     "logins": op_logins,
     "messages": op_messages,
+    "messages_sm": lambda *args, **kw: op_messages(*args, **kw, sm=True),
     "latency": op_latency,
     "presence": op_presence,
     "idle": op_idle,

@@ -877,7 +877,10 @@ class PresencedPeer(Peer):
         text = (f"domains = [{', '.join(_yaml(d) for d in self.domains)}]\n"
                 f'data_dir = "{self.data_dir}"\n'
                 f"[listen]\nc2s = {addr(self.c2s_port)}\n"
-                f"c2s_tls = {addr(self.c2s_direct_tls_port)}\n")
+                f"c2s_tls = {addr(self.c2s_direct_tls_port)}\n"
+                # XMPP streams only, like the other peers: no HTTP server on its fixed default
+                # port, which a restart or a second run would find still taken.
+                "https = []\n")
         if self.s2s_port:
             text += f"s2s = {addr(self.s2s_port)}\n"
         text += f'[tls]\n{tls}[log]\nlevel = "{self.log_level}"\n{self.extra_config}'

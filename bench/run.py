@@ -1,6 +1,7 @@
 """Side-by-side benchmark: presenced, Prosody and ejabberd on loopback with the same parameters.
 
     python -m bench.run [--servers presenced,prosody,ejabberd] [--quick] [--pairs P] ...
+    python -m bench.run --storage    # presenced on SQLite and on PostgreSQL: logins, offline
 
 For each server in turn: start it on its own 127.0.0.N address, create the accounts (and the
 rosters the presence scenario needs), run the scenarios, stop it. Then one table: one row per
@@ -38,8 +39,14 @@ from bench.peers import (
 )
 
 SERVERS = ("presenced", "prosody", "ejabberd")
-ADDRESSES = {"presenced": "127.0.0.20", "prosody": "127.0.0.21", "ejabberd": "127.0.0.22"}
+# Only when asked for (--servers, --storage): presenced on a private PostgreSQL cluster.
+OPTIONAL_SERVERS = ("presenced-pg",)
+ADDRESSES = {"presenced": "127.0.0.20", "prosody": "127.0.0.21", "ejabberd": "127.0.0.22",
+             "presenced-pg": "127.0.0.23"}
 SCENARIOS = ("memory", "logins", "messages", "latency", "presence")
+# Only when asked for: messages to users who are offline (each one stored).
+OPTIONAL_SCENARIOS = ("offline",)
+STORAGE_COMPARISON = (("presenced", "presenced-pg"), ("logins", "offline"))
 DOMAIN = "bench.test"
 PASSWORD = "bench-password"
 
@@ -293,6 +300,22 @@ def scenario_presence(p: Params, peer: Peer, fleet: Fleet, target: loadgen.Targe
                            window.generator_cpu / window.seconds)
 
 
+def scenario_offline(p: Params, peer: Peer, fleet: Fleet, target: loadgen.Target,
+                     out: dict[str, Any]) -> None:
+    accounts = p.general_accounts
+    senders, recipients = accounts[:p.pairs], accounts[p.pairs:]
+    shards = split(fleet, "senders", senders, recipients=recipients, batch=p.window)
+    window = fleet.run("offline", peer, target, shards, p.warmup, p.duration)
+    stored = sum(r["stored"] for r in window.results)
+    errors = sum(r["errors"] for r in window.results)
+    if stored <= 0 or errors:  # nothing is refused below the quota of 1000 per account
+        raise RuntimeError(f"{max(stored, 0)} messages stored, {errors} refused")
+    out["offline_per_s"] = stored / window.seconds
+    out["offline_cpu_ms"] = window.server_cpu / stored * 1000
+    out["offline_cpu"] = (window.server_cpu / window.seconds,
+                          window.generator_cpu / window.seconds)
+
+
 class _NotApplicable(Exception):
     pass
 
@@ -303,10 +326,14 @@ RUNNERS: dict[str, Callable[[Params, Peer, Fleet, loadgen.Target, dict[str, Any]
     "messages": scenario_messages,
     "latency": scenario_latency,
     "presence": scenario_presence,
+    "offline": scenario_offline,
 }
 
 
 # -- one server ---------------------------------------------------------------------------------
+
+
+NO_ARCHIVE = '[mam]\ndefault = "never"\n'
 
 
 def make_peer(kind: str, host: str, port: int = 5222) -> Peer:
@@ -315,8 +342,17 @@ def make_peer(kind: str, host: str, port: int = 5222) -> Peer:
     if kind == "ejabberd":
         return EjabberdPeer(host=host, c2s_port=port, domains=(DOMAIN,),
                             in_band_registration=True)
+    # Like with like: Prosody and ejabberd run here without a message archive, so presenced
+    # does too (its default archives every message); bench/mam_messages.py compares all three
+    # with archiving on.
     if kind == "presenced":
-        return PresencedPeer(host=host, c2s_port=port, domains=(DOMAIN,))
+        return PresencedPeer(host=host, c2s_port=port, domains=(DOMAIN,),
+                             extra_config=NO_ARCHIVE)
+    if kind == "presenced-pg":
+        from bench.pg import PostgresPresencedPeer
+
+        return PostgresPresencedPeer(host=host, c2s_port=port, domains=(DOMAIN,),
+                                     extra_config=NO_ARCHIVE)
     raise ValueError(kind)
 
 
@@ -411,6 +447,10 @@ def rows(p: Params) -> list[Row]:
         Row("RSS with 0 sessions, MiB", "rss_base_mib", "memory", 1),
         Row(f"RSS with {p.idle} idle TLS sessions, MiB", "rss_idle_mib", "memory", 1),
         Row("  KiB per idle session", "rss_per_session_kib", "memory", 1),
+        Row(f"messages to offline users stored/s (S={p.pairs}, batch {p.window})",
+            "offline_per_s", "offline"),
+        Row("  server CPU ms per stored message", "offline_cpu_ms", "offline", 3),
+        Row("  CPU cores server / generator", "offline_cpu", "offline", ratio=False),
     ]
 
 
@@ -490,10 +530,21 @@ def describe(p: Params) -> str:
         f"(<= {p.presence_cap} notifications in flight)",
         f"memory: VmRSS of the server process (lua / beam.smp / python), 0 vs {p.idle} idle "
         "authenticated TLS sessions",
+        *([f"offline: {p.pairs} senders, each sending batches of {p.window} messages to users "
+           "who are offline, then a ping; counted when the ping is answered (all stored)"]
+          if "offline" in p.scenarios else []),
+        *(["presenced-pg: presenced with [storage] on a private PostgreSQL cluster (fsync off, "
+           "as SQLite's synchronous=NORMAL); its server CPU includes PostgreSQL's processes"]
+          if "presenced-pg" in p.servers else []),
     ])
 
 
 def _version(kind: str) -> str:
+    if kind == "presenced-pg":
+        from bench.pgcluster import bin_dir
+
+        found = bin_dir()
+        return f"(this tree), PostgreSQL {found.parent.name if found else '?'}"
     package = {"prosody": "prosody", "ejabberd": "ejabberd"}.get(kind)
     if package is None:
         return "(this tree)"
@@ -509,10 +560,16 @@ def _version(kind: str) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> Params:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--servers", default=",".join(SERVERS),
-                    help="comma-separated, among " + ", ".join(SERVERS))
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
-                    help="comma-separated, among " + ", ".join(SCENARIOS))
+    ap.add_argument("--servers", default=None,
+                    help="comma-separated, among " + ", ".join(SERVERS + OPTIONAL_SERVERS) +
+                    " (default: " + ",".join(SERVERS) + ")")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma-separated, among " + ", ".join(SCENARIOS + OPTIONAL_SCENARIOS)
+                    + " (default: " + ",".join(SCENARIOS) + ")")
+    ap.add_argument("--storage", action="store_true",
+                    help="the storage comparison: presenced on SQLite and on PostgreSQL, "
+                         "logins and messages to offline users (servers and scenarios unless "
+                         "given)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny parameters, seconds per server (the CI smoke run)")
     ap.add_argument("--no-restart", dest="fresh", action="store_false", default=None,
@@ -527,16 +584,21 @@ def parse_args(argv: Sequence[str] | None) -> Params:
                         help=f"default {getattr(defaults, name.replace('-', '_'))}")
     args = ap.parse_args(argv)
     p = Params.quick() if args.quick else Params()
-    servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
-    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    default_servers, default_scenarios = STORAGE_COMPARISON if args.storage else (SERVERS,
+                                                                                  SCENARIOS)
+    servers = tuple(s.strip() for s in (args.servers or ",".join(default_servers)).split(",")
+                    if s.strip())
+    scenarios = tuple(s.strip() for s in
+                      (args.scenarios or ",".join(default_scenarios)).split(",") if s.strip())
     for s in servers:
-        if s not in SERVERS:
+        if s not in SERVERS + OPTIONAL_SERVERS:
             ap.error(f"unknown server {s!r}")
     for s in scenarios:
-        if s not in SCENARIOS:
+        if s not in SCENARIOS + OPTIONAL_SCENARIOS:
             ap.error(f"unknown scenario {s!r}")
     overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k in asdict(p) and k not in ("servers", "scenarios")}
+                 if v is not None and k in asdict(p)
+                 and k not in ("servers", "scenarios", "storage")}
     p = replace(p, servers=servers, scenarios=scenarios, **overrides)
     if p.contacts % 2 or p.contacts >= p.users:
         ap.error("--contacts must be even and smaller than --users")

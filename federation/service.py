@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
 
     from OpenSSL import SSL
 
-    from server.app import Server
+    from server.config import Address, S2SConfig, TLSConfig
+    from server.hooks import Hooks
+    from server.router import Router
     from server.sessions import Session
 
 log = logging.getLogger("presenced.s2s")
@@ -40,23 +44,38 @@ _SWEEP_INTERVAL = 5.0
 _ALPN = [b"xmpp-server"]  # XEP-0368 §3
 
 
+@dataclass(frozen=True)
+class FederationContext:
+    """What federation needs of the server it serves, and no more."""
+
+    loop: asyncio.AbstractEventLoop
+    router: Router                       # route(), spawn() for what the peers send
+    hooks: Hooks                         # federation takes `route/remote`
+    domains: frozenset[str]              # every domain we host: users' and services'
+    default_domain: str
+    s2s: S2SConfig
+    tls: TLSConfig
+    listen: tuple[tuple[str, tuple[Address, ...]], ...]  # ("s2s" | "s2s_tls", addresses)
+    new_parser: Callable[[], StreamParser]
+
+
 class Federation:
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.loop = server.loop
-        self.router = server.router
-        self.config = config = server.config.s2s
-        self.hosts = server.hosts
-        self.default_domain = server.default_domain
+    def __init__(self, context: FederationContext) -> None:
+        self.context = context
+        self.loop = context.loop
+        self.router = context.router
+        self.config = config = context.s2s
+        self.hosts = context.domains
+        self.default_domain = context.default_domain
         self._secret = (config.dialback_secret or secrets.token_hex(32)).encode()
         self.policy = neg.Policy(
-            domains=server.hosts, require_tls=config.require_starttls,
+            domains=self.hosts, require_tls=config.require_starttls,
             require_valid_certificates=config.require_valid_certificates, bidi=config.bidi,
             allowed=self.allowed, dialback_key=self.dialback_key, keys_equal=auth.keys_equal)
         self.resolver = Resolver({d: (a.host, a.port) for d, a in config.routes.items()},
                                  nameservers=config.nameservers or None,
                                  timeout=config.connect_timeout)
-        tls = server.config.tls
+        tls = context.tls
         self.trust = auth.load_trust(tls.ca_file)
         default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
         self._inbound_ctx = sni_server_context(default, per_domain, ca_file=tls.ca_file,
@@ -81,9 +100,8 @@ class Federation:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.server.hooks.add("route/remote", self.route, 0)
-        listen = self.server.config.listen
-        for kind, addresses in (("s2s", listen.s2s), ("s2s_tls", listen.s2s_tls)):
+        self.context.hooks.add("route/remote", self.route, 0)
+        for kind, addresses in self.context.listen:
             for address in addresses:
                 await self._listen(kind, address.host, address.port)
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -119,7 +137,8 @@ class Federation:
     async def _sweep(self) -> None:
         config = self.config
         while True:
-            await asyncio.sleep(min(_SWEEP_INTERVAL, config.idle_timeout / 2))
+            await asyncio.sleep(min(_SWEEP_INTERVAL, config.negotiation_timeout / 2,
+                                    config.idle_timeout / 2))
             now = self.loop.time()
             for stream in list(self.inbound):
                 if (not stream.negotiation.authenticated
@@ -135,7 +154,7 @@ class Federation:
     # -- pieces the streams use --------------------------------------------------------------
 
     def new_parser(self) -> StreamParser:
-        return self.server.new_parser()
+        return self.context.new_parser()
 
     def inbound_tls(self, direct: bool) -> TLSLayer:
         return TLSLayer(self._inbound_direct_ctx if direct else self._inbound_ctx)

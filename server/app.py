@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import inspect
 import logging
 import signal
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from federation.service import Federation
+from federation.service import Federation, FederationContext
 from server.hooks import Hooks
 from server.jid import JID
 from server.module import Module
-from server.modules import MODULES
+from server.modules import MODULES, module_class
 from server.router import Router
-from server.sessions import SessionManager
-from server.storage import Storage, open_storage
+from server.services import Route, ServiceHost
+from server.sessions import Session, SessionManager
+from server.storage import CORE_STORES, Storage, open_storage
 from server.stream.c2s import C2SConnection
+from server.stream.component import Components
 from server.stream.negotiation import Policy
 from server.stream.tls import TLSLayer, end_point_hash, sni_server_context
 from server.xml.parser import StreamParser
@@ -36,8 +38,11 @@ _SWEEP_INTERVAL = 5.0
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, extra_modules: Sequence[type[Module]] = ()) -> None:
+        """extra_modules: module classes loaded after those of server/modules (tests, plugins);
+        their settings must have been given to load_config(sections=...)."""
         self.config = config
+        self._extra_modules = tuple(extra_modules)
         self.hosts = frozenset(config.domains)
         self.default_domain = config.domains[0]
         self.placeholder_jid = JID.from_parts(None, self.default_domain)
@@ -45,6 +50,9 @@ class Server:
         self.sessions = SessionManager(config.limits.max_sessions_per_user)
         self.router = Router(self.hosts, self.sessions, self.hooks)
         self.modules: dict[str, Module] = {}
+        self.nonza_handlers: dict[str, Callable[..., Any]] = {}
+        self.pre_bind_handlers: dict[str, Callable[..., Any]] = {}
+        self.service_hosts: dict[str, ServiceHost] = {}
         self.features: list[str] = []  # disco#info features of the server (XEP-0030)
         self.connections: set[C2SConnection] = set()
         self.c2s_policy = Policy(domains=self.hosts,
@@ -62,6 +70,7 @@ class Server:
         self._tls_direct: SSL.Context
         self._end_point: bytes | None = None
         self.federation: Federation | None = None
+        self.components: Components | None = None
 
     # -- pieces the connections use ----------------------------------------------------------
 
@@ -72,10 +81,33 @@ class Server:
     def tls_layer(self, direct: bool) -> TLSLayer:
         return TLSLayer(self._tls_direct if direct else self._tls_starttls, self._end_point)
 
+    def add_service(self, host: ServiceHost, route: Route) -> None:
+        """Serve a domain of its own (server/services.py)."""
+        self.router.add_service(host.domain, route)
+        self.service_hosts[host.domain] = host
+
+    def remove_service(self, domain: str) -> None:
+        self.router.remove_service(domain)
+        self.service_hosts.pop(domain, None)
+
+    def services_of(self, domain: str) -> list[ServiceHost]:
+        """The services a user domain lists in its disco#items."""
+        return [h for h in self.service_hosts.values() if h.parent == domain]
+
+    def end_session(self, session: Session, reason: str) -> None:
+        """A session is over (its stream closed, or a detached session expired): forget it
+        and tell the modules (presence goes unavailable, last activity is recorded, ...)."""
+        session.transport = None
+        if self.sessions.unbind(session):
+            log.info("event=unbound jid=%s reason=%s", session.jid_str, reason)
+        for pending in self.hooks.fire_all("session-closed", session, reason):
+            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
+                self.router.spawn(pending)
+
     def post_bind_features(self) -> list[etree._Element]:
         features = []
         for make in self._stream_features:
-            el = make(self)
+            el = make()
             if el is not None:
                 features.append(el)
         return features
@@ -91,16 +123,32 @@ class Server:
         self._tls_direct = sni_server_context(default, per_domain, alpn=[b"xmpp-client"],
                                               ca_file=tls.ca_file)
         self._end_point = end_point_hash(tls.certificate.read_bytes())
-        self.storage = await open_storage(self.config)
+        classes = self._module_classes()
+        # The core's stores and those the modules declare, each once (server/storage).
+        stores = list(CORE_STORES)
+        stores += [spec for cls in classes for spec in cls.stores if spec not in stores]
+        self.storage = await open_storage(self.config, stores)
         try:
-            await self._load_modules()
+            await self._load_modules(classes)
             for address in self.config.listen.c2s:
                 await self._listen(address.host, address.port, direct_tls=False)
             for address in self.config.listen.c2s_tls:
                 await self._listen(address.host, address.port, direct_tls=True)
-            self.federation = Federation(self)
+            self.federation = Federation(FederationContext(
+                loop=self.loop, router=self.router, hooks=self.hooks,
+                domains=frozenset(self.config.local_domains),
+                default_domain=self.default_domain, s2s=self.config.s2s, tls=self.config.tls,
+                listen=(("s2s", self.config.listen.s2s), ("s2s_tls", self.config.listen.s2s_tls)),
+                new_parser=self.new_parser))
             await self.federation.start()
+            self.components = Components(
+                loop=self.loop, router=self.router, settings=self.config.components,
+                addresses=self.config.listen.component, new_parser=self.new_parser,
+                add_service=self.add_service, parent_of=self._parent_domain)
+            await self.components.start()
         except BaseException:
+            if self.components is not None:
+                await self.components.stop()
             if self.federation is not None:
                 await self.federation.stop()
             await self._close_listeners()
@@ -123,23 +171,47 @@ class Server:
         """(kind, host, port) of every listening socket: tests listen on port 0."""
         own = [(kind, *sock.getsockname()[:2])
                for kind, listener in self._listeners for sock in listener.sockets]
-        return own + (self.federation.bound_addresses() if self.federation else [])
+        own += self.federation.bound_addresses() if self.federation else []
+        for module in self.modules.values():  # listeners of modules: http, https
+            if isinstance(module, Module) and hasattr(module, "bound_addresses"):
+                own += module.bound_addresses()
+        return own + (self.components.bound_addresses() if self.components else [])
 
-    async def _load_modules(self) -> None:
-        for name in MODULES:
-            module: Module = importlib.import_module(f"server.modules.{name}").module
-            module.server = self
-            self.modules[name] = module
-            for type_, target, xmlns, handler in module.iq_handlers:
-                self.router.add_iq_handler(type_, target, xmlns, handler)
-            for event, priority, handler in module.event_handlers:
-                self.hooks.add(event, handler, priority)
-            self.features.extend(f for f in module.features if f not in self.features)
-            self._stream_features.extend(module.stream_features)
-            for loader in module.loaders:
-                result = loader(self)
-                if inspect.isawaitable(result):
-                    await result
+    def _parent_domain(self, domain: str) -> str:
+        """The user domain a service domain belongs to: muc.a.test -> a.test."""
+        for host in self.config.domains:
+            if domain.endswith("." + host):
+                return host
+        return self.default_domain
+
+    def _module_classes(self) -> list[type[Module]]:
+        loaded = [importlib.import_module(f"server.modules.{name}") for name in MODULES]
+        return [*map(module_class, loaded), *self._extra_modules]
+
+    async def _load_modules(self, classes: list[type[Module]]) -> None:
+        for cls in classes:
+            if cls.name in self.modules:
+                raise ValueError(f"two modules named {cls.name!r}")
+            module = cls(self, self.config.modules.get(cls.name))
+            self.modules[cls.name] = module
+            self.features.extend(f for f in cls.features if f not in self.features)
+            for route, handler in module.iq_handlers():
+                for target in route.targets:
+                    self.router.add_iq_handler(route.type, target, route.xmlns, route.name,
+                                               handler)
+            for hook_route, fn in module.hook_handlers():
+                self.hooks.add(hook_route.event, fn, hook_route.priority)
+            self._stream_features.extend(module.stream_features())
+            for nonza_route, fn in module.nonza_handlers():
+                if nonza_route.tag in self.nonza_handlers:
+                    raise ValueError(f"two handlers for {nonza_route.tag}")
+                self.nonza_handlers[nonza_route.tag] = fn
+            for pre_route, fn in module.pre_bind_handlers():
+                if pre_route.tag in self.pre_bind_handlers:
+                    raise ValueError(f"two handlers for {pre_route.tag}")
+                self.pre_bind_handlers[pre_route.tag] = fn
+        for module in self.modules.values():
+            await module.start()
 
     async def _sweep(self) -> None:
         """Negotiation and idle timeouts, checked for all connections at once (cheaper than a
@@ -168,6 +240,8 @@ class Server:
         await self._close_listeners()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.components is not None:
+            await self.components.stop()
         if self.federation is not None:
             await self.federation.stop()
         for conn in list(self.connections):
@@ -178,6 +252,8 @@ class Server:
         for conn in list(self.connections):
             conn.abort("shutdown")
         await self.router.drain()
+        for module in reversed(list(self.modules.values())):
+            await module.stop()
         await self.storage.close()
         log.info("event=stopped")
 

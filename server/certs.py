@@ -112,12 +112,23 @@ def generate_self_signed(domains: Sequence[str], cert_path: Path | str, key_path
 
 
 def ensure_certificate(config: Config) -> None:
-    """At start: make the default self-signed certificate when it is not there yet."""
+    """At start: make the default self-signed certificate when it is not there yet, or make it
+    again when it is ours but does not name every domain we serve (a service host was added)."""
     tls = config.tls
-    if tls.generated and not (tls.certificate.exists() and tls.key.exists()):
-        generate_self_signed(config.domains, tls.certificate, tls.key)
-        log.warning("event=certificate-generated certificate=%s key=%s domains=%s self_signed=1",
-                    tls.certificate, tls.key, ",".join(config.domains))
+    if not tls.generated:
+        return
+    domains = config.local_domains
+    if tls.certificate.exists() and tls.key.exists():
+        try:
+            leaf = x509.load_pem_x509_certificate(tls.certificate.read_bytes())
+        except (OSError, ValueError):
+            return  # check_certificate reports it
+        names = certificate_names(leaf)
+        if all(covers(names, d) for d in domains):
+            return
+    generate_self_signed(domains, tls.certificate, tls.key)
+    log.warning("event=certificate-generated certificate=%s key=%s domains=%s self_signed=1",
+                tls.certificate, tls.key, ",".join(domains))
 
 
 def certificate_names(cert: x509.Certificate) -> list[str]:
@@ -133,7 +144,7 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
             length = other.value[1]
             start = 2 if length < 0x80 else 2 + (length & 0x7F)
             names.append(_a_label(other.value[start:].decode("utf-8", "replace")))
-    return names
+    return list(dict.fromkeys(names))  # a domain is usually both a DNS-ID and an XmppAddr
 
 
 def covers(names: Sequence[str], domain: str) -> bool:

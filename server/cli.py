@@ -1,4 +1,4 @@
-"""The presenced command: serve, adduser, deluser, passwd, check, cert.
+"""The presenced command: serve, adduser, deluser, passwd, check, cert, migrate, storage copy.
 
 A failure the user can fix is one line on stderr, ``presenced: error: ...``, and exit status 1
 (2 for usage errors and for ``serve`` with a bad config); a traceback only with ``--debug``.
@@ -27,7 +27,7 @@ import precis_i18n
 from server.certs import check_certificate, ensure_certificate, generate_self_signed
 from server.config import Address, Config, ConfigErrors, load_config, where
 from server.jid import JID, InvalidJID, normalize_domain
-from server.storage import StorageError, open_storage
+from server.storage import StorageError, all_store_specs, open_storage
 from server.storage.base import AccountExists, Credentials, NoSuchAccount
 
 if TYPE_CHECKING:
@@ -222,6 +222,20 @@ def _writable_dir(path: Path) -> str | None:
     return None
 
 
+def _database_problem(config: Config) -> tuple[str, str] | None:
+    """(config key, problem) when the PostgreSQL database cannot be used (SQLite: see the
+    directory check)."""
+    if config.storage.backend != "postgresql":
+        return None
+    from server.storage import postgres
+
+    try:
+        problem = asyncio.run(postgres.probe(config.storage))
+    except StorageError as exc:  # the password file
+        return "storage.password_file", str(exc)
+    return None if problem is None else ("storage.dsn", problem)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -233,10 +247,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     found: list[tuple[str, str, str]] = []  # (severity, where, message)
     tls = config.tls
     if tls.generated and not (tls.certificate.exists() and tls.key.exists()):
-        print(f"note: a self-signed certificate for {', '.join(config.domains)} will be made "
-              f"at first start: {tls.certificate}")
+        print(f"note: a self-signed certificate for {', '.join(config.local_domains)} will be "
+              f"made at first start: {tls.certificate}")
     else:
-        for p in check_certificate(tls.certificate, tls.key, config.domains):
+        # Service hosts (muc.<domain>, components) need the certificate too, for federation.
+        for p in check_certificate(tls.certificate, tls.key, config.local_domains):
             found.append((p.severity, where(config, f"tls.{p.subject}"), p.message))
     for domain, (chain, private_key) in tls.domain_certificates.items():
         for p in check_certificate(chain, private_key, [domain]):
@@ -244,13 +259,18 @@ def cmd_check(args: argparse.Namespace) -> int:
                           f"{domain}: {p.message}"))
     if tls.ca_file is not None and not os.access(tls.ca_file, os.R_OK):
         found.append(("error", where(config, "tls.ca_file"), f"cannot read {tls.ca_file}"))
-    for key, directory in (("data_dir", config.data_dir), ("storage.path",
-                                                          config.storage.path.parent)):
+    directories = [("data_dir", config.data_dir)]
+    if config.storage.backend == "sqlite":
+        directories.append(("storage.path", config.storage.path.parent))
+    for key, directory in directories:
         problem = _writable_dir(directory)
         if problem:
             found.append(("error", where(config, key), problem))
             break
-    for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls"):
+    database = _database_problem(config)
+    if database:
+        found.append(("error", where(config, database[0]), database[1]))
+    for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls", "component", "http", "https"):
         for address in getattr(config.listen, kind):
             bind = _bind_problem(address)
             if bind:
@@ -262,6 +282,96 @@ def cmd_check(args: argparse.Namespace) -> int:
     name = config.path or "built-in defaults"
     print(f"{name}: {errors} error(s), {warnings} warning(s)" if found else f"{name}: ok")
     return 1 if errors else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+
+    async def run() -> None:
+        from server.storage.migrate import read_versions
+
+        storage = await open_storage(config, all_store_specs())
+        try:
+            versions = await read_versions(storage.db)
+        finally:
+            await storage.close()
+        migrated = {name: (old, new) for name, old, new in storage.migrated}
+        for spec in storage.specs:
+            if spec.name in migrated:
+                old, new = migrated[spec.name]
+                print(f"{spec.name}: migrated from version {old} to {new}")
+            else:
+                print(f"{spec.name}: version {versions.get(spec.name, 0)}, up to date")
+
+    asyncio.run(run())
+    return 0
+
+
+class _Progress:
+    """A progress bar on a terminal (stderr), else a plain line per table."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, table: str, done: int, total: int, all_done: int, all_total: int
+                 ) -> None:
+        if not self.tty:
+            if done == total:
+                print(f"copied {table}: {total} row(s)", file=sys.stderr)
+            return
+        now = time.monotonic()
+        if done not in (0, total) and now - self._last < 0.1:
+            return
+        self._last = now
+        fraction = all_done / all_total if all_total else 1.0
+        bar = "#" * int(fraction * 30)
+        print(f"\r[{bar:<30}] {fraction:4.0%}  {table} {done}/{total}\033[K", end="",
+              file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _same_database(a: Config, b: Config) -> bool:
+    if a.storage.backend != b.storage.backend:
+        return False
+    if a.storage.backend == "sqlite":
+        return a.storage.path.resolve() == b.storage.path.resolve()
+    return a.storage.dsn == b.storage.dsn
+
+
+def cmd_storage_copy(args: argparse.Namespace) -> int:
+    source_config, target_config = load_config(args.source), load_config(args.target)
+    if _same_database(source_config, target_config):
+        raise CLIError(f"{args.source} and {args.target} name the same database")
+    if source_config.storage.backend == "sqlite" and not source_config.storage.path.exists():
+        raise CLIError(f"{args.source}: there is no database at {source_config.storage.path}")
+    from server.storage.copy import copy
+
+    progress = _Progress()
+
+    async def run() -> dict[str, int]:
+        specs = all_store_specs()
+        source = await open_storage(source_config, specs)
+        try:
+            target = await open_storage(target_config, specs)
+            try:
+                return await copy(source, target, progress)
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+
+    try:
+        copied = asyncio.run(run())
+    finally:
+        progress.finish()
+    print(f"copied {sum(copied.values())} row(s) in {len(copied)} table(s) from "
+          f"{args.source} ({source_config.storage.backend}) to {args.target} "
+          f"({target_config.storage.backend})")
+    return 0
 
 
 def cmd_cert(args: argparse.Namespace) -> int:
@@ -328,6 +438,23 @@ def _parser() -> argparse.ArgumentParser:
     command("deluser", cmd_deluser, "delete an account and everything it owns").add_argument(
         "jid", metavar="JID", help="user@domain")
     command("check", cmd_check, "check the configuration, certificate and listening addresses")
+    command("migrate", cmd_migrate, "create or upgrade the database's tables, store by store "
+            "(the server also does it at start)")
+    storage = sub.add_parser("storage", help="move data between databases",
+                             description="move data between databases")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True,
+                                         metavar="COMMAND")
+    copy = storage_sub.add_parser(
+        "copy", help="copy all data into an empty database (SQLite <-> PostgreSQL)",
+        description="copy every account and everything it owns from the database of one "
+                    "configuration into the empty database of another; stop the server first")
+    copy.set_defaults(run=cmd_storage_copy)
+    copy.add_argument("--from", dest="source", type=Path, required=True, metavar="CONFIG",
+                      help="the configuration whose [storage] is read")
+    copy.add_argument("--to", dest="target", type=Path, required=True, metavar="CONFIG",
+                      help="the configuration whose [storage] is filled (must be empty)")
+    copy.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
     cert.add_argument("domains", nargs="+", metavar="DOMAIN")

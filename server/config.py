@@ -236,6 +236,26 @@ def _addresses(value: Any, _ctx: _Context) -> tuple[Address, ...]:
 
 _ADDRESSES = 'a list of "host:port" strings'
 
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _subdomain(value: Any, _ctx: _Context) -> str:
+    if not isinstance(value, str) or not _LABEL.fullmatch(value):
+        raise _Invalid
+    return value
+
+
+class service_fields:
+    """The two settings every service host (server/services.py) has."""
+
+    @staticmethod
+    def enabled(default: bool) -> dict[str, Option]:
+        return option("true or false", _bool, default)
+
+    @staticmethod
+    def subdomain(default: str) -> dict[str, Option]:
+        return option("a DNS label (lower-case letters, digits, '-')", _subdomain, default)
+
 # -- sections -----------------------------------------------------------------------------------
 
 
@@ -246,11 +266,18 @@ class ListenConfig:
         metadata=option(_ADDRESSES, _addresses, ["127.0.0.1:5223"]))
     s2s: tuple[Address, ...] = field(metadata=option(_ADDRESSES, _addresses, []))
     s2s_tls: tuple[Address, ...] = field(metadata=option(_ADDRESSES, _addresses, []))
+    # XEP-0114 external components ([components] says which may connect).
+    component: tuple[Address, ...] = field(metadata=option(_ADDRESSES, _addresses, []))
+    # The one HTTP server (server/http: WebSocket, host-meta, upload, metrics): plain HTTP
+    # (for a reverse proxy) and HTTPS with the [tls] certificates. Off when both are empty.
+    http: tuple[Address, ...] = field(metadata=option(_ADDRESSES, _addresses, []))
+    https: tuple[Address, ...] = field(
+        metadata=option(_ADDRESSES, _addresses, ["127.0.0.1:5281"]))
 
     @staticmethod
     def _finish(values: dict[str, Any], given: dict[str, Any], report: _Report) -> None:
         seen: dict[Address, str] = {}
-        for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls"):
+        for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls", "component", "http", "https"):
             for address in values[kind] or ():
                 if address.port and address in seen:
                     report(kind, "distinct addresses", f'"{address}" is also in {seen[address]}')
@@ -295,10 +322,31 @@ class TLSConfig:
         values["generated"] = "certificate" not in given and "key" not in given
 
 
+def _dsn(value: Any, _ctx: _Context) -> str:
+    if not isinstance(value, str) or "\0" in value:
+        raise _Invalid
+    scheme, sep, _rest = value.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise _Invalid(f"not a PostgreSQL URI: {value!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageConfig:
-    backend: str = field(metadata=option(_one_of("sqlite"), _choice("sqlite"), "sqlite"))
+    backend: str = field(metadata=option(_one_of("sqlite", "postgresql"),
+                                         _choice("sqlite", "postgresql"), "sqlite"))
     path: Path = field(metadata=option(_FILE, _path("data_dir"), "presenced.sqlite"))
+    # postgresql: libpq's URI form; a password in it is better kept in password_file.
+    dsn: str | None = field(metadata=option(
+        'a "postgresql://user@host[:port]/database" URI', _dsn))
+    pool_size: int = field(metadata=option("an integer from 1 to 1000", _int(1, 1000), 10))
+    password_file: Path | None = field(metadata=option(_FILE, _path("config")))
+
+    @staticmethod
+    def _finish(values: dict[str, Any], given: dict[str, Any], report: _Report) -> None:
+        if values["backend"] == "postgresql" and "dsn" not in given:
+            report("dsn", 'a "postgresql://user@host[:port]/database" URI',
+                   'missing: backend = "postgresql" needs it')
 
 
 _SECONDS = "a number of seconds > 0"
@@ -326,25 +374,19 @@ class C2SConfig:
         metadata=option("an integer from 4096 to 10000000", _int(4096, 10_000_000), 4096))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PresenceConfig:
-    # A watcher fetching (probing) more often is a poller over the limit (RFC 2778 §2.2).
-    max_fetches_per_minute: int = field(
-        metadata=option("an integer from 1 to 10000", _int(1, 10000), 6))
-    cross_domain_subscriptions: bool = field(metadata=option(_BOOL, _bool, True))
+def int_option(minimum: int, maximum: int, default: int) -> dict[str, Option]:
+    """Field metadata of an integer setting from minimum to maximum (for modules' settings)."""
+    return option(f"an integer from {minimum} to {maximum}", _int(minimum, maximum), default)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RosterConfig:
-    # RFC 6121 §2.3.3: beyond this many items a roster set is refused with <not-allowed/>.
-    max_items: int = field(metadata=option("an integer from 1 to 100000", _int(1, 100000), 1000))
+def bool_option(default: bool) -> dict[str, Option]:
+    """Field metadata of a true/false setting (for modules' settings)."""
+    return option(_BOOL, _bool, default)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OfflineConfig:
-    # XEP-0160: stored messages per account; beyond it senders get <resource-constraint/>.
-    max_messages: int = field(metadata=option("an integer from 0 to 100000", _int(0, 100000),
-                                              1000))
+def seconds_option(default: float) -> dict[str, Option]:
+    """Field metadata of a duration in seconds > 0 (for modules' settings)."""
+    return option(_SECONDS, _seconds, default)
 
 
 def _domain_list(value: Any, _ctx: _Context) -> tuple[str, ...]:
@@ -414,6 +456,32 @@ class S2SConfig:
         metadata=option('a list of IP addresses, "ip" or "ip:port"', _nameservers, []))
 
 
+@dataclass(frozen=True, slots=True)
+class ComponentConfig:
+    """One external component (XEP-0114): its domain and the shared secret of its handshake."""
+
+    domain: str
+    secret: str
+
+
+def _components(value: Any, _ctx: _Context) -> dict[str, ComponentConfig]:
+    if not isinstance(value, dict):
+        raise _Invalid
+    out: dict[str, ComponentConfig] = {}
+    for raw, settings in value.items():
+        try:
+            domain = normalize_domain(raw)
+        except ValueError as exc:
+            raise _Invalid(f'"{raw}": {exc}') from None
+        if not isinstance(settings, dict) or set(settings) != {"secret"}:
+            raise _Invalid(f'"{raw}": give {{ secret = "..." }}')
+        secret = settings["secret"]
+        if not isinstance(secret, str) or len(secret) < 8:
+            raise _Invalid(f'"{raw}": the secret must be a string of at least 8 characters')
+        out[domain] = ComponentConfig(domain, secret)
+    return out
+
+
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -436,10 +504,30 @@ class Config:
     limits: LimitsConfig = field(metadata=section(LimitsConfig))
     c2s: C2SConfig = field(metadata=section(C2SConfig))
     log: LogConfig = field(metadata=section(LogConfig))
-    presence: PresenceConfig = field(metadata=section(PresenceConfig))
-    roster: RosterConfig = field(metadata=section(RosterConfig))
-    offline: OfflineConfig = field(metadata=section(OfflineConfig))
     s2s: S2SConfig = field(metadata=section(S2SConfig))
+    components: dict[str, ComponentConfig] = field(metadata=option(
+        'a table of "domain" = { secret = "..." }', _components, {}))
+    # Feature modules' own sections ([muc], [mam], ...), by table name: see server/module.py.
+    modules: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> Any:
+        """A module's settings (the dataclass its module declares), by table name."""
+        return self.modules[name]
+
+    @property
+    def service_domains(self) -> tuple[str, ...]:
+        """The domains of enabled service hosts (<subdomain>.<domain>) and of components."""
+        out = [f"{settings.subdomain}.{domain}"
+               for settings in self.modules.values()
+               if getattr(settings, "enabled", False) and getattr(settings, "subdomain", None)
+               for domain in self.domains]
+        out.extend(self.components)
+        return tuple(out)
+
+    @property
+    def local_domains(self) -> tuple[str, ...]:
+        """Every domain this server answers for: user domains, then service domains."""
+        return self.domains + tuple(d for d in self.service_domains if d not in self.domains)
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -447,10 +535,17 @@ class Config:
 _Report = Callable[[str, str, str | None], None]  # (key in this table, expected, problem)
 
 
-def load_config(path: Path | str | None) -> Config:
-    """Read and validate a config file (None: the built-in defaults). Raises ConfigErrors."""
+def load_config(path: Path | str | None,
+                sections: dict[str, type] | None = None) -> Config:
+    """Read and validate a config file (None: the built-in defaults). Raises ConfigErrors.
+
+    sections: the modules' tables (name -> settings dataclass); by default those of every
+    module in server/modules."""
+    if sections is None:
+        from server.modules import config_sections
+        sections = config_sections()
     if path is None:
-        return _build(None, {}, _Locator(""), "<defaults>", Path.cwd())
+        return _build(None, {}, _Locator(""), "<defaults>", Path.cwd(), sections)
     path = Path(path)
     file = str(path)
     try:
@@ -465,7 +560,7 @@ def load_config(path: Path | str | None) -> Config:
         match = re.search(r"at line (\d+)", str(exc))
         raise ConfigErrors([ConfigError(file, int(match[1]) if match else 0, "", "valid TOML",
                                         str(exc))]) from None
-    return _build(path, document, _Locator(text), file, path.absolute().parent)
+    return _build(path, document, _Locator(text), file, path.absolute().parent, sections)
 
 
 def default_config() -> Config:
@@ -473,18 +568,36 @@ def default_config() -> Config:
 
 
 def _build(path: Path | None, document: dict[str, Any], locator: _Locator, file: str,
-           base_dir: Path) -> Config:
+           base_dir: Path, sections: dict[str, type]) -> Config:
     errors: list[ConfigError] = []
     ctx = _Context(base_dir=base_dir, data_dir=base_dir)
-    values = _load(Config, document, (), ctx, locator, file, errors)
+    core = {f.name for f in dataclasses.fields(Config)}
+    clash = core & set(sections)
+    if clash:
+        raise ValueError(f"module sections {sorted(clash)} clash with core settings")
+    values = _load(Config, {k: v for k, v in document.items() if k not in sections}, (), ctx,
+                   locator, file, errors, known=tuple(sorted(sections)))
+    modules: dict[str, Any] = {}
+    for name, cls in sections.items():
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            errors.append(ConfigError(file, locator.line((name,)), name, "a table"))
+            table = {}
+        modules[name] = cls(**_load(cls, table, (name,), ctx, locator, file, errors))
+    for domain in values.get("components") or {}:
+        if domain in (values.get("domains") or ()):
+            errors.append(ConfigError(file, locator.line(("components", domain)), "components",
+                                      "domains that are not user domains",
+                                      f'"{domain}" is also in domains'))
     if errors:
         errors.sort(key=lambda e: e.line)  # stable: keys of one line stay in table order
         raise ConfigErrors(errors)
-    return Config(path=path, **values)
+    return Config(path=path, modules=modules, **values)
 
 
 def _load(cls: type, table: dict[str, Any], at: tuple[str, ...], ctx: _Context,
-          locator: _Locator, file: str, errors: list[ConfigError]) -> dict[str, Any]:
+          locator: _Locator, file: str, errors: list[ConfigError],
+          known: tuple[str, ...] = ()) -> dict[str, Any]:
     """The constructor arguments of ``cls`` from one TOML table; problems go to ``errors``.
 
     A section may define ``_finish(values, given, report)`` for checks across its keys and for
@@ -500,7 +613,7 @@ def _load(cls: type, table: dict[str, Any], at: tuple[str, ...], ctx: _Context,
     for key in table:
         if key not in fields:
             kind = "table" if isinstance(table[key], dict) else "key"
-            report(key, "one of " + ", ".join(fields), f"unknown {kind}")
+            report(key, "one of " + ", ".join([*fields, *known]), f"unknown {kind}")
     values: dict[str, Any] = {}
     for name, f in fields.items():
         opt: Option | None = f.metadata.get("option")

@@ -1,12 +1,22 @@
 """Events by name, handlers by priority (higher first), as in Prosody's module:hook.
 
-Names used by the core:
-  message/{host,bare,full}, presence/{host,bare,full}, presence/broadcast (no 'to' from a
-  client), iq/{bare,full} (iq to an account or resource that no iq handler took),
-  route/remote (a stanza for a domain we do not host), filter/user (every stanza addressed to a
-  user, local or remote, before delivery; args (stanza, origin, to)), session-bound, session-closed,
-  server-started, server-stopping.
-A handler returning anything but None stops the chain; that value is what fire() returns.
+A handler returning anything but None stops a fire() chain; that value is what fire() returns.
+fire_all() calls every handler (notifications) and returns their non-None results.
+
+Routing: message/{host,bare,full}, presence/{host,bare,full}, iq/{bare,full} (an iq no handler
+took), iq-response, presence/broadcast (no 'to' from a client), route/remote (a domain we do not
+host), filter/user (every stanza addressed to a user, local or remote, before delivery: stanza,
+origin, to; each filter once, an awaitable of None lets it pass), message/offline,
+message/delivered (stanza, account, sessions: carbons, push), presence/outgoing,
+presence/fetched, presence/available, presence/unavailable.
+Sessions: session-bound, session-closed (session, reason), session-detached (the stream is
+gone; True keeps the session bound for a resumption, XEP-0198), durability-barrier (session:
+awaitables of writes still to commit, awaited before an XEP-0198 <a/>), auth-failed.
+SASL2 and Bind 2 (XEP-0388/0386/0484): bind2/features, bind2/enable (session, element),
+sasl2/resume (stream, element), fast/verify, fast/issue.
+Discovery and access: disco/node, disco/account-info (query, stanza, origin),
+access/may-see-presence, access/deny, watchers/list.
+Lifecycle: server-started, server-stopping.
 """
 
 from __future__ import annotations
@@ -25,6 +35,10 @@ class Hooks:
         handlers.append((priority, handler))
         handlers.sort(key=lambda item: -item[0])  # stable: equal priorities keep load order
         self._chains[event] = tuple(h for _, h in handlers)
+
+    def chain(self, event: str) -> tuple[Callable[..., Any], ...]:
+        """The handlers of an event, highest priority first."""
+        return self._chains.get(event, ())
 
     def has(self, event: str) -> bool:
         return event in self._chains

@@ -16,8 +16,9 @@ from server.xml.stanza import Element, child, element, iq
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.sessions import Session
 
-_push_ids = itertools.count(1)
+Answer = tuple["Session", Element]  # the session to answer and its IQ result
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RosterManager:
         self._server = server
         self._cache: dict[JID, Roster] = {}
         self._locks: dict[JID, asyncio.Lock] = {}
+        self._push_ids = itertools.count(1)
 
     def lock(self, bare: JID) -> asyncio.Lock:
         """Serialises read-modify-write of one account's roster."""
@@ -89,21 +91,27 @@ class RosterManager:
         if lock is not None and not lock.locked():
             del self._locks[bare]
 
-    async def put(self, bare: JID, item: RosterItem, push: bool = True) -> None:
+    async def put(self, bare: JID, item: RosterItem, push: bool = True,
+                  answer: Answer | None = None) -> None:
+        """Store an item and push it. answer: (session, IQ result) of the roster set that made
+        the change, sent once the change is stored and before the pushes (RFC 6121 §2.3.2)."""
         assert bare.local is not None
         roster = await self.get(bare)
         was_listed = (old := roster.items.get(item.contact)) is not None and old.listed
         roster.version = await self._server.storage.rosters.put(bare.local, bare.domain, item)
         roster.items[item.contact] = item
+        _send(answer)
         if push and (item.listed or was_listed):
             self.push(bare, item, roster.version, removed=not item.listed)
 
-    async def remove(self, bare: JID, contact: str) -> None:
+    async def remove(self, bare: JID, contact: str, answer: Answer | None = None) -> None:
+        """Delete an item and push its removal (answer: as for put, RFC 6121 §2.5.2)."""
         assert bare.local is not None
         roster = await self.get(bare)
         old = roster.items.pop(contact, None)
         roster.version = await self._server.storage.rosters.delete(bare.local, bare.domain,
                                                                    contact)
+        _send(answer)
         if old is not None and old.listed:
             self.push(bare, old, roster.version, removed=True)
 
@@ -112,7 +120,13 @@ class RosterManager:
         for session in self._server.sessions.resources(bare):
             if not session.interested:
                 continue
-            push = iq("set", to=str(session.jid), id_=f"push{next(_push_ids)}")
+            push = iq("set", to=str(session.jid), id_=f"push{next(self._push_ids)}")
             query = child(push, ns.q(ns.ROSTER, "query"), {"ver": str(version)})
             query.append(item_element(item, removed))
             session.send(push)
+
+
+def _send(answer: Answer | None) -> None:
+    if answer is not None:
+        session, reply = answer
+        session.send(reply)

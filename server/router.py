@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
@@ -20,25 +20,46 @@ from server.xml import stanza as st
 
 if TYPE_CHECKING:
     from server.module import Handler
-    from server.sessions import Session, SessionManager
+    from server.sessions import Session, SessionDirectory
 
 log = logging.getLogger("presenced.router")
 _Element: TypeAlias = etree._Element
 
 
 class Router:
-    def __init__(self, hosts: frozenset[str], sessions: SessionManager, hooks: Hooks) -> None:
-        self.hosts = hosts
+    def __init__(self, hosts: frozenset[str], sessions: SessionDirectory, hooks: Hooks) -> None:
+        self.hosts = hosts          # user domains
         self.sessions = sessions
         self.hooks = hooks
-        self._iq: dict[tuple[str, str, str], Handler] = {}
+        # Service hosts (muc.<domain>, a component's domain): domain -> its route function.
+        self.services: dict[str, Callable[[_Element, Session | None, JID], Any]] = {}
+        self._iq: dict[tuple[str, str, str, str], Handler] = {}
+        self._iq_namespaces: set[tuple[str, str, str]] = set()  # (type, target, xmlns) handled
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def add_iq_handler(self, type_: str, target: str, xmlns: str, handler: Handler) -> None:
-        key = (type_, target, xmlns)
+    def add_iq_handler(self, type_: str, target: str, xmlns: str, name: str,
+                       handler: Handler) -> None:
+        """Handle iqs of this type to this target whose payload is <name xmlns=xmlns/>."""
+        key = (type_, target, xmlns, name)
         if key in self._iq:
             raise ValueError(f"two handlers for iq {key}")
         self._iq[key] = handler
+        self._iq_namespaces.add((type_, target, xmlns))
+
+    def add_service(self, domain: str,
+                    route: Callable[[_Element, Session | None, JID], Any]) -> None:
+        """Deliver every stanza for `domain` (host, bare and full JIDs) to `route`, which
+        returns like a handler (None: no one took it, answered service-unavailable)."""
+        if domain in self.hosts or domain in self.services:
+            raise ValueError(f"{domain} is hosted twice")
+        self.services[domain] = route
+
+    def remove_service(self, domain: str) -> None:
+        self.services.pop(domain, None)
+
+    def is_local(self, domain: str) -> bool:
+        """A user domain or a service host of ours."""
+        return domain in self.hosts or domain in self.services
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -89,12 +110,11 @@ class Router:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _route(self, stanza: _Element, origin: Session | None) -> Any:
-        tag = stanza.tag
         to = stanza.get("to")
         if to is None:
             if origin is None:
                 return None
-            if tag == st.PRESENCE:
+            if stanza.tag == st.PRESENCE:
                 return self.hooks.fire("presence/broadcast", stanza, origin)
             # RFC 6120 §10.3.3: no 'to' means the sender's own account.
             jid = origin.jid.bare
@@ -103,17 +123,52 @@ class Router:
                 jid = JID.parse(to)
             except InvalidJID as exc:
                 raise StanzaError("jid-malformed", f"invalid 'to': {exc}") from exc
-        # Filters (e.g. blocking, XEP-0191) see every stanza addressed to a user, local or
-        # remote, before delivery: one returning non-None has consumed the stanza, one raising
-        # StanzaError bounces it.
-        if jid.local is not None and self.hooks.has("filter/user"):
-            consumed = self.hooks.fire("filter/user", stanza, origin, jid)
-            if consumed is not None:
-                return consumed
-        if jid.domain not in self.hosts:
+        # Filters (blocking, XEP-0191; later MAM, carbons) see every stanza addressed to a
+        # user, local or remote, before delivery, each once: one returning non-None has
+        # consumed the stanza, one raising StanzaError bounces it, one returning an awaitable
+        # of None lets it pass once it is done (the next filters then run, not the first ones).
+        if jid.local is not None:
+            chain = self.hooks.chain("filter/user")
+            if chain:
+                return self._filter(chain, 0, stanza, origin, jid)
+        return self._deliver(stanza, origin, jid)
+
+    def _filter(self, chain: tuple[Callable[..., Any], ...], start: int, stanza: _Element,
+                origin: Session | None, jid: JID) -> Any:
+        for index in range(start, len(chain)):
+            verdict = chain[index](stanza, origin, jid)
+            if verdict is None:
+                continue
+            if inspect.isawaitable(verdict):
+                return self._filter_later(verdict, chain, index + 1, stanza, origin, jid)
+            return verdict
+        return self._deliver(stanza, origin, jid)
+
+    async def _filter_later(self, pending: Awaitable[Any], chain: tuple[Callable[..., Any], ...],
+                            start: int, stanza: _Element, origin: Session | None,
+                            jid: JID) -> Any:
+        verdict = await pending
+        if verdict is not None:
+            return verdict
+        result = self._filter(chain, start, stanza, origin, jid)
+        while inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _deliver(self, stanza: _Element, origin: Session | None, jid: JID) -> Any:
+        tag = stanza.tag
+        domain = jid.domain
+        if domain not in self.hosts:
+            service = self.services.get(domain)
+            if service is not None:
+                result = service(stanza, origin, jid)
+                if result is None and not _no_error_reply(stanza) and not (
+                        tag == st.IQ and stanza.get("type") in ("result", "error")):
+                    raise StanzaError("service-unavailable")
+                return result if result is not None else True
             result = self.hooks.fire("route/remote", stanza, origin, jid)
             if result is None:
-                raise StanzaError("remote-server-not-found", f"no route to {jid.domain}")
+                raise StanzaError("remote-server-not-found", f"no route to {domain}")
             return result
         if jid.local is None:
             kind = "host"
@@ -150,14 +205,19 @@ class Router:
             payload = st.payload(stanza)
             if payload is None:
                 raise StanzaError("bad-request", "an iq get/set carries exactly one child element")
-            xmlns = etree.QName(payload).namespace or ""
+            qname = etree.QName(payload)
+            xmlns, name = qname.namespace or "", qname.localname
             if kind == "bare" and origin is not None and origin.jid.bare == jid:
                 kind = "self"
-            handler = self._iq.get((type_, kind, xmlns))
+            handler = self._iq.get((type_, kind, xmlns, name))
             if handler is None and kind == "self":
-                handler = self._iq.get((type_, "bare", xmlns))
+                handler = self._iq.get((type_, "bare", xmlns, name))
             if handler is not None:
                 return handler(stanza, origin)
+            if (type_, kind, xmlns) in self._iq_namespaces or (
+                    kind == "self" and (type_, "bare", xmlns) in self._iq_namespaces):
+                # RFC 6120 §8.3.3.1: a namespace we speak, with an element it does not have.
+                raise StanzaError("bad-request", f"unexpected <{name}/> in {xmlns}")
             event = "iq/" + ("bare" if kind == "self" else kind)
             result = self.hooks.fire(event, stanza, origin, jid)
             if result is None:

@@ -30,6 +30,51 @@ def on_ci() -> bool:
     return bool(os.environ.get("CI"))
 
 
+# -- under CI, a skip is a failure ---------------------------------------------------------------
+# CI installs every peer the interop tests need (.ci/run), so a skip there means a test did not
+# run that should have. A skipped test's report becomes a failure that names the skip's reason
+# (xfail keeps its meaning); a module skipped at collection (pytest.importorskip at module level)
+# is listed at the end and makes the run exit 1, without stopping the other modules.
+
+_collection_skips: list[str] = []
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and on_ci():
+        report.outcome = "failed"
+        report.longrepr = (f"skipped under CI (CI={os.environ['CI']!r}), where nothing may "
+                           f"be skipped: {_skip_reason(report)}")
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    report = yield
+    if report.skipped and on_ci():
+        _collection_skips.append(f"{report.nodeid}: {_skip_reason(report)}")
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _collection_skips:
+        terminalreporter.section("skipped under CI, where nothing may be skipped", red=True)
+        for line in _collection_skips:
+            terminalreporter.line(f"SKIPPED (a failure under CI) {line}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _collection_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @dataclass
 class RunningServer:
     server: Server
@@ -97,7 +142,7 @@ class RunningServer:
 def write_config(tmp: Path, extra: str = "", top: str = "", *,
                  domains: tuple[str, ...] = DOMAINS, host: str = "127.0.0.1",
                  s2s: str | None = None, s2s_tls: str | None = None, certificate: tuple[Path, Path] | None = None,
-                 ca_file: Path | None = None) -> Path:
+                 ca_file: Path | None = None, listen_extra: str = "") -> Path:
     """s2s, s2s_tls: federation listeners' "host:port"; certificate: (chain, key) instead of a
     self-signed one made for the domains."""
     data_dir = tmp / "data"
@@ -119,8 +164,10 @@ def write_config(tmp: Path, extra: str = "", top: str = "", *,
         [listen]
         c2s = ["{host}:0"]
         c2s_tls = ["{host}:0"]
+        https = []
         {listen_s2s}
         {listen_s2s_tls}
+        {listen_extra}
         [tls]
         certificate = "{cert}"
         key = "{key}"
@@ -155,3 +202,4 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 
 
 __all__ = ["PASSWORD", "RunningServer", "on_ci", "open_storage", "start_server", "stop_server"]
+pytest_plugins = ["tests.pg"]  # the PostgreSQL cluster fixtures: pg_cluster, pg_dsn

@@ -200,3 +200,12 @@ def condition(reply: etree._Element) -> str:
     assert error is not None
     names = [etree.QName(c).localname for c in error if etree.QName(c).namespace == STANZAS]
     return next(n for n in names if n != "text")
+
+
+async def end_stream(client: RawClient, timeout: float = 5.0) -> None:
+    """Close our stream (RFC 6120 §4.4): send </stream:stream>, read up to the server's own
+    closing tag (stanzas before it are kept for next()), then wait until it hangs up."""
+    await client.send(b"</stream:stream>")
+    while not client.closed:
+        await client._read_more(timeout)
+    await client.wait_closed(timeout)

@@ -16,6 +16,7 @@ from bench.limit import MESSAGE, stanza_floor
 from bench.loadgen import TagCounter, ring_contacts
 from bench.peers import EjabberdPeer, Peer, ProsodyPeer, make_ca, make_certificates
 from bench.run import Fleet, Params, format_table, run_server, shard
+from bench.run import rows as table_rows
 from tests.process import free_port
 
 # Serialised in the stream's tree, a stanza declares the stream's namespaces (quotes doubled).
@@ -90,7 +91,7 @@ def test_quick_messages_against_prosody() -> None:
     finally:
         fleet.close()
     assert "messages_error" not in figures, (figures, logged)
-    assert figures["msgs_delivered"] > 0
+    assert figures["msgs_delivered"] >= params.pairs  # every pair got through
     assert figures["msgs_per_s"] > 0 and figures["cpu_per_1000"] > 0
     table = format_table(params, {"prosody": figures}, (stanza_floor(100),
                                                         stanza_floor(100, io=False)))
@@ -100,6 +101,43 @@ def test_quick_messages_against_prosody() -> None:
     delivered = next(r for r in rows if r.startswith("1:1 messages delivered/s"))
     assert delivered.split()[-1].replace(",", "").isdigit()
     assert any(r.startswith("limit (Python, 1 core") for r in rows)
+
+
+def test_quick_run_against_presenced() -> None:
+    """What CI runs of the benchmark: every scenario of `python -m bench.run --quick` against
+    presenced itself (a separate `python -m server serve`, as the side-by-side run starts it),
+    each with figures and none with an error, and the table that shows them."""
+    params = replace(Params.quick(), servers=("presenced",))
+    logged: list[str] = []
+    fleet = Fleet(1)
+    try:
+        figures = run_server("presenced", params, fleet, log=logged.append, host=BENCH_HOST,
+                             port=free_port(BENCH_HOST))
+    finally:
+        fleet.close()
+    errors = {k: v for k, v in figures.items() if k.endswith(("_error", "_unsupported"))}
+    assert errors == {}, (errors, logged)
+    for name in params.scenarios:
+        assert any(line == f"presenced: {name} done in " + line.rsplit(" in ", 1)[1]
+                   for line in logged), (name, logged)
+    assert figures["login_errors"] == 0
+    assert figures["logins_per_s"] > 0 and figures["login_p50_ms"] > 0
+    assert figures["msgs_delivered"] >= params.pairs  # every pair got through
+    assert figures["lat_delivered"] >= params.latency_pairs
+    assert 0 < figures["lat_p50"] <= figures["lat_p99"]
+    assert figures["presence_per_s"] > 0
+    assert 0 < figures["rss_base_mib"] < figures["rss_idle_mib"]
+    table = format_table(params, {"presenced": figures})
+    print(table)
+    header, rule, *lines = table.splitlines()
+    assert header.split() == ["scenario", "presenced"] and set(rule) == {"-", " "}
+    *figure_rows, note = lines
+    expected = [row.label for row in table_rows(params) if row.scenario in params.scenarios]
+    assert [r[:len(label)] for r, label in zip(figure_rows, expected, strict=True)] == expected
+    for row in figure_rows:
+        cell = row.rstrip().rsplit("  ", 1)[-1].strip()
+        assert cell[:1].isdigit(), row  # a figure, never "-" or "error: ..."
+    assert note.startswith("ratios (Nx) are against Prosody")
 
 
 @pytest.mark.parametrize("dialback", [True, False])

@@ -12,8 +12,9 @@ from slixmpp import JID as SlixJID
 from server.jid import JID
 from server.modules.blocking import Blocklist
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.rawclient import CLIENT, RawClient
+from tests.rawclient import CLIENT, RawClient, end_stream
 from tests.test_offline import IQ, MESSAGE, PRESENCE, come_online, error_condition, sync
+from tests.test_presence import next_presence
 
 BLOCKING = "urn:xmpp:blocking"
 BLOCKED = "{urn:xmpp:blocking:errors}blocked"
@@ -202,20 +203,32 @@ async def test_blocked_contact_gets_service_unavailable(users: RunningServer) ->
 
 async def test_domain_block_applies_to_offline_account(users: RunningServer) -> None:
     """The blocklist of an account without a session is read from storage: a blocked sender's
-    message is bounced, not stored."""
+    message is bounced, not stored; and it is read when the stanza comes, not remembered from
+    the session that ended."""
     alice = await login(users, "alice@a.test")
     assert (await iq(alice, "set", block("a.test/ignored", "carol@a.test"), "b")).get(
         "type") == "result"
-    await alice.close()
-    await asyncio.sleep(0.2)
+    await end_stream(alice)  # the server's </stream:stream>: her only session is over
     carol = await login(users, "carol@a.test")
     bob = await login(users, "bob@a.test")
     await carol.send("<message to='alice@a.test' id='m1' type='chat'><body>x</body></message>")
     (reply,) = await sync(carol)
-    assert error_condition(reply) == ("cancel", "service-unavailable")
+    assert (reply.get("id"), error_condition(reply)) == ("m1", ("cancel", "service-unavailable"))
     await bob.send("<message to='alice@a.test' id='m2' type='chat'><body>y</body></message>")
     assert await sync(bob) == []
-    assert await users.server.storage.offline.count("alice", "a.test") == 1
+    offline = users.server.storage.offline
+    assert await offline.count("alice", "a.test") == 1
+    # Storage changes while alice is away (as another node or an admin tool would change it):
+    # the next stanzas follow the stored list, so nothing of the old session's list is used.
+    blocklists = users.server.storage.blocklists
+    await blocklists.remove("alice", "a.test", ["carol@a.test"])
+    await blocklists.add("alice", "a.test", ["bob@a.test"])
+    await carol.send("<message to='alice@a.test' id='m3' type='chat'><body>z</body></message>")
+    assert await sync(carol) == []
+    await bob.send("<message to='alice@a.test' id='m4' type='chat'><body>w</body></message>")
+    (reply,) = await sync(bob)
+    assert (reply.get("id"), error_condition(reply)) == ("m4", ("cancel", "service-unavailable"))
+    assert await offline.count("alice", "a.test") == 2
 
 
 async def test_message_to_blocked_contact_is_not_acceptable(users: RunningServer) -> None:
@@ -238,38 +251,45 @@ async def test_message_to_blocked_contact_is_not_acceptable(users: RunningServer
     assert [el for el in await sync(bob) if el.tag != PRESENCE or el.get("from") != bob.jid] == []  # type: ignore[attr-defined]
 
 
+async def presences_before(client: RawClient, sender: RawClient, mark: str) -> list[etree._Element]:
+    """The presences `client` receives before a message that `sender` sends it now: what was
+    routed to `client` before that message."""
+    await sender.send(f"<message to='{client.jid}' id='{mark}'><body>.</body></message>")  # type: ignore[attr-defined]
+    seen: list[etree._Element] = []
+    while True:
+        el = await client.next()
+        if el.tag == MESSAGE and el.get("id") == mark:
+            return seen
+        if el.tag == PRESENCE:
+            seen.append(el)
+
+
 async def test_block_sends_unavailable_to_subscribed_contact(users: RunningServer) -> None:
     alice = await login(users, "alice@a.test")
     bob = await login(users, "bob@a.test")
+    carol = await login(users, "carol@a.test")
     # bob subscribes to alice's presence.
     await bob.send("<presence to='alice@a.test' type='subscribe'/>")
-    await sync(bob)
-    await asyncio.sleep(0.1)
+    await next_presence(alice, "subscribe", "bob@a.test")
     await alice.send("<presence to='bob@a.test' type='subscribed'/>")
-    await sync(alice)
-    await asyncio.sleep(0.1)
+    await next_presence(bob, "subscribed", "alice@a.test")
     await alice.send("<presence><status>here</status></presence>")
-    await sync(alice)
-    await asyncio.sleep(0.1)
-    seen = [el for el in await sync(bob) if el.tag == PRESENCE
-            and el.get("from") == "alice@a.test/raw" and el.get("type") is None]
-    assert seen, "precondition: bob sees alice's presence"
+    while (await next_presence(bob, None, "alice@a.test/raw")).findtext(
+            f"{{{CLIENT}}}status") != "here":
+        pass  # first the presence she had when bob's subscription was approved
 
     assert (await iq(alice, "set", block("bob@a.test"), "b")).get("type") == "result"
-    await asyncio.sleep(0.1)
-    got = [el for el in await sync(bob) if el.tag == PRESENCE]
-    assert [(p.get("from"), p.get("type")) for p in got] == [("alice@a.test/raw", "unavailable")]
+    gone = await next_presence(bob, "unavailable", "alice@a.test")
+    assert gone.get("from") == "alice@a.test/raw"
     # Blocked: alice's presence changes no longer reach bob.
     await alice.send("<presence><status>still here</status></presence>")
-    await sync(alice)
-    await asyncio.sleep(0.1)
-    assert [el for el in await sync(bob) if el.tag == PRESENCE] == []
+    await sync(alice)  # her presence was handled (broadcast or dropped) before the answer
+    assert [etree.tostring(p) for p in await presences_before(bob, carol, "after-block")] == []
     # Unblocked: bob gets alice's current presence again (XEP-0191 §3.4).
     assert (await iq(alice, "set", unblock("bob@a.test"), "u")).get("type") == "result"
-    await asyncio.sleep(0.1)
-    got = [el for el in await sync(bob) if el.tag == PRESENCE]
-    assert [(p.get("from"), p.get("type"), p.findtext(f"{{{CLIENT}}}status")) for p in got] == [
-        ("alice@a.test/raw", None, "still here")]
+    back = await next_presence(bob, None, "alice@a.test")
+    assert (back.get("from"), back.findtext(f"{{{CLIENT}}}status")) == (
+        "alice@a.test/raw", "still here")
 
 
 async def test_slixmpp_plugin(users: RunningServer) -> None:
@@ -293,5 +313,9 @@ async def test_slixmpp_plugin(users: RunningServer) -> None:
     await bob.send("<message to='alice@a.test' id='m1' type='chat'><body>hi</body></message>")
     (reply,) = await sync(bob)
     assert error_condition(reply) == ("cancel", "service-unavailable")
-    await asyncio.sleep(0.2)
-    assert got.empty()
+    # carol is not blocked; her message, sent after bob's was refused, is the first to arrive.
+    carol = await login(users, "carol@a.test")
+    await carol.send("<message to='alice@a.test' id='c1' type='chat'><body>hey</body></message>")
+    first = await asyncio.wait_for(got.get(), 5)
+    assert (first["id"], str(first["from"]), first["body"]) == (  # type: ignore[index]
+        "c1", "carol@a.test/raw", "hey")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 
 import pytest
 from lxml import etree
@@ -223,19 +224,36 @@ async def test_server_iqs(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     xmpp = await server.client("alice@a.test", plugins=("xep_0030", "xep_0092", "xep_0199",
                                                           "xep_0202"))
-    info = await xmpp["xep_0030"].get_info(jid="a.test")
+    info = await xmpp.plugin["xep_0030"].get_info(jid="a.test")
     features = info["disco_info"]["features"]
     assert "urn:xmpp:ping" in features and "jabber:iq:version" in features
     assert ("server", "im", None, "presenced") in info["disco_info"]["identities"]
-    version = await xmpp["xep_0092"].get_version("a.test")
+    version = await xmpp.plugin["xep_0092"].get_version("a.test")
     assert version["software_version"]["name"] == "presenced"
-    rtt = await xmpp["xep_0199"].ping("a.test")
-    assert rtt >= 0
-    t = await xmpp["xep_0202"].get_entity_time("a.test")
-    # Read the XML: slixmpp 1.17's get_utc() appends a second 'Z' to XEP-0202's own format.
-    utc = t.xml.findtext("{urn:xmpp:time}time/{urn:xmpp:time}utc")
-    assert utc is not None and utc.endswith("Z")
-    assert datetime.strptime(utc, "%Y-%m-%dT%H:%M:%SZ")
+    await xmpp.plugin["xep_0199"].ping("a.test")  # raises unless the answer is a result
+    # The wire, read raw: XEP-0199 §4 ping and XEP-0202 time, answered by the server itself.
+    client = await server.raw_login("alice@a.test")
+    reply = await client.ask("<iq type='get' id='p1' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>",
+                             skip_others=True)
+    assert {k: reply.get(k) for k in ("type", "id", "from", "to")} == {
+        "type": "result", "id": "p1", "from": "a.test", "to": "alice@a.test/raw"}
+    assert len(reply) == 0 and not (reply.text or "").strip()  # an empty result
+    before = datetime.now(UTC).replace(microsecond=0)
+    reply = await client.ask("<iq type='get' id='t1' to='a.test'><time xmlns='urn:xmpp:time'/></iq>",
+                             skip_others=True)
+    after = datetime.now(UTC)
+    assert (reply.get("type"), reply.get("id"), reply.get("from")) == ("result", "t1", "a.test")
+    time_el = reply.find("{urn:xmpp:time}time")
+    assert time_el is not None and [etree.QName(c).localname for c in time_el] == ["tzo", "utc"]
+    tzo = time_el.findtext("{urn:xmpp:time}tzo") or ""
+    assert re.fullmatch(r"[+-](0\d|1[0-4]):[0-5]\d", tzo), tzo  # XEP-0082 TZD
+    # XEP-0082 DateTime in UTC, as XEP-0202 §3 shows it (slixmpp 1.17's get_utc() would
+    # append a second 'Z', so the XML is read).
+    utc = time_el.findtext("{urn:xmpp:time}utc") or ""
+    stamp = datetime.strptime(utc, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert before <= stamp <= after, (before, utc, after)
+    t = await xmpp.plugin["xep_0202"].get_entity_time("a.test")
+    assert t.xml.findtext("{urn:xmpp:time}time/{urn:xmpp:time}utc")[:16] == utc[:16]
 
 
 async def test_unknown_iq_service_unavailable_and_results_dropped(server: RunningServer) -> None:
@@ -373,9 +391,18 @@ async def test_cli_account_commands_while_running(server: RunningServer) -> None
         *presenced("passwd", "carol@a.test", "--password", "new-password", "--config",
                    str(server.config_path)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    await proc.communicate()
-    assert proc.returncode == 0
-    await server.raw_login("carol@a.test", password="new-password")
+    _out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    # The old password is refused at once (RFC 6120 §6.5.10: SASL not-authorized) ...
+    client = await server.raw()
+    with pytest.raises(AssertionError) as refused:
+        await client.authenticate("a.test", "carol", PASSWORD)
+    assert re.search(r"SASL failed: b'<failure xmlns=\"urn:ietf:params:xml:ns:xmpp-sasl\"[^>]*>"
+                     r"<not-authorized/>", str(refused.value)), refused.value
+    await client.close()
+    # ... and the new one works.
+    client = await server.raw_login("carol@a.test", password="new-password")
+    assert client.jid == "carol@a.test/raw"  # type: ignore[attr-defined]
 
 
 def _exporter_login(host: str, port: int, cb_data: bytes | None) -> bytes:

@@ -257,7 +257,7 @@ def test_database_from_a_newer_presenced(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     assert presenced(tmp_path, "adduser", "a@a.test", "-p", "x", "-c", str(config)).code == 0
     with sqlite3.connect(tmp_path / "data" / "presenced.sqlite") as db:
-        db.execute("UPDATE schema_version SET version = 999")
+        db.execute("UPDATE schema_versions SET version = 999 WHERE store = 'accounts'")
     assert_fails(presenced(tmp_path, "deluser", "a@a.test", "-c", str(config)), 1,
                  "schema version 999, newer than this presenced")
 
@@ -333,7 +333,7 @@ def test_check_certificate_problems(tmp_path: Path) -> None:
         f"error: {config}:10: [tls] key: key {tmp_path}/other.key does not belong to "
         f"certificate {tmp_path}/a.pem",
         f"warning: {config}:9: [tls] certificate: certificate {tmp_path}/a.pem is not for "
-        f"b.test (it names a.test, a.test)",
+        f"b.test (it names a.test)",
         f"{config}: 1 error(s), 1 warning(s)",
     ]
     # A warning alone does not fail the check.
@@ -458,4 +458,4 @@ def test_check_domain_certificates(tmp_path: Path) -> None:
     result = presenced(tmp_path, "check", "-c", str(config))
     assert result.code == 0, result  # a warning: clients and peers asking for b.test balk
     assert (f"warning: {config}:9: [tls] domain_certificates: b.test: certificate "
-            f"{tmp_path}/a.pem is not for b.test (it names a.test, a.test)") in result.out
+            f"{tmp_path}/a.pem is not for b.test (it names a.test)") in result.out

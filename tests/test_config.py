@@ -18,6 +18,7 @@ from server.config import (
     load_config,
     where,
 )
+from server.modules import config_sections
 
 SAMPLE = Path(__file__).resolve().parent.parent / "conf" / "presenced.toml"
 
@@ -101,7 +102,9 @@ def test_sample_documents_every_key_with_its_default(monkeypatch: pytest.MonkeyP
     for chunk in text.split("\n[")[1:]:
         name, _, body = chunk.partition("]")
         tables[name] = body
-    for table, key in _options(Config):
+    modules = [(name, key) for name, cls in config_sections().items()
+               for _table, key in _options(cls)]
+    for table, key in _options(Config) + modules:
         assert re.search(rf"^(# )?{key} = ", tables[table], re.M), f"[{table}] {key} undocumented"
     sample = load_config(SAMPLE)
     monkeypatch.chdir(SAMPLE.parent)  # the sample's relative paths are the defaults' from there

@@ -138,32 +138,57 @@ async def test_directed_presence_undone_at_logout(server: RunningServer) -> None
     assert gone.get("from") == "alice@a.test/raw"
 
 
+async def set_priority(client: RawClient, priority: int) -> None:
+    """Send presence with that priority and wait for the server's echo of it to the client
+    itself (RFC 6121 §4.2.2): from then on, routing uses the new priority."""
+    await client.send(f"<presence><priority>{priority}</priority></presence>")
+    while True:
+        echo = await next_presence(client, None, client.jid)  # type: ignore[attr-defined]
+        if echo.get("from") == client.jid and echo.findtext(  # type: ignore[attr-defined]
+                f"{{{CLIENT}}}priority") == str(priority):
+            return
+
+
+async def messages_until(client: RawClient, marker: str) -> list[str]:
+    """Bodies of the messages that arrive before the one with id=marker."""
+    bodies: list[str] = []
+    while True:
+        el = await client.next_of("message")
+        if el.get("id") == marker:
+            return bodies
+        bodies.append(el.findtext(f"{{{CLIENT}}}body") or "")
+
+
 async def test_priority_routing_of_bare_messages(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     await server.add_user("bob@a.test")
     high = await server.raw_login("bob@a.test", resource="high")
     low = await server.raw_login("bob@a.test", resource="low")
-    await high.send("<presence><priority>5</priority></presence>")
-    await low.send("<presence><priority>1</priority></presence>")
-    await asyncio.sleep(0.2)
+    await set_priority(high, 5)
+    await set_priority(low, 1)
     alice = await server.raw_login("alice@a.test")
     await alice.send("<message to='bob@a.test' type='chat'><body>to the top</body></message>")
-    el = await high.next_of("message")
-    assert el.findtext(f"{{{CLIENT}}}body") == "to the top"
-    # Negative priority: no bare-JID messages at all.
-    await high.send("<presence><priority>-1</priority></presence>")
-    await low.send("<presence><priority>-1</priority></presence>")
-    await asyncio.sleep(0.2)
+    # A marker to each full JID, sent after: what arrives before it was routed before it.
+    for client in (high, low):
+        await alice.send(f"<message to='{client.jid}' id='mark1'><body>.</body></message>")  # type: ignore[attr-defined]
+    assert await messages_until(high, "mark1") == ["to the top"]
+    assert await messages_until(low, "mark1") == []
+    # Negative priority everywhere: no resource gets bare-JID messages (RFC 6121 §8.5.2.1.1);
+    # the message waits in offline storage.
+    await set_priority(high, -1)
+    await set_priority(low, -1)
     await alice.send("<message to='bob@a.test' type='chat' id='m2'><body>nobody</body></message>")
-    # Stored offline (or bounced when offline storage is absent) — never delivered to 'low'.
-    await asyncio.sleep(0.3)
-    while True:
-        el = await low.next()
-        if el.tag == IQ and el.get("id") == "probe-end":
-            break
-        assert el.tag != f"{{{CLIENT}}}message", etree.tostring(el)
-        if el.tag == PRESENCE:
-            await low.send("<iq type='get' id='probe-end' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    for client in (high, low):
+        await alice.send(f"<message to='{client.jid}' id='mark2'><body>.</body></message>")  # type: ignore[attr-defined]
+    assert await messages_until(high, "mark2") == []
+    assert await messages_until(low, "mark2") == []
+    assert await server.server.storage.offline.count("bob", "a.test") == 1
+    # ... and reaches the first resource that comes online with a non-negative priority.
+    later = await server.raw_login("bob@a.test", resource="later")
+    await later.send("<presence/>")
+    stored = await later.next_of("message")
+    assert stored.get("id") == "m2" and stored.findtext(f"{{{CLIENT}}}body") == "nobody"
+    assert stored.find("{urn:xmpp:delay}delay") is not None
 
 
 async def test_slixmpp_subscription_and_roster(server: RunningServer) -> None:
@@ -244,9 +269,8 @@ async def test_message_types_to_bare_jid(server: RunningServer) -> None:
     await server.add_user("bob@a.test")
     one = await server.raw_login("bob@a.test", resource="one")
     two = await server.raw_login("bob@a.test", resource="two")
-    await one.send("<presence><priority>2</priority></presence>")
-    await two.send("<presence><priority>1</priority></presence>")
-    await asyncio.sleep(0.2)
+    await set_priority(one, 2)
+    await set_priority(two, 1)
     alice = await server.raw_login("alice@a.test")
     await alice.send("<message to='bob@a.test' type='headline'><body>news</body></message>")
     for client in (one, two):

@@ -102,7 +102,7 @@ async def test_errors(server: RunningServer) -> None:
         # Too big.
         (f"<iq type='set' id='e8'><query xmlns='{PRIVATE}'><a xmlns='urn:big'>"
          f"{'x' * (private_module.MAX_ITEM_SIZE + 1)}</a></query></iq>", "not-acceptable"),
-        # Not a query.
+        # Not a query: no handler for it.
         (f"<iq type='get' id='e9'><other xmlns='{PRIVATE}'><a xmlns='urn:one'/></other></iq>",
          "bad-request"),
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 from lxml import etree
 
@@ -14,7 +16,9 @@ IQ = f"{{{CLIENT}}}iq"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
-_skipped: dict[int, list[etree._Element]] = {}
+# Stanzas that arrived before an awaited answer, by client (weakly: a dead client's id may be
+# reused by a new one, its stanzas must not be).
+_skipped: weakref.WeakKeyDictionary[RawClient, list[etree._Element]] = weakref.WeakKeyDictionary()
 
 
 async def request(client: RawClient, xml: str, id_: str) -> etree._Element:
@@ -24,13 +28,18 @@ async def request(client: RawClient, xml: str, id_: str) -> etree._Element:
         el = await client.next()
         if el.tag == IQ and el.get("id") == id_:
             return el
-        _skipped.setdefault(id(client), []).append(el)
+        _skipped.setdefault(client, []).append(el)
+
+
+def kept(client: RawClient) -> list[etree._Element]:
+    """What request() set aside for this client, not yet taken by push()."""
+    return _skipped.get(client, [])
 
 
 async def push(client: RawClient) -> etree._Element:
     while True:
-        kept = _skipped.get(id(client))
-        el = kept.pop(0) if kept else await client.next()
+        waiting = _skipped.get(client)
+        el = waiting.pop(0) if waiting else await client.next()
         if el.tag == IQ and el.get("type") == "set":
             assert el.get("from") in (None, client.jid.split("/")[0])  # type: ignore[attr-defined]
             await client.send(f"<iq type='result' id='{el.get('id')}'/>")
@@ -72,14 +81,21 @@ async def test_set_get_push_remove_and_versions(server: RunningServer) -> None:
     # Remove: pushed with subscription='remove'; removing again is item-not-found.
     await request(pc, f"<iq type='set' id='r1'><query xmlns='{ROSTER}'>"
                       "<item jid='bob@a.test' subscription='remove'/></query></iq>", "r1")
-    assert (await push(phone)).get("subscription") == "remove"
+    for client in (pc, phone):
+        assert (await push(client)).get("subscription") == "remove"
     again = await request(pc, f"<iq type='set' id='r2'><query xmlns='{ROSTER}'>"
                               "<item jid='bob@a.test' subscription='remove'/></query></iq>", "r2")
     assert error_of(again) == "item-not-found"
-    # The resource that never requested the roster got no push: its next stanza is a ping reply.
-    reply = await request(quiet, "<iq type='get' id='p' to='a.test'>"
-                                 "<ping xmlns='urn:xmpp:ping'/></iq>", "p")
-    assert reply.get("type") == "result"
+    # The resource that never requested the roster got no push (RFC 6121 §2.1.6): the first
+    # stanza it receives is the answer to a ping sent after every change above was pushed.
+    assert kept(quiet) == []
+    await quiet.send("<iq type='get' id='p' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    first = await quiet.next()
+    assert (first.tag, first.get("id"), first.get("type")) == (IQ, "p", "result"), \
+        etree.tostring(first)
+    # Nor did the other two get anything beyond the pushes they acknowledged.
+    for client in (pc, phone):
+        assert [etree.tostring(el) for el in kept(client)] == []
 
 
 @pytest.mark.parametrize(("item", "condition"), [

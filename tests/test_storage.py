@@ -1,5 +1,5 @@
-"""Storage: one behavioural suite every backend must pass, then SQLite's own concerns
-(migrations, WAL and a second process writing while the server holds the file)."""
+"""Storage: one behavioural suite every backend must pass (SQLite, and PostgreSQL on a private
+cluster, see tests/pg.py), then each backend's own concerns (migrations, files, locks)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,28 @@ import asyncio
 import dataclasses
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from server.config import StorageConfig, default_config
-from server.storage import BACKENDS, Storage, StorageError, open_storage
+from server.storage import (
+    BACKENDS,
+    CORE_STORES,
+    Storage,
+    StorageError,
+    StoreSpec,
+    all_store_specs,
+    open_storage,
+)
 from server.storage import sqlite as sqlite_backend
-from server.storage.base import AccountExists, Credentials, NoSuchAccount, ScramKeys
+from server.storage.base import AccountExists, Credentials, NoSuchAccount, RosterItem, ScramKeys
+from server.storage.db import Database
+from server.storage.store import Store
+from tests.process import free_port
 
 
 def credentials(seed: int) -> Credentials:
@@ -27,14 +40,15 @@ def credentials(seed: int) -> Credentials:
     return Credentials(sha1=keys(1, 7), sha256=keys(2, 11))
 
 
-def storage_config(tmp_path: Path, backend: str) -> StorageConfig:
+def storage_config(tmp_path: Path, backend: str, dsn: str | None = None) -> StorageConfig:
     return dataclasses.replace(default_config().storage, backend=backend,
-                               path=tmp_path / "data" / "presenced.sqlite")
+                               path=tmp_path / "data" / "presenced.sqlite", dsn=dsn)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def config(request: pytest.FixtureRequest, tmp_path: Path) -> StorageConfig:
-    return storage_config(tmp_path, request.param)
+    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgresql" else None
+    return storage_config(tmp_path, request.param, dsn)
 
 
 @pytest.fixture
@@ -44,6 +58,17 @@ async def storage(config: StorageConfig) -> AsyncIterator[Storage]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def two(config: StorageConfig) -> AsyncIterator[tuple[Storage, Storage]]:
+    """Two storages on one database, as the server and the CLI (or two servers) have."""
+    first, second = await open_storage(config), await open_storage(config)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
 
 
 # -- every backend ------------------------------------------------------------------------------
@@ -142,13 +167,6 @@ async def test_second_connection_sees_writes_at_once(config: StorageConfig) -> N
         await server.close()
 
 
-async def test_open_creates_the_directory(tmp_path: Path, config: StorageConfig) -> None:
-    assert not config.path.parent.exists()
-    storage = await open_storage(config)
-    await storage.close()
-    assert config.path.parent.is_dir()
-
-
 async def test_open_with_a_whole_config(tmp_path: Path) -> None:
     config = dataclasses.replace(default_config(), storage=storage_config(tmp_path, "sqlite"))
     storage = await open_storage(config)
@@ -159,24 +177,377 @@ async def test_open_with_a_whole_config(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "presenced.sqlite").exists()
 
 
-async def test_unusable_location_is_a_storage_error(tmp_path: Path,
-                                                    config: StorageConfig) -> None:
-    (tmp_path / "file").write_text("")
-    blocked = dataclasses.replace(config, path=tmp_path / "file" / "sub" / "db.sqlite")
-    with pytest.raises(StorageError, match="cannot create"):
-        await open_storage(blocked)
+def test_every_store_is_a_core_store() -> None:
+    names = [spec.name for spec in CORE_STORES]
+    assert names == ["accounts", "rosters", "vcards", "private", "last_activity", "offline",
+                     "blocklists", "fast_tokens"]
+    # migrate and storage copy know the core's stores and every module's.
+    from server.modules import store_specs
+    assert all_store_specs()[:len(CORE_STORES)] == CORE_STORES
+    assert [s.name for s in all_store_specs()] == [
+        *names, *(s.name for s in store_specs() if s.name not in names)]
+    for spec in all_store_specs():
+        assert set(spec.migrations) == set(BACKENDS), spec.name
 
 
-# -- SQLite: files, pragmas, migrations ---------------------------------------------------------
+# -- every store, on every backend --------------------------------------------------------------
+
+
+async def test_storage_has_every_store(storage: Storage, config: StorageConfig) -> None:
+    assert storage.backend == config.backend
+    for spec in CORE_STORES:
+        assert isinstance(getattr(storage, spec.name), spec.factory(config.backend))
+
+
+def item(contact: str, **fields: Any) -> RosterItem:
+    return RosterItem(contact=contact, **fields)
+
+
+async def test_roster_items_and_versions(storage: Storage) -> None:
+    rosters = storage.rosters
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    assert await rosters.load("alice", "a.test") == (0, [])
+    full = item("bob@b.test", name="Bob", groups=("Friends", "Work"), subscription="both",
+                pending_out=True, pending_in=True, approved=True, listed=False,
+                request="<presence type='subscribe'/>")
+    assert await rosters.put("alice", "a.test", full) == 1
+    assert await rosters.put("alice", "a.test", item("carol@c.test")) == 2
+    version, items = await rosters.load("alice", "a.test")
+    assert version == 2
+    assert sorted(items, key=lambda i: i.contact) == [full, item("carol@c.test")]
+    # Replacing keeps one row per contact; every field is replaced.
+    assert await rosters.put("alice", "a.test", item("bob@b.test", name="B")) == 3
+    assert await rosters.delete("alice", "a.test", "carol@c.test") == 4
+    assert await rosters.delete("alice", "a.test", "nobody@c.test") == 5  # still a change
+    assert await rosters.load("alice", "a.test") == (5, [item("bob@b.test", name="B")])
+
+
+async def test_roster_of_a_missing_account(storage: Storage) -> None:
+    with pytest.raises(NoSuchAccount):
+        await storage.rosters.put("nobody", "a.test", item("bob@b.test"))
+    with pytest.raises(NoSuchAccount):
+        await storage.rosters.delete("nobody", "a.test", "bob@b.test")
+    assert await storage.rosters.load("nobody", "a.test") == (0, [])
+
+
+async def test_two_writers_on_one_roster(two: tuple[Storage, Storage]) -> None:
+    """Every change gets its own version, and the last version counts every change."""
+    first, second = two
+    await first.accounts.create("alice", "a.test", credentials(1))
+    versions = await asyncio.gather(*(
+        (first if n % 2 else second).rosters.put("alice", "a.test", item(f"c{n:02}@b.test"))
+        for n in range(40)))
+    assert sorted(versions) == list(range(1, 41))
+    version, items = await second.rosters.load("alice", "a.test")
+    assert version == 40
+    assert sorted(i.contact for i in items) == [f"c{n:02}@b.test" for n in range(40)]
+
+
+async def test_a_roster_change_and_its_version_are_one_transaction(
+        storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    assert await storage.rosters.put("alice", "a.test", item("bob@b.test")) == 1
+    original = Database.fetchrow
+
+    async def failing_bump(self: Database, sql: str, *args: Any) -> Any:
+        if "roster_versions" in sql:
+            raise RuntimeError("the bump fails")
+        return await original(self, sql, *args)
+
+    monkeypatch.setattr(Database, "fetchrow", failing_bump)
+    with pytest.raises(RuntimeError, match="the bump fails"):
+        await storage.rosters.put("alice", "a.test", item("carol@c.test"))
+    with pytest.raises(RuntimeError, match="the bump fails"):
+        await storage.rosters.delete("alice", "a.test", "bob@b.test")
+    monkeypatch.undo()
+    assert await storage.rosters.load("alice", "a.test") == (1, [item("bob@b.test")])
+    # The storage still works after the rollbacks.
+    assert await storage.rosters.put("alice", "a.test", item("carol@c.test")) == 2
+
+
+async def test_offline_messages(storage: Storage) -> None:
+    offline = storage.offline
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    await storage.accounts.create("bob", "a.test", credentials(2))
+    for n in range(3):
+        assert await offline.store("alice", "a.test", b"<message>%d</message>" % n, 3)
+    assert not await offline.store("alice", "a.test", b"<message>over</message>", 3)
+    assert await offline.store("bob", "a.test", b"<message>bob</message>", 3)
+    stored = await offline.load("alice", "a.test")
+    assert [stanza for _, stanza in stored] == [b"<message>%d</message>" % n for n in range(3)]
+    ids = [i for i, _ in stored]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert await offline.count("alice", "a.test") == 3
+    await offline.delete("alice", "a.test", ids[1])
+    assert await offline.load("alice", "a.test") == stored[2:]
+    assert await offline.store("alice", "a.test", b"<message>later</message>", 3)
+    later = await offline.load("alice", "a.test")
+    assert later[-1][0] > ids[2] and later[-1][1] == b"<message>later</message>"
+    assert await offline.count("bob", "a.test") == 1
+    with pytest.raises(NoSuchAccount):
+        await offline.store("nobody", "a.test", b"<message/>", 3)
+
+
+async def test_offline_quota_holds_for_concurrent_senders(two: tuple[Storage, Storage]) -> None:
+    first, second = two
+    await first.accounts.create("alice", "a.test", credentials(1))
+    stored = await asyncio.gather(*(
+        (first if n % 2 else second).offline.store("alice", "a.test", b"<m>%d</m>" % n, 5)
+        for n in range(30)))
+    assert stored.count(True) == 5
+    assert await first.offline.count("alice", "a.test") == 5
+
+
+async def test_userdata(storage: Storage) -> None:
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    assert await storage.vcards.get("alice", "a.test") is None
+    assert await storage.vcards.avatar_hash("alice", "a.test") is None
+    await storage.vcards.set("alice", "a.test", "<vCard>1</vCard>", "")
+    await storage.vcards.set("alice", "a.test", "<vCard>2</vCard>", "ab" * 20)
+    assert await storage.vcards.get("alice", "a.test") == "<vCard>2</vCard>"
+    assert await storage.vcards.avatar_hash("alice", "a.test") == "ab" * 20
+    private = storage.private
+    await private.set("alice", "a.test", [("urn:a", "a", "<a xmlns='urn:a'/>"),
+                                          ("urn:b", "b", "<b xmlns='urn:b'/>")])
+    await private.set("alice", "a.test", [("urn:a", "a", "<a xmlns='urn:a'>2</a>"),
+                                          ("urn:a", "a", "<a xmlns='urn:a'>3</a>")])
+    await private.set("alice", "a.test", [])
+    assert await private.get("alice", "a.test", "urn:a", "a") == "<a xmlns='urn:a'>3</a>"
+    assert await private.get("alice", "a.test", "urn:b", "b") == "<b xmlns='urn:b'/>"
+    assert await private.get("alice", "a.test", "urn:b", "a") is None
+    assert await storage.last_activity.get("alice", "a.test") is None
+    await storage.last_activity.set("alice", "a.test", 1_700_000_000, "gone")
+    await storage.last_activity.set("alice", "a.test", 4_102_444_800, "back in 2100")
+    assert await storage.last_activity.get("alice", "a.test") == (4_102_444_800, "back in 2100")
+    for write in (lambda: storage.vcards.set("nobody", "a.test", "<vCard/>", ""),
+                  lambda: private.set("nobody", "a.test", [("urn:a", "a", "<a/>")]),
+                  lambda: storage.last_activity.set("nobody", "a.test", 1, "")):
+        with pytest.raises(NoSuchAccount):
+            await write()
+
+
+async def test_blocklists(storage: Storage) -> None:
+    blocklists = storage.blocklists
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    assert await blocklists.get("alice", "a.test") == []
+    await blocklists.add("alice", "a.test", ["spam.test", "eve@b.test", "eve@b.test/r"])
+    await blocklists.add("alice", "a.test", ["spam.test", "zoë@b.test"])  # again: no error
+    assert await blocklists.get("alice", "a.test") == ["eve@b.test", "eve@b.test/r",
+                                                       "spam.test", "zoë@b.test"]
+    await blocklists.remove("alice", "a.test", ["eve@b.test", "never@b.test"])
+    assert await blocklists.get("alice", "a.test") == ["eve@b.test/r", "spam.test",
+                                                       "zoë@b.test"]
+    await blocklists.add("alice", "a.test", [])
+    await blocklists.remove("alice", "a.test", [])
+    await blocklists.clear("alice", "a.test")
+    assert await blocklists.get("alice", "a.test") == []
+    with pytest.raises(NoSuchAccount):
+        await blocklists.add("nobody", "a.test", ["spam.test"])
+
+
+TEXT = "Grüße, 你好, مرحبا, 🙂 \u00e9\u0301 <&'\">"
+
+
+async def test_unicode_and_large_payloads(storage: Storage) -> None:
+    await storage.accounts.create("jürgen", "bücher.test", credentials(1))
+    large_text = (TEXT * 40_000)[:1_000_000]        # about 1.3 MB of UTF-8
+    large_bytes = bytes(range(256)) * 4096          # 1 MiB, every byte value (NUL too)
+    await storage.vcards.set("jürgen", "bücher.test", large_text, "")
+    assert await storage.vcards.get("jürgen", "bücher.test") == large_text
+    assert await storage.offline.store("jürgen", "bücher.test", large_bytes, 10)
+    assert [m for _, m in await storage.offline.load("jürgen", "bücher.test")] == [large_bytes]
+    await storage.private.set("jürgen", "bücher.test", [("urn:ü", TEXT, large_text)])
+    assert await storage.private.get("jürgen", "bücher.test", "urn:ü", TEXT) == large_text
+    contact = item("straße@bücher.test", name=TEXT, groups=(TEXT, "🙂" * 1000),
+                   request=large_text)
+    await storage.rosters.put("jürgen", "bücher.test", contact)
+    assert await storage.rosters.load("jürgen", "bücher.test") == (1, [contact])
+    await storage.last_activity.set("jürgen", "bücher.test", 1, TEXT)
+    assert await storage.last_activity.get("jürgen", "bücher.test") == (1, TEXT)
+    await storage.blocklists.add("jürgen", "bücher.test", [f"{TEXT}@x.test".replace(" ", "")])
+    assert len(await storage.blocklists.get("jürgen", "bücher.test")) == 1
+
+
+async def own_everything(storage: Storage, user: str, domain: str) -> None:
+    await storage.rosters.put(user, domain, item("bob@b.test", subscription="both"))
+    await storage.vcards.set(user, domain, "<vCard/>", "00" * 20)
+    await storage.private.set(user, domain, [("urn:a", "a", "<a/>")])
+    await storage.last_activity.set(user, domain, 5, "away")
+    assert await storage.offline.store(user, domain, b"<message/>", 10)
+    await storage.blocklists.add(user, domain, ["spam.test"])
+
+
+async def owns_nothing(storage: Storage, user: str, domain: str) -> None:
+    assert await storage.rosters.load(user, domain) == (0, [])
+    assert await storage.vcards.get(user, domain) is None
+    assert await storage.private.get(user, domain, "urn:a", "a") is None
+    assert await storage.last_activity.get(user, domain) is None
+    assert await storage.offline.load(user, domain) == []
+    assert await storage.blocklists.get(user, domain) == []
+
+
+async def test_deleting_an_account_removes_everything_it_owns(storage: Storage) -> None:
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    await storage.accounts.create("bob", "a.test", credentials(2))
+    await own_everything(storage, "alice", "a.test")
+    await own_everything(storage, "bob", "a.test")
+    await storage.accounts.delete("alice", "a.test")
+    await storage.accounts.create("alice", "a.test", credentials(3))  # a new owner, same name
+    await owns_nothing(storage, "alice", "a.test")
+    assert (await storage.rosters.load("bob", "a.test"))[0] == 1  # the others keep theirs
+
+
+async def test_an_account_deleted_while_its_data_is_written(two: tuple[Storage, Storage]) -> None:
+    """Each write lands before the delete (and goes with it) or fails with NoSuchAccount;
+    nothing the account owned survives it."""
+    first, second = two
+    for attempt in range(5):
+        await first.accounts.create("alice", "a.test", credentials(1))
+        writes: list[Callable[[], Any]] = [
+            lambda n=n: second.rosters.put("alice", "a.test", item(f"c{n}@b.test"))
+            for n in range(10)]
+        writes += [lambda n=n: second.offline.store("alice", "a.test", b"<m>%d</m>" % n, 100)
+                   for n in range(10)]
+        writes += [lambda: second.vcards.set("alice", "a.test", "<vCard/>", ""),
+                   lambda: second.private.set("alice", "a.test", [("urn:a", "a", "<a/>")]),
+                   lambda: second.last_activity.set("alice", "a.test", 1, ""),
+                   lambda: second.blocklists.add("alice", "a.test", ["spam.test"])]
+        tasks = [asyncio.ensure_future(write()) for write in writes]
+        await asyncio.sleep(attempt * 0.002)
+        await first.accounts.delete("alice", "a.test")
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            assert not isinstance(result, BaseException) or isinstance(result, NoSuchAccount), \
+                result
+        assert not await first.accounts.exists("alice", "a.test")
+        await first.accounts.create("alice", "a.test", credentials(2))
+        await owns_nothing(first, "alice", "a.test")
+        await first.accounts.delete("alice", "a.test")
+
+
+# -- migrations, on every backend ---------------------------------------------------------------
+
+
+async def store_versions(storage: Storage) -> dict[str, int]:
+    return {str(s): int(v) for s, v in
+            await storage.db.fetch("SELECT store, version FROM schema_versions")}
+
+
+async def table_names(storage: Storage) -> set[str]:
+    sql = ("SELECT name FROM sqlite_master WHERE type = 'table'" if storage.backend == "sqlite"
+           else "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    return {str(r[0]) for r in await storage.db.fetch(sql)}
+
+
+LATER_TABLE = ("CREATE TABLE later (domain TEXT NOT NULL, localpart TEXT NOT NULL, "
+               "FOREIGN KEY (domain, localpart) REFERENCES accounts (domain, localpart) "
+               "ON DELETE CASCADE)")
+
+
+def later_spec(*migrations: Any) -> StoreSpec:
+    """A store a feature module might declare, with the same migrations on both backends."""
+    return StoreSpec(name="later", sqlite=Store, postgresql=Store,
+                     migrations={"sqlite": migrations, "postgresql": migrations},
+                     tables=("later",))
+
+
+async def test_a_new_database_gets_every_store_at_its_version(storage: Storage) -> None:
+    assert await store_versions(storage) == {
+        spec.name: len(spec.migrations[storage.backend]) for spec in CORE_STORES}
+    assert {"schema_versions", "accounts", "roster_items", "roster_versions", "vcards",
+            "private_xml", "last_activity", "offline_messages", "blocklist"} <= \
+        await table_names(storage)
+
+
+async def test_applies_only_missing_migrations(config: StorageConfig) -> None:
+    storage = await open_storage(config)
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    await storage.close()
+    applied: list[str] = []
+
+    async def by_function(db: Database) -> None:
+        applied.append(db.dialect)
+        await db.execute("INSERT INTO later SELECT domain, localpart FROM accounts")
+
+    spec = later_spec([LATER_TABLE], by_function)
+    storage = await open_storage(config, (*CORE_STORES, spec))
+    await storage.close()
+    assert applied == [config.backend]
+    storage = await open_storage(config, (*CORE_STORES, spec))  # up to date: nothing runs
+    try:
+        assert applied == [config.backend]
+        assert (await store_versions(storage))["later"] == 2
+        assert await storage.db.fetch("SELECT * FROM later") == [("a.test", "alice")]
+        # A third migration later: only it runs.
+        await storage.close()
+        storage = await open_storage(config, (*CORE_STORES, later_spec(
+            [LATER_TABLE], by_function, ["ALTER TABLE later ADD COLUMN note TEXT"])))
+        assert applied == [config.backend]
+        assert (await store_versions(storage))["later"] == 3
+        assert isinstance(storage.later, Store)  # type: ignore[attr-defined]
+        # Foreign keys hold: deleting the account removes what it owns.
+        await storage.accounts.delete("alice", "a.test")
+        assert await storage.db.fetch("SELECT * FROM later") == []
+    finally:
+        await storage.close()
+    # Opened without the module's store, the database is still usable.
+    storage = await open_storage(config)
+    await storage.close()
+
+
+async def test_a_failing_migration_changes_nothing(config: StorageConfig) -> None:
+    storage = await open_storage(config)
+    before = await store_versions(storage)
+    await storage.close()
+    spec = later_spec(["CREATE TABLE half (x INTEGER)", "INSERT INTO no_such_table VALUES (1)"])
+    with pytest.raises(StorageError, match="no_such_table"):
+        await open_storage(config, (*CORE_STORES, spec))
+    storage = await open_storage(config)
+    try:
+        assert await store_versions(storage) == before
+        assert "half" not in await table_names(storage)
+    finally:
+        await storage.close()
+
+
+async def test_refuses_a_store_newer_than_the_code(config: StorageConfig) -> None:
+    storage = await open_storage(config)
+    await storage.db.execute("UPDATE schema_versions SET version = 7 WHERE store = 'rosters'")
+    await storage.close()
+    with pytest.raises(StorageError, match="store 'rosters' has schema version 7, newer than "
+                                           r"this presenced knows \(1\): upgrade presenced"):
+        await open_storage(config)
+
+
+async def test_specs_are_checked(config: StorageConfig) -> None:
+    with pytest.raises(StorageError, match="declared twice"):
+        await open_storage(config, (*CORE_STORES, CORE_STORES[1]))
+    with pytest.raises(StorageError, match="'later' requires accounts"):
+        await open_storage(config, (later_spec([LATER_TABLE]), *CORE_STORES))
+    missing = dataclasses.replace(later_spec([LATER_TABLE]), migrations={"other": []})
+    with pytest.raises(StorageError, match=f"no {config.backend} implementation"):
+        await open_storage(config, (*CORE_STORES, missing))
+
+
+async def test_two_processes_opening_a_new_database_at_once(config: StorageConfig) -> None:
+    """Both migrate an empty database at the same moment: one waits for the other (SQLite's
+    write lock, PostgreSQL's advisory lock); neither fails."""
+    opened = await asyncio.gather(*(open_storage(config) for _ in range(4)))
+    try:
+        await opened[0].accounts.create("alice", "a.test", credentials(1))
+        assert all([await s.accounts.exists("alice", "a.test") for s in opened])
+        assert await store_versions(opened[3]) == {
+            spec.name: len(spec.migrations[config.backend]) for spec in CORE_STORES}
+    finally:
+        for s in opened:
+            await s.close()
+
+
+# -- SQLite: files, pragmas, the schema before per-store versions -------------------------------
 
 
 def sqlite_config(tmp_path: Path) -> StorageConfig:
     return storage_config(tmp_path, "sqlite")
-
-
-def schema_version(path: Path) -> int:
-    with sqlite3.connect(path) as db:
-        return int(db.execute("SELECT version FROM schema_version").fetchone()[0])
 
 
 def tables(path: Path) -> set[str]:
@@ -184,14 +555,30 @@ def tables(path: Path) -> set[str]:
         return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
+async def test_open_creates_the_directory(tmp_path: Path) -> None:
+    config = sqlite_config(tmp_path)
+    assert not config.path.parent.exists()
+    storage = await open_storage(config)
+    await storage.close()
+    assert config.path.parent.is_dir()
+
+
+async def test_unusable_location_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    blocked = dataclasses.replace(sqlite_config(tmp_path),
+                                  path=tmp_path / "file" / "sub" / "db.sqlite")
+    with pytest.raises(StorageError, match="cannot create"):
+        await open_storage(blocked)
+
+
 async def test_sqlite_file_settings(tmp_path: Path) -> None:
     config = sqlite_config(tmp_path)
     storage = await open_storage(config)
     try:
-        assert isinstance(storage, sqlite_backend.SQLiteStorage)
+        assert isinstance(storage.db, sqlite_backend.SQLiteDatabase)
 
         async def pragma(name: str) -> object:
-            (row,) = await storage._db.execute_fetchall(f"PRAGMA {name}")
+            (row,) = await storage.db.fetch(f"PRAGMA {name}")
             return row[0]
 
         assert await pragma("journal_mode") == "wal"
@@ -205,80 +592,66 @@ async def test_sqlite_file_settings(tmp_path: Path) -> None:
     assert config.path.parent.stat().st_mode & 0o777 == 0o700
 
 
-async def test_migrates_an_empty_database(tmp_path: Path) -> None:
+async def test_migrates_an_empty_file(tmp_path: Path) -> None:
     config = sqlite_config(tmp_path)
     config.path.parent.mkdir()
     config.path.write_bytes(b"")  # an empty file is an empty SQLite database
     storage = await open_storage(config)
     await storage.close()
-    assert schema_version(config.path) == len(sqlite_backend.MIGRATIONS)
-    assert {"schema_version", "accounts"} <= tables(config.path)
+    assert {"schema_versions", "accounts"} <= tables(config.path)
 
 
-async def test_applies_only_missing_migrations(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def legacy_file(path: Path, version: int) -> None:
+    """A file as presenced wrote it before per-store versions: the first `version` global
+    migrations (their statements are the stores' first migrations) and schema_version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as db:
+        for stores in sqlite_backend.LEGACY_VERSIONS[:version]:
+            for name in stores:
+                (spec,) = [s for s in CORE_STORES if s.name == name]
+                for statement in spec.migrations["sqlite"][0]:
+                    db.execute(statement)  # type: ignore[arg-type]
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        keys = credentials(1)
+        db.execute("INSERT INTO accounts (domain, localpart, sha1_salt, sha1_iterations, "
+                   "sha1_stored_key, sha1_server_key, sha256_salt, sha256_iterations, "
+                   "sha256_stored_key, sha256_server_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   ("a.test", "alice", keys.sha1.salt, keys.sha1.iterations,
+                    keys.sha1.stored_key, keys.sha1.server_key, keys.sha256.salt,
+                    keys.sha256.iterations, keys.sha256.stored_key, keys.sha256.server_key))
+        if version >= 2:
+            db.execute("INSERT INTO roster_items (domain, localpart, contact, subscription) "
+                       "VALUES ('a.test', 'alice', 'bob@b.test', 'both')")
+            db.execute("INSERT INTO roster_versions VALUES ('a.test', 'alice', 7)")
+
+
+@pytest.mark.parametrize("version", [1, 3, 5])
+async def test_upgrades_a_file_with_the_old_global_version(tmp_path: Path, version: int) -> None:
     config = sqlite_config(tmp_path)
-    storage = await open_storage(config)
-    await storage.accounts.create("alice", "a.test", credentials(1))
-    await storage.close()
-    current = len(sqlite_backend.MIGRATIONS)
-
-    applied: list[str] = []
-
-    async def by_function(db: object) -> None:
-        applied.append("function")
-
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", [
-        *sqlite_backend.MIGRATIONS,
-        ["CREATE TABLE later (domain TEXT, localpart TEXT, FOREIGN KEY (domain, localpart) "
-         "REFERENCES accounts (domain, localpart) ON DELETE CASCADE)",
-         "INSERT INTO later SELECT domain, localpart FROM accounts"],
-        by_function,
-    ])
-    storage = await open_storage(config)
-    await storage.close()
-    assert schema_version(config.path) == current + 2
-    assert applied == ["function"]
-    with sqlite3.connect(config.path) as db:
-        assert db.execute("SELECT * FROM later").fetchall() == [("a.test", "alice")]
-    # Up to date: nothing runs again.
+    legacy_file(config.path, version)
     storage = await open_storage(config)
     try:
-        assert applied == ["function"]
-        # Foreign keys are on: deleting the account removes what it owns.
-        await storage.accounts.delete("alice", "a.test")
+        assert await storage.accounts.get_credentials("alice", "a.test") == credentials(1)
+        if version >= 2:
+            assert await storage.rosters.load("alice", "a.test") == (
+                7, [item("bob@b.test", subscription="both")])
+        await own_everything(storage, "alice", "a.test")  # every store's tables are there
+        assert await store_versions(storage) == {spec.name: 1 for spec in CORE_STORES}
     finally:
         await storage.close()
-    with sqlite3.connect(config.path) as db:
-        assert db.execute("SELECT count(*) FROM later").fetchone()[0] == 0
+    assert "schema_version" not in tables(config.path)
 
 
-async def test_a_failing_migration_changes_nothing(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_refuses_a_file_with_a_newer_global_version(tmp_path: Path) -> None:
     config = sqlite_config(tmp_path)
-    storage = await open_storage(config)
-    await storage.close()
-    current = len(sqlite_backend.MIGRATIONS)
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", [
-        *sqlite_backend.MIGRATIONS,
-        ["CREATE TABLE half (x)", "INSERT INTO no_such_table VALUES (1)"],
-    ])
-    with pytest.raises(StorageError, match="no_such_table"):
-        await open_storage(config)
-    assert schema_version(config.path) == current
-    assert "half" not in tables(config.path)
-
-
-async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
-    config = sqlite_config(tmp_path)
-    storage = await open_storage(config)
-    await storage.close()
-    newer = len(sqlite_backend.MIGRATIONS) + 1
+    legacy_file(config.path, 5)
     with sqlite3.connect(config.path) as db:
-        db.execute("UPDATE schema_version SET version = ?", (newer,))
-    with pytest.raises(StorageError, match=f"schema version {newer}, newer than this presenced"):
+        db.execute("UPDATE schema_version SET version = 6")
+    with pytest.raises(StorageError, match="schema version 6, newer than this presenced"):
         await open_storage(config)
-    assert schema_version(config.path) == newer
+    assert "schema_version" in tables(config.path)
+    assert "schema_versions" not in tables(config.path)  # rolled back
 
 
 async def test_not_a_database(tmp_path: Path) -> None:
@@ -310,14 +683,348 @@ async def test_waits_for_another_process_writing(tmp_path: Path) -> None:
         await storage.close()
 
 
-async def test_two_processes_opening_a_new_file_at_once(tmp_path: Path) -> None:
-    config = sqlite_config(tmp_path)
-    first, second = await asyncio.gather(open_storage(config), open_storage(config))
+# -- PostgreSQL: connecting ---------------------------------------------------------------------
+
+
+def pg_config(tmp_path: Path, dsn: str, **changes: Any) -> StorageConfig:
+    return dataclasses.replace(storage_config(tmp_path, "postgresql", dsn), **changes)
+
+
+async def test_postgres_unreachable_database_is_a_storage_error(
+        tmp_path: Path, pg_cluster: Any) -> None:
+    missing = pg_cluster.dsn("no_such_database")
+    with pytest.raises(StorageError, match=r'cannot connect to .*: database "no_such_database" '
+                                           r"does not exist") as info:
+        await open_storage(pg_config(tmp_path, missing))
+    assert "postgres:***@127.0.0.1" in str(info.value)  # never the password
+    assert pg_cluster.dsn().split(":")[2].split("@")[0] not in str(info.value)
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    with pytest.raises(StorageError, match=r"cannot connect to .*: Connection refused"):
+        await open_storage(pg_config(tmp_path, closed))
+
+
+async def test_postgres_password_file(tmp_path: Path, pg_cluster: Any, pg_dsn: str) -> None:
+    database = pg_dsn.rsplit("/", 1)[1]
+    pg_cluster.psql("CREATE ROLE pw_user LOGIN PASSWORD 'right' ")
+    try:
+        pg_cluster.psql(f'GRANT ALL ON DATABASE "{database}" TO pw_user')
+        pg_cluster.psql("GRANT ALL ON SCHEMA public TO pw_user", database)
+        (tmp_path / "pw").write_text("right\n")
+        dsn = pg_cluster.dsn(database, user="pw_user")
+        storage = await open_storage(pg_config(tmp_path, dsn, password_file=tmp_path / "pw"))
+        await storage.accounts.create("alice", "a.test", credentials(1))
+        await storage.close()
+        with pytest.raises(StorageError, match="cannot read the password file"):
+            await open_storage(pg_config(tmp_path, dsn, password_file=tmp_path / "none"))
+    finally:
+        pg_cluster.psql(f'DROP DATABASE "{database}" WITH (FORCE)')
+        pg_cluster.psql("DROP ROLE pw_user")
+
+
+async def test_postgres_pool_size(tmp_path: Path, pg_dsn: str) -> None:
+    storage = await open_storage(pg_config(tmp_path, pg_dsn, pool_size=2))
+    try:
+        pool = storage.db._pool  # type: ignore[attr-defined]
+        assert isinstance(pool, asyncpg.Pool) and pool.get_max_size() == 2
+        await storage.accounts.create("alice", "a.test", credentials(1))
+        # More concurrent calls than connections: they queue, all land.
+        await asyncio.gather(*(storage.rosters.put("alice", "a.test", item(f"c{n}@b.test"))
+                               for n in range(20)))
+        assert (await storage.rosters.load("alice", "a.test"))[0] == 20
+    finally:
+        await storage.close()
+
+
+# -- message archives (server/storage/archive.py, XEP-0313), on every backend ------------------
+
+
+@pytest.fixture
+async def archived(config: StorageConfig) -> AsyncIterator[Storage]:
+    """The core stores plus the archive the mam module declares, alice and bob created."""
+    from server.storage import archive
+    opened = await open_storage(config, (*CORE_STORES, archive.SPEC))
+    await opened.accounts.create("alice", "a.test", credentials(1))
+    await opened.accounts.create("bob", "a.test", credentials(2))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def archive_entry(owner: str, with_: str, n: int, *, resource: str = "", outgoing: bool = True,
+                  account: bool = True) -> Any:
+    from server.storage.archive import ArchiveEntry
+    return ArchiveEntry(owner, with_, resource, outgoing, 1_000_000 * n,
+                        b"<message xmlns='jabber:client'><body>%d</body></message>" % n,
+                        account=account)
+
+
+async def test_archive_queries(archived: Storage) -> None:
+    from server.storage.archive import ArchiveQuery, UnknownArchiveId
+    store = archived.archive  # type: ignore[attr-defined]
+    entries = [archive_entry("alice@a.test", "bob@a.test" if n % 2 else "carol@b.test", n,
+                             resource=f"r{n % 3}", outgoing=n % 4 == 0) for n in range(10)]
+    ids = await store.append(entries)
+    assert [int(i) for i in ids] == sorted(int(i) for i in ids) and len(set(ids)) == 10
+
+    def numbers(page: Any) -> list[int]:
+        return [item.ts // 1_000_000 for item in page.items]
+
+    page = await store.query("alice@a.test", ArchiveQuery(max=4))
+    assert numbers(page) == [0, 1, 2, 3] and not page.complete
+    assert page.count == 10 and page.first_index == 0
+    assert page.items[0].id == ids[0] and page.items[0].stanza == entries[0].stanza
+    assert page.items[0].outgoing and not page.items[1].outgoing
+    assert (page.items[1].with_bare, page.items[1].with_resource) == ("bob@a.test", "r1")
+    page = await store.query("alice@a.test", ArchiveQuery(max=4, after=ids[7]))
+    assert numbers(page) == [8, 9] and page.complete
+    page = await store.query("alice@a.test", ArchiveQuery(max=3, before=""))
+    assert numbers(page) == [7, 8, 9] and not page.complete and page.first_index == 7
+    page = await store.query("alice@a.test", ArchiveQuery(max=3, before=ids[2]))
+    assert numbers(page) == [0, 1] and page.complete
+    page = await store.query("alice@a.test", ArchiveQuery(with_bare="bob@a.test", max=10))
+    assert numbers(page) == [1, 3, 5, 7, 9] and page.count == 5
+    page = await store.query("alice@a.test", ArchiveQuery(with_bare="bob@a.test",
+                                                          with_resource="r1", max=10))
+    assert numbers(page) == [1, 7]
+    page = await store.query("alice@a.test", ArchiveQuery(start=2_000_000, end=4_000_000))
+    assert numbers(page) == [2, 3, 4]
+    page = await store.query("alice@a.test", ArchiveQuery(after_id=ids[5], before_id=ids[9],
+                                                          with_bare="bob@a.test"))
+    assert numbers(page) == [7] and page.count == 1
+    page = await store.query("alice@a.test", ArchiveQuery(ids=(ids[6], ids[2])))
+    assert numbers(page) == [2, 6]
+    page = await store.query("alice@a.test", ArchiveQuery(max=0))
+    assert page.items == [] and page.count == 10 and not page.complete
+    assert (await store.query("bob@a.test", ArchiveQuery())).items == []
+    for bad in (ArchiveQuery(after="999999"), ArchiveQuery(before="x"),
+                ArchiveQuery(ids=(ids[0], "no")), ArchiveQuery(after_id="-1")):
+        with pytest.raises(UnknownArchiveId):
+            await store.query("alice@a.test", bad)
+    with pytest.raises(UnknownArchiveId):  # alice's id is not in bob's archive
+        await store.query("bob@a.test", ArchiveQuery(after=ids[0]))
+    meta = await store.metadata("alice@a.test")
+    assert meta.first == (ids[0], 0) and meta.last == (ids[9], 9_000_000)
+    assert await store.metadata("bob@a.test") is None
+
+
+async def test_archive_order_is_time_then_id(archived: Storage) -> None:
+    from server.storage.archive import ArchiveQuery
+    store = archived.archive  # type: ignore[attr-defined]
+    # Appended out of time order (an import, a clock step): queries follow time.
+    ids = await store.append([archive_entry("alice@a.test", "bob@a.test", n) for n in (5, 1, 3)])
+    page = await store.query("alice@a.test", ArchiveQuery())
+    assert [item.id for item in page.items] == [ids[1], ids[2], ids[0]]
+    page = await store.query("alice@a.test", ArchiveQuery(after=ids[1], max=1))
+    assert [item.id for item in page.items] == [ids[2]]
+    same = await store.append([archive_entry("alice@a.test", "bob@a.test", 3)])
+    page = await store.query("alice@a.test", ArchiveQuery(after=ids[2]))
+    assert [item.id for item in page.items] == [same[0], ids[0]]
+
+
+async def test_archive_ids_never_go_back(archived: Storage, config: StorageConfig) -> None:
+    from server.storage import archive
+    store = archived.archive  # type: ignore[attr-defined]
+    first = await store.append([archive_entry("alice@a.test", "bob@a.test", n) for n in range(3)])
+    assert await store.purge("alice@a.test") == 3
+    second = await store.append([archive_entry("alice@a.test", "bob@a.test", 9)])
+    assert int(second[0]) > max(int(i) for i in first)
+    assert await store.purge("alice@a.test") == 1
+    # Nor after reopening (another process, or a restart), with the newest ones purged.
+    reopened = await open_storage(config, (*CORE_STORES, archive.SPEC))
+    try:
+        third = await reopened.archive.append(  # type: ignore[attr-defined]
+            [archive_entry("alice@a.test", "bob@a.test", 10)])
+        assert int(third[0]) > int(second[0])
+        # The first store's next id is now taken: it notices, and still hands out a new one.
+        fourth = await store.append([archive_entry("alice@a.test", "bob@a.test", 11)])
+        assert int(fourth[0]) > int(third[0])
+    finally:
+        await reopened.close()
+
+
+async def test_archive_purge_prefs_and_owners(archived: Storage) -> None:
+    from server.storage.archive import ArchivePrefs, ArchiveQuery
+    store = archived.archive  # type: ignore[attr-defined]
+    await store.append([archive_entry("alice@a.test", w, n)
+                        for n, w in enumerate(["bob@a.test", "carol@b.test", "bob@a.test"])])
+    assert await store.purge("alice@a.test", "bob@a.test") == 2
+    assert await store.count("alice@a.test") == 1
+    assert await store.get_prefs("alice@a.test") is None
+    prefs = ArchivePrefs("roster", ("juliet@montague.lit",), ("x@y.test", "z.test"))
+    await store.set_prefs("alice@a.test", prefs)
+    await store.set_prefs("bob@a.test", ArchivePrefs("never"))
+    assert await store.get_prefs("alice@a.test") == prefs
+    assert await store.get_prefs("bob@a.test") == ArchivePrefs("never")
+    with pytest.raises(NoSuchAccount):
+        await store.set_prefs("nobody@a.test", prefs)
+    # A batch with an entry for a missing account: that one gets no id, the others land.
+    ids = await store.append([archive_entry("alice@a.test", "bob@a.test", 7),
+                              archive_entry("nobody@a.test", "bob@a.test", 7),
+                              archive_entry("bob@a.test", "alice@a.test", 7, outgoing=False)])
+    assert ids[0] is not None and ids[1] is None and ids[2] is not None
+    # A room's archive (MUC): an owner without an account.
+    room = await store.append([archive_entry("room@muc.a.test", "alice@a.test", 1,
+                                             account=False)])
+    assert room[0] is not None
+    assert "room@muc.a.test" in await store.owners()
+    await store.delete_owner("room@muc.a.test")
+    assert "room@muc.a.test" not in await store.owners()
+    assert (await store.query("room@muc.a.test", ArchiveQuery())).items == []
+
+
+async def test_archive_goes_with_its_account(archived: Storage) -> None:
+    from server.storage.archive import ArchivePrefs, ArchiveQuery
+    store = archived.archive  # type: ignore[attr-defined]
+    await store.append([archive_entry("alice@a.test", "bob@a.test", n) for n in range(3)])
+    await store.set_prefs("alice@a.test", ArchivePrefs("never"))
+    await store.append([archive_entry("bob@a.test", "alice@a.test", 1)])
+    await archived.accounts.delete("alice", "a.test")
+    assert "alice@a.test" not in await store.owners()
+    assert await store.get_prefs("alice@a.test") is None
+    # The owner id the store had cached is gone: a write for the vanished account is refused...
+    assert await store.append([archive_entry("alice@a.test", "bob@a.test", 5)]) == [None]
+    # ... and one for a new account of the same name starts an empty archive.
+    await archived.accounts.create("alice", "a.test", credentials(3))
+    ids = await store.append([archive_entry("alice@a.test", "bob@a.test", 6)])
+    page = await store.query("alice@a.test", ArchiveQuery())
+    assert [item.id for item in page.items] == ids
+    assert await store.count("bob@a.test") == 1
+
+
+async def test_archive_expiry_in_batches(archived: Storage) -> None:
+    store = archived.archive  # type: ignore[attr-defined]
+    await store.append([archive_entry("alice@a.test", "bob@a.test", n) for n in range(25)])
+    assert await store.expire("alice@a.test", 20_000_000, 8) == 8
+    assert await store.expire("alice@a.test", 20_000_000, 8) == 8
+    assert await store.expire("alice@a.test", 20_000_000, 8) == 4
+    assert await store.expire("alice@a.test", 20_000_000, 8) == 0
+    assert await store.count("alice@a.test") == 5
+    assert await store.expire("nobody@a.test", 20_000_000, 8) == 0
+
+
+async def test_archive_concurrent_batches(config: StorageConfig) -> None:
+    """Two storages on one database (two processes) append at once: ids stay unique."""
+    from server.storage import archive
+    first = await open_storage(config, (*CORE_STORES, archive.SPEC))
+    second = await open_storage(config, (*CORE_STORES, archive.SPEC))
     try:
         await first.accounts.create("alice", "a.test", credentials(1))
-        assert await second.accounts.exists("alice", "a.test")
+        batches = [(first if n % 2 else second).archive.append(  # type: ignore[attr-defined]
+            [archive_entry("alice@a.test", "bob@a.test", n * 10 + k) for k in range(10)])
+            for n in range(10)]
+        ids = [i for batch in await asyncio.gather(*batches) for i in batch]
+        assert None not in ids and len(set(ids)) == 100
+        assert await first.archive.count("alice@a.test") == 100  # type: ignore[attr-defined]
     finally:
         await first.close()
         await second.close()
-    assert schema_version(config.path) == len(sqlite_backend.MIGRATIONS)
 
+
+# -- push registrations (server/storage/push.py, XEP-0357), on every backend -------------------
+
+
+async def test_push_registrations(config: StorageConfig) -> None:
+    from server.storage import push
+    from server.storage.push import PushRegistration
+    opened = await open_storage(config, (*CORE_STORES, push.SPEC))
+    try:
+        store = opened.push  # type: ignore[attr-defined]
+        await opened.accounts.create("alice", "a.test", credentials(1))
+        await opened.accounts.create("bob", "a.test", credentials(2))
+        assert await store.get("alice", "a.test") == []
+        form = b"<x xmlns='jabber:x:data' type='submit'>\xc3\xa9</x>"
+        await store.put("alice", "a.test", PushRegistration("push.example", "n2", form))
+        await store.put("alice", "a.test", PushRegistration("push.example", "n1", None))
+        await store.put("alice", "a.test", PushRegistration("app.example", "n1", None))
+        await store.put("bob", "a.test", PushRegistration("push.example", "n1", None))
+        # The same service and node again: its options are replaced, no second registration.
+        await store.put("alice", "a.test", PushRegistration("push.example", "n1", b"<x/>"))
+        assert await store.get("alice", "a.test") == [
+            PushRegistration("app.example", "n1", None),
+            PushRegistration("push.example", "n1", b"<x/>"),
+            PushRegistration("push.example", "n2", form)]
+        assert await store.remove("alice", "a.test", "push.example", "n2") == 1
+        assert await store.remove("alice", "a.test", "push.example", "n2") == 0
+        await store.put("alice", "a.test", PushRegistration("push.example", "n3", None))
+        assert await store.remove("alice", "a.test", "push.example", None) == 2  # every node
+        assert await store.get("alice", "a.test") == [PushRegistration("app.example", "n1", None)]
+        assert await store.get("bob", "a.test") == [PushRegistration("push.example", "n1", None)]
+        with pytest.raises(NoSuchAccount):
+            await store.put("nobody", "a.test", PushRegistration("push.example", "n1", None))
+        await opened.accounts.delete("bob", "a.test")  # registrations go with their account
+        assert await store.get("bob", "a.test") == []
+    finally:
+        await opened.close()
+
+
+async def test_archive_survives_storage_copy(tmp_path: Path, pg_dsn: str) -> None:
+    """SQLite to PostgreSQL and back: ids, order, owners and preferences; new ids come after."""
+    from server.storage import archive
+    from server.storage.archive import ArchivePrefs, ArchiveQuery
+    from server.storage.copy import copy
+    specs = (*CORE_STORES, archive.SPEC)
+    sqlite = await open_storage(storage_config(tmp_path, "sqlite"), specs)
+    pg = await open_storage(storage_config(tmp_path, "postgresql", pg_dsn), specs)
+    back = await open_storage(storage_config(tmp_path / "back", "sqlite"), specs)
+    try:
+        await sqlite.accounts.create("alice", "a.test", credentials(1))
+        ids = await sqlite.archive.append(  # type: ignore[attr-defined]
+            [archive_entry("alice@a.test", "bob@a.test", n, outgoing=n % 2 == 0)
+             for n in range(5)]
+            + [archive_entry("room@muc.a.test", "x@y.test", 1, account=False)])
+        prefs = ArchivePrefs("roster", ("bob@a.test",))
+        await sqlite.archive.set_prefs("alice@a.test", prefs)  # type: ignore[attr-defined]
+        await copy(sqlite, pg, lambda *_: None)
+        await copy(pg, back, lambda *_: None)
+        for target in (pg, back):
+            store = target.archive  # type: ignore[attr-defined]
+            page = await store.query("alice@a.test", ArchiveQuery(after=ids[1]))
+            assert [item.id for item in page.items] == ids[2:5]
+            assert [item.outgoing for item in page.items] == [True, False, True]
+            assert page.items[0].stanza == archive_entry("a", "b", 2).stanza
+            assert await store.get_prefs("alice@a.test") == prefs
+            assert await store.count("room@muc.a.test") == 1
+            more = await store.append([archive_entry("alice@a.test", "bob@a.test", 9)])
+            assert int(more[0]) > max(int(i) for i in ids)
+    finally:
+        await sqlite.close()
+        await pg.close()
+        await back.close()
+
+
+async def test_fast_tokens(storage: Storage) -> None:
+    """XEP-0484 tokens: two slots per client, promotion, deletion; a credential change and
+    the account's deletion take them all."""
+    from server.storage.fast import CURRENT, NEW, FastToken
+    store = storage.fast_tokens
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    await storage.accounts.create("bob", "a.test", credentials(2))
+    first = FastToken(NEW, "HT-SHA-256-NONE", b"\x01" * 16, b"\x02" * 32, 100, 200)
+    await store.put("alice", "a.test", "c1", first)
+    assert await store.get("alice", "a.test", "c1") == [first]
+    assert await store.get("alice", "a.test", "c2") == []
+    await store.promote("alice", "a.test", "c1")
+    current = dataclasses.replace(first, slot=CURRENT)
+    assert await store.get("alice", "a.test", "c1") == [current]
+    second = FastToken(NEW, "HT-SHA-256-ENDP", b"\x03" * 16, b"\x04" * 32, 150, 300)
+    await store.put("alice", "a.test", "c1", second)
+    replaced = dataclasses.replace(second, nonce=b"\x05" * 16)  # a newer unused one replaces it
+    await store.put("alice", "a.test", "c1", replaced)
+    assert await store.get("alice", "a.test", "c1") == [replaced, current]  # 'new' first
+    await store.put("alice", "a.test", "c2", first)
+    await store.put("bob", "a.test", "c1", first)
+    with pytest.raises(NoSuchAccount):
+        await store.put("nobody", "a.test", "c1", first)
+    assert await store.purge_expired(200) == 3  # alice c1 current and c2, bob c1
+    assert await store.get("alice", "a.test", "c1") == [replaced]
+    await store.put("alice", "a.test", "c2", first)
+    assert await store.delete("alice", "a.test", "c2") == 1
+    await storage.accounts.set_credentials("alice", "a.test", credentials(3))
+    assert await store.get("alice", "a.test", "c1") == []  # a new password ends every token
+    assert await storage.accounts.get_credentials("alice", "a.test") == credentials(3)
+    await store.put("bob", "a.test", "c1", second)
+    await storage.accounts.delete("bob", "a.test")
+    assert await store.get("bob", "a.test", "c1") == []
+    with pytest.raises(NoSuchAccount):  # the update and the delete are one transaction
+        await storage.accounts.set_credentials("nobody", "a.test", credentials(3))

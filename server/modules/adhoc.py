@@ -14,109 +14,109 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza
+from server.module import Module, Stanza, hook, iq_set
 from server.presence.watchers import Watcher, timestamp
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
 
-module = Module("adhoc")
-module.feature(ns.COMMANDS)
+if TYPE_CHECKING:
+    from server.app import Server
 
 COMMAND = ns.q(ns.COMMANDS, "command")
 _X = ns.q(ns.DATA_FORMS, "x")
 _FIELD = ns.q(ns.DATA_FORMS, "field")
 _VALUE = ns.q(ns.DATA_FORMS, "value")
+_WATCHER_COLUMNS = (("jid", "Watcher", "jid-single"), ("kind", "Kind", "text-single"),
+                    ("count", "Fetches in the last hour", "text-single"),
+                    ("last", "Last fetch", "text-single"))
 
 Run = Callable[[JID], Awaitable[Stanza]]
 
 
-def _server() -> Any:
-    assert module.server is not None
-    return module.server
+class AdHoc(Module):
+    name = "adhoc"
+    features = (ns.COMMANDS,)
 
+    def __init__(self, server: Server, config: Any) -> None:
+        super().__init__(server, config)
+        # node -> (name, run); XEP-0050 §2.2: the name is shown to users.
+        self.commands: dict[str, tuple[str, Run]] = {
+            "watchers": ("Who watches my presence", self._watchers),
+        }
 
-async def _watchers(requester: JID) -> Stanza:
-    pending = _server().hooks.fire("watchers/list", requester)
-    if pending is None:
-        raise StanzaError("item-not-found", "watcher information is not available")
-    rows: list[Watcher] = await pending
-    form = st.element(_X, {"type": "result"})
-    st.child(form, ns.q(ns.DATA_FORMS, "title"), text="Who watches my presence")
-    reported = st.child(form, ns.q(ns.DATA_FORMS, "reported"))
-    columns = (("jid", "Watcher", "jid-single"), ("kind", "Kind", "text-single"),
-               ("count", "Fetches in the last hour", "text-single"),
-               ("last", "Last fetch", "text-single"))
-    for var, label, type_ in columns:
-        st.child(reported, _FIELD, {"var": var, "label": label, "type": type_})
-    for row in rows:
-        item = st.child(form, ns.q(ns.DATA_FORMS, "item"))
-        values = (row.jid, row.kind, str(row.count),
-                  timestamp(row.last) if row.last is not None else "")
-        for (var, _label, _type), value in zip(columns, values, strict=True):
-            st.child(st.child(item, _FIELD, {"var": var}), _VALUE, text=value)
-    return form
+    def _requester(self, origin: Session | None) -> JID | None:
+        """Commands are for the server's own users (XEP-0050 §2.1: the responder decides)."""
+        if (origin is None or origin.jid.local is None
+                or origin.jid.domain not in self.server.hosts):
+            return None
+        return origin.jid.bare
 
-
-# node -> (name, run); XEP-0050 §2.2: the name is shown to users.
-COMMANDS: dict[str, tuple[str, Run]] = {
-    "watchers": ("Who watches my presence", _watchers),
-}
-
-
-def _requester(origin: Session | None) -> JID | None:
-    """Commands are for the server's own users (XEP-0050 §2.1: the responder decides)."""
-    if origin is None or origin.jid.local is None or origin.jid.domain not in _server().hosts:
+    @hook("disco/node")
+    def disco_node(self, query: Stanza, origin: Session | None, node: str) -> object:
+        if self._requester(origin) is None:
+            return None
+        domain = self.server.default_domain if origin is None else origin.jid.domain
+        if query.tag == ns.q(ns.DISCO_ITEMS, "query") and node == ns.COMMANDS:
+            for name, (label, _run) in self.commands.items():
+                st.child(query, ns.q(ns.DISCO_ITEMS, "item"),
+                         {"jid": domain, "node": name, "name": label})
+            return True
+        if query.tag == ns.q(ns.DISCO_INFO, "query") and node in self.commands:
+            # XEP-0050 §2.3: a command node is an automation/command-node.
+            st.child(query, ns.q(ns.DISCO_INFO, "identity"),
+                     {"category": "automation", "type": "command-node",
+                      "name": self.commands[node][0]})
+            for feature in (ns.COMMANDS, ns.DATA_FORMS):
+                st.child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
+            return True
         return None
-    return origin.jid.bare
 
+    @iq_set(ns.COMMANDS, "command")
+    async def execute(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        request = st.payload(stanza)
+        assert request is not None  # the router checked there is exactly one
+        requester = self._requester(origin)
+        if requester is None:
+            raise StanzaError("forbidden", "commands are for this server's users")
+        node = request.get("node", "")
+        command = self.commands.get(node)
+        if command is None:
+            raise StanzaError("item-not-found", f"no command {node!r}")
+        action = request.get("action", "execute")
+        if action == "cancel":
+            # XEP-0050 §3.5: nothing to undo for a single-stage command.
+            return st.result(stanza, _command(node, request, "canceled"))
+        if action not in ("execute", "complete"):
+            raise StanzaError("bad-request", f"action {action!r} does not apply to {node!r}")
+        form = await command[1](requester)
+        answer = _command(node, request, "completed")
+        answer.append(form)
+        return st.result(stanza, answer)
 
-@module.on("disco/node")
-def disco_node(query: Stanza, origin: Session | None, node: str) -> object:
-    if _requester(origin) is None:
-        return None
-    domain = _server().default_domain if origin is None else origin.jid.domain
-    if query.tag == ns.q(ns.DISCO_ITEMS, "query") and node == ns.COMMANDS:
-        for name, (label, _run) in COMMANDS.items():
-            st.child(query, ns.q(ns.DISCO_ITEMS, "item"),
-                     {"jid": domain, "node": name, "name": label})
-        return True
-    if query.tag == ns.q(ns.DISCO_INFO, "query") and node in COMMANDS:
-        # XEP-0050 §2.3: a command node is an automation/command-node.
-        st.child(query, ns.q(ns.DISCO_INFO, "identity"),
-                 {"category": "automation", "type": "command-node", "name": COMMANDS[node][0]})
-        for feature in (ns.COMMANDS, ns.DATA_FORMS):
-            st.child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
-        return True
-    return None
+    # -- the commands ------------------------------------------------------------------------
 
-
-@module.iq_set(ns.COMMANDS)
-async def execute(stanza: Stanza, origin: Session | None) -> Stanza:
-    request = st.payload(stanza)
-    if request is None or request.tag != COMMAND:
-        raise StanzaError("bad-request", "expected <command/>")
-    requester = _requester(origin)
-    if requester is None:
-        raise StanzaError("forbidden", "commands are for this server's users")
-    node = request.get("node", "")
-    command = COMMANDS.get(node)
-    if command is None:
-        raise StanzaError("item-not-found", f"no command {node!r}")
-    action = request.get("action", "execute")
-    if action == "cancel":
-        # XEP-0050 §3.5: nothing to undo for a single-stage command.
-        return st.result(stanza, _command(node, request, "canceled"))
-    if action not in ("execute", "complete"):
-        raise StanzaError("bad-request", f"action {action!r} does not apply to {node!r}")
-    form = await command[1](requester)
-    answer = _command(node, request, "completed")
-    answer.append(form)
-    return st.result(stanza, answer)
+    async def _watchers(self, requester: JID) -> Stanza:
+        pending = self.server.hooks.fire("watchers/list", requester)
+        if pending is None:
+            raise StanzaError("item-not-found", "watcher information is not available")
+        rows: list[Watcher] = await pending
+        form = st.element(_X, {"type": "result"})
+        st.child(form, ns.q(ns.DATA_FORMS, "title"), text="Who watches my presence")
+        reported = st.child(form, ns.q(ns.DATA_FORMS, "reported"))
+        for var, label, type_ in _WATCHER_COLUMNS:
+            st.child(reported, _FIELD, {"var": var, "label": label, "type": type_})
+        for row in rows:
+            item = st.child(form, ns.q(ns.DATA_FORMS, "item"))
+            values = (row.jid, row.kind, str(row.count),
+                      timestamp(row.last) if row.last is not None else "")
+            for (var, _label, _type), value in zip(_WATCHER_COLUMNS, values, strict=True):
+                st.child(st.child(item, _FIELD, {"var": var}), _VALUE, text=value)
+        return form
 
 
 def _command(node: str, request: Stanza, status: str) -> Stanza:

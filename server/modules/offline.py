@@ -5,40 +5,43 @@ priority.
 A message is committed to storage before the sender's stanza is considered handled, so a
 process kill loses nothing accepted. Delivery deletes only what was handed to the session: a
 crash in between delivers a message twice, never zero times.
+
+    [offline]
+    max_messages = 1000   # per account; beyond it senders get <resource-constraint/>
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza
+from server.module import Module, Stanza, hook
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import child
 
-log = logging.getLogger("presenced.offline")
+if TYPE_CHECKING:
+    from server.app import Server
 
-module = Module("offline")
-module.feature(ns.OFFLINE)
+log = logging.getLogger("presenced.offline")
 
 _DELAY = ns.q(ns.DELAY, "delay")
 # Stored stanzas are our own serialisation; still, never resolve entities or reach the network.
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
-_delivering: set[JID] = set()  # accounts whose stored messages are being delivered now
 
-
-def max_messages() -> int:
-    """The per-account quota, `[offline] max_messages`."""
-    assert module.server is not None
-    limit: int = module.server.config.offline.max_messages
-    return limit
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfflineSettings:
+    # XEP-0160: stored messages per account; beyond it senders get <resource-constraint/>.
+    max_messages: int = field(metadata=int_option(0, 100000, 1000))
 
 
 def stamp(now: datetime | None = None) -> str:
@@ -47,56 +50,63 @@ def stamp(now: datetime | None = None) -> str:
     return f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z"
 
 
-@module.on("message/offline")
-def store(stanza: Stanza, _origin: Session | None, to: JID) -> object:
-    return _store(stanza, to)
+class Offline(Module):
+    name = "offline"
+    features = (ns.OFFLINE,)
+    settings = OfflineSettings
 
+    def __init__(self, server: Server, config: Any) -> None:
+        super().__init__(server, config)
+        self._delivering: set[JID] = set()  # accounts whose stored messages go out right now
 
-async def _store(stanza: Stanza, to: JID) -> bool:
-    assert module.server is not None and to.local is not None
-    # A copy: the router may still answer the original (its children are not echoed, but other
-    # hooks may hold it).
-    kept = copy.deepcopy(stanza)
-    # XEP-0203 §3: who delayed it and when.
-    child(kept, _DELAY, {"from": to.domain, "stamp": stamp()}, text="Offline Storage")
-    data = etree.tostring(kept)
-    if not await module.server.storage.offline.store(to.local, to.domain, data, max_messages()):
-        log.info("event=offline-quota to=%s", to)
-        raise StanzaError("resource-constraint", "the recipient's offline storage is full")
-    return True
+    @hook("message/offline")
+    def store(self, stanza: Stanza, _origin: Session | None, to: JID) -> object:
+        return self._store(stanza, to)
 
+    async def _store(self, stanza: Stanza, to: JID) -> bool:
+        assert to.local is not None
+        # A copy: the router may still answer the original (its children are not echoed, but
+        # other hooks may hold it).
+        kept = copy.deepcopy(stanza)
+        # XEP-0203 §3: who delayed it and when.
+        child(kept, _DELAY, {"from": to.domain, "stamp": stamp()}, text="Offline Storage")
+        data = etree.tostring(kept)
+        if not await self.server.storage.offline.store(to.local, to.domain, data,
+                                                       self.config.max_messages):
+            log.info("event=offline-quota to=%s", to)
+            raise StanzaError("resource-constraint", "the recipient's offline storage is full")
+        return True
 
-@module.on("presence/available")
-def available(session: Session, first: bool) -> object:
-    # XEP-0160 §3: on initial presence with non-negative priority. A negative priority says
-    # "do not send me messages" (RFC 6121 §4.7.2.3); those wait for a later resource.
-    if not first or session.priority < 0:
-        return None
-    bare = session.jid.bare
-    if bare in _delivering:
-        return None  # another resource of the account is receiving them right now
-    return _deliver(session, bare)
+    @hook("presence/available")
+    def available(self, session: Session, first: bool) -> object:
+        # XEP-0160 §3: on initial presence with non-negative priority. A negative priority says
+        # "do not send me messages" (RFC 6121 §4.7.2.3); those wait for a later resource.
+        if not first or session.priority < 0:
+            return None
+        bare = session.jid.bare
+        if bare in self._delivering:
+            return None  # another resource of the account is receiving them right now
+        return self._deliver(session, bare)
 
-
-async def _deliver(session: Session, bare: JID) -> None:
-    assert module.server is not None and bare.local is not None
-    offline = module.server.storage.offline
-    sessions = module.server.sessions
-    _delivering.add(bare)
-    try:
-        # A message stored while a batch is delivered gets a higher id: loop until none is left
-        # (the session is available now, so new messages no longer come here).
-        for _ in range(8):
-            batch = await offline.load(bare.local, bare.domain)
-            if not batch:
-                return
-            if sessions.get(session.jid) is not session:
-                return  # gone before we could hand anything over: keep them all
-            for _id, data in batch:
-                session.send(etree.fromstring(data, _PARSER))
-            if sessions.get(session.jid) is not session:
-                return  # closed while sending (send() drops stanzas then): keep them
-            await offline.delete(bare.local, bare.domain, batch[-1][0])
-            log.info("event=offline-delivered jid=%s count=%d", session.jid, len(batch))
-    finally:
-        _delivering.discard(bare)
+    async def _deliver(self, session: Session, bare: JID) -> None:
+        assert bare.local is not None
+        offline = self.server.storage.offline
+        sessions = self.server.sessions
+        self._delivering.add(bare)
+        try:
+            # A message stored while a batch is delivered gets a higher id: loop until none is
+            # left (the session is available now, so new messages no longer come here).
+            for _ in range(8):
+                batch = await offline.load(bare.local, bare.domain)
+                if not batch:
+                    return
+                if sessions.get(session.jid) is not session:
+                    return  # gone before we could hand anything over: keep them all
+                for _id, data in batch:
+                    session.send(etree.fromstring(data, _PARSER))
+                if sessions.get(session.jid) is not session:
+                    return  # closed while sending (send() drops stanzas then): keep them
+                await offline.delete(bare.local, bare.domain, batch[-1][0])
+                log.info("event=offline-delivered jid=%s count=%d", session.jid, len(batch))
+        finally:
+            self._delivering.discard(bare)

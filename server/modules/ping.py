@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from server.module import Module, Stanza
+from server.module import Module, Stanza, iq_get
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import result
 
-module = Module("ping")
-module.feature(ns.PING)
 
+class Ping(Module):
+    name = "ping"
+    features = (ns.PING,)
 
-@module.iq_get(ns.PING, to=("host", "bare"))
-def ping(stanza: Stanza, _origin: Session | None) -> Stanza:
-    return result(stanza)
+    @iq_get(ns.PING, "ping", to=("host", "bare"))
+    def ping(self, stanza: Stanza, _origin: Session | None) -> Stanza:
+        return result(stanza)

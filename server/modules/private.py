@@ -8,13 +8,10 @@ import copy
 from lxml import etree
 
 from server.errors import StanzaError
-from server.module import Module, Stanza
+from server.module import Module, Stanza, iq_get, iq_set
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import element, payload, result
-
-module = Module("private")
-module.feature(ns.PRIVATE)
 
 QUERY = ns.q(ns.PRIVATE, "query")
 MAX_ITEM_SIZE = 64 * 1024  # bytes of one stored fragment
@@ -26,11 +23,57 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
                           remove_comments=True, remove_pis=True)
 
 
+class Private(Module):
+    name = "private"
+    features = (ns.PRIVATE,)
+
+    @iq_get(ns.PRIVATE, "query", to=("self",))
+    async def get_private(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        assert origin is not None
+        store = self.server.storage.private
+        owner = origin.jid
+        assert owner.local is not None
+        query: Stanza = element(QUERY)
+        # XEP-0049 §2.3 says a client asks for one namespace per get; answering each is harmless.
+        for fragment in _fragments(stanza):
+            namespace, name = _key(fragment)
+            text = await store.get(owner.local, owner.domain, namespace, name)
+            # Nothing stored: the requested element comes back empty.
+            query.append(etree.fromstring(text, _PARSER) if text is not None
+                         else etree.Element(fragment.tag, nsmap={None: namespace}))
+        return result(stanza, query)
+
+    @iq_set(ns.PRIVATE, "query", to=("self",))
+    async def set_private(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        assert origin is not None
+        fragments = _fragments(stanza)
+        if len(fragments) > MAX_ITEMS_PER_SET:
+            raise StanzaError("not-acceptable", f"at most {MAX_ITEMS_PER_SET} elements per set")
+        items: dict[tuple[str, str], str] = {}
+        for fragment in fragments:
+            fragment = _standalone(fragment)
+            text = etree.tostring(fragment, encoding="unicode")
+            if len(text.encode()) > MAX_ITEM_SIZE:
+                raise StanzaError("not-acceptable",
+                                  f"a stored element may have at most {MAX_ITEM_SIZE} bytes")
+            items[_key(fragment)] = text  # the last of two with the same key wins
+        owner = origin.jid
+        assert owner.local is not None
+        await self.server.storage.private.set(
+            owner.local, owner.domain, [(namespace, name, text)
+                                        for (namespace, name), text in items.items()])
+        return result(stanza)
+
+    @iq_get(ns.PRIVATE, "query", to=("bare",))
+    @iq_set(ns.PRIVATE, "query", to=("bare",))
+    def other_account(self, _stanza: Stanza, _origin: Session | None) -> Stanza:
+        # XEP-0049 §2.3: another account's private data is "Forbidden".
+        raise StanzaError("forbidden", "private XML is only for its owner")
+
+
 def _fragments(stanza: Stanza) -> list[Stanza]:
     query = payload(stanza)
     assert query is not None  # the router checked there is exactly one
-    if etree.QName(query).localname != "query":
-        raise StanzaError("bad-request", "expected <query xmlns='jabber:iq:private'/>")
     fragments = [c for c in query if isinstance(c.tag, str)]
     if not fragments:
         # XEP-0049 §2.3: at least one child element, else "Not Acceptable".
@@ -47,52 +90,6 @@ def _fragments(stanza: Stanza) -> list[Stanza]:
 def _key(fragment: Stanza) -> tuple[str, str]:
     name = etree.QName(fragment)
     return name.namespace or "", name.localname
-
-
-@module.iq_get(ns.PRIVATE, to=("self",))
-async def get_private(stanza: Stanza, origin: Session | None) -> Stanza:
-    assert module.server is not None and origin is not None
-    store = module.server.storage.private
-    owner = origin.jid
-    assert owner.local is not None
-    query: Stanza = element(QUERY)
-    # XEP-0049 §2.3 says a client asks for one namespace per get; answering each is harmless.
-    for fragment in _fragments(stanza):
-        namespace, name = _key(fragment)
-        text = await store.get(owner.local, owner.domain, namespace, name)
-        # Nothing stored: the requested element comes back empty.
-        query.append(etree.fromstring(text, _PARSER) if text is not None
-                     else etree.Element(fragment.tag, nsmap={None: namespace}))
-    return result(stanza, query)
-
-
-@module.iq_set(ns.PRIVATE, to=("self",))
-async def set_private(stanza: Stanza, origin: Session | None) -> Stanza:
-    assert module.server is not None and origin is not None
-    fragments = _fragments(stanza)
-    if len(fragments) > MAX_ITEMS_PER_SET:
-        raise StanzaError("not-acceptable", f"at most {MAX_ITEMS_PER_SET} elements per set")
-    items: dict[tuple[str, str], str] = {}
-    for fragment in fragments:
-        fragment = _standalone(fragment)
-        text = etree.tostring(fragment, encoding="unicode")
-        if len(text.encode()) > MAX_ITEM_SIZE:
-            raise StanzaError("not-acceptable",
-                              f"a stored element may have at most {MAX_ITEM_SIZE} bytes")
-        items[_key(fragment)] = text  # the last of two with the same key wins
-    owner = origin.jid
-    assert owner.local is not None
-    await module.server.storage.private.set(
-        owner.local, owner.domain, [(namespace, name, text)
-                                    for (namespace, name), text in items.items()])
-    return result(stanza)
-
-
-@module.iq_get(ns.PRIVATE, to=("bare",))
-@module.iq_set(ns.PRIVATE, to=("bare",))
-def other_account(_stanza: Stanza, _origin: Session | None) -> Stanza:
-    # XEP-0049 §2.3: another account's private data is "Forbidden".
-    raise StanzaError("forbidden", "private XML is only for its owner")
 
 
 def _standalone(fragment: Stanza) -> Stanza:

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-from server.module import Module, Stanza
+from server.module import Module, Stanza, iq_set
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import result
 
-module = Module("session")
 
+class LegacySession(Module):
+    name = "session"
 
-@module.iq_set(ns.SESSION, to=("host", "self"))
-def establish(stanza: Stanza, _origin: Session | None) -> Stanza:
-    return result(stanza)
+    @iq_set(ns.SESSION, "session", to=("host", "self"))
+    def establish(self, stanza: Stanza, _origin: Session | None) -> Stanza:
+        return result(stanza)

@@ -5,13 +5,10 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 
-from server.module import Module, Stanza
+from server.module import Module, Stanza, iq_get
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import child, element, result
-
-module = Module("version")
-module.feature(ns.VERSION)
 
 try:
     VERSION = dist_version("presenced")
@@ -19,9 +16,13 @@ except PackageNotFoundError:  # running from a source tree
     VERSION = "0.1.0"
 
 
-@module.iq_get(ns.VERSION)
-def software_version(stanza: Stanza, _origin: Session | None) -> Stanza:
-    query = element(ns.q(ns.VERSION, "query"))
-    child(query, ns.q(ns.VERSION, "name"), text="presenced")
-    child(query, ns.q(ns.VERSION, "version"), text=VERSION)
-    return result(stanza, query)
+class SoftwareVersion(Module):
+    name = "version"
+    features = (ns.VERSION,)
+
+    @iq_get(ns.VERSION, "query")
+    def software_version(self, stanza: Stanza, _origin: Session | None) -> Stanza:
+        query = element(ns.q(ns.VERSION, "query"))
+        child(query, ns.q(ns.VERSION, "name"), text="presenced")
+        child(query, ns.q(ns.VERSION, "version"), text=VERSION)
+        return result(stanza, query)

@@ -21,7 +21,8 @@ fetches (probes) of the last hour; a subscriber that never probed has count='0' 
 time. Anyone but the account itself and the admins of [admins] gets <forbidden/>.
 
 Rate limit: a probe from a watcher over the limit is answered with a presence error
-<policy-violation/> instead of presence or 'unsubscribed'. The fetch log is in memory only.
+<policy-violation/> instead of presence or 'unsubscribed' (checked in the `filter/user` chain,
+after blocking and before per-contact visibility). The fetch log is in memory only.
 """
 
 from __future__ import annotations
@@ -29,110 +30,94 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.errors import StanzaError
-from server.jid import JID
-from server.module import Module, Stanza
+from server.jid import JID, InvalidJID
+from server.module import Module, Stanza, hook, iq_get
 from server.presence.watchers import FetchLog, Watcher, timestamp, watchers_of
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
 
+if TYPE_CHECKING:
+    from server.app import Server
+
 log = logging.getLogger("presenced.watchers")
-module = Module("watchers")
-module.feature(ns.WATCHERS)
 
 WATCHERS = ns.q(ns.WATCHERS, "watchers")
 WATCHER = ns.q(ns.WATCHERS, "watcher")
 
 
-def _server() -> Any:
-    assert module.server is not None
-    return module.server
+class Watchers(Module):
+    name = "watchers"
+    features = (ns.WATCHERS,)
 
+    def __init__(self, server: Server, config: Any) -> None:
+        super().__init__(server, config)
+        limit = server.config.section("presence").max_fetches_per_minute
+        self.fetches = FetchLog(limit)
 
-def _fetches() -> FetchLog:
-    fetches: FetchLog = _server().fetches
-    return fetches
+    # -- the fetch record and the rate limit -----------------------------------------------
 
+    @hook("presence/fetched")
+    def fetched(self, presentity: JID, watcher: JID, allowed: bool) -> None:
+        if watcher.bare != presentity.bare:  # an account's own resources are not watchers
+            self.fetches.record(presentity.bare, watcher, allowed, time.time())
 
-@module.on_load
-def load(server: Any) -> None:
-    server.fetches = FetchLog(server.config.presence.max_fetches_per_minute)
-
-
-# -- the fetch record and the rate limit ---------------------------------------------------------
-
-@module.on("presence/fetched")
-def fetched(presentity: JID, watcher: JID, allowed: bool) -> None:
-    if watcher.bare != presentity.bare:  # an account's own resources are not watchers
-        _fetches().record(presentity.bare, watcher, allowed, time.time())
-
-
-def _rate_limit(stanza: Stanza, origin: Session | None, to: JID) -> None:
-    # Inbound processing only (the contact's server, RFC 6121 §4.3.2): a local client's probe
-    # passes here again once outbound processing has routed it on.
-    if stanza.get("type") != "probe" or getattr(origin, "local_client", False):
+    @hook("filter/user", priority=95)
+    def rate_limit(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
+        # Inbound processing only (the contact's server, RFC 6121 §4.3.2): a local client's
+        # probe passes here again once outbound processing has routed it on.
+        if (stanza.tag != st.PRESENCE or stanza.get("type") != "probe"
+                or (origin is not None and origin.local_client)
+                or to.domain not in self.server.hosts):
+            return None
+        try:
+            watcher = JID.parse(stanza.get("from", ""))
+        except InvalidJID:
+            return None
+        presentity = to.bare
+        if watcher.bare == presentity:
+            return None
+        fetches = self.fetches
+        now = time.time()
+        if fetches.over_limit(presentity, watcher, now):
+            fetches.record(presentity, watcher, False, now, refused_for_rate=True)
+            log.info("event=poller-refused presentity=%s watcher=%s", presentity, watcher.bare)
+            raise StanzaError("policy-violation",
+                              f"more than {fetches.max_per_minute} presence fetches a minute",
+                              type="wait")
         return None
-    try:
-        watcher = JID.parse(stanza.get("from", ""))
-    except ValueError:
-        return None
-    presentity = to.bare
-    if watcher.bare == presentity:
-        return None
-    fetches = _fetches()
-    now = time.time()
-    if fetches.over_limit(presentity, watcher, now):
-        fetches.record(presentity, watcher, False, now, refused_for_rate=True)
-        log.info("event=poller-refused presentity=%s watcher=%s", presentity, watcher.bare)
-        raise StanzaError("policy-violation",
-                          f"more than {fetches.max_per_minute} presence fetches a minute",
-                          type="wait")
-    return None
 
+    # -- watcher information -----------------------------------------------------------------
 
-@module.on("presence/bare", priority=50)
-def probe_bare(stanza: Stanza, origin: Session | None, to: JID) -> None:
-    return _rate_limit(stanza, origin, to)
+    @hook("watchers/list")
+    def list_watchers(self, presentity: JID) -> Awaitable[list[Watcher]]:
+        """For other modules (the ad-hoc command): the rows of `presentity`'s watcher
+        information."""
+        return self._collect(presentity)
 
-
-@module.on("presence/full", priority=50)
-def probe_full(stanza: Stanza, origin: Session | None, to: JID) -> None:
-    return _rate_limit(stanza, origin, to)
-
-
-# -- watcher information -------------------------------------------------------------------------
-
-@module.on("watchers/list")
-def list_watchers(presentity: JID) -> Awaitable[list[Watcher]]:
-    """For other modules (the ad-hoc command): the rows of `presentity`'s watcher information."""
-    async def collect() -> list[Watcher]:
-        server = _server()
-        roster = await server.rosters.get(presentity)
-        records = _fetches().records(presentity, time.time())
-        access = server.access
+    async def _collect(self, presentity: JID) -> list[Watcher]:
+        roster = await self.server.rosters.get(presentity)
+        records = self.fetches.records(presentity, time.time())
+        access = self.server.access
         return watchers_of(roster.items.values(), records,
                            lambda watcher: bool(access.denied(presentity, watcher)))
-    return collect()
 
-
-@module.iq_get(ns.WATCHERS, to=("self", "bare"))
-async def get_watchers(stanza: Stanza, origin: Session | None) -> Stanza:
-    request = st.payload(stanza)
-    if request is None or request.tag != WATCHERS:
-        raise StanzaError("bad-request", "expected <watchers/>")
-    presentity = JID.parse(stanza.get("to") or stanza.get("from", "")).bare
-    admin = origin is not None and str(origin.jid.bare) in module.server.config.admins  # type: ignore[union-attr]
-    if origin is None or (origin.jid.bare != presentity and not admin):
-        # Only the presentity itself (and the server's admins) may learn who watches it.
-        raise StanzaError("forbidden", "only the account itself may read its watchers")
-    answer = st.element(WATCHERS)
-    for row in await list_watchers(presentity):
-        attrs = {"jid": row.jid, "kind": row.kind, "status": row.status, "count": str(row.count)}
-        if row.first is not None and row.last is not None:
-            attrs["first"] = timestamp(row.first)
-            attrs["last"] = timestamp(row.last)
-        st.child(answer, WATCHER, attrs)
-    return st.result(stanza, answer)
+    @iq_get(ns.WATCHERS, "watchers", to=("self", "bare"))
+    async def get_watchers(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        presentity = JID.parse(stanza.get("to") or stanza.get("from") or "").bare
+        admin = origin is not None and str(origin.jid.bare) in self.server.config.admins
+        if origin is None or (origin.jid.bare != presentity and not admin):
+            # Only the presentity itself (and the server's admins) may learn who watches it.
+            raise StanzaError("forbidden", "only the account itself may read its watchers")
+        answer = st.element(WATCHERS)
+        for row in await self._collect(presentity):
+            attrs = {"jid": row.jid, "kind": row.kind, "status": row.status,
+                     "count": str(row.count)}
+            if row.first is not None and row.last is not None:
+                attrs["first"] = timestamp(row.first)
+                attrs["last"] = timestamp(row.last)
+            st.child(answer, WATCHER, attrs)
+        return st.result(stanza, answer)

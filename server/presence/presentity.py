@@ -11,6 +11,7 @@ from lxml import etree
 from server.jid import JID
 from server.sessions import Session, SessionManager
 from server.xml import ns
+from server.xml.stanza import PRESENCE, element
 
 _SHOW = ns.q(ns.CLIENT, "show")
 _STATUS = ns.q(ns.CLIENT, "status")
@@ -48,13 +49,14 @@ def unavailable(session: Session, to: str | None = None) -> etree._Element:
     attrs = {"type": "unavailable", "from": str(session.jid)}
     if to is not None:
         attrs["to"] = to
-    return etree.Element(ns.q(ns.CLIENT, "presence"), attrs, nsmap={None: ns.CLIENT})
+    return element(PRESENCE, attrs)
 
 
 def parse_priority(stanza: etree._Element) -> int:
-    """RFC 6121 §4.7.2.3: an integer from -128 to 127, default 0; else ValueError."""
+    """RFC 6121 §4.7.2.3: an integer from -128 to 127, default 0 (also for an empty
+    <priority/>, as Prosody takes it); else ValueError."""
     text = stanza.findtext(_PRIORITY)
-    if text is None:
+    if text is None or not text.strip():
         return 0
     value = int(text.strip())
     if not -128 <= value <= 127:

@@ -1,7 +1,7 @@
-"""SQLite BlocklistStore: the JIDs each account blocks (XEP-0191).
+"""BlocklistStore on either backend: the JIDs each account blocks (XEP-0191).
 
-Each call is one SQL statement (several JIDs are passed as one JSON array and expanded with
-json_each), hence one transaction of its own on the shared autocommit connection.
+Each call is one SQL statement (several JIDs are passed as one array parameter: a JSON array
+expanded with json_each on SQLite, a text[] unnested on PostgreSQL), hence atomic.
 """
 
 from __future__ import annotations
@@ -9,44 +9,60 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from server.storage.store import SQLiteStore
+from server.storage import StoreSpec
+from server.storage.store import Store
 
-# Appended to sqlite.MIGRATIONS.
-MIGRATION = [
-    """CREATE TABLE blocklist (
+_TABLE = """CREATE TABLE blocklist (
         domain TEXT NOT NULL,
         localpart TEXT NOT NULL,
         jid TEXT NOT NULL,
         PRIMARY KEY (domain, localpart, jid),
         FOREIGN KEY (domain, localpart) REFERENCES accounts (domain, localpart)
             ON DELETE CASCADE
-    ) WITHOUT ROWID""",
-]
+    )"""
+
+MIGRATIONS = {
+    "sqlite": [[_TABLE + " WITHOUT ROWID"]],  # 1 (the old global version 5)
+    "postgresql": [[_TABLE]],                 # 1
+}
 
 
-class SQLiteBlocklistStore(SQLiteStore):
-    """BlocklistStore. Writes hold the storage's write lock (see store.py)."""
+class SQLiteBlocklistStore(Store):
+    """BlocklistStore."""
+
+    _JIDS = "SELECT value FROM json_each(?)"  # the rows of one array parameter
+
+    def _array(self, jids: Iterable[str]) -> object:
+        return json.dumps(list(jids))
 
     async def get(self, user: str, domain: str) -> list[str]:
-        rows = await self._db.execute_fetchall(
-            "SELECT jid FROM blocklist WHERE domain = ? AND localpart = ? ORDER BY jid",
-            (domain, user))
-        return [row[0] for row in rows]
+        rows = await self._db.fetch(
+            "SELECT jid FROM blocklist WHERE domain = ? AND localpart = ?", domain, user)
+        return sorted(row[0] for row in rows)  # by code point, on both backends
 
     async def add(self, user: str, domain: str, jids: Iterable[str]) -> None:
-        async with self._lock:
-            await self._db.execute(
-                "INSERT OR IGNORE INTO blocklist (domain, localpart, jid) "
-                "SELECT ?, ?, value FROM json_each(?)", (domain, user, json.dumps(list(jids))))
+        await self._write(user, domain,
+                          "INSERT INTO blocklist (domain, localpart, jid) "
+                          f"SELECT ?, ?, value FROM ({self._JIDS}) AS j WHERE true "
+                          "ON CONFLICT DO NOTHING",  # WHERE true: SQLite's upsert needs it
+                          domain, user, self._array(jids))
 
     async def remove(self, user: str, domain: str, jids: Iterable[str]) -> None:
-        async with self._lock:
-            await self._db.execute(
-                "DELETE FROM blocklist WHERE domain = ? AND localpart = ? "
-                "AND jid IN (SELECT value FROM json_each(?))",
-                (domain, user, json.dumps(list(jids))))
+        await self._db.execute(
+            "DELETE FROM blocklist WHERE domain = ? AND localpart = ? "
+            f"AND jid IN ({self._JIDS})", domain, user, self._array(jids))
 
     async def clear(self, user: str, domain: str) -> None:
-        async with self._lock:
-            await self._db.execute(
-                "DELETE FROM blocklist WHERE domain = ? AND localpart = ?", (domain, user))
+        await self._db.execute(
+            "DELETE FROM blocklist WHERE domain = ? AND localpart = ?", domain, user)
+
+
+class PostgresBlocklistStore(SQLiteBlocklistStore):
+    _JIDS = "SELECT unnest(?::text[]) AS value"
+
+    def _array(self, jids: Iterable[str]) -> object:
+        return list(jids)
+
+
+SPEC: StoreSpec = StoreSpec(name="blocklists", sqlite=SQLiteBlocklistStore,
+                 postgresql=PostgresBlocklistStore, migrations=MIGRATIONS, tables=("blocklist",))

@@ -1,63 +1,72 @@
-"""SQLite RosterStore: one row per (account, contact), a version per account (XEP-0237)."""
+"""RosterStore on either backend: one row per (account, contact), a version per account
+(XEP-0237). A change and its version bump are one transaction."""
 
 from __future__ import annotations
 
 import json
 
-from server.storage.base import RosterItem
-from server.storage.store import SQLiteStore
+from server.storage import StoreSpec
+from server.storage.base import NoSuchAccount, RosterItem
+from server.storage.db import ForeignKeyViolation
+from server.storage.store import Store
 
-MIGRATION = [
-    """CREATE TABLE roster_items (
-        domain TEXT NOT NULL,
-        localpart TEXT NOT NULL,
-        contact TEXT NOT NULL,
-        name TEXT,
-        groups TEXT NOT NULL DEFAULT '[]',
-        subscription TEXT NOT NULL DEFAULT 'none',
-        pending_out INTEGER NOT NULL DEFAULT 0,
-        pending_in INTEGER NOT NULL DEFAULT 0,
-        approved INTEGER NOT NULL DEFAULT 0,
-        listed INTEGER NOT NULL DEFAULT 1,
-        request TEXT,
-        PRIMARY KEY (domain, localpart, contact),
-        FOREIGN KEY (domain, localpart) REFERENCES accounts (domain, localpart)
-            ON DELETE CASCADE
-    ) WITHOUT ROWID""",
-    """CREATE TABLE roster_versions (
-        domain TEXT NOT NULL,
-        localpart TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        PRIMARY KEY (domain, localpart),
-        FOREIGN KEY (domain, localpart) REFERENCES accounts (domain, localpart)
-            ON DELETE CASCADE
-    ) WITHOUT ROWID""",
-]
+_ROSTER_ITEMS = """CREATE TABLE roster_items (
+            domain TEXT NOT NULL,
+            localpart TEXT NOT NULL,
+            contact TEXT NOT NULL,
+            name TEXT,
+            groups {json} NOT NULL DEFAULT '[]',
+            subscription TEXT NOT NULL DEFAULT 'none',
+            pending_out {bool} NOT NULL DEFAULT {false},
+            pending_in {bool} NOT NULL DEFAULT {false},
+            approved {bool} NOT NULL DEFAULT {false},
+            listed {bool} NOT NULL DEFAULT {true},
+            request TEXT,
+            PRIMARY KEY (domain, localpart, contact),
+            FOREIGN KEY (domain, localpart) REFERENCES accounts (domain, localpart)
+                ON DELETE CASCADE
+        ){table}"""
+_ROSTER_VERSIONS = """CREATE TABLE roster_versions (
+            domain TEXT NOT NULL,
+            localpart TEXT NOT NULL,
+            version {int} NOT NULL,
+            PRIMARY KEY (domain, localpart),
+            FOREIGN KEY (domain, localpart) REFERENCES accounts (domain, localpart)
+                ON DELETE CASCADE
+        ){table}"""
+# SQLite keeps the statements of the old global version 2 (booleans as 0/1, JSON as text).
+_TYPES = {"sqlite": dict(json="TEXT", bool="INTEGER", false="0", true="1", int="INTEGER",
+                         table=" WITHOUT ROWID"),
+          "postgresql": dict(json="JSONB", bool="BOOLEAN", false="false", true="true",
+                             int="BIGINT", table="")}
+MIGRATIONS = {backend: [[_ROSTER_ITEMS.format(**types), _ROSTER_VERSIONS.format(**types)]]
+              for backend, types in _TYPES.items()}  # 1
 
 _COLUMNS = "contact, name, groups, subscription, pending_out, pending_in, approved, listed, request"
+_UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.split(", ")[1:])
 
 
-class SQLiteRosterStore(SQLiteStore):
-    """RosterStore. Changes are multi-statement transactions under the write lock."""
+class RosterStoreSQL(Store):
+    """RosterStore."""
 
     async def load(self, user: str, domain: str) -> tuple[int, list[RosterItem]]:
-        rows = await self._db.execute_fetchall(
+        rows = await self._db.fetch(
             f"SELECT {_COLUMNS} FROM roster_items WHERE domain = ? AND localpart = ?",
-            (domain, user))
-        version = await self._db.execute_fetchall(
+            domain, user)
+        version = await self._first(
             "SELECT version FROM roster_versions WHERE domain = ? AND localpart = ?",
-            (domain, user))
+            domain, user)
         items = [RosterItem(contact=r[0], name=r[1], groups=tuple(json.loads(r[2])),
                             subscription=r[3], pending_out=bool(r[4]), pending_in=bool(r[5]),
                             approved=bool(r[6]), listed=bool(r[7]), request=r[8]) for r in rows]
-        versions = list(version)
-        return (versions[0][0] if versions else 0), items
+        return (0 if version is None else int(version[0])), items
 
     async def put(self, user: str, domain: str, item: RosterItem) -> int:
         return await self._change_and_bump(
             user, domain,
-            f"INSERT OR REPLACE INTO roster_items (domain, localpart, {_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO roster_items (domain, localpart, {_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (domain, localpart, contact) DO UPDATE SET {_UPDATE}",
             (domain, user, item.contact, item.name, json.dumps(list(item.groups)),
              item.subscription, item.pending_out, item.pending_in, item.approved, item.listed,
              item.request))
@@ -70,24 +79,22 @@ class SQLiteRosterStore(SQLiteStore):
 
     async def _change_and_bump(self, user: str, domain: str, sql: str,
                                args: tuple[object, ...]) -> int:
-        """One change and the new roster version, in one transaction."""
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._db.execute(sql, args)
-                version = await self._bump(user, domain)
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
-        return version
+        """One change and the new roster version, in one transaction. The version row stays
+        locked by the upsert until commit: writers of one roster take turns, each seeing the
+        version the one before it left."""
+        try:
+            async with self._db.transaction() as tx:
+                await tx.execute(sql, *args)
+                row = await tx.fetchrow(
+                    "INSERT INTO roster_versions (domain, localpart, version) VALUES (?, ?, 1) "
+                    "ON CONFLICT (domain, localpart) DO UPDATE "
+                    "SET version = roster_versions.version + 1 RETURNING version",
+                    domain, user)
+        except ForeignKeyViolation:
+            raise NoSuchAccount(f"{user}@{domain}") from None
+        assert row is not None
+        return int(row[0])
 
-    async def _bump(self, user: str, domain: str) -> int:
-        await self._db.execute(
-            "INSERT INTO roster_versions (domain, localpart, version) VALUES (?, ?, 1) "
-            "ON CONFLICT (domain, localpart) DO UPDATE SET version = version + 1",
-            (domain, user))
-        rows = await self._db.execute_fetchall(
-            "SELECT version FROM roster_versions WHERE domain = ? AND localpart = ?",
-            (domain, user))
-        return int(next(iter(rows))[0])
+
+SPEC: StoreSpec = StoreSpec(name="rosters", sqlite=RosterStoreSQL, postgresql=RosterStoreSQL,
+                 migrations=MIGRATIONS, tables=("roster_items", "roster_versions"))

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
 
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
+from server.sessions import Session
 from server.stream import negotiation as neg
+from server.stream import sasl2
 from server.stream.connection import XMLStreamConnection
 from server.xml import ns
 from server.xml.parser import Event
@@ -32,36 +35,23 @@ _Element: TypeAlias = etree._Element
 class C2SConnection(XMLStreamConnection):
     kind = "c2s"
     local_client = True  # stanzas from it get outbound processing (the user's server)
-    __slots__ = (
-        "_bare_str",
-        "_jid_str",
-        "_server",
-        "bound",
-        "directed",
-        "extra",
-        "interested",
-        "jid",
-        "negotiation",
-        "presence",
-        "priority",
-    )
+    __slots__ = ("_after_success", "_server", "bound", "jid", "negotiation", "session")
 
-    def __init__(self, server: Server, direct_tls: bool) -> None:
+    def __init__(self, server: Server, direct_tls: bool, *, secured_below: bool = False) -> None:
+        """secured_below: the transport underneath is already secure (the HTTPS listener of a
+        WebSocket, or a trusted proxy that terminated TLS): no TLS layer here and no STARTTLS
+        offered, as with direct TLS."""
         super().__init__(server.loop, server.new_parser(),
                          server.tls_layer(direct=True) if direct_tls else None)
         self._server = server
         self.negotiation = neg.C2SNegotiation(
-            server.c2s_policy, direct_tls=direct_tls, channel_binding=self._channel_binding,
-            post_bind_features=server.post_bind_features)
+            server.c2s_policy, direct_tls=direct_tls or secured_below,
+            channel_binding=self._channel_binding,
+            post_bind_features=server.post_bind_features, sasl2_inline=self._sasl2_inline)
         self.bound = False
         self.jid: JID = server.placeholder_jid
-        self._jid_str = ""
-        self._bare_str = ""
-        self.priority = 0
-        self.presence: _Element | None = None
-        self.interested = False   # RFC 6121 §2.1.6: requested the roster, so gets roster pushes
-        self.directed: set[JID] | None = None  # RFC 6121 §4.6: directed presence recipients
-        self.extra: dict[str, Any] | None = None  # per-session state of feature modules
+        self.session: Session | None = None  # the bound resource this stream carries
+        self._after_success: Callable[[], None] | None = None  # SASL2: once <success/> is out
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -83,7 +73,7 @@ class C2SConnection(XMLStreamConnection):
         self._end_session(reason)
 
     def _who(self) -> str:
-        return self._jid_str or "-"
+        return self.session.jid_str if self.session is not None else "-"
 
     def _header_for_error(self) -> bytes:
         if self.negotiation.header_sent:
@@ -101,6 +91,10 @@ class C2SConnection(XMLStreamConnection):
         for action in actions:
             if isinstance(action, neg.Send):
                 self._write_now(action.data)
+                if action.data.startswith(_SASL_FAILURES):  # for logs and /metrics
+                    log.info("event=auth-failed peer=%s user=%s@%s", self.peer,
+                             self.negotiation.user or "-", self.negotiation.domain or "-")
+                    self._server.hooks.fire_all("auth-failed", self)
             elif isinstance(action, neg.CloseStream):
                 self.close(action.condition, action.text)
                 return
@@ -117,6 +111,23 @@ class C2SConnection(XMLStreamConnection):
                          action.user, action.domain, action.mechanism)
             elif isinstance(action, neg.BindResource):
                 self._bind(action.iq, action.resource)
+            elif isinstance(action, neg.VerifyToken):
+                self._spawn(self._verify_token(action))
+            elif isinstance(action, neg.ResumeInline):
+                self._resume_inline(action.element)
+            elif isinstance(action, neg.BindInline):
+                self._bind_inline(action)
+            elif isinstance(action, neg.IssueToken):
+                self._spawn(self._issue_token(action))
+            elif isinstance(action, neg.Sasl2Complete):
+                self._sasl2_complete(action)
+            elif isinstance(action, neg.PreBindElement):
+                handler = self._server.pre_bind_handlers.get(action.element.tag)
+                if handler is None:
+                    self.close("unsupported-stanza-type",
+                               f"unexpected element {action.element.tag}")
+                    return
+                handler(self, action.element)
 
     async def _lookup(self, user: str, domain: str) -> None:
         try:
@@ -133,63 +144,187 @@ class C2SConnection(XMLStreamConnection):
         server = self._server
         negotiation = self.negotiation
         assert negotiation.user is not None and negotiation.domain is not None
-        bare = JID.from_parts(negotiation.user, negotiation.domain)
+        session = Session(JID.from_parts(negotiation.user, negotiation.domain), self)
         try:
-            full = server.sessions.bind(self, bare, resource)
+            server.sessions.bind(session, resource)
         except StanzaError as err:
             self._carry_out(negotiation.bind_failed(iq, err))
             return
-        self.jid = full
-        self._jid_str = str(full)
-        self._bare_str = str(bare)
+        self.session = session
+        self.jid = session.jid
         self.bound = True
-        self._carry_out(negotiation.bound(iq, self._jid_str))
-        log.info("event=bound peer=%s jid=%s", self.peer, self._jid_str)
-        for pending in server.hooks.fire_all("session-bound", self):
+        self._carry_out(negotiation.bound(iq, session.jid_str))
+        self._session_bound(session)
+
+    def _session_bound(self, session: Session) -> None:
+        log.info("event=bound peer=%s jid=%s", self.peer, session.jid_str)
+        for pending in self._server.hooks.fire_all("session-bound", session):
             if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
                 self._spawn(pending)
+
+    # -- SASL2 (XEP-0388) inline features: hooks the modules answer ---------------------------
+    #   bind2/features ()                    -> feature vars a session may enable in Bind 2
+    #   bind2/enable (session, element)      -> an element for <bound/>, True (done, nothing
+    #                                           to say) or None (not mine: ignored)
+    #   sasl2/resume (stream, <resume/>)     -> (<resumed/> | <failed/>, callable to run once
+    #                                           <success/> is out, or None) (XEP-0198)
+    #   fast/verify (user, domain, client, mechanism, proof, cb_data, invalidate)
+    #                                        -> awaitable (HT responder data | None, rotate)
+    #   fast/issue (user, domain, client, mechanism) -> awaitable (token, expiry) | None
+
+    def _sasl2_inline(self) -> sasl2.Inline:
+        hooks = self._server.hooks
+        bind2 = tuple(var for found in hooks.fire_all("bind2/features") for var in found)
+        return sasl2.Inline(bind2=bind2, sm=hooks.has("sasl2/resume"),
+                            fast=hooks.has("fast/verify") and hooks.has("fast/issue"))
+
+    async def _verify_token(self, action: neg.VerifyToken) -> None:
+        responder, rotate = None, False
+        pending = self._server.hooks.fire(
+            "fast/verify", action.user, action.domain, action.client, action.mechanism,
+            action.proof, action.cb_data, action.invalidate)
+        try:
+            if pending is not None:
+                responder, rotate = await pending
+        except Exception:
+            log.exception("event=fast-verify-failed user=%s@%s", action.user, action.domain)
+            if not self._closing:
+                self._carry_out(self.negotiation.token_check_failed())
+            return
+        if not self._closing:
+            self._carry_out(self.negotiation.token_verified(responder, rotate=rotate))
+
+    async def _issue_token(self, action: neg.IssueToken) -> None:
+        issued = None
+        pending = self._server.hooks.fire("fast/issue", action.user, action.domain,
+                                          action.client, action.mechanism)
+        try:
+            if pending is not None:
+                issued = await pending
+        except Exception:
+            log.exception("event=fast-issue-failed user=%s@%s", action.user, action.domain)
+        if not self._closing:
+            token, expiry = issued if issued is not None else (None, None)
+            self._carry_out(self.negotiation.token_issued(token, expiry))
+
+    def _resume_inline(self, element: _Element) -> None:
+        found = self._server.hooks.fire("sasl2/resume", self, element)
+        if self._closing or found is None:
+            return
+        answer, after = found
+        self._after_success = after
+        jid = self.session.jid_str if after is not None and self.session is not None else None
+        self._carry_out(self.negotiation.inline_resumed(answer, jid))
+
+    def _bind_inline(self, action: neg.BindInline) -> None:
+        negotiation = self.negotiation
+        assert negotiation.user is not None and negotiation.domain is not None
+        session = Session(JID.from_parts(negotiation.user, negotiation.domain), self)
+        try:
+            # XEP-0386 §3.2: the resource is stable per user agent, so binding it ends an
+            # earlier session of the same client (RFC 6120 §7.7.2.2: the new one wins).
+            self._server.sessions.bind(session, action.resource)
+        except StanzaError as err:
+            self._carry_out(negotiation.inline_bind_failed(err))
+            return
+        self.session = session
+        self.jid = session.jid
+        self.bound = True
+        self._after_success = lambda: self._session_bound(session)
+        answers = []
+        for feature in action.features:
+            answer = self._server.hooks.fire("bind2/enable", session, feature)
+            if isinstance(answer, _ElementType):
+                answers.append(answer)
+        self._carry_out(negotiation.inline_bound(session.jid_str, answers))
+
+    def _sasl2_complete(self, action: neg.Sasl2Complete) -> None:
+        log.info("event=sasl2-success peer=%s jid=%s resumed=%d", self.peer, action.jid,
+                 int(action.resumed))
+        after, self._after_success = self._after_success, None
+        if after is not None:
+            after()
 
     # -- stanzas (hot path) ------------------------------------------------------------------
 
     def _stanza(self, el: _Element) -> None:
+        # Nonzas wait behind stanzas still being routed too: an XEP-0198 <r/> is answered
+        # only once everything before it was handled.
         if self._blocked and self._hold(el):
             return
         if el.tag not in STANZA_TAGS:
-            self.close("unsupported-stanza-type", f"unexpected element {el.tag}")
+            self._nonza(el)
             return
+        session = self.session
+        assert session is not None
+        if session.outbox is not None:
+            session.outbox.handled += 1  # XEP-0198 §4: h counts stanzas, not nonzas
         sender = el.get("from")
         # RFC 6120 §8.1.2.1: the server stamps the full JID; a client may only claim its own.
-        if sender is not None and sender != self._jid_str and sender != self._bare_str:
+        if sender is not None and sender != session.jid_str and sender != session.bare_str:
             try:
                 claimed = JID.parse(sender)
             except InvalidJID:
                 claimed = None
-            if claimed != self.jid and claimed != self.jid.bare:
+            if claimed != session.jid and claimed != session.jid.bare:
                 self.close("invalid-from", "'from' is not your address")
                 return
-        el.set("from", self._jid_str)
-        pending = self._server.router.route(el, self)
+        el.set("from", session.jid_str)
+        pending = self._server.router.route(el, session)
         if pending is not None:
             self._wait_for(pending)
 
-    # -- output ------------------------------------------------------------------------------
+    def _nonza(self, el: _Element) -> None:
+        """A top-level element that is no stanza (RFC 6120 §8: e.g. XEP-0198's <r/>): the
+        module that declared it handles it, else the stream ends."""
+        handler = self._server.nonza_handlers.get(el.tag)
+        if handler is None:
+            self.close("unsupported-stanza-type", f"unexpected element {el.tag}")
+            return
+        assert self.session is not None
+        handler(self.session, el)
 
-    def send(self, stanza: _Element) -> None:
+    # -- output (the session's transport) ----------------------------------------------------
+
+    def deliver(self, stanza: _Element) -> None:
         """Queue a stanza; everything queued in one loop iteration goes out in one write."""
         self._queue(serialize(stanza, ns.CLIENT))
 
+    def send(self, stanza: _Element) -> None:
+        self.deliver(stanza)
+
+    def attach(self, session: Session) -> None:
+        """Carry an existing session from now on (XEP-0198 resumption) instead of binding."""
+        self.session = session
+        self.jid = session.jid
+        self.bound = True
+        session.transport = self
+        self.negotiation.resumed()
+
+    def write_element(self, el: _Element) -> None:
+        """A nonza of ours (e.g. XEP-0198 <a/>): written in order with stanzas."""
+        self._queue(etree.tostring(el))
+
     def _end_session(self, reason: str) -> None:
-        if self.bound:
-            self.bound = False
-            server = self._server
-            if server.sessions.unbind(self):
-                log.info("event=unbound jid=%s reason=%s", self._jid_str, reason)
-            for pending in server.hooks.fire_all("session-closed", self, reason):
-                if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                    server.router.spawn(pending)
+        session = self.session
+        if not self.bound or session is None:
+            return
+        self.bound = False
+        server = self._server
+        if session.transport is not self:
+            return  # another stream carries the session now (resumed elsewhere)
+        session.transport = None
+        # A module may keep the session for the client to resume (XEP-0198 §5): then it is
+        # not over yet; contacts still see it available.
+        kept = server.hooks.fire("session-detached", session, reason)
+        if kept is None:
+            server.end_session(session, reason)
 
     def _spawn(self, coro: Any) -> None:
         self._server.router.spawn(coro)
 
 
 _ElementType = type(etree.Element("x"))
+# negotiation's <failure/>s: RFC 6120's and XEP-0388's
+_SASL_FAILURES = (b'<failure xmlns="urn:ietf:params:xml:ns:xmpp-sasl"',
+                  b'<failure xmlns="urn:xmpp:sasl:2"')

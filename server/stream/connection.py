@@ -89,7 +89,9 @@ class XMLStreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if not self._closing:
-            self.close()
+            # The peer hung up without </stream:stream>: a lost connection, not a goodbye
+            # (XEP-0198: such a session may be resumed).
+            self.close(reason="disconnected")
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -172,16 +174,22 @@ class XMLStreamConnection(asyncio.Protocol):
         out = self._out
         if not out:
             return
-        data = b"".join(out) if len(out) > 1 else out[0]
-        out.clear()
-        self._write_raw(self._tls.send(data) if self._tls is not None else data)
+        self._out = []  # first: writing may close the stream (slow reader), which writes too
+        self._send_out(out)
 
     def _write_now(self, data: bytes) -> None:
         if self._out:
             self._out.append(data)
             self._flush()
         else:
-            self._write_raw(self._tls.send(data) if self._tls is not None else data)
+            self._send_out((data,))
+
+    def _send_out(self, chunks: list[bytes] | tuple[bytes, ...]) -> None:
+        """Write what was queued, in one TLS record batch. Each chunk is whole: one or more
+        top-level elements, our stream header or </stream:stream>. A transport with framing of
+        its own (WebSocket, one element per message) overrides this."""
+        data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+        self._write_raw(self._tls.send(data) if self._tls is not None else data)
 
     def _write_raw(self, data: bytes) -> None:
         transport = self._transport
@@ -192,13 +200,18 @@ class XMLStreamConnection(asyncio.Protocol):
             log.info("event=slow-reader kind=%s peer=%s who=%s", self.kind, self.peer,
                      self._who())
             self.close("policy-violation", "you are not reading your stream")
+            # It reads nothing, so waiting for its </stream:stream> only pins the buffer.
+            transport.abort()
 
     # -- closing -----------------------------------------------------------------------------
 
-    def close(self, condition: str | None = None, text: str | None = None) -> None:
-        """End the stream: optional stream error, </stream:stream>, then TCP after a grace."""
+    def close(self, condition: str | None = None, text: str | None = None, *,
+              reason: str | None = None) -> None:
+        """End the stream: optional stream error, </stream:stream>, then TCP after a grace.
+        reason: why, for _ended, when it is not the condition (default "closed")."""
         if self._closing:
             return
+        self._closing = True  # first: a write below may find a slow reader and close again
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush()
@@ -208,8 +221,7 @@ class XMLStreamConnection(asyncio.Protocol):
             self._write_now(self._header_for_error() + stream_error(condition, text))
         else:
             self._write_now(STREAM_CLOSE)
-        self._closing = True
-        self._ended(condition or "closed")
+        self._ended(reason or condition or "closed")
         transport = self._transport
         if transport is not None:
             if self._tls is not None:

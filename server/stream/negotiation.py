@@ -3,6 +3,14 @@
 The connection feeds parser events (StreamOpened, elements, StreamClosed) and results of the
 async work it was asked to do (credentials looked up, resource bound, TLS up); it carries out
 the actions. Once the resource is bound the connection handles stanzas itself (hot path).
+
+Beside RFC 6120 SASL (with a stream restart) the machine speaks SASL2 (XEP-0388, after TLS):
+<authenticate/> carries the mechanism's first message and what to set up inline; once the
+mechanism (SCRAM, PLAIN, or a FAST token with HT-SHA-256-*, XEP-0484) succeeded, the machine
+asks in turn for the XEP-0198 resumption (ResumeInline), the Bind 2 resource with the features
+to enable in it (BindInline, XEP-0386) and a FAST token (IssueToken), then sends <success/>
+with their answers and the new features, without a restart. SCRAM's server-first carries the
+XEP-0474 downgrade protection hash in both profiles.
 """
 
 from __future__ import annotations
@@ -11,16 +19,16 @@ import base64
 import binascii
 import enum
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
 from lxml import etree
 
 from server.errors import StanzaError
-from server.jid import InvalidJID, normalize_domain, normalize_localpart
+from server.jid import JID, InvalidJID, normalize_domain, normalize_localpart
 from server.storage.base import Credentials
-from server.stream import sasl
+from server.stream import sasl, sasl2
 from server.xml import ns
 from server.xml.parser import StreamClosed, StreamOpened
 from server.xml.stanza import IQ, error_reply
@@ -74,13 +82,74 @@ class BindResource:
 
 
 @dataclass(frozen=True, slots=True)
+class PreBindElement:
+    """A non-stanza element where resource binding is expected (e.g. XEP-0198 <resume/>):
+    a module may take it, else the stream ends (unsupported-stanza-type)."""
+
+    element: _Element
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyToken:
+    """XEP-0484: check a FAST token's HT proof (through storage); answer with
+    token_verified()."""
+
+    user: str
+    domain: str
+    mechanism: str
+    client: str | None     # the <user-agent id>
+    proof: bytes           # initiator-hashed-token
+    cb_data: bytes         # the channel binding the mechanism signs (b"" for -NONE)
+    invalidate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeInline:
+    """XEP-0388/XEP-0198: resume the session named by this <resume/> on this stream; answer
+    with inline_resumed()."""
+
+    element: _Element
+
+
+@dataclass(frozen=True, slots=True)
+class BindInline:
+    """XEP-0386: bind this resource and enable these features (children of <bind/>); answer
+    with inline_bound() or inline_bind_failed()."""
+
+    resource: str
+    features: tuple[_Element, ...]
+    user_agent: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IssueToken:
+    """XEP-0484 §3.3: make a FAST token for this client and mechanism; answer with
+    token_issued()."""
+
+    user: str
+    domain: str
+    client: str
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sasl2Complete:
+    """The SASL2 <success/> and the new features went out: the stream is authenticated (and
+    bound when jid has a resource). Deferred work (session-bound, redelivery) may run now."""
+
+    jid: str
+    resumed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class CloseStream:
     condition: str | None = None  # None: a clean </stream:stream>
     text: str | None = None
 
 
 Action = (Send | StartTLS | RestartStream | LookupCredentials | Authenticated | BindResource
-          | CloseStream)
+          | PreBindElement | CloseStream | VerifyToken | ResumeInline | BindInline | IssueToken
+          | Sasl2Complete)
 
 
 class Stage(enum.Enum):
@@ -89,6 +158,8 @@ class Stage(enum.Enum):
     PRE_AUTH = "pre-auth"          # SASL available
     SASL = "sasl"                  # an exchange is under way
     AWAIT_CREDENTIALS = "await-credentials"
+    AWAIT_TOKEN = "await-token"    # FAST: the token check is under way
+    INLINE = "inline"              # SASL2 authenticated; inline features being set up
     AUTHENTICATED = "authenticated"  # waiting for the restarted stream
     BIND = "bind"                  # restarted after SASL; resource binding expected
     BINDING = "binding"
@@ -103,12 +174,15 @@ class Policy:
     allow_plain: bool = True
     tls_available: bool = True
     scram_iterations: int = 4096  # shown to unknown users too, so they look like real ones
+    sasl2: bool = True            # XEP-0388 offered (over TLS only) beside RFC 6120 SASL
+    ssdp: bool = True             # XEP-0474 'h=' in SCRAM server-first-message
 
 
 class C2SNegotiation:
     def __init__(self, policy: Policy, *, direct_tls: bool = False,
                  channel_binding: Callable[[str], bytes | None] = lambda _kind: None,
-                 post_bind_features: Callable[[], list[_Element]] = list) -> None:
+                 post_bind_features: Callable[[], list[_Element]] = list,
+                 sasl2_inline: Callable[[], sasl2.Inline] = sasl2.Inline) -> None:
         self.policy = policy
         self.tls = direct_tls
         self.stage = Stage.PRE_AUTH if direct_tls else Stage.PRE_TLS
@@ -123,6 +197,17 @@ class C2SNegotiation:
         self._post_bind_features = post_bind_features
         self._sasl: sasl.SaslServer | None = None
         self._failures = 0
+        self._sasl2_inline = sasl2_inline
+        # SASL2: the request under way, then what <success/> will say
+        self._request: sasl2.Request | None = None
+        self._steps: list[str] = []            # inline work still to do, in order
+        self._results: list[_Element] = []     # answers of inline features for <success/>
+        self._additional: bytes | None = None  # the mechanism's success data
+        self._jid = ""                         # the authorization identifier
+        self._resumed = False
+        self._token_mechanism: str | None = None  # a FAST token to issue
+        self._bound = False
+        self._inline: sasl2.Inline | None = None
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -163,6 +248,73 @@ class C2SNegotiation:
         bind = etree.SubElement(reply, ns.q(ns.BIND, "bind"), nsmap={None: ns.BIND})
         etree.SubElement(bind, ns.q(ns.BIND, "jid")).text = full_jid
         return [Send(etree.tostring(reply))]
+
+    def resumed(self) -> None:
+        """A module attached this stream to an existing session instead of binding (XEP-0198
+        §5): from now on stanzas flow. (Inline in SASL2 the stage moves on once <success/> is
+        out.)"""
+        if self.stage is not Stage.INLINE:
+            self.stage = Stage.BOUND
+
+    # -- inputs of SASL2 (XEP-0388) and its inline features ----------------------------------
+
+    def token_verified(self, responder: bytes | None, *, rotate: bool = False) -> list[Action]:
+        """Result of VerifyToken: the HT responder data (HMAC(token, "Responder" || cb)), or
+        None for a token that is unknown, expired, for another mechanism or a wrong proof.
+        rotate: the token is due for replacement (XEP-0484 §3.5)."""
+        request = self._request
+        if self.stage is not Stage.AWAIT_TOKEN or request is None or self.user is None:
+            return []
+        self.stage = Stage.SASL
+        if responder is None:
+            return self._sasl_step(sasl.Failure("not-authorized", "invalid or expired token"))
+        if rotate and not (request.fast is not None and request.fast.invalidate):
+            self._token_mechanism = self._token_mechanism or request.mechanism
+        return self._sasl_step(sasl.Success(self.user, responder))
+
+    def token_check_failed(self) -> list[Action]:
+        """The token check itself failed (storage down): temporary-auth-failure."""
+        if self.stage is not Stage.AWAIT_TOKEN or self._request is None:
+            return []
+        self.stage = Stage.SASL
+        return self._sasl_step(sasl.Failure("temporary-auth-failure"))
+
+    def inline_resumed(self, result: _Element, jid: str | None) -> list[Action]:
+        """Result of ResumeInline: XEP-0198 <resumed/> with the session's full JID (the stream
+        now carries it), or <failed/> and None (then Bind 2 goes on, XEP-0386 §3.2)."""
+        if self.stage is not Stage.INLINE:
+            return []
+        self._results.append(result)
+        if jid is not None:
+            self._jid = jid
+            self._resumed = True
+        return self._inline_next()
+
+    def inline_bound(self, jid: str, answers: Sequence[_Element]) -> list[Action]:
+        """Result of BindInline: the full JID, and the answers of the enabled features for
+        <bound/> (e.g. XEP-0198 <enabled/>)."""
+        if self.stage is not Stage.INLINE:
+            return []
+        self._jid = jid
+        self._bound = True
+        self._results.append(sasl2.bound_element(answers))
+        return self._inline_next()
+
+    def inline_bind_failed(self, error: StanzaError) -> list[Action]:
+        """No resource could be bound (too many sessions...): the authentication fails, and
+        nothing else requested inline is kept (XEP-0388 §2.6.2)."""
+        if self.stage is not Stage.INLINE:
+            return []
+        return self._sasl_step(sasl.Failure("aborted", error.text or error.condition))
+
+    def token_issued(self, token: str | None, expiry: str | None) -> list[Action]:
+        """Result of IssueToken: the token and its XEP-0082 expiry; None when none could be
+        made (storage down): the login goes on without one."""
+        if self.stage is not Stage.INLINE:
+            return []
+        if token is not None and expiry is not None:
+            self._results.append(sasl2.token_element(token, expiry))
+        return self._inline_next()
 
     def bind_failed(self, iq: _Element, error: StanzaError) -> list[Action]:
         self.stage = Stage.BIND
@@ -228,6 +380,9 @@ class C2SNegotiation:
                                           nsmap={None: ns.SASL})
             for name in self._mechanisms():
                 etree.SubElement(mechanisms, ns.q(ns.SASL, "mechanism")).text = name
+            if self._sasl2_offered:
+                features.append(sasl2.authentication_feature(
+                    self._mechanisms(), self._inline_offer, self._fast_mechanisms()))
             if self._bindings:
                 # XEP-0440: tell the client which channel bindings we support.
                 cb_ns = "urn:xmpp:sasl-cb:0"
@@ -240,6 +395,9 @@ class C2SNegotiation:
             session = etree.SubElement(features, ns.q(ns.SESSION, "session"),
                                        nsmap={None: ns.SESSION})
             etree.SubElement(session, ns.q(ns.SESSION, "optional"))
+            for extra in self._post_bind_features():
+                features.append(extra)
+        if stage is Stage.BOUND:  # after a SASL2 login that bound inline (XEP-0388 §2.6.1)
             for extra in self._post_bind_features():
                 features.append(extra)
         data: bytes = etree.tostring(features)
@@ -257,6 +415,23 @@ class C2SNegotiation:
     def _mechanisms(self) -> list[str]:
         return sasl.offered_mechanisms(tls=self.tls, channel_bindings=self._bindings,
                                        allow_plain=self.policy.allow_plain)
+
+    @property
+    def _sasl2_offered(self) -> bool:
+        return self.policy.sasl2 and self.tls  # XEP-0388 §4: only after TLS
+
+    @property
+    def _inline_offer(self) -> sasl2.Inline:
+        if self._inline is None:  # the same for the whole stream (XEP-0388 §2.1: stable)
+            self._inline = self._sasl2_inline()
+        return self._inline
+
+    def _fast_mechanisms(self) -> list[str]:
+        """XEP-0484 §3.1: HT-SHA-256-* whose channel binding this connection has."""
+        if not self._inline_offer.fast:
+            return []
+        return [name for name, kind in sasl2.HT_MECHANISMS.items()
+                if kind is None or (self.tls and self._channel_binding(kind) is not None)]
 
     # -- elements ----------------------------------------------------------------------------
 
@@ -282,6 +457,22 @@ class C2SNegotiation:
         if stage in (Stage.PRE_TLS, Stage.PRE_AUTH):
             if tag == AUTH:
                 return self._auth(el)
+            if tag == sasl2.AUTHENTICATE and self._sasl2_offered:
+                return self._authenticate(el)
+            if tag in STANZAS:
+                return self._fail("not-authorized", "authenticate first")
+            return self._unexpected(el)
+        if stage is Stage.SASL and self._request is not None:
+            # XEP-0388 §2.5: only <response/> or <abort/> until the outcome.
+            if tag == sasl2.RESPONSE:
+                data = sasl2.decode(el.text)
+                if data is None:
+                    return self._sasl_step(sasl.Failure("incorrect-encoding"))
+                assert self._sasl is not None
+                return self._sasl_step(self._sasl.respond(data))
+            if tag == sasl2.ABORT:
+                assert self._sasl is not None
+                return self._sasl_step(self._sasl.abort())
             if tag in STANZAS:
                 return self._fail("not-authorized", "authenticate first")
             return self._unexpected(el)
@@ -298,7 +489,7 @@ class C2SNegotiation:
             if tag in STANZAS:
                 return self._fail("not-authorized", "authenticate first")
             return self._unexpected(el)
-        if stage is Stage.AWAIT_CREDENTIALS:
+        if stage in (Stage.AWAIT_CREDENTIALS, Stage.AWAIT_TOKEN, Stage.INLINE):
             return self._fail("policy-violation", "wait for the server's SASL answer")
         if stage is Stage.BIND:
             if tag == IQ and el.get("type") == "set":
@@ -310,7 +501,7 @@ class C2SNegotiation:
             if tag in STANZAS:
                 # RFC 6120 §7.1: no stanzas before a resource is bound.
                 return self._fail("not-authorized", "bind a resource first")
-            return self._unexpected(el)
+            return [PreBindElement(el)]
         if stage is Stage.BINDING:
             return self._fail("policy-violation", "wait for the bind result")
         return self._unexpected(el)
@@ -329,14 +520,120 @@ class C2SNegotiation:
             if initial is None:
                 return self._sasl_step(sasl.Failure("incorrect-encoding"))
         self.mechanism = mechanism
-        self._sasl = sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls,
-                                     domain=self.domain,
-                                     iterations=self.policy.scram_iterations)
+        self._sasl = self._sasl_server()
         self.stage = Stage.SASL
         return self._sasl_step(self._sasl.start(mechanism, initial))
 
+    def _sasl_server(self) -> sasl.SaslServer:
+        bindings = self._bindings
+        return sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls,
+                               domain=self.domain, iterations=self.policy.scram_iterations,
+                               ssdp=self.policy.ssdp, listed_bindings=bindings or None)
+
+    # -- SASL2 (XEP-0388), Bind 2 (XEP-0386), FAST (XEP-0484) ----------------------------------
+
+    def _authenticate(self, el: _Element) -> list[Action]:
+        try:
+            request = sasl2.parse_authenticate(el)
+        except sasl2.Malformed as err:
+            return self._failure(sasl.Failure(err.condition, err.text), sasl2_profile=True)
+        self._request = request
+        mechanism = request.mechanism
+        self.mechanism = mechanism
+        if mechanism in self._fast_mechanisms():
+            return self._fast_auth(request)
+        if mechanism not in self._mechanisms():
+            return self._sasl_step(sasl.Failure("invalid-mechanism"))
+        self._sasl = self._sasl_server()
+        self.stage = Stage.SASL
+        return self._sasl_step(self._sasl.start(mechanism, request.initial_response))
+
+    def _fast_auth(self, request: sasl2.Request) -> list[Action]:
+        assert self.domain is not None
+        parsed = sasl2.parse_ht(request.initial_response or b"")
+        if parsed is None:
+            return self._sasl_step(sasl.Failure("malformed-request",
+                                                "HT needs authcid NUL hashed token"))
+        if not request.user_agent:  # XEP-0484 §4.1: tokens are per client
+            return self._sasl_step(sasl.Failure("not-authorized",
+                                                "FAST needs <user-agent id='...'/>"))
+        authcid, proof = parsed
+        try:
+            if "@" in authcid:  # a bare JID is accepted too, when it is of this domain
+                jid = JID.parse(authcid)
+                if jid.domain != self.domain or jid.local is None or jid.resource is not None:
+                    raise InvalidJID(authcid)
+                user = jid.local
+            else:
+                user = normalize_localpart(authcid)
+        except InvalidJID:
+            return self._sasl_step(sasl.Failure("not-authorized", "invalid or expired token"))
+        kind = sasl2.HT_MECHANISMS[request.mechanism]
+        cb_data = b"" if kind is None else self._channel_binding(kind)
+        if cb_data is None:
+            return self._sasl_step(sasl.Failure("invalid-mechanism"))
+        self.user = user
+        self.stage = Stage.AWAIT_TOKEN
+        invalidate = request.fast is not None and request.fast.invalidate
+        return [VerifyToken(user, self.domain, request.mechanism, request.user_agent, proof,
+                            cb_data, invalidate)]
+
+    def _sasl2_authenticated(self, data: bytes | None) -> list[Action]:
+        """The mechanism succeeded: now the inline features, in the XEPs' order (XEP-0386
+        §3.2: resumption first; bind only when it failed), then the token."""
+        request = self._request
+        assert request is not None and self.user is not None and self.domain is not None
+        self._additional = data
+        self._jid = f"{self.user}@{self.domain}"
+        self.stage = Stage.INLINE
+        steps = []
+        if request.resume is not None and self._inline_offer.sm:
+            steps.append("resume")
+        if request.bind is not None:
+            steps.append("bind")
+        wanted = request.request_token
+        if wanted is not None and wanted in self._fast_mechanisms():
+            self._token_mechanism = wanted
+        steps.append("token")
+        self._steps = steps
+        return self._inline_next()
+
+    def _inline_next(self) -> list[Action]:
+        request = self._request
+        assert request is not None and self.user is not None and self.domain is not None
+        while self._steps:
+            step = self._steps.pop(0)
+            if step == "resume" and request.resume is not None:
+                return [ResumeInline(request.resume)]
+            if step == "bind" and request.bind is not None and not self._resumed:
+                resource = sasl2.bind2_resource(request.bind.tag, request.user_agent,
+                                                f"{self.user}@{self.domain}")
+                return [BindInline(resource, request.bind.features, request.user_agent)]
+            if step == "token" and self._token_mechanism and request.user_agent:
+                return [IssueToken(self.user, self.domain, request.user_agent,
+                                   self._token_mechanism)]
+        bound = self._bound or self._resumed
+        self.stage = Stage.BOUND if bound else Stage.BIND
+        out: list[Action] = [
+            Send(sasl2.success(self._jid, self._additional, self._results)),
+            # XEP-0388 §2.6.1: the new features follow at once; no stream restart.
+            Send(self._features()),
+            Sasl2Complete(self._jid, self._resumed)]
+        self._reset_sasl2()
+        return out
+
+    def _reset_sasl2(self) -> None:
+        self._request = None
+        self._steps = []
+        self._results = []
+        self._additional = None
+        self._token_mechanism = None
+        self._resumed = self._bound = False
+
     def _sasl_step(self, step: sasl.Step) -> list[Action]:
         if isinstance(step, sasl.Challenge):
+            if self._request is not None:
+                return [Send(sasl2.challenge(step.data))]
             return [Send(_sasl_element("challenge", step.data))]
         if isinstance(step, sasl.NeedCredentials):
             assert self.domain is not None and self._sasl is not None
@@ -354,16 +651,24 @@ class C2SNegotiation:
             except InvalidJID:
                 return self._sasl_step(sasl.Failure("not-authorized"))
             self.user = user
+            self._sasl = None
+            if self._request is not None:
+                return [Authenticated(user, self.domain, self.mechanism),
+                        *self._sasl2_authenticated(step.data)]
             self.stage = Stage.BIND
             self._awaiting_header = True
-            self._sasl = None
             return [Send(_sasl_element("success", step.data)), RestartStream(),
                     Authenticated(user, self.domain, self.mechanism)]
-        # Failure
+        return self._failure(step, sasl2_profile=self._request is not None)
+
+    def _failure(self, step: sasl.Failure, *, sasl2_profile: bool) -> list[Action]:
         self._sasl = None
+        self._reset_sasl2()
         self.stage = Stage.PRE_AUTH if self.tls or not self._tls_required() else Stage.PRE_TLS
         self._failures += 1
-        out: list[Action] = [Send(_sasl_failure(step.condition, step.text))]
+        data = (sasl2.failure(step.condition, step.text) if sasl2_profile
+                else _sasl_failure(step.condition, step.text))
+        out: list[Action] = [Send(data)]
         if self._failures >= MAX_SASL_FAILURES:
             out += self._fail("policy-violation", "too many authentication failures")
         return out

@@ -104,11 +104,19 @@ class SaslServer:
       it the authzid's domain is not checked.
     iterations: the SCRAM iteration count new accounts get; an unknown user is shown it (with
       a fake salt) so that the challenge does not tell that the account is missing.
+    ssdp: send the XEP-0474 downgrade protection hash of `mechanisms` and `listed_bindings`
+      (the channel bindings listed with XEP-0440; None when the list was not sent) in SCRAM's
+      server-first-message.
     """
 
     def __init__(self, mechanisms: Sequence[str], channel_binding: Callable[[str], bytes | None],
                  *, tls: bool, domain: str | None = None,
-                 iterations: int = MIN_ITERATIONS) -> None:
+                 iterations: int = MIN_ITERATIONS,
+                 ssdp: bool = False, listed_bindings: Sequence[str] | None = None) -> None:
+        self._ssdp: tuple[list[str], list[str] | None] | None = None
+        if ssdp:
+            self._ssdp = (list(mechanisms),
+                          None if listed_bindings is None else list(listed_bindings))
         self._mechanisms = [m for m in mechanisms if m in MECHANISMS]
         self._binding = channel_binding
         self._tls = tls
@@ -197,7 +205,8 @@ class SaslServer:
                     bindings[kind] = found
         offered = bool(bindings) and any(m.endswith("-PLUS") for m in self._mechanisms)
         self._scram = ScramServer(_SCRAM[base], plus=base != self._mechanism,
-                                  channel_bindings=bindings, binding_offered=offered)
+                                  channel_bindings=bindings, binding_offered=offered,
+                                  ssdp=self._ssdp)
         try:
             username = self._scram.client_first(data)
         except ScramError as err:

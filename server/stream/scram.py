@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import precis_i18n
@@ -96,6 +96,18 @@ def _keys(prepared: bytes, hash_name: HashName, salt: bytes, iterations: int) ->
                      server_key=hmac.digest(salted, b"Server Key", hash_name))
 
 
+def downgrade_protection(hash_name: HashName, mechanisms: Sequence[str],
+                         channel_bindings: Sequence[str] | None) -> str:
+    """XEP-0474 §5.1 (SSDP, 0.4+): base64 of the hash of the advertised mechanisms, sorted by
+    octets and joined with %x1E, then — when XEP-0440 listed channel bindings — %x1F and the
+    sorted binding types joined with %x1E. Sent as 'h=' in server-first-message, where the
+    client's proof signs it."""
+    text = "\x1e".join(sorted(mechanisms, key=str.encode))
+    if channel_bindings is not None:
+        text += "\x1f" + "\x1e".join(sorted(channel_bindings, key=str.encode))
+    return base64.b64encode(hashlib.new(hash_name, text.encode()).digest()).decode()
+
+
 def server_nonce() -> str:
     """The server's part of the nonce: printable, no ',' (RFC 5802 §5.1 'r')."""
     return secrets.token_urlsafe(18)
@@ -164,13 +176,16 @@ class ScramServer:
 
     channel_bindings: binding type -> data for the bindings this channel has (empty without
     TLS). binding_offered: whether a -PLUS mechanism was advertised with a binding, which
-    makes a client's 'y' flag a sign of a downgrade (RFC 5802 §6).
+    makes a client's 'y' flag a sign of a downgrade (RFC 5802 §6). ssdp: the XEP-0474
+    (mechanisms, channel bindings or None) advertised, to send their hash as 'h='.
     """
 
     def __init__(self, hash_name: HashName, *, plus: bool,
                  channel_bindings: Mapping[str, bytes], binding_offered: bool,
-                 nonce: str | None = None) -> None:
+                 nonce: str | None = None,
+                 ssdp: tuple[Sequence[str], Sequence[str] | None] | None = None) -> None:
         self.hash_name = hash_name
+        self.ssdp = ssdp
         self.plus = plus
         self.channel_bindings = channel_bindings
         self.binding_offered = binding_offered
@@ -251,6 +266,8 @@ class ScramServer:
         self._keys = keys
         salt = base64.b64encode(keys.salt).decode()
         self._server_first = f"r={self._nonce},s={salt},i={keys.iterations}"
+        if self.ssdp is not None:  # XEP-0474: an extension attribute (RFC 5802 §7)
+            self._server_first += ",h=" + downgrade_protection(self.hash_name, *self.ssdp)
         self._stage = "client-final"
         return self._server_first.encode()
 

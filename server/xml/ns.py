@@ -3,6 +3,7 @@
 STREAMS = "http://etherx.jabber.org/streams"
 CLIENT = "jabber:client"          # canonical content namespace of stanzas inside the server
 SERVER = "jabber:server"
+COMPONENT = "jabber:component:accept"  # XEP-0114 external components
 TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND = "urn:ietf:params:xml:ns:xmpp-bind"

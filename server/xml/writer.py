@@ -11,10 +11,11 @@ from server.xml import ns
 STREAM_CLOSE = b"</stream:stream>"
 _CLIENT_DECL = b'xmlns="jabber:client"'
 _SERVER_DECL = b'xmlns="jabber:server"'
+_DECLS = {ns.SERVER: _SERVER_DECL, ns.COMPONENT: b'xmlns="jabber:component:accept"'}
 
 
 def stream_header(*, content_ns: str, from_: str | None, to: str | None, id_: str | None,
-                  version: str = "1.0", lang: str = "en",
+                  version: str | None = "1.0", lang: str = "en",
                   extra_ns: dict[str, str] | None = None) -> bytes:
     parts = ["<?xml version='1.0'?><stream:stream", f" xmlns={quoteattr(content_ns)}",
              f" xmlns:stream='{ns.STREAMS}'"]
@@ -38,17 +39,20 @@ def stream_error(condition: str, text: str | None = None) -> bytes:
 
 def serialize(stanza: etree._Element, content_ns: str) -> bytes:
     """A canonical {jabber:client} stanza as bytes for a stream whose default namespace is
-    content_ns. Only the top element's declaration changes for jabber:server: nested
-    jabber:client content (e.g. XEP-0297 forwarded stanzas) keeps its namespace."""
+    content_ns. Only the top element's declaration changes for jabber:server (or a
+    component's jabber:component:accept): nested jabber:client content (e.g. XEP-0297
+    forwarded stanzas) keeps its namespace."""
     data: bytes = etree.tostring(stanza)
-    if content_ns == ns.SERVER:
-        return data.replace(_CLIENT_DECL, _SERVER_DECL, 1)
+    decl = _DECLS.get(content_ns)
+    if decl is not None:
+        return data.replace(_CLIENT_DECL, decl, 1)
     return data
 
 
 def to_canonical(stanza: etree._Element) -> etree._Element:
-    """A {jabber:server} stanza from an s2s stream as a canonical {jabber:client} one."""
-    if etree.QName(stanza).namespace != ns.SERVER:
+    """A {jabber:server} (or component) stanza as a canonical {jabber:client} one."""
+    decl = _DECLS.get(etree.QName(stanza).namespace or "")
+    if decl is None:
         return stanza
-    data = etree.tostring(stanza).replace(_SERVER_DECL, _CLIENT_DECL, 1)
+    data = etree.tostring(stanza).replace(decl, _CLIENT_DECL, 1)
     return etree.fromstring(data)

@@ -1,0 +1,155 @@
+"""/metrics in the Prometheus text format, or OpenMetrics when the scraper asks for it
+(prometheus_client, one registry per server).
+
+Read at scrape time: sessions (bound resources), client streams by transport (c2s,
+websocket), s2s streams by direction. Counted as they happen: stanzas routed by kind (a
+counting wrapper around Router.route: one dict increment per stanza), authentication
+failures (the "auth-failed" hook event). Sampled: event-loop lag (a 0.5 s sleep that
+overshoots) and storage latency (one primary-key read every 10 s), each the last value and the
+largest since the previous scrape. Plus the process's CPU, memory and file descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import exposition as prometheus
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.openmetrics import exposition as openmetrics
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+_LAG_INTERVAL = 0.5
+_STORAGE_INTERVAL = 10.0
+_KINDS = {"{jabber:client}message": "message", "{jabber:client}presence": "presence",
+          "{jabber:client}iq": "iq"}
+
+
+class Metrics:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        ProcessCollector(namespace="presenced", registry=self.registry)
+        self.stanzas: Counter[str] = Counter()
+        self.auth_failures = 0
+        self.loop_lag = self.loop_lag_max = 0.0
+        self.storage_latency: float | None = None
+        self.storage_latency_max = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        router = self.server.router
+        route = router.route
+        stanzas = self.stanzas
+
+        def counting_route(stanza: Any, origin: Any) -> Any:
+            stanzas[stanza.tag] += 1
+            return route(stanza, origin)
+
+        with contextlib.suppress(AttributeError):  # a router with __slots__: no counts
+            router.route = counting_route  # type: ignore[method-assign]
+        self.server.hooks.add("auth-failed", self._auth_failed)
+        self._tasks = [asyncio.ensure_future(self._watch_loop()),
+                       asyncio.ensure_future(self._watch_storage())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def _auth_failed(self, *_args: Any) -> None:
+        self.auth_failures += 1
+
+    async def _watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(_LAG_INTERVAL)
+            self.loop_lag = max(0.0, loop.time() - before - _LAG_INTERVAL)
+            self.loop_lag_max = max(self.loop_lag_max, self.loop_lag)
+
+    async def _watch_storage(self) -> None:
+        domain = self.server.default_domain
+        while True:
+            started = time.perf_counter()
+            try:
+                await self.server.storage.accounts.exists("metrics-probe", domain)
+            except Exception:
+                self.storage_latency = None
+            else:
+                self.storage_latency = time.perf_counter() - started
+                self.storage_latency_max = max(self.storage_latency_max, self.storage_latency)
+            await asyncio.sleep(_STORAGE_INTERVAL)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition for this Accept header: (body, content type)."""
+        if "application/openmetrics-text" in accept:
+            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
+        return prometheus.generate_latest(self.registry), prometheus.CONTENT_TYPE_LATEST
+
+
+class _Collector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        metrics = self.metrics
+        server = metrics.server
+        yield GaugeMetricFamily("presenced_sessions", "Bound client resources",
+                                value=len(server.sessions))
+        streams = GaugeMetricFamily("presenced_c2s_streams",
+                                    "Client streams by transport (bound or not)",
+                                    labels=["transport"])
+        by_kind = Counter(conn.kind for conn in list(server.connections))
+        for kind in ("c2s", "websocket", "bosh"):
+            by_kind.setdefault(kind, 0)
+        for kind, count in sorted(by_kind.items()):
+            streams.add_metric([kind], count)
+        yield streams
+        s2s = GaugeMetricFamily("presenced_s2s_streams", "Server-to-server streams",
+                                labels=["direction"])
+        federation = server.federation
+        s2s.add_metric(["in"], len(getattr(federation, "inbound", ()) or ()))
+        s2s.add_metric(["out"], len(getattr(federation, "outbound", ()) or ()))
+        yield s2s
+        stanzas = CounterMetricFamily("presenced_stanzas_routed",
+                                      "Stanzas routed, by kind", labels=["kind"])
+        counts: Counter[str] = Counter()
+        for tag, count in list(metrics.stanzas.items()):
+            counts[_KINDS.get(tag, "other")] += count
+        for kind in ("iq", "message", "presence"):
+            stanzas.add_metric([kind], counts.get(kind, 0))
+        if counts.get("other"):
+            stanzas.add_metric(["other"], counts["other"])
+        yield stanzas
+        yield CounterMetricFamily("presenced_auth_failures", "Failed SASL authentications",
+                                  value=metrics.auth_failures)
+        lag = GaugeMetricFamily("presenced_event_loop_lag_seconds",
+                                "Event-loop lag: last sample and largest since the last scrape",
+                                labels=["stat"])
+        lag.add_metric(["last"], metrics.loop_lag)
+        lag.add_metric(["max"], metrics.loop_lag_max)
+        metrics.loop_lag_max = metrics.loop_lag
+        yield lag
+        storage = GaugeMetricFamily("presenced_storage_latency_seconds",
+                                    "One primary-key read: last sample and largest since the "
+                                    "last scrape", labels=["stat"])
+        if metrics.storage_latency is not None:
+            storage.add_metric(["last"], metrics.storage_latency)
+            storage.add_metric(["max"], metrics.storage_latency_max)
+            metrics.storage_latency_max = metrics.storage_latency
+        yield storage

@@ -1,0 +1,742 @@
+"""Message Archive Management (XEP-0313, urn:xmpp:mam:2 and :1) for accounts, with the
+stanza ids of XEP-0359 and the archiving hints of XEP-0334.
+
+Archiving hangs at the end of the router's `filter/user` chain (after blocking), so it sees
+every message addressed to a user once, before delivery: a local client's outgoing message goes
+into the sender's archive, a message to a local account into the recipient's. The recipient's
+copy gets ``<stanza-id by='user@domain' id='…'/>`` before it is delivered or stored offline, so
+the live message, the offline copy and the archive carry the same id (a client syncing from
+MAM de-duplicates by it), and an offline message is archived once, when it arrives. A
+``<stanza-id>`` a sender put in claiming the archive's JID is stripped; ``<origin-id>`` stays.
+
+Archived: chat and normal messages with a body or an encrypted payload (OMEMO, OpenPGP, EME),
+a subject, a MUC invitation, a Jingle Message Initiation (calls), or a ``<store/>`` hint (as
+Prosody's mod_mam); never errors, groupchat (room archives are the MUC's), headlines, bodyless
+chat states and receipts, or messages with ``<no-store/>``/``<no-permanent-store/>``.
+
+Writes are group-committed: the messages of one event-loop turn go to the store in one
+transaction, and each message's routing waits for its batch, so a message whose routing has
+finished is in the archive.
+
+Besides XEP-0313: ``<purge xmlns='urn:presenced:mam:purge:0' [with='jid']/>`` in an iq set
+to one's own account deletes one's archive (or the conversation with one JID).
+
+    [mam]
+    default = "always"     # archiving for accounts without preferences: always|roster|never
+    expire_after = "1y"    # retention ("1y", "30d", "12h"); absent: kept forever
+    max_page = 250         # the largest <max/> a query may ask for
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from server.config import _choice, _Invalid, int_option, option
+from server.errors import StanzaError
+from server.jid import JID, InvalidJID
+from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.sessions import Session
+from server.storage import archive
+from server.storage.archive import (
+    ArchiveEntry,
+    ArchivePage,
+    ArchivePrefs,
+    ArchiveQuery,
+    ArchiveStore,
+    UnknownArchiveId,
+)
+from server.storage.base import NoSuchAccount
+from server.xml import ns
+from server.xml import stanza as st
+from server.xml.stanza import child, element, result
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+log = logging.getLogger("presenced.mam")
+
+MAM2 = "urn:xmpp:mam:2"
+MAM1 = "urn:xmpp:mam:1"
+MAM2_EXTENDED = "urn:xmpp:mam:2#extended"
+SID = "urn:xmpp:sid:0"
+FORWARD = "urn:xmpp:forward:0"
+RSM = "http://jabber.org/protocol/rsm"
+HINTS = "urn:xmpp:hints"
+PURGE = "urn:presenced:mam:purge:0"
+XDATA_VALIDATE = "http://jabber.org/protocol/xdata-validate"
+
+_STANZA_ID = ns.q(SID, "stanza-id")
+_ID_BLOCK, _ID_LOW = 1024, 256  # archive ids reserved at once; refilled below this many
+_NO_STORE = frozenset({ns.q(HINTS, "no-store"), ns.q(HINTS, "no-permanent-store")})
+_KEEP = frozenset({
+    st.BODY,
+    ns.q(HINTS, "store"),                          # XEP-0334
+    "{eu.siacs.conversations.axolotl}encrypted",   # OMEMO (XEP-0384 before 0.4)
+    "{urn:xmpp:omemo:2}encrypted",                 # OMEMO 2
+    "{urn:xmpp:openpgp:0}openpgp",                 # XEP-0373
+    "{jabber:x:encrypted}x",                       # XEP-0027
+    "{urn:xmpp:eme:0}encryption",                  # XEP-0380: some encryption, unknown
+    "{jabber:x:conference}x",                      # XEP-0249 direct MUC invitations
+    ns.q(ns.CLIENT, "subject"),
+})
+_MUC_INVITE = "{http://jabber.org/protocol/muc#user}invite"
+# XEP-0353 Jingle Message Initiation: calls show in the history.
+_JMI = ("{urn:xmpp:jingle-message:0}", "{urn:xmpp:jingle-message:1}")
+# Copies that are already someone's archive or carbons (XEP-0280) are not archived again.
+_NOT_ARCHIVED = frozenset({ns.q(MAM2, "result"), ns.q(MAM1, "result"),
+                           "{urn:xmpp:carbons:2}received", "{urn:xmpp:carbons:2}sent"})
+_DELAY = ns.q(ns.DELAY, "delay")
+_X = ns.q(ns.DATA_FORMS, "x")
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+_DEFAULT_PAGE = 50
+_EXPIRE_BATCH = 500
+_PREFS_CACHE = 10000
+_DURATION = re.compile(r"^([1-9][0-9]{0,8})([ywdhms])$")
+_UNITS = {"y": 365 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_PREF_DEFAULTS = ("always", "roster", "never")
+
+
+def _duration(value: Any, _ctx: Any) -> int:
+    """Seconds, from "1y", "30d", "12h", "15m", "10s" (a year is 365 days)."""
+    if not isinstance(value, str):
+        raise _Invalid
+    match = _DURATION.match(value)
+    if match is None:
+        raise _Invalid
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MamSettings:
+    # Archiving for accounts that set no preferences (XEP-0313 §6).
+    default: str = field(metadata=option('one of "always", "roster", "never"',
+                                         _choice(*_PREF_DEFAULTS), "always"))
+    # Seconds messages are kept; None: forever.
+    expire_after: int | None = field(metadata=option(
+        'a duration: a number and y, w, d, h, m or s, such as "1y" or "30d"', _duration))
+    max_page: int = field(metadata=int_option(1, 10000, 250))
+
+
+def stamp(us: int) -> str:
+    """XEP-0082 DateTime of microseconds since the epoch, UTC, to the microsecond (so that a
+    stamp given back as start/end matches its message exactly)."""
+    seconds, micro = divmod(us, 1_000_000)
+    return f"{datetime.fromtimestamp(seconds, UTC):%Y-%m-%dT%H:%M:%S}.{micro:06d}Z"
+
+
+def parse_stamp(text: str) -> int:
+    """Microseconds since the epoch of an XEP-0082 DateTime; StanzaError when invalid."""
+    text = text.strip()
+    if "T" not in text:
+        raise StanzaError("bad-request", f"not an XEP-0082 DateTime: {text!r}")
+    try:
+        when = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise StanzaError("bad-request", f"not an XEP-0082 DateTime: {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = when - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def archivable(stanza: Stanza) -> bool:
+    """XEP-0313 §5.1.1 with the hints of XEP-0334."""
+    if stanza.get("type") in ("error", "groupchat", "headline"):
+        return False
+    keep = False
+    for part in stanza:
+        tag = part.tag
+        if tag in _NO_STORE or tag in _NOT_ARCHIVED:
+            return False
+        if (tag in _KEEP or (isinstance(tag, str) and tag.startswith(_JMI))
+                or (tag == "{http://jabber.org/protocol/muc#user}x"
+                    and part.find(_MUC_INVITE) is not None)):
+            keep = True
+    return keep
+
+
+class _Writer:
+    """Group commit: the entries added during one loop turn (and while a batch is being
+    written) go to the store together, in one statement. Each add() gets a future that is done
+    once its entries are committed; its on_ids callback gets their ids just before."""
+
+    def __init__(self, store: ArchiveStore) -> None:
+        self.store = store
+        self._entries: list[ArchiveEntry] = []
+        self._waiters: list[tuple[int, Callable[[list[str | None]], None] | None,
+                                  asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # for tests and metrics
+
+    def add(self, entries: list[ArchiveEntry],
+            on_ids: Callable[[list[str | None]], None] | None = None) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._entries += entries
+        self._waiters.append((len(entries), on_ids, future))
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        return future
+
+    async def _run(self) -> None:
+        try:
+            while self._waiters:
+                entries, waiters = self._entries, self._waiters
+                self._entries, self._waiters = [], []
+                self.batches += 1
+                try:
+                    ids = await self.store.append(entries)
+                except Exception:
+                    # Delivered all the same (without stanza-id): losing a message to an
+                    # archive failure would be worse than an archive gap.
+                    log.exception("event=archive-write-failed count=%d", len(entries))
+                    ids = [None] * len(entries)
+                at = 0
+                for count, on_ids, future in waiters:
+                    if on_ids is not None:
+                        try:
+                            on_ids(ids[at:at + count])
+                        except Exception:
+                            log.exception("event=archive-callback-failed")
+                    at += count
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._task = None
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    async def barrier(self) -> None:
+        """Wait until what was queued before this call is committed (not for what comes
+        after: under a steady stream of messages the writer never idles)."""
+        if self._task is not None:
+            await self.add([])
+
+    async def flush(self) -> None:
+        """Wait until the writer is idle (at shutdown, when no new messages come)."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+
+class Mam(Module):
+    name = "mam"
+    settings = MamSettings
+    stores = (archive.SPEC,)
+    features = (MAM2, MAM2_EXTENDED, MAM1, SID)
+
+    def __init__(self, server: Server, config: MamSettings) -> None:
+        super().__init__(server, config)
+        self._prefs: dict[str, ArchivePrefs] = {}
+        self._last_ts = 0
+        self._writer: _Writer | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self._ids: deque[int] = deque()  # archive ids reserved for messages yet to come
+        self._refill: asyncio.Future[None] | None = None
+
+    @property
+    def store(self) -> ArchiveStore:
+        store: ArchiveStore = getattr(self.server.storage, archive.SPEC.name)
+        return store
+
+    @property
+    def writer(self) -> _Writer:
+        if self._writer is None:
+            self._writer = _Writer(self.store)
+        return self._writer
+
+    async def start(self) -> None:
+        if self.config.expire_after is not None:
+            self._expiry = asyncio.ensure_future(self._expire_periodically())
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._refill is not None:
+            await asyncio.gather(self._refill, return_exceptions=True)
+        if self._writer is not None:
+            await self._writer.flush()
+
+    def _now(self) -> int:
+        """Microseconds, never going back (archive order is arrival order)."""
+        now = time.time_ns() // 1000
+        if now <= self._last_ts:
+            now = self._last_ts + 1
+        self._last_ts = now
+        return now
+
+    # -- archiving ---------------------------------------------------------------------------
+
+    @hook("filter/user", priority=-100)
+    def archive_message(self, stanza: Stanza, origin: Session | None,
+                        to: JID) -> Awaitable[None] | None:
+        if stanza.tag != st.MESSAGE:
+            return None
+        hosts = self.server.hosts
+        sender = origin.jid.bare if origin is not None and origin.local_client else None
+        to_local = to.domain in hosts
+        if sender is None and not to_local:
+            return None
+        # XEP-0359 §4: no one else may claim the ids we give.
+        for claimed in stanza.findall(_STANZA_ID):
+            by = claimed.get("by")
+            if (to_local and by == str(to.bare)) or (sender is not None and by == str(sender)):
+                stanza.remove(claimed)
+        if not archivable(stanza):
+            return None
+        to_bare = to.bare
+        source: JID | None = None
+        if to_local and to_bare != sender:
+            try:
+                source = JID.parse(stanza.get("from", "")).bare
+            except InvalidJID:
+                source = None
+        # Decided here when the preferences are cached: a message no one archives is routed
+        # on at once (its stream's next stanza does not wait).
+        outgoing = False if sender is None else self._wants_now(sender, to_bare)
+        incoming = False if source is None else self._wants_now(to_bare, source)
+        if outgoing is False and incoming is False:
+            return None
+        if outgoing is None or incoming is None:
+            return self._archive_later(stanza, sender, to, source, outgoing, incoming)
+        return self._write(stanza, sender, to, source, outgoing, incoming)
+
+    def _write(self, stanza: Stanza, sender: JID | None, to: JID, source: JID | None,
+               outgoing: bool, incoming: bool) -> asyncio.Future[None] | None:
+        """Queue the sender's copy (sender: a local client's account) and the recipient's
+        (source: the sender's bare JID, when the recipient is a local account and not the
+        sender); the future is done once they are committed, the recipient's stanza-id
+        added."""
+        data = etree.tostring(stanza)
+        ts = self._now()
+        to_bare = to.bare
+        entries: list[ArchiveEntry] = []
+        if outgoing and sender is not None:
+            entries.append(ArchiveEntry(str(sender), str(to_bare), to.resource or "", True, ts,
+                                        data))
+        stamped: int | None = None  # the entry whose id the delivered message carries
+        if source is not None:
+            if incoming:
+                resource = JID.parse(stanza.get("from", "")).resource
+                entries.append(ArchiveEntry(str(to_bare), str(source), resource or "", False,
+                                            ts, data))
+                stamped = len(entries) - 1
+        elif entries and sender == to_bare:
+            stamped = 0  # a message to one's own account: one archive entry
+        if not entries:
+            return None
+        ids = self._take_ids(len(entries))
+        if ids is not None:
+            # The common case: ids reserved beforehand, so the stanza-id goes out with the
+            # message and its stream goes on at once; the write is group-committed behind it.
+            # Durability where it is promised: before a stream management <a/> (the
+            # "durability-barrier" hook) and at shutdown.
+            entries = [replace(e, id=n) for e, n in zip(entries, ids, strict=True)]
+            if stamped is not None:
+                child(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])})
+            self.writer.add(entries)
+            return None
+        if stamped is None:
+            return self.writer.add(entries)
+        by = str(to_bare)
+
+        def add_stanza_id(ids: list[str | None]) -> None:
+            archive_id = ids[stamped]
+            if archive_id is not None:
+                child(stanza, _STANZA_ID, {"by": by, "id": archive_id})
+        return self.writer.add(entries, add_stanza_id)
+
+    def _take_ids(self, count: int) -> list[int] | None:
+        """Reserved ids, or None (then this message waits for its write); refills the pool
+        in the background when it runs low."""
+        pool = self._ids
+        if len(pool) < _ID_LOW and self._refill is None:
+            self._refill = asyncio.ensure_future(self._reserve())
+        if len(pool) < count:
+            return None
+        return [pool.popleft() for _ in range(count)]
+
+    async def _reserve(self) -> None:
+        try:
+            self._ids.extend(await self.store.reserve_ids(_ID_BLOCK))
+        except Exception:
+            log.exception("event=archive-reserve-failed")
+        finally:
+            self._refill = None
+
+    @hook("durability-barrier")
+    def durable(self, _session: Session) -> Awaitable[None] | None:
+        """What was archived so far is committed once this is done (stream management waits
+        for it before it acknowledges stanzas)."""
+        if self._writer is None or not self._writer.busy:
+            return None
+        return self._writer.barrier()
+
+    async def _archive_later(self, stanza: Stanza, sender: JID | None, to: JID,
+                             source: JID | None, outgoing: bool | None,
+                             incoming: bool | None) -> None:
+        """The preferences of one side are not cached: read them first."""
+        if outgoing is None:
+            assert sender is not None
+            outgoing = await self._wants(sender, to.bare)
+        if incoming is None:
+            assert source is not None
+            incoming = await self._wants(to.bare, source)
+        pending = self._write(stanza, sender, to, source, outgoing, incoming)
+        if pending is not None:
+            await pending
+
+    def _wants_now(self, owner: JID, other: JID) -> bool | None:
+        """_wants() without waiting, or None when it needs the store or the roster."""
+        prefs = self._prefs.get(str(owner))
+        if prefs is None:
+            return None
+        if prefs.default == "always" and not prefs.never:
+            return True
+        if prefs.default == "roster":
+            other_str = str(other)
+            if other_str in prefs.never:
+                return False
+            return True if other_str in prefs.always else None
+        other_str = str(other)
+        if other_str in prefs.never:
+            return False
+        return prefs.default == "always" or other_str in prefs.always
+
+    async def prefs_of(self, owner: JID) -> ArchivePrefs:
+        key = str(owner)
+        prefs = self._prefs.get(key)
+        if prefs is None:
+            prefs = await self.store.get_prefs(key) or ArchivePrefs(self.config.default)
+            if len(self._prefs) >= _PREFS_CACHE:
+                self._prefs.clear()
+            self._prefs[key] = prefs
+        return prefs
+
+    async def _wants(self, owner: JID, other: JID) -> bool:
+        """XEP-0313 §6: whether owner's preferences archive messages with other (bare)."""
+        prefs = self._prefs.get(str(owner)) or await self.prefs_of(owner)
+        other_str = str(other)
+        if other_str in prefs.never:
+            return False
+        if other_str in prefs.always or prefs.default == "always":
+            return True
+        if prefs.default == "never":
+            return False
+        roster = await self.server.rosters.get(owner)
+        item = roster.items.get(other_str)
+        return item is not None and item.listed
+
+    @hook("session-bound")
+    def session_bound(self, session: Session) -> None:
+        # A login reads the preferences afresh (the account may have been deleted and made
+        # again meanwhile, by the CLI in another process).
+        if not self.server.sessions.resources(session.jid.bare)[1:]:
+            self._prefs.pop(session.bare_str, None)
+            self.store.forget(session.bare_str)
+
+    @hook("disco/account-info")
+    def account_features(self, query: Stanza, stanza: Stanza, origin: Session | None) -> None:
+        """XEP-0313 §7: clients look for MAM on their own account's bare JID."""
+        if origin is None or stanza.get("to") not in (None, origin.bare_str):
+            return
+        for feature in self.features:
+            child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @iq_get(MAM2, "query", to=("self",))
+    def form2(self, stanza: Stanza, _origin: Session | None) -> Stanza:
+        return result(stanza, _form(MAM2))
+
+    @iq_get(MAM1, "query", to=("self",))
+    def form1(self, stanza: Stanza, _origin: Session | None) -> Stanza:
+        return result(stanza, _form(MAM1))
+
+    @iq_set(MAM2, "query", to=("self",))
+    def query2(self, stanza: Stanza, origin: Session | None) -> Awaitable[Stanza]:
+        return self._query(stanza, origin, MAM2)
+
+    @iq_set(MAM1, "query", to=("self",))
+    def query1(self, stanza: Stanza, origin: Session | None) -> Awaitable[Stanza]:
+        return self._query(stanza, origin, MAM1)
+
+    async def _query(self, stanza: Stanza, origin: Session | None, xmlns: str) -> Stanza:
+        assert origin is not None
+        query_el = stanza[0]
+        q, flip = self._parse_query(query_el, xmlns)
+        owner = str(origin.jid.bare)
+        await self.writer.barrier()  # what was routed before the query is in the archive
+        try:
+            page = await self.store.query(owner, q)
+        except UnknownArchiveId as exc:
+            raise StanzaError("item-not-found", f"no message {exc.args[0]!r} in the archive") \
+                from None
+        queryid = query_el.get("queryid")
+        items = list(reversed(page.items)) if flip else page.items
+        archive_from = stanza.get("to")
+        for item in items:
+            origin.send(_result_message(item.id, item.ts, item.stanza, xmlns, queryid,
+                                        origin.jid_str, archive_from))
+        return result(stanza, _fin(page, xmlns, queryid))
+
+    def _parse_query(self, query_el: Stanza, xmlns: str) -> tuple[ArchiveQuery, bool]:
+        fields: dict[str, list[str]] = {}
+        form = query_el.find(_X)
+        if form is not None:
+            for f in form.iterfind(ns.q(ns.DATA_FORMS, "field")):
+                var = f.get("var", "")
+                fields[var] = [v.text or "" for v in f.iterfind(ns.q(ns.DATA_FORMS, "value"))]
+        form_type = fields.pop("FORM_TYPE", [xmlns])
+        if form_type and form_type[0] != xmlns:
+            raise StanzaError("bad-request", f"FORM_TYPE must be {xmlns}")
+        known = {"with", "start", "end"} | ({"before-id", "after-id", "ids"}
+                                            if xmlns == MAM2 else set())
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise StanzaError("bad-request", f"unsupported field {unknown[0]!r}")
+
+        def single(name: str) -> str | None:
+            values = fields.get(name)
+            if not values or not values[0].strip():
+                return None
+            return values[0].strip()
+
+        with_bare = with_resource = None
+        if (text := single("with")) is not None:
+            try:
+                with_jid = JID.parse(text)
+            except InvalidJID as exc:
+                raise StanzaError("jid-malformed", f"'with': {exc}") from None
+            with_bare, with_resource = str(with_jid.bare), with_jid.resource
+        start = parse_stamp(text) if (text := single("start")) is not None else None
+        end = parse_stamp(text) if (text := single("end")) is not None else None
+        ids = None
+        if "ids" in fields:
+            ids = tuple(dict.fromkeys(v.strip() for v in fields["ids"] if v.strip()))
+            if len(ids) > self.config.max_page:
+                raise StanzaError("policy-violation",
+                                  f"at most {self.config.max_page} ids per query")
+        rsm = query_el.find(ns.q(RSM, "set"))
+        limit = min(_DEFAULT_PAGE, self.config.max_page)
+        after = before = None
+        if rsm is not None:
+            max_text = rsm.findtext(ns.q(RSM, "max"))
+            if max_text is not None:
+                try:
+                    limit = int(max_text.strip())
+                except ValueError:
+                    raise StanzaError("bad-request", "<max/> is not a number") from None
+                if limit < 0:
+                    raise StanzaError("bad-request", "<max/> is negative")
+                if limit > self.config.max_page:
+                    raise StanzaError("policy-violation",
+                                      f"at most {self.config.max_page} messages per page")
+            after_el = rsm.find(ns.q(RSM, "after"))
+            if after_el is not None:
+                after = (after_el.text or "").strip()
+                if not after:
+                    raise StanzaError("bad-request", "<after/> needs an id")
+            before_el = rsm.find(ns.q(RSM, "before"))
+            if before_el is not None:
+                before = (before_el.text or "").strip()
+            if rsm.find(ns.q(RSM, "index")) is not None:
+                raise StanzaError("feature-not-implemented", "paging by <index/>")
+        flip = query_el.find(ns.q(xmlns, "flip-page")) is not None
+        return ArchiveQuery(with_bare=with_bare, with_resource=with_resource, start=start,
+                            end=end, after_id=single("after-id"), before_id=single("before-id"),
+                            ids=ids, after=after, before=before, max=limit), flip
+
+    @iq_set(MAM2, "query", to=("bare",))
+    @iq_get(MAM2, "query", to=("bare",))
+    @iq_set(MAM1, "query", to=("bare",))
+    @iq_get(MAM1, "query", to=("bare",))
+    @iq_get(MAM2, "metadata", to=("bare",))
+    @iq_get(MAM2, "prefs", to=("bare",))
+    @iq_set(MAM2, "prefs", to=("bare",))
+    @iq_get(MAM1, "prefs", to=("bare",))
+    @iq_set(MAM1, "prefs", to=("bare",))
+    @iq_set(PURGE, "purge", to=("bare",))
+    def others_archive(self, _stanza: Stanza, _origin: Session | None) -> Stanza:
+        raise StanzaError("forbidden", "this is not your archive")
+
+    @iq_get(MAM2, "metadata", to=("self",))
+    async def metadata(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        assert origin is not None
+        await self.writer.barrier()
+        meta = await self.store.metadata(origin.bare_str)
+        answer = element(ns.q(MAM2, "metadata"))
+        if meta is not None:
+            child(answer, ns.q(MAM2, "start"), {"id": meta.first[0],
+                                                 "timestamp": stamp(meta.first[1])})
+            child(answer, ns.q(MAM2, "end"), {"id": meta.last[0],
+                                               "timestamp": stamp(meta.last[1])})
+        return result(stanza, answer)
+
+    # -- preferences -------------------------------------------------------------------------
+
+    @iq_get(MAM2, "prefs", to=("self",))
+    async def get_prefs2(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        assert origin is not None
+        return result(stanza, _prefs_element(await self.prefs_of(origin.jid.bare), MAM2))
+
+    @iq_get(MAM1, "prefs", to=("self",))
+    async def get_prefs1(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        assert origin is not None
+        return result(stanza, _prefs_element(await self.prefs_of(origin.jid.bare), MAM1))
+
+    @iq_set(MAM2, "prefs", to=("self",))
+    def set_prefs2(self, stanza: Stanza, origin: Session | None) -> Awaitable[Stanza]:
+        return self._set_prefs(stanza, origin, MAM2)
+
+    @iq_set(MAM1, "prefs", to=("self",))
+    def set_prefs1(self, stanza: Stanza, origin: Session | None) -> Awaitable[Stanza]:
+        return self._set_prefs(stanza, origin, MAM1)
+
+    async def _set_prefs(self, stanza: Stanza, origin: Session | None, xmlns: str) -> Stanza:
+        assert origin is not None
+        el = stanza[0]
+        default = el.get("default", "")
+        if default not in _PREF_DEFAULTS:
+            raise StanzaError("bad-request", "default must be always, roster or never")
+
+        def jids(name: str) -> tuple[str, ...]:
+            found: list[str] = []
+            for list_el in el.iterfind(ns.q(xmlns, name)):
+                for jid_el in list_el.iterfind(ns.q(xmlns, "jid")):
+                    try:
+                        jid = str(JID.parse((jid_el.text or "").strip()))  # XEP-0313 §6: JIDprep
+                    except InvalidJID as exc:
+                        raise StanzaError("jid-malformed", str(exc)) from None
+                    if jid not in found:
+                        found.append(jid)
+            return tuple(found)
+
+        prefs = ArchivePrefs(default, jids("always"), jids("never"))
+        try:
+            await self.store.set_prefs(origin.bare_str, prefs)
+        except NoSuchAccount:
+            raise StanzaError("item-not-found", "no such account") from None
+        self._prefs[origin.bare_str] = prefs
+        return result(stanza, _prefs_element(prefs, xmlns))
+
+    # -- deleting ----------------------------------------------------------------------------
+
+    @iq_set(PURGE, "purge", to=("self",))
+    async def purge(self, stanza: Stanza, origin: Session | None) -> Stanza:
+        """Our own extension (XEP-0313 defines none): delete one's archive, or the messages
+        with one JID (with='jid', any resource)."""
+        assert origin is not None
+        with_bare = None
+        if (text := stanza[0].get("with")) is not None:
+            try:
+                with_bare = str(JID.parse(text).bare)
+            except InvalidJID as exc:
+                raise StanzaError("jid-malformed", str(exc)) from None
+        await self.writer.barrier()
+        count = await self.store.purge(origin.bare_str, with_bare)
+        log.info("event=archive-purged jid=%s count=%d", origin.bare_str, count)
+        return result(stanza)
+
+    async def expire(self, now: int | None = None) -> int:
+        """The retention job: delete messages older than expire_after, in batches of
+        _EXPIRE_BATCH (the loop and the database get a turn between them). How many."""
+        if self.config.expire_after is None:
+            return 0
+        now = time.time_ns() // 1000 if now is None else now
+        cutoff = now - self.config.expire_after * 1_000_000
+        total = 0
+        for owner in await self.store.owners():
+            while True:
+                deleted = await self.store.expire(owner, cutoff, _EXPIRE_BATCH)
+                total += deleted
+                if deleted < _EXPIRE_BATCH:
+                    break
+                await asyncio.sleep(0)
+        if total:
+            log.info("event=archive-expired count=%d", total)
+        return total
+
+    async def _expire_periodically(self) -> None:
+        assert self.config.expire_after is not None
+        interval = min(3600.0, max(1.0, self.config.expire_after / 10))
+        while True:
+            try:
+                await self.expire()
+            except Exception:
+                log.exception("event=archive-expiry-failed")
+            await asyncio.sleep(interval)
+
+
+# -- building answers -----------------------------------------------------------------------------
+
+
+def _form(xmlns: str) -> Stanza:
+    """XEP-0313 §4.1.1: the query form, with the #extended fields on mam:2."""
+    query = element(ns.q(xmlns, "query"))
+    form = child(query, _X, {"type": "form"})
+    field_tag = ns.q(ns.DATA_FORMS, "field")
+    hidden = child(form, field_tag, {"type": "hidden", "var": "FORM_TYPE"})
+    child(hidden, ns.q(ns.DATA_FORMS, "value"), text=xmlns)
+    child(form, field_tag, {"type": "jid-single", "var": "with"})
+    child(form, field_tag, {"type": "text-single", "var": "start"})
+    child(form, field_tag, {"type": "text-single", "var": "end"})
+    if xmlns == MAM2:
+        child(form, field_tag, {"type": "text-single", "var": "before-id"})
+        child(form, field_tag, {"type": "text-single", "var": "after-id"})
+        ids = child(form, field_tag, {"type": "list-multi", "var": "ids"})
+        validate = child(ids, ns.q(XDATA_VALIDATE, "validate"), {"datatype": "xs:string"})
+        child(validate, ns.q(XDATA_VALIDATE, "open"))
+    return query
+
+
+def _result_message(archive_id: str, ts: int, data: bytes, xmlns: str, queryid: str | None,
+                    to: str, archive_from: str | None) -> Stanza:
+    message = element(st.MESSAGE, {"to": to})
+    if archive_from:
+        message.set("from", archive_from)
+    attrs = {"id": archive_id}
+    if queryid is not None:
+        attrs["queryid"] = queryid
+    res = child(message, ns.q(xmlns, "result"), attrs)
+    forwarded = child(res, ns.q(FORWARD, "forwarded"))
+    child(forwarded, _DELAY, {"stamp": stamp(ts)})
+    forwarded.append(etree.fromstring(data, _PARSER))
+    return message
+
+
+def _fin(page: ArchivePage, xmlns: str, queryid: str | None) -> Stanza:
+    fin = element(ns.q(xmlns, "fin"))
+    if queryid is not None and xmlns == MAM2:
+        fin.set("queryid", queryid)
+    if page.complete:
+        fin.set("complete", "true")
+    rsm = child(fin, ns.q(RSM, "set"))
+    if page.items:
+        first = child(rsm, ns.q(RSM, "first"), text=page.items[0].id)
+        if page.first_index is not None:
+            first.set("index", str(page.first_index))
+        child(rsm, ns.q(RSM, "last"), text=page.items[-1].id)
+    if page.count is not None:
+        child(rsm, ns.q(RSM, "count"), text=str(page.count))
+    return fin
+
+
+def _prefs_element(prefs: ArchivePrefs, xmlns: str) -> Stanza:
+    el = element(ns.q(xmlns, "prefs"), {"default": prefs.default})
+    for name, jids in (("always", prefs.always), ("never", prefs.never)):
+        list_el = child(el, ns.q(xmlns, name))
+        for jid in jids:
+            child(list_el, ns.q(xmlns, "jid"), text=jid)
+    return el
