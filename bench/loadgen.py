@@ -885,7 +885,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "offline": op_offline,
     "logins": op_logins,
     "messages": op_messages,
-    "messages_sm": lambda *args, **kw: op_messages(*args, **kw, sm=True),
+    "messages_sm": functools.partial(op_messages, sm=True),
     "latency": op_latency,
     "presence": op_presence,
     "idle": op_idle,

@@ -11,13 +11,11 @@ message archived, group-committed); Prosody 0.12 without and with mod_mam
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import replace
 from typing import Any
 
-from bench import loadgen
-from bench.peers import EjabberdPeer, Peer, PresencedPeer, ProsodyPeer, raise_nofile_limit
+from bench import feature, loadgen
+from bench.peers import EjabberdPeer, Peer, PresencedPeer, ProsodyPeer
 from bench.run import ADDRESSES, DOMAIN, PASSWORD, Fleet, Params, prepare_accounts
 from bench.run import scenario_messages as messages
 
@@ -57,41 +55,25 @@ def run(kind: str, archiving: bool, p: Params, fleet: Fleet) -> dict[str, Any]:
     return out
 
 
+def both(kind: str, p: Params, fleet: Fleet) -> dict[str, dict[str, Any]]:
+    out = {}
+    for label, archiving in (("off", False), ("mam", True)):
+        got = run(kind, archiving, p, fleet)
+        out[label] = {"msgs_per_s": got["msgs_per_s"],
+                      "per_cpu_s": got["msgs_per_s"] / max(got["msgs_cpu"][0], 1e-9)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--servers", default="presenced,prosody,ejabberd")
-    ap.add_argument("--duration", type=float, default=None)
-    ap.add_argument("--pairs", type=int, default=None)
-    ap.add_argument("--window", type=int, default=None)
-    args = ap.parse_args(argv)
-    p = Params.quick() if args.quick else Params()
-    p = replace(p, scenarios=("messages",), **{k: v for k, v in (
-        ("duration", args.duration), ("pairs", args.pairs), ("window", args.window))
-        if v is not None})
-    raise_nofile_limit()
-    fleet = Fleet(p.procs)
-    results: dict[tuple[str, bool], dict[str, Any] | str] = {}
-    try:
-        for kind in args.servers.split(","):
-            for archiving in (False, True):
-                try:
-                    results[kind, archiving] = run(kind, archiving, p, fleet)
-                except Exception as exc:
-                    results[kind, archiving] = f"error: {exc}".splitlines()[0][:60]
-                print(f"{kind} archiving={archiving}: done", file=sys.stderr, flush=True)
-    finally:
-        fleet.close()
-    print(f"1:1 messages, {p.pairs} pairs x {p.window} in flight, {p.duration:g} s measured")
-    print(f"  {'server':10s} {'archive':8s} {'msg/s':>9s} {'msg per server CPU-s':>21s}")
-    for (kind, archiving), out in results.items():
-        label = "mam" if archiving else "off"
+    p, kinds = feature.parse(__doc__ or "", "presenced,prosody,ejabberd", argv)
+    results = feature.run_each(kinds, p, both)
+    feature.header(p, "archive")
+    for kind, out in results.items():
         if isinstance(out, str):
-            print(f"  {kind:10s} {label:8s} {out}")
+            feature.row(kind, "", out)
             continue
-        server_cpu = out["msgs_cpu"][0]
-        print(f"  {kind:10s} {label:8s} {out['msgs_per_s']:9,.0f} "
-              f"{out['msgs_per_s'] / max(server_cpu, 1e-9):21,.0f}")
+        for label, got in out.items():
+            feature.row(kind, label, got)
     return 0
 
 

@@ -447,11 +447,13 @@ class ProsodyPeer(Peer):
                  s2s_require_encryption: bool = True, hosts: Mapping[str, str] | None = None,
                  components: Mapping[str, str] | None = None, log_level: str = "info",
                  in_band_registration: bool = False, nagle: bool = False,
-                 extra_config: str = "", keep: bool = False) -> None:
+                 https_port: int | None = None, extra_config: str = "",
+                 keep: bool = False) -> None:
         super().__init__(workdir=workdir, host=host, domains=domains, c2s_port=c2s_port,
                          c2s_direct_tls_port=c2s_direct_tls_port, s2s_port=s2s_port,
                          certificates=certificates, cafile=cafile, keep=keep)
         self.nagle = nagle
+        self.https_port = https_port  # mod_websocket / mod_bosh, when given
         mods = list(modules) + [m for m in extra_modules if m not in modules]
         if dialback and "dialback" not in mods:
             mods.append("dialback")
@@ -490,7 +492,9 @@ class ProsodyPeer(Peer):
             f"{_lua([self.c2s_direct_tls_port] if self.c2s_direct_tls_port else [])}",
             f"s2s_ports = {_lua([self.s2s_port] if self.s2s_port else [])}",
             "http_ports = {}",
-            "https_ports = {}",
+            f"https_ports = {_lua([self.https_port] if self.https_port else [])}",
+            f"https_interfaces = {_lua([self.host])}",
+            "consider_websocket_secure = true",
             f"admin_socket = {_lua(str(self.workdir / 'admin.sock'))}",
             'modules_disabled = { "posix" }',
             f"modules_enabled = {_lua(self.modules)}",
@@ -857,10 +861,12 @@ class PresencedPeer(Peer):
                  c2s_direct_tls_port: int | None = None, s2s_port: int | None = None,
                  certificates: Certificates | None = None, cafile: Path | None = None,
                  log_level: str = "info", python: str = sys.executable,
-                 extra_config: str = "", keep: bool = False) -> None:
+                 https_port: int | None = None, extra_config: str = "",
+                 keep: bool = False) -> None:
         super().__init__(workdir=workdir, host=host, domains=domains, c2s_port=c2s_port,
                          c2s_direct_tls_port=c2s_direct_tls_port, s2s_port=s2s_port,
                          certificates=certificates, cafile=cafile, keep=keep)
+        self.https_port = https_port  # WebSocket and BOSH (bench/ws_messages.py)
         self.extra_config = extra_config  # TOML tables appended, e.g. "[s2s]\nroutes = …"
         self.log_level = log_level
         self.python = python
@@ -878,9 +884,9 @@ class PresencedPeer(Peer):
                 f'data_dir = "{self.data_dir}"\n'
                 f"[listen]\nc2s = {addr(self.c2s_port)}\n"
                 f"c2s_tls = {addr(self.c2s_direct_tls_port)}\n"
-                # XMPP streams only, like the other peers: no HTTP server on its fixed default
-                # port, which a restart or a second run would find still taken.
-                "https = []\n")
+                # XMPP streams only unless asked, like the other peers: no HTTP server on its
+                # fixed default port, which a restart or a second run would find still taken.
+                f"https = {addr(self.https_port)}\n")
         if self.s2s_port:
             text += f"s2s = {addr(self.s2s_port)}\n"
         text += f'[tls]\n{tls}[log]\nlevel = "{self.log_level}"\n{self.extra_config}'

@@ -9,13 +9,11 @@ ejabberd (mod_stream_mgmt), one fresh server each.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import replace
 from typing import Any
 
-from bench import loadgen
-from bench.peers import EjabberdPeer, Peer, PresencedPeer, ProsodyPeer, raise_nofile_limit
+from bench import feature, loadgen
+from bench.peers import EjabberdPeer, Peer, PresencedPeer, ProsodyPeer
 from bench.run import (
     ADDRESSES,
     DOMAIN,
@@ -70,38 +68,15 @@ def run(kind: str, p: Params, fleet: Fleet) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--servers", default="presenced,prosody,ejabberd")
-    ap.add_argument("--duration", type=float, default=None)
-    ap.add_argument("--pairs", type=int, default=None)
-    ap.add_argument("--window", type=int, default=None)
-    args = ap.parse_args(argv)
-    p = Params.quick() if args.quick else Params()
-    p = replace(p, scenarios=("messages",), **{k: v for k, v in (
-        ("duration", args.duration), ("pairs", args.pairs), ("window", args.window))
-        if v is not None})
-    raise_nofile_limit()
-    fleet = Fleet(p.procs)
-    results: dict[str, dict[str, dict[str, Any]] | str] = {}
-    try:
-        for kind in args.servers.split(","):
-            try:
-                results[kind] = run(kind, p, fleet)
-            except Exception as exc:
-                results[kind] = f"error: {exc}".splitlines()[0][:60]
-            print(f"{kind}: done", file=sys.stderr, flush=True)
-    finally:
-        fleet.close()
-    print(f"1:1 messages, {p.pairs} pairs x {p.window} in flight, {p.duration:g} s measured")
-    print(f"  {'server':10s} {'SM':4s} {'msg/s':>9s} {'msg per server CPU-s':>21s}")
+    p, kinds = feature.parse(__doc__ or "", "presenced,prosody,ejabberd", argv)
+    results = feature.run_each(kinds, p, run)
+    feature.header(p, "SM")
     for kind, out in results.items():
         if isinstance(out, str):
-            print(f"  {kind:10s} {out}")
+            feature.row(kind, "", out)
             continue
         for op, label in (("messages", "off"), ("messages_sm", "on")):
-            got = out[op]
-            print(f"  {kind:10s} {label:4s} {got['msgs_per_s']:9,.0f} {got['per_cpu_s']:21,.0f}")
+            feature.row(kind, label, out[op])
     return 0
 
 

@@ -126,7 +126,9 @@ class Server:
         classes = self._module_classes()
         # The core's stores and those the modules declare, each once (server/storage).
         stores = list(CORE_STORES)
-        stores += [spec for cls in classes for spec in cls.stores if spec not in stores]
+        for spec in (spec for cls in classes for spec in cls.stores):
+            if spec not in stores:
+                stores.append(spec)
         self.storage = await open_storage(self.config, stores)
         try:
             await self._load_modules(classes)

@@ -17,7 +17,7 @@ import slixmpp
 
 from server.app import Server
 from server.certs import generate_self_signed
-from server.config import load_config
+from server.config import ConfigError, load_config
 from server.storage import open_storage
 from server.stream.scram import derive_credentials
 from tests.rawclient import RawClient
@@ -144,13 +144,13 @@ def write_config(tmp: Path, extra: str = "", top: str = "", *,
                  s2s: str | None = None, s2s_tls: str | None = None, certificate: tuple[Path, Path] | None = None,
                  ca_file: Path | None = None, listen_extra: str = "") -> Path:
     """s2s, s2s_tls: federation listeners' "host:port"; certificate: (chain, key) instead of a
-    self-signed one made for the domains."""
+    self-signed one made for every domain the config serves (its services' too)."""
     data_dir = tmp / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    make_certificate = certificate is None
     if certificate is None:
         cert, key = data_dir / "cert.pem", data_dir / "key.pem"
-        if not cert.exists():
-            generate_self_signed(list(domains), cert, key)
+        make_certificate = not cert.exists()
     else:
         cert, key = certificate
     listen_s2s = f's2s = ["{s2s}"]' if s2s else ""
@@ -173,6 +173,12 @@ def write_config(tmp: Path, extra: str = "", top: str = "", *,
         key = "{key}"
         {ca}
         """) + textwrap.dedent(extra))
+    if make_certificate:
+        try:
+            names = list(load_config(path).local_domains)
+        except ConfigError:
+            names = list(domains)  # a test of a bad config: the certificate does not matter
+        generate_self_signed(names, cert, key)
     return path
 
 

@@ -206,6 +206,22 @@ async def test_bare_jid_delivery(running: RunningServer) -> None:
     assert carbon(await next_message(desktop), "received").get("id") == "b2"
 
 
+async def test_messages_to_ones_own_account(running: RunningServer) -> None:
+    """§6: a <sent/> copy to every carbon-enabled resource but the sender, as Prosody's
+    mod_carbons does; §5: <received/> to those the delivery did not reach (the sender never
+    gets a copy of its own message)."""
+    phone = await login(running, "alice@a.test", "phone")
+    laptop = await login(running, "alice@a.test", "laptop")
+    tablet = await login(running, "alice@a.test", "tablet", priority=-1)
+    await phone.send("<message to='alice@a.test/laptop' type='chat' id='s1'><body>note</body>"
+                     "</message>")
+    assert carbon(await next_message(laptop), "sent").get("id") == "s1"
+    assert (await next_message(laptop)).get("id") == "s1"
+    assert carbon(await next_message(tablet), "sent").get("id") == "s1"
+    assert carbon(await next_message(tablet), "received").get("id") == "s1"
+    await barrier(laptop, "alice@a.test/phone", phone, kind="sent")
+
+
 async def test_slixmpp_carbons(running: RunningServer) -> None:
     phone = await running.client("alice@a.test", resource="phone", plugins=("xep_0280",))
     laptop = await running.client("alice@a.test", resource="laptop", plugins=("xep_0280",))

@@ -301,8 +301,9 @@ def test_check_a_good_config(tmp_path: Path) -> None:
     result = presenced(tmp_path, "check", "--config", str(config))
     assert result.code == 0, result
     assert result.out.splitlines() == [
-        f"note: a self-signed certificate for a.test, b.test will be made at first start: "
-        f"{tmp_path / 'data' / 'cert.pem'}",
+        # The service domains (MUC and pubsub, on by default) are named too: peers check them.
+        "note: a self-signed certificate for a.test, b.test, pubsub.a.test, pubsub.b.test, "
+        f"muc.a.test, muc.b.test will be made at first start: {tmp_path / 'data' / 'cert.pem'}",
         f"{config}: ok",
     ]
     assert not (tmp_path / "data").exists()  # check changes nothing
@@ -326,6 +327,10 @@ def test_check_certificate_problems(tmp_path: Path) -> None:
         [tls]
         certificate = "a.pem"
         key = "other.key"
+        [muc]
+        enabled = false
+        [pubsub]
+        enabled = false
         """)
     result = presenced(tmp_path, "check", "-c", str(config))
     assert result.code == 1, result

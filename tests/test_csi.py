@@ -121,9 +121,15 @@ async def test_inactive_holds_until_a_message_with_a_body(running: RunningServer
     await until_held(running, phone, 3)
     # A message with a body must go out now: everything held goes first, in order.
     await bob.send(f"<message to='{phone}' type='chat'><body>wake up</body></message>")
-    assert await receive(alice, 4) == [
+    got = [await alice.next() for _ in range(4)]
+    assert [describe(el) for el in got] == [
         "presence:carol@a.test:chat", "chatstate:bob@a.test:composing",
         "presence:bob@a.test:dnd", "message:bob@a.test:wake up"]
+    # What was held says since when (XEP-0203, as Prosody's mod_csi_simple does).
+    delays = [el.find("{urn:xmpp:delay}delay") for el in got]
+    assert all(d is not None and d.get("from") == "alice@a.test" and d.get("stamp")
+               for d in delays[:3])
+    assert delays[3] is None
     # Still inactive: held again; <active/> delivers what is held, then nothing waits.
     await bob.send(chat_state(phone, "paused"))
     await carol.send(presence(phone, "xa"))

@@ -429,7 +429,8 @@ async def test_paging_backward(server: RunningServer) -> None:
     assert page.bodies == ["m4", "m5", "m6"]  # the last page, in chronological order
     assert not page.complete
     first = page.fin.find(f"{{{RSM}}}set/{{{RSM}}}first")
-    assert first.text == page.ids[0] and first.get("index") == "4"
+    # No index going backward: slixmpp would take index 4 + 3 items == count 7 as the end.
+    assert first.text == page.ids[0] and first.get("index") is None
     page2 = await query(alice, rsm(max_=3, before=page.rsm("first")))
     assert page2.bodies == ["m1", "m2", "m3"] and not page2.complete
     page3 = await query(alice, rsm(max_=3, before=page2.rsm("first")))

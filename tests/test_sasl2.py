@@ -805,3 +805,23 @@ async def test_fast_rotation_keeps_the_old_token_until_the_new_one_is_used(
         assert await use(t3) is not None
     finally:
         await stop_server(running)
+
+
+async def test_inline_carbons_enable_gets_carbons(server: RunningServer) -> None:
+    """Carbons enabled inline in Bind 2 (XEP-0386 §3) work like the iq (XEP-0280): a message
+    to the account's other resource comes to this one as a <received/> copy."""
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    phone = await server.raw()
+    await scram_sasl2(phone, bind=f"<tag>Phone</tag><enable xmlns='{CARBONS}'/>")
+    await ping(phone)
+    desk = await server.raw_login("alice@a.test", "desk")
+    await desk.send("<presence/>")
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<message to='alice@a.test/desk' type='chat' id='c1'><body>hi</body></message>")
+    copy = await phone.next_of("message")
+    received = copy.find(q(CARBONS, "received"))
+    assert received is not None, etree.tostring(copy)
+    inner = received.find("{urn:xmpp:forward:0}forwarded/" + q(CLIENT, "message"))
+    assert inner is not None and inner.findtext(q(CLIENT, "body")) == "hi"
+    assert inner.get("to") == "alice@a.test/desk"

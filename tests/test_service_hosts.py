@@ -40,12 +40,14 @@ async def test_service_is_listed_and_answers_for_its_domain(echo_server: Running
     items = await alice.ask("<iq type='get' to='a.test' id='i1'>"
                             "<query xmlns='http://jabber.org/protocol/disco#items'/></iq>")
     listed = [i.get("jid") for i in items.iter("{http://jabber.org/protocol/disco#items}item")]
-    assert listed == ["echo.a.test"]
+    # Every service of a.test (MUC and pubsub are on by default), and nothing of b.test's.
+    assert sorted(listed) == ["echo.a.test", "muc.a.test", "pubsub.a.test"]
     # b.test has its own echo service, listed there and not here.
     items = await alice.ask("<iq type='get' to='b.test' id='i2'>"
                             "<query xmlns='http://jabber.org/protocol/disco#items'/></iq>")
-    assert [i.get("jid") for i in items.iter(
-        "{http://jabber.org/protocol/disco#items}item")] == ["echo.b.test"]
+    assert sorted(i.get("jid") for i in items.iter(
+        "{http://jabber.org/protocol/disco#items}item")) == [
+        "echo.b.test", "muc.b.test", "pubsub.b.test"]
     info = await alice.ask("<iq type='get' to='echo.a.test' id='i3'>"
                            "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
     assert info.get("type") == "result" and info.get("from") == "echo.a.test"
@@ -81,7 +83,7 @@ async def test_services_are_off_unless_enabled(tmp_path: Path) -> None:
         alice = await running.raw_login("alice@a.test")
         items = await alice.ask("<iq type='get' to='a.test' id='i1'>"
                                 "<query xmlns='http://jabber.org/protocol/disco#items'/></iq>")
-        assert len(items[0]) == 0
+        assert "echo.a.test" not in [i.get("jid") for i in items[0]]
         # Not ours, so federation is asked (and finds no such server here).
         await alice.send("<message to='echo.a.test' type='chat' id='m1'><body>x</body></message>")
         bounce = await alice.next_of("message", timeout=30)
@@ -296,7 +298,9 @@ def test_certificates_cover_service_domains(tmp_path: Path) -> None:
                     '[components]\n"bridge.a.test" = { secret = "12345678" }\n[echo]\n'
                     'enabled = true\n')
     config = load_config(path)
-    assert config.local_domains == ("a.test", "echo.a.test", "bridge.a.test")
+    assert set(config.local_domains) == {"a.test", "echo.a.test", "muc.a.test", "pubsub.a.test",
+                                         "bridge.a.test"}
+    assert config.local_domains[0] == "a.test"
     # An older generated certificate without the services is made again.
     generate_self_signed(["a.test"], config.tls.certificate, config.tls.key)
     ensure_certificate(config)

@@ -779,7 +779,8 @@ async def test_archive_queries(archived: Storage) -> None:
     page = await store.query("alice@a.test", ArchiveQuery(max=4, after=ids[7]))
     assert numbers(page) == [8, 9] and page.complete
     page = await store.query("alice@a.test", ArchiveQuery(max=3, before=""))
-    assert numbers(page) == [7, 8, 9] and not page.complete and page.first_index == 7
+    # No index backward (slixmpp would end its reverse iteration on index + items == count).
+    assert numbers(page) == [7, 8, 9] and not page.complete and page.first_index is None
     page = await store.query("alice@a.test", ArchiveQuery(max=3, before=ids[2]))
     assert numbers(page) == [0, 1] and page.complete
     page = await store.query("alice@a.test", ArchiveQuery(with_bare="bob@a.test", max=10))
@@ -1028,3 +1029,101 @@ async def test_fast_tokens(storage: Storage) -> None:
     assert await store.get("bob", "a.test", "c1") == []
     with pytest.raises(NoSuchAccount):  # the update and the delete are one transaction
         await storage.accounts.set_credentials("nobody", "a.test", credentials(3))
+
+
+# -- PEP nodes and items (server/storage/pubsub.py, XEP-0163), on every backend ----------------
+
+
+async def test_pep_nodes_and_items(config: StorageConfig) -> None:
+    from server.storage import pubsub
+    from server.storage.pubsub import StoredItem
+    opened = await open_storage(config, (*CORE_STORES, pubsub.SPEC))
+    try:
+        store = opened.pep  # type: ignore[attr-defined]
+        await opened.accounts.create("alice", "a.test", credentials(1))
+        await opened.accounts.create("bob", "a.test", credentials(2))
+        assert await store.nodes("alice", "a.test") == {}
+        assert await store.create_node("alice", "a.test", "urn:n", {"max_items": 2})
+        assert not await store.create_node("alice", "a.test", "urn:n", {"max_items": 9})
+        with pytest.raises(NoSuchAccount):
+            await store.create_node("nobody", "a.test", "urn:n", {})
+        for n in range(3):
+            await store.publish("alice", "a.test", "urn:n",
+                                StoredItem(f"i{n}", "alice@a.test", f"<p>{n}</p>"), 2)
+        assert [i.id for i in await store.items("alice", "a.test", "urn:n")] == ["i1", "i2"]
+        # Republishing an id replaces it and makes it the newest.
+        await store.publish("alice", "a.test", "urn:n", StoredItem("i1", "x", "<p>new</p>"), 2)
+        got = await store.items("alice", "a.test", "urn:n")
+        assert [(i.id, i.payload) for i in got] == [("i2", "<p>2</p>"), ("i1", "<p>new</p>")]
+        assert [i.id for i in await store.items("alice", "a.test", "urn:n", max_items=1)] == ["i1"]
+        assert [i.id for i in await store.items("alice", "a.test", "urn:n", ids=["i2", "zz"])] \
+            == ["i2"]
+        assert await store.set_config("alice", "a.test", "urn:n", {"max_items": 5})
+        assert await store.nodes("alice", "a.test") == {"urn:n": {"max_items": 5}}
+        assert await store.retract("alice", "a.test", "urn:n", "i2")
+        assert not await store.retract("alice", "a.test", "urn:n", "i2")
+        await store.create_node("bob", "a.test", "urn:n", {})
+        await store.publish("bob", "a.test", "urn:n", StoredItem("b", "bob@a.test", "<b/>"), 1)
+        assert await store.purge("alice", "a.test", "urn:n") == 1
+        assert await store.items("alice", "a.test", "urn:n") == []
+        await store.publish("alice", "a.test", "urn:n", StoredItem("a", "alice@a.test", "<a/>"), 1)
+        assert await store.delete_node("alice", "a.test", "urn:n")
+        assert await store.items("alice", "a.test", "urn:n") == []
+        await store.create_node("alice", "a.test", "urn:m", {})
+        await opened.accounts.delete("alice", "a.test")  # the account's nodes go with it
+        assert await store.nodes("alice", "a.test") == {}
+        assert [i.id for i in await store.items("bob", "a.test", "urn:n")] == ["b"]
+    finally:
+        await opened.close()
+
+
+# -- MUC rooms (server/storage/muc.py, XEP-0045), on every backend ------------------------------
+
+
+async def test_muc_rooms(config: StorageConfig) -> None:
+    from server.storage import muc
+    from server.storage.muc import StoredRoom
+    opened = await open_storage(config, (*CORE_STORES, muc.SPEC))
+    try:
+        store = opened.muc_rooms  # type: ignore[attr-defined]
+        assert await store.load("muc.a.test") == []
+        room = StoredRoom("room@muc.a.test", '{"persistent": true}', "Plans", "Alice",
+                          {"alice@a.test": ("owner", None), "eve@b.test": ("outcast", "spam")},
+                          {"alice@a.test": "Alice"})
+        await store.save(room)
+        await store.save(StoredRoom("other@muc.b.test", "{}"))
+        assert await store.load("muc.a.test") == [room]
+        # Saved again: the row and its affiliations are replaced, not added to.
+        changed = StoredRoom("room@muc.a.test", '{"persistent": true, "public": false}', None,
+                             None, {"bob@a.test": ("member", None)})
+        await store.save(changed)
+        assert await store.load("muc.a.test") == [changed]
+        assert await store.load("muc.b.test") == [StoredRoom("other@muc.b.test", "{}")]
+        assert await store.delete("room@muc.a.test") is True
+        assert await store.delete("room@muc.a.test") is False
+        assert await store.load("muc.a.test") == []
+        assert len(await store.load("muc.b.test")) == 1
+    finally:
+        await opened.close()
+
+
+async def test_pubsub_service_nodes(config: StorageConfig) -> None:
+    """The pubsub service's nodes (server/storage/pubsub.py): keyed by service domain, no
+    account behind them."""
+    from server.storage import pubsub
+    from server.storage.pubsub import StoredItem
+    opened = await open_storage(config, (*CORE_STORES, pubsub.SERVICE_SPEC))
+    try:
+        store = opened.pubsub  # type: ignore[attr-defined]
+        state = {"config": {"max_items": 2}, "affiliations": {"alice@a.test": "owner"}}
+        assert await store.create_node("", "pubsub.a.test", "news", state)
+        assert not await store.create_node("", "pubsub.a.test", "news", {})
+        for n in range(3):
+            await store.publish("", "pubsub.a.test", "news", StoredItem(str(n), "a", "<x/>"), 2)
+        assert [i.id for i in await store.items("", "pubsub.a.test", "news")] == ["1", "2"]
+        assert await store.nodes("", "pubsub.a.test") == {"news": state}
+        assert await store.nodes("", "pubsub.b.test") == {}
+        assert await store.delete_node("", "pubsub.a.test", "news")
+        assert await store.items("", "pubsub.a.test", "news") == []
+    finally:
+        await opened.close()

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from server.app import Server
 
 CARBONS = "urn:xmpp:carbons:2"
+_ENABLE = f"{{{CARBONS}}}enable"
 FORWARD = "urn:xmpp:forward:0"
 HINTS = "urn:xmpp:hints"
 SENT, RECEIVED = ns.q(CARBONS, "sent"), ns.q(CARBONS, "received")
@@ -104,6 +105,18 @@ class Carbons(Module):
             bare = session.jid.bare
             self._accounts[bare] = self._accounts.get(bare, 0) + 1
 
+    @hook("bind2/features")
+    def bind2_features(self) -> tuple[str, ...]:
+        return (CARBONS,)
+
+    @hook("bind2/enable")
+    def bind2_enable(self, session: Session, el: Stanza) -> bool | None:
+        """<enable xmlns='urn:xmpp:carbons:2'/> inside Bind 2's <bind/> (XEP-0386 §3)."""
+        if el.tag != _ENABLE:
+            return None
+        self.turn_on(session)
+        return True
+
     @iq_set(CARBONS, "disable", to=("self",))
     def disable(self, stanza: Stanza, origin: Session | None) -> Stanza:
         assert origin is not None
@@ -143,8 +156,8 @@ class Carbons(Module):
             if private is not None:
                 self._strip(stanza, private, to.bare)
                 return None
-        if sender is None or account is None or account not in accounts or to.bare == account:
-            return None  # to one's own account: the delivery sends <received/> copies
+        if sender is None or account is None or account not in accounts:
+            return None
         if eligible(stanza, incoming=False):
             self._copy(stanza, SENT, account, (sender,))
         return None

@@ -9,8 +9,9 @@ groupchat messages that do not mention the user's nickname in that room. Anythin
 invitation, an iq, a subscription request, an error — and goes out at once, after everything
 held, in order. ``<active/>`` delivers everything held, in order; so does a full buffer
 (``max_held`` stanzas). Held stanzas are not sent yet, so stream management counts them when
-they are delivered. Held stanzas of a session that ends are dropped: none of them is a message
-anyone would miss (and none is ever stored offline).
+they are delivered; each carries a XEP-0203 ``<delay/>`` saying when it was held. Held stanzas
+of a session that ends are dropped: none of them is a message anyone would miss (and none is
+ever stored offline).
 
     [csi]
     max_held = 100   # stanzas held per inactive session; when full, all of them go out
@@ -21,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from server.config import int_option
 from server.jid import JID
@@ -34,6 +36,7 @@ log = logging.getLogger("presenced.csi")
 CSI = "urn:xmpp:csi:0"
 ACTIVE, INACTIVE = ns.q(CSI, "active"), ns.q(CSI, "inactive")
 _SUBJECT = ns.q(ns.CLIENT, "subject")
+_DELAY = ns.q(ns.DELAY, "delay")
 _CARBONS = ("{urn:xmpp:carbons:2}sent", "{urn:xmpp:carbons:2}received")
 _FORWARDED_MESSAGE = f"{{urn:xmpp:forward:0}}forwarded/{st.MESSAGE}"
 _MUC = "{http://jabber.org/protocol/muc}x"
@@ -96,6 +99,16 @@ def important(stanza: Stanza, rooms: dict[str, str] | None) -> bool:
     return nick is not None and nick != "" and nick in body
 
 
+def _delayed(stanza: Stanza, by: str) -> Stanza:
+    """A copy saying when it was held (XEP-0203), as Prosody's mod_csi_simple does: the
+    client learns when a contact's presence changed, not when the screen came on."""
+    kept = st.standalone(stanza)
+    now = datetime.now(UTC)
+    st.child(kept, _DELAY, {"from": by, "stamp": f"{now:%Y-%m-%dT%H:%M:%S}."
+                                                  f"{now.microsecond // 1000:03d}Z"})
+    return kept
+
+
 class CsiGate:
     """An inactive session's gate: holds unimportant stanzas, in order."""
 
@@ -121,7 +134,7 @@ class CsiGate:
             held.pop(key, None)
         else:
             key = next(self.numbers)
-        held[key] = stanza
+        held[key] = _delayed(stanza, self.session.bare_str)
         if len(held) >= self.max_held:
             log.info("event=csi-buffer-full jid=%s count=%d", self.session.jid_str, len(held))
             self.flush()
@@ -144,6 +157,19 @@ class ClientState(Module):
     @stream_feature
     def feature(self) -> Stanza:
         return st.element(ns.q(CSI, "csi"))
+
+    @hook("bind2/features")
+    def bind2_features(self) -> tuple[str, ...]:
+        return (CSI,)
+
+    @hook("bind2/enable")
+    def bind2_enable(self, session: Session, el: Stanza) -> bool | None:
+        """<inactive xmlns='urn:xmpp:csi:0'/> inside Bind 2's <bind/> (XEP-0386 §3): a phone
+        that logs in with its screen off."""
+        if el.tag != INACTIVE:
+            return None
+        self.inactive(session, el)
+        return True
 
     @nonza(INACTIVE)
     def inactive(self, session: Session, _el: Stanza) -> None:

@@ -244,6 +244,7 @@ class Mam(Module):
         self._expiry: asyncio.Task[None] | None = None
         self._ids: deque[int] = deque()  # archive ids reserved for messages yet to come
         self._refill: asyncio.Future[None] | None = None
+        self._waiting = 0  # messages waiting for ids
 
     @property
     def store(self) -> ArchiveStore:
@@ -257,6 +258,7 @@ class Mam(Module):
         return self._writer
 
     async def start(self) -> None:
+        self._reserve_more()
         if self.config.expire_after is not None:
             self._expiry = asyncio.ensure_future(self._expire_periodically())
 
@@ -313,7 +315,7 @@ class Mam(Module):
         return self._write(stanza, sender, to, source, outgoing, incoming)
 
     def _write(self, stanza: Stanza, sender: JID | None, to: JID, source: JID | None,
-               outgoing: bool, incoming: bool) -> asyncio.Future[None] | None:
+               outgoing: bool, incoming: bool) -> Awaitable[None] | None:
         """Queue the sender's copy (sender: a local client's account) and the recipient's
         (source: the sender's bare JID, when the recipient is a local account and not the
         sender); the future is done once they are committed, the recipient's stanza-id
@@ -337,41 +339,57 @@ class Mam(Module):
         if not entries:
             return None
         ids = self._take_ids(len(entries))
-        if ids is not None:
-            # The common case: ids reserved beforehand, so the stanza-id goes out with the
-            # message and its stream goes on at once; the write is group-committed behind it.
-            # Durability where it is promised: before a stream management <a/> (the
-            # "durability-barrier" hook) and at shutdown.
-            entries = [replace(e, id=n) for e, n in zip(entries, ids, strict=True)]
-            if stamped is not None:
-                child(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])})
-            self.writer.add(entries)
-            return None
-        if stamped is None:
-            return self.writer.add(entries)
-        by = str(to_bare)
+        if ids is None:
+            return self._write_later(stanza, entries, stamped, to_bare)
+        self._queue(stanza, entries, ids, stamped, to_bare)
+        return None
 
-        def add_stanza_id(ids: list[str | None]) -> None:
-            archive_id = ids[stamped]
-            if archive_id is not None:
-                child(stanza, _STANZA_ID, {"by": by, "id": archive_id})
-        return self.writer.add(entries, add_stanza_id)
+    def _queue(self, stanza: Stanza, entries: list[ArchiveEntry], ids: list[int],
+               stamped: int | None, to_bare: JID) -> None:
+        """Archive ids are reserved beforehand, so the stanza-id goes out with the message
+        and its stream goes on at once; the write is group-committed behind it. Durable where
+        that is promised: before a stream management <a/> (the "durability-barrier" hook),
+        before an archive query, and at shutdown."""
+        if stamped is not None:
+            child(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])})
+        self.writer.add([replace(e, id=n) for e, n in zip(entries, ids, strict=True)])
+
+    async def _write_later(self, stanza: Stanza, entries: list[ArchiveEntry],
+                           stamped: int | None, to_bare: JID) -> None:
+        """No ids reserved yet (at start, or when the pool ran dry): wait for them, in turn
+        (ids follow arrival order)."""
+        self._waiting += 1
+        try:
+            while len(self._ids) < len(entries):
+                self._reserve_more()
+                assert self._refill is not None
+                await asyncio.shield(self._refill)
+            ids = [self._ids.popleft() for _ in entries]
+        finally:
+            self._waiting -= 1
+        self._queue(stanza, entries, ids, stamped, to_bare)
 
     def _take_ids(self, count: int) -> list[int] | None:
-        """Reserved ids, or None (then this message waits for its write); refills the pool
-        in the background when it runs low."""
+        """Reserved ids at once, or None: then the message waits for them (also when others
+        wait already, so that ids keep arrival order)."""
         pool = self._ids
-        if len(pool) < _ID_LOW and self._refill is None:
-            self._refill = asyncio.ensure_future(self._reserve())
-        if len(pool) < count:
+        if self._waiting or len(pool) < count:
             return None
-        return [pool.popleft() for _ in range(count)]
+        ids = [pool.popleft() for _ in range(count)]
+        if len(pool) < _ID_LOW:
+            self._reserve_more()
+        return ids
+
+    def _reserve_more(self) -> None:
+        if self._refill is None:
+            self._refill = asyncio.ensure_future(self._reserve())
 
     async def _reserve(self) -> None:
         try:
             self._ids.extend(await self.store.reserve_ids(_ID_BLOCK))
         except Exception:
             log.exception("event=archive-reserve-failed")
+            await asyncio.sleep(1)  # storage down: do not spin
         finally:
             self._refill = None
 

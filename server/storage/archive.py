@@ -441,10 +441,11 @@ class SQLiteArchiveStore(Store):
                 f"SELECT count(*) FROM archive_messages WHERE {' AND '.join(filters)}",
                 *filter_args)
             count = int(row[0]) if row else 0
+            # XEP-0059 §2.6's index only for a first forward page: slixmpp (1.17) takes
+            # "index + items == count" as the end of the iteration in both directions, so an
+            # index on the last page going backward would stop its reverse paging at once.
             if not q.after and not q.before and not backward:
                 first_index = 0
-            elif backward and not q.before:
-                first_index = count - len(rows)
         return ArchivePage([_item(r) for r in rows], complete, count,
                            first_index if rows else None)
 

@@ -1,0 +1,609 @@
+"""One MUC room (XEP-0045): its configuration, affiliations, occupants, history and subject.
+
+The room does not send anything itself: every method returns the stanzas to send (each
+already addressed), which the service delivers. That keeps the room a plain object that tests
+and the service drive alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from lxml import etree
+
+from server.errors import StanzaError
+from server.jid import JID
+from server.xml import ns
+from server.xml import stanza as st
+
+MUC = "http://jabber.org/protocol/muc"
+MUC_USER = MUC + "#user"
+MUC_ADMIN = MUC + "#admin"
+MUC_OWNER = MUC + "#owner"
+ROOMCONFIG = MUC + "#roomconfig"
+ROOMINFO = MUC + "#roominfo"
+
+AFFILIATIONS = ("owner", "admin", "member", "none", "outcast")
+_RANK = {"owner": 4, "admin": 3, "member": 2, "none": 1, "outcast": 0}
+ROLES = ("moderator", "participant", "visitor", "none")
+
+_X_USER = ns.q(MUC_USER, "x")
+_X_MUC = ns.q(MUC, "x")
+_BODY = ns.q(ns.CLIENT, "body")
+_SUBJECT = ns.q(ns.CLIENT, "subject")
+_DELAY = ns.q(ns.DELAY, "delay")
+OCCUPANT_ID = "urn:xmpp:occupant-id:0"  # XEP-0421
+SID = "urn:xmpp:sid:0"                  # XEP-0359
+_OCCUPANT_ID = ns.q(OCCUPANT_ID, "occupant-id")
+_STANZA_ID = ns.q(SID, "stanza-id")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomConfig:
+    """muc#roomconfig (XEP-0045 §10.2, §15.5.3); stored as JSON for persistent rooms."""
+    name: str = ""
+    description: str = ""
+    persistent: bool = False
+    public: bool = True
+    members_only: bool = False
+    moderated: bool = False
+    password: str = ""          # "" : not password-protected
+    whois: str = "moderators"   # who sees occupants' real JIDs: "moderators" | "anyone"
+    max_users: int = 0          # 0: no limit
+    allow_invites: bool = False
+    change_subject: bool = False  # occupants (not only moderators) may change the subject
+    history_length: int = 20
+    archive: bool = True        # XEP-0313 on the room JID (muc#roomconfig_enablearchiving)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RoomConfig:
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+# form field var -> (RoomConfig attribute, kind)
+FORM_FIELDS: dict[str, tuple[str, str]] = {
+    "muc#roomconfig_roomname": ("name", "text-single"),
+    "muc#roomconfig_roomdesc": ("description", "text-single"),
+    "muc#roomconfig_persistentroom": ("persistent", "boolean"),
+    "muc#roomconfig_publicroom": ("public", "boolean"),
+    "muc#roomconfig_membersonly": ("members_only", "boolean"),
+    "muc#roomconfig_moderatedroom": ("moderated", "boolean"),
+    "muc#roomconfig_passwordprotectedroom": ("", "boolean"),  # derived from the secret
+    "muc#roomconfig_roomsecret": ("password", "text-private"),
+    "muc#roomconfig_whois": ("whois", "list-single"),
+    "muc#roomconfig_maxusers": ("max_users", "text-single"),
+    "muc#roomconfig_allowinvites": ("allow_invites", "boolean"),
+    "muc#roomconfig_changesubject": ("change_subject", "boolean"),
+    "muc#roomconfig_historylength": ("history_length", "text-single"),
+    "muc#roomconfig_enablearchiving": ("archive", "boolean"),
+}
+
+
+def _truthy(text: str | None) -> bool:
+    return (text or "").strip() in ("1", "true")
+
+
+def field_values(form: etree._Element) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in form.iter(ns.q(ns.DATA_FORMS, "field")):
+        var = f.get("var")
+        if var:
+            out[var] = [v.text or "" for v in f.iter(ns.q(ns.DATA_FORMS, "value"))]
+    return out
+
+
+def apply_form(config: RoomConfig, form: etree._Element, max_history: int) -> RoomConfig:
+    """A submitted muc#roomconfig form applied to a configuration; bad-request when a value
+    is not what its field takes."""
+    values = field_values(form)
+    changes: dict[str, Any] = {}
+    protected: bool | None = None
+    for var, given in values.items():
+        if var not in FORM_FIELDS:
+            continue
+        attr, kind = FORM_FIELDS[var]
+        value = given[0] if given else ""
+        if var == "muc#roomconfig_passwordprotectedroom":
+            protected = _truthy(value)
+        elif kind == "boolean":
+            if value.strip() not in ("0", "1", "true", "false"):
+                raise StanzaError("bad-request", f"{var} takes a boolean")
+            changes[attr] = _truthy(value)
+        elif attr == "whois":
+            if value not in ("moderators", "anyone"):
+                raise StanzaError("bad-request", "whois is 'moderators' or 'anyone'")
+            changes[attr] = value
+        elif attr in ("max_users", "history_length"):
+            number = 0 if value in ("", "none") else _int(value, var)
+            changes[attr] = min(number, max_history) if attr == "history_length" else number
+        else:
+            changes[attr] = value
+    if protected is False:
+        changes["password"] = ""
+    return replace(config, **changes)
+
+
+def _int(value: str, var: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise StanzaError("bad-request", f"{var} takes a number") from None
+    if number < 0:
+        raise StanzaError("bad-request", f"{var} takes a number >= 0")
+    return number
+
+
+def config_form(config: RoomConfig, room: JID) -> etree._Element:
+    x = st.element(ns.q(ns.DATA_FORMS, "x"), {"type": "form"})
+    st.child(x, ns.q(ns.DATA_FORMS, "title"), text=f"Configuration of {room}")
+    _field(x, "FORM_TYPE", "hidden", ROOMCONFIG)
+    for var, (attr, kind) in FORM_FIELDS.items():
+        if var == "muc#roomconfig_passwordprotectedroom":
+            value: Any = bool(config.password)
+        else:
+            value = getattr(config, attr)
+        el = _field(x, var, kind, value)
+        if var == "muc#roomconfig_whois":
+            for option in ("moderators", "anyone"):
+                opt = st.child(el, ns.q(ns.DATA_FORMS, "option"), {"label": option})
+                st.child(opt, ns.q(ns.DATA_FORMS, "value"), text=option)
+    return x
+
+
+def _field(x: etree._Element, var: str, kind: str, value: Any) -> etree._Element:
+    el = st.child(x, ns.q(ns.DATA_FORMS, "field"), {"var": var, "type": kind})
+    text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    st.child(el, ns.q(ns.DATA_FORMS, "value"), text=text)
+    return el
+
+
+@dataclass(slots=True)
+class Occupant:
+    nick: str
+    jid: JID                 # bare real JID
+    affiliation: str
+    role: str
+    sessions: dict[JID, etree._Element] = field(default_factory=dict)  # full JID -> presence
+
+    @property
+    def presence(self) -> etree._Element:
+        return next(reversed(self.sessions.values()))
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    stamp: float
+    message: etree._Element  # the groupchat message as broadcast (from room/nick, no 'to')
+    size: int
+
+
+def stamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_stamp(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+Out = list[etree._Element]
+
+
+class Room:
+    def __init__(self, jid: JID, config: RoomConfig, id_key: bytes = b"") -> None:
+        self.id_key = id_key  # XEP-0421: occupant ids are HMACs of the real bare JID
+        self.jid = jid
+        self.jid_str = str(jid)
+        self.config = config
+        self.affiliations: dict[JID, str] = {}      # bare JID -> owner|admin|member|outcast
+        self.reasons: dict[JID, str | None] = {}
+        self.nicks: dict[JID, str] = {}             # bare JID -> registered nick (muc#register)
+        self.occupants: dict[str, Occupant] = {}    # nick -> occupant
+        self.by_jid: dict[JID, Occupant] = {}       # full real JID -> occupant
+        self.history: deque[HistoryEntry] = deque(maxlen=max(config.history_length, 0) or None)
+        self.subject: str | None = None
+        self.subject_from: str | None = None
+        self.destroyed = False
+
+    # -- who is who --------------------------------------------------------------------------
+
+    def affiliation(self, jid: JID) -> str:
+        return self.affiliations.get(jid.bare, "none")
+
+    def default_role(self, affiliation: str) -> str:
+        if affiliation in ("owner", "admin"):
+            return "moderator"
+        if self.config.moderated and affiliation == "none":
+            return "visitor"
+        return "participant"
+
+    def set_config(self, config: RoomConfig) -> None:
+        self.config = config
+        if self.history.maxlen != (config.history_length or None):
+            self.history = deque(list(self.history)[-config.history_length:]
+                                 if config.history_length else [],
+                                 maxlen=config.history_length or None)
+
+    def set_affiliation(self, jid: JID, affiliation: str, reason: str | None = None) -> None:
+        bare = jid.bare
+        if affiliation == "none":
+            self.affiliations.pop(bare, None)
+            self.reasons.pop(bare, None)
+            self.nicks.pop(bare, None)
+        else:
+            self.affiliations[bare] = affiliation
+            self.reasons[bare] = reason
+
+    def nick_owner(self, nick: str) -> JID | None:
+        return next((j for j, n in self.nicks.items() if n == nick), None)
+
+    def owners(self) -> list[JID]:
+        return [j for j, a in self.affiliations.items() if a == "owner"]
+
+    def occupant_id(self, occupant: Occupant) -> str:
+        digest = hmac.new(self.id_key, f"{self.jid_str} {occupant.jid}".encode(),
+                          hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:18]).decode()
+
+    # -- presence ----------------------------------------------------------------------------
+
+    def _x(self, occupant: Occupant, to_moderator: bool, codes: tuple[str, ...] = (),
+           role: str | None = None, affiliation: str | None = None,
+           nick: str | None = None, actor: str | None = None,
+           reason: str | None = None) -> etree._Element:
+        x = st.element(_X_USER)
+        attrs = {"affiliation": affiliation or occupant.affiliation,
+                 "role": role or occupant.role}
+        if to_moderator or self.config.whois == "anyone":
+            attrs["jid"] = str(next(iter(occupant.sessions), occupant.jid))
+        if nick is not None:
+            attrs["nick"] = nick
+        item = st.child(x, ns.q(MUC_USER, "item"), attrs)
+        if actor is not None:
+            st.child(item, ns.q(MUC_USER, "actor"), {"nick": actor})
+        if reason:
+            st.child(item, ns.q(MUC_USER, "reason"), text=reason)
+        for code in codes:
+            st.child(x, ns.q(MUC_USER, "status"), {"code": code})
+        return x
+
+    def presence_of(self, occupant: Occupant, to: JID, *, unavailable: bool = False,
+                    codes: tuple[str, ...] = (), self_codes: tuple[str, ...] = (),
+                    **item: Any) -> etree._Element:
+        """occupant's presence as `to` (a real full JID) gets it."""
+        recipient = self.by_jid.get(to)
+        to_moderator = recipient is not None and recipient.role == "moderator"
+        is_self = recipient is occupant
+        out = st.element(st.PRESENCE, {"from": f"{self.jid_str}/{occupant.nick}",
+                                       "to": str(to)})
+        if unavailable:
+            out.set("type", "unavailable")
+        else:
+            for child in occupant.presence:
+                if isinstance(child.tag, str) and child.tag not in (_X_MUC, _X_USER,
+                                                                    _OCCUPANT_ID):
+                    out.append(copy.deepcopy(child))
+        st.child(out, _OCCUPANT_ID, {"id": self.occupant_id(occupant)})
+        all_codes = codes + (("110", *self_codes) if is_self else ())
+        out.append(self._x(occupant, to_moderator, all_codes, **item))
+        return out
+
+    def broadcast_presence(self, occupant: Occupant, *, unavailable: bool = False,
+                           codes: tuple[str, ...] = (), self_codes: tuple[str, ...] = (),
+                           also: tuple[JID, ...] = (), **item: Any) -> Out:
+        out = [self.presence_of(occupant, real, unavailable=unavailable, codes=codes,
+                                self_codes=self_codes, **item)
+               for other in self.occupants.values() for real in other.sessions]
+        for real in also:
+            out.append(self.presence_of(occupant, real, unavailable=unavailable, codes=codes,
+                                        **item))
+        return out
+
+    def join(self, real: JID, nick: str, presence: etree._Element, *, created: bool,
+             renamed: bool = False) -> Out:
+        """A presence to room/nick from someone not in the room under that session."""
+        x = presence.find(_X_MUC)
+        affiliation = self.affiliation(real)
+        if affiliation == "outcast":
+            raise StanzaError("forbidden", "you are banned from this room")
+        taken = self.occupants.get(nick)
+        if taken is not None and taken.jid != real.bare:
+            raise StanzaError("conflict", "that nickname is in use")
+        if self.nick_owner(nick) not in (None, real.bare):
+            raise StanzaError("conflict", "that nickname is registered by someone else")
+        mine = next((o for o in self.occupants.values() if o.jid == real.bare), None)
+        if mine is not None and mine.nick != nick:
+            # another session of the same user under another nick: one nick per user
+            raise StanzaError("conflict", "you are in this room under another nickname")
+        if not created and taken is None:
+            if self.config.members_only and _RANK[affiliation] < _RANK["member"]:
+                raise StanzaError("registration-required", "this room is for members only")
+            if self.config.password and affiliation != "owner":
+                given = x.findtext(ns.q(MUC, "password")) if x is not None else None
+                if given != self.config.password:
+                    raise StanzaError("not-authorized", "a password is required")
+            if (self.config.max_users and len(self.occupants) >= self.config.max_users
+                    and affiliation not in ("owner", "admin")):
+                raise StanzaError("service-unavailable", "the room is full")
+        out: Out = []
+        if taken is not None:
+            # one more session of an occupant: it gets the room, nobody else hears of it
+            taken.sessions[real] = presence
+            self.by_jid[real] = taken
+            for other in self.occupants.values():
+                if other is not taken:
+                    out.append(self.presence_of(other, real))
+            out.append(self.presence_of(taken, real,
+                                        self_codes=self._join_codes(False, renamed)))
+        else:
+            occupant = Occupant(nick, real.bare, affiliation, self.default_role(affiliation),
+                                {real: presence})
+            for other in self.occupants.values():
+                out.append(self.presence_of(other, real))
+            self.occupants[nick] = occupant
+            self.by_jid[real] = occupant
+            for other in self.occupants.values():
+                for session in other.sessions:
+                    if session != real:
+                        out.append(self.presence_of(occupant, session))
+            out.append(self.presence_of(occupant, real,
+                                        self_codes=self._join_codes(created, renamed)))
+        out.extend(self._history_for(real, x))
+        out.append(self._subject_message(real))
+        return out
+
+    def _join_codes(self, created: bool, renamed: bool) -> tuple[str, ...]:
+        codes: list[str] = []
+        if self.config.whois == "anyone":
+            codes.append("100")
+        if self.config.archive:
+            codes.append("170")  # the room is logged (archived)
+        if created:
+            codes.append("201")
+        if renamed:
+            codes.append("210")
+        return tuple(codes)
+
+    def _history_for(self, real: JID, x: etree._Element | None) -> Out:
+        entries = list(self.history)
+        spec = x.find(ns.q(MUC, "history")) if x is not None else None
+        if spec is not None:
+            maxstanzas = spec.get("maxstanzas")
+            seconds = spec.get("seconds")
+            since = spec.get("since")
+            maxchars = spec.get("maxchars")
+            if seconds is not None and seconds.isdigit():
+                cutoff = time.time() - int(seconds)
+                entries = [e for e in entries if e.stamp >= cutoff]
+            if since is not None:
+                after = parse_stamp(since)
+                if after is not None:
+                    entries = [e for e in entries if e.stamp >= after]
+            if maxstanzas is not None and maxstanzas.isdigit():
+                n = int(maxstanzas)
+                entries = entries[-n:] if n else []
+            if maxchars is not None and maxchars.isdigit():
+                budget = int(maxchars)
+                kept: list[HistoryEntry] = []
+                for entry in reversed(entries):
+                    budget -= entry.size
+                    if budget < 0:
+                        break
+                    kept.append(entry)
+                entries = kept[::-1]
+        out: Out = []
+        for entry in entries:
+            message = copy.deepcopy(entry.message)
+            message.set("to", str(real))
+            st.child(message, _DELAY, {"from": self.jid_str, "stamp": stamp(entry.stamp)})
+            out.append(message)
+        return out
+
+    def _subject_message(self, real: JID) -> etree._Element:
+        sender = f"{self.jid_str}/{self.subject_from}" if self.subject_from else self.jid_str
+        message = st.element(st.MESSAGE, {"type": "groupchat", "from": sender, "to": str(real)})
+        st.child(message, _SUBJECT, text=self.subject or None)
+        return message
+
+    def update_presence(self, real: JID, presence: etree._Element) -> Out:
+        occupant = self.by_jid[real]
+        occupant.sessions[real] = presence
+        return self.broadcast_presence(occupant)
+
+    def change_nick(self, real: JID, nick: str) -> Out:
+        occupant = self.by_jid[real]
+        taken = self.occupants.get(nick)
+        if taken is not None and taken is not occupant:
+            raise StanzaError("conflict", "that nickname is in use")
+        if self.nick_owner(nick) not in (None, occupant.jid):
+            raise StanzaError("conflict", "that nickname is registered by someone else")
+        if taken is occupant:
+            return []
+        out = self.broadcast_presence(occupant, unavailable=True, codes=("303",), nick=nick)
+        del self.occupants[occupant.nick]
+        occupant.nick = nick
+        self.occupants[nick] = occupant
+        out += self.broadcast_presence(occupant)
+        return out
+
+    def leave(self, real: JID, presence: etree._Element | None,
+              codes: tuple[str, ...] = (), **item: Any) -> Out:
+        """A session went: unavailable presence (or None: its server or stream went away)."""
+        occupant = self.by_jid.get(real)
+        if occupant is None:
+            return []
+        item.setdefault("role", "none")
+        if len(occupant.sessions) > 1:
+            # the occupant stays with its other sessions; this one is told it left
+            out = [self.presence_of(occupant, real, unavailable=True, codes=codes, **item)]
+            del occupant.sessions[real]
+            del self.by_jid[real]
+            return out
+        out = self.broadcast_presence(occupant, unavailable=True, codes=codes, **item)
+        if presence is not None:
+            status = presence.find(ns.q(ns.CLIENT, "status"))
+            if status is not None:
+                for el in out:
+                    el.insert(0, copy.deepcopy(status))
+        del self.by_jid[real]
+        del self.occupants[occupant.nick]
+        return out
+
+    def remove(self, occupant: Occupant, codes: tuple[str, ...], **item: Any) -> Out:
+        """Kick, ban, loss of membership: every session of the occupant goes."""
+        out = self.broadcast_presence(occupant, unavailable=True, codes=codes, role="none",
+                                      **item)
+        for real in occupant.sessions:
+            self.by_jid.pop(real, None)
+        del self.occupants[occupant.nick]
+        return out
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def groupchat(self, real: JID, message: etree._Element) -> Out:
+        """Checks, records and fans out a groupchat message in one go (no archive id)."""
+        prepared = self.prepare(real, message)
+        return self.fan_out(prepared, str(uuid.uuid4()))
+
+    def prepare(self, real: JID, message: etree._Element) -> etree._Element:
+        """A groupchat message from an occupant, checked, as the room sends it (from
+        room/nick, without 'to' and stanza id); a subject change takes effect."""
+        sender = self.by_jid.get(real)
+        if sender is None:
+            raise StanzaError("not-acceptable", "you are not in this room")
+        has_subject = message.find(_SUBJECT) is not None
+        has_body = message.find(_BODY) is not None
+        if sender.role == "visitor":
+            raise StanzaError("forbidden", "visitors may not speak in this moderated room")
+        out_message = st.element(st.MESSAGE, {"type": "groupchat",
+                                              "from": f"{self.jid_str}/{sender.nick}"})
+        sid = message.get("id")
+        if sid is not None:
+            out_message.set("id", sid)
+        for child in message:
+            if isinstance(child.tag, str) and child.tag not in (_DELAY, _OCCUPANT_ID,
+                                                                _STANZA_ID):
+                out_message.append(copy.deepcopy(child))
+        st.child(out_message, _OCCUPANT_ID, {"id": self.occupant_id(sender)})
+        if has_subject and not has_body:
+            # XEP-0045 §8.1: a subject change is a message with a subject and no body
+            if not self.config.change_subject and sender.role != "moderator":
+                raise StanzaError("forbidden", "you may not change the subject")
+            self.subject = message.findtext(_SUBJECT) or None
+            self.subject_from = sender.nick
+        return out_message
+
+    @staticmethod
+    def is_subject_change(message: etree._Element) -> bool:
+        return message.find(_SUBJECT) is not None and message.find(_BODY) is None
+
+    def fan_out(self, out_message: etree._Element, stanza_id: str) -> Out:
+        """A prepared message to every occupant's sessions, kept in the history."""
+        st.child(out_message, _STANZA_ID, {"id": stanza_id, "by": self.jid_str})
+        if out_message.find(_BODY) is not None and self.config.history_length:
+            size = len(etree.tostring(out_message))
+            self.history.append(HistoryEntry(time.time(), out_message, size))
+        out: Out = []
+        for occupant in self.occupants.values():
+            for session in occupant.sessions:
+                copy_ = copy.deepcopy(out_message)
+                copy_.set("to", str(session))
+                out.append(copy_)
+        return out
+
+    def forget_message(self, message_id: str) -> etree._Element | None:
+        """Take a message out of the history by its stanza id (or, failing that, the id its
+        sender gave it); the message, or None."""
+        for by_stanza_id in (True, False):
+            for entry in self.history:
+                found = entry.message.find(_STANZA_ID)
+                ident = (found.get("id") if found is not None else None) if by_stanza_id \
+                    else entry.message.get("id")
+                if ident == message_id:
+                    self.history.remove(entry)
+                    return entry.message
+        return None
+
+    def private(self, real: JID, nick: str, message: etree._Element) -> Out:
+        sender = self.by_jid.get(real)
+        if sender is None:
+            raise StanzaError("not-acceptable", "you are not in this room")
+        target = self.occupants.get(nick)
+        if target is None:
+            raise StanzaError("item-not-found", "no such occupant")
+        out: Out = []
+        for old in message.findall(_OCCUPANT_ID):
+            message.remove(old)
+        st.child(message, _OCCUPANT_ID, {"id": self.occupant_id(sender)})
+        for session in target.sessions:
+            forwarded = copy.deepcopy(message)
+            forwarded.set("from", f"{self.jid_str}/{sender.nick}")
+            forwarded.set("to", str(session))
+            if forwarded.find(_X_USER) is None:
+                st.child(forwarded, _X_USER)
+            out.append(forwarded)
+        return out
+
+    # -- ends ---------------------------------------------------------------------------------
+
+    def destroy(self, reason: str | None, venue: str | None) -> Out:
+        out: Out = []
+        for occupant in self.occupants.values():
+            for session in occupant.sessions:
+                presence = st.element(st.PRESENCE, {
+                    "from": f"{self.jid_str}/{occupant.nick}", "to": str(session),
+                    "type": "unavailable"})
+                x = st.child(presence, _X_USER)
+                st.child(x, ns.q(MUC_USER, "item"), {"affiliation": "none", "role": "none"})
+                destroy = st.child(x, ns.q(MUC_USER, "destroy"),
+                                   {"jid": venue} if venue else None)
+                if reason:
+                    st.child(destroy, ns.q(MUC_USER, "reason"), text=reason)
+                out.append(presence)
+        self.occupants.clear()
+        self.by_jid.clear()
+        self.destroyed = True
+        return out
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def features(self) -> list[str]:
+        c = self.config
+        return [MUC, ns.DISCO_INFO, ns.PING, SID, OCCUPANT_ID, "urn:xmpp:message-moderate:1",
+                "jabber:iq:register",
+                "muc_persistent" if c.persistent else "muc_temporary",
+                "muc_public" if c.public else "muc_hidden",
+                "muc_membersonly" if c.members_only else "muc_open",
+                "muc_moderated" if c.moderated else "muc_unmoderated",
+                "muc_passwordprotected" if c.password else "muc_unsecured",
+                "muc_nonanonymous" if c.whois == "anyone" else "muc_semianonymous",
+                *(("urn:xmpp:mam:2",) if c.archive else ())]
+
+    def info_form(self) -> etree._Element:
+        x = st.element(ns.q(ns.DATA_FORMS, "x"), {"type": "result"})
+        _field(x, "FORM_TYPE", "hidden", ROOMINFO)
+        _field(x, "muc#roominfo_description", "text-single", self.config.description)
+        _field(x, "muc#roominfo_occupants", "text-single", len(self.occupants))
+        _field(x, "muc#roominfo_subject", "text-single", self.subject or "")
+        _field(x, "muc#roomconfig_roomname", "text-single", self.config.name)
+        _field(x, "muc#roomconfig_changesubject", "boolean", self.config.change_subject)
+        _field(x, "muc#roomconfig_allowinvites", "boolean", self.config.allow_invites)
+        _field(x, "muc#roominfo_subjectmod", "boolean", self.config.change_subject)
+        return x

@@ -1,0 +1,2 @@
+"""Publish-subscribe (XEP-0060): one engine (engine.py), served at every account's bare JID as
+PEP (pep.py, XEP-0163) and at pubsub.<domain> as a pubsub service (service.py)."""

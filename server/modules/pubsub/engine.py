@@ -1,0 +1,346 @@
+"""The publish-subscribe engine (XEP-0060), pure: node configuration (defaults, XEP-0004 forms,
+publish-options preconditions, §7.1.5), access models, the elements of requests, replies and
+event notifications, and XEP-0115 entity-capabilities hash verification. No I/O: the PEP
+module (pep.py) keeps nodes in a store and moves stanzas.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+
+from server.errors import StanzaError
+from server.xml import ns
+from server.xml import stanza as st
+
+PUBSUB = "http://jabber.org/protocol/pubsub"
+EVENT = PUBSUB + "#event"
+OWNER = PUBSUB + "#owner"
+ERRORS = PUBSUB + "#errors"
+NODE_CONFIG = PUBSUB + "#node_config"
+PUBLISH_OPTIONS = PUBSUB + "#publish-options"
+META_DATA = PUBSUB + "#meta-data"
+CAPS = "http://jabber.org/protocol/caps"
+DATA = ns.DATA_FORMS
+
+X = ns.q(DATA, "x")
+FIELD = ns.q(DATA, "field")
+VALUE = ns.q(DATA, "value")
+OPTION = ns.q(DATA, "option")
+
+ACCESS_MODELS = ("open", "presence", "roster", "whitelist")
+MAX = "max"  # pubsub#max_items = max: as many as the service allows
+
+
+class PubsubError(StanzaError):
+    """A stanza error with a XEP-0060 application condition (pubsub#errors), §7–§8."""
+
+    def __init__(self, condition: str, app: str | None = None, text: str | None = None, *,
+                 feature: str | None = None) -> None:
+        super().__init__(condition, text)
+        self.app = app
+        self.feature = feature
+
+
+def error_reply(stanza: etree._Element, err: StanzaError) -> etree._Element:
+    """The error reply, with the pubsub#errors condition when there is one."""
+    reply = st.error_reply(stanza, err)
+    app = getattr(err, "app", None)
+    if app is not None:
+        error = reply.find(st.ERROR)
+        assert error is not None
+        feature = getattr(err, "feature", None)
+        condition = st.child(error, ns.q(ERRORS, app))
+        if feature:
+            condition.set("feature", feature)
+    return reply
+
+
+def unsupported(feature: str) -> PubsubError:
+    return PubsubError("feature-not-implemented", "unsupported", feature=feature)
+
+
+# -- node configuration -----------------------------------------------------------------------
+
+
+def _bool(value: str) -> bool:
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    raise ValueError(value)
+
+
+def _max_items(value: str) -> int | str:
+    if value == MAX:
+        return MAX
+    number = int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(value)
+        return value
+    return parse
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    key: str                       # our key in the stored configuration
+    type: str                      # XEP-0004 field type
+    parse: Callable[[str], Any]
+    options: tuple[str, ...] = ()  # for list-single
+
+
+FIELDS: dict[str, ConfigField] = {
+    "pubsub#title": ConfigField("title", "text-single", str),
+    "pubsub#description": ConfigField("description", "text-single", str),
+    "pubsub#type": ConfigField("type", "text-single", str),
+    "pubsub#max_items": ConfigField("max_items", "text-single", _max_items),
+    "pubsub#persist_items": ConfigField("persist_items", "boolean", _bool),
+    "pubsub#access_model": ConfigField("access_model", "list-single", _choice(*ACCESS_MODELS),
+                                       ACCESS_MODELS),
+    "pubsub#publish_model": ConfigField("publish_model", "list-single",
+                                        _choice("publishers"), ("publishers",)),
+    "pubsub#send_last_published_item": ConfigField(
+        "send_last_published_item", "list-single",
+        _choice("never", "on_sub", "on_sub_and_presence"),
+        ("never", "on_sub", "on_sub_and_presence")),
+    "pubsub#deliver_notifications": ConfigField("deliver_notifications", "boolean", _bool),
+    "pubsub#deliver_payloads": ConfigField("deliver_payloads", "boolean", _bool),
+    "pubsub#notify_retract": ConfigField("notify_retract", "boolean", _bool),
+    "pubsub#notify_delete": ConfigField("notify_delete", "boolean", _bool),
+    "pubsub#notification_type": ConfigField("notification_type", "list-single",
+                                            _choice("headline", "normal"),
+                                            ("headline", "normal")),
+}
+_VAR_OF = {f.key: var for var, f in FIELDS.items()}
+
+# XEP-0163 §4 (PEP) node defaults: access model presence, the last item kept and sent.
+PEP_DEFAULTS: dict[str, Any] = {
+    "title": "",
+    "description": "",
+    "type": "",
+    "max_items": 1,
+    "persist_items": True,
+    "access_model": "presence",
+    "publish_model": "publishers",
+    "send_last_published_item": "on_sub_and_presence",
+    "deliver_notifications": True,
+    "deliver_payloads": True,
+    "notify_retract": True,
+    "notify_delete": True,
+    "notification_type": "headline",
+}
+
+
+def node_config(stored: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A full configuration: the defaults completed by what is stored."""
+    config = dict(PEP_DEFAULTS)
+    if stored:
+        config.update({k: v for k, v in stored.items() if k in PEP_DEFAULTS})
+    return config
+
+
+def max_items(config: Mapping[str, Any], limit: int) -> int:
+    """How many items the node keeps: its max_items, `max` and larger values capped at limit."""
+    value = config.get("max_items", 1)
+    return limit if value == MAX else min(int(value), limit)
+
+
+def form_values(form: etree._Element | None, form_type: str) -> dict[str, Any]:
+    """key -> parsed value of a submitted form (node_config or publish-options); bad-request
+    for a form of another type; not-acceptable for a value out of range. Unknown fields are
+    left out (a service may ignore them)."""
+    if form is None:
+        return {}
+    if form.get("type") not in (None, "submit", "result"):
+        raise PubsubError("bad-request", text="the form must be submitted")
+    values: dict[str, Any] = {}
+    for field in form.iter(FIELD):
+        var = field.get("var")
+        texts = [v.text or "" for v in field.findall(VALUE)]
+        if var == "FORM_TYPE":
+            if texts[:1] != [form_type]:
+                raise PubsubError("bad-request", text=f"FORM_TYPE must be {form_type}")
+            continue
+        spec = FIELDS.get(var or "")
+        if spec is None:
+            continue
+        try:
+            values[spec.key] = spec.parse(texts[0] if texts else "")
+        except (ValueError, IndexError):
+            raise PubsubError("not-acceptable", text=f"invalid value for {var}") from None
+    return values
+
+
+def unmet_preconditions(config: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
+    """XEP-0060 §7.1.5: the publish-options whose value differs from the node's."""
+    return [_VAR_OF[key] for key, value in options.items() if config.get(key) != value]
+
+
+def config_form(config: Mapping[str, Any], form_type: str = NODE_CONFIG,
+                type_: str = "form") -> etree._Element:
+    """The node configuration as a XEP-0004 form (§8.2.1), or the meta-data of disco#info."""
+    form = st.element(X, {"type": type_})
+    hidden = st.child(form, FIELD, {"var": "FORM_TYPE", "type": "hidden"})
+    st.child(hidden, VALUE, text=form_type)
+    for var, spec in FIELDS.items():
+        if spec.key not in config:
+            continue
+        field = st.child(form, FIELD, {"var": var, "type": spec.type})
+        for option in spec.options:
+            st.child(st.child(field, OPTION), VALUE, text=option)
+        st.child(field, VALUE, text=_text(config[spec.key]))
+    return form
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"  # as Prosody writes them
+    return str(value)
+
+
+# -- access models (XEP-0060 §4.5) ------------------------------------------------------------
+
+
+def check_access(config: Mapping[str, Any], *, owner: bool, subscriber: bool,
+                 in_roster: bool, member: bool = False) -> None:
+    """May this entity retrieve items (and get notifications)? Raises the §6.1.3 error."""
+    if owner or member:
+        return
+    model = config.get("access_model", "presence")
+    if model == "open":
+        return
+    if model == "presence":
+        if not subscriber:
+            raise PubsubError("not-authorized", "presence-subscription-required")
+        return
+    if model == "roster":
+        if not in_roster:
+            raise PubsubError("not-authorized", "not-in-roster-group")
+        return
+    raise PubsubError("not-allowed", "closed-node")
+
+
+def may_access(config: Mapping[str, Any], **facts: bool) -> bool:
+    try:
+        check_access(config, **facts)
+    except PubsubError:
+        return False
+    return True
+
+
+# -- elements ---------------------------------------------------------------------------------
+
+
+def item_element(namespace: str, item_id: str, payload: etree._Element | None,
+                 publisher: str | None = None) -> etree._Element:
+    attrs = {"id": item_id}
+    if publisher:
+        attrs["publisher"] = publisher
+    item = st.element(ns.q(namespace, "item"), attrs)
+    if payload is not None:
+        item.append(payload)
+    return item
+
+
+def event_message(from_: str, event: etree._Element, type_: str = "headline") -> etree._Element:
+    """<message type='headline'><event xmlns='…#event'>…</event></message> (§7.1.2.1);
+    the caller sets 'to' on each copy."""
+    message = st.element(st.MESSAGE, {"from": from_, "type": type_})
+    message.append(event)
+    return message
+
+
+def items_event(node: str, items: Iterable[etree._Element]) -> etree._Element:
+    event = st.element(ns.q(EVENT, "event"))
+    holder = st.child(event, ns.q(EVENT, "items"), {"node": node})
+    for item in items:
+        holder.append(item)
+    return event
+
+
+def retract_event(node: str, item_id: str) -> etree._Element:
+    event = st.element(ns.q(EVENT, "event"))
+    holder = st.child(event, ns.q(EVENT, "items"), {"node": node})
+    st.child(holder, ns.q(EVENT, "retract"), {"id": item_id})
+    return event
+
+
+def node_event(kind: str, node: str, redirect: str | None = None) -> etree._Element:
+    """<delete/> (with <redirect uri/>) or <purge/> (§8.4.2, §8.5.2)."""
+    event = st.element(ns.q(EVENT, "event"))
+    action = st.child(event, ns.q(EVENT, kind), {"node": node})
+    if redirect:
+        st.child(action, ns.q(EVENT, "redirect"), {"uri": redirect})
+    return event
+
+
+# -- XEP-0115 entity capabilities ------------------------------------------------------------
+
+HASHES = {"sha-1": "sha1", "sha-224": "sha224", "sha-256": "sha256", "sha-384": "sha384",
+          "sha-512": "sha512"}
+_IDENTITY = ns.q(ns.DISCO_INFO, "identity")
+_FEATURE = ns.q(ns.DISCO_INFO, "feature")
+
+
+def caps_string(query: etree._Element) -> str | None:
+    """XEP-0115 §5.1 verification string of a disco#info result; None when §5.4 says the
+    result is unfit for caching (duplicate identities, features or form types, a form without
+    a hidden FORM_TYPE is left out)."""
+    identities = []
+    for identity in query.findall(_IDENTITY):
+        identities.append("/".join((identity.get("category", ""), identity.get("type", ""),
+                                    identity.get(ns.q(ns.XML, "lang"), ""),
+                                    identity.get("name", ""))))
+    features = [f.get("var", "") for f in query.findall(_FEATURE)]
+    if len(set(identities)) != len(identities) or len(set(features)) != len(features):
+        return None
+    parts = [f"{i}<" for i in sorted(identities)] + [f"{f}<" for f in sorted(features)]
+    forms: dict[str, list[str]] = {}
+    for form in query.findall(X):
+        fields = {}
+        form_type = None
+        for field in form.findall(FIELD):
+            values = [v.text or "" for v in field.findall(VALUE)]
+            if field.get("var") == "FORM_TYPE":
+                if field.get("type") != "hidden" or len(set(values)) != 1:
+                    return None
+                form_type = values[0]
+            else:
+                fields[field.get("var", "")] = values
+        if form_type is None:
+            continue  # §5.4 3.6: forms without FORM_TYPE are ignored
+        if form_type in forms:
+            return None
+        text = [f"{form_type}<"]
+        for var in sorted(fields):
+            text.append(f"{var}<")
+            text += [f"{value}<" for value in sorted(fields[var])]
+        forms[form_type] = text
+    for form_type in sorted(forms):
+        parts += forms[form_type]
+    return "".join(parts)
+
+
+def caps_hash(query: etree._Element, algorithm: str) -> str | None:
+    """The ver a disco#info result has under this hash ('sha-1', ...); None if not hashable."""
+    name = HASHES.get(algorithm)
+    text = caps_string(query)
+    if name is None or text is None:
+        return None
+    return base64.b64encode(hashlib.new(name, text.encode()).digest()).decode()
+
+
+def features_of(query: etree._Element) -> frozenset[str]:
+    return frozenset(f.get("var", "") for f in query.findall(_FEATURE))

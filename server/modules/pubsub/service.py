@@ -1,0 +1,554 @@
+"""The publish-subscribe service at pubsub.<domain> (XEP-0060), on the engine of engine.py,
+nodes in the ``pubsub`` store (both backends).
+
+Any user of our domains creates nodes (instant, or named with a configuration form) and is
+their owner; owners configure, delete (with redirect), purge and manage subscriptions and
+affiliations (owner, publisher, member, none, outcast). Access models open (the default) and
+whitelist (owners, publishers, members). Owners and publishers publish and retract; entities
+allowed to read subscribe and unsubscribe (their own bare or full JID) and get notifications
+(routed, so they reach contacts on other servers too); send_last_published_item on_sub sends
+the newest item on subscribing. Node disco: #info with the meta-data form, #items lists nodes
+and a node's items.
+
+    [pubsub]
+    enabled = true             # the default
+    subdomain = "pubsub"
+    max_items = 256            # items a node keeps at most
+    max_payload_size = 65536   # bytes of one item's payload
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+
+from server.config import int_option, service_fields
+from server.errors import StanzaError
+from server.jid import JID, InvalidJID
+from server.module import Stanza
+from server.modules.pubsub import engine
+from server.modules.pubsub.engine import EVENT, OWNER, PUBSUB, PubsubError
+from server.services import ServiceModule
+from server.sessions import Session
+from server.storage.pubsub import SERVICE_SPEC, StoredItem
+from server.xml import ns
+from server.xml import stanza as st
+
+SERVICE_DEFAULTS = {"access_model": "open", "max_items": 10, "send_last_published_item": "never"}
+AFFILIATIONS = ("owner", "publisher", "member", "none", "outcast")
+_INFO = ns.q(ns.DISCO_INFO, "query")
+_ITEMS = ns.q(ns.DISCO_ITEMS, "query")
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
+                          remove_comments=True, remove_pis=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PubsubSettings:
+    enabled: bool = field(metadata=service_fields.enabled(True))
+    subdomain: str = field(metadata=service_fields.subdomain("pubsub"))
+    max_items: int = field(metadata=int_option(1, 100000, 256))
+    max_payload_size: int = field(metadata=int_option(256, 1 << 24, 65536))
+
+
+@dataclass
+class Node:
+    config: dict[str, Any]
+    affiliations: dict[str, str]   # bare JID -> affiliation
+    subscriptions: dict[str, str]  # JID (bare or full) -> 'subscribed'
+
+    def stored(self) -> dict[str, Any]:
+        return {"config": self.config, "affiliations": self.affiliations,
+                "subscriptions": self.subscriptions}
+
+    def affiliation(self, jid: JID) -> str:
+        return self.affiliations.get(str(jid.bare), "none")
+
+
+class PubsubService(ServiceModule):
+    name = "pubsub"
+    settings = PubsubSettings
+    stores = (SERVICE_SPEC,)
+    identity = ("pubsub", "service")
+    display_name = "Publish-subscribe service"
+    service_features = (PUBSUB, *(f"{PUBSUB}#{f}" for f in (
+        "access-open", "access-whitelist", "config-node", "create-and-configure",
+        "create-nodes", "delete-items", "delete-nodes", "instant-nodes", "item-ids",
+        "manage-subscriptions", "meta-data", "modify-affiliations", "persistent-items",
+        "publish", "purge-nodes", "retract-items", "retrieve-affiliations", "retrieve-items",
+        "retrieve-subscriptions", "subscribe")))
+
+    def __init__(self, server: Any, config: PubsubSettings) -> None:
+        super().__init__(server, config)
+        self._nodes: dict[str, dict[str, Node]] = {}  # service domain -> node -> Node
+        self._ids = itertools.count(1)
+
+    @property
+    def store(self) -> Any:
+        return getattr(self.server.storage, "pubsub")  # noqa: B009 (declared by SERVICE_SPEC)
+
+    async def nodes(self, service: str) -> dict[str, Node]:
+        nodes = self._nodes.get(service)
+        if nodes is None:
+            stored = await self.store.nodes("", service)
+            nodes = {name: Node(engine.node_config({**SERVICE_DEFAULTS, **s.get("config", {})}),
+                                dict(s.get("affiliations", {})),
+                                dict(s.get("subscriptions", {})))
+                     for name, s in stored.items()}
+            self._nodes[service] = nodes
+        return nodes
+
+    async def _node(self, service: str, name: str) -> Node:
+        node = (await self.nodes(service)).get(name)
+        if node is None:
+            raise PubsubError("item-not-found", text=f"no node {name!r}")
+        return node
+
+    async def _save(self, service: str, name: str, node: Node) -> None:
+        await self.store.set_config("", service, name, node.stored())
+
+    def _limit(self, node: Node) -> int:
+        return engine.max_items(node.config, self.config.max_items)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def handle(self, stanza: Stanza, origin: Session | None, to: JID) -> Any:
+        if stanza.tag != st.IQ or stanza.get("type") not in ("get", "set"):
+            return True  # messages, presence, results: nothing to do
+        if to.local is not None or to.resource is not None:
+            return None
+        payload = st.payload(stanza)
+        if payload is None:
+            return None
+        if payload.tag in (ns.q(PUBSUB, "pubsub"), ns.q(OWNER, "pubsub"), _INFO):
+            return self._answer(stanza, origin, to.domain, payload)
+        return None
+
+    def items(self, stanza: Stanza, origin: Session | None) -> Any:
+        query = st.payload(stanza)
+        assert query is not None
+        return self._answer(stanza, origin, JID.parse(stanza.get("to", "")).domain, query)
+
+    async def _answer(self, stanza: Stanza, origin: Session | None, service: str,
+                      payload: Stanza) -> Stanza:
+        try:
+            who = _requester(stanza, origin)
+            if payload.tag == _INFO:
+                return await self._disco_info(stanza, service, payload)
+            if payload.tag == _ITEMS:
+                return await self._disco_items(stanza, service, payload)
+            actions = [c for c in payload if isinstance(c.tag, str)]
+            if not actions:
+                raise PubsubError("bad-request", text="the pubsub element needs an action")
+            name = etree.QName(actions[0]).localname
+            owner_ns = payload.tag == ns.q(OWNER, "pubsub")
+            kind = ("owner-" if owner_ns else "") + stanza.get("type", "") + "-" + name
+            handler = getattr(self, "_" + kind.replace("-", "_"), None)
+            if handler is None:
+                raise engine.unsupported(name)
+            reply: Stanza = await handler(stanza, service, who, actions)
+            return reply
+        except StanzaError as err:
+            return engine.error_reply(stanza, err)
+
+    # -- create, configure, delete, purge -----------------------------------------------------
+
+    async def _set_create(self, stanza: Stanza, service: str, who: JID,
+                          actions: list[Stanza]) -> Stanza:
+        if who.domain not in self.server.hosts:
+            raise PubsubError("forbidden", text="only users of this server create nodes")
+        name = actions[0].get("node")
+        instant = not name
+        name = name or uuid.uuid4().hex
+        configure = next((c for c in actions[1:] if c.tag == ns.q(PUBSUB, "configure")), None)
+        form = configure.find(engine.X) if configure is not None else None
+        options = engine.form_values(form, engine.NODE_CONFIG)
+        _check_service_config(options)
+        nodes = await self.nodes(service)
+        if name in nodes:
+            raise PubsubError("conflict", text=f"node {name!r} exists")
+        node = Node(engine.node_config({**SERVICE_DEFAULTS, **options}),
+                    {str(who.bare): "owner"}, {})
+        if not await self.store.create_node("", service, name, node.stored()):
+            self._nodes.pop(service, None)
+            raise PubsubError("conflict", text=f"node {name!r} exists")
+        nodes[name] = node
+        if not instant:
+            return st.result(stanza)
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        st.child(reply, ns.q(PUBSUB, "create"), {"node": name})
+        return st.result(stanza, reply)
+
+    async def _owned(self, service: str, action: Stanza, who: JID) -> tuple[str, Node]:
+        name = _node_attr(action)
+        node = await self._node(service, name)
+        if node.affiliation(who) != "owner":
+            raise PubsubError("forbidden", text="only an owner of the node may do this")
+        return name, node
+
+    async def _owner_get_configure(self, stanza: Stanza, service: str, who: JID,
+                                   actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        reply = st.element(ns.q(OWNER, "pubsub"))
+        st.child(reply, ns.q(OWNER, "configure"), {"node": name}).append(
+            engine.config_form(node.config))
+        return st.result(stanza, reply)
+
+    async def _owner_get_default(self, stanza: Stanza, service: str, who: JID,
+                                 actions: list[Stanza]) -> Stanza:
+        reply = st.element(ns.q(OWNER, "pubsub"))
+        st.child(reply, ns.q(OWNER, "default")).append(
+            engine.config_form(engine.node_config(SERVICE_DEFAULTS)))
+        return st.result(stanza, reply)
+
+    async def _owner_set_configure(self, stanza: Stanza, service: str, who: JID,
+                                   actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        form = actions[0].find(engine.X)
+        if form is None:
+            raise PubsubError("bad-request", text="configure needs a form")
+        if form.get("type") == "cancel":
+            return st.result(stanza)
+        options = engine.form_values(form, engine.NODE_CONFIG)
+        _check_service_config(options)
+        node.config.update(options)
+        await self._save(service, name, node)
+        await self.store.trim("", service, name, self._limit(node))
+        return st.result(stanza)
+
+    async def _owner_set_delete(self, stanza: Stanza, service: str, who: JID,
+                                actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        redirect = actions[0].find(ns.q(OWNER, "redirect"))
+        await self.store.delete_node("", service, name)
+        (await self.nodes(service)).pop(name, None)
+        if node.config.get("notify_delete", True):
+            await self._notify(service, name, node, engine.node_event(
+                "delete", name, redirect.get("uri") if redirect is not None else None))
+        return st.result(stanza)
+
+    async def _owner_set_purge(self, stanza: Stanza, service: str, who: JID,
+                               actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        await self.store.purge("", service, name)
+        await self._notify(service, name, node, engine.node_event("purge", name))
+        return st.result(stanza)
+
+    # -- subscriptions and affiliations, the owner's management (§8.8, §8.9) ------------------
+
+    async def _owner_get_subscriptions(self, stanza: Stanza, service: str, who: JID,
+                                       actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        reply = st.element(ns.q(OWNER, "pubsub"))
+        holder = st.child(reply, ns.q(OWNER, "subscriptions"), {"node": name})
+        for jid, state in sorted(node.subscriptions.items()):
+            st.child(holder, ns.q(OWNER, "subscription"), {"jid": jid, "subscription": state})
+        return st.result(stanza, reply)
+
+    async def _owner_set_subscriptions(self, stanza: Stanza, service: str, who: JID,
+                                       actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        for entry in actions[0].findall(ns.q(OWNER, "subscription")):
+            jid = str(_jid(entry.get("jid")))
+            state = entry.get("subscription")
+            if state == "none":
+                node.subscriptions.pop(jid, None)
+            elif state == "subscribed":
+                node.subscriptions[jid] = "subscribed"
+            else:
+                raise PubsubError("bad-request", text=f"unsupported subscription {state!r}")
+        await self._save(service, name, node)
+        return st.result(stanza)
+
+    async def _owner_get_affiliations(self, stanza: Stanza, service: str, who: JID,
+                                      actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        reply = st.element(ns.q(OWNER, "pubsub"))
+        holder = st.child(reply, ns.q(OWNER, "affiliations"), {"node": name})
+        for jid, affiliation in sorted(node.affiliations.items()):
+            st.child(holder, ns.q(OWNER, "affiliation"), {"jid": jid, "affiliation": affiliation})
+        return st.result(stanza, reply)
+
+    async def _owner_set_affiliations(self, stanza: Stanza, service: str, who: JID,
+                                      actions: list[Stanza]) -> Stanza:
+        name, node = await self._owned(service, actions[0], who)
+        changed = dict(node.affiliations)
+        for entry in actions[0].findall(ns.q(OWNER, "affiliation")):
+            jid = str(_jid(entry.get("jid")).bare)
+            affiliation = entry.get("affiliation", "")
+            if affiliation not in AFFILIATIONS:
+                raise PubsubError("bad-request", text=f"unknown affiliation {affiliation!r}")
+            if affiliation == "none":
+                changed.pop(jid, None)
+            else:
+                changed[jid] = affiliation
+        if "owner" not in changed.values():
+            raise PubsubError("not-acceptable", text="a node keeps at least one owner")
+        node.affiliations = changed
+        for jid in [j for j in node.subscriptions if changed.get(str(_jid(j).bare)) == "outcast"]:
+            del node.subscriptions[jid]
+        await self._save(service, name, node)
+        return st.result(stanza)
+
+    # -- an entity's own subscriptions and affiliations (§5.6, §5.7) -------------------------
+
+    async def _get_subscriptions(self, stanza: Stanza, service: str, who: JID,
+                                 actions: list[Stanza]) -> Stanza:
+        only = actions[0].get("node")
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        holder = st.child(reply, ns.q(PUBSUB, "subscriptions"), {"node": only} if only else {})
+        for name, node in sorted((await self.nodes(service)).items()):
+            if only is not None and name != only:
+                continue
+            for jid, state in sorted(node.subscriptions.items()):
+                if _jid(jid).bare == who.bare:
+                    st.child(holder, ns.q(PUBSUB, "subscription"),
+                             {"node": name, "jid": jid, "subscription": state})
+        return st.result(stanza, reply)
+
+    async def _get_affiliations(self, stanza: Stanza, service: str, who: JID,
+                                actions: list[Stanza]) -> Stanza:
+        only = actions[0].get("node")
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        holder = st.child(reply, ns.q(PUBSUB, "affiliations"), {"node": only} if only else {})
+        for name, node in sorted((await self.nodes(service)).items()):
+            if only is not None and name != only:
+                continue
+            affiliation = node.affiliation(who)
+            if affiliation != "none":
+                st.child(holder, ns.q(PUBSUB, "affiliation"),
+                         {"node": name, "affiliation": affiliation})
+        return st.result(stanza, reply)
+
+    # -- subscribe, unsubscribe (§6.1, §6.2) ------------------------------------------------
+
+    def _check_read(self, node: Node, who: JID) -> None:
+        affiliation = node.affiliation(who)
+        if affiliation == "outcast":
+            raise PubsubError("forbidden", text="you are banned from this node")
+        engine.check_access(node.config, owner=affiliation == "owner", subscriber=False,
+                            in_roster=False, member=affiliation in ("publisher", "member"))
+
+    async def _set_subscribe(self, stanza: Stanza, service: str, who: JID,
+                             actions: list[Stanza]) -> Stanza:
+        action = actions[0]
+        name = _node_attr(action)
+        jid = _jid(action.get("jid"))
+        if jid.bare != who.bare:
+            raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
+        node = await self._node(service, name)
+        self._check_read(node, who)
+        node.subscriptions[str(jid)] = "subscribed"
+        await self._save(service, name, node)
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        st.child(reply, ns.q(PUBSUB, "subscription"),
+                 {"node": name, "jid": str(jid), "subscription": "subscribed"})
+        if node.config["send_last_published_item"] != "never":
+            last = await self.store.items("", service, name, max_items=1)
+            if last:
+                self.server.router.spawn(self._send_last(service, name, node, jid, last[0]))
+        return st.result(stanza, reply)
+
+    async def _send_last(self, service: str, name: str, node: Node, jid: JID,
+                         item: StoredItem) -> None:
+        shown = _parse(item.payload) if node.config["deliver_payloads"] else None
+        event = engine.items_event(name, [engine.item_element(EVENT, item.id, shown,
+                                                              item.publisher)])
+        await self._route(engine.event_message(service, event, node.config["notification_type"]),
+                          [str(jid)])
+
+    async def _set_unsubscribe(self, stanza: Stanza, service: str, who: JID,
+                               actions: list[Stanza]) -> Stanza:
+        action = actions[0]
+        name = _node_attr(action)
+        jid = _jid(action.get("jid"))
+        node = await self._node(service, name)
+        if jid.bare != who.bare and node.affiliation(who) != "owner":
+            raise PubsubError("forbidden", text="unsubscribe your own JID")
+        if node.subscriptions.pop(str(jid), None) is None:
+            raise PubsubError("unexpected-request", "not-subscribed", "no such subscription")
+        await self._save(service, name, node)
+        return st.result(stanza)
+
+    # -- publish, retrieve, retract ---------------------------------------------------------
+
+    async def _set_publish(self, stanza: Stanza, service: str, who: JID,
+                           actions: list[Stanza]) -> Stanza:
+        publish = actions[0]
+        name = _node_attr(publish)
+        node = await self._node(service, name)
+        if node.affiliation(who) not in ("owner", "publisher"):
+            raise PubsubError("forbidden", text="only owners and publishers publish")
+        options_el = next((c for c in actions[1:]
+                           if c.tag == ns.q(PUBSUB, "publish-options")), None)
+        form = options_el.find(engine.X) if options_el is not None else None
+        unmet = engine.unmet_preconditions(node.config,
+                                           engine.form_values(form, engine.PUBLISH_OPTIONS))
+        if unmet:
+            raise PubsubError("conflict", "precondition-not-met",
+                              f"the node's configuration differs: {', '.join(unmet)}")
+        entries = publish.findall(ns.q(PUBSUB, "item"))
+        if not entries and node.config["persist_items"]:
+            raise PubsubError("bad-request", "item-required", "publish an item")
+        published: list[tuple[str, Stanza | None]] = []
+        for entry in entries or [st.element(ns.q(PUBSUB, "item"))]:
+            payloads = [c for c in entry if isinstance(c.tag, str)]
+            if len(payloads) > 1:
+                raise PubsubError("bad-request", "invalid-payload", "an item has one payload")
+            if not payloads and node.config["deliver_payloads"]:
+                raise PubsubError("bad-request", "payload-required", "the item needs a payload")
+            payload = _standalone(payloads[0]) if payloads else None
+            text = etree.tostring(payload, encoding="unicode") if payload is not None else ""
+            if len(text.encode()) > self.config.max_payload_size:
+                raise PubsubError("not-acceptable", "payload-too-big",
+                                  f"at most {self.config.max_payload_size} bytes")
+            item_id = entry.get("id") or uuid.uuid4().hex
+            if node.config["persist_items"]:
+                await self.store.publish("", service, name,
+                                         StoredItem(item_id, str(who.bare), text),
+                                         self._limit(node))
+            published.append((item_id, payload))
+        if node.config["deliver_notifications"]:
+            shown = node.config["deliver_payloads"]
+            await self._notify(service, name, node, engine.items_event(
+                name, [engine.item_element(EVENT, i, p if shown else None, str(who.bare))
+                       for i, p in published]))
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        done = st.child(reply, ns.q(PUBSUB, "publish"), {"node": name})
+        for item_id, _ in published:
+            st.child(done, ns.q(PUBSUB, "item"), {"id": item_id})
+        return st.result(stanza, reply)
+
+    async def _get_items(self, stanza: Stanza, service: str, who: JID,
+                         actions: list[Stanza]) -> Stanza:
+        request = actions[0]
+        name = _node_attr(request)
+        node = await self._node(service, name)
+        self._check_read(node, who)
+        ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
+        limit = None
+        if request.get("max_items") is not None:
+            try:
+                limit = int(request.get("max_items", ""))
+            except ValueError:
+                raise PubsubError("bad-request", text="max_items is a number") from None
+        stored = await self.store.items("", service, name, ids=ids or None, max_items=limit)
+        if ids and not stored:
+            raise PubsubError("item-not-found", text="no such item")
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        holder = st.child(reply, ns.q(PUBSUB, "items"), {"node": name})
+        for one in stored:
+            holder.append(engine.item_element(PUBSUB, one.id, _parse(one.payload),
+                                              one.publisher))
+        return st.result(stanza, reply)
+
+    async def _set_retract(self, stanza: Stanza, service: str, who: JID,
+                           actions: list[Stanza]) -> Stanza:
+        retract = actions[0]
+        name = _node_attr(retract)
+        node = await self._node(service, name)
+        if node.affiliation(who) not in ("owner", "publisher"):
+            raise PubsubError("forbidden", text="only owners and publishers retract")
+        ids = [i.get("id") for i in retract.findall(ns.q(PUBSUB, "item"))]
+        if not ids or not all(ids):
+            raise PubsubError("bad-request", "item-required", "retract names item ids")
+        for item_id in ids:
+            assert item_id is not None
+            if not await self.store.retract("", service, name, item_id):
+                raise PubsubError("item-not-found", text=f"no item {item_id!r}")
+            if retract.get("notify") in ("1", "true") or node.config["notify_retract"]:
+                await self._notify(service, name, node, engine.retract_event(name, item_id))
+        return st.result(stanza)
+
+    # -- notifications, discovery -----------------------------------------------------------
+
+    async def _notify(self, service: str, name: str, node: Node, event: Stanza) -> None:
+        targets = [jid for jid, state in node.subscriptions.items() if state == "subscribed"]
+        message = engine.event_message(service, event, node.config["notification_type"])
+        await self._route(message, targets)
+
+    async def _route(self, message: Stanza, targets: list[str]) -> None:
+        router = self.server.router
+        for target in targets:
+            copied = copy.deepcopy(message)
+            copied.set("to", target)
+            copied.set("id", f"pubsub-{next(self._ids)}")
+            pending = router.route(copied, None)
+            if pending is not None:
+                await pending
+
+    async def _disco_info(self, stanza: Stanza, service: str, query: Stanza) -> Stanza:
+        name = query.get("node") or ""
+        node = await self._node(service, name)
+        reply = st.element(_INFO, {"node": name})
+        st.child(reply, ns.q(ns.DISCO_INFO, "identity"), {"category": "pubsub", "type": "leaf"})
+        st.child(reply, ns.q(ns.DISCO_INFO, "feature"), {"var": PUBSUB})
+        meta = engine.config_form(node.config, engine.META_DATA, "result")
+        for jid, affiliation in sorted(node.affiliations.items()):
+            if affiliation == "owner":
+                owner = meta.find(f"{engine.FIELD}[@var='pubsub#owner']")
+                if owner is None:
+                    owner = st.child(meta, engine.FIELD, {"var": "pubsub#owner",
+                                                          "type": "jid-multi"})
+                st.child(owner, engine.VALUE, text=jid)
+        reply.append(meta)
+        return st.result(stanza, reply)
+
+    async def _disco_items(self, stanza: Stanza, service: str, query: Stanza) -> Stanza:
+        name = query.get("node")
+        if name is None:
+            reply = st.element(_ITEMS)
+            for node_name, node in sorted((await self.nodes(service)).items()):
+                attrs = {"jid": service, "node": node_name}
+                if node.config.get("title"):
+                    attrs["name"] = node.config["title"]
+                st.child(reply, ns.q(ns.DISCO_ITEMS, "item"), attrs)
+            return st.result(stanza, reply)
+        await self._node(service, name)
+        reply = st.element(_ITEMS, {"node": name})
+        for one in await self.store.items("", service, name):
+            st.child(reply, ns.q(ns.DISCO_ITEMS, "item"), {"jid": service, "name": one.id})
+        return st.result(stanza, reply)
+
+
+def _check_service_config(options: dict[str, Any]) -> None:
+    if options.get("access_model", "open") not in ("open", "whitelist"):
+        raise PubsubError("not-acceptable", "unsupported-access-model",
+                          "the service's nodes are open or whitelist")
+
+
+def _requester(stanza: Stanza, origin: Session | None) -> JID:
+    sender = stanza.get("from")
+    if sender is None:
+        if origin is None:
+            raise StanzaError("bad-request")
+        return origin.jid
+    return _jid(sender)
+
+
+def _jid(text: str | None) -> JID:
+    try:
+        return JID.parse(text or "")
+    except InvalidJID:
+        raise PubsubError("bad-request", "invalid-jid", "not a valid JID") from None
+
+
+def _node_attr(action: Stanza) -> str:
+    node = action.get("node")
+    if not node:
+        raise PubsubError("bad-request", "nodeid-required", "the request names no node")
+    return node
+
+
+def _standalone(payload: Stanza) -> Stanza:
+    kept = copy.deepcopy(payload)
+    etree.cleanup_namespaces(kept)
+    return kept
+
+
+def _parse(text: str) -> Stanza | None:
+    return etree.fromstring(text, _PARSER) if text else None

@@ -1,0 +1,187 @@
+"""PepStore on either backend: the PEP nodes of each account (XEP-0163) and their items.
+
+A node is (account, node name) with its configuration as a JSON object; an item is
+(node, item id) with a sequence number (publish order: a republished id moves to the end),
+its publisher and its payload as XML text. Both tables reference the account with
+ON DELETE CASCADE, items reference their node, so deleting an account or a node removes what it
+owns. Every call is one SQL statement, hence atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.storage import StoreSpec
+from server.storage.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    id: str
+    publisher: str
+    payload: str  # XML text ('' for an item without payload)
+
+
+_NODES = """CREATE TABLE pep_nodes (
+        domain TEXT NOT NULL,
+        localpart TEXT NOT NULL,
+        node TEXT NOT NULL,
+        config TEXT NOT NULL,
+        PRIMARY KEY (domain, localpart, node),
+        FOREIGN KEY (domain, localpart) REFERENCES accounts (domain, localpart)
+            ON DELETE CASCADE
+    )"""
+
+_ITEMS = """CREATE TABLE pep_items (
+        domain TEXT NOT NULL,
+        localpart TEXT NOT NULL,
+        node TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        seq {seq} NOT NULL,
+        publisher TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        PRIMARY KEY (domain, localpart, node, item_id),
+        FOREIGN KEY (domain, localpart, node) REFERENCES pep_nodes (domain, localpart, node)
+            ON DELETE CASCADE
+    )"""
+
+_ORDER = "CREATE INDEX pep_items_order ON pep_items (domain, localpart, node, seq)"
+
+MIGRATIONS = {
+    "sqlite": [[_NODES + " WITHOUT ROWID", _ITEMS.format(seq="INTEGER") + " WITHOUT ROWID",
+                _ORDER]],
+    "postgresql": [[_NODES, _ITEMS.format(seq="BIGINT"), _ORDER]],
+}
+
+_NODE = "domain = ? AND localpart = ? AND node = ?"
+
+
+class SQLitePepStore(Store):
+    """PepStore."""
+
+    _nodes_table = "pep_nodes"
+    _items_table = "pep_items"
+
+    async def nodes(self, user: str, domain: str) -> dict[str, dict[str, Any]]:
+        """Every node of the account: name -> configuration."""
+        rows = await self._db.fetch(
+            f"SELECT node, config FROM {self._nodes_table} WHERE domain = ? AND localpart = ?",
+            domain, user)
+        return {row[0]: json.loads(row[1]) for row in rows}
+
+    async def create_node(self, user: str, domain: str, node: str,
+                          config: dict[str, Any]) -> bool:
+        """False when the node exists already (nothing changes); NoSuchAccount."""
+        changed = await self._write(
+            user, domain, f"INSERT INTO {self._nodes_table} (domain, localpart, node, config) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            domain, user, node, json.dumps(config, sort_keys=True))
+        return changed > 0
+
+    async def set_config(self, user: str, domain: str, node: str,
+                         config: dict[str, Any]) -> bool:
+        changed = await self._db.execute(
+            f"UPDATE {self._nodes_table} SET config = ? WHERE {_NODE}",
+            json.dumps(config, sort_keys=True), domain, user, node)
+        return changed > 0
+
+    async def delete_node(self, user: str, domain: str, node: str) -> bool:
+        changed = await self._db.execute(f"DELETE FROM {self._nodes_table} WHERE {_NODE}",
+                                         domain, user, node)
+        return changed > 0
+
+    async def publish(self, user: str, domain: str, node: str, item: StoredItem,
+                      max_items: int) -> None:
+        """Add the item as the newest (replacing one with its id), then keep the newest
+        max_items."""
+        await self._write(
+            user, domain,
+            f"INSERT INTO {self._items_table} "
+            "(domain, localpart, node, item_id, seq, publisher, payload) "
+            f"VALUES (?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM {self._items_table} "
+            f"WHERE {_NODE}), ?, ?) "
+            "ON CONFLICT (domain, localpart, node, item_id) DO UPDATE SET seq = excluded.seq, "
+            "publisher = excluded.publisher, payload = excluded.payload",
+            domain, user, node, item.id, domain, user, node, item.publisher, item.payload)
+        await self.trim(user, domain, node, max_items)
+
+    async def trim(self, user: str, domain: str, node: str, max_items: int) -> int:
+        """Keep the newest max_items items of the node; the number removed."""
+        if max_items <= 0:
+            return await self.purge(user, domain, node)
+        return await self._db.execute(
+            f"DELETE FROM {self._items_table} WHERE {_NODE} AND seq < "
+            f"(SELECT seq FROM {self._items_table} "
+            f"WHERE {_NODE} ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            domain, user, node, domain, user, node, max_items - 1)
+
+    async def items(self, user: str, domain: str, node: str, *,
+                    ids: Sequence[str] | None = None,
+                    max_items: int | None = None) -> list[StoredItem]:
+        """The node's items, oldest first: those with these ids, or the newest max_items, or
+        all."""
+        if ids is not None:
+            rows = await self._db.fetch(
+                f"SELECT item_id, publisher, payload FROM {self._items_table} WHERE {_NODE} "
+                f"AND item_id IN ({', '.join('?' * len(ids))}) ORDER BY seq",
+                domain, user, node, *ids) if ids else []
+        elif max_items is not None:
+            rows = await self._db.fetch(
+                f"SELECT item_id, publisher, payload FROM {self._items_table} WHERE {_NODE} "
+                "ORDER BY seq DESC LIMIT ?", domain, user, node, max_items)
+            rows = list(reversed(rows))
+        else:
+            rows = await self._db.fetch(
+                f"SELECT item_id, publisher, payload FROM {self._items_table} WHERE {_NODE} "
+                "ORDER BY seq",
+                domain, user, node)
+        return [StoredItem(row[0], row[1], row[2]) for row in rows]
+
+    async def retract(self, user: str, domain: str, node: str, item_id: str) -> bool:
+        changed = await self._db.execute(
+            f"DELETE FROM {self._items_table} WHERE {_NODE} AND item_id = ?",
+            domain, user, node, item_id)
+        return changed > 0
+
+    async def purge(self, user: str, domain: str, node: str) -> int:
+        return await self._db.execute(f"DELETE FROM {self._items_table} WHERE {_NODE}",
+                                      domain, user, node)
+
+
+SPEC: StoreSpec = StoreSpec(name="pep", sqlite=SQLitePepStore, postgresql=SQLitePepStore,
+                            migrations=MIGRATIONS, tables=("pep_nodes", "pep_items"))
+
+
+# -- the pubsub service (pubsub.<domain>): the same calls, nodes keyed by (service domain, '') --
+
+_SERVICE_NODES = """CREATE TABLE pubsub_nodes (
+        domain TEXT NOT NULL,
+        localpart TEXT NOT NULL,
+        node TEXT NOT NULL,
+        config TEXT NOT NULL,
+        PRIMARY KEY (domain, localpart, node)
+    )"""
+
+SERVICE_MIGRATIONS = {
+    "sqlite": [[_SERVICE_NODES + " WITHOUT ROWID",
+                _ITEMS.format(seq="INTEGER").replace("pep_", "pubsub_") + " WITHOUT ROWID",
+                _ORDER.replace("pep_", "pubsub_")]],
+    "postgresql": [[_SERVICE_NODES, _ITEMS.format(seq="BIGINT").replace("pep_", "pubsub_"),
+                    _ORDER.replace("pep_", "pubsub_")]],
+}
+
+
+class SQLitePubsubStore(SQLitePepStore):
+    """The nodes of pubsub services: `user` is '' and `domain` the service's domain; a node's
+    configuration holds its affiliations and subscriptions too."""
+
+    _nodes_table = "pubsub_nodes"
+    _items_table = "pubsub_items"
+
+
+SERVICE_SPEC: StoreSpec = StoreSpec(
+    name="pubsub", sqlite=SQLitePubsubStore, postgresql=SQLitePubsubStore,
+    migrations=SERVICE_MIGRATIONS, tables=("pubsub_nodes", "pubsub_items"), requires=())
