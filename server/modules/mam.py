@@ -291,24 +291,26 @@ class Mam(Module):
         if sender is None and not to_local:
             return None
         # XEP-0359 §4: no one else may claim the ids we give.
-        for claimed in stanza.findall(_STANZA_ID):
-            by = claimed.get("by")
-            if (to_local and by == str(to.bare)) or (sender is not None and by == str(sender)):
-                stanza.remove(claimed)
-        if not archivable(stanza):
-            return None
+        if stanza.find(_STANZA_ID) is not None:
+            for claimed in stanza.findall(_STANZA_ID):
+                by = claimed.get("by")
+                if ((to_local and by == str(to.bare))
+                        or (sender is not None and by == str(sender))):
+                    stanza.remove(claimed)
         to_bare = to.bare
         source: JID | None = None
         if to_local and to_bare != sender:
             try:
-                source = JID.parse(stanza.get("from", "")).bare
+                source = JID.parse(stanza.get("from") or "").bare
             except InvalidJID:
                 source = None
-        # Decided here when the preferences are cached: a message no one archives is routed
-        # on at once (its stream's next stanza does not wait).
+        # Decided here when the preferences are cached (cheaper than looking at the payload
+        # first): a message no one archives is routed on at once.
         outgoing = False if sender is None else self._wants_now(sender, to_bare)
         incoming = False if source is None else self._wants_now(to_bare, source)
         if outgoing is False and incoming is False:
+            return None
+        if not archivable(stanza):
             return None
         if outgoing is None or incoming is None:
             return self._archive_later(stanza, sender, to, source, outgoing, incoming)
