@@ -7,6 +7,7 @@ module (pep.py) keeps nodes in a store and moves stanzas.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 from lxml import etree
 
 from server.errors import StanzaError
+from server.module import Stanza
 from server.xml import ns
 from server.xml import stanza as st
 
@@ -344,3 +346,29 @@ def caps_hash(query: etree._Element, algorithm: str) -> str | None:
 
 def features_of(query: etree._Element) -> frozenset[str]:
     return frozenset(f.get("var", "") for f in query.findall(_FEATURE))
+
+
+# -- the wire, for both front doors (PEP and the service) ---------------------------------------
+
+# Stored payloads are our own serialisation; still parsed as untrusted.
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
+                          remove_comments=True, remove_pis=True)
+
+
+def node_attr(action: Stanza) -> str:
+    """The node a request names (XEP-0060: nodeid-required without one)."""
+    node = action.get("node")
+    if not node:
+        raise PubsubError("bad-request", "nodeid-required", "the request names no node")
+    return node
+
+
+def standalone(payload: Stanza) -> Stanza:
+    """A payload to keep: a copy without the declarations of the stanza around it."""
+    kept = copy.deepcopy(payload)
+    etree.cleanup_namespaces(kept)
+    return kept
+
+
+def parse_stored(text: str) -> Stanza | None:
+    return etree.fromstring(text, _PARSER) if text else None

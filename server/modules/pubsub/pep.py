@@ -57,8 +57,6 @@ _CAPS = ns.q(engine.CAPS, "c")
 _INFO = ns.q(ns.DISCO_INFO, "query")
 _CAPS_TIMEOUT = 10.0
 _CACHE_SIZE = 10000
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
-                          remove_comments=True, remove_pis=True)
 FEATURES = (PUBSUB, *(f"{PUBSUB}#{f}" for f in (
     "access-open", "access-presence", "access-roster", "access-whitelist", "auto-create",
     "config-node", "create-nodes", "delete-items", "delete-nodes", "filtered-notifications",
@@ -249,7 +247,7 @@ class Pep(Module):
         action = actions[0]
         name = etree.QName(action).localname
         if name == "configure":
-            node = _node_attr(action)
+            node = engine.node_attr(action)
             config = await self._node(owner, node)
             reply = st.element(ns.q(OWNER, "pubsub"))
             st.child(reply, ns.q(OWNER, "configure"), {"node": node}).append(
@@ -266,7 +264,7 @@ class Pep(Module):
             raise PubsubError("forbidden", text="only the owner manages its nodes")
         action = actions[0]
         name = etree.QName(action).localname
-        node = _node_attr(action)
+        node = engine.node_attr(action)
         config = await self._node(owner, node)
         assert owner.local is not None
         if name == "configure":
@@ -306,7 +304,7 @@ class Pep(Module):
 
     async def _publish(self, owner: JID, who: JID, publish: Stanza,
                        options_el: Stanza | None) -> Stanza:
-        node = _node_attr(publish)
+        node = engine.node_attr(publish)
         items = publish.findall(ns.q(PUBSUB, "item"))
         if not items:
             raise PubsubError("bad-request", "item-required", "publish one item")
@@ -328,7 +326,7 @@ class Pep(Module):
                                   f"the node's configuration differs: {', '.join(unmet)}")
         if not payloads and config["deliver_payloads"]:
             raise PubsubError("bad-request", "payload-required", "the item needs a payload")
-        payload = _standalone(payloads[0]) if payloads else None
+        payload = engine.standalone(payloads[0]) if payloads else None
         text = etree.tostring(payload, encoding="unicode") if payload is not None else ""
         if len(text.encode()) > self.config.max_payload_size:
             raise PubsubError("not-acceptable", "payload-too-big",
@@ -350,7 +348,7 @@ class Pep(Module):
         return reply
 
     async def _items(self, owner: JID, who: JID, request: Stanza) -> Stanza:
-        node = _node_attr(request)
+        node = engine.node_attr(request)
         config = await self._node(owner, node)
         engine.check_access(config, **await self._facts(owner, who))
         ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
@@ -368,12 +366,12 @@ class Pep(Module):
         reply = st.element(ns.q(PUBSUB, "pubsub"))
         holder = st.child(reply, ns.q(PUBSUB, "items"), {"node": node})
         for one in stored:
-            holder.append(engine.item_element(PUBSUB, one.id, _parse(one.payload),
+            holder.append(engine.item_element(PUBSUB, one.id, engine.parse_stored(one.payload),
                                               one.publisher))
         return reply
 
     async def _retract(self, owner: JID, retract: Stanza) -> None:
-        node = _node_attr(retract)
+        node = engine.node_attr(retract)
         config = await self._node(owner, node)
         item = retract.find(ns.q(PUBSUB, "item"))
         if item is None or not item.get("id"):
@@ -605,7 +603,7 @@ class Pep(Module):
             last = await self.store.items(owner.local, owner.domain, node, max_items=1)
             if not last:
                 continue
-            shown = _parse(last[0].payload) if config["deliver_payloads"] else None
+            shown = engine.parse_stored(last[0].payload) if config["deliver_payloads"] else None
             event = engine.items_event(node, [engine.item_element(EVENT, last[0].id, shown,
                                                                   last[0].publisher)])
             await self._send(str(target), engine.event_message(str(owner), event,
@@ -656,20 +654,3 @@ class Pep(Module):
     def closed(self, session: Session, _reason: str) -> None:
         if not self.server.sessions.resources(session.jid.bare):
             self._nodes.pop(session.jid.bare, None)
-
-
-def _node_attr(action: Stanza) -> str:
-    node = action.get("node")
-    if not node:
-        raise PubsubError("bad-request", "nodeid-required", "the request names no node")
-    return node
-
-
-def _standalone(payload: Stanza) -> Stanza:
-    kept = copy.deepcopy(payload)
-    etree.cleanup_namespaces(kept)
-    return kept
-
-
-def _parse(text: str) -> Stanza | None:
-    return etree.fromstring(text, _PARSER) if text else None

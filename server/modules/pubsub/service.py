@@ -43,8 +43,6 @@ SERVICE_DEFAULTS = {"access_model": "open", "max_items": 10, "send_last_publishe
 AFFILIATIONS = ("owner", "publisher", "member", "none", "outcast")
 _INFO = ns.q(ns.DISCO_INFO, "query")
 _ITEMS = ns.q(ns.DISCO_ITEMS, "query")
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
-                          remove_comments=True, remove_pis=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,7 +182,7 @@ class PubsubService(ServiceModule):
         return st.result(stanza, reply)
 
     async def _owned(self, service: str, action: Stanza, who: JID) -> tuple[str, Node]:
-        name = _node_attr(action)
+        name = engine.node_attr(action)
         node = await self._node(service, name)
         if node.affiliation(who) != "owner":
             raise PubsubError("forbidden", text="only an owner of the node may do this")
@@ -336,7 +334,7 @@ class PubsubService(ServiceModule):
     async def _set_subscribe(self, stanza: Stanza, service: str, who: JID,
                              actions: list[Stanza]) -> Stanza:
         action = actions[0]
-        name = _node_attr(action)
+        name = engine.node_attr(action)
         jid = _jid(action.get("jid"))
         if jid.bare != who.bare:
             raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
@@ -355,7 +353,7 @@ class PubsubService(ServiceModule):
 
     async def _send_last(self, service: str, name: str, node: Node, jid: JID,
                          item: StoredItem) -> None:
-        shown = _parse(item.payload) if node.config["deliver_payloads"] else None
+        shown = engine.parse_stored(item.payload) if node.config["deliver_payloads"] else None
         event = engine.items_event(name, [engine.item_element(EVENT, item.id, shown,
                                                               item.publisher)])
         await self._route(engine.event_message(service, event, node.config["notification_type"]),
@@ -364,7 +362,7 @@ class PubsubService(ServiceModule):
     async def _set_unsubscribe(self, stanza: Stanza, service: str, who: JID,
                                actions: list[Stanza]) -> Stanza:
         action = actions[0]
-        name = _node_attr(action)
+        name = engine.node_attr(action)
         jid = _jid(action.get("jid"))
         node = await self._node(service, name)
         if jid.bare != who.bare and node.affiliation(who) != "owner":
@@ -379,7 +377,7 @@ class PubsubService(ServiceModule):
     async def _set_publish(self, stanza: Stanza, service: str, who: JID,
                            actions: list[Stanza]) -> Stanza:
         publish = actions[0]
-        name = _node_attr(publish)
+        name = engine.node_attr(publish)
         node = await self._node(service, name)
         if node.affiliation(who) not in ("owner", "publisher"):
             raise PubsubError("forbidden", text="only owners and publishers publish")
@@ -401,7 +399,7 @@ class PubsubService(ServiceModule):
                 raise PubsubError("bad-request", "invalid-payload", "an item has one payload")
             if not payloads and node.config["deliver_payloads"]:
                 raise PubsubError("bad-request", "payload-required", "the item needs a payload")
-            payload = _standalone(payloads[0]) if payloads else None
+            payload = engine.standalone(payloads[0]) if payloads else None
             text = etree.tostring(payload, encoding="unicode") if payload is not None else ""
             if len(text.encode()) > self.config.max_payload_size:
                 raise PubsubError("not-acceptable", "payload-too-big",
@@ -426,7 +424,7 @@ class PubsubService(ServiceModule):
     async def _get_items(self, stanza: Stanza, service: str, who: JID,
                          actions: list[Stanza]) -> Stanza:
         request = actions[0]
-        name = _node_attr(request)
+        name = engine.node_attr(request)
         node = await self._node(service, name)
         self._check_read(node, who)
         ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
@@ -442,14 +440,14 @@ class PubsubService(ServiceModule):
         reply = st.element(ns.q(PUBSUB, "pubsub"))
         holder = st.child(reply, ns.q(PUBSUB, "items"), {"node": name})
         for one in stored:
-            holder.append(engine.item_element(PUBSUB, one.id, _parse(one.payload),
+            holder.append(engine.item_element(PUBSUB, one.id, engine.parse_stored(one.payload),
                                               one.publisher))
         return st.result(stanza, reply)
 
     async def _set_retract(self, stanza: Stanza, service: str, who: JID,
                            actions: list[Stanza]) -> Stanza:
         retract = actions[0]
-        name = _node_attr(retract)
+        name = engine.node_attr(retract)
         node = await self._node(service, name)
         if node.affiliation(who) not in ("owner", "publisher"):
             raise PubsubError("forbidden", text="only owners and publishers retract")
@@ -535,20 +533,3 @@ def _jid(text: str | None) -> JID:
         return JID.parse(text or "")
     except InvalidJID:
         raise PubsubError("bad-request", "invalid-jid", "not a valid JID") from None
-
-
-def _node_attr(action: Stanza) -> str:
-    node = action.get("node")
-    if not node:
-        raise PubsubError("bad-request", "nodeid-required", "the request names no node")
-    return node
-
-
-def _standalone(payload: Stanza) -> Stanza:
-    kept = copy.deepcopy(payload)
-    etree.cleanup_namespaces(kept)
-    return kept
-
-
-def _parse(text: str) -> Stanza | None:
-    return etree.fromstring(text, _PARSER) if text else None
