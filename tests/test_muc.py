@@ -5,7 +5,6 @@ server (two servers in this process)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +14,8 @@ import slixmpp
 from lxml import etree
 
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.process import free_ports
 from tests.rawclient import CLIENT, RawClient, condition
+from tests.test_service_hosts import two_in_process
 
 MUC = "http://jabber.org/protocol/muc"
 USER = MUC + "#user"
@@ -520,32 +519,9 @@ async def test_kick_ban_voice_and_lists(muc: RunningServer) -> None:
 
 # -- federation: an occupant from another server -------------------------------------------------
 
-@contextlib.asynccontextmanager
-async def two_servers(tmp: Path) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
-    """one.test (127.0.0.51) and two.test with muc.two.test (127.0.0.52), routed to each
-    other, both in this process."""
-    (port_one,) = free_ports(1, "127.0.0.51")
-    (port_two,) = free_ports(1, "127.0.0.52")
-    one = await start_server(
-        tmp / "one", f'[s2s]\nroutes = {{ "two.test" = "127.0.0.52:{port_two}", '
-        f'"muc.two.test" = "127.0.0.52:{port_two}" }}\n{ON}',
-        domains=("one.test",), host="127.0.0.51", s2s=f"127.0.0.51:{port_one}")
-    try:
-        two = await start_server(
-            tmp / "two", f'[s2s]\nroutes = {{ "one.test" = "127.0.0.51:{port_one}", '
-            f'"muc.one.test" = "127.0.0.51:{port_one}" }}\n{ON}',
-            domains=("two.test",), host="127.0.0.52", s2s=f"127.0.0.52:{port_two}")
-        try:
-            yield one, two
-        finally:
-            await stop_server(two)
-    finally:
-        await stop_server(one)
-
-
 async def test_an_occupant_from_another_server(tmp_path: Path) -> None:
     room = "lounge@muc.two.test"
-    async with two_servers(tmp_path) as (one, two):
+    async with two_in_process(tmp_path, one_extra=ON, two_extra=ON) as (one, two):
         await one.add_user("alice@one.test")
         await two.add_user("bob@two.test")
         bob = await two.raw_login("bob@two.test", resource="pc")

@@ -215,22 +215,30 @@ def test_component_domain_may_not_be_a_user_domain(tmp_path: Path) -> None:
 
 # -- two servers in one process ------------------------------------------------------------------
 
+def _routes(address: str, domain: str, names: tuple[str, ...]) -> str:
+    """[s2s] routes to a server: its user domain, its default services and the names given."""
+    targets = (domain, f"muc.{domain}", f"pubsub.{domain}", *names)
+    return "[s2s]\nroutes = { " + ", ".join(f'"{t}" = "{address}"' for t in targets) + " }\n"
+
+
 @contextlib.asynccontextmanager
-async def two_in_process(tmp: Path) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+async def two_in_process(tmp: Path, *, one_extra: str = "", two_extra: str = "",
+                         one_names: tuple[str, ...] = (), two_names: tuple[str, ...] = (),
+                         one_listen: str = "",
+                         ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
     """one.test on 127.0.0.51 and two.test on 127.0.0.52, both Server objects of this process,
-    routed to each other (dialback: self-signed certificates), two.test with an echo service."""
-    port_one, component_port = free_ports(2, "127.0.0.51")
+    each routed to the other's domains (its user domain, default services, and one_names /
+    two_names: service or component domains of one or of two); dialback, self-signed
+    certificates. one_listen: more [listen] keys of one.test (with its ports, see ports)."""
+    (port_one,) = free_ports(1, "127.0.0.51")
     (port_two,) = free_ports(1, "127.0.0.52")
     one = await start_server(
-        tmp / "one", f'[s2s]\nroutes = {{ "two.test" = "127.0.0.52:{port_two}", '
-        f'"echo.two.test" = "127.0.0.52:{port_two}" }}\n'
-        f'[components]\n"bridge.one.test" = {{ secret = "{SECRET}" }}\n',
+        tmp / "one", _routes(f"127.0.0.52:{port_two}", "two.test", two_names) + one_extra,
         domains=("one.test",), host="127.0.0.51", s2s=f"127.0.0.51:{port_one}",
-        listen_extra=f'component = ["127.0.0.51:{component_port}"]')
+        listen_extra=one_listen)
     try:
         two = await start_server(
-            tmp / "two", f'[s2s]\nroutes = {{ "one.test" = "127.0.0.51:{port_one}", '
-            f'"bridge.one.test" = "127.0.0.51:{port_one}" }}\n{ECHO}',
+            tmp / "two", _routes(f"127.0.0.51:{port_one}", "one.test", one_names) + two_extra,
             domains=("two.test",), host="127.0.0.52", s2s=f"127.0.0.52:{port_two}")
         try:
             yield one, two
@@ -241,7 +249,12 @@ async def two_in_process(tmp: Path) -> AsyncIterator[tuple[RunningServer, Runnin
 
 
 async def test_two_servers_in_one_process_federate(tmp_path: Path) -> None:
-    async with two_in_process(tmp_path) as (one, two):
+    (component_port,) = free_ports(1, "127.0.0.51")
+    async with two_in_process(
+            tmp_path, two_extra=ECHO, two_names=("echo.two.test",),
+            one_extra=f'[components]\n"bridge.one.test" = {{ secret = "{SECRET}" }}\n',
+            one_names=("bridge.one.test",),
+            one_listen=f'component = ["127.0.0.51:{component_port}"]') as (one, two):
         await one.add_user("alice@one.test")
         await two.add_user("bob@two.test")
         alice = await one.raw_login("alice@one.test", resource="pc")
@@ -263,7 +276,7 @@ async def test_two_servers_in_one_process_federate(tmp_path: Path) -> None:
         # An external component of one.test talks to a user of two.test over federation.
         logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
         component = slixmpp.ComponentXMPP("bridge.one.test", SECRET, "127.0.0.51",
-                                          one.address("component")[1])
+                                          component_port)
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         received: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
         component.add_event_handler("session_start", lambda _e: started.set_result(None))

@@ -372,3 +372,17 @@ def standalone(payload: Stanza) -> Stanza:
 
 def parse_stored(text: str) -> Stanza | None:
     return etree.fromstring(text, _PARSER) if text else None
+
+
+def item_payload(payloads: list[Stanza], config: Mapping[str, Any],
+                 max_size: int) -> tuple[Stanza | None, str]:
+    """The payload of a published item and its stored text, checked as XEP-0060 §7.1.3
+    says (payload-required for a node that delivers payloads, payload-too-big)."""
+    if not payloads and config["deliver_payloads"]:
+        raise PubsubError("bad-request", "payload-required", "the item needs a payload")
+    payload = standalone(payloads[0]) if payloads else None
+    text = etree.tostring(payload, encoding="unicode") if payload is not None else ""
+    if len(text.encode()) > max_size:
+        raise PubsubError("not-acceptable", "payload-too-big",
+                          f"a payload may have at most {max_size} bytes")
+    return payload, text

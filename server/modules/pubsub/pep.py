@@ -324,13 +324,7 @@ class Pep(Module):
             if unmet:
                 raise PubsubError("conflict", "precondition-not-met",
                                   f"the node's configuration differs: {', '.join(unmet)}")
-        if not payloads and config["deliver_payloads"]:
-            raise PubsubError("bad-request", "payload-required", "the item needs a payload")
-        payload = engine.standalone(payloads[0]) if payloads else None
-        text = etree.tostring(payload, encoding="unicode") if payload is not None else ""
-        if len(text.encode()) > self.config.max_payload_size:
-            raise PubsubError("not-acceptable", "payload-too-big",
-                              f"a payload may have at most {self.config.max_payload_size} bytes")
+        payload, text = engine.item_payload(payloads, config, self.config.max_payload_size)
         item_id = item.get("id") or uuid.uuid4().hex
         if config["persist_items"]:
             assert owner.local is not None

@@ -397,13 +397,8 @@ class PubsubService(ServiceModule):
             payloads = [c for c in entry if isinstance(c.tag, str)]
             if len(payloads) > 1:
                 raise PubsubError("bad-request", "invalid-payload", "an item has one payload")
-            if not payloads and node.config["deliver_payloads"]:
-                raise PubsubError("bad-request", "payload-required", "the item needs a payload")
-            payload = engine.standalone(payloads[0]) if payloads else None
-            text = etree.tostring(payload, encoding="unicode") if payload is not None else ""
-            if len(text.encode()) > self.config.max_payload_size:
-                raise PubsubError("not-acceptable", "payload-too-big",
-                                  f"at most {self.config.max_payload_size} bytes")
+            payload, text = engine.item_payload(payloads, node.config,
+                                                self.config.max_payload_size)
             item_id = entry.get("id") or uuid.uuid4().hex
             if node.config["persist_items"]:
                 await self.store.publish("", service, name,
