@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import random
 import re
 import ssl
@@ -383,8 +384,9 @@ def closing_all(clients: Sequence[Client]) -> Iterator[None]:
 
 
 async def connect_many(target: Target, users: Sequence[str], *, roster: bool = False,
-                       presence: bool = True, limit: int = 32) -> list[Client]:
-    clients = [Client(target, u) for u in users]
+                       presence: bool = True, limit: int = 32,
+                       factory: Callable[[Target, str], Client] = Client) -> list[Client]:
+    clients = [factory(target, u) for u in users]
     try:
         await _gather_bounded([c.login(roster=roster, presence=presence) for c in clients],
                               limit)
@@ -691,12 +693,14 @@ async def op_messages(control: Control, target: Target, pairs: list[tuple[str, s
 
 
 async def _measure(control: Control, info: dict[str, Any], flows: Sequence[Any],
-                   counter: Callable[[], int], begin: Callable[[Any], None]) -> int:
+                   counter: Callable[[], int], begin: Callable[[Any], None],
+                   also: Sequence[Snapshots] = ()) -> int:
     """Start every flow at the timeline's start (begin(flow)), stop them at its end; how much
-    the counter grew over the measured window."""
+    the counter grew over the measured window (and the `also` snapshots taken with it)."""
     timeline = await control.ready(info)
     snaps = Snapshots(counter)
-    snaps.schedule(timeline)
+    for s in (snaps, *also):
+        s.schedule(timeline)
     await timeline.wait(timeline.start)
     for f in flows:
         f.running = True
@@ -881,6 +885,313 @@ async def op_offline(control: Control, target: Target, senders: list[str],
     return {"stored": stored, "errors": sum(f.errors for f in flows)}
 
 
+# -- PEP notifications and MUC fan-out (bench/pep_notify.py, bench/muc_fanout.py) ---------------
+
+DISCO_INFO_NS = "http://jabber.org/protocol/disco#info"
+CAPS_NS = "http://jabber.org/protocol/caps"
+PUBSUB_NS = "http://jabber.org/protocol/pubsub"
+TUNE_NS = "http://jabber.org/protocol/tune"
+MUC_NS = "http://jabber.org/protocol/muc"
+MUC_OWNER_NS = "http://jabber.org/protocol/muc#owner"
+DATA_NS = "jabber:x:data"
+CAPS_NODE = "https://presenced.invalid/bench"
+CAPS_IDENTITY = ("client", "pc", "", "presenced bench")
+CAPS_FEATURES = (CAPS_NS, DISCO_INFO_NS, TUNE_NS, TUNE_NS + "+notify")
+
+
+def caps_ver(identity: tuple[str, str, str, str], features: Sequence[str]) -> str:
+    """XEP-0115 §5.1: the sha-1 ver of one identity (category, type, lang, name) and features
+    (no forms): what the servers recompute from our disco#info answer before caching it."""
+    text = "/".join(identity) + "<" + "".join(f"{f}<" for f in sorted(features))
+    return base64.b64encode(hashlib.sha1(text.encode()).digest()).decode()
+
+
+CAPS_VER = caps_ver(CAPS_IDENTITY, CAPS_FEATURES)
+CAPS_PRESENCE = (f"<presence><c xmlns='{CAPS_NS}' hash='sha-1' node='{CAPS_NODE}' "
+                 f"ver='{CAPS_VER}'/></presence>").encode()
+
+
+class CapsClient(Client):
+    """A client whose presence carries XEP-0115 caps asking for tune notifications (XEP-0163
+    §4.2: +notify) and which answers the servers' disco#info query for them with the result
+    its ver is the hash of (the servers verify it, XEP-0115 §5.4)."""
+
+    def answer(self, el: etree._Element) -> None:
+        query = el.find(f"{{{DISCO_INFO_NS}}}query")
+        if el.tag != f"{{{CLIENT_NS}}}iq" or el.get("type") != "get" or query is None:
+            super().answer(el)
+            return
+        node = query.get("node")
+        category, kind, _lang, name = CAPS_IDENTITY
+        to = f" to='{_esc(el.get('from', ''))}'" if el.get("from") else ""
+        self.send(f"<iq type='result' id='{_esc(el.get('id', ''))}'{to}>"
+                  f"<query xmlns='{DISCO_INFO_NS}'"
+                  + (f" node='{_esc(node)}'" if node is not None else "") + ">"
+                  f"<identity category='{category}' type='{kind}' name='{_esc(name)}'/>"
+                  + "".join(f"<feature var='{f}'/>" for f in CAPS_FEATURES)
+                  + "</query></iq>")
+
+
+_IQ_ATTR = re.compile(rb"""\s(type|id)\s*=\s*(?:'([^']*)'|"([^"]*)")""")
+
+
+class _Listener:
+    """The sink of a client that must stay answerable: counts a marker in the raw bytes, and
+    picks the iqs out of them: requests are parsed and answered (Client.answer: the caps
+    query), results and errors of our own requests (ids starting with `mine`) reported to
+    on_reply(the iq if an error, else None). Only iqs are parsed; everything else is counted
+    and dropped."""
+
+    __slots__ = ("_carry", "client", "count", "counter", "mine", "on_reply", "requests")
+
+    def __init__(self, client: Client, marker: bytes, mine: bytes = b"pub",
+                 on_reply: Callable[[bytes | None], None] | None = None) -> None:
+        self.client = client
+        self.counter = TagCounter(marker)
+        self.count = 0
+        self.requests = 0
+        self.mine = mine
+        self.on_reply = on_reply
+        self._carry = b""
+        client.sink = self.feed
+
+    def feed(self, data: bytes) -> None:
+        self.count += self.counter.count(data)
+        if self._carry or b"<iq" in data or data.endswith((b"<", b"<i")):
+            self._scan(self._carry + data)
+
+    def _scan(self, buf: bytes) -> None:
+        self._carry = b""
+        pos = 0
+        while True:
+            start = buf.find(b"<iq", pos)
+            if start < 0:
+                if buf.endswith((b"<", b"<i")):
+                    self._carry = buf[buf.rindex(b"<"):]
+                return
+            head_end = buf.find(b">", start)
+            if head_end < 0:
+                self._carry = buf[start:]
+                return
+            if buf[head_end - 1:head_end] == b"/":
+                end = head_end + 1
+            else:
+                close = buf.find(b"</iq>", head_end)
+                if close < 0:
+                    self._carry = buf[start:]
+                    return
+                end = close + 5
+            self._iq(buf[start:end], buf[start:head_end])
+            pos = end
+
+    def _iq(self, segment: bytes, head: bytes) -> None:
+        attrs = {m[0]: m[1] or m[2] for m in _IQ_ATTR.findall(head)}
+        kind, ident = attrs.get(b"type", b""), attrs.get(b"id", b"")
+        if kind in (b"get", b"set"):
+            self.requests += 1
+            try:
+                wrapped = etree.fromstring(b"<w xmlns='jabber:client'>" + segment + b"</w>")
+            except etree.XMLSyntaxError:
+                return
+            self.client.answer(wrapped[0])
+        elif ident.startswith(self.mine) and self.on_reply is not None:
+            self.on_reply(segment if kind == b"error" else None)
+
+
+async def _until_quiet(counter: Callable[[], int], quiet: float = 0.7,
+                       limit: float = 20.0) -> None:
+    """Until counter() has not moved for `quiet` seconds (at most `limit` seconds)."""
+    began = last_change = time.monotonic()
+    last = counter()
+    while (now := time.monotonic()) - last_change < quiet and now - began < limit:
+        await asyncio.sleep(0.1)
+        if (value := counter()) != last:
+            last, last_change = value, time.monotonic()
+
+
+_RUN = f"{random.getrandbits(32):08x}"  # this process's publications, told from others'
+_TRACK = re.compile(rb"<title>Track ([0-9a-f]{8}-[0-9]+)</title>")
+
+
+class _Notifications(_Listener):
+    """A _Listener that also tells the publications apart (a server may notify one resource
+    twice, through its full and its bare JID): `distinct` counts each at most once."""
+
+    __slots__ = ("_tail", "distinct", "seen")
+
+    def __init__(self, client: Client, on_reply: Callable[[bytes | None], None]) -> None:
+        super().__init__(client, b"protocol/pubsub#event", b"pub", on_reply)
+        self.seen: set[bytes] = set()
+        self.distinct = 0
+        self._tail = b""
+
+    def feed(self, data: bytes) -> None:
+        super().feed(data)
+        buf = self._tail + data
+        end = 0
+        for match in _TRACK.finditer(buf):
+            end = match.end()
+            if match[1] not in self.seen:
+                self.seen.add(match[1])
+                self.distinct += 1
+        self._tail = buf[max(end, len(buf) - 64):]  # a title cut in two is completed next
+
+
+def _tune(turn: int) -> bytes:
+    """A XEP-0118 tune publication (XEP-0163 §3: to the account's own PEP service, no 'to';
+    the node is auto-created on the first one, XEP-0060 §7.1.4), always as item "current",
+    which each publication replaces."""
+    return (f"<iq type='set' id='pub{turn}'><pubsub xmlns='{PUBSUB_NS}'>"
+            f"<publish node='{TUNE_NS}'><item id='current'><tune xmlns='{TUNE_NS}'>"
+            f"<artist>Yes</artist><length>{180 + turn % 300}</length><source>Yessongs"
+            f"</source><title>Track {_RUN}-{turn}</title><track>{turn % 12 + 1}</track>"
+            f"<uri>https://example.org/tracks/{turn}</uri></tune></item></publish>"
+            f"</pubsub></iq>").encode()
+
+
+async def op_pep(control: Control, target: Target, users: list[str],
+                 window: int) -> dict[str, Any]:
+    """Every user online with its roster and caps that ask for tune notifications; users
+    publish a tune in turn, at most `window` publications of this process unanswered. Counted:
+    the pubsub#event notifications the clients receive (from contacts in any process)."""
+    clients = await connect_many(target, users, roster=True, presence=False,
+                                 factory=CapsClient)
+    state: dict[str, Any] = {"published": 0, "answered": 0, "errors": 0, "error": ""}
+    running = False
+
+    def fill() -> None:
+        while running and state["published"] - state["answered"] < window:
+            turn = state["published"]
+            clients[turn % len(clients)].send(_tune(turn))
+            state["published"] = turn + 1
+
+    def on_reply(error: bytes | None) -> None:
+        state["answered"] += 1
+        if error is not None:
+            state["errors"] += 1
+            condition = error[max(error.find(b"<error"), 0):][:300]
+            state["error"] = state["error"] or condition.decode(errors="replace")
+        fill()
+
+    with closing_all(clients):
+        listeners = [_Notifications(c, on_reply) for c in clients]
+
+        def queries() -> int:
+            return sum(li.requests for li in listeners)
+        # Available presence with caps, twice: a server learns a contact's caps from the
+        # presence the contact sends to the owner's bare JID (Prosody's mod_pep only from
+        # that), and a contact that came online first only got the later one's probe answer.
+        for c in clients:
+            c.send(CAPS_PRESENCE)
+        await _until_quiet(queries)
+        for c in clients:
+            c.send(CAPS_PRESENCE)
+        await _until_quiet(queries)
+        timeline = await control.ready({"users": len(clients), "caps_queries": queries()})
+        received = Snapshots(lambda: sum(li.count for li in listeners))
+        delivered = Snapshots(lambda: sum(li.distinct for li in listeners))
+        answered = Snapshots(lambda: state["answered"])
+        refused = Snapshots(lambda: state["errors"])
+        for snaps in (received, delivered, answered, refused):
+            snaps.schedule(timeline)
+        await timeline.wait(timeline.start)
+        running = True
+        fill()
+        await timeline.wait(timeline.end + 0.01)
+        running = False
+    return {"delivered": delivered.delta, "received": received.delta,
+            "published": answered.delta, "errors": refused.delta, "error": state["error"],
+            "caps_queries": queries()}
+
+
+class _Room:
+    """One room's occupants in this process, talking in turn; at most `window` messages (each
+    delivered to every occupant, the sender included: XEP-0045 §7.4) in flight. A message the
+    room refuses (an error back to its sender) is out of flight too, and counted apart."""
+
+    __slots__ = ("base", "clients", "errors", "jid", "message", "received", "refused",
+                 "running", "sent", "window")
+
+    def __init__(self, jid: str, clients: list[Client], window: int) -> None:
+        self.jid = jid
+        self.clients = clients
+        self.window = window
+        self.message = (f"<message to='{_esc(jid)}' type='groupchat' id='g'>"
+                        f"<body>{BODY}</body></message>").encode()
+        self.sent = self.received = self.refused = self.base = 0
+        self.running = False
+        for c in clients:
+            c.sink = self._sink()
+
+    def _sink(self) -> Callable[[bytes], None]:
+        # Only groupchat messages count: an error bounced to a sender is no delivery.
+        counters = [TagCounter(m) for m in (b"type='groupchat'", b'type="groupchat"',
+                                            b"type='error'", b'type="error"')]
+
+        def sink(data: bytes) -> None:
+            single, double, error_sq, error_dq = (c.count(data) for c in counters)
+            self.received += single + double
+            self.refused += error_sq + error_dq
+            if self.running and self._in_flight() <= self.window * len(self.clients) // 2:
+                self.fill()
+        return sink
+
+    def _in_flight(self) -> int:
+        n = len(self.clients)
+        return (self.sent - self.refused) * n - (self.received - self.base)
+
+    def start(self) -> None:
+        # Joins' subject messages and refusals before the start are no part of the flow.
+        self.base = self.received
+        self.sent = self.refused = 0
+        self.fill()
+
+    def fill(self) -> None:
+        n = len(self.clients)
+        for _ in range(max(self.window - -(-self._in_flight() // n), 0)):
+            if not self.running:
+                return
+            sender = self.clients[self.sent % n]
+            assert sender.transport is not None
+            sender.transport.write(self.message)
+            self.sent += 1
+
+
+async def _join(client: Client, room: str, nick: str, timeout: float = 60.0) -> None:
+    """XEP-0045 §7.2: enter the room without discussion history (maxstanzas='0', "Managing
+    Discussion History"); done at our own presence, which comes after the other occupants'."""
+    me = f"{room}/{nick}"
+    client.send(f"<presence to='{_esc(me)}'><x xmlns='{MUC_NS}'><history maxstanzas='0'/>"
+                f"</x></presence>")
+    el = await client.expect(lambda el: el.tag == f"{{{CLIENT_NS}}}presence"
+                             and el.get("from") == me, timeout)
+    if el.get("type") == "error":
+        raise XMPPError(f"{client.user}: cannot join {room}: {etree.tostring(el)[:300]!r}")
+
+
+async def op_muc(control: Control, target: Target, rooms: list[tuple[str, list[str]]],
+                 window: int, form: str = "") -> dict[str, Any]:
+    """Rooms of occupants all talking (see _Room); the first occupant creates the room and
+    submits the owner's form (XEP-0045 §10.1.2: an instant room when `form` is empty)."""
+    occupants = [u for _, members in rooms for u in members]
+    clients = await connect_many(target, occupants)
+    by_user = dict(zip(occupants, clients, strict=True))
+    with closing_all(clients):
+        flows = []
+        for room, members in rooms:
+            first = by_user[members[0]]
+            await _join(first, room, members[0])
+            await first.iq(f"<query xmlns='{MUC_OWNER_NS}'><x xmlns='{DATA_NS}' "
+                           f"type='submit'>{form}</x></query>", "set", to=room)
+            await _gather_bounded([_join(by_user[m], room, m) for m in members[1:]], 16)
+            flows.append(_Room(room, [by_user[m] for m in members], window))
+        refused = Snapshots(lambda: sum(f.refused for f in flows))
+        delivered = await _measure(control, {"rooms": len(flows)}, flows,
+                                   lambda: sum(f.received for f in flows), _Room.start,
+                                   also=(refused,))
+    return {"delivered": delivered, "refused": refused.delta, "sent": sum(f.sent for f in flows)}
+
+
 OPS: dict[str, Callable[..., Any]] = {
     "offline": op_offline,
     "logins": op_logins,
@@ -889,6 +1200,8 @@ OPS: dict[str, Callable[..., Any]] = {
     "latency": op_latency,
     "presence": op_presence,
     "idle": op_idle,
+    "pep": op_pep,
+    "muc": op_muc,
 }
 
 

@@ -96,6 +96,7 @@ class Federation:
         self._listeners: list[tuple[str, asyncio.Server]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = False  # no new streams once stop() began
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Federation:
                 for kind, listener in self._listeners for sock in listener.sockets]
 
     async def stop(self) -> None:
+        self._stopped = True
         for _kind, listener in self._listeners:
             listener.close()
         self._listeners.clear()
@@ -196,6 +198,8 @@ class Federation:
 
     def route(self, stanza: etree._Element, origin: Session | None, to: JID) -> bool:
         """A stanza for a remote domain: onto the stream for its (from-domain, to-domain)."""
+        if self._stopped:
+            raise StanzaError("remote-server-not-found", "this server is shutting down")
         remote = to.domain
         sender = stanza.get("from")
         try:

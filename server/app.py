@@ -244,8 +244,6 @@ class Server:
             self._sweeper.cancel()
         if self.components is not None:
             await self.components.stop()
-        if self.federation is not None:
-            await self.federation.stop()
         for conn in list(self.connections):
             conn.close("system-shutdown", "the server is shutting down")
         deadline = self.loop.time() + 3.0
@@ -254,6 +252,10 @@ class Server:
         for conn in list(self.connections):
             conn.abort("shutdown")
         await self.router.drain()
+        # Federation after the client streams: what their closing sends to other servers
+        # (unavailable presence to contacts and rooms, RFC 6121 §4.6.3) goes out first.
+        if self.federation is not None:
+            await self.federation.stop()
         for module in reversed(list(self.modules.values())):
             await module.stop()
         await self.storage.close()

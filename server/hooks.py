@@ -6,7 +6,8 @@ fire_all() calls every handler (notifications) and returns their non-None result
 Routing: message/{host,bare,full}, presence/{host,bare,full}, iq/{bare,full} (an iq no handler
 took), iq-response, presence/broadcast (no 'to' from a client), route/remote (a domain we do not
 host), filter/user (every stanza addressed to a user, local or remote, before delivery: stanza,
-origin, to; each filter once, an awaitable of None lets it pass), message/offline,
+origin, to; each filter once, an awaitable of None lets it pass; a filter marked with
+`stanza_kinds` is skipped for the other kinds), message/offline,
 message/delivered (stanza, account, sessions: carbons, push), presence/outgoing,
 presence/fetched, presence/available, presence/unavailable.
 Sessions: session-bound, session-closed (session, reason), session-detached (the stream is
@@ -16,29 +17,70 @@ SASL2 and Bind 2 (XEP-0388/0386/0484): bind2/features, bind2/enable (session, el
 sasl2/resume (stream, element), fast/verify, fast/issue.
 Discovery and access: disco/node, disco/account-info (query, stanza, origin),
 access/may-see-presence, access/deny, watchers/list.
+PEP: pep/published (owner, node, item id, payload or None) after an item went out.
 Lifecycle: server-started, server-stopping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+_KINDS = "__presenced_stanza_kinds__"
+_KIND_CHAINS = 16  # chains kept per event; kinds are stanza tags, a handful
+
+
+def stanza_kinds(*tags: str) -> Callable[[F], F]:
+    """Marks a handler (of filter/user) that looks at stanzas with these tags only, e.g.
+    ``@stanza_kinds(st.PRESENCE)`` under ``@hook("filter/user")``: `Hooks.chain(event, tag)`
+    leaves it out for the others, so a message does not pay for presence filters. The handler
+    must return None for the kinds it leaves out (whoever runs the whole chain still calls
+    it)."""
+    def mark(fn: F) -> F:
+        fn.__dict__[_KINDS] = frozenset(tags)
+        return fn
+    return mark
 
 
 class Hooks:
     def __init__(self) -> None:
         self._handlers: dict[str, list[tuple[int, Callable[..., Any]]]] = {}
         self._chains: dict[str, tuple[Callable[..., Any], ...]] = {}
+        # event -> stanza kind -> its chain, filled on demand (by_kind() hands out the dicts)
+        self._kind_chains: dict[str, dict[object, tuple[Callable[..., Any], ...]]] = {}
 
     def add(self, event: str, handler: Callable[..., Any], priority: int = 0) -> None:
         handlers = self._handlers.setdefault(event, [])
         handlers.append((priority, handler))
         handlers.sort(key=lambda item: -item[0])  # stable: equal priorities keep load order
         self._chains[event] = tuple(h for _, h in handlers)
+        kinds = self._kind_chains.get(event)
+        if kinds is not None:
+            kinds.clear()  # in place: holders of by_kind(event) see the change
 
-    def chain(self, event: str) -> tuple[Callable[..., Any], ...]:
-        """The handlers of an event, highest priority first."""
-        return self._chains.get(event, ())
+    def chain(self, event: str, kind: object = None) -> tuple[Callable[..., Any], ...]:
+        """The handlers of an event, highest priority first; given a stanza's tag, without
+        those marked (`stanza_kinds`) as looking at other kinds only."""
+        if kind is None:
+            return self._chains.get(event, ())
+        kinds = self.by_kind(event)
+        chain = kinds.get(kind)
+        if chain is None:
+            chain = tuple(h for h in self._chains.get(event, ())
+                          if kind in getattr(h, _KINDS, (kind,)))
+            if len(kinds) >= _KIND_CHAINS:
+                kinds.clear()
+            kinds[kind] = chain
+        return chain
+
+    def by_kind(self, event: str) -> dict[object, tuple[Callable[..., Any], ...]]:
+        """The chains of an event by stanza kind made so far, kept up to date in place (a
+        kind missing: ask chain(event, kind)). For the router's hot path: one dict lookup."""
+        kinds = self._kind_chains.get(event)
+        if kinds is None:
+            kinds = self._kind_chains[event] = {}
+        return kinds
 
     def has(self, event: str) -> bool:
         return event in self._chains

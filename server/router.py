@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presenced.router")
 _Element: TypeAlias = etree._Element
+_MESSAGE_EVENTS = {kind: f"message/{kind}" for kind in ("host", "bare", "full")}
+_PRESENCE_EVENTS = {kind: f"presence/{kind}" for kind in ("host", "bare", "full")}
 
 
 class Router:
@@ -36,6 +38,7 @@ class Router:
         self._iq: dict[tuple[str, str, str, str], Handler] = {}
         self._iq_namespaces: set[tuple[str, str, str]] = set()  # (type, target, xmlns) handled
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._filters = hooks.by_kind("filter/user")  # stanza tag -> its filter chain
 
     def add_iq_handler(self, type_: str, target: str, xmlns: str, name: str,
                        handler: Handler) -> None:
@@ -127,36 +130,38 @@ class Router:
         # user, local or remote, before delivery, each once: one returning non-None has
         # consumed the stanza, one raising StanzaError bounces it, one returning an awaitable
         # of None lets it pass once it is done (the next filters then run, not the first ones).
+        tag = stanza.tag  # built anew by lxml at each access: once here
         if jid.local is not None:
-            chain = self.hooks.chain("filter/user")
+            chain = self._filters.get(tag)
+            if chain is None:
+                chain = self.hooks.chain("filter/user", tag)
             if chain:
-                return self._filter(chain, 0, stanza, origin, jid)
-        return self._deliver(stanza, origin, jid)
+                return self._filter(chain, 0, stanza, origin, jid, tag)
+        return self._deliver(stanza, origin, jid, tag)
 
     def _filter(self, chain: tuple[Callable[..., Any], ...], start: int, stanza: _Element,
-                origin: Session | None, jid: JID) -> Any:
+                origin: Session | None, jid: JID, tag: str) -> Any:
         for index in range(start, len(chain)):
             verdict = chain[index](stanza, origin, jid)
             if verdict is None:
                 continue
             if inspect.isawaitable(verdict):
-                return self._filter_later(verdict, chain, index + 1, stanza, origin, jid)
+                return self._filter_later(verdict, chain, index + 1, stanza, origin, jid, tag)
             return verdict
-        return self._deliver(stanza, origin, jid)
+        return self._deliver(stanza, origin, jid, tag)
 
     async def _filter_later(self, pending: Awaitable[Any], chain: tuple[Callable[..., Any], ...],
                             start: int, stanza: _Element, origin: Session | None,
-                            jid: JID) -> Any:
+                            jid: JID, tag: str) -> Any:
         verdict = await pending
         if verdict is not None:
             return verdict
-        result = self._filter(chain, start, stanza, origin, jid)
+        result = self._filter(chain, start, stanza, origin, jid, tag)
         while inspect.isawaitable(result):
             result = await result
         return result
 
-    def _deliver(self, stanza: _Element, origin: Session | None, jid: JID) -> Any:
-        tag = stanza.tag
+    def _deliver(self, stanza: _Element, origin: Session | None, jid: JID, tag: str) -> Any:
         domain = jid.domain
         if domain not in self.hosts:
             service = self.services.get(domain)
@@ -179,12 +184,12 @@ class Router:
         if tag == st.IQ:
             return self._route_iq(stanza, origin, jid, kind)
         if tag == st.MESSAGE:
-            result = self.hooks.fire("message/" + kind, stanza, origin, jid)
+            result = self.hooks.fire(_MESSAGE_EVENTS[kind], stanza, origin, jid)
             if result is None and not _no_error_reply(stanza):
                 raise StanzaError("service-unavailable")
             return result
         if tag == st.PRESENCE:
-            return self.hooks.fire("presence/" + kind, stanza, origin, jid)
+            return self.hooks.fire(_PRESENCE_EVENTS[kind], stanza, origin, jid)
         raise StanzaError("bad-request", "unknown stanza kind")
 
     def _route_iq(self, stanza: _Element, origin: Session | None, jid: JID, kind: str) -> Any:

@@ -74,7 +74,13 @@ class Session:
 
     def send(self, stanza: _Element) -> None:
         gate = self.gate
-        if gate is not None and gate.hold(stanza):
+        if gate is not None:
+            if gate.hold(stanza):
+                return
+        elif self.outbox is None:  # the usual case: deliver() inline, one call less
+            transport = self.transport
+            if transport is not None:
+                transport.deliver(stanza)
             return
         self.deliver(stanza)
 
@@ -129,7 +135,9 @@ class SessionManager:
         on conflict the new session wins and the old one is closed with a <conflict/> stream
         error (Prosody and ejabberd do the same). Raises StanzaError(bad-request |
         resource-constraint). `session.jid` is the bare JID on entry."""
-        bare = session.jid.bare
+        # The parse cache's own object: the router's parsed addresses then find the account
+        # here (and in the modules' per-account dicts) by identity, without JID.__eq__.
+        bare = JID.parse(str(session.jid.bare))
         resources = self._by_bare.get(bare)
         if requested:
             try:

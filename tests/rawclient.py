@@ -47,6 +47,7 @@ class RawClient:
         self.received = bytearray()   # every byte the server sent (plaintext), for schema checks
         self._new_parser()
         self.stream_attrs: dict[str, str] = {}
+        self.header_extra = ""        # more attributes for open()'s headers, e.g. " xml:lang='en'"
         self.closed = False           # the server sent </stream:stream>
 
     @classmethod
@@ -121,7 +122,7 @@ class RawClient:
 
     async def open(self, to: str) -> etree._Element:
         """Send a header; returns the features."""
-        await self.send(header(to))
+        await self.send(header(to, extra=self.header_extra))
         return await self.expect(f"{{{STREAMS}}}features")
 
     async def stream_error(self, timeout: float = 5.0) -> str:

@@ -8,15 +8,29 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
+from lxml import etree
 
+from bench import muc_fanout, pep_notify
 from bench.limit import MESSAGE, stanza_floor
-from bench.loadgen import TagCounter, ring_contacts
+from bench.loadgen import (
+    CAPS_NODE,
+    CAPS_VER,
+    CapsClient,
+    TagCounter,
+    Target,
+    _Listener,
+    caps_ver,
+    ring_contacts,
+)
 from bench.peers import EjabberdPeer, Peer, ProsodyPeer, make_ca, make_certificates
 from bench.run import Fleet, Params, format_table, run_server, shard
 from bench.run import rows as table_rows
+from server.modules.pubsub.engine import caps_hash
 from tests.process import free_port
 
 # Serialised in the stream's tree, a stanza declares the stream's namespaces (quotes doubled).
@@ -174,3 +188,81 @@ def test_ejabberd_peer_serves_s2s_with_a_test_ca(tmp_path) -> None:
     assert not peer.running and not peer.workdir.exists()
     assert b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>" in features
     assert b"urn:xmpp:features:dialback" in features
+
+
+def test_caps_ver_is_xep_0115s_example() -> None:
+    # XEP-0115 §5.2, the simple example.
+    assert caps_ver(("client", "pc", "", "Exodus 0.9.1"), [
+        "http://jabber.org/protocol/caps", "http://jabber.org/protocol/disco#info",
+        "http://jabber.org/protocol/disco#items", "http://jabber.org/protocol/muc",
+    ]) == "QgayPKawpkPSDYmwT/WM94uAlu0="
+
+
+class _Capture(CapsClient):
+    def __init__(self) -> None:
+        super().__init__(Target("127.0.0.1", 1, "bench.test", "x"), "u")
+        self.sent: list[str] = []
+
+    def send(self, data: bytes | str) -> None:
+        self.sent.append(data.decode() if isinstance(data, bytes) else data)
+
+
+async def test_listener_answers_caps_queries_cut_anywhere() -> None:
+    """The generator's sink picks iqs out of raw bytes cut at any point: it answers the caps
+    query with a disco#info result whose hash is the ver it advertises (checked with the
+    server's own XEP-0115 code) and reports the replies to its publications."""
+    query = (b"<iq type='get' from='u@bench.test' to='u@bench.test/bench' id='q1'><query "
+             b"xmlns='http://jabber.org/protocol/disco#info' node='"
+             + f"{CAPS_NODE}#{CAPS_VER}".encode() + b"'/></iq>")
+    stream = (b"<message><event xmlns='http://jabber.org/protocol/pubsub#event'/></message>"
+              b'<iq type="result" id="pub1"/>' + query
+              + b"<iq type='error' id='pub2'><error type='cancel'/></iq><iq type='result' "
+              b"id='b7'/>") * 3
+    for size in range(1, len(stream) + 1):
+        client = _Capture()
+        replies: list[bytes | None] = []
+        listener = _Listener(client, b"pubsub#event", b"pub", replies.append)
+        for i in range(0, len(stream), size):
+            listener.feed(stream[i:i + size])
+        assert listener.count == 3 and listener.requests == 3, size
+        assert [r is None for r in replies] == [True, False] * 3, size
+        assert len(client.sent) == 3, size
+    answer = etree.fromstring(client.sent[0])
+    assert (answer.get("type"), answer.get("id"), answer.get("to")) == ("result", "q1",
+                                                                         "u@bench.test")
+    info = answer[0]
+    assert info.get("node") == f"{CAPS_NODE}#{CAPS_VER}"
+    assert caps_hash(info, "sha-1") == CAPS_VER
+    assert "http://jabber.org/protocol/tune+notify" in {f.get("var") for f in info}
+
+
+def on_presenced(run: Callable[..., dict[str, Any]], params: Any) -> dict[str, Any]:
+    """A fan-out runner's run(kind, params, fleet) against presenced on the tests' address."""
+    fleet = Fleet(1)
+    try:
+        got = run("presenced", params, fleet, host=BENCH_HOST, port=free_port(BENCH_HOST))
+    finally:
+        fleet.close()
+    print(got)
+    return got
+
+
+def test_quick_pep_notifications_on_presenced() -> None:
+    """What bench/pep_notify.py runs, seconds long, on presenced: users with contacts and
+    +notify caps publish tunes; every publication reaches the contacts and the publisher's own
+    resource, once each."""
+    p = pep_notify.PepParams.quick()
+    got = on_presenced(pep_notify.run, p)
+    assert got["delivered"] > 0 and got["errors"] == 0
+    assert got["received"] == got["delivered"]  # no duplicates
+    assert got["per_publish"] == pytest.approx(p.contacts + 1, abs=0.2)
+    assert got["per_cpu_s"] > 0
+
+
+def test_quick_muc_fanout_on_presenced() -> None:
+    """What bench/muc_fanout.py runs, seconds long, on presenced: a room whose occupants all
+    talk; their groupchat messages reach every occupant and none is refused."""
+    p = muc_fanout.MucParams.quick()
+    got = on_presenced(muc_fanout.run, p)
+    assert got["delivered"] >= p.occupants and got["refused"] == 0
+    assert got["per_cpu_s"] > 0

@@ -105,7 +105,7 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
     got = await join(alice, "Alice")
     mine = self_presence(got)
     assert mine.get("from") == f"{ROOM}/Alice" and mine.get("to") == "alice@a.test/pc"
-    assert codes(mine) == {"110", "170", "201"}  # 170: the room is archived
+    assert codes(mine) == {"110", "201"}  # no 170 for the MAM archive (XEP-0045 §7.2.12)
     assert (item(mine).get("affiliation"), item(mine).get("role")) == ("owner", "moderator")
     subject = got[-1]
     assert subject.get("from") == ROOM and subject.findtext(f"{{{CLIENT}}}subject") == ""
@@ -117,7 +117,7 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
     got = await join(bob, "Bob")
     presences = [s for s in got if s.tag == f"{{{CLIENT}}}presence"]
     assert [p.get("from") for p in presences] == [f"{ROOM}/Alice", f"{ROOM}/Bob"]
-    assert codes(presences[1]) == {"110", "170"}
+    assert codes(presences[1]) == {"110"}
     assert item(presences[0]).get("jid") is None  # semi-anonymous: only moderators see jids
     assert (item(presences[1]).get("affiliation"), item(presences[1]).get("role")) == (
         "none", "participant")
@@ -418,7 +418,7 @@ async def test_persistent_room_survives_a_restart(tmp_path: Path) -> None:
         assert {"muc_persistent", "muc_membersonly"} <= features
         got = await join(bob, "Bob")  # a member: admitted, not the room's creator
         mine = self_presence(got)
-        assert codes(mine) == {"110", "170"} and item(mine).get("affiliation") == "member"
+        assert codes(mine) == {"110"} and item(mine).get("affiliation") == "member"
         assert got[-1].findtext(f"{{{CLIENT}}}subject") == "Still here"
         alice = await running.raw_login("alice@a.test", resource="pc")
         owners = await alice.ask(f"<iq type='get' to='{ROOM}' id='o'><query xmlns='{MUC}#admin'>"
@@ -559,7 +559,7 @@ async def test_room_creation_can_be_restricted(tmp_path: Path) -> None:
         await bob.send(f"<presence to='{ROOM}/Bob'><x xmlns='{MUC}'/></presence>")
         assert condition(await bob.next_of("presence")) == "not-allowed"
         alice = await running.raw_login("alice@a.test", resource="pc")
-        assert codes(self_presence(await join(alice, "Alice"))) == {"110", "170", "201"}
+        assert codes(self_presence(await join(alice, "Alice"))) == {"110", "201"}
         assert "110" in codes(self_presence(await join(bob, "Bob")))  # joining is not creating
     finally:
         await stop_server(running)
@@ -596,7 +596,8 @@ async def test_mediated_and_direct_invitations(muc: RunningServer) -> None:
     invitation = await next_message(bob)
     assert invitation.get("from") == ROOM
     invite = invitation.find(f"{{{USER}}}x/{{{USER}}}invite")
-    assert invite is not None and invite.get("from") == "alice@a.test"
+    # from Alice's occupant JID: the room is semi-anonymous
+    assert invite is not None and invite.get("from") == f"{ROOM}/Alice"
     assert invite.findtext(f"{{{USER}}}reason") == "join us"
     assert invitation.findtext(f"{{{USER}}}x/{{{USER}}}password") == "pw"
     got = await join(bob, "Bob", extra="<password>pw</password>")
@@ -651,7 +652,7 @@ async def test_room_archive(muc: RunningServer) -> None:
     assert got == [(ids[1], "two"), (ids[2], "three")]  # the archive id is the stanza id
     original = forwarded[0].find(f".//{{{CLIENT}}}message")
     assert original is not None and original.get("from") == f"{ROOM}/Alice"
-    # Switched off: no archive (and no 170 for newcomers).
+    # Switched off: no archive.
     await submit(alice, {"muc#roomconfig_enablearchiving": "0"})
     refused = await bob.ask(f"<iq type='set' to='{ROOM}' id='q2'>"
                             "<query xmlns='urn:xmpp:mam:2'/></iq>", skip_others=True)

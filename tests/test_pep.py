@@ -268,10 +268,10 @@ async def test_errors(server: RunningServer) -> None:
     # An account that does not exist.
     reply = await alice.ask(items("nobody@a.test", "urn:n"))
     assert condition(reply) == "service-unavailable"
-    # Subscriptions to PEP nodes are implicit (caps): not implemented explicitly.
+    # Subscribing to a node that does not exist (XEP-0060 §6.1.3.12).
     reply = await bob.ask(f"<iq type='set' id='e3' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
                           "<subscribe node='urn:n' jid='bob@a.test'/></pubsub></iq>")
-    assert (condition(reply), app_condition(reply)) == ("feature-not-implemented", "unsupported")
+    assert condition(reply) == "item-not-found"
     # The owner namespace is the owner's only.
     reply = await bob.ask(f"<iq type='set' id='e4' to='alice@a.test'><pubsub xmlns='{OWNER}'>"
                           "<delete node='urn:n'/></pubsub></iq>")
@@ -879,3 +879,252 @@ async def test_notifications_across_federation(tmp_path: Any) -> None:
             message = await next_event(alice, 10)
         assert message.get("from") == bjid
         assert message.findtext(f".//{{{nick}}}nick") == "Bob"
+
+
+# -- explicit subscriptions (XEP-0060 §6.1 on PEP nodes, XEP-0163 §4) -------------------------
+
+
+def subscribe(owner: str, node: str, jid: str, iq_id: str = "s1", verb: str = "subscribe") -> str:
+    return (f"<iq type='set' id='{iq_id}' to='{owner}'><pubsub xmlns='{PUBSUB}'>"
+            f"<{verb} node='{node}' jid='{jid}'/></pubsub></iq>")
+
+
+def subscription_of(reply: etree._Element) -> tuple[str | None, str | None]:
+    assert reply.get("type") == "result", etree.tostring(reply)
+    sub = reply.find(f"{{{PUBSUB}}}pubsub/{{{PUBSUB}}}subscription")
+    assert sub is not None
+    return sub.get("jid"), sub.get("subscription")
+
+
+async def test_explicit_subscriptions_to_pep_nodes(server: RunningServer) -> None:
+    """A contact subscribes explicitly (no caps at all): it gets the last item at once
+    (§6.1.7, on_sub_and_presence), then every notification, at its bare JID; the access model
+    decides who may subscribe; subscriptions are listed, persisted, and end with unsubscribe."""
+    for user in ("alice", "bob", "carol"):
+        await server.add_user(f"{user}@a.test")
+    await friends(server, "alice@a.test", "bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    bob = await server.raw_login("bob@a.test")
+    carol = await server.raw_login("carol@a.test")
+    for client in (bob, carol):
+        await client.send("<presence/>")  # available, without caps: no +notify
+    nick = "http://jabber.org/protocol/nick"
+    await ask(alice, publish(nick, f"<nick xmlns='{nick}'>Al</nick>", "n1"))
+    reply = await ask(bob, subscribe("alice@a.test", nick, "bob@a.test"))
+    assert subscription_of(reply) == ("bob@a.test", "subscribed")
+    last = await next_event(bob)
+    assert last.get("from") == "alice@a.test"
+    assert last.findtext(f".//{{{nick}}}nick") == "Al"
+    # A stranger may not subscribe to a presence-model node (§6.1.3.2); nor to another's JID.
+    reply = await ask(carol, subscribe("alice@a.test", nick, "carol@a.test"))
+    assert (condition(reply), app_condition(reply)) == ("not-authorized",
+                                                        "presence-subscription-required")
+    reply = await ask(carol, subscribe("alice@a.test", nick, "bob@a.test"))
+    assert (condition(reply), app_condition(reply)) == ("bad-request", "invalid-jid")
+    # The next publication reaches the explicit subscriber (sent to its bare JID).
+    await ask(alice, publish(nick, f"<nick xmlns='{nick}'>Alice</nick>", "n2", iq_id="p2"))
+    event = await next_event(bob)
+    assert event.get("to") == "bob@a.test"
+    assert event.findtext(f".//{{{nick}}}nick") == "Alice"
+    await no_event(carol, 0.3)
+    # An open node: anyone subscribes; the subscriber lists its subscriptions (§5.6).
+    tune = "http://jabber.org/protocol/tune"
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t1", options(access_model="open"),
+                             iq_id="p3"))
+    reply = await ask(carol, subscribe("alice@a.test", tune, "carol@a.test/raw", "s2"))
+    assert subscription_of(reply) == ("carol@a.test/raw", "subscribed")
+    assert (await next_event(carol)).find(f".//{{{tune}}}tune") is not None
+    reply = await ask(carol, f"<iq type='get' id='l1' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                             "<subscriptions/></pubsub></iq>")
+    listed = [(s.get("node"), s.get("jid"), s.get("subscription"))
+              for s in reply.iter(q(PUBSUB, "subscription"))]
+    assert listed == [(tune, "carol@a.test/raw", "subscribed")]
+    # The owner sees every subscription of a node (§8.8.1).
+    reply = await ask(alice, f"<iq type='get' id='l2'><pubsub xmlns='{OWNER}'>"
+                             f"<subscriptions node='{nick}'/></pubsub></iq>")
+    assert [(s.get("jid"), s.get("subscription"))
+            for s in reply.iter(q(OWNER, "subscription"))] == [("bob@a.test", "subscribed")]
+    # Persisted, in the store, and read back after the cache is dropped.
+    stored = await server.server.storage.pep.subscriptions("alice", "a.test")  # type: ignore[attr-defined]
+    assert stored == {nick: {"bob@a.test": "subscribed"},
+                      tune: {"carol@a.test/raw": "subscribed"}}
+    server.server.modules["pep"]._forget(JID.parse("alice@a.test"))  # type: ignore[attr-defined]
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'><title>x</title></tune>", "t2",
+                             options(access_model="open"), iq_id="p4"))
+    assert (await next_event(carol)).get("to") == "carol@a.test/raw"
+    # Unsubscribe: no more notifications; a second time, not-subscribed (§6.2.3.2).
+    unsub = subscribe("alice@a.test", tune, "carol@a.test/raw", "u1", "unsubscribe")
+    assert (await ask(carol, unsub)).get("type") == "result"
+    reply = await ask(carol, unsub)
+    assert (condition(reply), app_condition(reply)) == ("unexpected-request", "not-subscribed")
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t3", options(access_model="open"),
+                             iq_id="p5"))
+    await no_event(carol, 0.3)
+    # The access model is checked at each notification: carol subscribes again, then the node
+    # becomes presence-only (she sees no presence of alice's) and she gets nothing more.
+    await ask(carol, subscribe("alice@a.test", tune, "carol@a.test", "s3"))
+    reply = await ask(alice, f"<iq type='set' id='c1'><pubsub xmlns='{OWNER}'><configure "
+                             f"node='{tune}'><x xmlns='jabber:x:data' type='submit'><field "
+                             f"var='FORM_TYPE' type='hidden'><value>{PUBSUB}#node_config</value>"
+                             "</field><field var='pubsub#access_model'><value>presence</value>"
+                             "</field></x></configure></pubsub></iq>")
+    assert reply.get("type") == "result"
+    await next_event(carol)  # the last item, on subscribing
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t4", iq_id="p6"))
+    await no_event(carol, 0.3)
+    # Deleting bob's account removes his subscription (both backends: tests/test_storage.py).
+    await server.server.storage.accounts.delete("bob", "a.test")
+    stored = await server.server.storage.pep.subscriptions("alice", "a.test")  # type: ignore[attr-defined]
+    assert stored == {tune: {"carol@a.test": "subscribed"}}
+
+
+async def test_last_item_on_subscription_follows_send_last_published_item(
+        server: RunningServer) -> None:
+    """XEP-0060 §6.1.7: on_sub and on_sub_and_presence send the newest item on subscribing,
+    never does not."""
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<presence/>")
+    for n, when in enumerate(("on_sub", "never", "on_sub_and_presence")):
+        node = f"urn:test:{when}"
+        await ask(alice, publish(node, f"<p xmlns='urn:t'>{n}</p>", "old", iq_id=f"o{n}",
+                                 extra=options(access_model="open",
+                                               send_last_published_item=when)))
+        await ask(alice, publish(node, f"<p xmlns='urn:t'>{n}</p>", "new", iq_id=f"n{n}",
+                                 extra=options(access_model="open",
+                                               send_last_published_item=when)))
+        reply = await ask(bob, subscribe("alice@a.test", node, "bob@a.test", f"s{n}"))
+        assert subscription_of(reply) == ("bob@a.test", "subscribed")
+        if when == "never":
+            await no_event(bob, 0.3)
+            continue
+        event = await next_event(bob)
+        got = event.find(f"{{{EVENT}}}event/{{{EVENT}}}items")
+        assert got is not None and got.get("node") == node
+        assert [i.get("id") for i in got] == ["new"]  # only the newest
+
+
+async def test_authorize_access_model_on_pep(server: RunningServer) -> None:
+    """XEP-0060 §4.5 authorize on a PEP node: a subscription is pending (§6.1.2.2) and reads
+    are refused until the owner approves with the §8.6 form; approval is told to the
+    subscriber (with the last item), a denial too."""
+    for user in ("alice", "carol", "dave"):
+        await server.add_user(f"{user}@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence/>")
+    carol = await server.raw_login("carol@a.test")
+    dave = await server.raw_login("dave@a.test")
+    for client in (carol, dave):
+        await client.send("<presence/>")
+    node = "urn:test:diary"
+    reply = await ask(alice, publish(node, "<p xmlns='urn:t'>secret</p>", "d1",
+                                     options(access_model="authorize")))
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await next_event(alice)
+    reply = await ask(carol, subscribe("alice@a.test", node, "carol@a.test"))
+    assert subscription_of(reply) == ("carol@a.test", "pending")
+    reply = await ask(carol, items("alice@a.test", node))
+    assert (condition(reply), app_condition(reply)) == ("not-authorized", "not-subscribed")
+    request = await alice.next_of("message")
+    assert request.get("from") == "alice@a.test"
+    form = request.find(q("jabber:x:data", "x"))
+    assert form is not None and form.get("type") == "form"
+    values = {f.get("var"): f.findtext(q("jabber:x:data", "value"))
+              for f in form.iter(q("jabber:x:data", "field"))}
+    assert values["FORM_TYPE"] == f"{PUBSUB}#subscribe_authorization"
+    assert (values["pubsub#node"], values["pubsub#subscriber_jid"]) == (node, "carol@a.test")
+    # Publishing meanwhile: the pending subscriber gets nothing.
+    await ask(alice, publish(node, "<p xmlns='urn:t'>secret 2</p>", "d2",
+                             options(access_model="authorize"), iq_id="p2"))
+    await no_event(carol, 0.3)
+
+    def answer(jid: str, allow: str) -> str:
+        return (f"<message to='alice@a.test' id='a-{jid}'><x xmlns='jabber:x:data' "
+                "type='submit'><field var='FORM_TYPE' type='hidden'>"
+                f"<value>{PUBSUB}#subscribe_authorization</value></field>"
+                f"<field var='pubsub#node'><value>{node}</value></field>"
+                f"<field var='pubsub#subscriber_jid'><value>{jid}</value></field>"
+                f"<field var='pubsub#allow'><value>{allow}</value></field></x></message>")
+
+    await alice.send(answer("carol@a.test", "true"))
+    told = await next_event(carol)
+    sub = told.find(f"{{{EVENT}}}event/{{{EVENT}}}subscription")
+    assert sub is not None and (sub.get("node"), sub.get("subscription")) == (node, "subscribed")
+    last = await next_event(carol)
+    assert last.findtext(".//{urn:t}p") == "secret 2"
+    assert item_ids(await ask(carol, items("alice@a.test", node))) == ["d2"]
+    await ask(alice, publish(node, "<p xmlns='urn:t'>3</p>", "d3",
+                             options(access_model="authorize"), iq_id="p3"))
+    assert (await next_event(carol)).findtext(".//{urn:t}p") == "3"
+    # dave asks, alice denies: dave is told 'none', and stays out.
+    reply = await ask(dave, subscribe("alice@a.test", node, "dave@a.test", "s2"))
+    assert subscription_of(reply) == ("dave@a.test", "pending")
+    await alice.send(answer("dave@a.test", "false"))
+    told = await next_event(dave)
+    sub = told.find(f"{{{EVENT}}}event/{{{EVENT}}}subscription")
+    assert sub is not None and sub.get("subscription") == "none"
+    reply = await ask(dave, items("alice@a.test", node))
+    assert condition(reply) == "not-authorized"
+    stored = await server.server.storage.pep.subscriptions("alice", "a.test")  # type: ignore[attr-defined]
+    assert stored == {node: {"carol@a.test": "subscribed"}}
+
+
+async def test_itemreply_and_roster_groups(server: RunningServer) -> None:
+    """pubsub#itemreply = publisher puts the publisher's JID on the items of notifications
+    (Prosody's pep_itemreply; by default none is given); access_model roster with
+    pubsub#roster_groups_allowed admits the contacts of those roster groups only (§4.5)."""
+    for user in ("alice", "bob", "carol"):
+        await server.add_user(f"{user}@a.test")
+    await server.server.storage.rosters.put("alice", "a.test", RosterItem(
+        "bob@a.test", subscription="both", groups=("Friends",)))
+    await server.server.storage.rosters.put("alice", "a.test", RosterItem(
+        "carol@a.test", subscription="both", groups=("Work",)))
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence/>")
+    tune = "http://jabber.org/protocol/tune"
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t1"))
+    item = (await next_event(alice)).find(f".//{{{EVENT}}}item")
+    assert item is not None and item.get("publisher") is None
+    reply = await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t2", iq_id="p2",
+                                     extra=options(itemreply="publisher")))
+    assert (condition(reply), app_condition(reply)) == ("conflict", "precondition-not-met")
+    assert condition(await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t2",
+                                              iq_id="p3", extra=options(itemreply="x")))) \
+        == "not-acceptable"
+    reply = await ask(alice, f"<iq type='set' id='c1'><pubsub xmlns='{OWNER}'><configure "
+                             f"node='{tune}'><x xmlns='jabber:x:data' type='submit'><field "
+                             f"var='FORM_TYPE' type='hidden'><value>{PUBSUB}#node_config</value>"
+                             "</field><field var='pubsub#itemreply'><value>publisher</value>"
+                             "</field><field var='pubsub#access_model'><value>roster</value>"
+                             "</field><field var='pubsub#roster_groups_allowed'>"
+                             "<value>Friends</value></field></x></configure></pubsub></iq>")
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t3", iq_id="p4"))
+    got = None
+    while got is None or got.get("id") != "t3":
+        got = (await next_event(alice)).find(f".//{{{EVENT}}}item")
+    assert got.get("publisher") == "alice@a.test"
+    bob = await server.raw_login("bob@a.test")
+    carol = await server.raw_login("carol@a.test")
+    assert item_ids(await ask(bob, items("alice@a.test", tune))) == ["t3"]
+    reply = await ask(carol, items("alice@a.test", tune))
+    assert (condition(reply), app_condition(reply)) == ("not-authorized", "not-in-roster-group")
+
+
+async def test_an_unanswered_caps_query_does_not_hold_up_shutdown(tmp_path: Any) -> None:
+    """The server asks a new resource what its caps mean; a client that never answers (and
+    then goes) must not keep shutdown draining until the caps timeout (10 s)."""
+    from tests.conftest import start_server
+    running = await start_server(tmp_path)
+    await running.add_user("bob@a.test")
+    bob = await running.raw_login("bob@a.test")
+    _, ver = caps_query([DISCO, CAPS])
+    await bob.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='{ver}'/>"
+                   "</presence>")
+    iq = await bob.next_of("iq")  # the disco#info query, left unanswered
+    assert iq.find(q(DISCO, "query")) is not None
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(running.server.stop(), 8)
+    assert asyncio.get_running_loop().time() - started < 5

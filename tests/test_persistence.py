@@ -24,13 +24,20 @@ def start(config: Path, cwd: Path) -> subprocess.Popen[str]:
     raise AssertionError("presenced did not start")
 
 
+def kill_9(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
 async def login(port: int, user: str, resource: str) -> RawClient:
     client = await RawClient.connect("127.0.0.1", port)
     await client.login("a.test", user, "pw", resource)
     return client
 
 
-async def test_offline_message_and_pending_request_survive_kill_9(tmp_path: Path) -> None:
+def configure(tmp_path: Path, users: tuple[str, ...], extra: str = "") -> tuple[Path, int]:
+    """A config for `presenced serve` (c2s without TLS on a free port, tables in `extra`) and
+    the users@a.test with password "pw"; the config's path and the port."""
     port = free_port()
     config = tmp_path / "presenced.toml"
     config.write_text(textwrap.dedent(f"""\
@@ -39,10 +46,15 @@ async def test_offline_message_and_pending_request_survive_kill_9(tmp_path: Path
         [listen]
         c2s = ["127.0.0.1:{port}"]
         c2s_tls = []
-        """))
-    for user in ("alice", "bob"):
+        """) + extra)
+    for user in users:
         subprocess.run(presenced("adduser", f"{user}@a.test", "--password", "pw", "--config",
                                  str(config)), check=True, cwd=tmp_path)
+    return config, port
+
+
+async def test_offline_message_and_pending_request_survive_kill_9(tmp_path: Path) -> None:
+    config, port = configure(tmp_path, ("alice", "bob"))
     proc = start(config, tmp_path)
     try:
         alice = await login(port, "alice", "pc")
@@ -56,8 +68,7 @@ async def test_offline_message_and_pending_request_survive_kill_9(tmp_path: Path
             if el.get("id") == "p":
                 break
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        kill_9(proc)
     proc = start(config, tmp_path)
     try:
         bob = await login(port, "bob", "phone")

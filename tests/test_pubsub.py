@@ -223,3 +223,160 @@ async def test_last_item_on_subscribe_and_persistence(server: RunningServer) -> 
     stored = await server.server.storage.pubsub.nodes("", SERVICE)  # type: ignore[attr-defined]
     assert stored["status"]["subscriptions"] == {"bob@a.test/raw": "subscribed"}
     assert stored["status"]["affiliations"] == {"alice@a.test": "owner"}
+
+
+async def test_never_sends_no_last_item(server: RunningServer) -> None:
+    """§6.1.7: send_last_published_item = never (the service's default) sends nothing."""
+    alice, bob = await users(server, "alice", "bob")
+    ok(await alice.ask(iq("set", "<create node='quiet'/>")))
+    ok(await alice.ask(iq("set", "<publish node='quiet'><item id='1'><s xmlns='urn:t'/></item>"
+                                 "</publish>")))
+    ok(await ask(bob, iq("set", "<subscribe node='quiet' jid='bob@a.test'/>")))
+    with pytest.raises(TimeoutError):
+        await bob.next_of("message", 0.4)
+
+
+def authorization(node: str, jid: str, allow: str) -> str:
+    return (f"<message to='{SERVICE}' id='auth'><x xmlns='{DATA}' type='submit'>"
+            f"<field var='FORM_TYPE' type='hidden'><value>{PUBSUB}#subscribe_authorization"
+            f"</value></field><field var='pubsub#node'><value>{node}</value></field>"
+            f"<field var='pubsub#subscriber_jid'><value>{jid}</value></field>"
+            f"<field var='pubsub#allow'><value>{allow}</value></field></x></message>")
+
+
+async def test_authorize_access_model(server: RunningServer) -> None:
+    """XEP-0060 §4.5 authorize: the subscription is pending (§6.1.2.2), the owner gets the
+    §8.6.1 form, approves (the subscriber is told, and gets the last item) or denies; only an
+    owner's answer counts; reads need an approved subscription."""
+    alice, bob, carol = await users(server, "alice", "bob", "carol")
+    ok(await alice.ask(iq("set", "<create node='club'/><configure>"
+                                 f"{config_form(access_model='authorize', send_last_published_item='on_sub')}"
+                                 "</configure>")))
+    ok(await alice.ask(iq("set", "<publish node='club'><item id='1'><s xmlns='urn:t'>hello</s>"
+                                 "</item></publish>")))
+    reply = ok(await bob.ask(iq("set", "<subscribe node='club' jid='bob@a.test'/>")))
+    sub = reply.find(f".//{{{PUBSUB}}}subscription")
+    assert sub is not None and sub.get("subscription") == "pending"
+    reply = await bob.ask(iq("get", "<items node='club'/>"))
+    assert (condition(reply), app_condition(reply)) == ("not-authorized", "not-subscribed")
+    request = await alice.next_of("message")
+    assert request.get("from") == SERVICE
+    values = {f.get("var"): f.findtext(q(DATA, "value")) for f in request.iter(q(DATA, "field"))}
+    assert values["FORM_TYPE"] == f"{PUBSUB}#subscribe_authorization"
+    assert (values["pubsub#node"], values["pubsub#subscriber_jid"]) == ("club", "bob@a.test")
+    # The owner's pending list shows it; bob's answering for himself does nothing.
+    reply = ok(await alice.ask(iq("get", "<subscriptions node='club'/>", owner=True)))
+    assert [(s.get("jid"), s.get("subscription"))
+            for s in reply.iter(q(OWNER, "subscription"))] == [("bob@a.test", "pending")]
+    await bob.send(authorization("club", "bob@a.test", "true"))
+    with pytest.raises(TimeoutError):
+        await bob.next_of("message", 0.4)
+    await alice.send(authorization("club", "bob@a.test", "true"))
+    told = await bob.next_of("message")
+    state = told.find(f"{{{EVENT}}}event/{{{EVENT}}}subscription")
+    assert state is not None and (state.get("node"), state.get("subscription")) == (
+        "club", "subscribed")
+    last = await bob.next_of("message")
+    assert last.findtext(".//{urn:t}s") == "hello"
+    assert item_ids(await ask(bob, iq("get", "<items node='club'/>"))) == ["1"]
+    # carol is denied.
+    reply = ok(await carol.ask(iq("set", "<subscribe node='club' jid='carol@a.test'/>")))
+    await alice.next_of("message")
+    await alice.send(authorization("club", "carol@a.test", "false"))
+    told = await carol.next_of("message")
+    state = told.find(f"{{{EVENT}}}event/{{{EVENT}}}subscription")
+    assert state is not None and state.get("subscription") == "none"
+    ok(await alice.ask(iq("set", "<publish node='club'><item id='2'><s xmlns='urn:t'>more</s>"
+                                 "</item></publish>")))
+    assert (await bob.next_of("message")).findtext(".//{urn:t}s") == "more"
+    with pytest.raises(TimeoutError):
+        await carol.next_of("message", 0.4)
+    stored = await server.server.storage.pubsub.nodes("", SERVICE)  # type: ignore[attr-defined]
+    assert stored["club"]["subscriptions"] == {"bob@a.test": "subscribed"}
+
+
+async def test_service_limits_from_config(tmp_path: Path) -> None:
+    """[pubsub] max_nodes_per_user, max_items and max_payload_size; a bad value is a config
+    error naming file, line and key."""
+    from tests.test_config import only_error
+    running = await start_server(tmp_path, "[pubsub]\nmax_nodes_per_user = 2\nmax_items = 2\n"
+                                           "max_payload_size = 300\n")
+    try:
+        alice, bob = await users(running, "alice", "bob")
+        for name in ("a", "b"):
+            ok(await alice.ask(iq("set", f"<create node='{name}'/><configure>"
+                                         f"{config_form(max_items='max')}</configure>")))
+        reply = await alice.ask(iq("set", "<create node='c'/>"))
+        assert (condition(reply), app_condition(reply)) == ("not-allowed", "max-nodes-exceeded")
+        ok(await bob.ask(iq("set", "<create node='c'/>")))  # the limit is per user
+        for n in range(4):
+            ok(await alice.ask(iq("set", f"<publish node='a'><item id='{n}'><e xmlns='urn:t'/>"
+                                         "</item></publish>")))
+        assert item_ids(ok(await alice.ask(iq("get", "<items node='a'/>")))) == ["2", "3"]
+        reply = await alice.ask(iq("set", f"<publish node='a'><item><e xmlns='urn:t'>"
+                                          f"{'x' * 300}</e></item></publish>"))
+        assert (condition(reply), app_condition(reply)) == ("not-acceptable", "payload-too-big")
+    finally:
+        await stop_server(running)
+    (tmp_path / "bad").mkdir()
+    error = only_error(tmp_path / "bad", "[pubsub]\nmax_nodes_per_user = 0\n")
+    assert (error.key, error.line) == ("pubsub.max_nodes_per_user", 2), str(error)
+
+
+async def test_node_creation_restricted_to_admins(tmp_path: Path) -> None:
+    """[pubsub] restrict_node_creation = "admins" (Prosody's default, as its pubsub_advanced
+    test expects): others get <forbidden/>."""
+    running = await start_server(tmp_path, '[pubsub]\nrestrict_node_creation = "admins"\n',
+                                 top='admins = ["boss@a.test"]')
+    try:
+        boss, romeo = await users(running, "boss", "romeo")
+        assert condition(await romeo.ask(iq("set", "<create node='n'/>"))) == "forbidden"
+        ok(await boss.ask(iq("set", "<create node='n'/>")))
+    finally:
+        await stop_server(running)
+
+
+async def test_deleted_accounts_leave_the_service(server: RunningServer) -> None:
+    """An account deleted (presenced deluser) loses its subscriptions and affiliations, and
+    the nodes it alone owned go with their items, when the service reads its nodes again."""
+    alice, bob, carol = await users(server, "alice", "bob", "carol")
+    ok(await bob.ask(iq("set", "<create node='bobs'/>")))
+    ok(await bob.ask(iq("set", "<publish node='bobs'><item id='1'><e xmlns='urn:t'/></item>"
+                               "</publish>")))
+    ok(await carol.ask(iq("set", "<create node='carols'/>")))
+    ok(await carol.ask(iq("set", "<affiliations node='carols'><affiliation jid='bob@a.test' "
+                                 "affiliation='publisher'/></affiliations>", owner=True)))
+    for client, jid in ((alice, "alice@a.test"), (bob, "bob@a.test")):
+        ok(await client.ask(iq("set", f"<subscribe node='carols' jid='{jid}'/>")))
+    ok(await alice.ask(iq("set", "<subscribe node='bobs' jid='alice@a.test'/>")))
+    await server.server.storage.accounts.delete("bob", "a.test")
+    service = server.server.modules["pubsub"]
+    service._nodes.clear()  # type: ignore[attr-defined]  # as after a restart
+    reply = ok(await alice.ask(f"<iq type='get' to='{SERVICE}' id='d1'>"
+                               f"<query xmlns='{ITEMS}'/></iq>"))
+    assert [i.get("node") for i in reply.iter(q(ITEMS, "item"))] == ["carols"]
+    stored = await server.server.storage.pubsub.nodes("", SERVICE)  # type: ignore[attr-defined]
+    assert set(stored) == {"carols"}
+    assert stored["carols"]["affiliations"] == {"carol@a.test": "owner"}
+    assert stored["carols"]["subscriptions"] == {"alice@a.test": "subscribed"}
+    assert await server.server.storage.pubsub.items("", SERVICE, "bobs") == []  # type: ignore[attr-defined]
+
+
+async def test_publish_model(server: RunningServer) -> None:
+    """pubsub#publish_model: publishers (the default: owners and publishers), subscribers (and
+    whoever is subscribed) or open (anyone but outcasts)."""
+    alice, bob = await users(server, "alice", "bob")
+    publish = "<publish node='{}'><item><e xmlns='urn:t'/></item></publish>"
+    ok(await alice.ask(iq("set", "<create node='p'/>")))
+    assert condition(await bob.ask(iq("set", publish.format("p")))) == "forbidden"
+    ok(await alice.ask(iq("set", "<create node='s'/><configure>"
+                                 f"{config_form(publish_model='subscribers')}</configure>")))
+    assert condition(await bob.ask(iq("set", publish.format("s")))) == "forbidden"
+    ok(await bob.ask(iq("set", "<subscribe node='s' jid='bob@a.test'/>")))
+    ok(await ask(bob, iq("set", publish.format("s"))))
+    ok(await alice.ask(iq("set", "<create node='o'/><configure>"
+                                 f"{config_form(publish_model='open')}</configure>")))
+    ok(await ask(bob, iq("set", publish.format("o"))))
+    ok(await ask(alice, iq("set", "<affiliations node='o'><affiliation jid='bob@a.test' "
+                                  "affiliation='outcast'/></affiliations>", owner=True)))
+    assert condition(await ask(bob, iq("set", publish.format("o")))) == "forbidden"

@@ -869,6 +869,13 @@ async def test_archive_purge_prefs_and_owners(archived: Storage) -> None:
                                              account=False)])
     assert room[0] is not None
     assert "room@muc.a.test" in await store.owners()
+    # A moderated message becomes a tombstone in place: same id and time (XEP-0425 §6).
+    tombstone = b"<message xmlns='jabber:client'><retracted xmlns='urn:xmpp:message-retract:1'/></message>"
+    assert await store.replace("room@muc.a.test", room[0], tombstone) is True
+    assert await store.replace("alice@a.test", room[0], tombstone) is False  # not hers
+    assert await store.replace("room@muc.a.test", "999999", tombstone) is False
+    kept = (await store.query("room@muc.a.test", ArchiveQuery())).items
+    assert [(i.id, i.ts, i.stanza) for i in kept] == [(room[0], 1_000_000, tombstone)]
     await store.delete_owner("room@muc.a.test")
     assert "room@muc.a.test" not in await store.owners()
     assert (await store.query("room@muc.a.test", ArchiveQuery())).items == []
@@ -1073,6 +1080,46 @@ async def test_pep_nodes_and_items(config: StorageConfig) -> None:
         await opened.accounts.delete("alice", "a.test")  # the account's nodes go with it
         assert await store.nodes("alice", "a.test") == {}
         assert [i.id for i in await store.items("bob", "a.test", "urn:n")] == ["b"]
+    finally:
+        await opened.close()
+
+
+async def test_pep_subscriptions(config: StorageConfig) -> None:
+    """Explicit subscriptions to PEP nodes: they go with the node, with its account, and with
+    the subscriber's own account."""
+    from server.storage import pubsub
+    opened = await open_storage(config, (*CORE_STORES, pubsub.SPEC))
+    try:
+        store = opened.pep  # type: ignore[attr-defined]
+        for n, user in enumerate(("alice", "bob", "carol")):
+            await opened.accounts.create(user, "a.test", credentials(n + 1))
+        await store.create_node("alice", "a.test", "urn:n", {})
+        await store.create_node("alice", "a.test", "urn:m", {})
+        await store.set_subscription("alice", "a.test", "urn:n", "bob@a.test", "pending",
+                                     ("bob", "a.test"))
+        await store.set_subscription("alice", "a.test", "urn:n", "bob@a.test", "subscribed",
+                                     ("bob", "a.test"))
+        await store.set_subscription("alice", "a.test", "urn:n", "carol@a.test/x", "subscribed",
+                                     ("carol", "a.test"))
+        await store.set_subscription("alice", "a.test", "urn:m", "eve@b.test", "subscribed")
+        assert await store.subscriptions("alice", "a.test") == {
+            "urn:n": {"bob@a.test": "subscribed", "carol@a.test/x": "subscribed"},
+            "urn:m": {"eve@b.test": "subscribed"}}
+        with pytest.raises(NoSuchAccount):  # a subscriber account that does not exist
+            await store.set_subscription("alice", "a.test", "urn:n", "zed@a.test", "subscribed",
+                                         ("zed", "a.test"))
+        assert await store.remove_subscription("alice", "a.test", "urn:m", "eve@b.test")
+        assert not await store.remove_subscription("alice", "a.test", "urn:m", "eve@b.test")
+        await opened.accounts.delete("bob", "a.test")  # the subscriber's account goes
+        assert await store.subscriptions("alice", "a.test") == {
+            "urn:n": {"carol@a.test/x": "subscribed"}}
+        await store.delete_node("alice", "a.test", "urn:n")  # the node goes
+        assert await store.subscriptions("alice", "a.test") == {}
+        await store.create_node("alice", "a.test", "urn:n", {})
+        await store.set_subscription("alice", "a.test", "urn:n", "carol@a.test", "subscribed",
+                                     ("carol", "a.test"))
+        await opened.accounts.delete("alice", "a.test")  # the owner's account goes
+        assert await store.subscriptions("alice", "a.test") == {}
     finally:
         await opened.close()
 

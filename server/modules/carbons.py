@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from server.hooks import stanza_kinds
 from server.jid import JID
 from server.module import Module, SessionSlot, Stanza, hook, iq_set
 from server.sessions import Session
@@ -141,6 +142,7 @@ class Carbons(Module):
     # -- copies ----------------------------------------------------------------------------
 
     @hook("filter/user", priority=-200)
+    @stanza_kinds(st.MESSAGE)
     def sent(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         """A local client's outgoing message: <sent/> to its account's other resources.
         A <private/> message for a local account loses the element before delivery (§7)."""
@@ -176,7 +178,8 @@ class Carbons(Module):
         """A message handed to these sessions: <received/> to the account's others."""
         if self._private and self._private.pop(id(stanza), None) is stanza:
             return  # it was <private/>
-        if not sessions or account not in self._accounts:
+        accounts = self._accounts
+        if not sessions or not accounts or account not in accounts:
             return
         if not eligible(stanza, incoming=True):
             return

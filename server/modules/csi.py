@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from server.config import int_option
+from server.hooks import stanza_kinds
 from server.jid import JID
 from server.module import Module, SessionSlot, Stanza, hook, nonza, stream_feature
 from server.sessions import Session
@@ -193,6 +194,7 @@ class ClientState(Module):
             gate.held.clear()
 
     @hook("filter/user", priority=-300)
+    @stanza_kinds(st.PRESENCE)
     def track_rooms(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         """Remember the nicknames a session joins rooms with (presence to room@service/nick),
         so that a mention can wake an inactive client."""

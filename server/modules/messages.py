@@ -98,9 +98,10 @@ class Messages(Module):
 
     def _delivered(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         # Notification (carbons, push): delivered to these sessions of the account, or stored
-        # offline (no sessions). Handlers neither block nor change the delivery.
-        if self.server.hooks.has("message/delivered"):
-            self.server.hooks.fire_all("message/delivered", stanza, account, sessions)
+        # offline (no sessions). Handlers neither block nor change the delivery (what they
+        # return is not looked at: no fire_all() list on the path of every message).
+        for handler in self.server.hooks.chain("message/delivered"):
+            handler(stanza, account, sessions)
 
     async def _stored(self, stored: object, stanza: Stanza, to: JID) -> object:
         result = await stored if inspect.isawaitable(stored) else stored

@@ -1,14 +1,22 @@
 """Private XML storage (XEP-0049): an account keeps XML fragments, keyed by the root element's
-name and namespace, that only its own sessions can read or write."""
+name and namespace, that only its own sessions can read or write.
+
+With PEP (pubsub/pep.py), XEP-0048 bookmarks here and XEP-0402 bookmarks in PEP are one list
+(XEP-0402 §5.3, ``urn:xmpp:bookmarks:1#compat`` on the account): <storage
+xmlns='storage:bookmarks'/> is read from the PEP node when there is one, and a stored one
+updates the node's items (publishing the changed rooms, retracting the removed ones)."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from lxml import etree
 
 from server.errors import StanzaError
-from server.module import Module, Stanza, iq_get, iq_set
+from server.jid import JID
+from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.modules.pubsub import bookmarks
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import element, payload, result
@@ -21,6 +29,7 @@ MAX_ITEMS_PER_SET = 32
 RESERVED = frozenset({ns.CLIENT, ns.SERVER, ns.PRIVATE, ns.WATCHERS})
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
                           remove_comments=True, remove_pis=True)
+_BOOKMARKS = (bookmarks.LEGACY, "storage")
 
 
 class Private(Module):
@@ -38,8 +47,15 @@ class Private(Module):
         for fragment in _fragments(stanza):
             namespace, name = _key(fragment)
             text = await store.get(owner.local, owner.domain, namespace, name)
+            stored = etree.fromstring(text, _PARSER) if text is not None else None
+            pep = self._pep()
+            if (namespace, name) == _BOOKMARKS and pep is not None and await pep.has_node(
+                    owner.bare, bookmarks.NATIVE):
+                # XEP-0402 §5.3.1: the PEP items, cast into XEP-0048.
+                items = await pep.stored_items(owner.bare, bookmarks.NATIVE)
+                stored = bookmarks.to_legacy(items, stored)
             # Nothing stored: the requested element comes back empty.
-            query.append(etree.fromstring(text, _PARSER) if text is not None
+            query.append(stored if stored is not None
                          else etree.Element(fragment.tag, nsmap={None: namespace}))
         return result(stanza, query)
 
@@ -62,7 +78,36 @@ class Private(Module):
         await self.server.storage.private.set(
             owner.local, owner.domain, [(namespace, name, text)
                                         for (namespace, name), text in items.items()])
+        legacy = items.get(_BOOKMARKS)
+        pep = self._pep()
+        if legacy is not None and pep is not None:
+            await self._to_pep(pep, owner.bare, etree.fromstring(legacy, _PARSER))
         return result(stanza)
+
+    # -- XEP-0048 bookmarks <-> XEP-0402 (XEP-0402 §5.3) -------------------------------------
+
+    def _pep(self) -> Any:
+        return self.server.modules.get("pep")
+
+    async def _to_pep(self, pep: Any, owner: JID, storage: Stanza) -> None:
+        """§5.3.2: a replacement XEP-0048 list updates the PEP items as required: the changed
+        and new rooms are published, the missing ones retracted (both notified to the
+        owner's resources), unchanged ones left alone (no notification)."""
+        current = dict(await pep.stored_items(owner, bookmarks.NATIVE))
+        wanted = bookmarks.from_legacy(storage, current)
+        for jid, conference in wanted.items():
+            old = current.get(jid)
+            if old is not None and bookmarks.key(old) == bookmarks.key(conference):
+                continue
+            await pep.publish_item(owner, bookmarks.NATIVE, jid, [conference],
+                                   bookmarks.OPTIONS, preconditions=False)
+        for jid in current.keys() - wanted.keys():
+            await pep.retract_item(owner, bookmarks.NATIVE, jid, notify=True)
+
+    @hook("disco/account-info")
+    def bookmarks_compat(self, query: Stanza, _stanza: Stanza, _origin: Session | None) -> None:
+        if self._pep() is not None:
+            etree.SubElement(query, ns.q(ns.DISCO_INFO, "feature"), {"var": bookmarks.COMPAT})
 
     @iq_get(ns.PRIVATE, "query", to=("bare",))
     @iq_set(ns.PRIVATE, "query", to=("bare",))

@@ -177,7 +177,8 @@ class Push(Module):
     def delivered(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         for session in sessions:  # the hot path: handed to a connected session
             if session.transport is not None:
-                self._connected(account)  # someone is connected: no push, count anew
+                if self._unseen or self._notified:
+                    self._connected(account)  # someone is connected: no push, count anew
                 return
         if not notifiable(stanza):
             return

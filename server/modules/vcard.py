@@ -3,6 +3,13 @@
 vCards are stored verbatim as XML text, together with the hex SHA-1 of their PHOTO image.
 Outgoing presence gets that hash as ``<x xmlns='vcard-temp:x:update'><photo>HASH</photo></x>``;
 it is cached in memory, so looking it up for every presence broadcast is cheap.
+
+With PEP (pubsub/pep.py), avatars are converted both ways (XEP-0398, feature
+``urn:xmpp:pep-vcard-conversion:0`` on the account): a XEP-0084 metadata publication puts the
+image of the matching urn:xmpp:avatar:data item (its SHA-1 checked against the id) into the
+vCard's PHOTO, and a vCard stored with a new PHOTO is published as avatar data, then metadata
+(an empty <metadata/> when the photo goes). Either way the XEP-0153 hash of later presence is
+the new one.
 """
 
 from __future__ import annotations
@@ -11,9 +18,10 @@ import base64
 import binascii
 import copy
 import hashlib
+import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -21,6 +29,7 @@ from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.modules.pubsub.engine import PubsubError
 from server.sessions import Session
 from server.storage.userdata import VCARDS
 from server.xml import ns
@@ -29,7 +38,13 @@ from server.xml.stanza import child, element, payload, result
 if TYPE_CHECKING:
     from server.app import Server
 
+log = logging.getLogger("presenced.vcard")
+
 VCARD = ns.q(ns.VCARD, "vCard")
+CONVERSION = "urn:xmpp:pep-vcard-conversion:0"  # XEP-0398 §2
+AVATAR_DATA = "urn:xmpp:avatar:data"            # XEP-0084
+AVATAR_METADATA = "urn:xmpp:avatar:metadata"
+_PHOTO = ns.q(ns.VCARD, "PHOTO")
 UPDATE = ns.q(ns.VCARD_UPDATE, "x")
 MAX_VCARD_SIZE = 64 * 1024  # the default [vcard] max_size: room for a small avatar
 _CACHE_SIZE = 10000
@@ -101,9 +116,100 @@ class VCard(Module):
         digest = photo_hash(vcard)
         owner = origin.jid
         assert owner.local is not None
+        before = await self.avatar_hash(owner.local, owner.domain)
         await self.server.storage.vcards.set(owner.local, owner.domain, text, digest)
         self._remember((owner.local, owner.domain), digest)
+        if digest != (before or ""):
+            await self._photo_to_pep(owner.bare, vcard, digest)
         return result(stanza)
+
+    # -- XEP-0398: vCard PHOTO <-> XEP-0084 avatar ------------------------------------------
+
+    def _pep(self) -> Any:
+        return self.server.modules.get("pep")
+
+    @hook("disco/account-info")
+    def conversion_feature(self, query: Stanza, _stanza: Stanza,
+                           _origin: Session | None) -> None:
+        if self._pep() is not None:
+            child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": CONVERSION})
+
+    async def _photo_to_pep(self, owner: JID, vcard: Stanza, digest: str) -> None:
+        """XEP-0398 §3.2: the new photo is published as avatar data first, then as the
+        metadata that points to it; no photo any more: empty metadata (XEP-0084 §4.6)."""
+        pep = self._pep()
+        if pep is None:
+            return
+        metadata = element(ns.q(AVATAR_METADATA, "metadata"))
+        try:
+            if digest:
+                binval = "".join((vcard.findtext(_PHOTO_BINVAL) or "").split())
+                image_type = (vcard.findtext(f"{_PHOTO}/{ns.q(ns.VCARD, 'TYPE')}")
+                              or "image/png").strip()
+                data = element(ns.q(AVATAR_DATA, "data"))
+                data.text = binval
+                await pep.publish_item(owner, AVATAR_DATA, digest, [data], {},
+                                       preconditions=False)
+                child(metadata, ns.q(AVATAR_METADATA, "info"), {
+                    "id": digest, "type": image_type,
+                    "bytes": str(len(base64.b64decode(binval)))})
+            await pep.publish_item(owner, AVATAR_METADATA, digest or None, [metadata], {},
+                                   preconditions=False)
+        except PubsubError as err:  # too big for a PEP item, too many nodes, ...
+            log.info("event=avatar-not-converted jid=%s direction=vcard-to-pep reason=%s",
+                     owner, err.condition)
+
+    @hook("pep/published")
+    def published(self, owner: JID, node: str, item_id: str,
+                  payload: Stanza | None) -> Awaitable[None] | None:
+        if node != AVATAR_METADATA or payload is None:
+            return None
+        return self._pep_to_photo(owner, payload)
+
+    async def _pep_to_photo(self, owner: JID, metadata: Stanza) -> None:
+        """XEP-0398 §3.1: the metadata's info without a url names the image in the data node;
+        its SHA-1 must be its id; it becomes the vCard's PHOTO (removed for empty metadata)."""
+        assert owner.local is not None
+        infos = [i for i in metadata.findall(ns.q(AVATAR_METADATA, "info")) if not i.get("url")]
+        storage = self.server.storage.vcards
+        text = await storage.get(owner.local, owner.domain)
+        vcard = etree.fromstring(text, _PARSER) if text is not None else element(VCARD)
+        current = await self.avatar_hash(owner.local, owner.domain) or ""
+        photo = None
+        digest = ""
+        if infos:
+            digest = infos[0].get("id", "")
+            if digest == current:
+                return  # the vCard has it (or it came from the vCard)
+            found = [p for i, p in await self._pep().stored_items(owner, AVATAR_DATA)
+                     if i == digest and p is not None]
+            if not found:
+                return
+            binval = "".join((found[-1].text or "").split())
+            try:
+                image = base64.b64decode(binval, validate=True)
+            except (binascii.Error, ValueError):
+                return
+            if hashlib.sha1(image).hexdigest() != digest:  # §3.1 SHOULD verify
+                log.info("event=avatar-not-converted jid=%s direction=pep-to-vcard "
+                         "reason=hash-mismatch", owner)
+                return
+            photo = element(_PHOTO)
+            child(photo, ns.q(ns.VCARD, "TYPE"), text=infos[0].get("type") or "image/png")
+            child(photo, ns.q(ns.VCARD, "BINVAL"), text=binval)
+        elif not current:
+            return  # no avatar either way
+        for old in vcard.findall(_PHOTO):
+            vcard.remove(old)
+        if photo is not None:
+            vcard.append(photo)
+        text = etree.tostring(vcard, encoding="unicode")
+        if len(text.encode()) > self.config.max_size:
+            log.info("event=avatar-not-converted jid=%s direction=pep-to-vcard reason=too-big",
+                     owner)
+            return
+        await storage.set(owner.local, owner.domain, text, digest)
+        self._remember((owner.local, owner.domain), digest)
 
     @iq_set(ns.VCARD, "vCard", to=("bare",))
     def set_other_vcard(self, _stanza: Stanza, _origin: Session | None) -> Stanza:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from server.errors import StanzaError
+from server.hooks import stanza_kinds
 from server.jid import JID, InvalidJID
 from server.module import Module, Stanza, hook, iq_set
 from server.sessions import Session
@@ -92,6 +93,7 @@ class Visibility(Module):
         return None
 
     @hook("filter/user", priority=90)
+    @stanza_kinds(st.PRESENCE)
     def filter_presence(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
         """Whatever path a presentity's presence takes (broadcast, logout, directed, the answer
         to a subscription), it does not reach a watcher it hides from; a hidden watcher's probe

@@ -33,6 +33,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from server.errors import StanzaError
+from server.hooks import stanza_kinds
 from server.jid import JID, InvalidJID
 from server.module import Module, Stanza, hook, iq_get
 from server.presence.watchers import FetchLog, Watcher, timestamp, watchers_of
@@ -66,6 +67,7 @@ class Watchers(Module):
             self.fetches.record(presentity.bare, watcher, allowed, time.time())
 
     @hook("filter/user", priority=95)
+    @stanza_kinds(st.PRESENCE)
     def rate_limit(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         # Inbound processing only (the contact's server, RFC 6121 §4.3.2): a local client's
         # probe passes here again once outbound processing has routed it on.

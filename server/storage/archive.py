@@ -184,6 +184,10 @@ class ArchiveStore(Protocol):
 
     async def purge(self, owner: str, with_bare: str | None = None) -> int: ...
 
+    async def replace(self, owner: str, archive_id: str, stanza: bytes) -> bool:
+        """Put another stanza in place of an archived one, same id and time (a XEP-0425
+        tombstone for a moderated room message); whether the owner had that id."""
+
     async def delete_owner(self, owner: str) -> None: ...
 
     async def owners(self) -> list[str]: ...
@@ -492,6 +496,14 @@ class SQLiteArchiveStore(Store):
                                           number)
         return await self._db.execute(
             "DELETE FROM archive_messages WHERE owner = ? AND with_bare = ?", number, with_bare)
+
+    async def replace(self, owner: str, archive_id: str, stanza: bytes) -> bool:
+        number = await self._owner_id(owner, False)
+        if number is None or not archive_id.isdigit():
+            return False
+        return await self._db.execute(
+            "UPDATE archive_messages SET stanza = ? WHERE id = ? AND owner = ?",
+            stanza, int(archive_id), number) > 0
 
     async def delete_owner(self, owner: str) -> None:
         """Remove an owner with its archive and preferences (a destroyed room)."""

@@ -2,9 +2,12 @@
 
 A node is (account, node name) with its configuration as a JSON object; an item is
 (node, item id) with a sequence number (publish order: a republished id moves to the end),
-its publisher and its payload as XML text. Both tables reference the account with
-ON DELETE CASCADE, items reference their node, so deleting an account or a node removes what it
-owns. Every call is one SQL statement, hence atomic.
+its publisher and its payload as XML text; a subscription is (node, subscriber JID) with its
+state (XEP-0060 §6.1: 'subscribed', or 'pending' on an authorize node). Nodes reference the
+account with ON DELETE CASCADE, items and subscriptions their node, and a subscription of one of
+our own accounts references that account too: deleting an account or a node removes what it
+owns, and deleting an account removes its subscriptions to others' nodes. Every call is one SQL
+statement, hence atomic.
 """
 
 from __future__ import annotations
@@ -50,10 +53,32 @@ _ITEMS = """CREATE TABLE pep_items (
 
 _ORDER = "CREATE INDEX pep_items_order ON pep_items (domain, localpart, node, seq)"
 
+# Explicit subscriptions (XEP-0060 §6.1 on PEP nodes, XEP-0163 §4): sub_domain/sub_localpart
+# name the subscriber's account when it is one of ours (NULL otherwise: a foreign key with a
+# NULL column is not checked), so that deleting it removes its subscriptions.
+_SUBSCRIPTIONS = """CREATE TABLE pep_subscriptions (
+        domain TEXT NOT NULL,
+        localpart TEXT NOT NULL,
+        node TEXT NOT NULL,
+        jid TEXT NOT NULL,
+        state TEXT NOT NULL,
+        sub_domain TEXT,
+        sub_localpart TEXT,
+        PRIMARY KEY (domain, localpart, node, jid),
+        FOREIGN KEY (domain, localpart, node) REFERENCES pep_nodes (domain, localpart, node)
+            ON DELETE CASCADE,
+        FOREIGN KEY (sub_domain, sub_localpart) REFERENCES accounts (domain, localpart)
+            ON DELETE CASCADE
+    )"""
+_SUBSCRIBER = ("CREATE INDEX pep_subscriptions_subscriber "
+               "ON pep_subscriptions (sub_domain, sub_localpart)")
+
 MIGRATIONS = {
     "sqlite": [[_NODES + " WITHOUT ROWID", _ITEMS.format(seq="INTEGER") + " WITHOUT ROWID",
-                _ORDER]],
-    "postgresql": [[_NODES, _ITEMS.format(seq="BIGINT"), _ORDER]],
+                _ORDER],
+               [_SUBSCRIPTIONS + " WITHOUT ROWID", _SUBSCRIBER]],
+    "postgresql": [[_NODES, _ITEMS.format(seq="BIGINT"), _ORDER],
+                   [_SUBSCRIPTIONS, _SUBSCRIBER]],
 }
 
 _NODE = "domain = ? AND localpart = ? AND node = ?"
@@ -150,9 +175,40 @@ class SQLitePepStore(Store):
         return await self._db.execute(f"DELETE FROM {self._items_table} WHERE {_NODE}",
                                       domain, user, node)
 
+    # -- explicit subscriptions (PEP only: the service keeps them in its node state) ----------
+
+    async def subscriptions(self, user: str, domain: str) -> dict[str, dict[str, str]]:
+        """Every subscription to the account's nodes: node -> subscriber JID -> state."""
+        rows = await self._db.fetch(
+            "SELECT node, jid, state FROM pep_subscriptions WHERE domain = ? AND localpart = ?",
+            domain, user)
+        found: dict[str, dict[str, str]] = {}
+        for node, jid, state in rows:
+            found.setdefault(node, {})[jid] = state
+        return found
+
+    async def set_subscription(self, user: str, domain: str, node: str, jid: str, state: str,
+                               account: tuple[str, str] | None = None) -> None:
+        """Add or change a subscription; `account` (localpart, domain) when the subscriber is
+        one of our accounts. NoSuchAccount when the node's account (or that one) is gone."""
+        sub_local, sub_domain = account if account is not None else (None, None)
+        await self._write(
+            user, domain,
+            "INSERT INTO pep_subscriptions "
+            "(domain, localpart, node, jid, state, sub_domain, sub_localpart) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, localpart, node, jid) "
+            "DO UPDATE SET state = excluded.state",
+            domain, user, node, jid, state, sub_domain, sub_local)
+
+    async def remove_subscription(self, user: str, domain: str, node: str, jid: str) -> bool:
+        changed = await self._db.execute(
+            f"DELETE FROM pep_subscriptions WHERE {_NODE} AND jid = ?", domain, user, node, jid)
+        return changed > 0
+
 
 SPEC: StoreSpec = StoreSpec(name="pep", sqlite=SQLitePepStore, postgresql=SQLitePepStore,
-                            migrations=MIGRATIONS, tables=("pep_nodes", "pep_items"))
+                            migrations=MIGRATIONS,
+                            tables=("pep_nodes", "pep_items", "pep_subscriptions"))
 
 
 # -- the pubsub service (pubsub.<domain>): the same calls, nodes keyed by (service domain, '') --

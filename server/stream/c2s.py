@@ -270,6 +270,10 @@ class C2SConnection(XMLStreamConnection):
                 self.close("invalid-from", "'from' is not your address")
                 return
         el.set("from", session.jid_str)
+        # RFC 6120 §4.7.4: a client's stanza without xml:lang gets the one of its stream.
+        lang = self.negotiation.client_lang
+        if lang is not None and _XML_LANG not in el.attrib:
+            el.set(_XML_LANG, lang)
         pending = self._server.router.route(el, session)
         if pending is not None:
             self._wait_for(pending)
@@ -325,6 +329,7 @@ class C2SConnection(XMLStreamConnection):
 
 
 _ElementType = type(etree.Element("x"))
+_XML_LANG = ns.q(ns.XML, "lang")
 # negotiation's <failure/>s: RFC 6120's and XEP-0388's
 _SASL_FAILURES = (b'<failure xmlns="urn:ietf:params:xml:ns:xmpp-sasl"',
                   b'<failure xmlns="urn:xmpp:sasl:2"')

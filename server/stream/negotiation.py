@@ -191,6 +191,7 @@ class C2SNegotiation:
         self.mechanism = ""
         self.stream_id = ""
         self.lang = "en"
+        self.client_lang: str | None = None  # the xml:lang the client's header gave
         self.header_sent = False
         self._awaiting_header = True
         self._channel_binding = channel_binding
@@ -331,6 +332,7 @@ class C2SNegotiation:
         lang = attrs.get(ns.q(ns.XML, "lang"))
         if lang:
             self.lang = lang
+        self.client_lang = lang or None
         to = attrs.get("to")
         domain: str | None = None
         if to:

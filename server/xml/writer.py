@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from xml.sax.saxutils import quoteattr
 
 from lxml import etree
@@ -42,11 +44,46 @@ def serialize(stanza: etree._Element, content_ns: str) -> bytes:
     content_ns. Only the top element's declaration changes for jabber:server (or a
     component's jabber:component:accept): nested jabber:client content (e.g. XEP-0297
     forwarded stanzas) keeps its namespace."""
-    data: bytes = etree.tostring(stanza)
+    shared = _SHARED.pop(id(stanza), None) if _SHARED else None
+    if shared is not None and shared[0] is stanza and shared[1] == (len(stanza),
+                                                                    len(stanza.attrib)):
+        data = shared[2]
+    else:
+        data = etree.tostring(stanza)
     decl = _DECLS.get(content_ns)
     if decl is not None:
         return data.replace(_CLIENT_DECL, decl, 1)
     return data
+
+
+# addressed_copies(): copy id -> (the copy, its shape then, its bytes); serialize() takes them.
+_SHARED: dict[int, tuple[etree._Element, tuple[int, int], bytes]] = {}
+_SHARED_MAX = 4096  # copies never written (blocked, held, their session gone) are forgotten
+
+
+def addressed_copies(template: etree._Element, recipients: Iterable[str]) -> list[etree._Element]:
+    """One copy of a canonical stanza without 'to' per recipient, addressed to it, and the
+    template serialised once for them all (DESIGN.md rule 3: a groupchat message to 50
+    occupants): serialize() of a copy is the template's bytes with the copy's 'to' put in,
+    unless something changed the copy since (a child or an attribute added or removed: then
+    it is serialised anew). The copies are ordinary elements for filters, queues and holds."""
+    if "to" in template.attrib:
+        raise ValueError("the template of addressed copies has no 'to'")
+    data: bytes = etree.tostring(template)
+    cut = data.index(b" ")  # after the tag name: '<message xmlns="jabber:client" ...'
+    head, tail = data[:cut] + b" to=", data[cut:]
+    shape = (len(template), len(template.attrib) + 1)
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    copies = []
+    for to in recipients:
+        one = copy.copy(template)  # lxml copies an element with its subtree
+        one.set("to", to)
+        quoted = quoteattr(to) if ("&" in to or "<" in to or ">" in to or '"' in to) \
+            else f'"{to}"'
+        _SHARED[id(one)] = (one, shape, head + quoted.encode() + tail)
+        copies.append(one)
+    return copies
 
 
 def to_canonical(stanza: etree._Element) -> etree._Element:

@@ -25,6 +25,7 @@ from server.errors import StanzaError
 from server.jid import JID
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.writer import addressed_copies
 
 MUC = "http://jabber.org/protocol/muc"
 MUC_USER = MUC + "#user"
@@ -42,6 +43,8 @@ _X_MUC = ns.q(MUC, "x")
 _BODY = ns.q(ns.CLIENT, "body")
 _SUBJECT = ns.q(ns.CLIENT, "subject")
 _DELAY = ns.q(ns.DELAY, "delay")
+_THREAD = ns.q(ns.CLIENT, "thread")
+_STORE = "{urn:xmpp:hints}store"
 OCCUPANT_ID = "urn:xmpp:occupant-id:0"  # XEP-0421
 SID = "urn:xmpp:sid:0"                  # XEP-0359
 _OCCUPANT_ID = ns.q(OCCUPANT_ID, "occupant-id")
@@ -64,6 +67,8 @@ class RoomConfig:
     change_subject: bool = False  # occupants (not only moderators) may change the subject
     history_length: int = 20
     archive: bool = True        # XEP-0313 on the room JID (muc#roomconfig_enablearchiving)
+    # roles whose presence the occupants get (muc#roomconfig_presencebroadcast)
+    presence_broadcast: tuple[str, ...] = ("moderator", "participant", "visitor")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -72,7 +77,10 @@ class RoomConfig:
     def from_json(cls, text: str) -> RoomConfig:
         raw = json.loads(text)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        given = {k: v for k, v in raw.items() if k in known}
+        if "presence_broadcast" in given:
+            given["presence_broadcast"] = tuple(given["presence_broadcast"])
+        return cls(**given)
 
 
 # form field var -> (RoomConfig attribute, kind)
@@ -91,7 +99,9 @@ FORM_FIELDS: dict[str, tuple[str, str]] = {
     "muc#roomconfig_changesubject": ("change_subject", "boolean"),
     "muc#roomconfig_historylength": ("history_length", "text-single"),
     "muc#roomconfig_enablearchiving": ("archive", "boolean"),
+    "muc#roomconfig_presencebroadcast": ("presence_broadcast", "list-multi"),
 }
+_BROADCAST_ROLES = ("moderator", "participant", "visitor")
 
 
 def _truthy(text: str | None) -> bool:
@@ -124,6 +134,12 @@ def apply_form(config: RoomConfig, form: etree._Element, max_history: int) -> Ro
             if value.strip() not in ("0", "1", "true", "false"):
                 raise StanzaError("bad-request", f"{var} takes a boolean")
             changes[attr] = _truthy(value)
+        elif attr == "presence_broadcast":
+            # XEP-0045 §15.5.3: the roles whose presence is broadcast ("none", Prosody's
+            # offline members' presence, is taken and not served)
+            if any(role not in (*_BROADCAST_ROLES, "none") for role in given):
+                raise StanzaError("bad-request", f"{var} takes {', '.join(_BROADCAST_ROLES)}")
+            changes[attr] = tuple(r for r in _BROADCAST_ROLES if r in given)
         elif attr == "whois":
             if value not in ("moderators", "anyone"):
                 raise StanzaError("bad-request", "whois is 'moderators' or 'anyone'")
@@ -157,9 +173,16 @@ def config_form(config: RoomConfig, room: JID) -> etree._Element:
             value: Any = bool(config.password)
         else:
             value = getattr(config, attr)
-        el = _field(x, var, kind, value)
-        if var == "muc#roomconfig_whois":
-            for option in ("moderators", "anyone"):
+        if kind == "list-multi":
+            el = st.child(x, ns.q(ns.DATA_FORMS, "field"), {"var": var, "type": kind})
+            for one in value:
+                st.child(el, ns.q(ns.DATA_FORMS, "value"), text=one)
+        else:
+            el = _field(x, var, kind, value)
+        options = {"muc#roomconfig_whois": ("moderators", "anyone"),
+                   "muc#roomconfig_presencebroadcast": _BROADCAST_ROLES}.get(var, ())
+        if options:
+            for option in options:
                 opt = st.child(el, ns.q(ns.DATA_FORMS, "option"), {"label": option})
                 st.child(opt, ns.q(ns.DATA_FORMS, "value"), text=option)
     return x
@@ -179,6 +202,8 @@ class Occupant:
     affiliation: str
     role: str
     sessions: dict[JID, etree._Element] = field(default_factory=dict)  # full JID -> presence
+    tokens: float = -1.0     # message rate limit: a token bucket (-1: full, not used yet)
+    refilled: float = 0.0    # when tokens was last brought up to date (monotonic seconds)
 
     @property
     def presence(self) -> etree._Element:
@@ -207,8 +232,10 @@ Out = list[etree._Element]
 
 
 class Room:
-    def __init__(self, jid: JID, config: RoomConfig, id_key: bytes = b"") -> None:
+    def __init__(self, jid: JID, config: RoomConfig, id_key: bytes = b"",
+                 max_occupants: int = 0) -> None:
         self.id_key = id_key  # XEP-0421: occupant ids are HMACs of the real bare JID
+        self.max_occupants = max_occupants  # the service's limit ([muc] max_occupants; 0: none)
         self.jid = jid
         self.jid_str = str(jid)
         self.config = config
@@ -221,11 +248,19 @@ class Room:
         self.subject: str | None = None
         self.subject_from: str | None = None
         self.destroyed = False
+        self.fresh = False   # made by a join, its owner has not configured it yet
+        self._ids: dict[JID, str] = {}              # bare JID -> its occupant id (XEP-0421)
 
     # -- who is who --------------------------------------------------------------------------
 
     def affiliation(self, jid: JID) -> str:
         return self.affiliations.get(jid.bare, "none")
+
+    def occupant_limit(self) -> int:
+        """The most occupants the room takes: the service's limit, lowered by the room's
+        muc#roomconfig_maxusers; 0: no limit."""
+        limits = [n for n in (self.max_occupants, self.config.max_users) if n]
+        return min(limits) if limits else 0
 
     def default_role(self, affiliation: str) -> str:
         if affiliation in ("owner", "admin"):
@@ -258,30 +293,53 @@ class Room:
         return [j for j, a in self.affiliations.items() if a == "owner"]
 
     def occupant_id(self, occupant: Occupant) -> str:
+        known = self._ids.get(occupant.jid)
+        if known is not None:
+            return known
         digest = hmac.new(self.id_key, f"{self.jid_str} {occupant.jid}".encode(),
                           hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest[:18]).decode()
+        if len(self._ids) >= 10_000:
+            self._ids.clear()
+        known = self._ids[occupant.jid] = base64.urlsafe_b64encode(digest[:18]).decode()
+        return known
 
     # -- presence ----------------------------------------------------------------------------
 
     def _x(self, occupant: Occupant, to_moderator: bool, codes: tuple[str, ...] = (),
-           role: str | None = None, affiliation: str | None = None,
+           is_self: bool = False, role: str | None = None, affiliation: str | None = None,
            nick: str | None = None, actor: str | None = None,
-           reason: str | None = None) -> etree._Element:
+           actor_jid: str | None = None, reason: str | None = None) -> etree._Element:
+        # The order of Prosody's (its scansion scripts are strict here; XEP-0045 leaves it
+        # open): the status codes, the item, then 110 (the occupant's own presence).
         x = st.element(_X_USER)
+        for code in codes:
+            if code != "110":
+                st.child(x, ns.q(MUC_USER, "status"), {"code": code})
         attrs = {"affiliation": affiliation or occupant.affiliation,
                  "role": role or occupant.role}
-        if to_moderator or self.config.whois == "anyone":
-            attrs["jid"] = str(next(iter(occupant.sessions), occupant.jid))
         if nick is not None:
             attrs["nick"] = nick
-        item = st.child(x, ns.q(MUC_USER, "item"), attrs)
-        if actor is not None:
-            st.child(item, ns.q(MUC_USER, "actor"), {"nick": actor})
+        sees_jids = to_moderator or self.config.whois == "anyone"
+        if sees_jids or is_self:
+            # the real JID (one's own too, as Prosody shows it); an occupant with several
+            # sessions has an item per session, the latest first (Prosody, issue978-multi)
+            first = None
+            for real in reversed(occupant.sessions) if sees_jids else [
+                    next(iter(occupant.sessions), occupant.jid)]:
+                made = st.child(x, ns.q(MUC_USER, "item"), {**attrs, "jid": str(real)})
+                first = first if first is not None else made
+            item = first if first is not None else st.child(x, ns.q(MUC_USER, "item"), attrs)
+        else:
+            item = st.child(x, ns.q(MUC_USER, "item"), attrs)
+        shown = {"nick": actor} if actor is not None else {}
+        if actor_jid is not None and (to_moderator or self.config.whois == "anyone"):
+            shown["jid"] = actor_jid
+        if shown:
+            st.child(item, ns.q(MUC_USER, "actor"), shown)
         if reason:
             st.child(item, ns.q(MUC_USER, "reason"), text=reason)
-        for code in codes:
-            st.child(x, ns.q(MUC_USER, "status"), {"code": code})
+        if "110" in codes:
+            st.child(x, ns.q(MUC_USER, "status"), {"code": "110"})
         return x
 
     def presence_of(self, occupant: Occupant, to: JID, *, unavailable: bool = False,
@@ -289,10 +347,28 @@ class Room:
                     **item: Any) -> etree._Element:
         """occupant's presence as `to` (a real full JID) gets it."""
         recipient = self.by_jid.get(to)
-        to_moderator = recipient is not None and recipient.role == "moderator"
-        is_self = recipient is occupant
-        out = st.element(st.PRESENCE, {"from": f"{self.jid_str}/{occupant.nick}",
-                                       "to": str(to)})
+        out = self._presence(occupant, recipient is not None and recipient.role == "moderator",
+                             recipient is occupant, unavailable=unavailable, codes=codes,
+                             self_codes=self_codes, **item)
+        out.set("to", str(to))
+        return out
+
+    def broadcasts(self, occupant: Occupant) -> bool:
+        """Whether the others get this occupant's presence (XEP-0045 §15.5.3
+        muc#roomconfig_presencebroadcast; they may still probe it)."""
+        return occupant.role in self.config.presence_broadcast
+
+    def presence_for(self, occupant: Occupant, to_moderator: bool) -> etree._Element:
+        """occupant's current presence as a moderator or anyone else sees it (no 'to')."""
+        return self._presence(occupant, to_moderator, False, unavailable=False, codes=(),
+                              self_codes=())
+
+    def _presence(self, occupant: Occupant, to_moderator: bool, is_self: bool, *,
+                  unavailable: bool, codes: tuple[str, ...], self_codes: tuple[str, ...],
+                  **item: Any) -> etree._Element:
+        """occupant's presence as a moderator or not, the occupant itself or not, gets it
+        (without 'to')."""
+        out = st.element(st.PRESENCE, {"from": f"{self.jid_str}/{occupant.nick}"})
         if unavailable:
             out.set("type", "unavailable")
         else:
@@ -302,15 +378,26 @@ class Room:
                     out.append(copy.deepcopy(child))
         st.child(out, _OCCUPANT_ID, {"id": self.occupant_id(occupant)})
         all_codes = codes + (("110", *self_codes) if is_self else ())
-        out.append(self._x(occupant, to_moderator, all_codes, **item))
+        out.append(self._x(occupant, to_moderator, all_codes, is_self, **item))
         return out
 
     def broadcast_presence(self, occupant: Occupant, *, unavailable: bool = False,
                            codes: tuple[str, ...] = (), self_codes: tuple[str, ...] = (),
                            also: tuple[JID, ...] = (), **item: Any) -> Out:
-        out = [self.presence_of(occupant, real, unavailable=unavailable, codes=codes,
-                                self_codes=self_codes, **item)
-               for other in self.occupants.values() for real in other.sessions]
+        # The occupants get one of three presences (a moderator's, with the real JID; the
+        # occupant's own, with 110; everyone else's): each serialised once (DESIGN.md rule 3).
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        shown = self.broadcasts(occupant)
+        for other in self.occupants.values():
+            if other is not occupant and not shown:
+                continue  # muc#roomconfig_presencebroadcast: not this role's presence
+            key = (other.role == "moderator", other is occupant)
+            groups.setdefault(key, []).extend(str(real) for real in other.sessions)
+        out: Out = []
+        for (to_moderator, is_self), recipients in groups.items():
+            out += addressed_copies(self._presence(
+                occupant, to_moderator, is_self, unavailable=unavailable, codes=codes,
+                self_codes=self_codes, **item), recipients)
         for real in also:
             out.append(self.presence_of(occupant, real, unavailable=unavailable, codes=codes,
                                         **item))
@@ -339,16 +426,20 @@ class Room:
                 given = x.findtext(ns.q(MUC, "password")) if x is not None else None
                 if given != self.config.password:
                     raise StanzaError("not-authorized", "a password is required")
-            if (self.config.max_users and len(self.occupants) >= self.config.max_users
-                    and affiliation not in ("owner", "admin")):
+            # XEP-0045 §7.2.10: a full room answers service-unavailable. Owners and admins
+            # get past the room's own maximum (the XEP's MAY), never past the service's.
+            limit = self.max_occupants if affiliation in ("owner", "admin") \
+                else self.occupant_limit()
+            if limit and len(self.occupants) >= limit:
                 raise StanzaError("service-unavailable", "the room is full")
         out: Out = []
         if taken is not None:
-            # one more session of an occupant: it gets the room, nobody else hears of it
+            # one more session of an occupant: it gets the room; then the others get the
+            # occupant's presence with this session too (Prosody, issue978-multi)
             taken.sessions[real] = presence
             self.by_jid[real] = taken
             for other in self.occupants.values():
-                if other is not taken:
+                if other is not taken and self.broadcasts(other):
                     out.append(self.presence_of(other, real))
             out.append(self.presence_of(taken, real,
                                         self_codes=self._join_codes(False, renamed)))
@@ -356,10 +447,11 @@ class Room:
             occupant = Occupant(nick, real.bare, affiliation, self.default_role(affiliation),
                                 {real: presence})
             for other in self.occupants.values():
-                out.append(self.presence_of(other, real))
+                if self.broadcasts(other):
+                    out.append(self.presence_of(other, real))
             self.occupants[nick] = occupant
             self.by_jid[real] = occupant
-            for other in self.occupants.values():
+            for other in self.occupants.values() if self.broadcasts(occupant) else ():
                 for session in other.sessions:
                     if session != real:
                         out.append(self.presence_of(occupant, session))
@@ -367,14 +459,17 @@ class Room:
                                         self_codes=self._join_codes(created, renamed)))
         out.extend(self._history_for(real, x))
         out.append(self._subject_message(real))
+        if taken is not None:
+            out += [p for p in self.broadcast_presence(taken) if p.get("to") != str(real)]
         return out
 
     def _join_codes(self, created: bool, renamed: bool) -> tuple[str, ...]:
         codes: list[str] = []
         if self.config.whois == "anyone":
             codes.append("100")
-        if self.config.archive:
-            codes.append("170")  # the room is logged (archived)
+        # No 170 for the room's MAM archive: XEP-0045 §7.2.12 asks it for discussions logged
+        # to a public archive (a web log), and Prosody (whose scansion scripts expect none
+        # with muc_mam on) does not send it either.
         if created:
             codes.append("201")
         if renamed:
@@ -425,7 +520,17 @@ class Room:
     def update_presence(self, real: JID, presence: etree._Element) -> Out:
         occupant = self.by_jid[real]
         occupant.sessions[real] = presence
-        return self.broadcast_presence(occupant)
+        if presence.find(_X_MUC) is None:
+            return self.broadcast_presence(occupant)
+        # A join from a session already in the room (a client that lost track): it gets the
+        # room again, as at a join (Prosody's resync, muc_subject_issue_667); the others its
+        # presence.
+        out = [self.presence_of(other, real) for other in self.occupants.values()
+               if other is not occupant and self.broadcasts(other)]
+        out.append(self.presence_of(occupant, real, self_codes=self._join_codes(False, False)))
+        out.extend(self._history_for(real, presence.find(_X_MUC)))
+        out.append(self._subject_message(real))
+        return out + [p for p in self.broadcast_presence(occupant) if p.get("to") != str(real)]
 
     def change_nick(self, real: JID, nick: str) -> Out:
         occupant = self.by_jid[real]
@@ -451,11 +556,12 @@ class Room:
             return []
         item.setdefault("role", "none")
         if len(occupant.sessions) > 1:
-            # the occupant stays with its other sessions; this one is told it left
+            # the occupant stays with its other sessions; this one is told it left, the others
+            # get its presence as it is now (Prosody, issue978-multi)
             out = [self.presence_of(occupant, real, unavailable=True, codes=codes, **item)]
             del occupant.sessions[real]
             del self.by_jid[real]
-            return out
+            return out + self.broadcast_presence(occupant)
         out = self.broadcast_presence(occupant, unavailable=True, codes=codes, **item)
         if presence is not None:
             status = presence.find(ns.q(ns.CLIENT, "status"))
@@ -488,8 +594,6 @@ class Room:
         sender = self.by_jid.get(real)
         if sender is None:
             raise StanzaError("not-acceptable", "you are not in this room")
-        has_subject = message.find(_SUBJECT) is not None
-        has_body = message.find(_BODY) is not None
         if sender.role == "visitor":
             raise StanzaError("forbidden", "visitors may not speak in this moderated room")
         out_message = st.element(st.MESSAGE, {"type": "groupchat",
@@ -502,7 +606,7 @@ class Room:
                                                                 _STANZA_ID):
                 out_message.append(copy.deepcopy(child))
         st.child(out_message, _OCCUPANT_ID, {"id": self.occupant_id(sender)})
-        if has_subject and not has_body:
+        if self.is_subject_change(message):
             # XEP-0045 §8.1: a subject change is a message with a subject and no body
             if not self.config.change_subject and sender.role != "moderator":
                 raise StanzaError("forbidden", "you may not change the subject")
@@ -512,21 +616,25 @@ class Room:
 
     @staticmethod
     def is_subject_change(message: etree._Element) -> bool:
-        return message.find(_SUBJECT) is not None and message.find(_BODY) is None
+        # XEP-0045 §8.1: a <subject/> without <body/>; with a <thread/> it is the subject of
+        # a thread, a message like any other (Prosody issue 667)
+        return message.find(_SUBJECT) is not None and message.find(_BODY) is None and \
+            message.find(_THREAD) is None
+
+    @staticmethod
+    def is_historic(message: etree._Element) -> bool:
+        """Kept in the discussion history and the archive: a message with a body, or one
+        that asks to be stored (XEP-0334 <store/>)."""
+        return message.find(_BODY) is not None or message.find(_STORE) is not None
 
     def fan_out(self, out_message: etree._Element, stanza_id: str) -> Out:
         """A prepared message to every occupant's sessions, kept in the history."""
         st.child(out_message, _STANZA_ID, {"id": stanza_id, "by": self.jid_str})
-        if out_message.find(_BODY) is not None and self.config.history_length:
+        if self.is_historic(out_message) and self.config.history_length:
             size = len(etree.tostring(out_message))
             self.history.append(HistoryEntry(time.time(), out_message, size))
-        out: Out = []
-        for occupant in self.occupants.values():
-            for session in occupant.sessions:
-                copy_ = copy.deepcopy(out_message)
-                copy_.set("to", str(session))
-                out.append(copy_)
-        return out
+        return addressed_copies(out_message, [str(session) for occupant in self.occupants.values()
+                                              for session in occupant.sessions])
 
     def forget_message(self, message_id: str) -> etree._Element | None:
         """Take a message out of the history by its stanza id (or, failing that, the id its
@@ -570,12 +678,16 @@ class Room:
                 presence = st.element(st.PRESENCE, {
                     "from": f"{self.jid_str}/{occupant.nick}", "to": str(session),
                     "type": "unavailable"})
+                # XEP-0045 §10.9: each occupant is told it left, with <destroy/>; its own
+                # presence, so its item and 110 (in Prosody's order: destroy, item, 110)
                 x = st.child(presence, _X_USER)
-                st.child(x, ns.q(MUC_USER, "item"), {"affiliation": "none", "role": "none"})
                 destroy = st.child(x, ns.q(MUC_USER, "destroy"),
                                    {"jid": venue} if venue else None)
                 if reason:
                     st.child(destroy, ns.q(MUC_USER, "reason"), text=reason)
+                st.child(x, ns.q(MUC_USER, "item"), {"affiliation": occupant.affiliation,
+                                                      "jid": str(session), "role": "none"})
+                st.child(x, ns.q(MUC_USER, "status"), {"code": "110"})
                 out.append(presence)
         self.occupants.clear()
         self.by_jid.clear()

@@ -27,6 +27,7 @@ ERRORS = PUBSUB + "#errors"
 NODE_CONFIG = PUBSUB + "#node_config"
 PUBLISH_OPTIONS = PUBSUB + "#publish-options"
 META_DATA = PUBSUB + "#meta-data"
+SUBSCRIBE_AUTHORIZATION = PUBSUB + "#subscribe_authorization"
 CAPS = "http://jabber.org/protocol/caps"
 DATA = ns.DATA_FORMS
 
@@ -35,7 +36,8 @@ FIELD = ns.q(DATA, "field")
 VALUE = ns.q(DATA, "value")
 OPTION = ns.q(DATA, "option")
 
-ACCESS_MODELS = ("open", "presence", "roster", "whitelist")
+ACCESS_MODELS = ("open", "presence", "roster", "whitelist", "authorize")
+PUBLISH_MODELS = ("publishers", "subscribers", "open")
 MAX = "max"  # pubsub#max_items = max: as many as the service allows
 
 
@@ -100,32 +102,63 @@ class ConfigField:
     key: str                       # our key in the stored configuration
     type: str                      # XEP-0004 field type
     parse: Callable[[str], Any]
-    options: tuple[str, ...] = ()  # for list-single
+    label: str | None = None
+    options: tuple[tuple[str, str], ...] = ()  # (value, label) of a list-single
 
 
+def _options(*values: str) -> tuple[tuple[str, str], ...]:
+    return tuple((v, v) for v in values)
+
+
+# XEP-0060 §16.4.4 (pubsub#node_config), in the order, with the labels and option labels,
+# Prosody's mod_pubsub uses (clients were tested against it; the XEP leaves them open).
 FIELDS: dict[str, ConfigField] = {
-    "pubsub#title": ConfigField("title", "text-single", str),
-    "pubsub#description": ConfigField("description", "text-single", str),
-    "pubsub#type": ConfigField("type", "text-single", str),
-    "pubsub#max_items": ConfigField("max_items", "text-single", _max_items),
-    "pubsub#persist_items": ConfigField("persist_items", "boolean", _bool),
+    "pubsub#title": ConfigField("title", "text-single", str, "Title"),
+    "pubsub#description": ConfigField("description", "text-single", str, "Description"),
+    "pubsub#type": ConfigField(
+        "type", "text-single", str,
+        "The type of node data, usually specified by the namespace of the payload (if any)"),
+    "pubsub#max_items": ConfigField("max_items", "text-single", _max_items,
+                                    "Max # of items to persist"),
+    "pubsub#persist_items": ConfigField("persist_items", "boolean", _bool,
+                                        "Persist items to storage"),
     "pubsub#access_model": ConfigField("access_model", "list-single", _choice(*ACCESS_MODELS),
-                                       ACCESS_MODELS),
+                                       "Specify the subscriber model",
+                                       _options(*sorted(ACCESS_MODELS))),
+    "pubsub#roster_groups_allowed": ConfigField("roster_groups_allowed", "list-multi", str,
+                                                "Roster groups allowed to subscribe"),
     "pubsub#publish_model": ConfigField("publish_model", "list-single",
-                                        _choice("publishers"), ("publishers",)),
+                                        _choice(*PUBLISH_MODELS), "Specify the publisher model",
+                                        _options(*PUBLISH_MODELS)),
     "pubsub#send_last_published_item": ConfigField(
         "send_last_published_item", "list-single",
         _choice("never", "on_sub", "on_sub_and_presence"),
-        ("never", "on_sub", "on_sub_and_presence")),
-    "pubsub#deliver_notifications": ConfigField("deliver_notifications", "boolean", _bool),
-    "pubsub#deliver_payloads": ConfigField("deliver_payloads", "boolean", _bool),
-    "pubsub#notify_retract": ConfigField("notify_retract", "boolean", _bool),
-    "pubsub#notify_delete": ConfigField("notify_delete", "boolean", _bool),
-    "pubsub#notification_type": ConfigField("notification_type", "list-single",
-                                            _choice("headline", "normal"),
-                                            ("headline", "normal")),
+        None, _options("never", "on_sub", "on_sub_and_presence")),
+    "pubsub#deliver_notifications": ConfigField("deliver_notifications", "boolean", _bool,
+                                                "Whether to deliver event notifications"),
+    "pubsub#deliver_payloads": ConfigField(
+        "deliver_payloads", "boolean", _bool,
+        "Whether to deliver payloads with event notifications"),
+    "pubsub#notification_type": ConfigField(
+        "notification_type", "list-single", _choice("headline", "normal"),
+        "Specify the delivery style for notifications",
+        (("normal", "Messages of type normal"), ("headline", "Messages of type headline"))),
+    "pubsub#notify_delete": ConfigField(
+        "notify_delete", "boolean", _bool,
+        "Whether to notify subscribers when the node is deleted"),
+    "pubsub#notify_retract": ConfigField(
+        "notify_retract", "boolean", _bool,
+        "Whether to notify subscribers when items are removed from the node"),
+    # Which JID an event's items carry as 'publisher' (Prosody's reading of the field).
+    "pubsub#itemreply": ConfigField(
+        "itemreply", "list-single", _choice("owner", "publisher", "none"),
+        "Specify whose JID to include as the publisher of items",
+        (("owner", "Include the node owner's JID"),
+         ("publisher", "Include the item publisher's JID"),
+         ("none", "Don't include any JID with items"))),
 }
 _VAR_OF = {f.key: var for var, f in FIELDS.items()}
+_VALIDATE = ns.q("http://jabber.org/protocol/xdata-validate", "validate")
 
 # XEP-0163 §4 (PEP) node defaults: access model presence, the last item kept and sent.
 PEP_DEFAULTS: dict[str, Any] = {
@@ -135,13 +168,15 @@ PEP_DEFAULTS: dict[str, Any] = {
     "max_items": 1,
     "persist_items": True,
     "access_model": "presence",
+    "roster_groups_allowed": [],
     "publish_model": "publishers",
     "send_last_published_item": "on_sub_and_presence",
     "deliver_notifications": True,
     "deliver_payloads": True,
-    "notify_retract": True,
-    "notify_delete": True,
     "notification_type": "headline",
+    "notify_delete": True,
+    "notify_retract": True,
+    "itemreply": "none",
 }
 
 
@@ -179,7 +214,10 @@ def form_values(form: etree._Element | None, form_type: str) -> dict[str, Any]:
         if spec is None:
             continue
         try:
-            values[spec.key] = spec.parse(texts[0] if texts else "")
+            if spec.type == "list-multi":
+                values[spec.key] = [spec.parse(t) for t in texts if t]
+            else:
+                values[spec.key] = spec.parse(texts[0] if texts else "")
         except (ValueError, IndexError):
             raise PubsubError("not-acceptable", text=f"invalid value for {var}") from None
     return values
@@ -190,19 +228,37 @@ def unmet_preconditions(config: Mapping[str, Any], options: Mapping[str, Any]) -
     return [_VAR_OF[key] for key, value in options.items() if config.get(key) != value]
 
 
+def precondition_error(unmet: list[str]) -> PubsubError:
+    """§7.1.5: conflict + precondition-not-met, naming the first field as Prosody does."""
+    return PubsubError("conflict", "precondition-not-met",
+                       f"Field does not match: {unmet[0].removeprefix('pubsub#')}")
+
+
 def config_form(config: Mapping[str, Any], form_type: str = NODE_CONFIG,
-                type_: str = "form") -> etree._Element:
-    """The node configuration as a XEP-0004 form (§8.2.1), or the meta-data of disco#info."""
+                type_: str = "form", max_items: int | None = None) -> etree._Element:
+    """The node configuration as a XEP-0004 form (§8.2.1), or the meta-data of disco#info;
+    max_items: the service's limit, told with XEP-0122 validation (1 to it, or `max`)."""
     form = st.element(X, {"type": type_})
     hidden = st.child(form, FIELD, {"var": "FORM_TYPE", "type": "hidden"})
     st.child(hidden, VALUE, text=form_type)
     for var, spec in FIELDS.items():
         if spec.key not in config:
             continue
-        field = st.child(form, FIELD, {"var": var, "type": spec.type})
-        for option in spec.options:
-            st.child(st.child(field, OPTION), VALUE, text=option)
-        st.child(field, VALUE, text=_text(config[spec.key]))
+        attrs = {"var": var, "type": spec.type}
+        if spec.label and type_ == "form":
+            attrs["label"] = spec.label
+        field = st.child(form, FIELD, attrs)
+        if spec.key == "max_items" and max_items is not None and type_ == "form":
+            validate = st.child(field, _VALIDATE, {"datatype": "pubsub:integer-or-max"})
+            st.child(validate, ns.q("http://jabber.org/protocol/xdata-validate", "range"),
+                     {"min": "1", "max": str(max_items)})
+        if type_ == "form":
+            for value, label in spec.options:
+                st.child(st.child(field, OPTION, {"label": label}), VALUE, text=value)
+        value = config[spec.key]
+        for text in value if isinstance(value, list) else [value]:
+            if text != "":  # an empty text field has no value (as Prosody writes it)
+                st.child(field, VALUE, text=_text(text))
     return form
 
 
@@ -216,12 +272,18 @@ def _text(value: Any) -> str:
 
 
 def check_access(config: Mapping[str, Any], *, owner: bool, subscriber: bool,
-                 in_roster: bool, member: bool = False) -> None:
-    """May this entity retrieve items (and get notifications)? Raises the §6.1.3 error."""
+                 in_roster: bool, member: bool = False, approved: bool = False) -> None:
+    """May this entity retrieve items (and get notifications)? Raises the §6.1.3 error.
+    `subscriber`: to the owner's presence; `approved`: its subscription to the node was
+    approved by the owner (the authorize model, §4.5)."""
     if owner or member:
         return
     model = config.get("access_model", "presence")
     if model == "open":
+        return
+    if model == "authorize":
+        if not approved:  # §6.5.9.9 (retrieve), §7.1.2 notifications: approved subscribers
+            raise PubsubError("not-authorized", "not-subscribed")
         return
     if model == "presence":
         if not subscriber:
@@ -277,6 +339,66 @@ def retract_event(node: str, item_id: str) -> etree._Element:
     holder = st.child(event, ns.q(EVENT, "items"), {"node": node})
     st.child(holder, ns.q(EVENT, "retract"), {"id": item_id})
     return event
+
+
+def subscription_element(namespace: str, node: str, jid: str, state: str) -> etree._Element:
+    """<subscription node jid subscription/> (§6.1.2 reply, §8.6 event, §5.6 listing)."""
+    return st.element(ns.q(namespace, "subscription"),
+                      {"node": node, "jid": jid, "subscription": state})
+
+
+def subscription_reply(node: str, jid: str, state: str) -> etree._Element:
+    """The <pubsub/> of a subscribe result (§6.1.2; 'pending' for an authorize node, §6.1.2.2)."""
+    reply = st.element(ns.q(PUBSUB, "pubsub"))
+    reply.append(subscription_element(PUBSUB, node, jid, state))
+    return reply
+
+
+def subscription_event(node: str, jid: str, state: str) -> etree._Element:
+    """§8.6.2 / §8.8.4: the subscriber is told its subscription's new state."""
+    event = st.element(ns.q(EVENT, "event"))
+    event.append(subscription_element(EVENT, node, jid, state))
+    return event
+
+
+def authorization_request(from_: str, node: str, jid: str) -> etree._Element:
+    """§8.6.1: the form a node owner gets for a pending subscription (an ordinary message,
+    kept offline when the owner is not online)."""
+    message = st.element(st.MESSAGE, {"from": from_})
+    form = st.child(message, X, {"type": "form"})
+    st.child(form, ns.q(DATA, "title"), text="PubSub subscriber request")
+    st.child(form, ns.q(DATA, "instructions"),
+             text="To approve this entity's subscription request, click the OK button. "
+                  "To deny the request, click the cancel button.")
+    for var, type_, label, value in (
+            ("FORM_TYPE", "hidden", None, SUBSCRIBE_AUTHORIZATION),
+            ("pubsub#node", "text-single", "Node ID", node),
+            ("pubsub#subscriber_jid", "jid-single", "Subscriber Address", jid),
+            ("pubsub#allow", "boolean", "Allow this JID to subscribe to this pubsub node?",
+             "false")):
+        attrs = {"var": var, "type": type_}
+        if label:
+            attrs["label"] = label
+        st.child(st.child(form, FIELD, attrs), VALUE, text=value)
+    return message
+
+
+def authorization_answer(message: etree._Element) -> tuple[str, str, bool | None] | None:
+    """(node, subscriber JID, allowed) of an owner's §8.6.2 answer; None when the message
+    carries no subscribe_authorization form; allowed None for a form that is not submitted
+    (cancelled: the request stays pending)."""
+    for form in message.findall(X):
+        values = {f.get("var"): f.findtext(VALUE) or "" for f in form.findall(FIELD)}
+        if values.get("FORM_TYPE") != SUBSCRIBE_AUTHORIZATION and form.get("type") != "cancel":
+            continue
+        if form.get("type") != "submit":
+            return values.get("pubsub#node", ""), values.get("pubsub#subscriber_jid", ""), None
+        try:
+            allowed = _bool(values.get("pubsub#allow", ""))
+        except ValueError:
+            allowed = False
+        return values.get("pubsub#node", ""), values.get("pubsub#subscriber_jid", ""), allowed
+    return None
 
 
 def node_event(kind: str, node: str, redirect: str | None = None) -> etree._Element:

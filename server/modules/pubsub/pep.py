@@ -4,14 +4,21 @@ on the engine of engine.py, its nodes and items in the ``pep`` store (both backe
 - publish (auto-create; item ids, overwrite by id; publish-options as preconditions, §7.1.5),
   retrieve items (all, by id, max_items), retract (notify_retract), create, and the owner's
   configure, default, delete (with redirect) and purge;
-- access models presence (the default: subscribers of the owner's presence), open, roster and
-  whitelist (only the owner);
+- access models presence (the default: subscribers of the owner's presence), open, roster
+  (pubsub#roster_groups_allowed), authorize (approved subscribers) and whitelist (the owner);
+- explicit subscriptions (XEP-0060 §6.1, XEP-0163 §4) in the store (gone with the node, the
+  owner's or the subscriber's account): subscribe (pending on an authorize node: the owner gets
+  the §8.6.1 form, from and to its bare JID, and answers it to its bare JID), unsubscribe, the
+  subscriber's §5.6 list, the owner's §8.8 management; the last item on subscribing (§6.1.7);
 - notifications, as <message type='headline'> from the bare JID, to the owner's available
-  resources and to the available resources of contacts allowed to see the node whose XEP-0115
-  capabilities include ``<node>+notify``. Capabilities are cached by their ``ver``: the first
-  resource with an unknown one is asked once with disco#info, the answer's hash is verified
-  (XEP-0115 §5) and kept; an unverifiable answer serves that resource only;
+  resources, to explicit subscribers the access model still admits, and to the available
+  resources of contacts allowed to see the node whose XEP-0115 capabilities include
+  ``<node>+notify``. Capabilities are cached by their ``ver``: a resource with an unknown one
+  is asked with disco#info before its presence goes out, the answer's hash is verified
+  (XEP-0115 §5) and kept for everyone; an unverifiable answer serves that resource only;
 - the last item of each node to a resource that becomes available (or changes capabilities);
+- publish_item/retract_item/stored_items for other modules (private.py: XEP-0402 bookmarks
+  from XEP-0048; vcard.py: XEP-0398 avatars), and the pep/published event;
 - contacts on other servers: the presence their resources send our users says which are
   available with which caps (asked over s2s from the user's bare JID), and notifications go to
   them by federation.
@@ -29,7 +36,7 @@ import copy
 import itertools
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +51,7 @@ from server.modules.pubsub.engine import EVENT, OWNER, PUBSUB, PubsubError
 from server.presence.subscription import is_subscriber
 from server.roster import state_of
 from server.sessions import Session
+from server.storage.base import NoSuchAccount
 from server.storage.pubsub import SPEC, StoredItem
 from server.xml import ns
 from server.xml import stanza as st
@@ -58,10 +66,12 @@ _INFO = ns.q(ns.DISCO_INFO, "query")
 _CAPS_TIMEOUT = 10.0
 _CACHE_SIZE = 10000
 FEATURES = (PUBSUB, *(f"{PUBSUB}#{f}" for f in (
-    "access-open", "access-presence", "access-roster", "access-whitelist", "auto-create",
-    "config-node", "create-nodes", "delete-items", "delete-nodes", "filtered-notifications",
-    "item-ids", "last-published", "persistent-items", "publish", "publish-options",
-    "purge-nodes", "retract-items", "retrieve-default", "retrieve-items")))
+    "access-authorize", "access-open", "access-presence", "access-roster", "access-whitelist",
+    "auto-create", "config-node", "create-nodes", "delete-items", "delete-nodes",
+    "filtered-notifications", "item-ids", "last-published", "manage-subscriptions",
+    "persistent-items", "publish", "publish-options", "purge-nodes", "retract-items",
+    "retrieve-affiliations", "retrieve-default", "retrieve-items", "retrieve-subscriptions",
+    "subscribe")))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +86,7 @@ class Caps:
     """What a resource's presence says about its capabilities."""
     ver: str | None
     features: frozenset[str] | None  # None: not known (yet)
+    fresh: bool = False  # new with the presence going out: the last items are still to send
 
 
 class Pep(Module):
@@ -89,9 +100,14 @@ class Pep(Module):
         super().__init__(server, config)
         # owner bare JID -> node -> configuration (the whole account's nodes, once read)
         self._nodes: dict[JID, dict[str, dict[str, Any]]] = {}
+        # owner bare JID -> node -> subscriber JID -> 'subscribed' | 'pending' (explicit
+        # subscriptions, XEP-0060 §6.1; read with the nodes, dropped with them)
+        self._subs: dict[JID, dict[str, dict[str, str]]] = {}
         self._known: dict[str, frozenset[str]] = {}           # verified ver -> features
-        self._asking: dict[str, asyncio.Future[Stanza]] = {}  # iq id -> its answer
-        self._asked: dict[str, asyncio.Future[frozenset[str] | None]] = {}  # ver -> lookup
+        # (asked JID, asking JID) -> disco#info node -> its answer
+        self._asking: dict[tuple[str, str], dict[str, asyncio.Future[Stanza]]] = {}
+        # (asked JID, ver) -> its lookup
+        self._asked: dict[tuple[str, str], asyncio.Future[frozenset[str] | None]] = {}
         # remote bare JID -> its available resources (full JID) -> their caps
         self._remote: dict[JID, dict[str, Caps]] = {}
         self._ids = itertools.count(1)
@@ -108,11 +124,26 @@ class Pep(Module):
         if nodes is None:
             assert owner.local is not None
             stored = await self.store.nodes(owner.local, owner.domain)
+            subs = await self.store.subscriptions(owner.local, owner.domain)
+            cached = self._nodes.get(owner)
+            if cached is not None:
+                return cached  # read meanwhile by another call, and maybe changed since
             nodes = {name: engine.node_config(config) for name, config in stored.items()}
             if len(self._nodes) >= _CACHE_SIZE:
                 self._nodes.clear()
+                self._subs.clear()
             self._nodes[owner] = nodes
+            self._subs[owner] = subs
         return nodes
+
+    async def subscriptions(self, owner: JID, node: str) -> dict[str, str]:
+        """The explicit subscriptions to one of the owner's nodes: JID -> state."""
+        await self.nodes(owner)
+        return self._subs.setdefault(owner, {}).setdefault(node, {})
+
+    def _forget(self, owner: JID) -> None:
+        self._nodes.pop(owner, None)
+        self._subs.pop(owner, None)
 
     async def _node(self, owner: JID, node: str) -> dict[str, Any]:
         config = (await self.nodes(owner)).get(node)
@@ -128,7 +159,7 @@ class Pep(Module):
         config = engine.node_config(options)
         assert owner.local is not None
         if not await self.store.create_node(owner.local, owner.domain, node, config):
-            self._nodes.pop(owner, None)  # created meanwhile (another server process)
+            self._forget(owner)  # created meanwhile (another server process)
             raise PubsubError("conflict", text=f"node {node!r} exists")
         nodes[node] = config
         log.info("event=pep-node-created jid=%s node=%s", owner, node)
@@ -157,15 +188,23 @@ class Pep(Module):
         assert origin is not None
         return origin.jid.bare
 
-    async def _facts(self, owner: JID, who: JID) -> dict[str, bool]:
+    async def _facts(self, owner: JID, who: JID, node: str | None = None) -> dict[str, bool]:
         bare = who.bare
         if bare == owner:
-            return {"owner": True, "subscriber": True, "in_roster": True}
+            return {"owner": True, "subscriber": True, "in_roster": True, "approved": True}
         roster = await self.server.rosters.get(owner)
         item = roster.items.get(str(bare))
         denied = self.server.access.denied(owner, bare)
+        approved = False
+        in_roster = not denied and item is not None and item.listed
+        if node is not None and not denied:
+            subs = await self.subscriptions(owner, node)
+            approved = "subscribed" in (subs.get(str(who)), subs.get(str(bare)))
+            groups = (await self.nodes(owner)).get(node, {}).get("roster_groups_allowed")
+            if groups and item is not None:  # §4.5 roster: in one of these groups
+                in_roster = in_roster and bool(set(groups) & set(item.groups))
         return {"owner": False, "subscriber": not denied and is_subscriber(state_of(item)),
-                "in_roster": not denied and item is not None}
+                "in_roster": in_roster, "approved": approved}
 
     # -- the protocol -------------------------------------------------------------------------
 
@@ -193,8 +232,10 @@ class Pep(Module):
         try:
             if not actions:
                 raise PubsubError("bad-request", text="the pubsub element needs an action")
-            if owner.local is None or not await self.server.storage.accounts.exists(
-                    owner.local, owner.domain):
+            # The owner's own bound session proves the account (no storage read per publish).
+            own = origin is not None and origin.local_client and origin.jid.bare == owner
+            if owner.local is None or not (own or await self.server.storage.accounts.exists(
+                    owner.local, owner.domain)):
                 raise StanzaError("service-unavailable")
             reply: Stanza = await handle(stanza, origin, owner, self._requester(stanza, origin),
                                          actions)
@@ -210,17 +251,26 @@ class Pep(Module):
             return st.result(stanza, await self._items(owner, who, action))
         if name == "default":
             return st.result(stanza, self._default_reply(PUBSUB))
-        raise engine.unsupported({"subscriptions": "retrieve-subscriptions",
-                                  "affiliations": "retrieve-affiliations",
-                                  "options": "subscription-options"}.get(name, name))
+        if name == "subscriptions":
+            return st.result(stanza, await self._own_subscriptions(owner, who, action))
+        if name == "affiliations":
+            return st.result(stanza, await self._own_affiliations(owner, who, action))
+        raise engine.unsupported({"options": "subscription-options"}.get(name, name))
 
     async def _set(self, stanza: Stanza, _origin: Session | None, owner: JID, who: JID,
                    actions: list[Stanza]) -> Stanza:
         action = actions[0]
         name = etree.QName(action).localname
-        if name in ("subscribe", "unsubscribe", "options"):
-            raise engine.unsupported("subscribe")
-        if who.bare != owner:
+        if name == "subscribe":
+            return st.result(stanza, await self._subscribe(owner, who, action))
+        if name == "unsubscribe":
+            jid = await self._unsubscribe(owner, who, action)
+            # §6.2.2: the result MAY say the subscription is now 'none' (Prosody's does).
+            return st.result(stanza, engine.subscription_reply(action.get("node", ""), jid,
+                                                               "none"))
+        if name == "options":
+            raise engine.unsupported("subscription-options")
+        if who.bare != owner:  # XEP-0163 §2.2: one publisher per node, whatever publish_model
             raise PubsubError("forbidden", text="only the account publishes to its own nodes")
         if name == "publish":
             options = next((c for c in actions[1:]
@@ -251,12 +301,20 @@ class Pep(Module):
             config = await self._node(owner, node)
             reply = st.element(ns.q(OWNER, "pubsub"))
             st.child(reply, ns.q(OWNER, "configure"), {"node": node}).append(
-                engine.config_form(config))
+                engine.config_form(config, max_items=self.config.max_items))
             return st.result(stanza, reply)
         if name == "default":
             return st.result(stanza, self._default_reply(OWNER))
-        raise engine.unsupported({"subscriptions": "manage-subscriptions",
-                                  "affiliations": "modify-affiliations"}.get(name, name))
+        if name == "subscriptions":
+            node = engine.node_attr(action)
+            await self._node(owner, node)
+            reply = st.element(ns.q(OWNER, "pubsub"))
+            holder = st.child(reply, ns.q(OWNER, "subscriptions"), {"node": node})
+            for jid, state in sorted((await self.subscriptions(owner, node)).items()):
+                holder.append(engine.subscription_element(OWNER, node, jid, state))
+                holder[-1].attrib.pop("node")  # §8.8.1: the node is named once, above
+            return st.result(stanza, reply)
+        raise engine.unsupported({"affiliations": "modify-affiliations"}.get(name, name))
 
     async def _owner_set(self, stanza: Stanza, _origin: Session | None, owner: JID, who: JID,
                          actions: list[Stanza]) -> Stanza:
@@ -283,21 +341,24 @@ class Pep(Module):
             redirect = action.find(ns.q(OWNER, "redirect"))
             await self.store.delete_node(owner.local, owner.domain, node)
             (await self.nodes(owner)).pop(node, None)
-            if config.get("notify_delete", True):
+            if config.get("notify_delete", True):  # to its subscribers, before they go too
                 await self._notify(owner, node, config, engine.node_event(
                     "delete", node, redirect.get("uri") if redirect is not None else None))
+            self._subs.get(owner, {}).pop(node, None)
+            return st.result(stanza)
+        if name == "subscriptions":
+            await self._manage_subscriptions(owner, node, action)
             return st.result(stanza)
         if name == "purge":
             await self.store.purge(owner.local, owner.domain, node)
             await self._notify(owner, node, config, engine.node_event("purge", node))
             return st.result(stanza)
-        raise engine.unsupported({"subscriptions": "manage-subscriptions",
-                                  "affiliations": "modify-affiliations"}.get(name, name))
+        raise engine.unsupported({"affiliations": "modify-affiliations"}.get(name, name))
 
     def _default_reply(self, namespace: str) -> Stanza:
         reply = st.element(ns.q(namespace, "pubsub"))
         st.child(reply, ns.q(namespace, "default")).append(
-            engine.config_form(engine.node_config()))
+            engine.config_form(engine.node_config(), max_items=self.config.max_items))
         return reply
 
     # -- publish, retrieve, retract ---------------------------------------------------------
@@ -316,35 +377,62 @@ class Pep(Module):
             raise PubsubError("bad-request", "invalid-payload", "an item has one payload")
         form = options_el.find(engine.X) if options_el is not None else None
         options = engine.form_values(form, engine.PUBLISH_OPTIONS)
-        config = (await self.nodes(owner)).get(node)
-        if config is None:
-            config = await self._create(owner, node, options)  # XEP-0163 §3: auto-create
-        else:
-            unmet = engine.unmet_preconditions(config, options)
-            if unmet:
-                raise PubsubError("conflict", "precondition-not-met",
-                                  f"the node's configuration differs: {', '.join(unmet)}")
-        payload, text = engine.item_payload(payloads, config, self.config.max_payload_size)
-        item_id = item.get("id") or uuid.uuid4().hex
-        if config["persist_items"]:
-            assert owner.local is not None
-            await self.store.publish(owner.local, owner.domain, node,
-                                     StoredItem(item_id, str(who.bare), text),
-                                     self._limit(config))
-        if config["deliver_notifications"]:
-            shown = payload if config["deliver_payloads"] else None
-            event = engine.items_event(node, [engine.item_element(EVENT, item_id, shown,
-                                                                  str(who.bare))])
-            await self._notify(owner, node, config, event)
+        item_id = await self.publish_item(owner, node, item.get("id"), payloads, options)
         reply = st.element(ns.q(PUBSUB, "pubsub"))
         done = st.child(reply, ns.q(PUBSUB, "publish"), {"node": node})
         st.child(done, ns.q(PUBSUB, "item"), {"id": item_id})
         return reply
 
+    async def publish_item(self, owner: JID, node: str, item_id: str | None,
+                           payloads: list[Stanza], options: dict[str, Any], *,
+                           preconditions: bool = True) -> str:
+        """Publish one item as the owner, with notifications; its id. For the protocol, and
+        for the server's own conversions (XEP-0402 bookmarks from private XML, XEP-0398
+        avatars from the vCard), which create the node with `options` if need be but do
+        not hold an existing node to them (preconditions=False)."""
+        config = (await self.nodes(owner)).get(node)
+        if config is None:
+            # XEP-0163 §3: auto-create, once the item is known to be acceptable.
+            engine.item_payload(payloads, engine.node_config(options),
+                                self.config.max_payload_size)
+            config = await self._create(owner, node, options)
+        elif preconditions:
+            unmet = engine.unmet_preconditions(config, options)
+            if unmet:
+                raise engine.precondition_error(unmet)
+        payload, text = engine.item_payload(payloads, config, self.config.max_payload_size)
+        item_id = item_id or uuid.uuid4().hex
+        if config["persist_items"]:
+            assert owner.local is not None
+            await self.store.publish(owner.local, owner.domain, node,
+                                     StoredItem(item_id, str(owner), text),
+                                     self._limit(config))
+        if config["deliver_notifications"]:
+            shown = payload if config["deliver_payloads"] else None
+            event = engine.items_event(node, [engine.item_element(EVENT, item_id, shown,
+                                                                  _publisher(config, owner))])
+            await self._notify(owner, node, config, event)
+        # Other modules follow some nodes (vcard.py: XEP-0398 avatars).
+        for pending in self.server.hooks.fire_all("pep/published", owner, node, item_id,
+                                                  payload):
+            await pending
+        return item_id
+
+    async def stored_items(self, owner: JID, node: str) -> list[tuple[str, Stanza | None]]:
+        """The node's items (id, payload), oldest first; none when there is no such node."""
+        if node not in await self.nodes(owner):
+            return []
+        assert owner.local is not None
+        return [(one.id, engine.parse_stored(one.payload))
+                for one in await self.store.items(owner.local, owner.domain, node)]
+
+    async def has_node(self, owner: JID, node: str) -> bool:
+        return node in await self.nodes(owner)
+
     async def _items(self, owner: JID, who: JID, request: Stanza) -> Stanza:
         node = engine.node_attr(request)
         config = await self._node(owner, node)
-        engine.check_access(config, **await self._facts(owner, who))
+        engine.check_access(config, **await self._facts(owner, who, node))
         ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
         limit = None
         if request.get("max_items") is not None:
@@ -366,16 +454,161 @@ class Pep(Module):
 
     async def _retract(self, owner: JID, retract: Stanza) -> None:
         node = engine.node_attr(retract)
-        config = await self._node(owner, node)
+        await self._node(owner, node)
         item = retract.find(ns.q(PUBSUB, "item"))
         if item is None or not item.get("id"):
             raise PubsubError("bad-request", "item-required", "retract names an item id")
         item_id = item.get("id", "")
-        assert owner.local is not None
-        if not await self.store.retract(owner.local, owner.domain, node, item_id):
+        if not await self.retract_item(owner, node, item_id,
+                                       retract.get("notify") in ("1", "true")):
             raise PubsubError("item-not-found", text=f"no item {item_id!r}")
-        if retract.get("notify") in ("1", "true") or config["notify_retract"]:
+
+    async def retract_item(self, owner: JID, node: str, item_id: str,
+                           notify: bool = False) -> bool:
+        """Retract an item (notified when asked or when the node says notify_retract); False
+        when there was none."""
+        config = (await self.nodes(owner)).get(node)
+        assert owner.local is not None
+        if config is None or not await self.store.retract(owner.local, owner.domain, node,
+                                                          item_id):
+            return False
+        if notify or config["notify_retract"]:
             await self._notify(owner, node, config, engine.retract_event(node, item_id))
+        return True
+
+    # -- explicit subscriptions (XEP-0060 §6.1, §6.2, §5.6, §8.6, §8.8 on PEP nodes) ----------
+
+    async def _subscribe(self, owner: JID, who: JID, action: Stanza) -> Stanza:
+        node = engine.node_attr(action)
+        jid = _jid_attr(action)
+        if jid.bare != who.bare:  # §6.1.3.1: one subscribes one's own (bare or full) JID
+            raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
+        config = await self._node(owner, node)
+        facts = await self._facts(owner, who, node)
+        subs = await self.subscriptions(owner, node)
+        if config["access_model"] == "authorize" and not facts["owner"]:
+            # §6.1.2.2 / §8.6.1: pending until the owner approves.
+            state = "subscribed" if subs.get(str(jid)) == "subscribed" else "pending"
+        else:
+            engine.check_access(config, **facts)  # §6.1.3.2-§6.1.3.4
+            state = "subscribed"
+        await self._set_subscription(owner, node, jid, state)
+        if state == "pending":
+            request = engine.authorization_request(str(owner), node, str(jid))
+            self.server.router.spawn(self._send(str(owner), request))
+        else:
+            self.server.router.spawn(self._send_last(jid, owner, node, config, on_sub=True))
+        return engine.subscription_reply(node, str(jid), state)
+
+    async def _set_subscription(self, owner: JID, node: str, jid: JID, state: str) -> None:
+        account = None
+        if jid.local is not None and jid.domain in self.server.hosts:
+            account = (jid.local, jid.domain)
+        assert owner.local is not None
+        try:
+            await self.store.set_subscription(owner.local, owner.domain, node, str(jid), state,
+                                              account)
+        except NoSuchAccount:
+            raise PubsubError("bad-request", "invalid-jid", f"no account {jid}") from None
+        (await self.subscriptions(owner, node))[str(jid)] = state
+
+    async def _remove_subscription(self, owner: JID, node: str, jid: str) -> bool:
+        assert owner.local is not None
+        subs = await self.subscriptions(owner, node)
+        if subs.pop(jid, None) is None:
+            return False
+        await self.store.remove_subscription(owner.local, owner.domain, node, jid)
+        return True
+
+    async def _unsubscribe(self, owner: JID, who: JID, action: Stanza) -> str:
+        node = engine.node_attr(action)
+        jid = _jid_attr(action)
+        await self._node(owner, node)
+        if jid.bare != who.bare and who.bare != owner:
+            raise PubsubError("forbidden", text="unsubscribe your own JID")  # §6.2.3.3
+        if not await self._remove_subscription(owner, node, str(jid)):
+            raise PubsubError("unexpected-request", "not-subscribed",
+                              "no such subscription")  # §6.2.3.2
+        return str(jid)
+
+    async def _own_subscriptions(self, owner: JID, who: JID, action: Stanza) -> Stanza:
+        """§5.6: the requester's subscriptions to this account's nodes (of one node, if named)."""
+        only = action.get("node")
+        nodes = await self.nodes(owner)
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        holder = st.child(reply, ns.q(PUBSUB, "subscriptions"), {"node": only} if only else {})
+        for name in sorted(nodes):
+            if only is not None and name != only:
+                continue
+            for jid, state in sorted((await self.subscriptions(owner, name)).items()):
+                if JID.parse(jid).bare == who.bare:
+                    holder.append(engine.subscription_element(PUBSUB, name, jid, state))
+        return reply
+
+    async def _own_affiliations(self, owner: JID, who: JID, action: Stanza) -> Stanza:
+        """§5.7: the owner owns every node of its account; nobody else is affiliated."""
+        only = action.get("node")
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        holder = st.child(reply, ns.q(PUBSUB, "affiliations"), {"node": only} if only else {})
+        if who.bare == owner:
+            for name in sorted(await self.nodes(owner)):
+                if only is None or name == only:
+                    st.child(holder, ns.q(PUBSUB, "affiliation"),
+                             {"node": name, "affiliation": "owner"})
+        return reply
+
+    async def _manage_subscriptions(self, owner: JID, node: str, action: Stanza) -> None:
+        """§8.8.2: the owner sets subscriptions ('none' removes one); each subscriber whose
+        state changed is told (§8.8.4)."""
+        changes = []
+        for entry in action.findall(ns.q(OWNER, "subscription")):
+            jid = _jid_attr(entry)
+            state = entry.get("subscription")
+            if state not in ("none", "subscribed", "pending"):
+                raise PubsubError("bad-request", text=f"unknown subscription state {state!r}")
+            changes.append((jid, state))
+        config = await self._node(owner, node)
+        for jid, state in changes:
+            await self._change_subscription(owner, node, config, jid, state)
+
+    async def _change_subscription(self, owner: JID, node: str, config: dict[str, Any],
+                                   jid: JID, state: str) -> None:
+        before = (await self.subscriptions(owner, node)).get(str(jid), "none")
+        if state == before:
+            return
+        if state == "none":
+            await self._remove_subscription(owner, node, str(jid))
+        else:
+            await self._set_subscription(owner, node, jid, state)
+        message = engine.event_message(str(owner), engine.subscription_event(node, str(jid),
+                                                                              state))
+        await self._send(str(jid), message)
+        if state == "subscribed":
+            await self._send_last(jid, owner, node, config, on_sub=True)
+
+    @hook("message/bare", priority=10)
+    def authorization(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
+        """§8.6.2: the owner's answer to an authorization request, sent to its own PEP
+        service (its bare JID)."""
+        if origin is None or origin.jid.bare != to or stanza.find(engine.X) is None:
+            return None
+        answer = engine.authorization_answer(stanza)
+        if answer is None:
+            return None
+        return self._authorize(to, *answer)
+
+    async def _authorize(self, owner: JID, node: str, jid: str, allowed: bool | None) -> None:
+        config = (await self.nodes(owner)).get(node)
+        if config is None or allowed is None:
+            return
+        if (await self.subscriptions(owner, node)).get(jid) != "pending":
+            return  # answered already, or never asked
+        try:
+            subscriber = JID.parse(jid)
+        except InvalidJID:
+            return
+        await self._change_subscription(owner, node, config, subscriber,
+                                        "subscribed" if allowed else "none")
 
     # -- notifications ----------------------------------------------------------------------
 
@@ -385,7 +618,7 @@ class Pep(Module):
         may see the node and asked for <node>+notify."""
         sessions = self.server.sessions
         targets = [s.jid_str for s in sessions.resources(owner) if s.presence is not None]
-        if config["access_model"] != "whitelist":
+        if config["access_model"] in ("open", "presence", "roster"):  # authorize: approved only
             roster = await self.server.rosters.get(owner)
             interest = node + "+notify"
             for contact, item in roster.items.items():
@@ -403,6 +636,19 @@ class Pep(Module):
                 else:  # on another server: the resources whose presence we saw
                     targets += [full for full, caps in self._remote.get(jid, {}).items()
                                 if caps.features is not None and interest in caps.features]
+        # XEP-0060 §7.1.2.1: explicit subscribers that may (still) see the node; a bare JID's
+        # subscription covers its resources (the router delivers a headline to each).
+        for subscriber, state in self._subs.get(owner, {}).get(node, {}).items():
+            if state != "subscribed":
+                continue
+            jid = JID.parse(subscriber)
+            if jid.bare == owner or subscriber in targets:
+                continue  # the owner's resources have it already
+            if not engine.may_access(config, **await self._facts(owner, jid, node)):
+                continue
+            if jid.resource is None:
+                targets = [t for t in targets if not t.startswith(subscriber + "/")]
+            targets.append(subscriber)
         message = engine.event_message(str(owner), event, config["notification_type"])
         for target in targets:
             await self._send(target, message)
@@ -423,40 +669,69 @@ class Pep(Module):
 
     # -- entity capabilities and the last items ----------------------------------------------
 
-    @hook("presence/available")
-    def available(self, session: Session, first: bool) -> None:
-        presence = session.presence
-        c = presence.find(_CAPS) if presence is not None else None
+    @hook("presence/outgoing")
+    def outgoing(self, session: Session, presence: Stanza) -> Awaitable[None] | None:
+        """The resource's caps, read as its presence goes out. An unknown ver is asked now,
+        before the presence reaches anyone (Prosody's mod_pep does the same: clients see the
+        disco#info query before their own presence)."""
+        c = presence.find(_CAPS)
         ver = c.get("ver") if c is not None else None
         old = self.caps.get(session)
-        if not first and old is not None and old.ver == ver:
+        if session.presence is not None and old is not None and old.ver == ver:
+            return None  # the same caps: nothing new to send
+        if ver is None or c is None:
+            self.caps.set(session, Caps(None, frozenset(), fresh=True))
             return None
-        if ver is None:
-            self.caps.set(session, Caps(None, frozenset()))
-            return None
-        assert c is not None
         known = self._known.get(ver)
-        self.caps.set(session, Caps(ver, known))
+        self.caps.set(session, Caps(ver, known, fresh=known is not None))
         if known is not None:
-            self.server.router.spawn(self._send_last_items(session))
-        else:
-            self.server.router.spawn(self._discover(session, ver, c.get("hash"),
-                                                    c.get("node") or ""))
-        return None
+            return None
+        # From the account's own bare JID (its PEP service), as Prosody's mod_pep asks.
+        lookup, sent = self._ask(session.jid_str, session.bare_str, ver, c.get("hash"),
+                                 c.get("node") or "")
+        self.server.router.spawn(self._discovered(session, ver, lookup))
+        return sent
 
-    async def _lookup(self, target: str, from_: str, ver: str, algorithm: str | None,
-                      node: str) -> frozenset[str] | None:
-        """What a caps ver means: asked of the resource once per ver (lookups of the same ver
-        meanwhile wait for that answer); kept when its hash verifies (XEP-0115 §5.4)."""
-        lookup = self._asked.get(ver)
+    @hook("presence/available")
+    def available(self, session: Session, _first: bool) -> None:
+        """XEP-0163 §4.3.2: the last items, once the presence went out with caps known."""
+        caps = self.caps.get(session)
+        if caps is not None and caps.fresh:
+            caps.fresh = False
+            if caps.features:
+                self.server.router.spawn(self._send_last_items(session))
+
+    def _ask(self, target: str, from_: str, ver: str, algorithm: str | None,
+             node: str) -> tuple[asyncio.Future[frozenset[str] | None], Awaitable[None] | None]:
+        """What a caps ver means, asked of the resource (once: a second lookup meanwhile waits
+        for that answer); kept for everyone when its hash verifies (XEP-0115 §5.4). Until then
+        each resource with that ver is asked (as Prosody does): one that is slow or answers
+        wrongly holds up no other. The lookup, and the routing of the query (to await before
+        anything else goes out)."""
+        lookup = self._asked.get((target, ver))
         if lookup is not None:
-            return await lookup
-        lookup = asyncio.get_running_loop().create_future()
-        self._asked[ver] = lookup
+            return lookup, None
+        loop = asyncio.get_running_loop()
+        lookup = loop.create_future()
+        self._asked[(target, ver)] = lookup
+        query_node = f"{node}#{ver}"
+        answer: asyncio.Future[Stanza] = loop.create_future()
+        self._asking.setdefault((target, from_), {})[query_node] = answer
+        # The id Prosody uses; answers are told apart by who answers to whom, and the node.
+        iq = st.iq("get", to=target, from_=from_, id_="disco")
+        st.child(iq, _INFO, {"node": query_node})
+        sent = self.server.router.route(iq, None)
+        self.server.router.spawn(self._verify(target, from_, ver, algorithm, query_node, answer,
+                                              lookup))
+        return lookup, sent
+
+    async def _verify(self, target: str, from_: str, ver: str, algorithm: str | None,
+                      query_node: str, answer: asyncio.Future[Stanza],
+                      lookup: asyncio.Future[frozenset[str] | None]) -> None:
         features = None
         try:
-            answer = await self._ask_info(target, from_, f"{node}#{ver}")
-            query = answer.find(_INFO) if answer.get("type") == "result" else None
+            reply = await asyncio.wait_for(answer, _CAPS_TIMEOUT)
+            query = reply.find(_INFO) if reply.get("type") == "result" else None
             if query is not None:
                 features = engine.features_of(query)
                 if algorithm is not None and engine.caps_hash(query, algorithm) == ver:
@@ -468,33 +743,28 @@ class Pep(Module):
         except (TimeoutError, ConnectionError):
             pass
         finally:
-            del self._asked[ver]
+            waiting = self._asking.get((target, from_), {})
+            waiting.pop(query_node, None)
+            if not waiting:
+                self._asking.pop((target, from_), None)
+            del self._asked[(target, ver)]
             lookup.set_result(features)
-        return features
 
-    async def _discover(self, session: Session, ver: str, algorithm: str | None,
-                        node: str) -> None:
-        # From the account's own bare JID (its PEP service), as Prosody's mod_pep asks.
-        features = await self._lookup(session.jid_str, session.bare_str, ver, algorithm, node)
+    async def _lookup(self, target: str, from_: str, ver: str, algorithm: str | None,
+                      node: str) -> frozenset[str] | None:
+        lookup, sent = self._ask(target, from_, ver, algorithm, node)
+        if sent is not None:
+            await sent
+        return await lookup
+
+    async def _discovered(self, session: Session, ver: str,
+                          lookup: asyncio.Future[frozenset[str] | None]) -> None:
+        features = await lookup
         caps = self.caps.get(session)
         if caps is None or caps.ver != ver:
             return  # the resource changed its presence meanwhile
         self.caps.set(session, Caps(ver, features or frozenset()))
         await self._send_last_items(session)
-
-    async def _ask_info(self, target: str, from_: str, node: str) -> Stanza:
-        ident = f"{self._prefix}caps-{next(self._ids)}"
-        iq = st.iq("get", to=target, from_=from_, id_=ident)
-        st.child(iq, _INFO, {"node": node})
-        answer: asyncio.Future[Stanza] = asyncio.get_running_loop().create_future()
-        self._asking[ident] = answer
-        try:
-            pending = self.server.router.route(iq, None)
-            if pending is not None:
-                await pending
-            return await asyncio.wait_for(answer, _CAPS_TIMEOUT)
-        finally:
-            self._asking.pop(ident, None)
 
     # -- contacts on other servers: their resources' caps, from the presence they send us ----
 
@@ -554,7 +824,14 @@ class Pep(Module):
 
     @hook("iq-response")
     def answered(self, stanza: Stanza, _origin: Session | None, _to: JID) -> object:
-        answer = self._asking.get(stanza.get("id", ""))
+        if stanza.get("id") != "disco":
+            return None
+        waiting = self._asking.get((stanza.get("from", ""), stanza.get("to", "")))
+        if not waiting:
+            return None
+        query = stanza.find(_INFO)
+        node = query.get("node") if query is not None else None
+        answer = waiting.get(node) if node in waiting else next(iter(waiting.values()))
         if answer is None or answer.done():
             return None
         answer.set_result(st.standalone(stanza))
@@ -585,23 +862,29 @@ class Pep(Module):
     async def _send_last_of(self, target: JID, owner: JID, features: Iterable[str]) -> None:
         wanted = {f[:-len("+notify")] for f in features if f.endswith("+notify")}
         nodes = await self.nodes(owner)
-        candidates = [(n, c) for n, c in nodes.items()
-                      if n in wanted and c["send_last_published_item"] == "on_sub_and_presence"]
-        if not candidates:
+        for node, config in list(nodes.items()):
+            if node in wanted:
+                await self._send_last(target, owner, node, config)
+
+    async def _send_last(self, target: JID, owner: JID, node: str, config: dict[str, Any],
+                         on_sub: bool = False) -> None:
+        """The node's newest item to one entity that may see it: on presence (XEP-0163
+        §4.3.2) when send_last_published_item is on_sub_and_presence, on a new subscription
+        (XEP-0060 §6.1.7) when it is on_sub too."""
+        when = config["send_last_published_item"]
+        if when == "never" or (when == "on_sub" and not on_sub):
             return
-        facts = await self._facts(owner, target)
+        if not engine.may_access(config, **await self._facts(owner, target, node)):
+            return
         assert owner.local is not None
-        for node, config in candidates:
-            if not engine.may_access(config, **facts):
-                continue
-            last = await self.store.items(owner.local, owner.domain, node, max_items=1)
-            if not last:
-                continue
-            shown = engine.parse_stored(last[0].payload) if config["deliver_payloads"] else None
-            event = engine.items_event(node, [engine.item_element(EVENT, last[0].id, shown,
-                                                                  last[0].publisher)])
-            await self._send(str(target), engine.event_message(str(owner), event,
-                                                               config["notification_type"]))
+        last = await self.store.items(owner.local, owner.domain, node, max_items=1)
+        if not last:
+            return
+        shown = engine.parse_stored(last[0].payload) if config["deliver_payloads"] else None
+        event = engine.items_event(node, [engine.item_element(EVENT, last[0].id, shown,
+                                                              _publisher(config, owner))])
+        await self._send(str(target), engine.event_message(str(owner), event,
+                                                           config["notification_type"]))
 
     # -- discovery ----------------------------------------------------------------------------
 
@@ -642,9 +925,37 @@ class Pep(Module):
         # A login reads the account's nodes afresh (it may have been deleted and made again
         # meanwhile, by the CLI in another process).
         if not self.server.sessions.resources(session.jid.bare)[1:]:
-            self._nodes.pop(session.jid.bare, None)
+            self._forget(session.jid.bare)
 
     @hook("session-closed")
     def closed(self, session: Session, _reason: str) -> None:
+        # A caps query to a session that has gone will not be answered: stop waiting for it.
+        self._give_up_asking(lambda target: target == str(session.jid))
         if not self.server.sessions.resources(session.jid.bare):
-            self._nodes.pop(session.jid.bare, None)
+            self._forget(session.jid.bare)
+
+    @hook("server-stopping")
+    def stopping(self, _server: object) -> None:
+        # Shutdown drains the router's background work: don't hold it up for caps answers.
+        self._give_up_asking(lambda _target: True)
+
+    def _give_up_asking(self, which: Callable[[str], bool]) -> None:
+        for (target, _from), waiting in list(self._asking.items()):
+            if which(target):
+                for answer in waiting.values():
+                    if not answer.done():
+                        answer.set_exception(ConnectionError("the session has gone"))
+
+
+def _jid_attr(element: Stanza) -> JID:
+    """The 'jid' of a subscribe, unsubscribe or subscription element (§6.1.3.1 invalid-jid)."""
+    try:
+        return JID.parse(element.get("jid") or "")
+    except InvalidJID:
+        raise PubsubError("bad-request", "invalid-jid", "not a valid JID") from None
+
+
+def _publisher(config: dict[str, Any], owner: JID) -> str | None:
+    """The 'publisher' of an event's items: the owner (the one publisher of a PEP node) when
+    pubsub#itemreply asks for it, else none (Prosody's default, what its tests expect)."""
+    return str(owner) if config.get("itemreply") in ("owner", "publisher") else None

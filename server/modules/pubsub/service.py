@@ -3,18 +3,24 @@ nodes in the ``pubsub`` store (both backends).
 
 Any user of our domains creates nodes (instant, or named with a configuration form) and is
 their owner; owners configure, delete (with redirect), purge and manage subscriptions and
-affiliations (owner, publisher, member, none, outcast). Access models open (the default) and
-whitelist (owners, publishers, members). Owners and publishers publish and retract; entities
-allowed to read subscribe and unsubscribe (their own bare or full JID) and get notifications
-(routed, so they reach contacts on other servers too); send_last_published_item on_sub sends
-the newest item on subscribing. Node disco: #info with the meta-data form, #items lists nodes
-and a node's items.
+affiliations (owner, publisher, member, none, outcast). Access models open (the default),
+authorize (a subscription is pending until an owner approves it with the XEP-0060 §8.6 form,
+sent to each owner) and whitelist (owners, publishers, members). Owners and publishers
+publish and retract; entities allowed to read subscribe and unsubscribe (their own bare or
+full JID) and get notifications (routed, so they reach contacts on other servers too);
+send_last_published_item on_sub (or on_sub_and_presence) sends the newest item on subscribing
+(§6.1.7), and on approval; publish_model publishers, subscribers or open. Deleted accounts
+lose their subscriptions and affiliations, and the nodes they alone owned, when the nodes are
+read (once per start). Node disco: #info with the meta-data form, #items lists nodes and a
+node's items.
 
     [pubsub]
     enabled = true             # the default
     subdomain = "pubsub"
     max_items = 256            # items a node keeps at most
     max_payload_size = 65536   # bytes of one item's payload
+    max_nodes_per_user = 100   # nodes one user may own here
+    restrict_node_creation = false   # or "admins": only [admins] create nodes
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from lxml import etree
 
-from server.config import int_option, service_fields
+from server.config import _Invalid, int_option, option, service_fields
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Stanza
@@ -39,7 +45,8 @@ from server.storage.pubsub import SERVICE_SPEC, StoredItem
 from server.xml import ns
 from server.xml import stanza as st
 
-SERVICE_DEFAULTS = {"access_model": "open", "max_items": 10, "send_last_published_item": "never"}
+# The service's node defaults (max_items 20 and itemreply as Prosody's mod_pubsub has them).
+SERVICE_DEFAULTS = {"access_model": "open", "max_items": 20, "send_last_published_item": "never"}
 AFFILIATIONS = ("owner", "publisher", "member", "none", "outcast")
 _INFO = ns.q(ns.DISCO_INFO, "query")
 _ITEMS = ns.q(ns.DISCO_ITEMS, "query")
@@ -51,6 +58,16 @@ class PubsubSettings:
     subdomain: str = field(metadata=service_fields.subdomain("pubsub"))
     max_items: int = field(metadata=int_option(1, 100000, 256))
     max_payload_size: int = field(metadata=int_option(256, 1 << 24, 65536))
+    max_nodes_per_user: int = field(metadata=int_option(1, 100000, 100))
+    # Who creates nodes: every user of our domains (false, the default), or [admins] only.
+    restrict_node_creation: bool | str = field(metadata=option(
+        'false or "admins"', lambda value, _ctx: _restriction(value), False))
+
+
+def _restriction(value: Any) -> bool | str:
+    if value is False or value == "admins":
+        return value
+    raise _Invalid
 
 
 @dataclass
@@ -74,8 +91,9 @@ class PubsubService(ServiceModule):
     identity = ("pubsub", "service")
     display_name = "Publish-subscribe service"
     service_features = (PUBSUB, *(f"{PUBSUB}#{f}" for f in (
-        "access-open", "access-whitelist", "config-node", "create-and-configure",
-        "create-nodes", "delete-items", "delete-nodes", "instant-nodes", "item-ids",
+        "access-authorize", "access-open", "access-whitelist", "config-node",
+        "create-and-configure", "create-nodes", "delete-items", "delete-nodes", "instant-nodes",
+        "item-ids",
         "manage-subscriptions", "meta-data", "modify-affiliations", "persistent-items",
         "publish", "purge-nodes", "retract-items", "retrieve-affiliations", "retrieve-items",
         "retrieve-subscriptions", "subscribe")))
@@ -97,8 +115,38 @@ class PubsubService(ServiceModule):
                                 dict(s.get("affiliations", {})),
                                 dict(s.get("subscriptions", {})))
                      for name, s in stored.items()}
+            await self._prune(service, nodes)
+            cached = self._nodes.get(service)
+            if cached is not None:
+                return cached  # read meanwhile by another call, and maybe changed since
             self._nodes[service] = nodes
         return nodes
+
+    async def _prune(self, service: str, nodes: dict[str, Node]) -> None:
+        """Accounts deleted since the nodes were stored (presenced deluser, maybe from another
+        process) lose their affiliations and subscriptions, and the nodes they alone owned go
+        (with their items)."""
+        local = {JID.parse(jid).bare for node in nodes.values()
+                 for jid in (*node.affiliations, *node.subscriptions)}
+        accounts = self.server.storage.accounts
+        gone = set()
+        for jid in local:
+            if (jid.domain in self.server.hosts and jid.local is not None
+                    and not await accounts.exists(jid.local, jid.domain)):
+                gone.add(jid)
+        if not gone:
+            return
+        for name, node in list(nodes.items()):
+            affiliations = {j: a for j, a in node.affiliations.items()
+                            if JID.parse(j).bare not in gone}
+            subscriptions = {j: state for j, state in node.subscriptions.items()
+                             if JID.parse(j).bare not in gone}
+            if "owner" not in affiliations.values():
+                await self.store.delete_node("", service, name)
+                del nodes[name]
+            elif (affiliations, subscriptions) != (node.affiliations, node.subscriptions):
+                node.affiliations, node.subscriptions = affiliations, subscriptions
+                await self._save(service, name, node)
 
     async def _node(self, service: str, name: str) -> Node:
         node = (await self.nodes(service)).get(name)
@@ -115,6 +163,10 @@ class PubsubService(ServiceModule):
     # -- routing ------------------------------------------------------------------------------
 
     def handle(self, stanza: Stanza, origin: Session | None, to: JID) -> Any:
+        if stanza.tag == st.MESSAGE and to.local is None and to.resource is None:
+            answer = engine.authorization_answer(stanza)
+            if answer is not None:
+                return self._authorize(stanza, to.domain, *answer)
         if stanza.tag != st.IQ or stanza.get("type") not in ("get", "set"):
             return True  # messages, presence, results: nothing to do
         if to.local is not None or to.resource is not None:
@@ -159,6 +211,9 @@ class PubsubService(ServiceModule):
                           actions: list[Stanza]) -> Stanza:
         if who.domain not in self.server.hosts:
             raise PubsubError("forbidden", text="only users of this server create nodes")
+        if (self.config.restrict_node_creation == "admins"
+                and str(who.bare) not in self.server.config.admins):
+            raise PubsubError("forbidden", text="only administrators create nodes here")
         name = actions[0].get("node")
         instant = not name
         name = name or uuid.uuid4().hex
@@ -169,6 +224,10 @@ class PubsubService(ServiceModule):
         nodes = await self.nodes(service)
         if name in nodes:
             raise PubsubError("conflict", text=f"node {name!r} exists")
+        owned = sum(1 for n in nodes.values() if n.affiliation(who) == "owner")
+        if owned >= self.config.max_nodes_per_user:
+            raise PubsubError("not-allowed", "max-nodes-exceeded",
+                              f"a user owns at most {self.config.max_nodes_per_user} nodes")
         node = Node(engine.node_config({**SERVICE_DEFAULTS, **options}),
                     {str(who.bare): "owner"}, {})
         if not await self.store.create_node("", service, name, node.stored()):
@@ -193,14 +252,15 @@ class PubsubService(ServiceModule):
         name, node = await self._owned(service, actions[0], who)
         reply = st.element(ns.q(OWNER, "pubsub"))
         st.child(reply, ns.q(OWNER, "configure"), {"node": name}).append(
-            engine.config_form(node.config))
+            engine.config_form(node.config, max_items=self.config.max_items))
         return st.result(stanza, reply)
 
     async def _owner_get_default(self, stanza: Stanza, service: str, who: JID,
                                  actions: list[Stanza]) -> Stanza:
         reply = st.element(ns.q(OWNER, "pubsub"))
         st.child(reply, ns.q(OWNER, "default")).append(
-            engine.config_form(engine.node_config(SERVICE_DEFAULTS)))
+            engine.config_form(engine.node_config(SERVICE_DEFAULTS),
+                               max_items=self.config.max_items))
         return st.result(stanza, reply)
 
     async def _owner_set_configure(self, stanza: Stanza, service: str, who: JID,
@@ -328,8 +388,11 @@ class PubsubService(ServiceModule):
         affiliation = node.affiliation(who)
         if affiliation == "outcast":
             raise PubsubError("forbidden", text="you are banned from this node")
+        approved = "subscribed" in (node.subscriptions.get(str(who)),
+                                    node.subscriptions.get(str(who.bare)))
         engine.check_access(node.config, owner=affiliation == "owner", subscriber=False,
-                            in_roster=False, member=affiliation in ("publisher", "member"))
+                            in_roster=False, member=affiliation in ("publisher", "member"),
+                            approved=approved)
 
     async def _set_subscribe(self, stanza: Stanza, service: str, who: JID,
                              actions: list[Stanza]) -> Stanza:
@@ -339,25 +402,61 @@ class PubsubService(ServiceModule):
         if jid.bare != who.bare:
             raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
         node = await self._node(service, name)
-        self._check_read(node, who)
-        node.subscriptions[str(jid)] = "subscribed"
+        affiliation = node.affiliation(who)
+        if (node.config["access_model"] == "authorize" and affiliation != "outcast"
+                and affiliation not in ("owner", "publisher", "member")):
+            # §6.1.2.2: pending until an owner approves (§8.6).
+            known = node.subscriptions.get(str(jid))
+            state = "subscribed" if known == "subscribed" else "pending"
+        else:
+            self._check_read(node, who)
+            state = "subscribed"
+        node.subscriptions[str(jid)] = state
         await self._save(service, name, node)
-        reply = st.element(ns.q(PUBSUB, "pubsub"))
-        st.child(reply, ns.q(PUBSUB, "subscription"),
-                 {"node": name, "jid": str(jid), "subscription": "subscribed"})
-        if node.config["send_last_published_item"] != "never":
-            last = await self.store.items("", service, name, max_items=1)
-            if last:
-                self.server.router.spawn(self._send_last(service, name, node, jid, last[0]))
-        return st.result(stanza, reply)
+        if state == "pending":
+            owners = [j for j, a in sorted(node.affiliations.items()) if a == "owner"]
+            await self._route(engine.authorization_request(service, name, str(jid)), owners)
+        else:
+            self.server.router.spawn(self._send_last(service, name, node, jid))
+        return st.result(stanza, engine.subscription_reply(name, str(jid), state))
 
-    async def _send_last(self, service: str, name: str, node: Node, jid: JID,
-                         item: StoredItem) -> None:
+    async def _send_last(self, service: str, name: str, node: Node, jid: JID) -> None:
+        """XEP-0060 §6.1.7: the newest item to a new subscriber, unless the node says never."""
+        if node.config["send_last_published_item"] == "never":
+            return
+        last = await self.store.items("", service, name, max_items=1)
+        if not last:
+            return
+        item = last[0]
         shown = engine.parse_stored(item.payload) if node.config["deliver_payloads"] else None
         event = engine.items_event(name, [engine.item_element(EVENT, item.id, shown,
                                                               item.publisher)])
         await self._route(engine.event_message(service, event, node.config["notification_type"]),
                           [str(jid)])
+
+    async def _authorize(self, stanza: Stanza, service: str, name: str, jid: str,
+                         allowed: bool | None) -> None:
+        """§8.6.2: an owner approves (subscribed, told to the subscriber with the last item)
+        or denies (removed, told 'none') a pending subscription."""
+        node = (await self.nodes(service)).get(name)
+        if node is None or allowed is None or node.subscriptions.get(jid) != "pending":
+            return
+        try:
+            if node.affiliation(_requester(stanza, None)) != "owner":
+                return  # only an owner decides
+            subscriber = JID.parse(jid)
+        except (StanzaError, InvalidJID):
+            return
+        if allowed:
+            node.subscriptions[jid] = "subscribed"
+        else:
+            del node.subscriptions[jid]
+        await self._save(service, name, node)
+        state = "subscribed" if allowed else "none"
+        await self._route(engine.event_message(service, engine.subscription_event(name, jid,
+                                                                                   state)), [jid])
+        if allowed:
+            await self._send_last(service, name, node, subscriber)
 
     async def _set_unsubscribe(self, stanza: Stanza, service: str, who: JID,
                                actions: list[Stanza]) -> Stanza:
@@ -370,25 +469,40 @@ class PubsubService(ServiceModule):
         if node.subscriptions.pop(str(jid), None) is None:
             raise PubsubError("unexpected-request", "not-subscribed", "no such subscription")
         await self._save(service, name, node)
-        return st.result(stanza)
+        # §6.2.2: the result MAY say the subscription is now 'none' (Prosody's does).
+        return st.result(stanza, engine.subscription_reply(name, str(jid), "none"))
 
     # -- publish, retrieve, retract ---------------------------------------------------------
+
+    @staticmethod
+    def _check_publish(node: Node, who: JID) -> None:
+        """§7.1.3.1 and pubsub#publish_model: publishers (owners and publishers), subscribers
+        (those too) or open (anyone but outcasts)."""
+        affiliation = node.affiliation(who)
+        if affiliation in ("owner", "publisher"):
+            return
+        model = node.config.get("publish_model", "publishers")
+        if affiliation != "outcast":
+            if model == "open":
+                return
+            if model == "subscribers" and "subscribed" in (
+                    node.subscriptions.get(str(who)), node.subscriptions.get(str(who.bare))):
+                return
+        raise PubsubError("forbidden", text="you may not publish to this node")
 
     async def _set_publish(self, stanza: Stanza, service: str, who: JID,
                            actions: list[Stanza]) -> Stanza:
         publish = actions[0]
         name = engine.node_attr(publish)
         node = await self._node(service, name)
-        if node.affiliation(who) not in ("owner", "publisher"):
-            raise PubsubError("forbidden", text="only owners and publishers publish")
+        self._check_publish(node, who)
         options_el = next((c for c in actions[1:]
                            if c.tag == ns.q(PUBSUB, "publish-options")), None)
         form = options_el.find(engine.X) if options_el is not None else None
         unmet = engine.unmet_preconditions(node.config,
                                            engine.form_values(form, engine.PUBLISH_OPTIONS))
         if unmet:
-            raise PubsubError("conflict", "precondition-not-met",
-                              f"the node's configuration differs: {', '.join(unmet)}")
+            raise engine.precondition_error(unmet)
         entries = publish.findall(ns.q(PUBSUB, "item"))
         if not entries and node.config["persist_items"]:
             raise PubsubError("bad-request", "item-required", "publish an item")
@@ -509,9 +623,9 @@ class PubsubService(ServiceModule):
 
 
 def _check_service_config(options: dict[str, Any]) -> None:
-    if options.get("access_model", "open") not in ("open", "whitelist"):
+    if options.get("access_model", "open") not in ("open", "whitelist", "authorize"):
         raise PubsubError("not-acceptable", "unsupported-access-model",
-                          "the service's nodes are open or whitelist")
+                          "the service's nodes are open, authorize or whitelist")
 
 
 def _requester(stanza: Stanza, origin: Session | None) -> JID:
