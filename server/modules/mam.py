@@ -130,9 +130,12 @@ class MamSettings:
     max_page: int = field(metadata=int_option(1, 10000, 250))
 
 
+_UNARCHIVED_TYPES = ("error", "groupchat", "headline")
+
+
 def archivable(stanza: Stanza) -> bool:
     """XEP-0313 §5.1.1 with the hints of XEP-0334."""
-    if stanza.get("type") in ("error", "groupchat", "headline"):
+    if stanza.get("type") in _UNARCHIVED_TYPES:
         return False
     keep = False
     for part in stanza:
@@ -315,6 +318,8 @@ class Mam(Module):
             prefs = cached.get(to_str)
             # A recipient who archives nothing needs no sender address parsed.
             if prefs is None or prefs.default != "never" or prefs.always:
+                if stanza.get("type") in _UNARCHIVED_TYPES:
+                    return None  # archivable() says no (a room's copies: §5.1.1, in the room's)
                 try:
                     source = JID.parse(stanza.get("from") or "").bare
                 except InvalidJID:
