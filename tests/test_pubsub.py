@@ -380,3 +380,156 @@ async def test_publish_model(server: RunningServer) -> None:
     ok(await ask(alice, iq("set", "<affiliations node='o'><affiliation jid='bob@a.test' "
                                   "affiliation='outcast'/></affiliations>", owner=True)))
     assert condition(await ask(bob, iq("set", publish.format("o")))) == "forbidden"
+
+
+SUBSCRIBE_OPTIONS = f"{PUBSUB}#subscribe_options"
+
+
+def options_form(**fields: str) -> str:
+    inner = "".join(f"<field var='pubsub#{k}'><value>{v}</value></field>"
+                    for k, v in fields.items())
+    return (f"<x xmlns='{DATA}' type='submit'><field var='FORM_TYPE' type='hidden'>"
+            f"<value>{SUBSCRIBE_OPTIONS}</value></field>{inner}</x>")
+
+
+def form_fields(reply: etree._Element) -> dict[str | None, str | None]:
+    return {f.get("var"): f.findtext(q(DATA, "value")) for f in reply.iter(q(DATA, "field"))}
+
+
+def publish(node: str, item_id: str) -> str:
+    return (f"<publish node='{node}'><item id='{item_id}'><s xmlns='urn:t'>{item_id}</s>"
+            "</item></publish>")
+
+
+async def test_subscription_options_get_submit_and_deliver(server: RunningServer) -> None:
+    """XEP-0060 §6.3.2 get and §6.3.5 submit the options; pubsub#deliver = false stops the
+    notifications to that subscription, true brings them back; the feature is advertised."""
+    alice, bob = await users(server, "alice", "bob")
+    reply = ok(await bob.ask(f"<iq type='get' to='{SERVICE}' id='d'><query xmlns='{INFO}'/>"
+                             "</iq>"))
+    assert f"{PUBSUB}#subscription-options" in {f.get("var")
+                                                for f in reply.iter(q(INFO, "feature"))}
+    ok(await alice.ask(iq("set", "<create node='n'/>")))
+    ok(await bob.ask(iq("set", "<subscribe node='n' jid='bob@a.test'/>")))
+    reply = ok(await bob.ask(iq("get", "<options node='n' jid='bob@a.test'/>")))
+    holder = reply.find(f".//{{{PUBSUB}}}options")
+    assert holder is not None and (holder.get("node"), holder.get("jid")) == ("n", "bob@a.test")
+    assert form_fields(reply) == {"FORM_TYPE": SUBSCRIBE_OPTIONS, "pubsub#deliver": "1",
+                                  "pubsub#include_body": "0"}
+    ok(await bob.ask(iq("set", "<options node='n' jid='bob@a.test'>"
+                               f"{options_form(deliver='false', include_body='true')}"
+                               "</options>")))
+    reply = ok(await bob.ask(iq("get", "<options node='n' jid='bob@a.test'/>")))
+    assert (form_fields(reply)["pubsub#deliver"], form_fields(reply)["pubsub#include_body"]) \
+        == ("0", "1")
+    ok(await alice.ask(iq("set", publish("n", "muted"))))
+    with pytest.raises(TimeoutError):
+        await bob.next_of("message", 0.4)
+    ok(await bob.ask(iq("set", f"<options node='n' jid='bob@a.test'>{options_form(deliver='1')}"
+                               "</options>")))
+    ok(await alice.ask(iq("set", publish("n", "heard"))))
+    assert (await bob.next_of("message")).findtext(".//{urn:t}s") == "heard"
+    # The options go with the subscription: a new one starts from the defaults.
+    ok(await bob.ask(iq("set", f"<options node='n' jid='bob@a.test'>{options_form(deliver='0')}"
+                               "</options>")))
+    ok(await bob.ask(iq("set", "<unsubscribe node='n' jid='bob@a.test'/>")))
+    stored = await server.server.storage.pubsub.nodes("", SERVICE)  # type: ignore[attr-defined]
+    assert stored["n"]["options"] == {}
+    ok(await bob.ask(iq("set", "<subscribe node='n' jid='bob@a.test'/>")))
+    assert form_fields(ok(await bob.ask(iq("get", "<options node='n' jid='bob@a.test'/>")))
+                       )["pubsub#deliver"] == "1"
+
+
+async def test_subscription_options_errors(server: RunningServer) -> None:
+    """§6.3.4 and §6.3.6: the error cases."""
+    alice, bob, carol = await users(server, "alice", "bob", "carol")
+    ok(await alice.ask(iq("set", "<create node='n'/>")))
+    ok(await bob.ask(iq("set", "<subscribe node='n' jid='bob@a.test'/>")))
+
+    async def error(client: RawClient, type_: str, body: str) -> tuple[str | None, str | None]:
+        reply = await client.ask(iq(type_, body))
+        assert reply.get("type") == "error", etree.tostring(reply)
+        return condition(reply), app_condition(reply)
+
+    # Not subscribed.
+    assert await error(carol, "get", "<options node='n' jid='carol@a.test'/>") == (
+        "unexpected-request", "not-subscribed")
+    # Another entity's options: forbidden, but the owner may.
+    assert await error(carol, "get", "<options node='n' jid='bob@a.test'/>") == (
+        "forbidden", None)
+    ok(await alice.ask(iq("get", "<options node='n' jid='bob@a.test'/>")))
+    # No such node; no JID; a malformed JID.
+    assert (await error(bob, "get", "<options node='gone' jid='bob@a.test'/>"))[0] \
+        == "item-not-found"
+    assert await error(bob, "get", "<options node='n'/>") == ("bad-request", "jid-required")
+    assert await error(bob, "get", "<options node='n' jid='@@'/>") == (
+        "bad-request", "invalid-jid")
+    # §6.3.6: an unknown field, a bad value, another form, or no form at all.
+    for form in (options_form(colour="blue"), options_form(deliver="maybe"),
+                 config_form(title="x"), ""):
+        assert await error(bob, "set", f"<options node='n' jid='bob@a.test'>{form}</options>"
+                           ) == ("bad-request", "invalid-options"), form
+    assert await error(carol, "set", "<options node='n' jid='bob@a.test'>"
+                                     f"{options_form(deliver='0')}</options>") == (
+        "forbidden", None)
+    # §6.3.7: subscribing with bad options subscribes nothing.
+    assert await error(carol, "set", "<subscribe node='n' jid='carol@a.test'/><options>"
+                                     f"{options_form(colour='red')}</options>") == (
+        "bad-request", "invalid-options")
+    stored = await server.server.storage.pubsub.nodes("", SERVICE)  # type: ignore[attr-defined]
+    assert "carol@a.test" not in stored["n"]["subscriptions"]
+    # §6.4: the defaults of a node that does not exist.
+    assert (await error(bob, "get", "<default node='gone'/>"))[0] == "item-not-found"
+
+
+async def test_subscribe_and_configure_and_defaults(server: RunningServer) -> None:
+    """§6.3.7: options beside subscribe apply at once (no last item with deliver = false);
+    §6.4: the default options, generic and of a node."""
+    alice, bob = await users(server, "alice", "bob")
+    ok(await alice.ask(iq("set", "<create node='s'/><configure>"
+                                 f"{config_form(send_last_published_item='on_sub')}"
+                                 "</configure>")))
+    ok(await alice.ask(iq("set", publish("s", "first"))))
+    ok(await bob.ask(iq("set", "<subscribe node='s' jid='bob@a.test'/><options>"
+                               f"{options_form(deliver='false')}</options>")))
+    ok(await alice.ask(iq("set", publish("s", "second"))))
+    with pytest.raises(TimeoutError):
+        await bob.next_of("message", 0.4)
+    reply = ok(await bob.ask(iq("get", "<options node='s' jid='bob@a.test'/>")))
+    assert form_fields(reply)["pubsub#deliver"] == "0"
+    for body, node in (("<default/>", None), ("<default node='s'/>", "s")):
+        reply = ok(await bob.ask(iq("get", body)))
+        default = reply.find(f".//{{{PUBSUB}}}default")
+        assert default is not None and default.get("node") == node
+        assert form_fields(reply) == {"FORM_TYPE": SUBSCRIBE_OPTIONS, "pubsub#deliver": "1",
+                                      "pubsub#include_body": "0"}
+
+
+async def test_subscription_options_survive_a_restart(tmp_path: Path) -> None:
+    """The options are kept in the node's stored state: after a restart deliver = false still
+    holds for bob, and carol (defaults) still gets notifications."""
+    running = await start_server(tmp_path, "[pubsub]\nenabled = true\n")
+    try:
+        alice, bob, carol = await users(running, "alice", "bob", "carol")
+        ok(await alice.ask(iq("set", "<create node='k'/>")))
+        ok(await bob.ask(iq("set", "<subscribe node='k' jid='bob@a.test'/><options>"
+                                   f"{options_form(deliver='0', include_body='1')}</options>")))
+        ok(await carol.ask(iq("set", "<subscribe node='k' jid='carol@a.test'/>")))
+    finally:
+        await stop_server(running)
+    running = await start_server(tmp_path, "[pubsub]\nenabled = true\n")
+    try:
+        alice, bob, carol = [await running.raw_login(f"{n}@a.test")
+                             for n in ("alice", "bob", "carol")]
+        for client in (bob, carol):
+            await client.send("<presence/>")
+            await client.next_of("presence")
+        reply = ok(await bob.ask(iq("get", "<options node='k' jid='bob@a.test'/>")))
+        assert (form_fields(reply)["pubsub#deliver"],
+                form_fields(reply)["pubsub#include_body"]) == ("0", "1")
+        ok(await alice.ask(iq("set", publish("k", "after"))))
+        assert (await carol.next_of("message")).findtext(".//{urn:t}s") == "after"
+        with pytest.raises(TimeoutError):
+            await bob.next_of("message", 0.4)
+    finally:
+        await stop_server(running)

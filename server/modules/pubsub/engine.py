@@ -508,3 +508,50 @@ def item_payload(payloads: list[Stanza], config: Mapping[str, Any],
         raise PubsubError("not-acceptable", "payload-too-big",
                           f"a payload may have at most {max_size} bytes")
     return payload, text
+
+
+# -- subscription options (XEP-0060 §6.3, §6.4) -----------------------------------------------
+
+SUBSCRIBE_OPTIONS = PUBSUB + "#subscribe_options"
+# var -> (key, label); booleans. pubsub#include_body is kept and told back, nothing more.
+SUBSCRIPTION_FIELDS = {
+    "pubsub#deliver": ("deliver", "Enable delivery?"),
+    "pubsub#include_body": ("include_body", "Receive message body in addition to payload?"),
+}
+DEFAULT_SUBSCRIPTION = {"deliver": True, "include_body": False}
+
+
+def subscription_options_form(options: Mapping[str, Any] | None = None) -> etree._Element:
+    """The §6.3.2 options form, with a subscriber's values (or the §6.4 defaults)."""
+    values = {**DEFAULT_SUBSCRIPTION, **(options or {})}
+    form = st.element(X, {"type": "form"})
+    hidden = st.child(form, FIELD, {"var": "FORM_TYPE", "type": "hidden"})
+    st.child(hidden, VALUE, text=SUBSCRIBE_OPTIONS)
+    for var, (key, label) in SUBSCRIPTION_FIELDS.items():
+        field = st.child(form, FIELD, {"var": var, "type": "boolean", "label": label})
+        st.child(field, VALUE, text=_text(bool(values[key])))
+    return form
+
+
+def subscription_options(form: etree._Element | None) -> dict[str, bool]:
+    """The values of a submitted options form; §6.3.6/§6.3.7: bad-request <invalid-options/>
+    for a missing or other form, an unknown field or a value that is not a boolean."""
+    if form is None or form.get("type") not in (None, "submit"):
+        raise PubsubError("bad-request", "invalid-options", "submit the options form")
+    values: dict[str, bool] = {}
+    for field in form.iter(FIELD):
+        var = field.get("var") or ""
+        text = field.findtext(VALUE) or ""
+        if var == "FORM_TYPE":
+            if text != SUBSCRIBE_OPTIONS:
+                raise PubsubError("bad-request", "invalid-options",
+                                  f"FORM_TYPE must be {SUBSCRIBE_OPTIONS}")
+            continue
+        if var not in SUBSCRIPTION_FIELDS:
+            raise PubsubError("bad-request", "invalid-options", f"unknown option {var!r}")
+        try:
+            values[SUBSCRIPTION_FIELDS[var][0]] = _bool(text)
+        except ValueError:
+            raise PubsubError("bad-request", "invalid-options",
+                              f"{var} is a boolean") from None
+    return values

@@ -11,8 +11,10 @@ full JID) and get notifications (routed, so they reach contacts on other servers
 send_last_published_item on_sub (or on_sub_and_presence) sends the newest item on subscribing
 (§6.1.7), and on approval; publish_model publishers, subscribers or open. Deleted accounts
 lose their subscriptions and affiliations, and the nodes they alone owned, when the nodes are
-read (once per start). Node disco: #info with the meta-data form, #items lists nodes and a
-node's items.
+read (once per start). Subscription options (§6.3: get, submit, with subscribe; §6.4
+defaults): pubsub#deliver (false: no notifications, no last item), pubsub#include_body
+(kept); stored in the node's state, dropped with the subscription. Node disco: #info with
+the meta-data form, #items lists nodes and a node's items.
 
     [pubsub]
     enabled = true             # the default
@@ -75,10 +77,17 @@ class Node:
     config: dict[str, Any]
     affiliations: dict[str, str]   # bare JID -> affiliation
     subscriptions: dict[str, str]  # JID (bare or full) -> 'subscribed'
+    # XEP-0060 §6.3: subscribed JID -> its options (deliver, include_body), kept in the node's
+    # state (so no migration), dropped with the subscription.
+    options: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     def stored(self) -> dict[str, Any]:
+        self.options = {j: o for j, o in self.options.items() if j in self.subscriptions}
         return {"config": self.config, "affiliations": self.affiliations,
-                "subscriptions": self.subscriptions}
+                "subscriptions": self.subscriptions, "options": self.options}
+
+    def delivers(self, jid: str) -> bool:
+        return self.options.get(jid, {}).get("deliver", True)
 
     def affiliation(self, jid: JID) -> str:
         return self.affiliations.get(str(jid.bare), "none")
@@ -96,7 +105,7 @@ class PubsubService(ServiceModule):
         "item-ids",
         "manage-subscriptions", "meta-data", "modify-affiliations", "persistent-items",
         "publish", "purge-nodes", "retract-items", "retrieve-affiliations", "retrieve-items",
-        "retrieve-subscriptions", "subscribe")))
+        "retrieve-subscriptions", "subscribe", "subscription-options")))
 
     def __init__(self, server: Any, config: PubsubSettings) -> None:
         super().__init__(server, config)
@@ -113,7 +122,8 @@ class PubsubService(ServiceModule):
             stored = await self.store.nodes("", service)
             nodes = {name: Node(engine.node_config({**SERVICE_DEFAULTS, **s.get("config", {})}),
                                 dict(s.get("affiliations", {})),
-                                dict(s.get("subscriptions", {})))
+                                dict(s.get("subscriptions", {})),
+                                dict(s.get("options", {})))
                      for name, s in stored.items()}
             await self._prune(service, nodes)
             cached = self._nodes.get(service)
@@ -402,6 +412,10 @@ class PubsubService(ServiceModule):
         if jid.bare != who.bare:
             raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
         node = await self._node(service, name)
+        # §6.3.7: <options/> beside <subscribe/>, checked before anything changes.
+        configure = next((c for c in actions[1:] if c.tag == ns.q(PUBSUB, "options")), None)
+        options = (engine.subscription_options(configure.find(engine.X))
+                   if configure is not None else None)
         affiliation = node.affiliation(who)
         if (node.config["access_model"] == "authorize" and affiliation != "outcast"
                 and affiliation not in ("owner", "publisher", "member")):
@@ -412,6 +426,8 @@ class PubsubService(ServiceModule):
             self._check_read(node, who)
             state = "subscribed"
         node.subscriptions[str(jid)] = state
+        if options is not None:
+            node.options[str(jid)] = options
         await self._save(service, name, node)
         if state == "pending":
             owners = [j for j, a in sorted(node.affiliations.items()) if a == "owner"]
@@ -421,8 +437,9 @@ class PubsubService(ServiceModule):
         return st.result(stanza, engine.subscription_reply(name, str(jid), state))
 
     async def _send_last(self, service: str, name: str, node: Node, jid: JID) -> None:
-        """XEP-0060 §6.1.7: the newest item to a new subscriber, unless the node says never."""
-        if node.config["send_last_published_item"] == "never":
+        """XEP-0060 §6.1.7: the newest item to a new subscriber, unless the node says never
+        (or the subscriber's options say deliver = false, §6.3)."""
+        if node.config["send_last_published_item"] == "never" or not node.delivers(str(jid)):
             return
         last = await self.store.items("", service, name, max_items=1)
         if not last:
@@ -471,6 +488,50 @@ class PubsubService(ServiceModule):
         await self._save(service, name, node)
         # §6.2.2: the result MAY say the subscription is now 'none' (Prosody's does).
         return st.result(stanza, engine.subscription_reply(name, str(jid), "none"))
+
+    # -- subscription options (§6.3, §6.4) ----------------------------------------------------
+
+    async def _subscribed(self, service: str, who: JID, action: Stanza) -> tuple[str, Node, str]:
+        """§6.3.4: the node, then the subscriber's JID (bad-request jid-required without one,
+        invalid-jid if malformed), others' options only for an owner (forbidden), and a
+        subscription (unexpected-request not-subscribed)."""
+        name = engine.node_attr(action)
+        node = await self._node(service, name)
+        if not action.get("jid"):
+            raise PubsubError("bad-request", "jid-required", "options name a JID")
+        jid = _jid(action.get("jid"))
+        if jid.bare != who.bare and node.affiliation(who) != "owner":
+            raise PubsubError("forbidden", text="another entity's options")
+        if node.subscriptions.get(str(jid)) is None:
+            raise PubsubError("unexpected-request", "not-subscribed", "no such subscription")
+        return name, node, str(jid)
+
+    async def _get_options(self, stanza: Stanza, service: str, who: JID,
+                           actions: list[Stanza]) -> Stanza:
+        name, node, jid = await self._subscribed(service, who, actions[0])
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        st.child(reply, ns.q(PUBSUB, "options"), {"node": name, "jid": jid}).append(
+            engine.subscription_options_form(node.options.get(jid)))
+        return st.result(stanza, reply)
+
+    async def _set_options(self, stanza: Stanza, service: str, who: JID,
+                           actions: list[Stanza]) -> Stanza:
+        name, node, jid = await self._subscribed(service, who, actions[0])
+        values = engine.subscription_options(actions[0].find(engine.X))  # §6.3.5, §6.3.6
+        node.options[jid] = {**node.options.get(jid, {}), **values}
+        await self._save(service, name, node)
+        return st.result(stanza)
+
+    async def _get_default(self, stanza: Stanza, service: str, who: JID,
+                           actions: list[Stanza]) -> Stanza:
+        """§6.4: the default options, of the service or of a node (which must exist)."""
+        name = actions[0].get("node")
+        if name:
+            await self._node(service, name)
+        reply = st.element(ns.q(PUBSUB, "pubsub"))
+        st.child(reply, ns.q(PUBSUB, "default"), {"node": name} if name else {}).append(
+            engine.subscription_options_form())
+        return st.result(stanza, reply)
 
     # -- publish, retrieve, retract ---------------------------------------------------------
 
@@ -574,7 +635,8 @@ class PubsubService(ServiceModule):
     # -- notifications, discovery -----------------------------------------------------------
 
     async def _notify(self, service: str, name: str, node: Node, event: Stanza) -> None:
-        targets = [jid for jid, state in node.subscriptions.items() if state == "subscribed"]
+        targets = [jid for jid, state in node.subscriptions.items()
+                   if state == "subscribed" and node.delivers(jid)]
         message = engine.event_message(service, event, node.config["notification_type"])
         await self._route(message, targets)
 
