@@ -555,3 +555,14 @@ def subscription_options(form: etree._Element | None) -> dict[str, bool]:
             raise PubsubError("bad-request", "invalid-options",
                               f"{var} is a boolean") from None
     return values
+
+
+def items_request(request: Stanza) -> tuple[list[str], int | None]:
+    """An <items/> retrieval (XEP-0060 §6.5): the item ids asked for, and max_items."""
+    ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
+    if request.get("max_items") is None:
+        return ids, None
+    try:
+        return ids, int(request.get("max_items", ""))
+    except ValueError:
+        raise PubsubError("bad-request", text="max_items is a number") from None

@@ -433,13 +433,7 @@ class Pep(Module):
         node = engine.node_attr(request)
         config = await self._node(owner, node)
         engine.check_access(config, **await self._facts(owner, who, node))
-        ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
-        limit = None
-        if request.get("max_items") is not None:
-            try:
-                limit = int(request.get("max_items", ""))
-            except ValueError:
-                raise PubsubError("bad-request", text="max_items is a number") from None
+        ids, limit = engine.items_request(request)
         assert owner.local is not None
         stored = await self.store.items(owner.local, owner.domain, node,
                                         ids=ids or None, max_items=limit)

@@ -597,13 +597,7 @@ class PubsubService(ServiceModule):
         name = engine.node_attr(request)
         node = await self._node(service, name)
         self._check_read(node, who)
-        ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
-        limit = None
-        if request.get("max_items") is not None:
-            try:
-                limit = int(request.get("max_items", ""))
-            except ValueError:
-                raise PubsubError("bad-request", text="max_items is a number") from None
+        ids, limit = engine.items_request(request)
         stored = await self.store.items("", service, name, ids=ids or None, max_items=limit)
         if ids and not stored:
             raise PubsubError("item-not-found", text="no such item")
