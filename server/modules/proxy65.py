@@ -76,17 +76,22 @@ def parse_greeting(data: bytes) -> bool:
     return 0 in data[2:]
 
 
-def parse_request(head: bytes, rest: bytes) -> str:
-    """RFC 1928 §4 request: head is VER CMD RSV ATYP LEN, rest the address and the port.
-    XEP-0065 §9.2: CONNECT, ATYP 3 (a domain name: the hash), port 0. Returns the hash."""
-    if len(head) != 5 or head[0] != 5 or head[2] != 0:
+def check_request(head: bytes) -> None:
+    """RFC 1928 §4 request, its first four bytes (VER CMD RSV ATYP). XEP-0065 §9.2: CONNECT
+    to a domain name (ATYP 3), the stream's hash."""
+    if len(head) != 4 or head[0] != 5 or head[2] != 0:
         raise Socks5Error("bad-request", FAILURE)
     if head[1] != 1:
         raise Socks5Error("command-unsupported", COMMAND_UNSUPPORTED)
     if head[3] != 3:
         raise Socks5Error("address-unsupported", ADDRESS_UNSUPPORTED)
-    address = rest[:-2]
-    if len(rest) != head[4] + 2 or len(address) != 40 \
+
+
+def parse_address(rest: bytes) -> str:
+    """The rest of the request (LEN, DST.ADDR, DST.PORT): the hash, 40 lower-case hex digits
+    (§5.3.2; the port is 0 but §9.2 lets the proxy ignore it). Returns the hash."""
+    address = rest[1:-2]
+    if len(rest) != rest[0] + 3 or len(address) != 40 \
             or any(c not in b"0123456789abcdef" for c in address):
         raise Socks5Error("not-a-stream-hash", ADDRESS_UNSUPPORTED)
     return address.decode("ascii")
@@ -207,7 +212,7 @@ class Proxy65(ServiceModule):
         super().__init__(server, config)
         self._listeners: list[asyncio.base_events.Server] = []
         self._pairs: dict[str, _Pair] = {}
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes: set[asyncio.StreamWriter] = set()  # connections negotiating
         self._total = RateLimit(config.rate_total)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -227,8 +232,8 @@ class Proxy65(ServiceModule):
     async def stop(self) -> None:
         for listener in self._listeners:
             listener.close()
-        for task in list(self._handshakes):
-            task.cancel()
+        for writer in list(self._handshakes):
+            writer.close()  # its handshake ends with IncompleteReadError
         relays = [p.relay for p in self._pairs.values() if p.relay is not None]
         for pair in list(self._pairs.values()):
             self._close(pair, "shutdown")
@@ -317,9 +322,7 @@ class Proxy65(ServiceModule):
 
     async def _connected(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handshakes.add(task)
+        self._handshakes.add(writer)
         try:
             await asyncio.wait_for(self._handshake(reader, writer), self.config.timeout)
         except (Socks5Error, TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -331,19 +334,21 @@ class Proxy65(ServiceModule):
                     writer.write(reply(exc.reply))
             writer.close()
         finally:
-            self._handshakes.discard(task)
+            self._handshakes.discard(writer)
 
     async def _handshake(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
         head = await reader.readexactly(2)
+        if head[0] != 5:
+            raise Socks5Error("not-socks5")  # nothing to answer in a protocol it does not speak
         methods = await reader.readexactly(head[1])
         if not parse_greeting(head + methods):
             writer.write(b"\x05\xff")  # RFC 1928 §3: no acceptable method
             raise Socks5Error("no-acceptable-method")
         writer.write(b"\x05\x00")
-        request = await reader.readexactly(5)
-        digest = parse_request(request, await reader.readexactly(request[4] + 2)
-                               if request[:1] == b"\x05" else b"")
+        check_request(await reader.readexactly(4))
+        length = await reader.readexactly(1)
+        digest = parse_address(length + await reader.readexactly(length[0] + 2))
         pair = self._pairs.get(digest)
         if pair is None:
             limit = self.config.max_transfers
