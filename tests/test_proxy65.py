@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import slixmpp
 
 from server.config import ConfigErrors, load_config
 from server.modules import config_sections
@@ -243,7 +242,7 @@ async def test_only_the_initiator_activates(proxy_server: RunningServer) -> None
 
 async def test_users_of_other_servers_are_refused(tmp_path: Path) -> None:
     async with two_in_process(tmp_path, two_extra=proxy_table('allow = ["friend@one.test"]\n'),
-                              two_names=("proxy.two.test",)) as (one, two):
+                              two_names=("proxy.two.test",)) as (one, _two):
         mallory = await login(one, "mallory@one.test")
         friend = await login(one, "friend@one.test")
         query = f"<iq type='get' to='proxy.two.test' id='s'><query xmlns='{NS}'/></iq>"

@@ -33,8 +33,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.config import Address, _addresses, _bool, _Invalid, _seconds, int_option, option
-from server.config import service_fields
+from server.config import (
+    Address,
+    _addresses,
+    _bool,
+    _Invalid,
+    _seconds,
+    int_option,
+    option,
+    service_fields,
+)
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Stanza
