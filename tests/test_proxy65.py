@@ -137,9 +137,20 @@ async def test_advertised_address_and_wildcard(tmp_path: Path) -> None:
                                 skip_others=True)
         streamhost = reply.find(f".//{{{NS}}}streamhost")
         assert streamhost is not None
-        # A wildcard listener: the service's domain, which must resolve to this host.
+        # A wildcard listener: where clients reach this host (the c2s listener's address).
         assert (streamhost.get("host"), streamhost.get("port")) == (
-            PROXY, str(running.address("proxy65")[1]))
+            "127.0.0.1", str(running.address("proxy65")[1]))
+    finally:
+        await stop_server(running)
+    # Client listeners on every address too: the service's domain, which must resolve here.
+    running = await start_server(tmp_path / "1", proxy_table(listen="0.0.0.0:0"),
+                                 host="0.0.0.0")
+    try:
+        alice = await login(running, "alice@a.test")
+        reply = await alice.ask(f"<iq type='get' to='{PROXY}' id='s'><query xmlns='{NS}'/></iq>",
+                                skip_others=True)
+        streamhost = reply.find(f".//{{{NS}}}streamhost")
+        assert streamhost is not None and streamhost.get("host") == PROXY
     finally:
         await stop_server(running)
     running = await start_server(tmp_path / "2", proxy_table(
@@ -157,8 +168,17 @@ async def test_advertised_address_and_wildcard(tmp_path: Path) -> None:
 
 # -- a file between two slixmpp clients ---------------------------------------------------------
 
-async def test_slixmpp_file_transfer_is_byte_exact(proxy_server: RunningServer) -> None:
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "0.0.0.0:0"])
+async def test_slixmpp_file_transfer_is_byte_exact(tmp_path: Path, listen: str) -> None:
     logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
+    running = await start_server(tmp_path, proxy_table(listen=listen))
+    try:
+        await _transfer(running)
+    finally:
+        await stop_server(running)
+
+
+async def _transfer(proxy_server: RunningServer) -> None:
     await proxy_server.add_user("alice@a.test")
     await proxy_server.add_user("bob@a.test")
     plugins = ("xep_0030", "xep_0065")

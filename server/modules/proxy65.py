@@ -4,7 +4,7 @@ that cannot reach each other go through it.
     [proxy65]
     listen = ["0.0.0.0:7777"]   # its SOCKS5 listener; empty (the default): no proxy
     host = "proxy.example.org"  # the streamhost clients are told; unset: the listener's
-    port = 7777                 # address (a wildcard one: the service's domain), its port
+    port = 7777                 # address and port (see _streamhost for a wildcard one)
     timeout = 30                # both ends must connect and be activated within it
     max_transfers = 100         # pairs at once (waiting or relaying); 0: no limit
     rate_per_transfer = 0       # bytes/second, each direction of a transfer; 0: no limit
@@ -288,16 +288,28 @@ class Proxy65(ServiceModule):
         return sender
 
     def _streamhost(self, to: JID) -> Stanza:
-        """§6.3.2: our network address as a <streamhost/>."""
+        """§6.3.2: our network address as a <streamhost/>: [proxy65] host, else the listener's
+        address; for a wildcard one (0.0.0.0, ::) that of a client listener, else the service's
+        domain, which then has to resolve to this host."""
         bound = self.bound_addresses()
         first = self.config.listen[0]
         host = self.config.host or first.host
         if self.config.host is None and _wildcard(host):
-            host = str(to)
+            host = self._reachable(host) or str(to)
         port = self.config.port or (bound[0][2] if bound else first.port)
         query = st.element(_QUERY)
         st.child(query, f"{{{NS}}}streamhost", {"jid": str(to), "host": host, "port": str(port)})
         return query
+
+    def _reachable(self, wildcard: str) -> str | None:
+        """For a listener on every address: the address of a client listener of the same
+        family, where clients evidently reach this host (None: there is none)."""
+        ipv4 = ipaddress.ip_address(wildcard).version == 4
+        for kind, host, _port in self.server.bound_addresses():
+            if kind in ("c2s", "c2s_tls") and not _wildcard(host) \
+                    and (not ipv4 or ipaddress.ip_address(host).version == 4):
+                return host
+        return None
 
     def _activate(self, stanza: Stanza, query: Stanza, requester: JID) -> Stanza:
         """§6.3.4 (Activation of Bytestream)."""
