@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from server.config import ConfigErrors, load_config
 from server.modules import config_sections
@@ -117,51 +118,36 @@ async def test_disco_and_streamhost(proxy_server: RunningServer) -> None:
     assert identity is not None
     assert (identity.get("category"), identity.get("type")) == ("proxy", "bytestreams")
     assert NS in {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
-    reply = await alice.ask(f"<iq type='get' to='{PROXY}' id='s'><query xmlns='{NS}'/></iq>",
-                            skip_others=True)
-    streamhost = reply.find(f".//{{{NS}}}streamhost")
-    assert streamhost is not None, reply
     host, port = proxy_server.address("proxy65")
-    assert dict(streamhost.attrib) == {"jid": PROXY, "host": host, "port": str(port)}
+    assert await streamhost_of(alice) == {"jid": PROXY, "host": host, "port": str(port)}
     # b.test has its own.
-    reply = await alice.ask(f"<iq type='get' to='proxy.b.test' id='s2'><query xmlns='{NS}'/></iq>",
-                            skip_others=True)
-    assert reply.find(f".//{{{NS}}}streamhost").get("jid") == "proxy.b.test"  # type: ignore[union-attr]
+    assert (await streamhost_of(alice, "proxy.b.test"))["jid"] == "proxy.b.test"
 
 
-async def test_advertised_address_and_wildcard(tmp_path: Path) -> None:
-    running = await start_server(tmp_path, proxy_table(listen="0.0.0.0:0"))
-    try:
-        alice = await login(running, "alice@a.test")
-        reply = await alice.ask(f"<iq type='get' to='{PROXY}' id='s'><query xmlns='{NS}'/></iq>",
-                                skip_others=True)
-        streamhost = reply.find(f".//{{{NS}}}streamhost")
-        assert streamhost is not None
-        # A wildcard listener: where clients reach this host (the c2s listener's address).
-        assert (streamhost.get("host"), streamhost.get("port")) == (
-            "127.0.0.1", str(running.address("proxy65")[1]))
-    finally:
-        await stop_server(running)
+async def streamhost_of(client: RawClient, to: str = PROXY) -> dict[str, str]:
+    reply = await client.ask(f"<iq type='get' to='{to}' id='s'><query xmlns='{NS}'/></iq>",
+                             skip_others=True)
+    streamhost = reply.find(f".//{{{NS}}}streamhost")
+    assert streamhost is not None, etree.tostring(reply)
+    return dict(streamhost.attrib)
+
+
+@pytest.mark.parametrize(("table", "c2s", "expected"), [
+    # A wildcard listener: where clients reach this host (the c2s listener's address).
+    (proxy_table(listen="0.0.0.0:0"), "127.0.0.1", ("127.0.0.1", None)),
     # Client listeners on every address too: the service's domain, which must resolve here.
-    running = await start_server(tmp_path / "1", proxy_table(listen="0.0.0.0:0"),
-                                 host="0.0.0.0")
+    (proxy_table(listen="0.0.0.0:0"), "0.0.0.0", (PROXY, None)),
+    (proxy_table('host = "files.example.org"\nport = 7777\n'), "127.0.0.1",
+     ("files.example.org", "7777")),
+])
+async def test_advertised_address(tmp_path: Path, table: str, c2s: str,
+                                  expected: tuple[str, str | None]) -> None:
+    running = await start_server(tmp_path, table, host=c2s)
     try:
         alice = await login(running, "alice@a.test")
-        reply = await alice.ask(f"<iq type='get' to='{PROXY}' id='s'><query xmlns='{NS}'/></iq>",
-                                skip_others=True)
-        streamhost = reply.find(f".//{{{NS}}}streamhost")
-        assert streamhost is not None and streamhost.get("host") == PROXY
-    finally:
-        await stop_server(running)
-    running = await start_server(tmp_path / "2", proxy_table(
-        'host = "files.example.org"\nport = 7777\n'))
-    try:
-        alice = await login(running, "alice@a.test")
-        reply = await alice.ask(f"<iq type='get' to='{PROXY}' id='s'><query xmlns='{NS}'/></iq>",
-                                skip_others=True)
-        streamhost = reply.find(f".//{{{NS}}}streamhost")
-        assert streamhost is not None
-        assert (streamhost.get("host"), streamhost.get("port")) == ("files.example.org", "7777")
+        streamhost = await streamhost_of(alice)
+        port = expected[1] or str(running.address("proxy65")[1])
+        assert (streamhost["host"], streamhost["port"]) == (expected[0], port)
     finally:
         await stop_server(running)
 
