@@ -325,8 +325,7 @@ class Proxy65(ServiceModule):
         pair = self._pairs.get(digest)
         if pair is None:
             # Not the initiator's hash: nobody else can name a pair (§6.3.4).
-            log.info("event=proxy65-refused jid=%s sid=%s reason=no-such-pair", requester,
-                     _short(sid))
+            log.info("event=proxy65-refused jid=%s reason=no-such-pair", requester)
             raise StanzaError("item-not-found", "no such bytestream from you")
         if pair.second is None or pair.relay is not None:
             reason = "already active" if pair.relay is not None else "only one party connected"
