@@ -240,6 +240,21 @@ async def test_users_of_other_servers_get_nothing(tmp_path: Path, coturn: Coturn
         assert len(services_of(reply)) == 4
 
 
+async def test_without_a_secret_only_stun(tmp_path: Path) -> None:
+    running = await start_server(tmp_path, '[turn]\nhost = "stun.a.test"\ntransports = ["udp"]\n')
+    try:
+        await running.add_user("alice@a.test")
+        alice = await running.raw_login("alice@a.test")
+        reply = await alice.ask(f"<iq type='get' to='a.test' id='s'><services xmlns='{NS}'/></iq>")
+        assert services_of(reply) == [{"type": "stun", "host": "stun.a.test", "port": "3478",
+                                       "transport": "udp"}]
+        reply = await alice.ask(f"<iq type='get' to='a.test' id='c'><credentials xmlns='{NS}'>"
+                                "<service host='stun.a.test' type='turn'/></credentials></iq>")
+        assert condition(reply) == "item-not-found"
+    finally:
+        await stop_server(running)
+
+
 async def test_without_turn_nothing_is_advertised(server: RunningServer) -> None:
     await server.add_user("alice@a.test")
     alice = await server.raw_login("alice@a.test")
@@ -252,7 +267,6 @@ async def test_without_turn_nothing_is_advertised(server: RunningServer) -> None
 
 
 @pytest.mark.parametrize(("table", "key", "problem"), [
-    ('host = "turn.example.org"', "turn.secret", "missing"),
     ('secret = "s"', "turn.host", "missing"),
     ('host = "turn.example.org"\nsecret = "s"\ntransports = ["sctp"]', "turn.transports", None),
     ('services = [{ type = "ftp", host = "h", port = 21 }]', "turn.services", "type must be"),

@@ -5,7 +5,7 @@ short-lived TURN credentials.
     [turn]
     host = "turn.example.org"  # the TURN server (coturn) as clients reach it; unset: none
     port = 3478
-    secret = "..."             # coturn's static-auth-secret (use-auth-secret)
+    secret = "..."             # coturn's static-auth-secret (use-auth-secret); unset: STUN only
     ttl = 86400                # seconds the credentials are valid
     transports = ["udp", "tcp"]
     # More services, listed as they are (STUN, TURN, TURNS), each an inline table:
@@ -145,8 +145,6 @@ class TurnSettings:
 
     @staticmethod
     def _finish(values: dict[str, Any], given: dict[str, Any], report: Any) -> None:
-        if "host" in given and "secret" not in given:
-            report("secret", "coturn's static-auth-secret with [turn] host", "missing")
         if "secret" in given and "host" not in given:
             report("host", "the TURN server's host with [turn] secret", "missing")
 
@@ -167,13 +165,15 @@ class ExternalServices(Module):
     @staticmethod
     def _configured(config: TurnSettings) -> tuple[ExternalService, ...]:
         services: list[ExternalService] = []
-        if config.host is not None and config.secret is not None:
-            # coturn answers STUN binding requests on its TURN port too.
+        if config.host is not None:
+            # coturn answers STUN binding requests on its TURN port too; without a secret
+            # there are no credentials, and so no TURN: a STUN server alone.
             services += [ExternalService("stun", config.host, config.port, transport)
                          for transport in config.transports]
-            services += [ExternalService("turn", config.host, config.port, transport,
-                                         secret=config.secret)
-                         for transport in config.transports]
+            if config.secret is not None:
+                services += [ExternalService("turn", config.host, config.port, transport,
+                                             secret=config.secret)
+                             for transport in config.transports]
         return (*services, *config.services)
 
     async def start(self) -> None:
