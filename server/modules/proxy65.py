@@ -344,12 +344,12 @@ class Proxy65(ServiceModule):
         self._handshakes.add(writer)
         try:
             await asyncio.wait_for(self._handshake(reader, writer), self.config.timeout)
-        except (Socks5Error, TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (Socks5Error, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
             reason = exc.reason if isinstance(exc, Socks5Error) else (
                 "timeout" if isinstance(exc, TimeoutError) else "closed")
             log.info("event=proxy65-refused peer=%s reason=%s", _peer(writer), reason)
             if isinstance(exc, Socks5Error) and exc.reply is not None:
-                with contextlib.suppress(ConnectionError):
+                with contextlib.suppress(OSError):
                     writer.write(reply(exc.reply))
             writer.close()
         finally:
