@@ -240,6 +240,17 @@ async def test_users_of_other_servers_get_nothing(tmp_path: Path, coturn: Coturn
         assert len(services_of(reply)) == 4
 
 
+async def test_without_turn_nothing_is_advertised(server: RunningServer) -> None:
+    await server.add_user("alice@a.test")
+    alice = await server.raw_login("alice@a.test")
+    info = await alice.ask("<iq type='get' to='a.test' id='i'>"
+                           "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+    assert NS not in {f.get("var") for f in
+                      info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    reply = await alice.ask(f"<iq type='get' to='a.test' id='s'><services xmlns='{NS}'/></iq>")
+    assert condition(reply) == "service-unavailable"
+
+
 async def test_without_a_secret_only_stun(tmp_path: Path) -> None:
     running = await start_server(tmp_path, '[turn]\nhost = "stun.a.test"\ntransports = ["udp"]\n')
     try:
@@ -253,17 +264,6 @@ async def test_without_a_secret_only_stun(tmp_path: Path) -> None:
         assert condition(reply) == "item-not-found"
     finally:
         await stop_server(running)
-
-
-async def test_without_turn_nothing_is_advertised(server: RunningServer) -> None:
-    await server.add_user("alice@a.test")
-    alice = await server.raw_login("alice@a.test")
-    info = await alice.ask("<iq type='get' to='a.test' id='i'>"
-                           "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
-    assert NS not in {f.get("var") for f in
-                      info.iter("{http://jabber.org/protocol/disco#info}feature")}
-    reply = await alice.ask(f"<iq type='get' to='a.test' id='s'><services xmlns='{NS}'/></iq>")
-    assert condition(reply) == "service-unavailable"
 
 
 @pytest.mark.parametrize(("table", "key", "problem"), [
