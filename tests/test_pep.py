@@ -133,7 +133,24 @@ async def next_event(client: RawClient, timeout: float = 5.0) -> etree._Element:
             return message
 
 
-async def no_event(client: RawClient, timeout: float = 0.5) -> None:
+_pings = iter(range(1, 1 << 30))
+
+
+async def no_event(client: RawClient) -> None:
+    """No event reached the client so far. Notifications are routed before the result of the
+    publish (retract, configure, ...) that caused them, so once that result is in, a ping
+    from the client is answered after any event meant for it: none may come first."""
+    ident = f"no-event-{next(_pings)}"
+    came = await ask(client, f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert came.get("type") == "result", etree.tostring(came)
+    before, client._queue[:] = list(client._queue), []
+    events = [el for el in before if el.find(q(EVENT, "event")) is not None]
+    assert not events, f"unexpected event {etree.tostring(events[0])!r}"
+
+
+async def no_event_within(client: RawClient, timeout: float) -> None:
+    """No event within `timeout`: for what is sent in the background after a result (the
+    last item on subscribing, §6.1.7), where no marker orders it."""
     try:
         message = await next_event(client, timeout)
     except TimeoutError:
@@ -176,6 +193,13 @@ def test_config_forms_and_preconditions() -> None:
     assert values == {"access_model": "open", "max_items": "max", "persist_items": True}
     assert engine.unmet_preconditions(config, values) == ["pubsub#access_model",
                                                           "pubsub#max_items"]
+    # A publish-options field the service does not know cannot be met (§7.1.5).
+    try:
+        engine.publish_options(form)
+    except engine.PubsubError as err:
+        assert (err.condition, err.app) == ("conflict", "precondition-not-met")
+    else:
+        raise AssertionError("an unknown publish option was accepted")
     assert engine.max_items({"max_items": "max"}, 50) == 50
     assert engine.max_items({"max_items": 500}, 50) == 50
     rendered = engine.form_values(engine.config_form(config, type_="submit"), engine.NODE_CONFIG)
@@ -402,7 +426,7 @@ async def test_notifications_follow_caps_and_access(server: RunningServer) -> No
         assert got.findtext(f"{{{EVENT}}}item/{{{nick}}}nick") == "Alice"
     await no_event(carol)
     await no_event(dave)
-    await no_event(bob, 0.2)
+    await no_event(bob)
     # A second resource of bob, coming online with the known caps, gets the last item.
     bob2 = await server.raw_login("bob@a.test", resource="b2")
     await bob2.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='{ver}'/>"
@@ -418,34 +442,39 @@ async def test_notifications_follow_caps_and_access(server: RunningServer) -> No
         message = await next_event(client)
         retract = message.find(f".//{{{EVENT}}}retract")
         assert retract is not None and retract.get("id") == "n1"
-    await no_event(carol, 0.2)
+    await no_event(carol)
 
 
 async def test_unverified_caps_are_not_cached(server: RunningServer) -> None:
-    """XEP-0115 §5: an answer that does not hash to the ver serves that resource only."""
+    """XEP-0115 §5: an answer that does not hash to the ver serves that resource only: it gets
+    what it asked for, and another resource with the same ver is asked again."""
     await server.add_user("alice@a.test")
     await server.add_user("bob@a.test")
     await friends(server, "alice@a.test", "bob@a.test")
     nick = "http://jabber.org/protocol/nick"
-    bob = await server.raw_login("bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await ask(alice, publish(nick, f"<nick xmlns='{nick}'>A</nick>"))
+    bob = await server.raw_login("bob@a.test", resource="b1")
     body, _ = caps_query([DISCO, f"{nick}+notify"])
     await bob.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='forged'/>"
                    "</presence>")
     iq = await bob.next_of("iq")
     await bob.send(f"<iq type='result' id='{iq.get('id')}' to='{iq.get('from')}'>"
                    f"<query xmlns='{DISCO}'>{body}</query></iq>")
-    pep = server.server.modules["pep"]
-    for _ in range(100):
-        session = server.server.sessions.resources(server.server.sessions.all()[0].jid.bare)[0]
-        caps = pep.caps.get(session)  # type: ignore[attr-defined]
-        if caps is not None and caps.features:
-            break
-        await asyncio.sleep(0.02)
-    assert "forged" not in pep._known  # type: ignore[attr-defined]
-    alice = await server.raw_login("alice@a.test")
-    await alice.ask(publish(nick, f"<nick xmlns='{nick}'>A</nick>"))
-    message = await next_event(bob)  # the resource itself still gets what it asked for
+    # The features serve this resource: the last item comes once they are known (§4.3.2).
+    message = await next_event(bob)
     assert message.findtext(f".//{{{nick}}}nick") == "A"
+    # Not kept for anyone else: a second resource with the same ver is asked in turn.
+    bob2 = await server.raw_login("bob@a.test", resource="b2")
+    await bob2.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='forged'/>"
+                    "</presence>")
+    iq = await bob2.next_of("iq")
+    query = iq.find(q(DISCO, "query"))
+    assert iq.get("type") == "get" and query is not None
+    assert query.get("node") == "urn:test#forged"
+    await ask(alice, publish(nick, f"<nick xmlns='{nick}'>B</nick>", iq_id="p2"))
+    message = await next_event(bob)  # the resource itself still gets what it asked for
+    assert message.findtext(f".//{{{nick}}}nick") == "B"
 
 
 async def test_delete_and_purge_notify(server: RunningServer) -> None:
@@ -926,7 +955,7 @@ async def test_explicit_subscriptions_to_pep_nodes(server: RunningServer) -> Non
     event = await next_event(bob)
     assert event.get("to") == "bob@a.test"
     assert event.findtext(f".//{{{nick}}}nick") == "Alice"
-    await no_event(carol, 0.3)
+    await no_event(carol)
     # An open node: anyone subscribes; the subscriber lists its subscriptions (§5.6).
     tune = "http://jabber.org/protocol/tune"
     await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t1", options(access_model="open"),
@@ -959,7 +988,7 @@ async def test_explicit_subscriptions_to_pep_nodes(server: RunningServer) -> Non
     assert (condition(reply), app_condition(reply)) == ("unexpected-request", "not-subscribed")
     await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t3", options(access_model="open"),
                              iq_id="p5"))
-    await no_event(carol, 0.3)
+    await no_event(carol)
     # The access model is checked at each notification: carol subscribes again, then the node
     # becomes presence-only (she sees no presence of alice's) and she gets nothing more.
     await ask(carol, subscribe("alice@a.test", tune, "carol@a.test", "s3"))
@@ -971,7 +1000,7 @@ async def test_explicit_subscriptions_to_pep_nodes(server: RunningServer) -> Non
     assert reply.get("type") == "result"
     await next_event(carol)  # the last item, on subscribing
     await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t4", iq_id="p6"))
-    await no_event(carol, 0.3)
+    await no_event(carol)
     # Deleting bob's account removes his subscription (both backends: tests/test_storage.py).
     await server.server.storage.accounts.delete("bob", "a.test")
     stored = await server.server.storage.pep.subscriptions("alice", "a.test")  # type: ignore[attr-defined]
@@ -998,7 +1027,7 @@ async def test_last_item_on_subscription_follows_send_last_published_item(
         reply = await ask(bob, subscribe("alice@a.test", node, "bob@a.test", f"s{n}"))
         assert subscription_of(reply) == ("bob@a.test", "subscribed")
         if when == "never":
-            await no_event(bob, 0.3)
+            await no_event_within(bob, 0.3)
             continue
         event = await next_event(bob)
         got = event.find(f"{{{EVENT}}}event/{{{EVENT}}}items")
@@ -1038,7 +1067,7 @@ async def test_authorize_access_model_on_pep(server: RunningServer) -> None:
     # Publishing meanwhile: the pending subscriber gets nothing.
     await ask(alice, publish(node, "<p xmlns='urn:t'>secret 2</p>", "d2",
                              options(access_model="authorize"), iq_id="p2"))
-    await no_event(carol, 0.3)
+    await no_event(carol)
 
     def answer(jid: str, allow: str) -> str:
         return (f"<message to='alice@a.test' id='a-{jid}'><x xmlns='jabber:x:data' "
@@ -1128,3 +1157,79 @@ async def test_an_unanswered_caps_query_does_not_hold_up_shutdown(tmp_path: Any)
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(running.server.stop(), 8)
     assert asyncio.get_running_loop().time() - started < 5
+
+
+def unlabelled(form: etree._Element) -> list[str]:
+    """The fields (by var) and list options (var=value) of a XEP-0004 form shown without a
+    label (issue 19: profanity shows '[field3] (null)'); hidden fields are never shown."""
+    data = "jabber:x:data"
+    missing = []
+    for field in form.iter(q(data, "field")):
+        if field.get("type") == "hidden":
+            continue
+        if not field.get("label"):
+            missing.append(field.get("var", "?"))
+        missing += [f"{field.get('var')}={o.findtext(q(data, 'value'))}"
+                    for o in field.findall(q(data, "option")) if not o.get("label")]
+    return missing
+
+
+async def test_every_pep_form_is_labelled(server: RunningServer) -> None:
+    """XEP-0004 §3.2, XEP-0060 §16.4.4: the node configuration and default forms have a label
+    on every field and every list option."""
+    await server.add_user("alice@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await ask(alice, publish("urn:n", "<x xmlns='urn:x'/>"))
+    for body in ("<configure node='urn:n'/>", "<default/>"):
+        reply = await ask(alice, f"<iq type='get' id='f1'><pubsub xmlns='{OWNER}'>{body}"
+                                 "</pubsub></iq>")
+        form = reply.find(".//{jabber:x:data}x")
+        assert form is not None, etree.tostring(reply)
+        assert len(form.findall(".//{jabber:x:data}option")) >= 10
+        assert unlabelled(form) == []
+
+
+async def test_hostile_numbers_ids_and_publish_options(server: RunningServer) -> None:
+    """Issue 20: max_items that is not a positive number is bad-request (not the whole node);
+    item ids and node names have a length limit with a clear error; a publish-options field
+    the service does not know is a precondition it cannot meet (XEP-0060 §7.1.5)."""
+    await server.add_user("alice@a.test")
+    alice = await server.raw_login("alice@a.test")
+    for n in range(3):
+        await ask(alice, publish("urn:n", f"<x xmlns='urn:x'>{n}</x>", f"i{n}", iq_id=f"p{n}"))
+    await ask(alice, f"<iq type='set' id='c0'><pubsub xmlns='{OWNER}'><configure node='urn:n'>"
+                     "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' "
+                     f"type='hidden'><value>{PUBSUB}#node_config</value></field><field "
+                     "var='pubsub#max_items'><value>10</value></field></x></configure>"
+                     "</pubsub></iq>")
+    await ask(alice, publish("urn:n", "<x xmlns='urn:x'>more</x>", "i3", iq_id="p3"))
+    assert item_ids(await ask(alice, items("alice@a.test", "urn:n", " max_items='2'"))) == [
+        "i2", "i3"]
+    for bad in ("-5", "0", "", "²", "1.5", "abc", "9" * 30):
+        reply = await ask(alice, items("alice@a.test", "urn:n", f" max_items='{bad}'"))
+        assert condition(reply) == "bad-request", (bad, etree.tostring(reply))
+    # Ids: the limit (a full JID's 3071 bytes) is accepted, one byte more is not.
+    reply = await ask(alice, publish("urn:n", "<x xmlns='urn:x'/>", "a" * 3071, iq_id="l1"))
+    assert reply.get("type") == "result", etree.tostring(reply)
+    reply = await ask(alice, publish("urn:n", "<x xmlns='urn:x'/>", "é" * 1536, iq_id="l2"))
+    assert condition(reply) == "not-acceptable"
+    assert "3071" in (reply.findtext(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text") or "")
+    reply = await ask(alice, items("alice@a.test", "urn:n", inner=f"<item id='{'b' * 10000}'/>"))
+    assert condition(reply) == "not-acceptable"
+    reply = await ask(alice, f"<iq type='set' id='l3'><pubsub xmlns='{PUBSUB}'><retract "
+                             f"node='urn:n'><item id='{'c' * 10000}'/></retract></pubsub></iq>")
+    assert condition(reply) == "not-acceptable"
+    reply = await ask(alice, publish("n" * 1025, "<x xmlns='urn:x'/>", iq_id="l4"))
+    assert condition(reply) == "not-acceptable"
+    reply = await ask(alice, f"<iq type='set' id='l5'><pubsub xmlns='{PUBSUB}'><create "
+                             f"node='{'n' * 1025}'/></pubsub></iq>")
+    assert condition(reply) == "not-acceptable"
+    # An unknown publish option: precondition-not-met, for an existing node and a new one
+    # (which is then not created).
+    for node in ("urn:n", "urn:new"):
+        reply = await ask(alice, publish(node, "<x xmlns='urn:x'/>", "u",
+                                         options(bogus_option="1"), iq_id="o1"))
+        assert (condition(reply), app_condition(reply)) == ("conflict", "precondition-not-met")
+    reply = await ask(alice, items("alice@a.test", "urn:new"))
+    assert condition(reply) == "item-not-found"
+    assert "u" not in item_ids(await ask(alice, items("alice@a.test", "urn:n")))

@@ -19,6 +19,7 @@ from server.errors import StanzaError
 from server.module import Stanza
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int, parse_optional_int
 
 PUBSUB = "http://jabber.org/protocol/pubsub"
 EVENT = PUBSUB + "#event"
@@ -37,6 +38,12 @@ VALUE = ns.q(DATA, "value")
 OPTION = ns.q(DATA, "option")
 
 ACCESS_MODELS = ("open", "presence", "roster", "whitelist", "authorize")
+# Longest node name and item id we take, in UTF-8 bytes (XEP-0060 sets none): an item id
+# holds a full JID at most (XEP-0402 bookmarks use room JIDs; RFC 7622 §3.1: 3071 bytes).
+MAX_NODE_LENGTH = 1024
+MAX_ITEM_ID_LENGTH = 3071
+# The largest max_items a request may name (any larger count means "all" anyway).
+_MAX_COUNT = (1 << 63) - 1
 PUBLISH_MODELS = ("publishers", "subscribers", "open")
 MAX = "max"  # pubsub#max_items = max: as many as the service allows
 
@@ -83,10 +90,7 @@ def _bool(value: str) -> bool:
 def _max_items(value: str) -> int | str:
     if value == MAX:
         return MAX
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
+    return parse_int(value, minimum=0, maximum=_MAX_COUNT, name="pubsub#max_items")
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -102,12 +106,32 @@ class ConfigField:
     key: str                       # our key in the stored configuration
     type: str                      # XEP-0004 field type
     parse: Callable[[str], Any]
-    label: str | None = None
+    label: str
     options: tuple[tuple[str, str], ...] = ()  # (value, label) of a list-single
 
 
-def _options(*values: str) -> tuple[tuple[str, str], ...]:
-    return tuple((v, v) for v in values)
+# Option labels (XEP-0004 §3.3; issue 19: clients such as profanity show the label, or
+# "(null)" without one). Access models in alphabetical order, as before.
+_ACCESS_OPTIONS = (
+    ("authorize", "Subscription requests must be approved and only subscribers may retrieve "
+                  "items"),
+    ("open", "Anyone may subscribe and retrieve items"),
+    ("presence", "Anyone with a presence subscription of both or from may subscribe and "
+                 "retrieve items"),
+    ("roster", "Anyone in the specified roster group(s) may subscribe and retrieve items"),
+    ("whitelist", "Only those on a whitelist may subscribe and retrieve items"),
+)
+_PUBLISH_OPTIONS = (
+    ("publishers", "Only publishers may publish"),
+    ("subscribers", "Subscribers may publish"),
+    ("open", "Anyone may publish"),
+)
+_SEND_LAST_OPTIONS = (
+    ("never", "Never"),
+    ("on_sub", "When a new subscription is processed"),
+    ("on_sub_and_presence", "When a new subscription is processed and whenever a subscriber "
+                            "comes online"),
+)
 
 
 # XEP-0060 §16.4.4 (pubsub#node_config), in the order, with the labels and option labels,
@@ -124,16 +148,16 @@ FIELDS: dict[str, ConfigField] = {
                                         "Persist items to storage"),
     "pubsub#access_model": ConfigField("access_model", "list-single", _choice(*ACCESS_MODELS),
                                        "Specify the subscriber model",
-                                       _options(*sorted(ACCESS_MODELS))),
+                                       _ACCESS_OPTIONS),
     "pubsub#roster_groups_allowed": ConfigField("roster_groups_allowed", "list-multi", str,
                                                 "Roster groups allowed to subscribe"),
     "pubsub#publish_model": ConfigField("publish_model", "list-single",
                                         _choice(*PUBLISH_MODELS), "Specify the publisher model",
-                                        _options(*PUBLISH_MODELS)),
+                                        _PUBLISH_OPTIONS),
     "pubsub#send_last_published_item": ConfigField(
         "send_last_published_item", "list-single",
         _choice("never", "on_sub", "on_sub_and_presence"),
-        None, _options("never", "on_sub", "on_sub_and_presence")),
+        "When to send the last published item", _SEND_LAST_OPTIONS),
     "pubsub#deliver_notifications": ConfigField("deliver_notifications", "boolean", _bool,
                                                 "Whether to deliver event notifications"),
     "pubsub#deliver_payloads": ConfigField(
@@ -223,6 +247,19 @@ def form_values(form: etree._Element | None, form_type: str) -> dict[str, Any]:
     return values
 
 
+def publish_options(form: etree._Element | None) -> dict[str, Any]:
+    """The preconditions of a publish (§7.1.5): the form's values; a field the service does
+    not know is a precondition it cannot meet (conflict + precondition-not-met naming it,
+    whether the node exists or would be auto-created with it), a bad value not-acceptable."""
+    values = form_values(form, PUBLISH_OPTIONS)
+    for field in form.iter(FIELD) if form is not None else ():
+        var = field.get("var") or ""
+        if var != "FORM_TYPE" and var not in FIELDS:
+            raise PubsubError("conflict", "precondition-not-met",
+                              f"Unsupported publish option: {var}")
+    return values
+
+
 def unmet_preconditions(config: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
     """XEP-0060 §7.1.5: the publish-options whose value differs from the node's."""
     return [_VAR_OF[key] for key, value in options.items() if config.get(key) != value]
@@ -244,10 +281,8 @@ def config_form(config: Mapping[str, Any], form_type: str = NODE_CONFIG,
     for var, spec in FIELDS.items():
         if spec.key not in config:
             continue
-        attrs = {"var": var, "type": spec.type}
-        if spec.label and type_ == "form":
-            attrs["label"] = spec.label
-        field = st.child(form, FIELD, attrs)
+        # Labelled in the meta-data result too (XEP-0004 §3.2; issue 19 item 5).
+        field = st.child(form, FIELD, {"var": var, "type": spec.type, "label": spec.label})
         if spec.key == "max_items" and max_items is not None and type_ == "form":
             validate = st.child(field, _VALIDATE, {"datatype": "pubsub:integer-or-max"})
             st.child(validate, ns.q("http://jabber.org/protocol/xdata-validate", "range"),
@@ -478,11 +513,28 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 
 
 def node_attr(action: Stanza) -> str:
-    """The node a request names (XEP-0060: nodeid-required without one)."""
+    """The node a request names (XEP-0060: nodeid-required without one; not-acceptable for a
+    name longer than MAX_NODE_LENGTH)."""
     node = action.get("node")
     if not node:
         raise PubsubError("bad-request", "nodeid-required", "the request names no node")
+    return checked_node(node)
+
+
+def checked_node(node: str) -> str:
+    if len(node) > MAX_NODE_LENGTH // 4 and len(node.encode()) > MAX_NODE_LENGTH:
+        raise PubsubError("not-acceptable",
+                          text=f"a node name has at most {MAX_NODE_LENGTH} bytes")
     return node
+
+
+def checked_item_id(item_id: str) -> str:
+    """An item id from the wire, at most MAX_ITEM_ID_LENGTH bytes (issue 20: 10,000-character
+    ids were kept): not-acceptable, as for a payload too big (§7.1.3.4)."""
+    if len(item_id) > MAX_ITEM_ID_LENGTH // 4 and len(item_id.encode()) > MAX_ITEM_ID_LENGTH:
+        raise PubsubError("not-acceptable",
+                          text=f"an item id has at most {MAX_ITEM_ID_LENGTH} bytes")
+    return item_id
 
 
 def standalone(payload: Stanza) -> Stanza:
@@ -558,11 +610,11 @@ def subscription_options(form: etree._Element | None) -> dict[str, bool]:
 
 
 def items_request(request: Stanza) -> tuple[list[str], int | None]:
-    """An <items/> retrieval (XEP-0060 §6.5): the item ids asked for, and max_items."""
-    ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
-    if request.get("max_items") is None:
-        return ids, None
+    """An <items/> retrieval (XEP-0060 §6.5): the item ids asked for, and max_items, a
+    positive number (§6.5.7; 0, negative or unreadable: bad-request, issue 20)."""
+    ids = [checked_item_id(i.get("id") or "") for i in request.findall(ns.q(PUBSUB, "item"))]
     try:
-        return ids, int(request.get("max_items", ""))
-    except ValueError:
-        raise PubsubError("bad-request", text="max_items is a number") from None
+        return ids, parse_optional_int(request.get("max_items"), minimum=1,
+                                       maximum=_MAX_COUNT, name="max_items")
+    except NumberError as err:
+        raise PubsubError("bad-request", text=f"max_items: {err.reason}") from None

@@ -283,6 +283,7 @@ class Pep(Module):
             node = action.get("node")
             if not node:
                 raise engine.unsupported("instant-nodes")
+            engine.checked_node(node)
             configure = next((c for c in actions[1:] if c.tag == ns.q(PUBSUB, "configure")),
                              None)
             form = configure.find(engine.X) if configure is not None else None
@@ -376,8 +377,9 @@ class Pep(Module):
         if len(payloads) > 1:
             raise PubsubError("bad-request", "invalid-payload", "an item has one payload")
         form = options_el.find(engine.X) if options_el is not None else None
-        options = engine.form_values(form, engine.PUBLISH_OPTIONS)
-        item_id = await self.publish_item(owner, node, item.get("id"), payloads, options)
+        options = engine.publish_options(form)
+        item_id = engine.checked_item_id(item.get("id") or "") or None
+        item_id = await self.publish_item(owner, node, item_id, payloads, options)
         reply = st.element(ns.q(PUBSUB, "pubsub"))
         done = st.child(reply, ns.q(PUBSUB, "publish"), {"node": node})
         st.child(done, ns.q(PUBSUB, "item"), {"id": item_id})
@@ -452,7 +454,7 @@ class Pep(Module):
         item = retract.find(ns.q(PUBSUB, "item"))
         if item is None or not item.get("id"):
             raise PubsubError("bad-request", "item-required", "retract names an item id")
-        item_id = item.get("id", "")
+        item_id = engine.checked_item_id(item.get("id", ""))
         if not await self.retract_item(owner, node, item_id,
                                        retract.get("notify") in ("1", "true")):
             raise PubsubError("item-not-found", text=f"no item {item_id!r}")

@@ -225,6 +225,8 @@ class PubsubService(ServiceModule):
                 and str(who.bare) not in self.server.config.admins):
             raise PubsubError("forbidden", text="only administrators create nodes here")
         name = actions[0].get("node")
+        if name:
+            engine.checked_node(name)
         instant = not name
         name = name or uuid.uuid4().hex
         configure = next((c for c in actions[1:] if c.tag == ns.q(PUBSUB, "configure")), None)
@@ -561,12 +563,14 @@ class PubsubService(ServiceModule):
                            if c.tag == ns.q(PUBSUB, "publish-options")), None)
         form = options_el.find(engine.X) if options_el is not None else None
         unmet = engine.unmet_preconditions(node.config,
-                                           engine.form_values(form, engine.PUBLISH_OPTIONS))
+                                           engine.publish_options(form))
         if unmet:
             raise engine.precondition_error(unmet)
         entries = publish.findall(ns.q(PUBSUB, "item"))
         if not entries and node.config["persist_items"]:
             raise PubsubError("bad-request", "item-required", "publish an item")
+        for entry in entries:  # every id checked before anything is stored
+            engine.checked_item_id(entry.get("id") or "")
         published: list[tuple[str, Stanza | None]] = []
         for entry in entries or [st.element(ns.q(PUBSUB, "item"))]:
             payloads = [c for c in entry if isinstance(c.tag, str)]
@@ -615,7 +619,8 @@ class PubsubService(ServiceModule):
         node = await self._node(service, name)
         if node.affiliation(who) not in ("owner", "publisher"):
             raise PubsubError("forbidden", text="only owners and publishers retract")
-        ids = [i.get("id") for i in retract.findall(ns.q(PUBSUB, "item"))]
+        ids = [engine.checked_item_id(i.get("id") or "")
+               for i in retract.findall(ns.q(PUBSUB, "item"))]
         if not ids or not all(ids):
             raise PubsubError("bad-request", "item-required", "retract names item ids")
         for item_id in ids:
@@ -656,7 +661,8 @@ class PubsubService(ServiceModule):
                 owner = meta.find(f"{engine.FIELD}[@var='pubsub#owner']")
                 if owner is None:
                     owner = st.child(meta, engine.FIELD, {"var": "pubsub#owner",
-                                                          "type": "jid-multi"})
+                                                          "type": "jid-multi",
+                                                          "label": "Node owners"})
                 st.child(owner, engine.VALUE, text=jid)
         reply.append(meta)
         return st.result(stanza, reply)
