@@ -13,6 +13,7 @@ from lxml import etree
 from slixmpp import JID as SlixJID
 
 from server.jid import JID
+from server.modules.caps import EntityCaps, caps_hash
 from server.modules.pubsub import engine
 from server.storage.base import RosterItem
 from tests.conftest import RunningServer
@@ -79,7 +80,7 @@ def caps_query(features: list[str], node: str = "urn:test") -> tuple[str, str]:
     body = "<identity category='client' type='pc' name='t'/>" + "".join(
         f"<feature var='{f}'/>" for f in features)
     query = etree.fromstring(f"<query xmlns='{DISCO}'>{body}</query>")
-    ver = engine.caps_hash(query, "sha-1")
+    ver = caps_hash(query, "sha-1")
     assert ver is not None
     return body, ver
 
@@ -115,10 +116,17 @@ async def ask(client: RawClient, xml: str) -> etree._Element:
         client._queue[:0] = kept
 
 
+def caps_of(server: Any) -> EntityCaps:
+    """The entity-capabilities module (server/modules/caps.py) of a running server."""
+    module = server.modules["caps"]
+    assert isinstance(module, EntityCaps)
+    return module
+
+
 async def wait_caps(server: RunningServer, ver: str) -> None:
-    pep = server.server.modules["pep"]
+    caps = caps_of(server.server)
     for _ in range(200):
-        if ver in pep._known:  # type: ignore[attr-defined]
+        if caps.verified(ver):
             return
         await asyncio.sleep(0.02)
     raise AssertionError("caps never cached")
@@ -178,10 +186,10 @@ def test_caps_hash_of_the_xep_0115_example() -> None:
         <field var='software'><value>Psi</value></field>
         <field var='software_version'><value>0.11</value></field>
       </x></query>""")
-    assert engine.caps_hash(query, "sha-1") == "q07IKJEyjvHSyhy//CH0CxmKi8w="
+    assert caps_hash(query, "sha-1") == "q07IKJEyjvHSyhy//CH0CxmKi8w="
     # §5.4: duplicate features make it unfit for caching.
     etree.SubElement(query, q(DISCO, "feature"), var="http://jabber.org/protocol/muc")
-    assert engine.caps_hash(query, "sha-1") is None
+    assert caps_hash(query, "sha-1") is None
 
 
 def test_config_forms_and_preconditions() -> None:
@@ -513,10 +521,10 @@ SLIX_PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep
 
 async def wait_interest(server: RunningServer, jid: str, interest: str) -> None:
     """Until the server knows (from caps) that the resource wants these notifications."""
-    pep = server.server.modules["pep"]
+    caps = caps_of(server.server)
     for _ in range(250):
         session = server.server.sessions.get(JID.parse(jid))
-        if session is not None and pep.wants(session, interest):  # type: ignore[attr-defined]
+        if session is not None and caps.wants(session, interest):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{jid} never showed interest in {interest}")
@@ -542,9 +550,10 @@ async def test_nickname_notification_to_a_notify_contact_with_slixmpp(
     await wait_interest(server, "bob@a.test/slix", f"{nick}+notify")
     session = server.server.sessions.get(JID.parse("bob@a.test/slix"))
     assert session is not None
-    pep = server.server.modules["pep"]
-    ver = pep.caps.get(session).ver  # type: ignore[attr-defined]
-    assert ver in pep._known  # type: ignore[attr-defined]  # slixmpp's hash verified
+    caps = caps_of(server.server)
+    resource = caps.caps.get(session)
+    assert resource is not None and resource.ver is not None
+    assert caps.verified(resource.ver)  # slixmpp's hash verified
     await alice.plugin["xep_0172"].publish_nick("Alice L.")
     assert await asyncio.wait_for(got, 5) == ("alice@a.test", "Alice L.")
 
@@ -879,15 +888,14 @@ async def test_notifications_across_federation(tmp_path: Any) -> None:
                        "</presence>")
         # Bob's own server asks, and so does one.test, for alice's PEP service.
         await answer_discos(bob, body, ver, {bjid, ajid})
-        pep = fed.one.server.modules["pep"]
+        caps = caps_of(fed.one.server)
         for _ in range(250):
-            caps = pep._remote.get(JID.parse(bjid), {}).get(f"{bjid}/pc")  # type: ignore[attr-defined]
-            if caps is not None and caps.features:
+            if list(caps.remote_wanting(JID.parse(bjid), f"{nick}+notify")) == [f"{bjid}/pc"]:
                 break
             await asyncio.sleep(0.02)
         else:
             raise AssertionError("one.test never learnt bob's caps")
-        assert ver in pep._known  # type: ignore[attr-defined]
+        assert caps.verified(ver)
         reply = await ask(alice, publish(nick, f"<nick xmlns='{nick}'>Alice</nick>", "n1"))
         assert reply.get("type") == "result"
         message = await next_event(bob, 10)
@@ -1161,13 +1169,14 @@ async def test_an_unanswered_caps_query_does_not_hold_up_shutdown(tmp_path: Any)
 
 def unlabelled(form: etree._Element) -> list[str]:
     """The fields (by var) and list options (var=value) of a XEP-0004 form shown without a
-    label (issue 19: profanity shows '[field3] (null)'); hidden fields are never shown."""
+    label (issue 19: profanity shows '[field3] (null)'); hidden fields are never shown, and
+    engine.UNLABELLED is the one field Prosody's scansion scripts want without a label."""
     data = "jabber:x:data"
     missing = []
     for field in form.iter(q(data, "field")):
         if field.get("type") == "hidden":
             continue
-        if not field.get("label"):
+        if not field.get("label") and field.get("var") not in engine.UNLABELLED:
             missing.append(field.get("var", "?"))
         missing += [f"{field.get('var')}={o.findtext(q(data, 'value'))}"
                     for o in field.findall(q(data, "option")) if not o.get("label")]

@@ -1,14 +1,12 @@
 """The publish-subscribe engine (XEP-0060), pure: node configuration (defaults, XEP-0004 forms,
 publish-options preconditions, §7.1.5), access models, the elements of requests, replies and
-event notifications, and XEP-0115 entity-capabilities hash verification. No I/O: the PEP
+event notifications. No I/O: the PEP
 module (pep.py) keeps nodes in a store and moves stanzas.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
-import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +27,6 @@ NODE_CONFIG = PUBSUB + "#node_config"
 PUBLISH_OPTIONS = PUBSUB + "#publish-options"
 META_DATA = PUBSUB + "#meta-data"
 SUBSCRIBE_AUTHORIZATION = PUBSUB + "#subscribe_authorization"
-CAPS = "http://jabber.org/protocol/caps"
 DATA = ns.DATA_FORMS
 
 X = ns.q(DATA, "x")
@@ -106,32 +103,19 @@ class ConfigField:
     key: str                       # our key in the stored configuration
     type: str                      # XEP-0004 field type
     parse: Callable[[str], Any]
-    label: str
+    label: str | None
     options: tuple[tuple[str, str], ...] = ()  # (value, label) of a list-single
 
 
-# Option labels (XEP-0004 §3.3; issue 19: clients such as profanity show the label, or
-# "(null)" without one). Access models in alphabetical order, as before.
-_ACCESS_OPTIONS = (
-    ("authorize", "Subscription requests must be approved and only subscribers may retrieve "
-                  "items"),
-    ("open", "Anyone may subscribe and retrieve items"),
-    ("presence", "Anyone with a presence subscription of both or from may subscribe and "
-                 "retrieve items"),
-    ("roster", "Anyone in the specified roster group(s) may subscribe and retrieve items"),
-    ("whitelist", "Only those on a whitelist may subscribe and retrieve items"),
-)
-_PUBLISH_OPTIONS = (
-    ("publishers", "Only publishers may publish"),
-    ("subscribers", "Subscribers may publish"),
-    ("open", "Anyone may publish"),
-)
-_SEND_LAST_OPTIONS = (
-    ("never", "Never"),
-    ("on_sub", "When a new subscription is processed"),
-    ("on_sub_and_presence", "When a new subscription is processed and whenever a subscriber "
-                            "comes online"),
-)
+def _options(*values: str) -> tuple[tuple[str, str], ...]:
+    """List options labelled with their values: the labels Prosody's mod_pubsub gives them
+    (its scansion scripts, tests/test_scansion.py, expect them), which clients show."""
+    return tuple((v, v) for v in values)
+
+
+_ACCESS_OPTIONS = _options(*sorted(ACCESS_MODELS))
+_PUBLISH_OPTIONS = _options(*PUBLISH_MODELS)
+_SEND_LAST_OPTIONS = _options("never", "on_sub", "on_sub_and_presence")
 
 
 # XEP-0060 §16.4.4 (pubsub#node_config), in the order, with the labels and option labels,
@@ -157,7 +141,7 @@ FIELDS: dict[str, ConfigField] = {
     "pubsub#send_last_published_item": ConfigField(
         "send_last_published_item", "list-single",
         _choice("never", "on_sub", "on_sub_and_presence"),
-        "When to send the last published item", _SEND_LAST_OPTIONS),
+        None, _SEND_LAST_OPTIONS),  # no label: see UNLABELLED
     "pubsub#deliver_notifications": ConfigField("deliver_notifications", "boolean", _bool,
                                                 "Whether to deliver event notifications"),
     "pubsub#deliver_payloads": ConfigField(
@@ -182,6 +166,10 @@ FIELDS: dict[str, ConfigField] = {
          ("none", "Don't include any JID with items"))),
 }
 _VAR_OF = {f.key: var for var, f in FIELDS.items()}
+# The one field sent without a label, as Prosody's mod_pubsub sends it: Prosody's scansion
+# scripts (tests/test_scansion.py: pubsub_config, pubsub_max_items, pubsub_multi_items,
+# pubsub_preconditions) match the form strictly. Its options are labelled.
+UNLABELLED = frozenset({"pubsub#send_last_published_item"})
 _VALIDATE = ns.q("http://jabber.org/protocol/xdata-validate", "validate")
 
 # XEP-0163 §4 (PEP) node defaults: access model presence, the last item kept and sent.
@@ -282,7 +270,10 @@ def config_form(config: Mapping[str, Any], form_type: str = NODE_CONFIG,
         if spec.key not in config:
             continue
         # Labelled in the meta-data result too (XEP-0004 §3.2; issue 19 item 5).
-        field = st.child(form, FIELD, {"var": var, "type": spec.type, "label": spec.label})
+        attrs = {"var": var, "type": spec.type}
+        if spec.label is not None:
+            attrs["label"] = spec.label
+        field = st.child(form, FIELD, attrs)
         if spec.key == "max_items" and max_items is not None and type_ == "form":
             validate = st.child(field, _VALIDATE, {"datatype": "pubsub:integer-or-max"})
             st.child(validate, ns.q("http://jabber.org/protocol/xdata-validate", "range"),
@@ -443,66 +434,6 @@ def node_event(kind: str, node: str, redirect: str | None = None) -> etree._Elem
     if redirect:
         st.child(action, ns.q(EVENT, "redirect"), {"uri": redirect})
     return event
-
-
-# -- XEP-0115 entity capabilities ------------------------------------------------------------
-
-HASHES = {"sha-1": "sha1", "sha-224": "sha224", "sha-256": "sha256", "sha-384": "sha384",
-          "sha-512": "sha512"}
-_IDENTITY = ns.q(ns.DISCO_INFO, "identity")
-_FEATURE = ns.q(ns.DISCO_INFO, "feature")
-
-
-def caps_string(query: etree._Element) -> str | None:
-    """XEP-0115 §5.1 verification string of a disco#info result; None when §5.4 says the
-    result is unfit for caching (duplicate identities, features or form types, a form without
-    a hidden FORM_TYPE is left out)."""
-    identities = []
-    for identity in query.findall(_IDENTITY):
-        identities.append("/".join((identity.get("category", ""), identity.get("type", ""),
-                                    identity.get(ns.q(ns.XML, "lang"), ""),
-                                    identity.get("name", ""))))
-    features = [f.get("var", "") for f in query.findall(_FEATURE)]
-    if len(set(identities)) != len(identities) or len(set(features)) != len(features):
-        return None
-    parts = [f"{i}<" for i in sorted(identities)] + [f"{f}<" for f in sorted(features)]
-    forms: dict[str, list[str]] = {}
-    for form in query.findall(X):
-        fields = {}
-        form_type = None
-        for field in form.findall(FIELD):
-            values = [v.text or "" for v in field.findall(VALUE)]
-            if field.get("var") == "FORM_TYPE":
-                if field.get("type") != "hidden" or len(set(values)) != 1:
-                    return None
-                form_type = values[0]
-            else:
-                fields[field.get("var", "")] = values
-        if form_type is None:
-            continue  # §5.4 3.6: forms without FORM_TYPE are ignored
-        if form_type in forms:
-            return None
-        text = [f"{form_type}<"]
-        for var in sorted(fields):
-            text.append(f"{var}<")
-            text += [f"{value}<" for value in sorted(fields[var])]
-        forms[form_type] = text
-    for form_type in sorted(forms):
-        parts += forms[form_type]
-    return "".join(parts)
-
-
-def caps_hash(query: etree._Element, algorithm: str) -> str | None:
-    """The ver a disco#info result has under this hash ('sha-1', ...); None if not hashable."""
-    name = HASHES.get(algorithm)
-    text = caps_string(query)
-    if name is None or text is None:
-        return None
-    return base64.b64encode(hashlib.new(name, text.encode()).digest()).decode()
-
-
-def features_of(query: etree._Element) -> frozenset[str]:
-    return frozenset(f.get("var", "") for f in query.findall(_FEATURE))
 
 
 # -- the wire, for both front doors (PEP and the service) ---------------------------------------

@@ -31,12 +31,11 @@ on the engine of engine.py, its nodes and items in the ``pep`` store (both backe
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +44,8 @@ from lxml import etree
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, SessionSlot, Stanza, hook, iq_get, iq_set
+from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.modules.caps import EntityCaps
 from server.modules.pubsub import engine
 from server.modules.pubsub.engine import EVENT, OWNER, PUBSUB, PubsubError
 from server.presence.subscription import is_subscriber
@@ -61,9 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presenced.pep")
 
-_CAPS = ns.q(engine.CAPS, "c")
-_INFO = ns.q(ns.DISCO_INFO, "query")
-_CAPS_TIMEOUT = 10.0
 _CACHE_SIZE = 10000
 FEATURES = (PUBSUB, *(f"{PUBSUB}#{f}" for f in (
     "access-authorize", "access-open", "access-presence", "access-roster", "access-whitelist",
@@ -81,20 +78,10 @@ class PepSettings:
     max_payload_size: int = field(metadata=int_option(256, 1 << 24, 65536))
 
 
-@dataclass(slots=True)
-class Caps:
-    """What a resource's presence says about its capabilities."""
-    ver: str | None
-    features: frozenset[str] | None  # None: not known (yet)
-    fresh: bool = False  # new with the presence going out: the last items are still to send
-
-
 class Pep(Module):
     name = "pep"
     settings = PepSettings
     stores = (SPEC,)
-
-    caps = SessionSlot[Caps | None](None)
 
     def __init__(self, server: Server, config: PepSettings) -> None:
         super().__init__(server, config)
@@ -103,13 +90,6 @@ class Pep(Module):
         # owner bare JID -> node -> subscriber JID -> 'subscribed' | 'pending' (explicit
         # subscriptions, XEP-0060 §6.1; read with the nodes, dropped with them)
         self._subs: dict[JID, dict[str, dict[str, str]]] = {}
-        self._known: dict[str, frozenset[str]] = {}           # verified ver -> features
-        # (asked JID, asking JID) -> disco#info node -> its answer
-        self._asking: dict[tuple[str, str], dict[str, asyncio.Future[Stanza]]] = {}
-        # (asked JID, ver) -> its lookup
-        self._asked: dict[tuple[str, str], asyncio.Future[frozenset[str] | None]] = {}
-        # remote bare JID -> its available resources (full JID) -> their caps
-        self._remote: dict[JID, dict[str, Caps]] = {}
         self._ids = itertools.count(1)
         self._prefix = f"pep-{uuid.uuid4().hex[:8]}-"
 
@@ -614,7 +594,9 @@ class Pep(Module):
         may see the node and asked for <node>+notify."""
         sessions = self.server.sessions
         targets = [s.jid_str for s in sessions.resources(owner) if s.presence is not None]
-        if config["access_model"] in ("open", "presence", "roster"):  # authorize: approved only
+        caps = self._caps
+        if caps is not None and config["access_model"] in ("open", "presence", "roster"):
+            # authorize: approved subscribers only
             roster = await self.server.rosters.get(owner)
             interest = node + "+notify"
             for contact, item in roster.items.items():
@@ -628,10 +610,9 @@ class Pep(Module):
                     continue
                 if jid.domain in self.server.hosts:
                     targets += [s.jid_str for s in sessions.resources(jid)
-                                if s.presence is not None and self.wants(s, interest)]
+                                if s.presence is not None and caps.wants(s, interest)]
                 else:  # on another server: the resources whose presence we saw
-                    targets += [full for full, caps in self._remote.get(jid, {}).items()
-                                if caps.features is not None and interest in caps.features]
+                    targets += caps.remote_wanting(jid, interest)
         # XEP-0060 §7.1.2.1: explicit subscribers that may (still) see the node; a bare JID's
         # subscription covers its resources (the router delivers a headline to each).
         for subscriber, state in self._subs.get(owner, {}).get(node, {}).items():
@@ -649,10 +630,6 @@ class Pep(Module):
         for target in targets:
             await self._send(target, message)
 
-    def wants(self, session: Session, interest: str) -> bool:
-        caps = self.caps.get(session)
-        return caps is not None and caps.features is not None and interest in caps.features
-
     async def _send(self, target: str, message: Stanza) -> None:
         """Routed, not written to a session directly: the recipient's filters (blocking,
         XEP-0191; CSI) apply as to any message, and remote contacts get it by federation."""
@@ -663,182 +640,30 @@ class Pep(Module):
         if pending is not None:
             await pending
 
-    # -- entity capabilities and the last items ----------------------------------------------
+    # -- the last items, when a resource's capabilities are known (caps.py) ----------------
 
-    @hook("presence/outgoing")
-    def outgoing(self, session: Session, presence: Stanza) -> Awaitable[None] | None:
-        """The resource's caps, read as its presence goes out. An unknown ver is asked now,
-        before the presence reaches anyone (Prosody's mod_pep does the same: clients see the
-        disco#info query before their own presence)."""
-        c = presence.find(_CAPS)
-        ver = c.get("ver") if c is not None else None
-        old = self.caps.get(session)
-        if session.presence is not None and old is not None and old.ver == ver:
-            return None  # the same caps: nothing new to send
-        if ver is None or c is None:
-            self.caps.set(session, Caps(None, frozenset(), fresh=True))
-            return None
-        known = self._known.get(ver)
-        self.caps.set(session, Caps(ver, known, fresh=known is not None))
-        if known is not None:
-            return None
-        # From the account's own bare JID (its PEP service), as Prosody's mod_pep asks.
-        lookup, sent = self._ask(session.jid_str, session.bare_str, ver, c.get("hash"),
-                                 c.get("node") or "")
-        self.server.router.spawn(self._discovered(session, ver, lookup))
-        return sent
+    @property
+    def _caps(self) -> EntityCaps | None:
+        caps = self.server.modules.get("caps")
+        return caps if isinstance(caps, EntityCaps) else None
 
-    @hook("presence/available")
-    def available(self, session: Session, _first: bool) -> None:
+    @hook("caps/known")
+    def caps_known(self, session: Session, _features: frozenset[str]) -> Awaitable[None]:
         """XEP-0163 §4.3.2: the last items, once the presence went out with caps known."""
-        caps = self.caps.get(session)
-        if caps is not None and caps.fresh:
-            caps.fresh = False
-            if caps.features:
-                self.server.router.spawn(self._send_last_items(session))
+        return self._send_last_items(session)
 
-    def _ask(self, target: str, from_: str, ver: str, algorithm: str | None,
-             node: str) -> tuple[asyncio.Future[frozenset[str] | None], Awaitable[None] | None]:
-        """What a caps ver means, asked of the resource (once: a second lookup meanwhile waits
-        for that answer); kept for everyone when its hash verifies (XEP-0115 §5.4). Until then
-        each resource with that ver is asked (as Prosody does): one that is slow or answers
-        wrongly holds up no other. The lookup, and the routing of the query (to await before
-        anything else goes out)."""
-        lookup = self._asked.get((target, ver))
-        if lookup is not None:
-            return lookup, None
-        loop = asyncio.get_running_loop()
-        lookup = loop.create_future()
-        self._asked[(target, ver)] = lookup
-        query_node = f"{node}#{ver}"
-        answer: asyncio.Future[Stanza] = loop.create_future()
-        self._asking.setdefault((target, from_), {})[query_node] = answer
-        # The id Prosody uses; answers are told apart by who answers to whom, and the node.
-        iq = st.iq("get", to=target, from_=from_, id_="disco")
-        st.child(iq, _INFO, {"node": query_node})
-        sent = self.server.router.route(iq, None)
-        self.server.router.spawn(self._verify(target, from_, ver, algorithm, query_node, answer,
-                                              lookup))
-        return lookup, sent
-
-    async def _verify(self, target: str, from_: str, ver: str, algorithm: str | None,
-                      query_node: str, answer: asyncio.Future[Stanza],
-                      lookup: asyncio.Future[frozenset[str] | None]) -> None:
-        features = None
-        try:
-            reply = await asyncio.wait_for(answer, _CAPS_TIMEOUT)
-            query = reply.find(_INFO) if reply.get("type") == "result" else None
-            if query is not None:
-                features = engine.features_of(query)
-                if algorithm is not None and engine.caps_hash(query, algorithm) == ver:
-                    if len(self._known) >= _CACHE_SIZE:
-                        self._known.clear()
-                    self._known[ver] = features
-                else:
-                    log.info("event=caps-unverified jid=%s ver=%s", target, ver)
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            waiting = self._asking.get((target, from_), {})
-            waiting.pop(query_node, None)
-            if not waiting:
-                self._asking.pop((target, from_), None)
-            del self._asked[(target, ver)]
-            lookup.set_result(features)
-
-    async def _lookup(self, target: str, from_: str, ver: str, algorithm: str | None,
-                      node: str) -> frozenset[str] | None:
-        lookup, sent = self._ask(target, from_, ver, algorithm, node)
-        if sent is not None:
-            await sent
-        return await lookup
-
-    async def _discovered(self, session: Session, ver: str,
-                          lookup: asyncio.Future[frozenset[str] | None]) -> None:
-        features = await lookup
-        caps = self.caps.get(session)
-        if caps is None or caps.ver != ver:
-            return  # the resource changed its presence meanwhile
-        self.caps.set(session, Caps(ver, features or frozenset()))
-        await self._send_last_items(session)
-
-    # -- contacts on other servers: their resources' caps, from the presence they send us ----
-
-    @hook("presence/bare", priority=50)
-    @hook("presence/full", priority=50)
-    def remote_presence(self, stanza: Stanza, _origin: Session | None, to: JID) -> None:
-        """Watch (never consume) presence from remote resources to our users: which of them
-        are available, with which caps, so that our PEP services notify them too."""
-        try:
-            sender = JID.parse(stanza.get("from") or "")
-        except InvalidJID:
-            return None
-        if sender.resource is None or self.server.router.is_local(sender.domain):
-            return None
-        type_ = stanza.get("type")
-        bare = sender.bare
-        full = str(sender)
-        if type_ == "unavailable":
-            resources = self._remote.get(bare)
-            if resources is not None:
-                resources.pop(full, None)
-                if not resources:
-                    del self._remote[bare]
-            return None
-        if type_ is not None:
-            return None
-        c = stanza.find(_CAPS)
-        ver = c.get("ver") if c is not None else None
-        resources = self._remote.get(bare)
-        if resources is None:
-            if len(self._remote) >= _CACHE_SIZE:
-                self._remote.clear()
-            resources = self._remote[bare] = {}
-        old = resources.get(full)
-        if old is not None and old.ver == ver:
-            return None
-        if ver is None or c is None:
-            resources[full] = Caps(None, frozenset())
-            return None
-        known = self._known.get(ver)
-        resources[full] = Caps(ver, known)
-        self.server.router.spawn(self._discover_remote(to.bare, sender, ver, c.get("hash"),
-                                                       c.get("node") or "", known))
-        return None
-
-    async def _discover_remote(self, user: JID, sender: JID, ver: str, algorithm: str | None,
-                               node: str, known: frozenset[str] | None) -> None:
-        features = known
-        if features is None:
-            features = await self._lookup(str(sender), str(user), ver, algorithm, node)
-            caps = self._remote.get(sender.bare, {}).get(str(sender))
-            if caps is None or caps.ver != ver:
-                return
-            caps.features = features or frozenset()
-        if features and user.local is not None:
-            await self._send_last_of(sender, user, features)  # the user's own nodes
-
-    @hook("iq-response")
-    def answered(self, stanza: Stanza, _origin: Session | None, _to: JID) -> object:
-        if stanza.get("id") != "disco":
-            return None
-        waiting = self._asking.get((stanza.get("from", ""), stanza.get("to", "")))
-        if not waiting:
-            return None
-        query = stanza.find(_INFO)
-        node = query.get("node") if query is not None else None
-        answer = waiting.get(node) if node in waiting else next(iter(waiting.values()))
-        if answer is None or answer.done():
-            return None
-        answer.set_result(st.standalone(stanza))
-        return True
+    @hook("caps/remote-known")
+    def remote_caps_known(self, user: JID, sender: JID,
+                          features: frozenset[str]) -> Awaitable[None]:
+        return self._send_last_of(sender, user, features)  # the user's own nodes
 
     async def _send_last_items(self, session: Session) -> None:
         """XEP-0163 §4.3.2 (send_last_published_item = on_sub_and_presence): the newest item
         of each node the resource is interested in, of its own account and of the contacts
         whose presence it is subscribed to."""
-        caps = self.caps.get(session)
-        if caps is None or not caps.features:
+        caps = self._caps
+        features = caps.known_features(session) if caps is not None else None
+        if not features:
             return
         user = session.jid.bare
         owners = [user]
@@ -853,7 +678,7 @@ class Pep(Module):
                 if jid.domain in self.server.hosts and jid.local is not None:
                     owners.append(jid)
         for owner in owners:
-            await self._send_last_of(session.jid, owner, caps.features)
+            await self._send_last_of(session.jid, owner, features)
 
     async def _send_last_of(self, target: JID, owner: JID, features: Iterable[str]) -> None:
         wanted = {f[:-len("+notify")] for f in features if f.endswith("+notify")}
@@ -925,22 +750,8 @@ class Pep(Module):
 
     @hook("session-closed")
     def closed(self, session: Session, _reason: str) -> None:
-        # A caps query to a session that has gone will not be answered: stop waiting for it.
-        self._give_up_asking(lambda target: target == str(session.jid))
         if not self.server.sessions.resources(session.jid.bare):
             self._forget(session.jid.bare)
-
-    @hook("server-stopping")
-    def stopping(self, _server: object) -> None:
-        # Shutdown drains the router's background work: don't hold it up for caps answers.
-        self._give_up_asking(lambda _target: True)
-
-    def _give_up_asking(self, which: Callable[[str], bool]) -> None:
-        for (target, _from), waiting in list(self._asking.items()):
-            if which(target):
-                for answer in waiting.values():
-                    if not answer.done():
-                        answer.set_exception(ConnectionError("the session has gone"))
 
 
 def _jid_attr(element: Stanza) -> JID:
