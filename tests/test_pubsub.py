@@ -154,6 +154,10 @@ async def test_owner_management_and_whitelist(server: RunningServer) -> None:
     assert subs == [("carol@a.test", "subscribed")]
     ok(await alice.ask(iq("set", "<subscriptions node='team'><subscription jid='carol@a.test' "
                                  "subscription='none'/></subscriptions>", owner=True)))
+    # §8.8.4: carol is told (one iq front for PEP and the service: both tell).
+    told = (await carol.next_of("message")).find(f".//{{{EVENT}}}subscription")
+    assert told is not None and (told.get("jid"), told.get("subscription")) == (
+        "carol@a.test", "none")
     reply = ok(await carol.ask(iq("get", "<subscriptions/>")))
     assert list(reply.iter(q(PUBSUB, "subscription"))) == []
     # Configure: read the form, change max_items.

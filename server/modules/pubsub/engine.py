@@ -7,6 +7,7 @@ module (pep.py) keeps nodes in a store and moves stanzas.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from lxml import etree
 
 from server.errors import StanzaError
+from server.jid import JID
 from server.module import Stanza
 from server.xml import ns
 from server.xml import stanza as st
@@ -298,10 +300,14 @@ def _text(value: Any) -> str:
 
 
 def check_access(config: Mapping[str, Any], *, owner: bool, subscriber: bool,
-                 in_roster: bool, member: bool = False, approved: bool = False) -> None:
+                 in_roster: bool, member: bool = False, approved: bool = False,
+                 outcast: bool = False) -> None:
     """May this entity retrieve items (and get notifications)? Raises the §6.1.3 error.
     `subscriber`: to the owner's presence; `approved`: its subscription to the node was
-    approved by the owner (the authorize model, §4.5)."""
+    approved by the owner (the authorize model, §4.5); `member`: affiliated as publisher or
+    member; `outcast`: banned (§4.1: forbidden)."""
+    if outcast:
+        raise PubsubError("forbidden", text="you are banned from this node")
     if owner or member:
         return
     model = config.get("access_model", "presence")
@@ -328,6 +334,41 @@ def may_access(config: Mapping[str, Any], **facts: bool) -> bool:
     except PubsubError:
         return False
     return True
+
+
+# -- a node's state (XEP-0060 §4) --------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """A node: its configuration, affiliations (bare JID -> owner, publisher, member or
+    outcast; PEP: the account owns every node of its own), explicit subscriptions (bare or
+    full JID -> 'subscribed' | 'pending') and their §6.3 options (JID -> values given)."""
+    config: dict[str, Any]
+    affiliations: dict[str, str] = dataclasses.field(default_factory=dict)
+    subscriptions: dict[str, str] = dataclasses.field(default_factory=dict)
+    options: dict[str, dict[str, bool]] = dataclasses.field(default_factory=dict)
+
+    def affiliation(self, jid: JID) -> str:
+        return self.affiliations.get(str(jid.bare), "none")
+
+    def owners(self) -> list[str]:
+        return [j for j, a in sorted(self.affiliations.items()) if a == "owner"]
+
+    def approved(self, jid: JID) -> bool:
+        """Subscribed (with the full JID or the bare one)."""
+        return "subscribed" in (self.subscriptions.get(str(jid)),
+                                self.subscriptions.get(str(jid.bare)))
+
+    def delivers(self, jid: str) -> bool:
+        """§6.3: pubsub#deliver (true unless the subscriber turned it off)."""
+        return self.options.get(jid, {}).get("deliver", True)
+
+    def facts(self, who: JID) -> dict[str, bool]:
+        """What the node's own state says of an entity, for check_access."""
+        affiliation = self.affiliation(who)
+        return {"owner": affiliation == "owner", "member": affiliation in ("publisher", "member"),
+                "outcast": affiliation == "outcast", "approved": self.approved(who)}
 
 
 # -- elements ---------------------------------------------------------------------------------
