@@ -1242,3 +1242,133 @@ async def test_hostile_numbers_ids_and_publish_options(server: RunningServer) ->
     reply = await ask(alice, items("alice@a.test", "urn:new"))
     assert condition(reply) == "item-not-found"
     assert "u" not in item_ids(await ask(alice, items("alice@a.test", "urn:n")))
+
+
+def subscribe_options(**fields: str) -> str:
+    """A XEP-0060 §6.3 subscription options form."""
+    inner = "".join(f"<field var='pubsub#{k}'><value>{v}</value></field>"
+                    for k, v in fields.items())
+    return (f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'>"
+            f"<value>{PUBSUB}#subscribe_options</value></field>{inner}</x>")
+
+
+async def test_subscription_options_on_pep(server: RunningServer) -> None:
+    """PEP on the one iq front gets XEP-0060 §6.3 subscription options: advertised; set with
+    the subscription (§6.3.7) or later (§6.3.5); pubsub#deliver = false stops notifications
+    and the last item; kept in the store with the subscription and gone with it; §6.4 default
+    options; the §6.3.4/§6.3.6 errors."""
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<presence/>")
+    reply = await ask(bob, f"<iq type='get' id='d1' to='alice@a.test'><query xmlns='{DISCO}'/>"
+                           "</iq>")
+    assert f"{PUBSUB}#subscription-options" in {f.get("var")
+                                                for f in reply.iter(q(DISCO, "feature"))}
+    tune = "http://jabber.org/protocol/tune"
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'><title>1</title></tune>", "t1",
+                             options(access_model="open")))
+    body = (f"<iq type='set' id='s1' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+            f"<subscribe node='{tune}' jid='bob@a.test'/><options>"
+            f"{subscribe_options(deliver='false')}</options></pubsub></iq>")
+    assert subscription_of(await ask(bob, body)) == ("bob@a.test", "subscribed")
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'><title>2</title></tune>", "t2",
+                             iq_id="p2"))
+    await no_event(bob)  # neither the last item nor the new one
+    stored = await server.server.storage.pep.subscription_options(  # type: ignore[attr-defined]
+        "alice", "a.test")
+    assert stored == {tune: {"bob@a.test": {"deliver": False}}}
+
+    def get(jid: str = "bob@a.test", iq_id: str = "o1") -> str:
+        return (f"<iq type='get' id='{iq_id}' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                f"<options node='{tune}' jid='{jid}'/></pubsub></iq>")
+
+    def values(reply: etree._Element) -> dict[str | None, str | None]:
+        assert reply.get("type") == "result", etree.tostring(reply)
+        form = reply.find(".//{jabber:x:data}x")
+        assert form is not None and unlabelled(form) == []
+        return {f.get("var"): f.findtext(q("jabber:x:data", "value"))
+                for f in form.iter(q("jabber:x:data", "field"))}
+
+    assert values(await ask(bob, get()))["pubsub#deliver"] == "0"
+    # Read back after the cache is dropped, then turned on again (§6.3.5).
+    server.server.modules["pep"]._forget(JID.parse("alice@a.test"))  # type: ignore[attr-defined]
+    assert values(await ask(bob, get(iq_id="o2")))["pubsub#deliver"] == "0"
+    reply = await ask(bob, f"<iq type='set' id='o3' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                           f"<options node='{tune}' jid='bob@a.test'>"
+                           f"{subscribe_options(deliver='1')}</options></pubsub></iq>")
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'><title>3</title></tune>", "t3",
+                             iq_id="p3"))
+    event = await next_event(bob)
+    assert event.get("to") == "bob@a.test" and event.findtext(f".//{{{tune}}}title") == "3"
+    # §6.4: the default options.
+    reply = await ask(bob, f"<iq type='get' id='o4' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                           f"<default node='{tune}'/></pubsub></iq>")
+    assert values(reply) == {"FORM_TYPE": f"{PUBSUB}#subscribe_options", "pubsub#deliver": "1",
+                             "pubsub#include_body": "0"}
+    # Errors: another's options (forbidden), a bad form (§6.3.6), no subscription (§6.3.4).
+    reply = await ask(bob, get("alice@a.test", "o5"))
+    assert condition(reply) == "forbidden"
+    reply = await ask(bob, f"<iq type='set' id='o6' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                           f"<options node='{tune}' jid='bob@a.test'>"
+                           f"{subscribe_options(colour='red')}</options></pubsub></iq>")
+    assert (condition(reply), app_condition(reply)) == ("bad-request", "invalid-options")
+    assert (await ask(bob, subscribe("alice@a.test", tune, "bob@a.test", "u1",
+                                     "unsubscribe"))).get("type") == "result"
+    reply = await ask(bob, get(iq_id="o7"))
+    assert (condition(reply), app_condition(reply)) == ("unexpected-request", "not-subscribed")
+    assert await server.server.storage.pep.subscription_options(  # type: ignore[attr-defined]
+        "alice", "a.test") == {}
+
+
+def test_requester_and_jid_errors_are_one() -> None:
+    """The one iq front reads who asks and the 'jid' of a request the same way for PEP and
+    the service: a malformed 'from' is jid-malformed (RFC 6120 §8.3.3.8), a malformed 'jid'
+    bad-request with <invalid-jid/> (XEP-0060 §6.1.3.1)."""
+    from server.errors import StanzaError
+    from server.modules.pubsub.protocol import jid_attr, requester
+    good = etree.fromstring("<iq from='alice@a.test/pc'/>")
+    assert str(requester(good, None)) == "alice@a.test/pc"
+    cases: list[tuple[Any, str, tuple[str, str | None]]] = [
+        (lambda el: requester(el, None), "<iq from='@@'/>", ("jid-malformed", None)),
+        (jid_attr, "<subscribe jid='a@b@c'/>", ("bad-request", "invalid-jid")),
+        (jid_attr, "<subscribe/>", ("bad-request", "invalid-jid"))]
+    for check, bad, expected in cases:
+        try:
+            check(etree.fromstring(bad))
+        except StanzaError as err:
+            assert (err.condition, getattr(err, "app", None)) == expected, bad
+        else:
+            raise AssertionError(f"{bad} accepted")
+
+
+async def test_notifications_are_serialised_once() -> None:
+    """The one front fans a notification out through writer.addressed_copies (DESIGN.md rule
+    3, as MUC does): every routed copy is addressed to its recipient, with one id, and its
+    bytes come from the one serialisation of the template."""
+    from server.modules.pubsub.protocol import PubsubProtocol
+    from server.xml import writer
+
+    routed: list[etree._Element] = []
+
+    class Router:
+        def route(self, stanza: etree._Element, _origin: object) -> None:
+            routed.append(stanza)
+
+    class Server:
+        router = Router()
+
+    front = PubsubProtocol()
+    front.server = Server()  # type: ignore[assignment]
+    event = engine.items_event("urn:n", [engine.item_element(EVENT, "i1", None)])
+    targets = ["bob@a.test/pc", "carol@a.test", "dave@b.test/x"]
+    await front.send(engine.event_message("alice@a.test", event), targets)
+    assert [m.get("to") for m in routed] == targets
+    assert len({m.get("id") for m in routed}) == 1
+    for message in routed:
+        assert id(message) in writer._SHARED  # bytes made once, for all of them
+        data = writer.serialize(message, "jabber:client")
+        assert etree.fromstring(data).get("to") == message.get("to")
+        assert b"<item id=\"i1\"/>" in data
