@@ -514,6 +514,78 @@ async def test_delete_and_purge_notify(server: RunningServer) -> None:
     assert f"{PUBSUB}#publish-options" in features
 
 
+def test_engine_node_operations_are_pure() -> None:
+    """The sans-IO engine decides on a Node and returns notifications (no I/O): subscription
+    states (§6.1, authorize §6.1.2.2, outcasts §4.1), who is notified (§7.1.2.1, §6.3
+    deliver), affiliation changes (§8.9), publish models (§7.1.3.1), the last item (§6.1.7)."""
+    def jid(text: str) -> JID:
+        return JID.parse(text)
+
+    def error(call: Any) -> tuple[str, str | None]:
+        try:
+            call()
+        except engine.PubsubError as err:
+            return err.condition, err.app
+        raise AssertionError("no error")
+
+    node = engine.Node(engine.node_config({"access_model": "authorize"}),
+                       {"alice@a.test": "owner", "bob@a.test": "member",
+                        "eve@a.test": "outcast"})
+    stranger = {"owner": False, "subscriber": False, "in_roster": False}
+    carol = jid("carol@a.test/pc")
+    assert engine.subscription_state(node, carol, carol, {**stranger, **node.facts(carol)}) \
+        == "pending"
+    bob = jid("bob@a.test")
+    assert engine.subscription_state(node, bob, bob, {**stranger, **node.facts(bob)}) \
+        == "subscribed"
+    eve = jid("eve@a.test")
+    assert error(lambda: engine.subscription_state(node, eve, eve, {
+        **stranger, **node.facts(eve)})) == ("forbidden", None)
+    assert error(lambda: engine.subscription_state(node, carol, bob, stranger)) == (
+        "bad-request", "invalid-jid")
+    presence = engine.Node(engine.node_config())
+    assert error(lambda: engine.subscription_state(presence, carol, carol, stranger)) == (
+        "not-authorized", "presence-subscription-required")
+    # Notified: subscribed, not pending, not deliver = false.
+    node.subscriptions.update({"bob@a.test": "subscribed", "carol@a.test/pc": "pending",
+                               "dave@b.test": "subscribed"})
+    node.options["dave@b.test"] = {"deliver": False}
+    assert engine.subscribers(node) == ["bob@a.test"]
+    requests = engine.authorization_requests("alice@a.test", "n", node, "carol@a.test/pc")
+    assert [r.to for r in requests] == [("alice@a.test",)]
+    # Affiliations: outcasts lose their subscriptions; the last owner stays.
+    assert engine.change_affiliations(node, [(bob, "outcast")]) == ["bob@a.test"]
+    assert "bob@a.test" not in node.subscriptions and node.affiliation(bob) == "outcast"
+    before = dict(node.affiliations)
+    assert error(lambda: engine.change_affiliations(node, [(jid("alice@a.test"), "none")])) \
+        == ("not-acceptable", None)
+    assert error(lambda: engine.change_affiliations(node, [(bob, "king")]))[0] == "bad-request"
+    assert node.affiliations == before
+    # Publish models.
+    open_node = engine.Node(engine.node_config({"publish_model": "open"}),
+                            {"eve@a.test": "outcast"})
+    engine.check_publisher(open_node, carol)
+    assert error(lambda: engine.check_publisher(open_node, eve)) == ("forbidden", None)
+    subscribers = engine.Node(engine.node_config({"publish_model": "subscribers"}),
+                              subscriptions={"carol@a.test": "subscribed"})
+    engine.check_publisher(subscribers, carol)  # the bare JID's subscription
+    assert error(lambda: engine.check_publisher(subscribers, bob)) == ("forbidden", None)
+    # The last item.
+    item = ("i1", "alice@a.test", "<p xmlns='urn:t'>x</p>")
+    everyone = {"owner": False, "subscriber": True, "in_roster": True}
+    last = engine.Node(engine.node_config({"send_last_published_item": "on_sub"}))
+    assert engine.last_item("alice@a.test", "n", last, carol, everyone, item, None,
+                            on_sub=False) is None
+    sent = engine.last_item("alice@a.test", "n", last, carol, everyone, item, None, on_sub=True)
+    assert sent is not None and sent.to == ("carol@a.test/pc",)
+    assert sent.message.findtext(f".//{{{EVENT}}}item/{{urn:t}}p") == "x"
+    last.options["carol@a.test/pc"] = {"deliver": False}
+    assert engine.last_item("alice@a.test", "n", last, carol, everyone, item, None,
+                            on_sub=True) is None
+    assert engine.last_item("alice@a.test", "n", presence, carol, stranger, item, None,
+                            on_sub=True) is None  # the access model refuses
+
+
 # -- with slixmpp -----------------------------------------------------------------------------
 
 SLIX_PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep_0172")
@@ -1364,7 +1436,8 @@ async def test_notifications_are_serialised_once() -> None:
     front.server = Server()  # type: ignore[assignment]
     event = engine.items_event("urn:n", [engine.item_element(EVENT, "i1", None)])
     targets = ["bob@a.test/pc", "carol@a.test", "dave@b.test/x"]
-    await front.send(engine.event_message("alice@a.test", event), targets)
+    await front.deliver([engine.Notification(engine.event_message("alice@a.test", event),
+                                             tuple(targets))])
     assert [m.get("to") for m in routed] == targets
     assert len({m.get("id") for m in routed}) == 1
     for message in routed:

@@ -477,6 +477,137 @@ def node_event(kind: str, node: str, redirect: str | None = None) -> etree._Elem
     return event
 
 
+# -- operations on a node: decisions and the notifications they cause, no I/O ------------------
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A message (without 'to') and who gets it; the front serialises it once and routes a
+    copy to each (server/xml/writer.addressed_copies)."""
+    message: etree._Element
+    to: tuple[str, ...]
+
+
+def notification(service: str, node: Node, event: etree._Element,
+                 to: Iterable[str]) -> Notification:
+    return Notification(event_message(service, event, node.config["notification_type"]),
+                        tuple(to))
+
+
+def subscribers(node: Node) -> list[str]:
+    """The explicit subscribers that get notifications (§7.1.2.1; §6.3 deliver)."""
+    return [jid for jid, state in node.subscriptions.items()
+            if state == "subscribed" and node.delivers(jid)]
+
+
+def subscription_state(node: Node, who: JID, jid: JID, facts: Mapping[str, bool]) -> str:
+    """The state a subscribe request gets (§6.1): 'pending' on an authorize node for an entity
+    neither owner nor member (§6.1.2.2; 'subscribed' if it was approved already), else
+    'subscribed' when the access model admits it (the §6.1.3 errors otherwise); one subscribes
+    one's own bare or full JID (§6.1.3.1)."""
+    if jid.bare != who.bare:
+        raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
+    if (node.config["access_model"] == "authorize" and not facts.get("outcast")
+            and not (facts.get("owner") or facts.get("member"))):
+        return "subscribed" if node.subscriptions.get(str(jid)) == "subscribed" else "pending"
+    check_access(node.config, **facts)
+    return "subscribed"
+
+
+def authorization_requests(service: str, name: str, node: Node,
+                           jid: str) -> list[Notification]:
+    """§8.6.1: the form each owner gets for a pending subscription."""
+    return [Notification(authorization_request(service, name, jid), tuple(node.owners()))]
+
+
+def check_unsubscribe(node: Node, who: JID, jid: JID) -> None:
+    """§6.2.3: one's own subscription (or an owner's), which must exist."""
+    if jid.bare != who.bare and node.affiliation(who) != "owner":
+        raise PubsubError("forbidden", text="unsubscribe your own JID")  # §6.2.3.3
+    if str(jid) not in node.subscriptions:
+        raise PubsubError("unexpected-request", "not-subscribed",
+                          "no such subscription")  # §6.2.3.2
+
+
+def check_options_request(node: Node, who: JID, jid: JID | None) -> str:
+    """§6.3.4: a subscriber's JID (jid-required without one), others' options only for an
+    owner (forbidden), and a subscription (not-subscribed)."""
+    if jid is None:
+        raise PubsubError("bad-request", "jid-required", "options name a JID")
+    if jid.bare != who.bare and node.affiliation(who) != "owner":
+        raise PubsubError("forbidden", text="another entity's options")
+    if node.subscriptions.get(str(jid)) is None:
+        raise PubsubError("unexpected-request", "not-subscribed", "no such subscription")
+    return str(jid)
+
+
+def subscription_changed(service: str, name: str, jid: str, state: str) -> Notification:
+    """§8.8.4 (and §8.6.2): the subscriber is told its subscription's new state."""
+    return Notification(event_message(service, subscription_event(name, jid, state)), (jid,))
+
+
+AFFILIATIONS = ("owner", "publisher", "member", "none", "outcast")
+
+
+def change_affiliations(node: Node, changes: Iterable[tuple[JID, str]]) -> list[str]:
+    """§8.9.2: the owner's changes ('none' removes one); a node keeps an owner (not-acceptable
+    otherwise, nothing changed, §8.9.2.4); outcasts lose their subscriptions, whose JIDs are
+    returned."""
+    changed = dict(node.affiliations)
+    for jid, affiliation in changes:
+        if affiliation not in AFFILIATIONS:
+            raise PubsubError("bad-request", text=f"unknown affiliation {affiliation!r}")
+        if affiliation == "none":
+            changed.pop(str(jid.bare), None)
+        else:
+            changed[str(jid.bare)] = affiliation
+    if "owner" not in changed.values():
+        raise PubsubError("not-acceptable", text="a node keeps at least one owner")
+    node.affiliations = changed
+    gone = [j for j in node.subscriptions
+            if changed.get(str(JID.parse(j).bare)) == "outcast"]
+    for jid_text in gone:
+        del node.subscriptions[jid_text]
+        node.options.pop(jid_text, None)
+    return gone
+
+
+def check_publisher(node: Node, who: JID) -> None:
+    """§7.1.3.1 and pubsub#publish_model: publishers (owners and publishers), subscribers
+    (those too) or open (anyone but outcasts)."""
+    affiliation = node.affiliation(who)
+    if affiliation in ("owner", "publisher"):
+        return
+    model = node.config.get("publish_model", "publishers")
+    if affiliation != "outcast" and (
+            model == "open" or (model == "subscribers" and node.approved(who))):
+        return
+    raise PubsubError("forbidden", text="you may not publish to this node")
+
+
+def check_retracter(node: Node, who: JID) -> None:
+    if node.affiliation(who) not in ("owner", "publisher"):
+        raise PubsubError("forbidden", text="only owners and publishers retract")
+
+
+def last_item(service: str, name: str, node: Node, jid: JID, facts: Mapping[str, bool],
+              item: tuple[str, str, str] | None, publisher: str | None, *,
+              on_sub: bool) -> Notification | None:
+    """The newest item (id, publisher, stored payload) to one entity: on a new subscription
+    (§6.1.7) when send_last_published_item is on_sub or on_sub_and_presence, on presence
+    (XEP-0163 §4.3.2) when on_sub_and_presence; not to one the access model refuses, nor when
+    the subscriber's options say deliver = false (§6.3)."""
+    when = node.config["send_last_published_item"]
+    if item is None or when == "never" or (when == "on_sub" and not on_sub):
+        return None
+    if not node.delivers(str(jid)) or not may_access(node.config, **facts):
+        return None
+    item_id, _stored_publisher, payload = item
+    shown = parse_stored(payload) if node.config["deliver_payloads"] else None
+    event = items_event(name, [item_element(EVENT, item_id, shown, publisher)])
+    return notification(service, node, event, [str(jid)])
+
+
 # -- the wire, for both front doors (PEP and the service) ---------------------------------------
 
 # Stored payloads are our own serialisation; still parsed as untrusted.

@@ -40,7 +40,6 @@ from server.xml.writer import addressed_copies
 if TYPE_CHECKING:
     from server.app import Server
 
-AFFILIATIONS = ("owner", "publisher", "member", "none", "outcast")
 STATES = ("none", "subscribed", "pending")
 
 
@@ -276,26 +275,17 @@ class PubsubProtocol:
         action = actions[0]
         name = engine.node_attr(action)
         jid = jid_attr(action)
-        if jid.bare != who.bare:  # §6.1.3.1: one subscribes one's own (bare or full) JID
+        if jid.bare != who.bare:  # §6.1.3.1, before the node is looked at
             raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
         node = await self.node(host, name)
         # §6.3.7: <options/> beside <subscribe/>, checked before anything changes.
         configure = next((c for c in actions[1:] if c.tag == ns.q(PUBSUB, "options")), None)
         options = (engine.subscription_options(configure.find(engine.X))
                    if configure is not None else None)
-        facts = await self.facts(host, node, who)
-        if (node.config["access_model"] == "authorize" and not facts.get("outcast")
-                and not (facts.get("owner") or facts.get("member"))):
-            # §6.1.2.2 / §8.6.1: pending until an owner approves.
-            known = node.subscriptions.get(str(jid))
-            state = "subscribed" if known == "subscribed" else "pending"
-        else:
-            engine.check_access(node.config, **facts)  # §6.1.3.2-§6.1.3.4
-            state = "subscribed"
+        state = engine.subscription_state(node, who, jid, await self.facts(host, node, who))
         await self._set_subscription(host, name, node, str(jid), state, options)
         if state == "pending":
-            await self.send(engine.authorization_request(host.jid, name, str(jid)),
-                            node.owners())
+            await self.deliver(engine.authorization_requests(host.jid, name, node, str(jid)))
         else:
             self.server.router.spawn(self.send_last(host, name, node, jid, on_sub=True))
         return st.result(stanza, engine.subscription_reply(name, str(jid), state))
@@ -325,11 +315,7 @@ class PubsubProtocol:
         name = engine.node_attr(action)
         jid = jid_attr(action)
         node = await self.node(host, name)
-        if jid.bare != who.bare and node.affiliation(who) != "owner":
-            raise PubsubError("forbidden", text="unsubscribe your own JID")  # §6.2.3.3
-        if str(jid) not in node.subscriptions:
-            raise PubsubError("unexpected-request", "not-subscribed",
-                              "no such subscription")  # §6.2.3.2
+        engine.check_unsubscribe(node, who, jid)
         await self._set_subscription(host, name, node, str(jid), None)
         # §6.2.2: the result MAY say the subscription is now 'none' (Prosody's does).
         return st.result(stanza, engine.subscription_reply(name, str(jid), "none"))
@@ -342,14 +328,8 @@ class PubsubProtocol:
         subscription (unexpected-request not-subscribed)."""
         name = engine.node_attr(action)
         node = await self.node(host, name)
-        if not action.get("jid"):
-            raise PubsubError("bad-request", "jid-required", "options name a JID")
-        jid = jid_attr(action)
-        if jid.bare != who.bare and node.affiliation(who) != "owner":
-            raise PubsubError("forbidden", text="another entity's options")
-        if node.subscriptions.get(str(jid)) is None:
-            raise PubsubError("unexpected-request", "not-subscribed", "no such subscription")
-        return name, node, str(jid)
+        jid = jid_attr(action) if action.get("jid") else None
+        return name, node, engine.check_options_request(node, who, jid)
 
     async def _get_options(self, stanza: Stanza, host: Host, who: JID,
                            actions: list[Stanza]) -> Stanza:
@@ -441,8 +421,7 @@ class PubsubProtocol:
         retract = actions[0]
         name = engine.node_attr(retract)
         node = await self.node(host, name)
-        if node.affiliation(who) not in ("owner", "publisher"):
-            raise PubsubError("forbidden", text="only owners and publishers retract")
+        engine.check_retracter(node, who)
         ids = [engine.checked_item_id(i.get("id") or "")
                for i in retract.findall(ns.q(PUBSUB, "item"))]
         if not ids or not all(ids):
@@ -547,8 +526,7 @@ class PubsubProtocol:
             return
         await self._set_subscription(host, name, node, str(jid),
                                      None if state == "none" else state)
-        event = engine.subscription_event(name, str(jid), state)
-        await self.send(engine.event_message(host.jid, event), [str(jid)])
+        await self.deliver([engine.subscription_changed(host.jid, name, str(jid), state)])
         if state == "subscribed":
             await self.send_last(host, name, node, jid, on_sub=True)
 
@@ -570,22 +548,9 @@ class PubsubProtocol:
         if not self.manages_affiliations:
             raise engine.unsupported("modify-affiliations")
         name, node = await self._owned(host, actions[0], who)
-        changed = dict(node.affiliations)
-        for entry in actions[0].findall(ns.q(OWNER, "affiliation")):
-            jid = str(jid_attr(entry).bare)
-            affiliation = entry.get("affiliation", "")
-            if affiliation not in AFFILIATIONS:
-                raise PubsubError("bad-request", text=f"unknown affiliation {affiliation!r}")
-            if affiliation == "none":
-                changed.pop(jid, None)
-            else:
-                changed[jid] = affiliation
-        if "owner" not in changed.values():
-            raise PubsubError("not-acceptable", text="a node keeps at least one owner")
-        node.affiliations = changed
-        for jid in [j for j in node.subscriptions if changed.get(str(_bare(j))) == "outcast"]:
-            del node.subscriptions[jid]
-            node.options.pop(jid, None)
+        engine.change_affiliations(node, [(jid_attr(entry), entry.get("affiliation", ""))
+                                          for entry in actions[0].findall(
+                                              ns.q(OWNER, "affiliation"))])
         await self.save_affiliations(host, name, node)
         return st.result(stanza)
 
@@ -616,43 +581,33 @@ class PubsubProtocol:
         say deliver = false (§6.3)."""
         when = node.config["send_last_published_item"]
         if when == "never" or (when == "on_sub" and not on_sub) or not node.delivers(str(jid)):
-            return
-        if not engine.may_access(node.config, **await self.facts(host, node, jid)):
-            return
+            return  # before any storage read
         last = await self.store.items(host.user, host.domain, name, max_items=1)
-        if not last:
-            return
-        item = last[0]
-        shown = engine.parse_stored(item.payload) if node.config["deliver_payloads"] else None
-        event = engine.items_event(name, [engine.item_element(
-            EVENT, item.id, shown, self.shown_publisher(host, node, item.publisher))])
-        await self.send(engine.event_message(host.jid, event, node.config["notification_type"]),
-                        [str(jid)])
+        item = (last[0].id, last[0].publisher, last[0].payload) if last else None
+        found = engine.last_item(host.jid, name, node, jid, await self.facts(host, node, jid),
+                                 item, self.shown_publisher(host, node, item[1]) if item else None,
+                                 on_sub=on_sub)
+        if found is not None:
+            await self.deliver([found])
 
     async def notify(self, host: Host, name: str, node: Node, event: Stanza) -> None:
         """An event to everyone the front says is notified."""
-        message = engine.event_message(host.jid, event, node.config["notification_type"])
-        await self.send(message, await self.targets(host, name, node))
+        await self.deliver([engine.notification(host.jid, node, event,
+                                                await self.targets(host, name, node))])
 
-    async def send(self, message: Stanza, targets: Iterable[str]) -> None:
-        """A message (without 'to') to each target, serialised once for them all. Routed, not
-        written to a session directly: the recipient's filters (blocking, XEP-0191; CSI) apply
-        as to any message, and remote contacts get it by federation."""
-        recipients = list(targets)
-        if not recipients:
-            return
-        message.set("id", f"{self._prefix}{next(self._ids)}")
+    async def deliver(self, notifications: Iterable[engine.Notification]) -> None:
+        """Each message (without 'to') to its recipients, serialised once for them all.
+        Routed, not written to a session directly: the recipient's filters (blocking,
+        XEP-0191; CSI) apply as to any message, and remote contacts get it by federation."""
         router = self.server.router
-        for one in addressed_copies(message, recipients):
-            pending = router.route(one, None)
-            if pending is not None:
-                await pending
-
-
-def subscriber_targets(node: Node) -> list[str]:
-    """The explicit subscribers that get notifications (§7.1.2.1; §6.3 deliver)."""
-    return [jid for jid, state in node.subscriptions.items()
-            if state == "subscribed" and node.delivers(jid)]
+        for one in notifications:
+            if not one.to:
+                continue
+            one.message.set("id", f"{self._prefix}{next(self._ids)}")
+            for addressed in addressed_copies(one.message, one.to):
+                pending = router.route(addressed, None)
+                if pending is not None:
+                    await pending
 
 
 def _bare(jid: str) -> JID:

@@ -37,7 +37,7 @@ from server.jid import JID
 from server.module import Stanza
 from server.modules.pubsub import engine
 from server.modules.pubsub.engine import OWNER, PUBSUB, Node, PubsubError
-from server.modules.pubsub.protocol import Host, PubsubProtocol, requester, subscriber_targets
+from server.modules.pubsub.protocol import Host, PubsubProtocol, requester
 from server.services import ServiceModule
 from server.sessions import Session
 from server.storage.pubsub import SERVICE_SPEC, PubsubStore
@@ -155,7 +155,7 @@ class PubsubService(PubsubProtocol, ServiceModule):
         return {**node.facts(who), "subscriber": False, "in_roster": False}
 
     async def targets(self, host: Host, name: str, node: Node) -> list[str]:
-        return subscriber_targets(node)
+        return engine.subscribers(node)
 
     def node_defaults(self) -> dict[str, Any]:
         return engine.node_config(SERVICE_DEFAULTS)
@@ -178,14 +178,8 @@ class PubsubService(PubsubProtocol, ServiceModule):
         """An existing node (no auto-create), and pubsub#publish_model: publishers (owners and
         publishers), subscribers (those too) or open (anyone but outcasts), §7.1.3.1."""
         node = await self.node(host, name)
-        affiliation = node.affiliation(who)
-        if affiliation in ("owner", "publisher"):
-            return node, False
-        model = node.config.get("publish_model", "publishers")
-        if affiliation != "outcast" and (
-                model == "open" or (model == "subscribers" and node.approved(who))):
-            return node, False
-        raise PubsubError("forbidden", text="you may not publish to this node")
+        engine.check_publisher(node, who)
+        return node, False
 
     async def create(self, stanza: Stanza, host: Host, who: JID,
                      actions: list[Stanza]) -> Stanza:
