@@ -95,7 +95,12 @@ _NODES = """CREATE TABLE pep_nodes (
             ON DELETE CASCADE
     )"""
 
-_ITEMS = """CREATE TABLE pep_items (
+
+
+def _items(table: str, nodes: str, seq: str) -> str:
+    """The items table of a pubsub store (both stores have the same shape), in publish order
+    (seq), each item in a node of `nodes`."""
+    return f"""CREATE TABLE {table} (
         domain TEXT NOT NULL,
         localpart TEXT NOT NULL,
         node TEXT NOT NULL,
@@ -104,11 +109,14 @@ _ITEMS = """CREATE TABLE pep_items (
         publisher TEXT NOT NULL,
         payload TEXT NOT NULL,
         PRIMARY KEY (domain, localpart, node, item_id),
-        FOREIGN KEY (domain, localpart, node) REFERENCES pep_nodes (domain, localpart, node)
+        FOREIGN KEY (domain, localpart, node) REFERENCES {nodes} (domain, localpart, node)
             ON DELETE CASCADE
     )"""
 
-_ORDER = "CREATE INDEX pep_items_order ON pep_items (domain, localpart, node, seq)"
+
+def _order(table: str) -> str:
+    return f"CREATE INDEX {table}_order ON {table} (domain, localpart, node, seq)"
+
 
 # Explicit subscriptions (XEP-0060 §6.1 on PEP nodes, XEP-0163 §4): sub_domain/sub_localpart
 # name the subscriber's account when it is one of ours (NULL otherwise: a foreign key with a
@@ -134,11 +142,12 @@ _SUBSCRIBER = ("CREATE INDEX pep_subscriptions_subscriber "
 _OPTIONS = "ALTER TABLE pep_subscriptions ADD COLUMN options TEXT"
 
 MIGRATIONS = {
-    "sqlite": [[_NODES + " WITHOUT ROWID", _ITEMS.format(seq="INTEGER") + " WITHOUT ROWID",
-                _ORDER],
+    "sqlite": [[_NODES + " WITHOUT ROWID",
+                _items("pep_items", "pep_nodes", "INTEGER") + " WITHOUT ROWID",
+                _order("pep_items")],
                [_SUBSCRIPTIONS + " WITHOUT ROWID", _SUBSCRIBER],
                [_OPTIONS]],
-    "postgresql": [[_NODES, _ITEMS.format(seq="BIGINT"), _ORDER],
+    "postgresql": [[_NODES, _items("pep_items", "pep_nodes", "BIGINT"), _order("pep_items")],
                    [_SUBSCRIPTIONS, _SUBSCRIBER],
                    [_OPTIONS]],
 }
@@ -297,25 +306,12 @@ _SERVICE_NODES = """CREATE TABLE pubsub_nodes (
         PRIMARY KEY (domain, localpart, node)
     )"""
 
-_SERVICE_ITEMS = """CREATE TABLE pubsub_items (
-        domain TEXT NOT NULL,
-        localpart TEXT NOT NULL,
-        node TEXT NOT NULL,
-        item_id TEXT NOT NULL,
-        seq {seq} NOT NULL,
-        publisher TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        PRIMARY KEY (domain, localpart, node, item_id),
-        FOREIGN KEY (domain, localpart, node) REFERENCES pubsub_nodes (domain, localpart, node)
-            ON DELETE CASCADE
-    )"""
-
-_SERVICE_ORDER = "CREATE INDEX pubsub_items_order ON pubsub_items (domain, localpart, node, seq)"
-
 SERVICE_MIGRATIONS = {
     "sqlite": [[_SERVICE_NODES + " WITHOUT ROWID",
-                _SERVICE_ITEMS.format(seq="INTEGER") + " WITHOUT ROWID", _SERVICE_ORDER]],
-    "postgresql": [[_SERVICE_NODES, _SERVICE_ITEMS.format(seq="BIGINT"), _SERVICE_ORDER]],
+                _items("pubsub_items", "pubsub_nodes", "INTEGER") + " WITHOUT ROWID",
+                _order("pubsub_items")]],
+    "postgresql": [[_SERVICE_NODES, _items("pubsub_items", "pubsub_nodes", "BIGINT"),
+                    _order("pubsub_items")]],
 }
 
 
