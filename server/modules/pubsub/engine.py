@@ -1,7 +1,10 @@
 """The publish-subscribe engine (XEP-0060), pure: node configuration (defaults, XEP-0004 forms,
-publish-options preconditions, §7.1.5), access models, the elements of requests, replies and
-event notifications. No I/O: the PEP
-module (pep.py) keeps nodes in a store and moves stanzas.
+publish-options preconditions, §7.1.5), access models (§4.5), the node model (`Node`: its
+configuration, affiliations, subscriptions and their options), the operations on a node
+(subscription states, affiliation changes, publish models, the last item) that return the
+`Notification`s to send, and the elements of requests, replies and event notifications. No
+I/O: the one iq front (protocol.py) reads requests, stores, and delivers the notifications;
+PEP (pep.py) and the service (service.py) add their policy.
 """
 
 from __future__ import annotations
