@@ -32,6 +32,7 @@ from server.module import Module, Stanza, hook, nonza, pre_bind, stream_feature
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.app import Server
@@ -339,10 +340,10 @@ def _failed(condition: str) -> Stanza:
 
 
 def _h(el: Stanza) -> int | None:
-    text = el.get("h", "")
-    if not text.isascii() or not text.isdigit() or int(text) >= _MOD:
+    try:  # XEP-0198 §4: an unsignedInt (mod 2^32)
+        return parse_int(el.get("h"), maximum=_MOD - 1, name="h")
+    except NumberError:
         return None
-    return int(text)
 
 
 def _to_bare(stanza: Stanza) -> bool:

@@ -23,6 +23,7 @@ from server.config import StorageConfig
 from server.storage import StorageError
 from server.storage import migrate as migrations
 from server.storage.db import Database, ForeignKeyViolation, Row, UniqueViolation
+from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.storage import StoreSpec
@@ -51,8 +52,10 @@ def _integrity(exc: asyncpg.PostgresError) -> Exception:
 
 def _status_count(status: str) -> int:
     """Rows changed, from a command tag: "INSERT 0 1", "UPDATE 3", "DELETE 0"."""
-    last = status.rsplit(" ", 1)[-1]
-    return int(last) if last.isdigit() else 0
+    try:
+        return parse_int(status.rsplit(" ", 1)[-1], maximum=2**63 - 1, name="row count")
+    except NumberError:
+        return 0
 
 
 def describe_dsn(dsn: str) -> str:
