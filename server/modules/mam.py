@@ -24,7 +24,7 @@ to one's own account deletes one's archive (or the conversation with one JID).
     [mam]
     default = "always"     # archiving for accounts without preferences: always|roster|never
     expire_after = "1y"    # retention ("1y", "30d", "12h"); absent: kept forever
-    max_page = 250         # the largest <max/> a query may ask for
+    max_page = 250         # the largest <max/> a query may ask for, of a user's or a room's archive
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from server.errors import StanzaError
 from server.hooks import stanza_kinds
 from server.jid import JID, InvalidJID
 from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.modules.archive_query import DEFAULT_MAX_PAGE, parse_query, stamp
 from server.modules.archive_query import fin as _fin
 from server.modules.archive_query import form as _form
-from server.modules.archive_query import parse_query, stamp
 from server.modules.archive_query import parse_stamp as parse_stamp  # for its callers
 from server.modules.archive_query import result_message as _result_message
 from server.sessions import Session
@@ -127,7 +127,8 @@ class MamSettings:
     # Seconds messages are kept; None: forever.
     expire_after: int | None = field(metadata=option(
         'a duration: a number and y, w, d, h, m or s, such as "1y" or "30d"', _duration))
-    max_page: int = field(metadata=int_option(1, 10000, 250))
+    # The largest page of any archive query: a user's and a room's (archive_query.max_page).
+    max_page: int = field(metadata=int_option(1, 10000, DEFAULT_MAX_PAGE))
 
 
 _UNARCHIVED_TYPES = ("error", "groupchat", "headline")
