@@ -676,7 +676,7 @@ async def test_upload_hostile_numbers_content_type_and_cut_off_puts(
         put, get = slot_urls(await request_slot(client, "cut.txt", 1000, "text/plain"))
         host, port = running.address("http")
         path = put.split(f"{port}", 1)[1]
-        reader, writer = await asyncio.open_connection(host, port)
+        _reader, writer = await asyncio.open_connection(host, port)
         writer.write(f"PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\n"
                      "Content-Length: 1000\r\n\r\n".encode() + b"c" * 500)
         await writer.drain()
