@@ -59,6 +59,7 @@ from server.storage.archive import (
     UnknownArchiveId,
 )
 from server.storage.base import NoSuchAccount
+from server.storage.db import log_failure
 from server.xml import ns
 from server.xml import stanza as st
 from server.xml.stanza import child, element, result
@@ -184,7 +185,7 @@ class _Writer:
                 except Exception:
                     # Delivered all the same (without stanza-id): losing a message to an
                     # archive failure would be worse than an archive gap.
-                    log.exception("event=archive-write-failed count=%d", len(entries))
+                    log_failure(log, "event=archive-write-failed count=%d", len(entries))
                     ids = [None] * len(entries)
                 at = 0
                 for count, on_ids, future in waiters:
@@ -410,7 +411,7 @@ class Mam(Module):
         try:
             self._ids.extend(await self.store.reserve_ids(_ID_BLOCK))
         except Exception:
-            log.exception("event=archive-reserve-failed")
+            log_failure(log, "event=archive-reserve-failed")
             await asyncio.sleep(1)  # storage down: do not spin
         finally:
             self._refill = None
@@ -650,7 +651,7 @@ class Mam(Module):
             try:
                 await self.expire()
             except Exception:
-                log.exception("event=archive-expiry-failed")
+                log_failure(log, "event=archive-expiry-failed")
             await asyncio.sleep(interval)
 
 

@@ -30,6 +30,7 @@ from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Module, Stanza, hook, nonza, pre_bind, stream_feature
 from server.sessions import Session
+from server.storage.db import log_failure
 from server.xml import ns
 from server.xml import stanza as st
 from server.xml.numbers import NumberError, parse_int
@@ -317,7 +318,7 @@ class StreamManagement(Module):
                 try:
                     await pending
                 except Exception:
-                    log.exception("event=sm-rescue-failed jid=%s", session.jid_str)
+                    log_failure(log, "event=sm-rescue-failed jid=%s", session.jid_str)
         log.info("event=sm-unacked-rescued jid=%s count=%d", session.jid_str, rescued)
 
     @hook("server-stopping")

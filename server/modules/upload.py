@@ -56,6 +56,7 @@ from server.services import ServiceHost, ServiceModule
 from server.sessions import Session
 from server.storage import upload as upload_store
 from server.storage.base import NoSuchAccount
+from server.storage.db import log_failure
 from server.storage.upload import Upload
 from server.xml import stanza as st
 from server.xml.numbers import NumberError, parse_int
@@ -323,7 +324,7 @@ class HTTPUpload(ServiceModule):
             try:
                 await self.sweep()
             except Exception:
-                log.exception("event=upload-sweep-failed")
+                log_failure(log, "event=upload-sweep-failed")
             await asyncio.sleep(min(_SWEEP_EVERY, self.config.expire_after / 4))
 
     async def sweep(self) -> int:
