@@ -21,8 +21,8 @@ from lxml import etree
 
 from server.stream import sasl2
 from server.xml import ns
-from tests.conftest import PASSWORD, RunningServer, stop_server
-from tests.rawclient import STREAMS, condition, header, insecure_context
+from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
+from tests.rawclient import STREAMS, RawClient, condition, header, insecure_context
 from tests.test_http import (
     FRAMING,
     HTTPBIND,
@@ -94,6 +94,23 @@ async def test_bad_stream_version_is_unsupported_version(web: RunningServer, dir
         assert features is not None and client.stream_attrs.get("version") == "1.0"
         await client.close()
     await still_served(web)
+
+
+async def test_bad_s2s_stream_version(tmp_path: Path, log: pytest.LogCaptureFixture) -> None:
+    """The same on an inbound s2s stream (federation/negotiation.py uses the same check)."""
+    running = await start_server(tmp_path, s2s="127.0.0.1:0")
+    try:
+        host, port = running.address("s2s")
+        for version in ("².0", "9" * 5000 + ".0"):
+            client = await RawClient.connect(host, port)
+            await client.send(header("a.test", version=version, xmlns="jabber:server",
+                                     extra=" from='remote.example'"))
+            assert await client.stream_error() == "unsupported-version"
+            await client.wait_closed()
+        await running.add_user("bob@a.test")
+        await still_served(running)
+    finally:
+        await stop_server(running)
 
 
 async def test_bad_websocket_open_version(web: RunningServer, log: pytest.LogCaptureFixture) -> None:
@@ -274,3 +291,31 @@ async def test_bosh_chunked_bodies(web: RunningServer, log: pytest.LogCaptureFix
     refused = http_body(await raw_http(web, parts, pause=0))
     assert (refused.get("type"), refused.get("condition")) == ("terminate", "policy-violation")
     await still_served(web)
+
+
+# -- one page limit for every archive (XEP-0313 with XEP-0059) -------------------------------
+
+async def test_one_archive_page_limit(tmp_path: Path, log: pytest.LogCaptureFixture) -> None:
+    """[mam] max_page (default 250) is the page limit of a user's archive and, through
+    archive_query.max_page, of a room's."""
+    from server.config import load_config
+    from server.modules import archive_query
+    from tests.conftest import write_config
+    assert archive_query.max_page(load_config(write_config(tmp_path / "d"))) == 250
+    assert archive_query.max_page(load_config(
+        write_config(tmp_path / "c", "[mam]\nmax_page = 300\n"))) == 300
+    running = await start_server(tmp_path / "s")
+    try:
+        await running.add_user("alice@a.test")
+        client = await running.raw()
+        await client.login("a.test", "alice", PASSWORD)
+        for asked, expected in (("250", "result"), ("251", "policy-violation")):
+            reply = await client.ask(
+                f"<iq type='set' id='q{asked}'><query xmlns='urn:xmpp:mam:2'>"
+                f"<set xmlns='http://jabber.org/protocol/rsm'><max>{asked}</max></set>"
+                f"</query></iq>", skip_others=True)
+            got = "result" if reply.get("type") == "result" else condition(reply)
+            assert got == expected, asked
+        await client.close()
+    finally:
+        await stop_server(running)
