@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +21,7 @@ from lxml import etree
 
 from server.stream import sasl2
 from server.xml import ns
+from tests import test_http
 from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
 from tests.rawclient import STREAMS, RawClient, condition, header, insecure_context
 from tests.test_http import (
@@ -30,7 +31,6 @@ from tests.test_http import (
     XBOSH,
     BoshClient,
     WSClient,
-    start_web,
     url,
 )
 
@@ -38,16 +38,13 @@ HOSTILE = ["²", "9" * 5000, "-1", "", "١٢"]
 VERSIONS = ["².0", "1.²", "9" * 5000 + ".0", "١.0", "", "x.0", "-1.0", "1.-0", "2.0", "0.9"]
 
 
+web_server = test_http.web_server  # the fixture, for pytest to find here
+
+
 @pytest.fixture
-async def web(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
-    running = await start_web(tmp_path)
-    await running.add_user("alice@a.test")
-    await running.add_user("bob@a.test")
-    try:
-        yield running
-    finally:
-        await stop_server(running)
+def web(web_server: RunningServer) -> RunningServer:
+    """test_http's server: HTTPS (WebSocket, BOSH), c2s, alice and bob."""
+    return web_server
 
 
 @pytest.fixture

@@ -79,13 +79,9 @@ class SQLiteDatabase(Database):
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         try:
-            rows = list(await self._db.execute_fetchall(sql, args))
-        except sqlite3.IntegrityError as exc:  # INSERT ... RETURNING
-            raise _integrity(exc) from None
-        except sqlite3.Error as exc:
-            if _unavailable(exc):
-                raise self.outage.failed(str(exc), write=False) from None
-            raise
+            rows: list[Row] = list(await self._db.execute_fetchall(sql, args))
+        except sqlite3.Error as exc:  # an IntegrityError too: INSERT ... RETURNING
+            raise self._error(exc, write=False) from None
         if self.outage.down:
             self.outage.succeeded(write=False)
         return rows
@@ -97,15 +93,20 @@ class SQLiteDatabase(Database):
             else:
                 async with self.write_lock:
                     count = await self._execute(sql, args)
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from None
         except sqlite3.Error as exc:
-            if _unavailable(exc):
-                raise self.outage.failed(str(exc), write=True) from None
-            raise
+            raise self._error(exc, write=True) from None
         if self.outage.down and not self._in_transaction:
             self.outage.succeeded(write=True)
         return count
+
+    def _error(self, exc: sqlite3.Error, *, write: bool) -> Exception:
+        """What to raise for a statement's error: UniqueViolation / ForeignKeyViolation,
+        StorageUnavailable (counted by the Outage), or the error itself (a bug)."""
+        if isinstance(exc, sqlite3.IntegrityError):
+            return _integrity(exc)
+        if _unavailable(exc):
+            return self.outage.failed(str(exc), write=write)
+        return exc
 
     async def _execute(self, sql: str, args: Sequence[Any]) -> int:
         async with self._db.execute(sql, args) as cursor:
@@ -118,12 +119,8 @@ class SQLiteDatabase(Database):
             else:
                 async with self.write_lock:
                     await self._db.executemany(sql, rows)
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from None
         except sqlite3.Error as exc:
-            if _unavailable(exc):
-                raise self.outage.failed(str(exc), write=True) from None
-            raise
+            raise self._error(exc, write=True) from None
         if self.outage.down and not self._in_transaction:
             self.outage.succeeded(write=True)
 
@@ -137,9 +134,7 @@ class SQLiteDatabase(Database):
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                if _unavailable(exc):
-                    raise self.outage.failed(str(exc), write=True) from None
-                raise
+                raise self._error(exc, write=True) from None
             try:
                 yield SQLiteDatabase(self._db, self.path, self.write_lock, in_transaction=True,
                                      outage=self.outage)
@@ -148,14 +143,9 @@ class SQLiteDatabase(Database):
                 raise
             try:
                 await self._db.execute("COMMIT")
-            except sqlite3.IntegrityError as exc:
-                await self._rollback()
-                raise _integrity(exc) from None
             except sqlite3.Error as exc:
                 await self._rollback()
-                if _unavailable(exc):
-                    raise self.outage.failed(str(exc), write=True) from None
-                raise
+                raise self._error(exc, write=True) from None
         if self.outage.down:
             self.outage.succeeded(write=True)
 
