@@ -105,21 +105,29 @@ async def storage_down_then_back(running: RunningServer, caplog: pytest.LogCaptu
 
 # -- SQLite on a file system that fills up -----------------------------------------------------
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path/data on a 16 MiB tmpfs (root only: `mount -t tmpfs -o size=`)."""
-    data = tmp_path / "data"
-    data.mkdir()
+@contextlib.contextmanager
+def mounted_tmpfs(directory: Path) -> Iterator[Path]:
+    """`directory` on a 16 MiB tmpfs (root only: `mount -t tmpfs -o size=`), unmounted after."""
+    directory.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a size-limited tmpfs needs root")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
-                           str(data)], capture_output=True, text=True)
+                           str(directory)], capture_output=True, text=True)
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:
-        yield data
+        yield directory
     finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
+        for leftover in directory.glob("filler"):
+            leftover.unlink()
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/data (the server's data_dir) on a 16 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "data") as data:
+        yield data
 
 
 def fill(directory: Path) -> Path:
@@ -152,6 +160,42 @@ async def test_sqlite_disk_full(tmp_path: Path, small_fs: Path,
         with contextlib.suppress(FileNotFoundError):
             (small_fs / "filler").unlink()
         await stop_server(running)
+
+
+async def test_upload_on_a_full_disk(tmp_path: Path, small_fs: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """XEP-0363 over a full file system: the files' own (a PUT is 507 and the slot stays
+    usable), then the database's (a slot request is an iq error of type 'wait', a PUT is 503);
+    no traceback, and it all works again once there is room."""
+    from tests.test_http import fetch, put_file, request_slot, slot_urls, start_upload
+    caplog.set_level(logging.INFO)
+    with mounted_tmpfs(tmp_path / "files") as files:
+        running = await start_upload(tmp_path, f'path = "{files}"\nmax_file_size = 1000000\n')
+        try:
+            client = await running.raw_login("alice@a.test")
+            put, get = slot_urls(await request_slot(client, "a.txt", 100000))
+            fill(files)
+            assert (await put_file(put, b"a" * 100000))[0] == 507
+            (files / "filler").unlink()
+            assert (await put_file(put, b"a" * 100000))[0] == 201
+            assert (await fetch(get))[2] == b"a" * 100000
+            put, get = slot_urls(await request_slot(client, "b.txt", 10))
+            fill(small_fs)  # now the database's file system
+            reply = await request_slot(client, "c.txt", 10)
+            assert error_of(reply) == ("wait", "internal-server-error")
+            status, headers, _body = await put_file(put, b"b" * 10)
+            assert status == 503 and headers.get("Retry-After")
+            (small_fs / "filler").unlink()
+            assert (await put_file(put, b"b" * 10))[0] == 201
+            assert (await fetch(get))[2] == b"b" * 10
+            assert slot_urls(await request_slot(client, "d.txt", 10))
+            await client.close()
+        finally:
+            await stop_server(running)
+    assert any("event=upload-write-failed" in line for line in
+               [r.getMessage() for r in caplog.records])
+    assert len(outage_lines(caplog, "storage-unavailable")) == 1
+    no_tracebacks(caplog)
 
 
 # -- PostgreSQL stopped and started under the server ---------------------------------------------

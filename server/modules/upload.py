@@ -56,7 +56,7 @@ from server.services import ServiceHost, ServiceModule
 from server.sessions import Session
 from server.storage import upload as upload_store
 from server.storage.base import NoSuchAccount
-from server.storage.db import log_failure
+from server.storage.db import StorageUnavailable, log_failure
 from server.storage.upload import Upload
 from server.xml import stanza as st
 from server.xml.numbers import NumberError, parse_int
@@ -218,11 +218,15 @@ class HTTPUpload(ServiceModule):
         upload_id, sep, name = request.path[len(PREFIX):].partition("/")
         if not sep or not upload_id or "/" in name:
             return _text(404, "not found")
-        upload = await self._store.get(upload_id)
-        if upload is None or upload.filename != name:
-            return _text(404, "not found")
-        if request.method == "PUT":
-            return await self._put(request, upload)
+        try:
+            upload = await self._store.get(upload_id)
+            if upload is None or upload.filename != name:
+                return _text(404, "not found")
+            if request.method == "PUT":
+                return await self._put(request, upload)
+        except StorageUnavailable:  # logged once by the storage's Outage; the client may retry
+            return _text(503, "storage is unavailable; try again later", {"Retry-After": "30"},
+                         close=request.method == "PUT")
         if request.method in ("GET", "HEAD"):
             return self._get(upload)
         return _text(405, "method not allowed", {"Allow": "GET, HEAD, PUT, OPTIONS"})
@@ -311,8 +315,9 @@ class HTTPUpload(ServiceModule):
                 with contextlib.suppress(OSError):
                     partial.unlink()
                 # The slot stays usable until a PUT succeeds or it expires (the sweep then
-                # frees its quota).
-                await storage.release(upload.id)
+                # frees its quota). With the database down it stays claimed until it expires.
+                with contextlib.suppress(StorageUnavailable):
+                    await storage.release(upload.id)
         log.info("event=uploaded user=%s@%s id=%s size=%d", upload.user, upload.domain,
                  upload.id, received)
         return _text(201, "created")
