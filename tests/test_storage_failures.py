@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
 from tests.rawclient import CLIENT, STANZAS, RawClient
 
 PRIVATE = "jabber:iq:private"
@@ -57,8 +57,9 @@ async def ping(client: RawClient, ident: str) -> None:
 
 
 async def storage_down_then_back(running: RunningServer, caplog: pytest.LogCaptureFixture,
-                                 down: object, up: object) -> None:
-    """The checks common to both backends; `down()` and `up()` break and restore storage."""
+                                 down: object, up: object, *, reads_fail: bool) -> None:
+    """The checks common to both backends; `down()` and `up()` break and restore storage
+    (`reads_fail`: reads fail too, as with PostgreSQL stopped, unlike a full disk)."""
     alice = await running.raw_login("alice@a.test", "desk")
     carol = await running.raw_login("carol@a.test", "phone")
     await alice.send("<enable xmlns='urn:xmpp:sm:3'/>")
@@ -78,6 +79,11 @@ async def storage_down_then_back(running: RunningServer, caplog: pytest.LogCaptu
     ack = await alice.expect("{urn:xmpp:sm:3}a")
     assert int(ack.get("h", "-1")) >= 7  # handled: answered with the bounce
     await ping(carol, "carol-alive")  # others are served meanwhile
+    if reads_fail:  # a login cannot look its credentials up: RFC 6120 §6.5.12, try later
+        dave = await running.raw()
+        with pytest.raises(AssertionError, match="temporary-auth-failure"):
+            await dave.authenticate("a.test", "bob", PASSWORD)
+        await dave.close()
     assert len(outage_lines(caplog, "storage-unavailable")) == 1
     no_tracebacks(caplog)
 
@@ -155,7 +161,7 @@ async def test_sqlite_disk_full(tmp_path: Path, small_fs: Path,
 
         async def up() -> None:
             filler.unlink()
-        await storage_down_then_back(running, caplog, down, up)
+        await storage_down_then_back(running, caplog, down, up, reads_fail=False)
     finally:
         with contextlib.suppress(FileNotFoundError):
             (small_fs / "filler").unlink()
@@ -230,7 +236,7 @@ async def test_postgresql_restarted(tmp_path: Path, caplog: pytest.LogCaptureFix
                 await asyncio.to_thread(cluster.resume)
                 paused = False
             try:
-                await storage_down_then_back(running, caplog, down, up)
+                await storage_down_then_back(running, caplog, down, up, reads_fail=True)
             finally:
                 if paused:
                     await up()
