@@ -349,10 +349,12 @@ class Bosh:
                 raise _Terminate("item-not-found")
             try:
                 return _xml(await session.request(rid, body))
-            except _Terminate:
-                # XEP-0124 §14.2: a rid out of the window ends the session.
-                log.info("event=bosh-bad-rid sid=%s rid=%d", sid[:8], rid)
-                session.abort("bad-rid")
+            except _Terminate as exc:
+                # XEP-0124 §14.2: a rid out of the window ends the session; so does a
+                # malformed attribute (§17.2 bad-request).
+                log.info("event=bosh-terminated sid=%s rid=%d condition=%s", sid[:8], rid,
+                         exc.condition)
+                session.abort(exc.condition)
                 session.finish()
                 raise
         except _Terminate as exc:
