@@ -576,7 +576,7 @@ async def test_file_too_large_and_quota(tmp_path: Path) -> None:
 
 
 async def test_put_checks_size_while_streaming_and_refuses_bad_urls(tmp_path: Path) -> None:
-    running = await start_upload(tmp_path, "max_file_size = 100000\nslot_lifetime = 2\n")
+    running = await start_upload(tmp_path, "max_file_size = 100000\nslot_lifetime = 5\n")
     try:
         store = running.server.storage.uploads
         files = running.data_dir / "upload"
@@ -599,6 +599,14 @@ async def test_put_checks_size_while_streaming_and_refuses_bad_urls(tmp_path: Pa
         assert status in (413, None)
         # The server hung up long before the end (socket buffers on loopback take a few MB).
         assert sent < 300 * 65536, sent
+        # The client may see the hang-up before the server has cleaned up after the refusal.
+        slot_id = put.split("/upload/")[1].split("/")[0]
+        for _ in range(100):
+            slot = await store.get(slot_id)
+            if slot is not None and slot.claimed is None:
+                break
+            await asyncio.sleep(0.05)
+        assert slot is not None and slot.claimed is None  # given back
         assert not list(files.iterdir())
         assert (await fetch(get))[0] == 404
         # That attempt did not use the slot up (its quota stays taken until it is used or
@@ -619,6 +627,8 @@ async def test_put_checks_size_while_streaming_and_refuses_bad_urls(tmp_path: Pa
             assert (await put_file(altered, b"z" * 10))[0] in (403, 404), altered
         assert (await put_file(put, b"z" * 10))[0] == 201
         assert (await fetch(get))[2] == b"z" * 10
+        # Once only: the same URL again (a stolen one) is refused.
+        assert (await put_file(put, b"w" * 10))[0] == 409
         # The token may come as the slot's Authorization header instead.
         reply = await request_slot(client, "j.bin", 3)
         header = reply.find(f"{{{UPLOAD}}}slot/{{{UPLOAD}}}put/{{{UPLOAD}}}header")
@@ -627,10 +637,8 @@ async def test_put_checks_size_while_streaming_and_refuses_bad_urls(tmp_path: Pa
         assert (await put_file(bare_put, b"abc"))[0] == 403
         assert (await put_file(bare_put, b"abc",
                                headers={"Authorization": header.text or ""}))[0] == 201
-        # Once only: the same URL again (a stolen one) is refused.
-        assert (await put_file(put, b"w" * 10))[0] == 409
         assert (await fetch(get))[2] == b"z" * 10
-        # Expired: slot_lifetime is 2 s (the URL says until when, in whole seconds).
+        # Expired: slot_lifetime is 5 s (the URL says until when, in whole seconds).
         import time
         expires = int(other_put.split("expires=")[1].split("&")[0])
         await asyncio.sleep(max(0.0, expires - time.time()) + 1.1)
