@@ -14,6 +14,7 @@ from lxml import etree
 from federation.service import Federation, FederationContext
 from server.hooks import Hooks
 from server.jid import JID
+from server.limits import Limiter
 from server.module import Module
 from server.modules import MODULES, module_class
 from server.router import Router
@@ -48,6 +49,7 @@ class Server:
         self.placeholder_jid = JID.from_parts(None, self.default_domain)
         self.hooks = Hooks()
         self.sessions = SessionManager(config.limits.max_sessions_per_user)
+        self.limiter = Limiter(config.limits)  # per-address counts and read rates
         self.router = Router(self.hosts, self.sessions, self.hooks)
         self.modules: dict[str, Module] = {}
         self.nonza_handlers: dict[str, Callable[..., Any]] = {}
