@@ -143,12 +143,13 @@ class Server:
                 domains=frozenset(self.config.local_domains),
                 default_domain=self.default_domain, s2s=self.config.s2s, tls=self.config.tls,
                 listen=(("s2s", self.config.listen.s2s), ("s2s_tls", self.config.listen.s2s_tls)),
-                new_parser=self.new_parser))
+                new_parser=self.new_parser, limiter=self.limiter))
             await self.federation.start()
             self.components = Components(
                 loop=self.loop, router=self.router, settings=self.config.components,
                 addresses=self.config.listen.component, new_parser=self.new_parser,
-                add_service=self.add_service, parent_of=self._parent_domain)
+                add_service=self.add_service, parent_of=self._parent_domain,
+                limiter=self.limiter)
             await self.components.start()
         except BaseException:
             if self.components is not None:

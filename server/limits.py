@@ -241,10 +241,10 @@ class Limiter:
         self.trusted: tuple[Network, ...] = tuple(config.trusted)
         self.connections: dict[str, int] = {}
         self.unauthenticated: dict[str, int] = {}
-        backoff = {"free": config.auth_failures_free, "delay": config.auth_delay,
-                   "max_delay": config.auth_max_delay, "forget": config.auth_forget}
-        self.auth_by_address = AuthBackoff(**backoff)
-        self.auth_by_account = AuthBackoff(**backoff)
+        self.auth_by_address, self.auth_by_account = (
+            AuthBackoff(free=config.auth_failures_free, delay=config.auth_delay,
+                        max_delay=config.auth_max_delay, forget=config.auth_forget)
+            for _ in range(2))
         # for /metrics
         self.refused: Counter[str] = Counter()      # connections, by reason
         self.read_pauses: Counter[str] = Counter()  # streams paused by their byte rate, by kind
@@ -303,6 +303,12 @@ class Limiter:
         if bytes_ is None and stanzas is None:
             return None
         return ReadShaper(bytes_, stanzas, self)
+
+    def stream_shaper(self, kind: str, peername: object, now: float) -> ReadShaper | None:
+        """The read shaper of a stream whose transport gave this peername (s2s, components)."""
+        if not isinstance(peername, tuple) or not peername:
+            return None
+        return self.shaper(kind, self.key(str(peername[0])), now)
 
     def paused(self, kind: str, reason: int) -> None:
         """A stream of ``kind`` paused its reading (PAUSE_*): for /metrics."""

@@ -503,3 +503,40 @@ async def test_websocket_connections_count_per_address(tmp_path: Path) -> None:
             await second.close()
     finally:
         await stop_server(running)
+
+
+async def test_component_stream_read_rate(tmp_path: Path) -> None:
+    import hashlib
+
+    from tests.rawclient import header
+    from tests.test_service_hosts import COMPONENT_NS, SECRET, component_server
+    limits = "[limits]\ntrusted = []\ncomponent_read_rate = 4000\ncomponent_read_burst = 4000\n"
+    async with component_server(tmp_path, limits) as (running, port):
+        await running.add_user(f"bob@{DOMAIN}")
+        bob = await _login(running, "127.0.0.8", "bob")
+        await bob.send("<presence/>")  # available: a message to the bare JID reaches it
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=("127.0.0.16", 0))
+        component = RawClient(reader, writer)
+        try:
+            await component.send(header("bridge.a.test", version=None, xmlns=COMPONENT_NS))
+            while not component.stream_attrs:
+                await component._read_more(5.0)
+            digest = hashlib.sha1((component.stream_attrs["id"] + SECRET).encode()).hexdigest()
+            await component.send(f"<handshake>{digest}</handshake>")
+            await component.next()
+            count = 100  # ~220 bytes each: ~22 kB, 4.5 s past the burst at 4000 bytes/s
+            started = time.monotonic()
+            await component.send("".join(
+                f"<message xmlns='{COMPONENT_NS}' from='x@bridge.a.test' to='bob@{DOMAIN}' "
+                f"id='c{i}'><body>{'w' * 120}</body></message>" for i in range(count)))
+            for i in range(count):
+                message = await bob.next_of("message", timeout=30)
+                assert message.get("id") == f"c{i}"
+            took = time.monotonic() - started
+            assert 3.5 <= took < 12.0, took
+            assert _metrics(running)["presenced_limit_read_pauses_total[('kind', "
+                                     "'component')]"] >= 3
+        finally:
+            await component.close()
+            await bob.close()
