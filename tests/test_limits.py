@@ -540,3 +540,76 @@ async def test_component_stream_read_rate(tmp_path: Path) -> None:
         finally:
             await component.close()
             await bob.close()
+
+
+async def _web_flood(tmp_path: Path, send: Any) -> float:
+    """alice, logged in by ``send(running, count, body)`` over WebSocket or BOSH, sends bob
+    messages: seconds until bob had them all, in order."""
+    from tests.test_http import start_web
+    running = await start_web(tmp_path, "[limits]\ntrusted = []\nstanza_rate = 0\n"
+                              "c2s_read_rate = 2000\nc2s_read_burst = 2000\n")
+    try:
+        for user in ("alice", "bob"):
+            await running.add_user(f"{user}@{DOMAIN}")
+        bob = await _login(running, "127.0.0.8", "bob")
+        await bob.send("<presence/>")
+        try:
+            count = 40  # ~220 bytes each: ~9 kB, 3.5 s past the burst at 2000 bytes/s
+            started = time.monotonic()
+            sender = asyncio.ensure_future(send(running, count, "v" * 120))
+            for i in range(count):
+                message = await bob.next_of("message", timeout=30)
+                assert message.get("id") == f"w{i}"
+            await sender
+            return time.monotonic() - started
+        finally:
+            await bob.close()
+    finally:
+        await stop_server(running)
+
+
+def _message(i: int, body: str) -> str:
+    return (f"<message xmlns='jabber:client' to='bob@{DOMAIN}' id='w{i}' type='chat'>"
+            f"<body>{body}</body></message>")
+
+
+async def test_websocket_read_rate(tmp_path: Path) -> None:
+    from tests.test_http import WSClient, url
+    clients: list[WSClient] = []
+
+    async def send(running: RunningServer, count: int, body: str) -> None:
+        client = await WSClient.connect(url(running, "/xmpp-websocket", "wss"))
+        clients.append(client)
+        await client.login("alice")
+        for i in range(count):
+            await client.send(_message(i, body))
+
+    try:
+        took = await _web_flood(tmp_path, send)
+        assert 2.5 <= took < 12.0, took
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_bosh_read_rate(tmp_path: Path) -> None:
+    from tests.test_http import BoshClient, url
+    clients: list[BoshClient] = []
+
+    async def send(running: RunningServer, count: int, body: str) -> None:
+        client = BoshClient(url(running, "/http-bind"))
+        clients.append(client)
+        await client.login("alice")
+        for start in range(0, count, 5):
+            # a ping with them: its result answers the request at once
+            await client.post("".join(_message(i, body) for i in range(start, start + 5)) +
+                              f"<iq xmlns='jabber:client' type='get' id='p{start}' "
+                              f"to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>",
+                              timeout=20)
+
+    try:
+        took = await _web_flood(tmp_path, send)
+        assert 2.5 <= took < 12.0, took
+    finally:
+        for client in clients:
+            await client.close()

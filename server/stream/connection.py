@@ -191,7 +191,7 @@ class XMLStreamConnection(asyncio.Protocol):
             return data
         now = self.last_activity
         if not self.split_reads:
-            if not bucket.take(len(data), now):
+            if not bucket.take(len(data), now) and not self._pauses & PAUSE_BYTES:
                 self._pause(PAUSE_BYTES, bucket.wait(0), self._bytes_refilled)
             return data
         allowed = bucket.take_up_to(len(data), now)
@@ -218,6 +218,11 @@ class XMLStreamConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _bytes_refilled(self) -> None:
+        bucket = self._shaper.bytes if self._shaper is not None else None
+        if bucket is not None and not bucket.take(0, self._loop.time()):
+            # more was taken while paused (a transport that kept delivering): wait for that
+            self._loop.call_later(bucket.wait(0), self._bytes_refilled)
+            return
         self._unpause(PAUSE_BYTES)
 
     def _release(self) -> None:
