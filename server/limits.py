@@ -38,44 +38,61 @@ PAUSE_AUTH = 4     # a failed authentication's answer is being held back
 
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; starts full. Taking more than is
-    there leaves a debt that refills first (ejabberd's shaper, Prosody's throttle)."""
+    there leaves a debt that refills first (ejabberd's shaper, Prosody's throttle).
 
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+    Kept as one number, the time at which the bucket is full again (``full_at``; the generic
+    cell rate algorithm's theoretical arrival time): the level at ``now`` is
+    ``burst - (full_at - now) * rate``. Taking n tokens moves it n/rate later; no refill step,
+    so the per-stanza check is a comparison and an addition."""
+
+    __slots__ = ("burst", "full_at", "rate", "room", "step")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         if rate <= 0 or burst <= 0:
             raise ValueError("rate and burst must be > 0")
         self.rate = rate
         self.burst = burst
-        self.tokens = float(burst)
-        self.stamp = now
+        self.step = 1.0 / rate        # seconds one token takes to come back
+        self.room = burst / rate      # how far full_at may be ahead of now: an empty bucket
+        self.full_at = now
 
-    def _refill(self, now: float) -> float:
-        elapsed = now - self.stamp
-        if elapsed > 0:
-            self.stamp = now
-            tokens = self.tokens + elapsed * self.rate
-            self.tokens = tokens if tokens < self.burst else float(self.burst)
-        return self.tokens
+    def level(self, now: float) -> float:
+        """Tokens in the bucket at ``now`` (negative: a debt)."""
+        ahead = self.full_at - now
+        return self.burst - ahead * self.rate if ahead > 0 else float(self.burst)
+
+    def take_one(self, now: float) -> bool:
+        """Take one token if there is one (the stanza rate's hot path)."""
+        full_at = self.full_at
+        if full_at < now:
+            full_at = now
+        if full_at - now > self.room - self.step:
+            return False
+        self.full_at = full_at + self.step
+        return True
 
     def take(self, n: float, now: float) -> bool:
-        """Take n tokens; False when that left the bucket in debt (the caller should wait
-        ``wait(0)`` seconds before the next)."""
-        tokens = self._refill(now) - n
-        self.tokens = tokens
-        return tokens >= 0
+        """Take n tokens, even into debt; False when that left the bucket in debt (the caller
+        should wait ``wait(0, now)`` seconds before the next)."""
+        full_at = self.full_at
+        if full_at < now:
+            full_at = now
+        full_at += n * self.step
+        self.full_at = full_at
+        return full_at - now <= self.room
 
     def take_up_to(self, n: int, now: float) -> int:
         """Take as many whole tokens as there are, at most n: how many were taken."""
-        tokens = self._refill(now)
-        allowed = min(n, int(tokens)) if tokens >= 1 else 0
-        self.tokens = tokens - allowed
+        level = self.level(now)
+        allowed = min(n, int(level)) if level >= 1 else 0
+        if allowed:
+            self.full_at = max(self.full_at, now) + allowed * self.step
         return allowed
 
-    def wait(self, n: float) -> float:
-        """Seconds until the bucket holds n tokens (n at most burst), from its last use."""
-        missing = min(n, self.burst) - self.tokens
-        return missing / self.rate if missing > 0 else 0.0
+    def wait(self, n: float, now: float) -> float:
+        """Seconds from ``now`` until the bucket holds n tokens (n at most burst)."""
+        missing = min(n, self.burst) - self.level(now)
+        return missing * self.step if missing > 0 else 0.0
 
 
 class ReadShaper:
@@ -95,13 +112,13 @@ class ReadShaper:
         bucket = self.bytes
         return size if bucket is None else bucket.take_up_to(size, now)
 
-    def resume_after(self, waiting: int) -> float:
+    def resume_after(self, waiting: int, now: float) -> float:
         """Seconds until a useful part of ``waiting`` bytes may be read."""
         bucket = self.bytes
         if bucket is None:
             return 0.0
         quantum = max(1.0, min(bucket.burst, bucket.rate / _WAKEUPS))
-        return bucket.wait(min(float(waiting), quantum))
+        return bucket.wait(min(float(waiting), quantum), now)
 
 
 @dataclass(slots=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +34,25 @@ from tests.rawclient import SASL_NS, TLS_NS, RawClient
 
 def test_bucket_starts_full_and_refills_at_its_rate() -> None:
     bucket = TokenBucket(10, 20, now=100.0)
+    assert bucket.level(100.0) == 20
     assert bucket.take(20, 100.0)
     assert not bucket.take(1, 100.0)       # in debt now
-    assert bucket.wait(0) == pytest.approx(0.1)
-    assert bucket.wait(5) == pytest.approx(0.6)
+    assert bucket.level(100.0) == pytest.approx(-1)
+    assert bucket.wait(0, 100.0) == pytest.approx(0.1)
+    assert bucket.wait(5, 100.0) == pytest.approx(0.6)
+    assert bucket.wait(5, 100.3) == pytest.approx(0.3)
     assert bucket.take(4, 100.6)           # 6 refilled, -1 + 6 - 4 = 1
-    assert bucket.tokens == pytest.approx(1)
+    assert bucket.level(100.6) == pytest.approx(1)
 
 
 def test_bucket_never_saves_more_than_its_burst() -> None:
     bucket = TokenBucket(10, 20, now=0.0)
     bucket.take(20, 0.0)
-    bucket.take(0, 1000.0)
-    assert bucket.tokens == 20
-    assert bucket.wait(50) == 0.0  # more than the burst: waits only for a full bucket
+    assert bucket.level(1000.0) == 20
+    assert bucket.wait(50, 1000.0) == 0.0  # more than the burst: waits only for a full bucket
+    # a quiet while does not save up more than the burst: 20 at once, then one per 0.1 s
+    assert bucket.take_up_to(100, 1000.0) == 20
+    assert bucket.take_up_to(100, 1000.0) == 0
 
 
 def test_bucket_take_up_to_takes_whole_tokens_only() -> None:
@@ -55,14 +62,25 @@ def test_bucket_take_up_to_takes_whole_tokens_only() -> None:
     assert bucket.take_up_to(30, 0.0) == 0
     assert bucket.take_up_to(30, 0.005) == 0   # half a token
     assert bucket.take_up_to(30, 0.01) == 1
-    assert bucket.tokens == pytest.approx(0)
-    assert bucket.wait(10) == pytest.approx(0.1)
+    assert bucket.level(0.01) == pytest.approx(0)
+    assert bucket.wait(10, 0.01) == pytest.approx(0.1)
+
+
+def test_bucket_take_one() -> None:
+    bucket = TokenBucket(2, 3, now=0.0)
+    assert [bucket.take_one(0.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.take_one(0.4)            # 0.8 of a token
+    assert bucket.take_one(0.5)
+    assert not bucket.take_one(0.5)
+    assert bucket.wait(1, 0.5) == pytest.approx(0.5)
+    assert [bucket.take_one(100.0) for _ in range(4)] == [True, True, True, False]
 
 
 def test_bucket_clock_going_back_adds_nothing() -> None:
     bucket = TokenBucket(10, 20, now=5.0)
     bucket.take(20, 5.0)
     assert bucket.take_up_to(5, 4.0) == 0
+    assert not bucket.take_one(4.0)
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (1, 0), (-1, 5)])
@@ -76,12 +94,13 @@ def test_shaper_admits_what_the_bucket_holds_and_wakes_in_quanta() -> None:
     assert shaper.admit(300, 0.0) == 300
     assert shaper.admit(300, 0.0) == 200
     # 100 bytes wait: a tenth of a second's worth (100 bytes) is the quantum
-    assert shaper.resume_after(100) == pytest.approx(0.1)
-    assert shaper.resume_after(40) == pytest.approx(0.04)
-    assert shaper.resume_after(100_000) == pytest.approx(0.1)
+    assert shaper.resume_after(100, 0.0) == pytest.approx(0.1)
+    assert shaper.resume_after(40, 0.0) == pytest.approx(0.04)
+    assert shaper.resume_after(100_000, 0.0) == pytest.approx(0.1)
+    assert shaper.resume_after(100_000, 0.05) == pytest.approx(0.05)
     unlimited = ReadShaper(None, TokenBucket(1, 1, 0.0))
     assert unlimited.admit(10**6, 0.0) == 10**6
-    assert unlimited.resume_after(10**6) == 0.0
+    assert unlimited.resume_after(10**6, 0.0) == 0.0
 
 
 # -- authentication backoff ---------------------------------------------------------------------
@@ -218,6 +237,20 @@ async def _server(tmp_path: Path, limits: str) -> RunningServer:
     return running
 
 
+@contextlib.asynccontextmanager
+async def _limited(tmp_path: Path, limits: str
+                   ) -> AsyncIterator[tuple[RunningServer, list[RawClient]]]:
+    """A server with these [limits], and a list for the raw clients to close at the end."""
+    running = await _server(tmp_path, limits)
+    clients: list[RawClient] = []
+    try:
+        yield running, clients
+    finally:
+        for client in clients:
+            await client.close()
+        await stop_server(running)
+
+
 async def _connect(running: RunningServer, source: str) -> RawClient:
     host, port = running.address("c2s")
     reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
@@ -265,10 +298,8 @@ def _metrics(running: RunningServer) -> dict[str, float]:
 
 async def test_eleventh_connection_from_one_address_is_refused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    running = await _server(tmp_path, "trusted = []\nmax_connections_per_ip = 10\n"
-                            "max_unauthenticated_per_ip = 0\n")
-    clients: list[RawClient] = []
-    try:
+    async with _limited(tmp_path, "trusted = []\nmax_connections_per_ip = 10\n"
+                        "max_unauthenticated_per_ip = 0\n") as (running, clients):
         for _ in range(10):
             client = await _connect(running, "127.0.0.2")
             clients.append(client)
@@ -295,16 +326,11 @@ async def test_eleventh_connection_from_one_address_is_refused(
         assert values["presenced_limit_refused_connections_total[('reason', "
                       "'connections-per-ip')]"] == 1
         assert values["presenced_limit_limited_addresses"] == 2
-    finally:
-        for client in clients:
-            await client.close()
-        await stop_server(running)
 
 
 async def test_unauthenticated_connections_per_address(tmp_path: Path) -> None:
-    running = await _server(tmp_path, "trusted = []\nmax_unauthenticated_per_ip = 2\n")
-    clients: list[RawClient] = []
-    try:
+    async with _limited(tmp_path, "trusted = []\nmax_unauthenticated_per_ip = 2\n"
+                        ) as (running, clients):
         first = await _connect(running, "127.0.0.4")
         clients.append(first)
         await first.authenticate(DOMAIN, "alice", PASSWORD)
@@ -323,18 +349,12 @@ async def test_unauthenticated_connections_per_address(tmp_path: Path) -> None:
         await fourth.open(DOMAIN)
         assert _metrics(running)["presenced_limit_refused_connections_total[('reason', "
                                  "'unauthenticated-per-ip')]"] == 1
-    finally:
-        for client in clients:
-            await client.close()
-        await stop_server(running)
 
 
 async def test_brute_force_is_slowed_then_refused_while_the_owner_logs_in(
         tmp_path: Path) -> None:
-    running = await _server(tmp_path, "trusted = []\nauth_failures_free = 2\n"
-                            "auth_delay = 1.0\nauth_max_delay = 60.0\n")
-    clients: list[RawClient] = []
-    try:
+    async with _limited(tmp_path, "trusted = []\nauth_failures_free = 2\n"
+                        "auth_delay = 1.0\nauth_max_delay = 60.0\n") as (running, clients):
         attacker = await _connect(running, "127.0.0.5")
         again = await _connect(running, "127.0.0.5")
         clients += [attacker, again]
@@ -372,10 +392,6 @@ async def test_brute_force_is_slowed_then_refused_while_the_owner_logs_in(
         values = _metrics(running)
         assert values["presenced_limit_auth_refused_total"] == 1
         assert values["presenced_limit_auth_delayed_total"] == 2
-    finally:
-        for client in clients:
-            await client.close()
-        await stop_server(running)
 
 
 async def _flood(running: RunningServer, source: str, count: int, body: str = "x"
@@ -452,11 +468,9 @@ async def test_byte_flood_is_shaped_and_others_keep_their_latency(tmp_path: Path
 
 
 async def test_trusted_addresses_are_exempt(tmp_path: Path) -> None:
-    running = await _server(tmp_path, 'trusted = ["127.0.0.12/32"]\nmax_connections_per_ip = 2\n'
-                            "stanza_rate = 5\nstanza_burst = 5\nc2s_read_rate = 1000\n"
-                            "c2s_read_burst = 1000\nauth_failures_free = 0\n")
-    clients: list[Any] = []
-    try:
+    async with _limited(tmp_path, 'trusted = ["127.0.0.12/32"]\nmax_connections_per_ip = 2\n'
+                        "stanza_rate = 5\nstanza_burst = 5\nc2s_read_rate = 1000\n"
+                        "c2s_read_burst = 1000\nauth_failures_free = 0\n") as (running, clients):
         for _ in range(4):
             client = await _connect(running, "127.0.0.12")
             clients.append(client)
@@ -475,10 +489,6 @@ async def test_trusted_addresses_are_exempt(tmp_path: Path) -> None:
             await clients[-1].open(DOMAIN)
         clients.append(await _connect(running, "127.0.0.13"))
         assert await clients[-1].stream_error() == "policy-violation"
-    finally:
-        for client in clients:
-            await client.close()
-        await stop_server(running)
 
 
 async def test_websocket_connections_count_per_address(tmp_path: Path) -> None:
@@ -543,8 +553,10 @@ async def test_component_stream_read_rate(tmp_path: Path) -> None:
 
 
 async def _web_flood(tmp_path: Path, send: Any) -> float:
-    """alice, logged in by ``send(running, count, body)`` over WebSocket or BOSH, sends bob
-    messages: seconds until bob had them all, in order."""
+    """alice, logged in by ``send(running, count, body, opened)`` over WebSocket or BOSH (its
+    client put in opened, closed here), sends bob messages: seconds until bob had them all,
+    in order."""
+    opened: list[Any] = []
     from tests.test_http import start_web
     running = await start_web(tmp_path, "[limits]\ntrusted = []\nstanza_rate = 0\n"
                               "c2s_read_rate = 2000\nc2s_read_burst = 2000\n")
@@ -556,14 +568,15 @@ async def _web_flood(tmp_path: Path, send: Any) -> float:
         try:
             count = 40  # ~220 bytes each: ~9 kB, 3.5 s past the burst at 2000 bytes/s
             started = time.monotonic()
-            sender = asyncio.ensure_future(send(running, count, "v" * 120))
+            sender = asyncio.ensure_future(send(running, count, "v" * 120, opened))
             for i in range(count):
                 message = await bob.next_of("message", timeout=30)
                 assert message.get("id") == f"w{i}"
             await sender
             return time.monotonic() - started
         finally:
-            await bob.close()
+            for client in (bob, *opened):
+                await client.close()
     finally:
         await stop_server(running)
 
@@ -575,30 +588,24 @@ def _message(i: int, body: str) -> str:
 
 async def test_websocket_read_rate(tmp_path: Path) -> None:
     from tests.test_http import WSClient, url
-    clients: list[WSClient] = []
 
-    async def send(running: RunningServer, count: int, body: str) -> None:
+    async def send(running: RunningServer, count: int, body: str, opened: list[Any]) -> None:
         client = await WSClient.connect(url(running, "/xmpp-websocket", "wss"))
-        clients.append(client)
+        opened.append(client)
         await client.login("alice")
         for i in range(count):
             await client.send(_message(i, body))
 
-    try:
-        took = await _web_flood(tmp_path, send)
-        assert 2.5 <= took < 12.0, took
-    finally:
-        for client in clients:
-            await client.close()
+    took = await _web_flood(tmp_path, send)
+    assert 2.5 <= took < 12.0, took
 
 
 async def test_bosh_read_rate(tmp_path: Path) -> None:
     from tests.test_http import BoshClient, url
-    clients: list[BoshClient] = []
 
-    async def send(running: RunningServer, count: int, body: str) -> None:
+    async def send(running: RunningServer, count: int, body: str, opened: list[Any]) -> None:
         client = BoshClient(url(running, "/http-bind"))
-        clients.append(client)
+        opened.append(client)
         await client.login("alice")
         for start in range(0, count, 5):
             # a ping with them: its result answers the request at once
@@ -607,9 +614,5 @@ async def test_bosh_read_rate(tmp_path: Path) -> None:
                               f"to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>",
                               timeout=20)
 
-    try:
-        took = await _web_flood(tmp_path, send)
-        assert 2.5 <= took < 12.0, took
-    finally:
-        for client in clients:
-            await client.close()
+    took = await _web_flood(tmp_path, send)
+    assert 2.5 <= took < 12.0, took

@@ -18,7 +18,7 @@ from lxml import etree
 
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.limits import PAUSE_AUTH, PAUSE_STANZAS, REFUSALS, Ticket
+from server.limits import PAUSE_AUTH, PAUSE_STANZAS, REFUSALS, Ticket, TokenBucket
 from server.sessions import Session
 from server.stream import negotiation as neg
 from server.stream import sasl2
@@ -74,7 +74,8 @@ class C2SConnection(XMLStreamConnection):
         if isinstance(ticket, str):
             condition, text = REFUSALS[ticket]
             self.close(condition, text, reason=ticket)  # its one log line: event=stream-error
-            transport.close()  # nothing to wait for: it sent nothing yet
+            if self._tls is None:
+                transport.close()  # nothing to wait for (with direct TLS: the handshake)
             return
         self._ticket = ticket
         self._shaper = limiter.shaper("c2s", key, self._loop.time())
@@ -329,8 +330,8 @@ class C2SConnection(XMLStreamConnection):
             return
         shaper = self._shaper
         if shaper is not None and shaper.stanzas is not None and \
-                not shaper.stanzas.take_up_to(1, self._loop.time()):
-            self._over_stanza_rate(el, shaper.stanzas.wait(1))
+                not shaper.stanzas.take_one(self.last_activity):
+            self._over_stanza_rate(el, shaper.stanzas)
             return
         session = self.session
         assert session is not None
@@ -355,9 +356,10 @@ class C2SConnection(XMLStreamConnection):
         if pending is not None:
             self._wait_for(pending)
 
-    def _over_stanza_rate(self, el: _Element, wait: float) -> None:
+    def _over_stanza_rate(self, el: _Element, bucket: TokenBucket) -> None:
         """The session's stanza rate is used up: this stanza and those after it wait (in
         order, reading paused) until the bucket has refilled; nothing is dropped."""
+        wait = bucket.wait(1, self._loop.time())
         backlog = self._backlog
         if backlog is None:
             backlog = self._backlog = deque()
@@ -367,6 +369,8 @@ class C2SConnection(XMLStreamConnection):
 
     def _stanzas_refilled(self) -> None:
         self._pauses &= ~PAUSE_STANZAS
+        # the clock the stanza check reads (no fresher read happened while paused)
+        self.last_activity = self._loop.time()
         if not self._closing:
             self._resume(None)  # type: ignore[arg-type]
 

@@ -71,9 +71,6 @@ class XMLStreamConnection(asyncio.Protocol):
             data = self._shape(data)
             if not data:
                 return
-        self._receive(data)
-
-    def _receive(self, data: bytes) -> None:
         tls = self._tls
         if tls is not None:
             was_done = tls.handshake_done
@@ -190,15 +187,23 @@ class XMLStreamConnection(asyncio.Protocol):
         if bucket is None:
             return data
         now = self.last_activity
+        size = len(data)
+        # the usual case first, inline: the bucket holds enough
+        full_at = bucket.full_at
+        if full_at < now:
+            full_at = now
+        full_at += size * bucket.step
+        if full_at - now <= bucket.room:
+            bucket.full_at = full_at
+            return data
         if not self.split_reads:
-            if not bucket.take(len(data), now) and not self._pauses & PAUSE_BYTES:
-                self._pause(PAUSE_BYTES, bucket.wait(0), self._bytes_refilled)
+            bucket.full_at = full_at  # taken whole, into debt: the next read waits it out
+            if not self._pauses & PAUSE_BYTES:
+                self._pause(PAUSE_BYTES, bucket.wait(0, now), self._bytes_refilled)
             return data
-        allowed = bucket.take_up_to(len(data), now)
-        if allowed == len(data):
-            return data
+        allowed = bucket.take_up_to(size, now)
         self._shaped = bytearray(data[allowed:])
-        self._pause(PAUSE_BYTES, shaper.resume_after(len(data) - allowed), self._release)
+        self._pause(PAUSE_BYTES, shaper.resume_after(size - allowed, now), self._release)
         return data[:allowed]
 
     def _pause(self, reason: int, delay: float, then: Any) -> None:
@@ -219,9 +224,10 @@ class XMLStreamConnection(asyncio.Protocol):
 
     def _bytes_refilled(self) -> None:
         bucket = self._shaper.bytes if self._shaper is not None else None
-        if bucket is not None and not bucket.take(0, self._loop.time()):
+        now = self._loop.time()
+        if bucket is not None and bucket.level(now) < 0:
             # more was taken while paused (a transport that kept delivering): wait for that
-            self._loop.call_later(bucket.wait(0), self._bytes_refilled)
+            self._loop.call_later(bucket.wait(0, now), self._bytes_refilled)
             return
         self._unpause(PAUSE_BYTES)
 
@@ -231,10 +237,7 @@ class XMLStreamConnection(asyncio.Protocol):
         if self._closing or held is None:
             return
         self._pauses &= ~PAUSE_BYTES
-        self.last_activity = self._loop.time()
-        data = self._shape(bytes(held))
-        if data:
-            self._receive(data)
+        self.data_received(bytes(held))  # shaped again: what the bucket allows now
         if self._shaped is None:
             self._unpause(0)
 
