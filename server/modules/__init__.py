@@ -45,6 +45,7 @@ MODULES: list[str] = [
     "upload",
     "external_services",
     "proxy65",
+    "webadmin",
 ]
 
 
