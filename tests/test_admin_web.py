@@ -9,6 +9,7 @@ tests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -26,6 +27,7 @@ from server.stream.scram import derive_credentials
 from tests.conftest import PASSWORD, RunningServer, start_server, stop_server, write_config
 from tests.process import free_ports
 from tests.rawclient import insecure_context
+from tests.test_browser import BROWSER_DIR, STEP_TIMEOUT, browser_ready  # noqa: F401 (fixture)
 from tests.test_http import start_web, url
 
 ADMINS = 'admins = ["root@a.test"]'
@@ -438,3 +440,38 @@ def test_cookie_signer_binds_key_account_and_time() -> None:
     for junk in ("", ".", "abc", "abc.def", f"{payload}.%%%", "W10.x"):
         assert signer.verify(junk, b"stored-key") is None
     assert signer.token("csrf", "n1") != signer.token("csrf", "n2")
+
+
+# -- in a real browser --------------------------------------------------------------------------
+
+
+async def test_in_chromium_login_add_an_account_and_see_the_graphs(
+        web: RunningServer, browser_ready: None, tmp_path: Path) -> None:
+    """tests/browser/admin.mjs in Debian's Chromium: log in, add an account (which then logs in
+    over XMPP), see the four graphs; the screenshot is kept as tmp_path/admin.png."""
+    module = web.server.modules["webadmin"]
+    await web.client("bob@a.test", resource="one")
+    module._sample()  # type: ignore[attr-defined]
+    await web.client("root@a.test", resource="two")
+    module._sample()  # type: ignore[attr-defined]
+    host, port = web.address("https")
+    shot = tmp_path / "admin.png"
+    options = {"origin": f"https://{host}:{port}", "jid": "root@a.test", "password": PASSWORD,
+               "newJid": "dana@a.test", "newPassword": "dana-pw", "screenshot": str(shot),
+               "timeoutMs": int(STEP_TIMEOUT * 1000)}
+    process = await asyncio.create_subprocess_exec(
+        "node", str(BROWSER_DIR / "admin.mjs"), json.dumps(options),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 3 * STEP_TIMEOUT)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = out.decode().splitlines()
+    assert process.returncode == 0, f"{lines}\n{err.decode()[-3000:]}"
+    assert [line[5:] for line in lines if line.startswith("step ")] == [
+        "logged-in", "added", "graphs"]
+    assert "graph Client sessions" in lines
+    assert shot.stat().st_size > 10_000
+    await web.client("dana@a.test", "dana-pw")

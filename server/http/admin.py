@@ -258,5 +258,7 @@ def table(headings: Iterable[str], rows: Iterable[Iterable[str]], empty: str) ->
                    for row in rows)
     if not body:
         return f"<p>{esc(empty)}</p>"
-    head = "".join(f"<th>{esc(h)}</th>" for h in headings)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    names = list(headings)
+    head = ("<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in names) + "</tr></thead>"
+            if any(names) else "")
+    return f"<table>{head}<tbody>{body}</tbody></table>"

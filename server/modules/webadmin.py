@@ -132,7 +132,8 @@ class WebAdmin(Module):
         headers["Content-Security-Policy"] = ui.CSP
         headers["X-Content-Type-Options"] = "nosniff"
         headers["X-Frame-Options"] = "DENY"
-        headers["Referrer-Policy"] = "no-referrer"
+        # "no-referrer" would make browsers send "Origin: null" with the forms (Fetch §3.2.5)
+        headers["Referrer-Policy"] = "same-origin"
         headers["Cache-Control"] = "no-store"
         return response
 
