@@ -445,8 +445,9 @@ def test_cookie_signer_binds_key_account_and_time() -> None:
 # -- in a real browser --------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("browser_ready")
 async def test_in_chromium_login_add_an_account_and_see_the_graphs(
-        web: RunningServer, browser_ready: None, tmp_path: Path) -> None:
+        web: RunningServer, tmp_path: Path) -> None:
     """tests/browser/admin.mjs in Debian's Chromium: log in, add an account (which then logs in
     over XMPP), see the four graphs; the screenshot is kept as tmp_path/admin.png."""
     module = web.server.modules["webadmin"]
