@@ -20,6 +20,7 @@ from lxml import etree
 
 from server.app import Server
 from server.config import load_config
+from server.modules.invites import new_invitation
 from server.storage.invites import Invitation
 from tests.conftest import RunningServer, stop_server, write_config
 from tests.process import free_port, presenced
@@ -228,11 +229,15 @@ async def test_form_errors(web_server: RunningServer) -> None:
 
 async def test_used_unknown_and_expired_invitations(web_server: RunningServer) -> None:
     running = web_server
-    link, _uri, _summary = cli_invite(running, "--expires", "1s")
+    # Made here rather than by the CLI, whose start may take longer than the lifetime.
+    invitation = new_invitation("a.test", "admin", uses=1, lifetime=2)
+    await running.server.storage.invites.create(invitation)  # type: ignore[attr-defined]
+    port = running.address("https")[1]
+    link = f"https://a.test:{port}/invite/{invitation.token}"
     async with web() as http:
         status, page = await open_page(http, link)
         assert status == 200
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(max(0.0, invitation.expires - time.time()) + 0.1)
         status, page = await open_page(http, link)
         assert status == 404 and "not valid" in page
         assert (await open_page(http, link[:-3] + "AAA"))[0] == 404
