@@ -216,6 +216,18 @@ class Carbons(Module):
         skip = [s for s in self.server.sessions.resources(account) if s.jid_str == sender]
         self._copy(stanza, RECEIVED, account, (*sessions, *skip))
 
+    @hook("message/copied-to")
+    def copied_to(self, stanza: Stanza, session: Session) -> list[Session] | None:
+        """The account's resources that had a <received/> copy of this message delivered to
+        `session` (stream management asks before it hands an unacknowledged one on)."""
+        account = session.jid.bare
+        if account not in self._accounts or not eligible(stanza, incoming=True):
+            return None
+        if stanza.find(_MUC_USER) is not None and stanza.get("to") == session.jid_str:
+            return None  # a MUC private message was copied to no one
+        return [s for s in self.server.sessions.resources(account)
+                if s is not session and self.enabled.get(s)]
+
     def _copy(self, stanza: Stanza, kind: str, account: JID,
               skip: Sequence[Session], own_id: str | None = None) -> None:
         recipients = [s for s in self.server.sessions.resources(account)
