@@ -136,9 +136,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ensure_certificate(config)
     if args.config is None:
         print(f"presenced: no --config: serving {', '.join(config.domains)} with the built-in "
-              f"defaults, data in {config.data_dir}\n"
+              f"defaults, data in {config.data_dir.absolute()}\n"
               f"presenced: add a user with: presenced adduser user@{config.domains[0]}",
               file=sys.stderr)
+    _log_data(config, args.config)
     import server.app
 
     loop_factory = None
@@ -152,6 +153,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return runner.run(server.app.serve(config))
 
 
+def _database(config: Config) -> str:
+    """Where the accounts are, for messages: the SQLite file or the PostgreSQL database."""
+    storage = config.storage
+    if storage.backend == "sqlite":
+        return str(storage.path.absolute())
+    return f"postgresql {(storage.dsn or '').rpartition('@')[2]}"  # no user or password
+
+
+def _log_data(config: Config, config_file: Path | None) -> None:
+    """At start, where the data is and how many accounts it has (issue 19: a config file
+    elsewhere than the one adduser used means another, empty, database)."""
+    log = logging.getLogger("presenced")
+    try:
+        count = _with_storage(config, lambda s: _count_accounts(s, config.domains))
+    except Exception as exc:  # the server's own start reports storage problems
+        log.warning("event=accounts-uncounted reason=%s", str(exc) or type(exc).__name__)
+        return
+    log.info("event=data data_dir=%s database=%s accounts=%d", config.data_dir.absolute(),
+             _database(config), count)
+    if count == 0:
+        where_from = f" --config {config_file}" if config_file is not None else ""
+        log.warning("event=no-accounts hint=%s", f'"presenced adduser '
+                    f'user@{config.domains[0]}{where_from}"')
+
+
+async def _count_accounts(storage: Storage, domains: Sequence[str]) -> int:
+    return sum([len(await storage.accounts.list(domain)) for domain in domains])
+
+
 def cmd_adduser(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     user, domain = _account(args.jid, config)
@@ -161,7 +191,7 @@ def cmd_adduser(args: argparse.Namespace) -> int:
     except AccountExists:
         raise CLIError(f"{user}@{domain} already exists (change its password with "
                        f"presenced passwd)") from None
-    print(f"added {user}@{domain}")
+    print(f"added {user}@{domain} to {_database(config)}")
     return 0
 
 

@@ -110,7 +110,9 @@ def test_account_lifecycle(tmp_path: Path) -> None:
     c = "--config", str(config)
 
     result = presenced(tmp_path, "adduser", "alice@a.test", "--password", "s3cret", *c)
-    assert (result.code, result.out, result.err) == (0, "added alice@a.test\n", "")
+    database = tmp_path / "data" / "presenced.sqlite"  # absolute: which database, always
+    assert (result.code, result.out, result.err) == (0, f"added alice@a.test to {database}\n",
+                                                     "")
     assert verifies(stored(config, "alice", "a.test"), "s3cret")
     assert stored(config, "alice", "b.test") is None
 
@@ -176,7 +178,8 @@ def test_password_prompt_on_a_terminal(tmp_path: Path) -> None:
     assert result.err.endswith("presenced: error: the passwords do not match\n"), result
     assert stored(config, "alice", "a.test") is None
     result = on_terminal(tmp_path, args, ["typed pw", "typed pw"])
-    assert (result.code, result.out) == (0, "added alice@a.test\n"), result
+    database = tmp_path / "data" / "presenced.sqlite"
+    assert (result.code, result.out) == (0, f"added alice@a.test to {database}\n"), result
     assert "Traceback" not in result.err and "typed pw" not in result.err  # not echoed
     assert verifies(stored(config, "alice", "a.test"), "typed pw")
 
@@ -184,7 +187,8 @@ def test_password_prompt_on_a_terminal(tmp_path: Path) -> None:
 def test_jids_are_normalised(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = presenced(tmp_path, "adduser", "Alice@A.Test", "-p", "pw", "-c", str(config))
-    assert (result.code, result.out) == (0, "added alice@a.test\n"), result
+    database = tmp_path / "data" / "presenced.sqlite"
+    assert (result.code, result.out) == (0, f"added alice@a.test to {database}\n"), result
     assert verifies(stored(config, "alice", "a.test"), "pw")
 
 
