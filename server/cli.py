@@ -21,10 +21,17 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import precis_i18n
 
-from server.certs import check_certificate, ensure_certificate, generate_self_signed
+from server.certs import (
+    check_certificate,
+    covers,
+    ensure_certificate,
+    generate_self_signed,
+    names_in_file,
+)
 from server.config import Address, Config, ConfigErrors, load_config, where
 from server.jid import JID, InvalidJID, normalize_domain
 from server.storage import StorageError, all_store_specs, open_storage
@@ -266,6 +273,32 @@ def _database_problem(config: Config) -> tuple[str, str] | None:
     return None if problem is None else ("storage.dsn", problem)
 
 
+def _external_url_problem(config: Config) -> str | None:
+    """[http] external_url names the host clients fetch uploads and find WebSocket/BOSH at:
+    served by our HTTPS listener, the certificate must cover it, or every client refuses it
+    (behind a proxy, the proxy's certificate is the one that counts: not checked)."""
+    http = config.modules.get("http")
+    url = getattr(http, "external_url", None)
+    if url is None or not config.listen.https:
+        return None
+    parsed = urlsplit(str(url))
+    host = parsed.hostname
+    if parsed.scheme != "https" or not host:
+        return None
+    tls = config.tls
+    chosen = tls.domain_certificates.get(host)
+    certificate = chosen[0] if chosen else tls.certificate
+    names = names_in_file(certificate)
+    if names is None:
+        if not tls.generated:
+            return None  # the certificate's own problem is reported with [tls]
+        names = list(config.local_domains)  # what the generated one will name
+    if covers(names, host):
+        return None
+    return (f"{url}: the certificate ({certificate}) does not name {host} (it names "
+            f"{', '.join(names)}): clients will refuse uploads and web connections there")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -287,6 +320,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         for p in check_certificate(chain, private_key, [domain]):
             found.append((p.severity, where(config, "tls.domain_certificates"),
                           f"{domain}: {p.message}"))
+    external = _external_url_problem(config)
+    if external:
+        found.append(("warning", where(config, "http.external_url"), external))
     if tls.ca_file is not None and not os.access(tls.ca_file, os.R_OK):
         found.append(("error", where(config, "tls.ca_file"), f"cannot read {tls.ca_file}"))
     directories = [("data_dir", config.data_dir)]

@@ -468,3 +468,27 @@ def test_check_domain_certificates(tmp_path: Path) -> None:
     assert result.code == 0, result  # a warning: clients and peers asking for b.test balk
     assert (f"warning: {config}:9: [tls] domain_certificates: b.test: certificate "
             f"{tmp_path}/a.pem is not for b.test (it names a.test)") in result.out
+
+
+def test_check_warns_when_the_certificate_does_not_name_external_url(tmp_path: Path) -> None:
+    """Issue 19 item 3: upload URLs and host-meta use [http] external_url; clients refuse it
+    unless our certificate names its host (behind a proxy, the proxy's counts: not checked)."""
+    https = '[listen]\nc2s = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]\n'
+
+    def check(url: str, listen: str = https) -> list[str]:
+        config = write_config(tmp_path, "").read_text().split("[listen]")[0]
+        path = tmp_path / "presenced.toml"
+        path.write_text(config + listen + f'[http]\nexternal_url = "{url}"\n')
+        result = presenced(tmp_path, "check", "--config", str(path))
+        assert result.code == 0, result
+        return [line for line in result.out.splitlines() if "external_url" in line]
+
+    warned = check("https://chat.example:5281")
+    assert len(warned) == 1 and warned[0].startswith("warning: ")
+    assert "does not name chat.example" in warned[0] and "a.test, b.test" in warned[0]
+    assert check("https://a.test:5281/") == []
+    assert check("https://muc.b.test") == []  # service domains are named too
+    generate_self_signed(["a.test", "b.test"], tmp_path / "data" / "cert.pem",
+                         tmp_path / "data" / "key.pem")  # an existing certificate is read
+    assert "does not name muc.b.test" in check("https://muc.b.test")[0]
+    assert check("https://chat.example", '[listen]\nhttps = []\nhttp = ["127.0.0.1:0"]\n') == []
