@@ -145,6 +145,8 @@ class HTTPUpload(ServiceModule):
             item = st.child(form, f"{{{DATA_FORMS}}}field", {"var": var})
             if var == "FORM_TYPE":
                 item.set("type", "hidden")
+            else:  # XEP-0004 §3.2: what a client shows
+                item.set("label", "Largest file (bytes)")
             st.child(item, f"{{{DATA_FORMS}}}value", text=value)
         return reply
 
