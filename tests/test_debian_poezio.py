@@ -33,10 +33,7 @@ pytestmark = pytest.mark.skipif((POEZIO is None or TMUX is None) and not on_ci()
 
 def unprivileged() -> tuple[str, int, int]:
     """poezio exits at once when run as root: a user without rights ('nobody')."""
-    if os.geteuid() != 0:
-        entry = pwd.getpwuid(os.geteuid())
-    else:
-        entry = pwd.getpwnam("nobody")
+    entry = pwd.getpwuid(os.geteuid()) if os.geteuid() != 0 else pwd.getpwnam("nobody")
     return entry.pw_name, entry.pw_uid, entry.pw_gid
 
 

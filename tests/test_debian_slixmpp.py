@@ -53,7 +53,7 @@ class Slixmpp183Scram:
         name = mechanism.removesuffix("-PLUS")[len("SCRAM-"):]
         self.hash = getattr(hashlib, "sha" + name[len("SHA-"):])
         self.username, self.password, self.cb_data = username, password.encode(), cb_data
-        self.cnonce = ("%s" % random.random())[2:].encode()
+        self.cnonce = str(random.random())[2:].encode()  # ("%s" % random.random())[2:]
         self.gs2_header = (b"p=tls-unique" if self.plus else b"y") + b",,"
         self.first_bare = b"n=" + username.encode() + b",r=" + self.cnonce
         self.server_signature = b""
