@@ -413,6 +413,8 @@ def test_cert_errors(tmp_path: Path) -> None:
 
 def test_serve_until_sigterm(tmp_path: Path) -> None:
     config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(  # not the default 127.0.0.1:5281: others'
+        'c2s_tls = ["127.0.0.1:0"]', 'c2s_tls = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]'))
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "-c", str(config)],
                             cwd=tmp_path, env=env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -454,6 +456,10 @@ def test_serve_until_sigterm(tmp_path: Path) -> None:
     assert all(line.startswith("time=") and " level=" in line for line in seen), seen
     assert any("event=certificate-generated" in line for line in seen)
     assert any("event=stopped" in line for line in seen)
+    # Issue 19 item 4: which data, absolute, and how many accounts (none: the hint says how).
+    assert any(f"event=data data_dir={tmp_path / 'data'} database={tmp_path / 'data'}/"
+               "presenced.sqlite accounts=0" in line for line in seen), seen
+    assert any("event=no-accounts" in line and f"--config {config}" in line for line in seen)
 
 
 def test_check_domain_certificates(tmp_path: Path) -> None:
