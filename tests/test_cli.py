@@ -302,6 +302,8 @@ def test_version() -> None:
 
 def test_check_a_good_config(tmp_path: Path) -> None:
     config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(  # the default 127.0.0.1:5281 may be in use
+        'c2s_tls = ["127.0.0.1:0"]', 'c2s_tls = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]'))
     result = presenced(tmp_path, "check", "--config", str(config))
     assert result.code == 0, result
     assert result.out.splitlines() == [
