@@ -41,7 +41,7 @@ from typing import Any
 import precis_i18n
 from lxml import etree
 
-from server.config import _Context, _Invalid, int_option, option, service_fields
+from server.config import Invalid, int_option, option, service_fields
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Stanza, hook
@@ -222,16 +222,16 @@ def _load_key(path: Path) -> bytes:
     return key
 
 
-def _rate(value: Any, _ctx: _Context) -> float:
+def _rate(value: Any, _ctx: object) -> float:
     if type(value) not in (int, float) or not 0 <= value < float("inf"):
-        raise _Invalid
+        raise Invalid
     return float(value)
 
 
-def _restriction(value: Any, _ctx: _Context) -> bool | str:
+def _restriction(value: Any, _ctx: object) -> bool | str:
     if value is False or value in ("local", "admins"):
         return value
-    raise _Invalid
+    raise Invalid
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,15 +252,25 @@ class MucSettings:
     message_rate: float = field(metadata=option("a number of messages per second >= 0",
                                                 _rate, 5.0))
     message_burst: int = field(metadata=int_option(1, 1_000_000, 20))
+    # Presence updates an occupant may send per second, in bursts of up to presence_burst.
+    # One over it is not broadcast: the room keeps it as the occupant's current presence
+    # and sends the latest one to the others once the rate allows (joins and leaves are
+    # never held back).
+    presence_rate: float = field(metadata=option("a number of presences per second >= 0",
+                                                 _rate, 1.0))
+    presence_burst: int = field(metadata=int_option(1, 1_000_000, 10))
+    # Rooms one account (bare JID, all its sessions together) may be in at once; one more
+    # join is refused with <resource-constraint/> ([admins] are exempt).
+    max_rooms_joined: int = field(metadata=int_option(0, 1_000_000, 100))
 
 
 class Muc(ServiceModule):
     name = "muc"
     settings = MucSettings
-    # The room archive uses the MAM module's store (archive_store.SPEC) when that module runs:
-    # declaring it here too would open it twice (Server.start keeps duplicates of a spec that
-    # two modules declare).
-    stores = (muc_store.SPEC,)
+    # The room archive (XEP-0313 on room JIDs) is kept in the archive store, which MAM uses
+    # for accounts too: declared here as well (Server.start opens a spec once however many
+    # modules declare it), so room archives do not depend on the mam module running.
+    stores = (muc_store.SPEC, archive_store.SPEC)
     identity = ("conference", "text")
     display_name = "Chatrooms"
     service_features = (MUC, SID, OCCUPANT_ID)
@@ -275,6 +285,7 @@ class Muc(ServiceModule):
         self.id_key = b""
         # relayed iq id -> (asker's JID, its iq id, the occupant's real JID, room, nick)
         self.relayed: dict[str, tuple[str, str, JID, JID, str]] = {}
+        self._held: set[int] = set()  # occupants (id()) whose held presence goes out later
 
     @property
     def store(self) -> MucRoomStore:
@@ -282,8 +293,8 @@ class Muc(ServiceModule):
         return store
 
     @property
-    def archive(self) -> ArchiveStore | None:
-        store: ArchiveStore | None = getattr(self.server.storage, archive_store.SPEC.name, None)
+    def archive(self) -> ArchiveStore:
+        store: ArchiveStore = getattr(self.server.storage, archive_store.SPEC.name)
         return store
 
     async def start(self) -> None:
@@ -298,6 +309,7 @@ class Muc(ServiceModule):
             self.services.add(service)
             for stored in await self.store.load(service):
                 room = self._restore(stored)
+                await self._restore_history(room)
                 self.rooms[room.jid] = room
             self.server.add_service(ServiceHost(service, domain, self.display_name), self.route)
 
@@ -324,6 +336,25 @@ class Muc(ServiceModule):
         for jid, nick in stored.nicks.items():
             room.nicks[JID.parse(jid)] = nick
         return room
+
+    async def _restore_history(self, room: Room) -> None:
+        """A persistent room's discussion history after a restart (graceful or not) comes
+        from its archive, where every message was stored before it went out (as Prosody's
+        mod_muc_mam serves it): the last history_length messages the history keeps."""
+        wanted = room.config.history_length
+        if not wanted or not room.config.archive:
+            return
+        # Asks for more than wanted: subject-less notices and tombstones are skipped.
+        page = await self.archive.query(room.jid_str, ArchiveQuery(
+            before="", max=wanted * 2 + 10, count=False))
+        archived = []
+        for item in page.items:
+            try:
+                message = etree.fromstring(item.stanza)
+            except etree.XMLSyntaxError:
+                continue
+            archived.append((item.id, item.ts / 1_000_000, message))
+        room.restore_history(archived)
 
     async def _save(self, room: Room) -> None:
         if room.destroyed:
@@ -491,17 +522,50 @@ class Muc(ServiceModule):
         """[muc] message_rate, message_burst: a token bucket per occupant; a message over it
         is refused with <resource-constraint/> (RFC 6120 §8.3.3.18, type wait), not dropped."""
         rate = self.config.message_rate
-        if not rate:
-            return
-        burst = float(self.config.message_burst)
-        now = time.monotonic()
-        tokens = burst if occupant.tokens < 0 else min(
-            burst, occupant.tokens + (now - occupant.refilled) * rate)
-        occupant.refilled = now
-        if tokens < 1.0:
-            occupant.tokens = tokens
+        if rate and not occupant.messages.take(rate, self.config.message_burst,
+                                               time.monotonic()):
             raise StanzaError("resource-constraint", "you are sending too fast; wait a moment")
-        occupant.tokens = tokens - 1.0
+
+    def _check_rooms_joined(self, sender: JID, room: Room | None) -> None:
+        """[muc] max_rooms_joined: the rooms one account is in at once, all its sessions
+        together (admins of the server excepted); one more join is refused."""
+        limit = self.config.max_rooms_joined
+        if not limit or str(sender.bare) in self.server.config.admins:
+            return
+        bare = sender.bare
+        rooms = {r for real, joined in self.joined.items() if real.bare == bare for r in joined}
+        if room not in rooms and len(rooms) >= limit:
+            log.info("event=muc-join-refused reason=max-rooms-joined account=%s rooms=%d",
+                     bare, len(rooms))
+            raise StanzaError("resource-constraint", f"you are in {len(rooms)} rooms already")
+
+    def _presence_update(self, room: Room, occupant: Occupant, real: JID,
+                         presence: Stanza) -> None:
+        """A presence update of an occupant (status, show): broadcast within [muc]
+        presence_rate/presence_burst. One over the rate is kept as the occupant's current
+        presence (joiners and probes see it) but not broadcast; the latest then goes out once
+        the rate allows, so a flood costs the others one presence per interval. XEP-0045
+        §7.7 asks for no answer to an update, and an error presence from its own occupant
+        JID would tell the client it had left the room (§7.2.6), so nothing is answered."""
+        rate = self.config.presence_rate
+        if not rate or occupant.presences.take(rate, self.config.presence_burst,
+                                               time.monotonic()):
+            self._deliver(room.update_presence(real, presence))
+            return
+        occupant.sessions[real] = presence
+        key = id(occupant)
+        if key in self._held:
+            return
+        self._held.add(key)
+        log.info("event=muc-presence-held room=%s nick=%s", room.jid_str, occupant.nick)
+
+        def flush() -> None:
+            self._held.discard(key)
+            if room.occupant(occupant.nick) is not occupant or room.destroyed:
+                return
+            occupant.presences.take(rate, self.config.presence_burst, time.monotonic())
+            self._deliver(room.broadcast_presence(occupant))
+        asyncio.get_running_loop().call_later(occupant.presences.wait(rate), flush)
 
     def _presence(self, stanza: Stanza, sender: JID, to: JID) -> Any:
         type_ = stanza.get("type")
@@ -527,6 +591,8 @@ class Muc(ServiceModule):
                 self._left(room, sender, room.leave(sender, stanza))
             return True
         nick = _nickname(to.resource)
+        if sender not in (room.by_jid if room is not None else ()):
+            self._check_rooms_joined(sender, room)
         created = False
         if room is None:
             if not self._may_create(sender):
@@ -538,7 +604,9 @@ class Muc(ServiceModule):
             created = True
         occupant = room.by_jid.get(sender)
         if occupant is not None:
-            if occupant.nick == nick:
+            if occupant.nick == nick and stanza.find(_X_MUC) is None:
+                self._presence_update(room, occupant, sender, st.standalone(stanza))
+            elif occupant.nick == nick:
                 self._deliver(room.update_presence(sender, st.standalone(stanza)))
             else:
                 self._deliver(room.change_nick(sender, nick))
@@ -565,7 +633,7 @@ class Muc(ServiceModule):
         nick = _nickname(to.resource)
         asker = room.by_jid[sender]
         to_moderator = asker.role == "moderator"
-        target = room.occupants.get(nick)
+        target = room.occupant(nick)
         if target is not None:
             presence = room.presence_for(target, to_moderator)
         else:
@@ -596,8 +664,7 @@ class Muc(ServiceModule):
         if not room.occupants and not room.config.persistent and not room.destroyed:
             self.rooms.pop(room.jid, None)
             room.destroyed = True
-            if self.archive is not None:
-                self.server.router.spawn(self.archive.delete_owner(room.jid_str))
+            self.server.router.spawn(self.archive.delete_owner(room.jid_str))
             log.info("event=muc-room-gone room=%s", room.jid_str)
 
     @hook("session-closed")
@@ -634,8 +701,7 @@ class Muc(ServiceModule):
                 if room.is_subject_change(stanza):
                     self._deliver(room.fan_out(prepared, str(uuid.uuid4())))
                     return self._save(room) if room.config.persistent else True
-                if room.config.archive and self.archive is not None and \
-                        room.is_historic(prepared):
+                if room.config.archive and room.is_historic(prepared):
                     return self._archive_and_send(room, prepared)
                 self._deliver(room.fan_out(prepared, str(uuid.uuid4())))
                 return True
@@ -660,14 +726,13 @@ class Muc(ServiceModule):
         entry = ArchiveEntry(owner=room.jid_str, with_bare=room.jid_str, with_resource=nick,
                              outgoing=False, ts=time.time_ns() // 1000,
                              stanza=etree.tostring(prepared), account=False)
-        assert self.archive is not None
         ids = await self.archive.append([entry])
         self._deliver(room.fan_out(prepared, ids[0] or str(uuid.uuid4())))
 
     async def _mam_query(self, room: Room, stanza: Stanza, sender: JID,
                          query: etree._Element) -> Stanza:
         archive = self.archive
-        if not room.config.archive or archive is None:
+        if not room.config.archive:
             raise StanzaError("feature-not-implemented", "this room is not archived")
         affiliation = room.affiliation(sender)
         if affiliation == "outcast" or (room.config.members_only and affiliation == "none"):
@@ -701,7 +766,7 @@ class Muc(ServiceModule):
             found = original.find(ns.q(SID, "stanza-id"))
             stanza_id = found.get("id") if found is not None else None
         archive = self.archive
-        if stanza_id is None and archive is not None and room.config.archive:
+        if stanza_id is None and room.config.archive:
             page = await archive.query(room.jid_str, ArchiveQuery(ids=(target,), max=1))
             if page.items:
                 stanza_id = page.items[0].id
@@ -729,7 +794,7 @@ class Muc(ServiceModule):
         st.child(old, "{urn:xmpp:message-retract:0}retract")
         if reason:
             st.child(old, "{urn:xmpp:message-moderate:0}reason", text=reason)
-        if archive is not None and room.config.archive:
+        if room.config.archive:
             await archive.append([ArchiveEntry(
                 owner=room.jid_str, with_bare=room.jid_str, with_resource="", outgoing=False,
                 ts=time.time_ns() // 1000, stanza=etree.tostring(notice), account=False)])
@@ -758,7 +823,7 @@ class Muc(ServiceModule):
             if form.get("type") == "cancel" or not _is_true(values["muc#request_allow"]):
                 return True  # §8.6: declined (or skipped); the visitor is not told
             nick = (values.get("muc#roomnick") or [""])[0]
-            target = room.occupants.get(nick) if nick else None
+            target = room.occupant(nick) if nick else None
             if target is None and values.get("muc#jid"):
                 try:
                     target = room.by_jid.get(JID.parse(values["muc#jid"][0]))
@@ -794,16 +859,17 @@ class Muc(ServiceModule):
                  text="To approve this request for voice, select the 'Grant voice to this "
                       "person?' checkbox and submit the form.")
         for var, kind, label, value in (
-                ("FORM_TYPE", "hidden", None, REQUEST),
+                ("FORM_TYPE", "hidden", "Form type", REQUEST),
                 ("muc#role", "list-single", "Requested role", "participant"),
                 ("muc#jid", "jid-single", "User ID", str(real)),
                 ("muc#roomnick", "text-single", "Room Nickname", occupant.nick),
                 ("muc#request_allow", "boolean", "Grant voice to this person?", "false")):
-            attrs = {"var": var, "type": kind}
-            if label is not None:
-                attrs["label"] = label
-            el = st.child(x, ns.q(ns.DATA_FORMS, "field"), attrs)
+            el = st.child(x, ns.q(ns.DATA_FORMS, "field"),
+                          {"var": var, "type": kind, "label": label})
             st.child(el, ns.q(ns.DATA_FORMS, "value"), text=value)
+            if kind == "list-single":  # XEP-0004 §3.3: a list field offers its options
+                opt = st.child(el, ns.q(ns.DATA_FORMS, "option"), {"label": "Participant"})
+                st.child(opt, ns.q(ns.DATA_FORMS, "value"), text=value)
         return message
 
     def _invite(self, room: Room, sender: JID, stanza: Stanza, invite: etree._Element) -> Any:
@@ -874,7 +940,7 @@ class Muc(ServiceModule):
             # XEP-0410: a ping to one's own occupant JID says whether one is still joined
             if room is None or sender not in room.by_jid:
                 raise StanzaError("not-acceptable", "you are not in this room")
-            target = room.occupants.get(nick)
+            target = room.occupant(nick)
             if target is None:
                 raise StanzaError("item-not-found", "no such occupant")
             if payload.tag == _PING and target is room.by_jid[sender]:
@@ -929,7 +995,7 @@ class Muc(ServiceModule):
                 raise StanzaError("registration-required", "members only")
             x = st.child(reply, _FORM, {"type": "form"})
             hidden = st.child(x, ns.q(ns.DATA_FORMS, "field"),
-                              {"var": "FORM_TYPE", "type": "hidden"})
+                              {"var": "FORM_TYPE", "type": "hidden", "label": "Form type"})
             st.child(hidden, ns.q(ns.DATA_FORMS, "value"), text=MUC + "#register")
             nick_field = st.child(x, ns.q(ns.DATA_FORMS, "field"), {
                 "var": "muc#register_roomnick", "type": "text-single", "label": "Nickname"})
@@ -949,7 +1015,7 @@ class Muc(ServiceModule):
                 raise StanzaError("not-acceptable", "a nickname is needed")
             nick = _nickname(given)
             holder = room.nick_owner(nick)
-            present = room.occupants.get(nick)
+            present = room.occupant(nick)
             if (holder not in (None, bare)) or (present is not None and present.jid != bare):
                 raise StanzaError("conflict", "that nickname is taken")
             if room.config.members_only and affiliation == "none":
@@ -1005,8 +1071,6 @@ class Muc(ServiceModule):
                  {"category": "conference", "type": "text",
                   "name": room.config.name or room.jid.local or ""})
         for feature in room.features():
-            if feature == aq.MAM2 and self.archive is None:
-                continue
             st.child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
         query.append(room.info_form())
         return st.result(stanza, query)
@@ -1100,8 +1164,7 @@ class Muc(ServiceModule):
 
         async def forget() -> Stanza:
             await self.store.delete(room.jid_str)
-            if self.archive is not None:
-                await self.archive.delete_owner(room.jid_str)
+            await self.archive.delete_owner(room.jid_str)
             return st.result(stanza)
         return forget()
 
@@ -1159,8 +1222,8 @@ class Muc(ServiceModule):
                         target = JID.parse(item.get("jid", "")).bare
                     except InvalidJID:
                         raise StanzaError("jid-malformed", "bad jid") from None
-                elif item.get("nick") in room.occupants:
-                    target = room.occupants[item.get("nick", "")].jid
+                elif room.occupant(item.get("nick", "")) is not None:
+                    target = room.occupant(item.get("nick", "")).jid  # type: ignore[union-attr]
                 else:
                     raise StanzaError("bad-request", "whose affiliation?")
                 current = room.affiliation(target)
@@ -1183,7 +1246,7 @@ class Muc(ServiceModule):
             elif role is not None:
                 if role not in ROLES:
                     raise StanzaError("bad-request", "no such role")
-                found = room.occupants.get(item.get("nick", ""))
+                found = room.occupant(item.get("nick", ""))
                 if found is None:
                     raise StanzaError("item-not-found", "no such occupant")
                 if actor is None or actor.role != "moderator":
@@ -1203,7 +1266,7 @@ class Muc(ServiceModule):
         for kind, target, value, reason in changes:
             if kind == "role":
                 occupant = target
-                if occupant.nick not in room.occupants:
+                if room.occupant(occupant.nick) is not occupant:
                     continue
                 if value == "none":
                     self._forget_sessions(room, occupant)
@@ -1215,7 +1278,7 @@ class Muc(ServiceModule):
                                                           actor=by[0], actor_jid=by[1]))
             else:
                 for jid, nick in reserve:
-                    holder = room.occupants.get(nick)
+                    holder = room.occupant(nick)
                     if jid == target and holder is not None and holder.jid != jid:
                         # someone else in the room under the nick now reserved: out it goes
                         # (status 307, as Prosody does it, muc_register)
