@@ -118,7 +118,7 @@ async def test_unreadable_history_limits_do_not_refuse_the_join(muc: RunningServ
 
 # -- join history of persistent rooms after a restart ----------------------------------------------
 
-async def say_and_stop(port: int, proc: object, how: str) -> list[str]:
+async def say_things(port: int) -> list[str]:
     """Alice makes a persistent room with history length 3, says five things (and changes the
     subject between them); the archive ids of what she said."""
     alice = await login(port, "alice", "pc")
@@ -147,7 +147,7 @@ async def test_history_of_a_persistent_room_after_a_restart(tmp_path: Path, how:
     config, port = configure(tmp_path, ("alice", "bob"))
     proc = start(config, tmp_path)
     try:
-        ids = await say_and_stop(port, proc, how)
+        ids = await say_things(port)
     finally:
         if how == "kill -9":
             kill_9(proc)
@@ -170,9 +170,9 @@ async def test_history_of_a_persistent_room_after_a_restart(tmp_path: Path, how:
             assert sid is not None and (sid.get("id"), sid.get("by")) == (archive_id, ROOM)
         assert got[-1].findtext(f"{{{CLIENT}}}subject") == "Topic"
         # Within <history/> limits as well.
-        carol_got = await join(await login(port, "alice", "phone"), "Al",
+        phone_got = await join(await login(port, "alice", "phone"), "Al",
                                extra="<history maxstanzas='1'/>")
-        assert [body(m) for m in carol_got if m.tag == f"{{{CLIENT}}}message" and body(m)] == [
+        assert [body(m) for m in phone_got if m.tag == f"{{{CLIENT}}}message" and body(m)] == [
             "said 4"]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -198,7 +198,7 @@ async def test_a_presence_flood_is_not_broadcast(muc: RunningServer) -> None:
             stanza = await asyncio.wait_for(alice.next(), 2.5)
             if stanza.tag == f"{{{CLIENT}}}presence" and stanza.get("from") == f"{ROOM}/Bob":
                 seen.append((stanza.findtext(f"{{{CLIENT}}}status") or "").split()[0])
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     assert seen[:3] == ["0", "1", "2"] and seen[-1] == "199" and len(seen) <= 5, seen
     # Bob was never told anything went wrong, and is still in the room.
