@@ -193,3 +193,64 @@ def test_config_numbers_are_read_strictly(value: str) -> None:
     with pytest.raises(StanzaError) as caught:
         apply_form(RoomConfig(), form, 100)
     assert caught.value.condition == "bad-request"
+
+
+# -- service hosts declare their iq handlers (server/services.py) ---------------------------------
+
+def test_service_iq_handlers_are_declared_and_dispatched() -> None:
+    from typing import Any
+
+    from server.module import iq_get, iq_set
+    from server.services import ServiceModule
+
+    class Echo(ServiceModule):
+        name = "echo-test"
+        identity = ("component", "generic")
+        display_name = "Echo"
+
+        @iq_get("urn:example:echo", "echo", to="service")
+        def at_service(self, stanza: Any, _origin: Any, to: JID) -> Any:
+            return st.result(stanza, etree.fromstring(f"<echo xmlns='urn:example:echo'>{to}"
+                                                      "</echo>"))
+
+        @iq_set("urn:example:echo", "echo", to="service-bare")
+        def at_entity(self, stanza: Any, _origin: Any, to: JID) -> Any:
+            return st.result(stanza)
+
+    service = Echo(None, None)  # type: ignore[arg-type]
+    # Not handlers of the user domains: the router never sees them.
+    assert service.iq_handlers() == []
+
+    def iq(type_: str, to: str) -> etree._Element:
+        return etree.fromstring(f"<iq xmlns='{CLIENT}' type='{type_}' id='1' to='{to}' "
+                                "from='a@a.test/r'><echo xmlns='urn:example:echo'/></iq>")
+    answer = service.route(iq("get", "echo.a.test"), None, JID.parse("echo.a.test"))
+    assert answer.get("type") == "result" and answer[0].text == "echo.a.test"
+    answer = service.route(iq("set", "x@echo.a.test"), None, JID.parse("x@echo.a.test"))
+    assert answer.get("type") == "result"
+    # Not declared for that type and target: left to handle() (None: service-unavailable).
+    assert service.route(iq("get", "x@echo.a.test"), None, JID.parse("x@echo.a.test")) is None
+    assert service.route(iq("set", "echo.a.test"), None, JID.parse("echo.a.test")) is None
+
+
+def test_two_service_handlers_for_one_iq_are_refused() -> None:
+    from typing import Any
+
+    from server.module import iq_get
+    from server.services import ServiceModule
+
+    class Twice(ServiceModule):
+        name = "twice-test"
+        identity = ("component", "generic")
+        display_name = "Twice"
+
+        @iq_get("urn:example:x", "x", to="service")
+        def one(self, stanza: Any, _origin: Any, _to: JID) -> Any:
+            return None
+
+        @iq_get("urn:example:x", "x", to=("service", "service-bare"))
+        def two(self, stanza: Any, _origin: Any, _to: JID) -> Any:
+            return None
+
+    with pytest.raises(ValueError, match="two handlers"):
+        Twice(None, None)  # type: ignore[arg-type]
