@@ -47,7 +47,7 @@ class Register(Admin):
                 raise StanzaError("registration-required", "members only")
             x = st.child(reply, _FORM, {"type": "form"})
             hidden = st.child(x, ns.q(ns.DATA_FORMS, "field"),
-                              {"var": "FORM_TYPE", "type": "hidden", "label": "Form type"})
+                              {"var": "FORM_TYPE", "type": "hidden"})
             st.child(hidden, ns.q(ns.DATA_FORMS, "value"), text=MUC + "#register")
             nick_field = st.child(x, ns.q(ns.DATA_FORMS, "field"), {
                 "var": "muc#register_roomnick", "type": "text-single", "label": "Nickname"})

@@ -180,7 +180,6 @@ def _int(value: str, var: str) -> int:
 # and for every option of a list, so that a client has something to show (without them
 # profanity showed "[field3] (null)").
 LABELS: dict[str, str] = {
-    "FORM_TYPE": "Form type",
     "muc#roomconfig_roomname": "Title",
     "muc#roomconfig_roomdesc": "Description",
     "muc#roomconfig_persistentroom": "Persistent (kept when the last occupant leaves)",
@@ -232,8 +231,11 @@ def config_form(config: RoomConfig, room: JID) -> etree._Element:
 
 
 def _field(x: etree._Element, var: str, kind: str, value: Any) -> etree._Element:
-    el = st.child(x, ns.q(ns.DATA_FORMS, "field"),
-                  {"var": var, "type": kind, "label": LABELS[var]})
+    # No label on a hidden field (FORM_TYPE): XEP-0004 §3.3, it is not shown (nor has
+    # Prosody one, which its scansion scripts check strictly).
+    attrs = {"var": var, "type": kind} if kind == "hidden" else {
+        "var": var, "type": kind, "label": LABELS[var]}
+    el = st.child(x, ns.q(ns.DATA_FORMS, "field"), attrs)
     text = ("1" if value else "0") if isinstance(value, bool) else str(value)
     st.child(el, ns.q(ns.DATA_FORMS, "value"), text=text)
     return el

@@ -74,13 +74,15 @@ class Voice(MucBase):
                  text="To approve this request for voice, select the 'Grant voice to this "
                       "person?' checkbox and submit the form.")
         for var, kind, label, value in (
-                ("FORM_TYPE", "hidden", "Form type", REQUEST),
+                ("FORM_TYPE", "hidden", None, REQUEST),
                 ("muc#role", "list-single", "Requested role", "participant"),
                 ("muc#jid", "jid-single", "User ID", str(real)),
                 ("muc#roomnick", "text-single", "Room Nickname", occupant.nick),
                 ("muc#request_allow", "boolean", "Grant voice to this person?", "false")):
-            el = st.child(x, ns.q(ns.DATA_FORMS, "field"),
-                          {"var": var, "type": kind, "label": label})
+            attrs = {"var": var, "type": kind}
+            if label is not None:  # none on the hidden FORM_TYPE (XEP-0004 §3.3)
+                attrs["label"] = label
+            el = st.child(x, ns.q(ns.DATA_FORMS, "field"), attrs)
             st.child(el, ns.q(ns.DATA_FORMS, "value"), text=value)
             if kind == "list-single":  # XEP-0004 §3.3: a list field offers its options
                 opt = st.child(el, ns.q(ns.DATA_FORMS, "option"), {"label": "Participant"})
