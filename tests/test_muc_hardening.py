@@ -28,20 +28,13 @@ from tests.test_muc import (
     self_presence,
     submit,
 )
+from tests.test_muc_core import users
 from tests.test_persistence import configure, kill_9, login, start
 
 XDATA = "jabber:x:data"
 DELAY = "urn:xmpp:delay"
 SID = "urn:xmpp:sid:0"
 REQUEST = MUC + "#request"
-
-
-async def users(running: RunningServer, *names: str) -> list[RawClient]:
-    clients = []
-    for name in names:
-        await running.add_user(f"{name}@a.test")
-        clients.append(await running.raw_login(f"{name}@a.test", resource="pc"))
-    return clients
 
 
 @pytest.fixture
@@ -181,14 +174,18 @@ async def test_history_of_a_persistent_room_after_a_restart(tmp_path: Path, how:
 
 # -- a presence flood is not broadcast -----------------------------------------------------------
 
-async def test_a_presence_flood_is_not_broadcast(muc: RunningServer) -> None:
+@pytest.mark.parametrize("rejoin", [False, True])
+async def test_a_presence_flood_is_not_broadcast(muc: RunningServer, rejoin: bool) -> None:
     alice, bob = await users(muc, "alice", "bob")
     await join(alice, "Alice")
     await join(bob, "Bob")
     await next_presence_from(alice, f"{ROOM}/Bob")
     status = "x" * 1000
+    # Status updates, or join presences from the session already in (a resync each).
+    x = f"<x xmlns='{MUC}'/>" if rejoin else ""
     for n in range(200):
-        await bob.send(f"<presence to='{ROOM}/Bob'><status>{n} {status}</status></presence>")
+        await bob.send(f"<presence to='{ROOM}/Bob'><status>{n} {status}</status>{x}"
+                       "</presence>")
     await ping(bob)
     # Alice gets the burst (3) at once, and the latest state once the rate (1/s) allows:
     # never the two hundred.

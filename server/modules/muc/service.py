@@ -23,7 +23,6 @@ from server.modules.muc.base import _error, _errors_later, log
 from server.modules.muc.invite import Invitations
 from server.modules.muc.nicknames import nickname
 from server.modules.muc.room import (
-    MUC,
     MUC_USER,
     Occupant,
     Room,
@@ -37,7 +36,6 @@ from server.storage.muc import StoredRoom
 from server.xml import ns
 from server.xml import stanza as st
 
-_X_MUC = ns.q(MUC, "x")
 _PING = ns.q(ns.PING, "ping")
 _INFO = ns.q(ns.DISCO_INFO, "query")
 _ITEMS = ns.q(ns.DISCO_ITEMS, "query")
@@ -279,6 +277,8 @@ class Service(Archive, Invitations, Voice):
                                                time.monotonic()):
             self._deliver(room.update_presence(real, presence))
             return
+        # (A rejoin presence, <x xmlns='muc'/> from a session already in, held too: the
+        # flush sends the others its presence; the session asked for nothing else it needs.)
         occupant.sessions[real] = presence
         key = id(occupant)
         if key in self._held:
@@ -331,12 +331,16 @@ class Service(Archive, Invitations, Voice):
             created = True
         occupant = room.by_jid.get(sender)
         if occupant is not None:
-            if occupant.nick == nick and stanza.find(_X_MUC) is None:
+            if occupant.nick == nick:
                 self._presence_update(room, occupant, sender, st.standalone(stanza))
-            elif occupant.nick == nick:
-                self._deliver(room.update_presence(sender, st.standalone(stanza)))
-            else:
-                self._deliver(room.change_nick(sender, nick))
+                return True
+            rate = self.config.presence_rate
+            if rate and not occupant.presences.take(rate, self.config.presence_burst,
+                                                    time.monotonic()):
+                # A nick change over the rate is refused (XEP-0045 §7.6: the occupant stays
+                # under its nick and is told), not broadcast.
+                raise StanzaError("resource-constraint", "too many presence changes; wait")
+            self._deliver(room.change_nick(sender, nick))
             return True
         out = room.join(sender, nick, st.standalone(stanza), created=created,
                         renamed=nick != to.resource)
