@@ -135,9 +135,15 @@ async def say_things(port: int) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize("how", ["graceful", "kill -9"])
-async def test_history_of_a_persistent_room_after_a_restart(tmp_path: Path, how: str) -> None:
-    config, port = configure(tmp_path, ("alice", "bob"))
+@pytest.mark.parametrize(("how", "backend"), [("graceful", "sqlite"), ("kill -9", "sqlite"),
+                                              ("kill -9", "postgresql")])
+async def test_history_of_a_persistent_room_after_a_restart(
+        tmp_path: Path, how: str, backend: str, request: pytest.FixtureRequest) -> None:
+    storage = ""
+    if backend == "postgresql":
+        dsn = request.getfixturevalue("pg_dsn")
+        storage = f'[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+    config, port = configure(tmp_path, ("alice", "bob"), storage)
     proc = start(config, tmp_path)
     try:
         ids = await say_things(port)
