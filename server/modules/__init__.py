@@ -42,6 +42,8 @@ MODULES: list[str] = [
     "muc",
     "http",
     "upload",
+    "external_services",
+    "proxy65",
 ]
 
 

@@ -46,14 +46,14 @@ from server.modules.muc.base import MucSettings
 from server.modules.muc.moderation import Moderation
 from server.modules.muc.owner import Owner
 from server.modules.muc.register import Register
-from server.modules.muc.room import MUC, OCCUPANT_ID, SID
+from server.modules.muc.room import MUC, OCCUPANT_ID, SELF_PING, SID
 from server.modules.muc.service import Service
 
 
 class Muc(Service, Register, Owner, Moderation):
     """The MUC service module: the parts above, one instance per server."""
 
-    service_features = (MUC, SID, OCCUPANT_ID)
+    service_features = (MUC, SID, OCCUPANT_ID, SELF_PING)
 
 
 __all__ = ["Muc", "MucSettings"]
