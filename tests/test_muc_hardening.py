@@ -28,7 +28,7 @@ from tests.test_muc import (
     self_presence,
     submit,
 )
-from tests.test_muc_core import users
+from tests.test_muc_core import storage_table, users
 from tests.test_persistence import configure, kill_9, login, start
 
 XDATA = "jabber:x:data"
@@ -139,11 +139,7 @@ async def say_things(port: int) -> list[str]:
                                               ("kill -9", "postgresql")])
 async def test_history_of_a_persistent_room_after_a_restart(
         tmp_path: Path, how: str, backend: str, request: pytest.FixtureRequest) -> None:
-    storage = ""
-    if backend == "postgresql":
-        dsn = request.getfixturevalue("pg_dsn")
-        storage = f'[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
-    config, port = configure(tmp_path, ("alice", "bob"), storage)
+    config, port = configure(tmp_path, ("alice", "bob"), storage_table(backend, request))
     proc = start(config, tmp_path)
     try:
         ids = await say_things(port)
