@@ -18,6 +18,8 @@ sasl2/resume (stream, element), fast/verify, fast/issue.
 Discovery and access: disco/node, disco/account-info (query, stanza, origin),
 access/may-see-presence, access/deny, watchers/list.
 PEP: pep/published (owner, node, item id, payload or None) after an item went out.
+Entity capabilities (caps.py, XEP-0115): caps/known (session, features) when a local resource's
+features are known with its presence out; caps/remote-known (user, remote full JID, features).
 Lifecycle: server-started, server-stopping.
 """
 

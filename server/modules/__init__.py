@@ -31,6 +31,7 @@ MODULES: list[str] = [
     "mam",
     "blocking",
     "vcard",
+    "caps",
     "pubsub.pep",
     "pubsub.service",
     "private",

@@ -17,6 +17,7 @@ from lxml import etree
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.sessions import Session
+from server.storage.db import log_failure
 from server.stream import negotiation as neg
 from server.stream import sasl2
 from server.stream.connection import XMLStreamConnection
@@ -133,7 +134,7 @@ class C2SConnection(XMLStreamConnection):
         try:
             found = await self._server.storage.accounts.get_credentials(user, domain)
         except Exception:
-            log.exception("event=credentials-lookup-failed user=%s@%s", user, domain)
+            log_failure(log, "event=credentials-lookup-failed user=%s@%s", user, domain)
             if not self._closing:
                 self._carry_out(self.negotiation.credentials_failed())
             return
@@ -187,7 +188,7 @@ class C2SConnection(XMLStreamConnection):
             if pending is not None:
                 responder, rotate = await pending
         except Exception:
-            log.exception("event=fast-verify-failed user=%s@%s", action.user, action.domain)
+            log_failure(log, "event=fast-verify-failed user=%s@%s", action.user, action.domain)
             if not self._closing:
                 self._carry_out(self.negotiation.token_check_failed())
             return
@@ -202,7 +203,7 @@ class C2SConnection(XMLStreamConnection):
             if pending is not None:
                 issued = await pending
         except Exception:
-            log.exception("event=fast-issue-failed user=%s@%s", action.user, action.domain)
+            log_failure(log, "event=fast-issue-failed user=%s@%s", action.user, action.domain)
         if not self._closing:
             token, expiry = issued if issued is not None else (None, None)
             self._carry_out(self.negotiation.token_issued(token, expiry))
