@@ -301,3 +301,23 @@ async def test_a_second_session_may_use_another_nickname(muc: RunningServer) -> 
     assert gone.get("type") == "unavailable"
     await bob.send(f"<message to='{ROOM}' type='groupchat'><body>still there?</body></message>")
     assert body(await next_message(phone)) == "still there?"
+
+
+# -- the room archive's page limit is [mam] max_page (issue 20) -----------------------------------
+
+async def test_room_archive_pages_follow_mam_max_page(tmp_path: Path) -> None:
+    running = await start_server(tmp_path, "[mam]\nmax_page = 120\n")
+    try:
+        alice, = await users(running, "alice")
+        await join(alice, "Alice")
+
+        async def query(limit: int) -> etree._Element:
+            return await alice.ask(
+                f"<iq type='set' to='{ROOM}' id='q{limit}'><query xmlns='urn:xmpp:mam:2'>"
+                f"<set xmlns='http://jabber.org/protocol/rsm'><max>{limit}</max></set>"
+                "</query></iq>", skip_others=True)
+        assert (await query(120)).get("type") == "result"  # over the old fixed 100
+        refused = await query(121)
+        assert refused.get("type") == "error" and condition(refused) == "policy-violation"
+    finally:
+        await stop_server(running)

@@ -20,9 +20,6 @@ from server.sessions import Session
 from server.storage.archive import ArchiveEntry, ArchiveQuery, UnknownArchiveId
 from server.xml import stanza as st
 
-# The largest page of a room archive query (XEP-0313 with RSM): read from here only.
-ROOM_ARCHIVE_MAX_PAGE = 100
-
 
 class Archive(MucBase):
     @iq_get(aq.MAM2, "query", to="service-bare")
@@ -73,7 +70,7 @@ class Archive(MucBase):
         affiliation = room.affiliation(sender)
         if affiliation == "outcast" or (room.config.members_only and affiliation == "none"):
             raise StanzaError("forbidden", "members only")
-        q, flip = aq.parse_query(query, aq.MAM2, ROOM_ARCHIVE_MAX_PAGE)
+        q, flip = aq.parse_query(query, aq.MAM2, aq.max_page(self.server.config))
         try:
             page = await archive.query(room.jid_str, q)
         except UnknownArchiveId as exc:
