@@ -29,6 +29,7 @@ from tests.process import free_ports
 from tests.rawclient import insecure_context
 from tests.test_browser import BROWSER_DIR, STEP_TIMEOUT, browser_ready  # noqa: F401 (fixture)
 from tests.test_http import start_web, url
+from tests.test_register import condition, preauth_iq, register_iq, unauthenticated
 
 ADMINS = 'admins = ["root@a.test"]'
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -249,6 +250,41 @@ async def test_account_actions_are_seen_over_xmpp(web: RunningServer, admin: Bro
     response, text = await admin.post("/admin/accounts", {"action": "remove",
                                                           "jid": "carol@a.test"})
     assert response.status == 400 and "no such account" in text
+
+
+async def test_invitation_from_the_page_registers_in_band_and_subscribes(
+        web: RunningServer, admin: Browser) -> None:
+    response, text = await admin.post("/admin/accounts", {
+        "action": "invite", "domain": "a.test", "uses": "1", "expires": "1d",
+        "group": "Friends", "contact": "1"})
+    assert response.status == 200, text
+    found = re.search(r"(https://[^ <]+/invite/([A-Za-z0-9_-]+)) — or in a client: "
+                      r"(xmpp:root@a\.test\?roster;preauth=([A-Za-z0-9_%-]+);ibr=y)", text)
+    assert found is not None, text
+    link, token = found.group(1), found.group(2)
+    assert found.group(4) == token
+    # The invitation's own page opens...
+    host, port = web.address("https")
+    async with admin.session.get(f"https://{host}:{port}/invite/{token}",
+                                 ssl=insecure_context()) as page:
+        assert page.status == 200
+    assert link.endswith(f"/invite/{token}")
+    # ...and the token registers in-band (XEP-0445, XEP-0077), subscribed to the admin.
+    client, _features = await unauthenticated(web)
+    assert condition(await client.ask(preauth_iq(token))) is None
+    reply = await client.ask(register_iq("erin", "erin-password"))
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await client.close()
+    erin = await web.client("erin@a.test", "erin-password")
+    await erin.get_roster()
+    assert erin.client_roster["root@a.test"]["subscription"] == "both"
+    assert erin.client_roster["root@a.test"]["groups"] == ["Friends"]
+    # Refusals.
+    for form, says in (({"uses": "0"}, "uses: a whole number"), ({"uses": "1x"}, "uses:"),
+                       ({"expires": "soon"}, "not a duration"),
+                       ({"domain": "elsewhere.test"}, "not a domain of this server")):
+        response, text = await admin.post("/admin/accounts", {"action": "invite", **form})
+        assert response.status == 400 and says in text, (form, text)
 
 
 async def test_an_admin_password_change_ends_its_web_sessions(web: RunningServer,

@@ -41,10 +41,12 @@ from server.limits import AuthBackoff
 from server.module import Module
 from server.modules.fast import load_key
 from server.modules.http import HTTP
+from server.modules.invites import Invites, parse_duration
 from server.modules.muc import Muc
 from server.storage.base import AccountExists, Credentials, NoSuchAccount
 from server.stream.connection import XMLStreamConnection
 from server.stream.scram import derive_credentials, fake_keys, prepare_password, verify_password
+from server.xml.numbers import NumberError, parse_int
 
 log = logging.getLogger("presenced.webadmin")
 
@@ -270,7 +272,8 @@ class WebAdmin(Module):
             credentials = await self.server.storage.accounts.get_credentials(jid.local,
                                                                              jid.domain)
         password = form.get("password", "")
-        keys = credentials.sha256 if credentials is not None else fake_keys(account, "sha256")
+        keys = credentials.sha256 if credentials is not None else fake_keys(
+            account, "sha256", self.server.config.c2s.scram_iterations)
         # PBKDF2 off the event loop; an unknown or non-admin account costs the same time.
         ok = await asyncio.to_thread(verify_password, password, keys) and credentials is not None
         if not ok or credentials is None:
@@ -373,13 +376,39 @@ class WebAdmin(Module):
             return True, f"removed {jid}" + (f" and ended {ended} session(s)" if ended else "")
         raise ValueError(f"unknown action {action[:40]!r}")
 
+    async def _invite(self, admin: _Admin, form: dict[str, str]) -> str:
+        """The accounts page's "create an invitation": what to tell (ValueError: why not)."""
+        invites = self.server.modules.get("invites")
+        if not isinstance(invites, Invites):
+            raise ValueError("the invites module is not loaded")
+        domain = form.get("domain", "") or self.server.default_domain
+        if domain not in self.server.hosts:
+            raise ValueError(f"{domain} is not a domain of this server")
+        try:
+            uses = parse_int(form.get("uses", "1").strip() or "1", minimum=1, maximum=10000)
+        except NumberError:
+            raise ValueError("uses: a whole number from 1 to 10000") from None
+        lifetime = parse_duration(form.get("expires", "") or "7d")
+        group = form.get("group", "").strip()[:200] or None
+        # XEP-0379: the admin becomes the invitee's contact when asked and on that domain.
+        inviter = admin.jid.local if form.get("contact") and \
+            admin.jid.domain == domain else None
+        _invitation, uri, url = await invites.create(domain, inviter, uses=uses,
+                                                    lifetime=lifetime, group=group)
+        log.info("event=invitation-created via=webadmin by=%s domain=%s uses=%d", admin.jid,
+                 domain, uses)
+        return (f"invitation for {domain}, {uses} use(s): {url} — or in a client: {uri}")
+
     async def _accounts(self, request: web.Request, admin: _Admin,
                         form: dict[str, str]) -> web.Response:
         note = ""
         status = 200
         if request.method == "POST":
             try:
-                ok, message = await self._act(admin, form)
+                if form.get("action") == "invite":
+                    ok, message = True, await self._invite(admin, form)
+                else:
+                    ok, message = await self._act(admin, form)
             except ValueError as exc:
                 ok, message = False, str(exc)
             note = f'<p class="{"notice" if ok else "error"}">{esc(message)}</p>'
@@ -427,8 +456,17 @@ class WebAdmin(Module):
                  f'<label>Again <input name="password2" type="password" '
                  f'autocomplete="new-password" required></label>'
                  f"<button>Change</button></fieldset></form>")
+        options = "".join(f"<option>{esc(d)}</option>" for d in self.server.config.domains)
+        invite = (f'<form method="post"><fieldset><legend>Create an invitation</legend>{csrf}'
+                  f'<input type="hidden" name="action" value="invite">'
+                  f'<label>Domain <select name="domain">{options}</select></label>'
+                  f'<label>Uses <input name="uses" value="1" size="4" inputmode="numeric">'
+                  f'</label><label>Valid for <input name="expires" value="7d" size="5">'
+                  f'</label><label>Roster group <input name="group"></label>'
+                  f'<label><input type="checkbox" name="contact" value="1" checked> '
+                  f"add me as a contact</label><button>Create</button></fieldset></form>")
         body = (note + search + ui.table(("Account", "Online", "", ""), rows, "No account found.")
-                + more + add + reset)
+                + more + add + reset + invite)
         return self._html("Accounts", body, admin, PREFIX + "/accounts", status)
 
     async def _online(self, _request: web.Request, admin: _Admin,
