@@ -9,6 +9,7 @@ tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -30,6 +31,7 @@ from tests.rawclient import insecure_context
 from tests.test_browser import BROWSER_DIR, STEP_TIMEOUT, browser_ready  # noqa: F401 (fixture)
 from tests.test_http import start_web, url
 from tests.test_register import condition, preauth_iq, register_iq, unauthenticated
+from tests.test_storage_failures import fill, mounted_tmpfs
 
 ADMINS = 'admins = ["root@a.test"]'
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -429,6 +431,38 @@ async def test_s2s_page_shows_the_link(tmp_path: Path) -> None:
         await stop_server(one)
 
 
+async def test_a_full_disk_is_a_503_then_works_again(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite on a full file system: adding an account answers 503 (try again), with no
+    traceback; with room again the same form works."""
+    caplog.set_level(logging.INFO)
+    with mounted_tmpfs(tmp_path / "data") as data:
+        running = await start_web(tmp_path, top=ADMINS)
+        browser = Browser(running)
+        try:
+            await running.add_user("root@a.test")
+            assert (await browser.login("root@a.test")).status == 303
+            await browser.get("/admin/accounts")
+            add = {"action": "add", "jid": "fay@a.test", "password": "fay-pw",
+                   "password2": "fay-pw"}
+            filler = fill(data)
+            response, text = await browser.post("/admin/accounts", add)
+            assert response.status == 503 and response.headers["Retry-After"] == "10", text
+            assert not any(r.exc_info for r in caplog.records)
+            filler.unlink()
+            for _ in range(50):
+                response, text = await browser.post("/admin/accounts", add)
+                if response.status != 503:
+                    break
+                await asyncio.sleep(0.2)
+            assert response.status == 200 and "added fay@a.test" in text, text
+        finally:
+            await browser.close()
+            with contextlib.suppress(FileNotFoundError):
+                (data / "filler").unlink()
+            await stop_server(running)
+
+
 # -- the pure pieces ----------------------------------------------------------------------------
 
 
@@ -485,7 +519,7 @@ def test_cookie_signer_binds_key_account_and_time() -> None:
 async def test_in_chromium_login_add_an_account_and_see_the_graphs(
         web: RunningServer, tmp_path: Path) -> None:
     """tests/browser/admin.mjs in Debian's Chromium: log in, add an account (which then logs in
-    over XMPP), see the four graphs; the screenshot is kept as tmp_path/admin.png."""
+    over XMPP), see the four graphs; the screenshots are kept as tmp_path/admin.png and accounts.png."""
     module = web.server.modules["webadmin"]
     await web.client("bob@a.test", resource="one")
     module._sample()  # type: ignore[attr-defined]
@@ -495,6 +529,7 @@ async def test_in_chromium_login_add_an_account_and_see_the_graphs(
     shot = tmp_path / "admin.png"
     options = {"origin": f"https://{host}:{port}", "jid": "root@a.test", "password": PASSWORD,
                "newJid": "dana@a.test", "newPassword": "dana-pw", "screenshot": str(shot),
+               "accountsScreenshot": str(tmp_path / "accounts.png"),
                "timeoutMs": int(STEP_TIMEOUT * 1000)}
     process = await asyncio.create_subprocess_exec(
         "node", str(BROWSER_DIR / "admin.mjs"), json.dumps(options),
@@ -511,4 +546,5 @@ async def test_in_chromium_login_add_an_account_and_see_the_graphs(
         "logged-in", "added", "graphs"]
     assert "graph Client sessions" in lines
     assert shot.stat().st_size > 10_000
+    assert (tmp_path / "accounts.png").stat().st_size > 10_000
     await web.client("dana@a.test", "dana-pw")

@@ -44,6 +44,7 @@ from server.modules.http import HTTP
 from server.modules.invites import Invites, parse_duration
 from server.modules.muc import Muc
 from server.storage.base import AccountExists, Credentials, NoSuchAccount
+from server.storage.db import StorageUnavailable
 from server.stream.connection import XMLStreamConnection
 from server.stream.scram import derive_credentials, fake_keys, prepare_password, verify_password
 from server.xml.numbers import NumberError, parse_int
@@ -129,7 +130,11 @@ class WebAdmin(Module):
     # -- requests ----------------------------------------------------------------------------
 
     async def _request(self, request: web.Request) -> web.StreamResponse:
-        response = await self._serve(request)
+        try:
+            response = await self._serve(request)
+        except StorageUnavailable:  # logged once by the storage's Outage; try again later
+            response = web.Response(status=503, text="the database is unavailable; try again\n")
+            response.headers["Retry-After"] = "10"
         headers = response.headers
         headers["Content-Security-Policy"] = ui.CSP
         headers["X-Content-Type-Options"] = "nosniff"
@@ -428,10 +433,11 @@ class WebAdmin(Module):
         rows = []
         for jid in found[:_SHOWN]:
             online = len(self.server.sessions.resources(jid))
-            remove = (f'<form method="post" class="inline">{csrf}'
-                      f'<input type="hidden" name="action" value="remove">'
-                      f'<input type="hidden" name="jid" value="{esc(jid)}">'
-                      f'<button name="remove" value="{esc(jid)}">Remove</button></form>')
+            remove = "" if jid == admin.jid.bare else (
+                f'<form method="post" class="inline">{csrf}'
+                f'<input type="hidden" name="action" value="remove">'
+                f'<input type="hidden" name="jid" value="{esc(jid)}">'
+                f'<button name="remove" value="{esc(jid)}">Remove</button></form>')
             rows.append((esc(jid), esc(f"{online} session(s)" if online else "offline"),
                          "admin" if str(jid) in self.server.config.admins else "", remove))
         more = (f"<p>{len(found) - _SHOWN} more: narrow the search.</p>"

@@ -1,6 +1,6 @@
 // The admin web page (/admin) in Debian's Chromium (headless, driven by playwright-core), for
 // tests/test_admin_web.py. Argument: a JSON object
-//   {origin, jid, password, newJid, newPassword, screenshot, timeoutMs}
+//   {origin, jid, password, newJid, newPassword, screenshot, accountsScreenshot, timeoutMs}
 // Logs in as the admin, adds newJid with newPassword on the accounts page, opens the overview
 // and checks its four graphs are drawn (SVG with a title each), then saves a screenshot of the
 // overview. Every other origin is blocked. Protocol with the test, one line each on stdout:
@@ -49,6 +49,7 @@ try {
   await add.locator('button').click();
   await page.locator(`.notice:has-text(${JSON.stringify(`added ${opts.newJid}`)})`).waitFor();
   await page.locator(`td:has-text(${JSON.stringify(opts.newJid)})`).first().waitFor();
+  if (opts.accountsScreenshot) await page.screenshot({ path: opts.accountsScreenshot, fullPage: true });
   step('added');
   await page.click('header a:has-text("Overview")');
   await page.locator('h1:has-text("Overview")').waitFor();
