@@ -316,6 +316,18 @@ async def test_online_page_shows_resource_address_and_transport_escaped(
         assert module.history.samples[-1].sessions == 2  # type: ignore[attr-defined]
         response, text = await admin.get("/admin")
         assert "Client sessions: 2 sessions" in text
+        # Messages routed per second: the growth of the routed count between two samples.
+        await asyncio.sleep(0.1)
+        module._sample()  # type: ignore[attr-defined]
+        assert module.history.samples[-1].messages == 0  # type: ignore[attr-defined]
+        for n in range(3):
+            await raw.send(f"<message to='root@a.test/desk' type='chat'><body>{n}</body>"
+                           "</message>")
+        for _ in range(3):
+            await raw.next_of("message")
+        await asyncio.sleep(0.1)
+        module._sample()  # type: ignore[attr-defined]
+        assert module.history.samples[-1].messages > 0  # type: ignore[attr-defined]
     finally:
         await raw.close()
 
