@@ -167,13 +167,13 @@ class SaslServer:
             self._plain = None
             self._state = _State.DONE
             # Unknown user: check against fake keys anyway, so the answer takes as long.
-            keys = (credentials.sha256 if credentials is not None
-                    else fake_keys(self._seed(user), "sha256", self._iterations))
+            keys = (credentials.sha256 or credentials.sha1 if credentials is not None
+                    else None) or fake_keys(self._seed(user), "sha256", self._iterations)
             if verify_password(password, keys) and credentials is not None:
                 return Success(user, None)
             return Failure("not-authorized", "wrong username or password")
         assert self._scram is not None
-        stored = None
+        stored = None  # an account without keys for this hash (imported) fails as unknown
         if credentials is not None:
             stored = credentials.sha1 if self._scram.hash_name == "sha1" else credentials.sha256
         self._state = _State.FINAL
