@@ -237,7 +237,8 @@ async def _archive(storage: Storage, account: Account, report: Report) -> None:
         ids = await storage.archive.append(new[start:start + PAGE])  # type: ignore[attr-defined]
         if None in ids:
             raise NoSuchAccount(owner)
-    report.added["archived messages"] += len(new)
+    if new:
+        report.added["archived messages"] += len(new)
 
 
 def _archive_key(m: ArchivedItem) -> tuple[int, str, bool, bytes]:

@@ -42,7 +42,13 @@ from lxml import etree
 
 from server.jid import JID, InvalidJID, normalize_domain, normalize_localpart
 from server.modules.pubsub import bookmarks
-from server.modules.pubsub.engine import NODE_CONFIG, PubsubError, config_form, form_values, node_config
+from server.modules.pubsub.engine import (
+    NODE_CONFIG,
+    PubsubError,
+    config_form,
+    form_values,
+    node_config,
+)
 from server.storage.base import Credentials, RosterItem, ScramKeys
 from server.storage.pubsub import StoredItem
 from server.xml.numbers import NumberError, parse_int
