@@ -22,7 +22,7 @@ from server.porting import load, pie
 from server.storage import Storage, all_store_specs, open_storage
 from server.storage.base import Credentials, RosterItem, ScramKeys
 from server.stream.scram import derive_keys, verify_password
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, start_server, stop_server
 from tests.rawclient import SASL_NS, TLS_NS
 from tests.test_cli import assert_fails, presenced
 from tests.test_storage import storage_config
@@ -490,3 +490,34 @@ async def test_login_with_sha1_keys_only(server: RunningServer) -> None:
             assert (await client.next()).tag == f"{{{SASL_NS}}}{answer}"
         finally:
             await client.close()
+
+
+async def test_sha256_is_not_offered_while_accounts_have_sha1_keys_only(tmp_path: Path) -> None:
+    """A client that takes the first mechanism's failure as a wrong password (slixmpp as the
+    tests' client() uses it, Conversations) logs in to an imported account at once: at start,
+    the server finds accounts with SHA-1 keys only and leaves SCRAM-SHA-256 out."""
+    running = await start_server(tmp_path)
+    try:
+        await running.add_user("bob@a.test")
+        stored, server_key = scram_sha1(PASSWORD, PROSODY_SALT, 10000)
+        await running.server.storage.accounts.create("alice", "a.test", Credentials(
+            sha1=ScramKeys(PROSODY_SALT, 10000, stored, server_key), sha256=None))
+        assert running.server.c2s_policy.scram_sha256  # decided at start
+    finally:
+        await stop_server(running)
+    running = await start_server(tmp_path)
+    try:
+        assert not running.server.c2s_policy.scram_sha256
+        client = await running.raw()
+        features = await client.open("a.test")
+        await client.send(f"<starttls xmlns='{TLS_NS}'/>")
+        await client.expect(f"{{{TLS_NS}}}proceed")
+        await client.starttls()
+        features = await client.open("a.test")
+        offered = [m.text for m in features.iter(f"{{{SASL_NS}}}mechanism")]
+        assert "SCRAM-SHA-1" in offered and not any("SHA-256" in (m or "") for m in offered)
+        await client.close()
+        assert (await running.client("alice@a.test", PASSWORD)).authenticated
+        assert (await running.client("bob@a.test")).authenticated  # both: SHA-1 serves too
+    finally:
+        await stop_server(running)

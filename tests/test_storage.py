@@ -124,8 +124,12 @@ async def test_credentials_of_one_hash(storage: Storage) -> None:
     await storage.accounts.create("bob", "a.test", only_sha256)
     assert await storage.accounts.get_credentials("alice", "a.test") == only_sha1
     assert await storage.accounts.get_credentials("bob", "a.test") == only_sha256
+    await storage.accounts.create("carol", "b.test", only_sha1)
+    await storage.accounts.create("dave", "b.test", credentials(4))
+    assert await storage.accounts.missing_keys() == (1, 2)
     await storage.accounts.set_credentials("alice", "a.test", credentials(3))
     assert await storage.accounts.get_credentials("alice", "a.test") == credentials(3)
+    assert await storage.accounts.missing_keys() == (1, 1)
     with pytest.raises(ValueError):
         Credentials(sha1=None, sha256=None)
 

@@ -139,7 +139,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+def add_commands(sub: argparse._SubParsersAction,
                  parents: list[argparse.ArgumentParser]) -> None:
     """The two subcommands, for server/cli.py's parser."""
     p = sub.add_parser(

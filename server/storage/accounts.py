@@ -106,6 +106,13 @@ class AccountStoreSQL(Store):
         return await self._first("SELECT 1 FROM accounts WHERE domain = ? AND localpart = ?",
                                  domain, user) is not None
 
+    async def missing_keys(self) -> tuple[int, int]:
+        row = await self._first(
+            "SELECT count(CASE WHEN sha1_iterations = 0 THEN 1 END), "
+            "count(CASE WHEN sha256_iterations = 0 THEN 1 END) FROM accounts")
+        assert row is not None
+        return int(row[0]), int(row[1])
+
     async def list(self, domain: str) -> list[str]:
         # Sorted here, by code point, the same on both backends (whatever the collation).
         rows = await self._db.fetch("SELECT localpart FROM accounts WHERE domain = ?", domain)

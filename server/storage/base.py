@@ -62,6 +62,9 @@ class AccountStore(Protocol):
 
     async def list(self, domain: str) -> list[str]: ...
 
+    async def missing_keys(self) -> tuple[int, int]:
+        """(accounts without SHA-1 keys, accounts without SHA-256 keys), of all domains."""
+
 
 @dataclass(frozen=True, slots=True)
 class RosterItem:

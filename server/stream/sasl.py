@@ -75,13 +75,14 @@ Step = Challenge | Success | Failure | NeedCredentials
 
 
 def offered_mechanisms(*, tls: bool, channel_bindings: Sequence[str],
-                       allow_plain: bool) -> list[str]:
+                       allow_plain: bool, sha256: bool = True) -> list[str]:
     """What to list in <mechanisms/>, best first. -PLUS only when TLS gives a binding we know
-    how to check; PLAIN only over TLS (RFC 6120 §13.8.3) and when the policy allows it."""
+    how to check; PLAIN only over TLS (RFC 6120 §13.8.3) and when the policy allows it;
+    SCRAM-SHA-256 unless sha256 is False (accounts imported with SHA-1 keys only)."""
     out = []
     if tls and any(kind in CHANNEL_BINDINGS for kind in channel_bindings):
-        out += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"]
-    out += ["SCRAM-SHA-256", "SCRAM-SHA-1"]
+        out += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"] if sha256 else ["SCRAM-SHA-1-PLUS"]
+    out += ["SCRAM-SHA-256", "SCRAM-SHA-1"] if sha256 else ["SCRAM-SHA-1"]
     if tls and allow_plain:
         out.append("PLAIN")
     return out
