@@ -38,7 +38,11 @@ OMEMO_DEVICE = "1234567"
 PRIVATE_NS = "urn:example:porting"
 
 
-async def login(host: str, jid: str, password: str = PASSWORD) -> slixmpp.ClientXMPP:
+async def login(host: str, jid: str, password: str = PASSWORD, *, port: int = 5222,
+                presence: bool = True, plugins: tuple[str, ...] = (),
+                failed: list[str] | None = None) -> slixmpp.ClientXMPP:
+    """A logged-in slixmpp client with its default choice of mechanism (the best offered);
+    failed collects the mechanisms that failed before one succeeded."""
     xmpp = slixmpp.ClientXMPP(f"{jid}/populate", password)
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -46,22 +50,28 @@ async def login(host: str, jid: str, password: str = PASSWORD) -> slixmpp.Client
     xmpp.ssl_context = ctx
     xmpp.enable_direct_tls = False
     xmpp.enable_starttls = True
+    for plugin in plugins:
+        xmpp.register_plugin(plugin)
+    tried = failed if failed is not None else []
     started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def session_start(_event: object) -> None:
-        xmpp.send_presence()
+        if presence:
+            xmpp.send_presence()
         if not started.done():
             started.set_result(None)
 
-    def failed(event: object) -> None:
+    def give_up(event: object) -> None:
         if not started.done():
-            started.set_exception(AssertionError(f"{jid}: login failed: {event}"))
+            started.set_exception(AssertionError(f"{jid}: no login: {event} (tried {tried})"))
 
     xmpp.add_event_handler("session_start", session_start)
-    xmpp.add_event_handler("connection_failed", failed)
-    xmpp.add_event_handler("failed_all_auth", failed)
-    xmpp.connect(host, 5222)
-    await asyncio.wait_for(started, 15)
+    xmpp.add_event_handler("failed_auth",
+                           lambda _e: tried.append(xmpp.plugin["feature_mechanisms"].mech.name))
+    xmpp.add_event_handler("connection_failed", give_up)
+    xmpp.add_event_handler("failed_all_auth", give_up)
+    xmpp.connect(host, port)
+    await asyncio.wait_for(started, 20)
     return xmpp
 
 
@@ -155,6 +165,11 @@ async def populate(host: str, domain: str, *, bookmarks_pep: bool = True,
 ACCOUNTS = ("alice", "bob", "carol", "dave")
 
 
+# The stores of prosody-migrator's xep0227 driver in 0.12 (not offline: unsupported-datastore).
+_STORES = ", ".join(f'"{s}"' for s in ("accounts", "roster", "vcard", "private",
+                                        "archive-archive", "pep-pubsub"))
+
+
 def prosody_peer(workdir: Path) -> ProsodyPeer:
     return ProsodyPeer(
         workdir, host=PROSODY_HOST, domains=(PROSODY,), c2s_port=5222, dialback=False,
@@ -166,11 +181,9 @@ def prosody_export(peer: ProsodyPeer, out: Path) -> list[Path]:
     """prosody-migrator's xep0227 driver: one <user>@<host>.xml per account. It writes them into
     Debian's data directory (CFG_DATADIR, /var/lib/prosody) whatever the output path says
     (INTEROP.md), so they are moved to out afterwards (our domain name is ours alone). Offline messages are not among its stores (0.12: unsupported-datastore)."""
-    stores = ", ".join(f'"{s}"' for s in ("accounts", "roster", "vcard", "private",
-                                           "archive-archive", "pep-pubsub"))
     config = peer.workdir / "migrator.cfg.lua"
     config.write_text(
-        f'input {{ hosts = {{ ["{PROSODY}"] = {{ {stores} }} }}; type = "internal"; '
+        f'input {{ hosts = {{ ["{PROSODY}"] = {{ {_STORES} }} }}; type = "internal"; '
         f'path = "{peer.data_path}"; }}\n'
         f'output {{ type = "xep0227"; path = "{out}"; }}\n')
     # It drops root for the prosody user: that user must own the data (INTEROP.md), and reach
@@ -189,6 +202,29 @@ def prosody_export(peer: ProsodyPeer, out: Path) -> list[Path]:
     if not files:
         raise AssertionError(f"prosody-migrator wrote no file: {done.stdout}{done.stderr}")
     return files
+
+
+def prosody_import(peer: ProsodyPeer, files: list[Path]) -> None:
+    """The other way: prosody-migrator from xep0227 files (presenced's export, one per
+    account) into the peer's internal storage, before it starts. Its xep0227 driver reads them
+    from Debian's data directory only."""
+    for stale in PROSODY_DATA.glob(f"*@{PROSODY}.xml"):
+        stale.unlink()
+    for file in files:
+        shutil.copy(file, PROSODY_DATA / file.name)
+    config = peer.workdir / "import.cfg.lua"
+    config.write_text(
+        f'input {{ hosts = {{ ["{PROSODY}"] = {{ {_STORES} }} }}; type = "xep0227"; }}\n'
+        f'output {{ type = "internal"; path = "{peer.data_path}"; }}\n')
+    subprocess.run(["chown", "-R", "prosody:prosody", str(peer.workdir)], check=True)
+    try:
+        done = subprocess.run(["prosody-migrator", "--config", str(config), "input", "output"],
+                              capture_output=True, text=True, timeout=120, cwd=peer.workdir)
+    finally:
+        for file in files:
+            (PROSODY_DATA / file.name).unlink(missing_ok=True)
+    if done.returncode != 0 or "error" in done.stdout + done.stderr:
+        raise AssertionError(f"prosody-migrator: {done.stdout}{done.stderr}")
 
 
 def ejabberd_peer() -> EjabberdPeer:

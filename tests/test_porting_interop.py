@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 import slixmpp
 
+from tests import porting_peers as peers
 from tests.conftest import RunningServer, start_server, stop_server, write_config
 from tests.porting_peers import (
     AVATAR_ID,
@@ -114,34 +114,12 @@ async def imported(request: pytest.FixtureRequest, tmp_path: Path, storage_table
 
 async def login(running: RunningServer, jid: str, password: str = PASSWORD,
                 plugins: tuple[str, ...] = ()) -> tuple[slixmpp.ClientXMPP, list[str]]:
-    """A slixmpp client with its default mechanism choice (the best offered), and the
-    mechanisms that failed before the login succeeded."""
-    xmpp = slixmpp.ClientXMPP(f"{jid}/new", password)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    xmpp.ssl_context = ctx
-    xmpp.enable_direct_tls = False
-    xmpp.enable_starttls = True
-    for plugin in plugins:
-        xmpp.register_plugin(plugin)
+    """A slixmpp client logged in to presenced (no presence sent yet), and the mechanisms that
+    failed before the login succeeded."""
     failed: list[str] = []
-    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def on_failed_auth(_event: object) -> None:
-        failed.append(xmpp.plugin["feature_mechanisms"].mech.name)
-
-    def give_up(event: object) -> None:
-        if not started.done():
-            started.set_exception(AssertionError(f"{jid}: no login: {event} (tried {failed})"))
-
-    xmpp.add_event_handler("failed_auth", on_failed_auth)
-    xmpp.add_event_handler("failed_all_auth", give_up)
-    xmpp.add_event_handler("connection_failed", give_up)
-    xmpp.add_event_handler("session_start",
-                           lambda _e: started.done() or started.set_result(None))
-    xmpp.connect(*running.address("c2s"))
-    await asyncio.wait_for(started, 20)
+    host, port = running.address("c2s")
+    xmpp = await peers.login(host, jid, password, port=port, presence=False, plugins=plugins,
+                             failed=failed)
     running._clients.append(xmpp)
     return xmpp, failed
 
@@ -235,3 +213,42 @@ async def test_from_ejabberd(imported: tuple[RunningServer, str, str]) -> None:
         str(m["body"])))
     dave.send_presence()  # XEP-0160: offline messages come after the initial presence
     assert await asyncio.wait_for(waiting, 10) == "dave, you missed tea"
+
+
+@pytest.mark.parametrize("storage_table", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("imported", ["prosody"], indirect=True)
+async def test_prosody_reads_our_export(imported: tuple[RunningServer, str, str],
+                                        tmp_path: Path) -> None:
+    """`presenced export DIR` (one <user>@<host>.xml per account) read by prosody-migrator's
+    xep0227 driver into a fresh Prosody, where alice logs in with her password and finds her
+    roster, vCard and bookmarks."""
+    running, domain, _report = imported
+    out = tmp_path / "export"
+    out.mkdir()
+    done = presenced("export", str(out), "--config", str(running.config_path))
+    assert done.returncode == 0, done.stderr
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"{u}@{domain}.xml" for u in ("alice", "bob", "carol",
+                                                                     "dave")]
+    work = Path(tempfile.mkdtemp(prefix="porting-prosody-back-"))
+    os.chmod(work, 0o755)
+    peer = peers.prosody_peer(work / "prosody")
+    try:
+        await asyncio.to_thread(peers.prosody_import, peer, files)
+        await asyncio.to_thread(peer.start)
+        xmpp = await peers.login(peers.PROSODY_HOST, f"alice@{domain}", presence=False)
+        try:
+            roster = await query(xmpp, "get", "<query xmlns='jabber:iq:roster'/>")
+            bob = next(i for i in roster.iter("{jabber:iq:roster}item")
+                       if i.get("jid") == f"bob@{domain}")
+            assert (bob.get("name"), bob.get("subscription")) == ("Bob B.", "both")
+            assert {g.text for g in bob.iter("{jabber:iq:roster}group")} == {"Friends", "Work"}
+            vcard = await query(xmpp, "get", "<vCard xmlns='vcard-temp'/>")
+            assert vcard.findtext(".//{vcard-temp}FN") == "Alice Liddell"
+            bookmarks = await pep_items(xmpp, BOOKMARKS)
+            assert [b.get("id") for b in bookmarks] == ["tea@conference.example.org"]
+        finally:
+            await peers.disconnect(xmpp)
+    finally:
+        await asyncio.to_thread(peer.stop)
+        subprocess.run(["rm", "-rf", str(work)], check=False)

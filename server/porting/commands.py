@@ -112,7 +112,21 @@ def cmd_export(args: argparse.Namespace) -> int:
                                f"{', '.join(config.domains)})")
         domains = list(args.domain)
     out: Path = args.file
-    if out.exists() and not args.force:
+    if out.is_dir():
+        if not args.force:
+            async def existing() -> list[Path]:
+                storage = await open_storage(config, all_store_specs())
+                try:
+                    return [load.account_file(out, user, domain) for domain in domains
+                            for user in await storage.accounts.list(domain)
+                            if load.account_file(out, user, domain).exists()]
+                finally:
+                    await storage.close()
+            there = asyncio.run(existing())
+            if there:
+                raise CLIError(f"{there[0]} exists (and {len(there) - 1} other(s); --force "
+                               "replaces them)")
+    elif out.exists() and not args.force:
         raise CLIError(f"{out} exists (--force replaces it)")
     tty = sys.stderr.isatty()
 
@@ -135,7 +149,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         if tty:
             print(file=sys.stderr)
-    print(f"exported {count} account(s) of {', '.join(domains)} to {out}")
+    where = f"{out}/<user>@<host>.xml" if out.is_dir() else str(out)
+    print(f"exported {count} account(s) of {', '.join(domains)} to {where}")
     return 0
 
 
@@ -157,7 +172,9 @@ def add_commands(sub: argparse._SubParsersAction,
         description="write every account of this server (or of --domain) with its data to one "
                     "XEP-0227 file that presenced import and Prosody's xep0227 driver read")
     p.set_defaults(run=cmd_export)
-    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("file", type=Path, metavar="FILE",
+                   help="the file to write, or a directory: a file <user>@<host>.xml per "
+                        "account in it (Prosody's layout, which prosody-migrator reads)")
     p.add_argument("--domain", action="append", metavar="DOMAIN",
                    help="only this domain (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing FILE")

@@ -22,7 +22,7 @@ from lxml import etree
 
 from server.modules.pubsub import engine
 from server.modules.vcard import photo_hash
-from server.porting.pie import Account, ArchivedItem, PepNode, user_element
+from server.porting.pie import Account, ArchivedItem, PepNode, user_element, write_user_file
 from server.storage import Storage
 from server.storage.archive import ArchiveEntry, ArchiveQuery
 from server.storage.base import Credentials, NoSuchAccount
@@ -265,8 +265,11 @@ async def export_account(storage: Storage, user: str, domain: str) -> Account:
 
 async def export(storage: Storage, domains: Sequence[str], path: Path,
                  progress: ExportProgress | None = None) -> int:
-    """Every account of the domains into one XEP-0227 file; the number of accounts. Written
-    to a temporary file renamed at the end, so a failed export leaves no half file."""
+    """Every account of the domains into one XEP-0227 file, or when path is a directory one
+    file per account named <user>@<host>.xml (Prosody's layout); the number of accounts.
+    Written to a temporary file renamed at the end, so a failed export leaves no half file."""
+    if path.is_dir():
+        return await _export_each(storage, domains, path, progress)
     partial = path.with_name(path.name + ".partial")
     count = 0
     try:
@@ -287,3 +290,26 @@ async def export(storage: Storage, domains: Sequence[str], path: Path,
         partial.unlink(missing_ok=True)
     return count
 
+
+
+def account_file(directory: Path, user: str, domain: str) -> Path:
+    return directory / f"{user}@{domain}.xml"
+
+
+async def _export_each(storage: Storage, domains: Sequence[str], directory: Path,
+                       progress: ExportProgress | None) -> int:
+    count = 0
+    for domain in domains:
+        users = await storage.accounts.list(domain)
+        for index, user in enumerate(users, 1):
+            target = account_file(directory, user, domain)
+            partial = target.with_name(target.name + ".partial")
+            try:
+                write_user_file(partial, await export_account(storage, user, domain))
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
+            count += 1
+            if progress is not None:
+                progress(domain, index, len(users))
+    return count

@@ -32,7 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -588,17 +588,9 @@ def user_element(account: Account) -> etree._Element:
     return user
 
 
-def write(path: Path, hosts: Iterable[tuple[str, Iterable[Account]]]) -> int:
-    """Write accounts grouped by host, streaming (one user element in memory at a time); the
-    number written."""
-    count = 0
-    with etree.xmlfile(str(path), encoding="utf-8") as out:
-        out.write_declaration()
-        with out.element(_SERVER_DATA, nsmap={None: PIE}):
-            for domain, accounts in hosts:
-                with out.element(_HOST, {"jid": domain}):
-                    for account in accounts:
-                        out.write(user_element(account))
-                        out.flush()
-                        count += 1
-    return count
+def write_user_file(path: Path, account: Account) -> None:
+    """One account in a file of its own, as Prosody's xep0227 driver keeps them
+    (<user>@<host>.xml, whose first host and first user it reads)."""
+    root = etree.Element(_SERVER_DATA, nsmap={None: PIE})
+    etree.SubElement(root, _HOST, {"jid": account.domain}).append(user_element(account))
+    etree.ElementTree(root).write(str(path), encoding="utf-8", xml_declaration=True)
