@@ -170,6 +170,12 @@ _STORES = ", ".join(f'"{s}"' for s in ("accounts", "roster", "vcard", "private",
                                         "archive-archive", "pep-pubsub"))
 
 
+# Back into Prosody: not the archive, whose host-level pass (user nil) fails in 0.12's migrator
+# with xep0227 as input ("no 227 user element found"), before any user's archive.
+_BACK_STORES = ", ".join(f'"{s}"' for s in ("accounts", "roster", "vcard", "private",
+                                             "pep-pubsub"))
+
+
 def prosody_peer(workdir: Path) -> ProsodyPeer:
     return ProsodyPeer(
         workdir, host=PROSODY_HOST, domains=(PROSODY,), c2s_port=5222, dialback=False,
@@ -214,7 +220,7 @@ def prosody_import(peer: ProsodyPeer, files: list[Path]) -> None:
         shutil.copy(file, PROSODY_DATA / file.name)
     config = peer.workdir / "import.cfg.lua"
     config.write_text(
-        f'input {{ hosts = {{ ["{PROSODY}"] = {{ {_STORES} }} }}; type = "xep0227"; }}\n'
+        f'input {{ hosts = {{ ["{PROSODY}"] = {{ {_BACK_STORES} }} }}; type = "xep0227"; }}\n'
         f'output {{ type = "internal"; path = "{peer.data_path}"; }}\n')
     subprocess.run(["chown", "-R", "prosody:prosody", str(peer.workdir)], check=True)
     try:
