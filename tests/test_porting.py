@@ -440,6 +440,17 @@ def test_cli_import_and_export(tmp_path: Path) -> None:
     assert sorted(a.user for a in pie.read(target)) == ["alice", "dave", "plain"]
     assert_fails(presenced(tmp_path, "export", str(target), "--config", str(config)), 1,
                  "exists", "--force")
+    # Into a directory: one file per account, as Prosody keeps them.
+    each = tmp_path / "each"
+    each.mkdir()
+    done = presenced(tmp_path, "export", str(each), "--config", str(config))
+    assert done.code == 0, done
+    assert sorted(p.name for p in each.iterdir()) == [
+        f"{user}@{DOMAIN}.xml" for user in ("alice", "dave", "plain")]
+    [dave] = list(pie.read(each / f"dave@{DOMAIN}.xml"))
+    assert dave.user == "dave" and len(dave.offline) == 2
+    assert_fails(presenced(tmp_path, "export", str(each), "--config", str(config)), 1,
+                 f"alice@{DOMAIN}.xml exists", "--force")
     assert_fails(presenced(tmp_path, "export", str(tmp_path / "x.xml"), "--domain", "no.test",
                            "--config", str(config)), 1, "no.test", "not a domain")
     assert_fails(presenced(tmp_path, "import", str(tmp_path / "missing"), "--config",
