@@ -9,7 +9,10 @@ host), filter/user (every stanza addressed to a user, local or remote, before de
 origin, to; each filter once, an awaitable of None lets it pass; a filter marked with
 `stanza_kinds` is skipped for the other kinds), message/offline,
 message/delivered (stanza, account, sessions: carbons, push), presence/outgoing,
-presence/fetched, presence/available, presence/unavailable.
+presence/fetched, presence/available, presence/unavailable, archive/sent-id (stanza, sender
+bare JID, its id in the sender's archive: MAM to carbons, for the <sent/> copy),
+message/copied-to (stanza, session: the sessions that had a carbon copy of a message
+delivered to that session; stream management asks before handing an unacked one on).
 Sessions: session-bound, session-closed (session, reason), session-detached (the stream is
 gone; True keeps the session bound for a resumption, XEP-0198), durability-barrier (session:
 awaitables of writes still to commit, awaited before an XEP-0198 <a/>), auth-failed.
@@ -18,7 +21,13 @@ sasl2/resume (stream, element), fast/verify, fast/issue.
 Discovery and access: disco/node, disco/account-info (query, stanza, origin),
 access/may-see-presence, access/deny, watchers/list.
 PEP: pep/published (owner, node, item id, payload or None) after an item went out.
+Entity capabilities (caps.py, XEP-0115): caps/known (session, features) when a local resource's
+features are known with its presence out; caps/remote-known (user, remote full JID, features).
 Lifecycle: server-started, server-stopping.
+Registration (register.py, invites.py): c2s/pre-auth-features (stream: elements for the
+features before SASL), c2s/pre-auth-iq (stream, iq: XEP-0077/XEP-0445 before SASL; a reply or
+an awaitable of one), account-registered (jid, invitation or None), disco/server-info
+(query, stanza, origin: XEP-0128 forms in the server's disco#info, e.g. XEP-0157).
 """
 
 from __future__ import annotations
