@@ -461,7 +461,7 @@ def test_cli_reports_a_file_it_cannot_read(tmp_path: Path) -> None:
     config = config_file(tmp_path)
     bad = write(tmp_path, "bad.xml", "<html/>")
     result = presenced(tmp_path, "import", str(bad), "--config", str(config))
-    assert result.code == 0 and "Traceback" not in result.err
+    assert result.code == 1 and "Traceback" not in result.err
     assert f"  {bad}: {bad}: not a XEP-0227 file (the root element is html, not " \
            "{urn:xmpp:pie:0}server-data) (after 0 account(s))" in result.out.splitlines()
 

@@ -4,7 +4,7 @@ import PATH… reads XEP-0227 files: a file, or a directory of them (prosody-mig
 driver writes one <user>@<host>.xml per account; ejabberdctl export_piefxis an index file that
 includes one file per host, whose host files are then read through the index only). Progress
 goes to stderr (a bar on a terminal, else a line per file and per tenth of a large file), the
-report to stdout.
+report to stdout; the exit status is 1 when a file could not be read (to its end).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                          pep_max_items=config.section("pep").max_items)
     report = load.Report()
     progress = _Progress()
+    unreadable: list[Path] = []
 
     async def run() -> None:
         storage = await open_storage(config, all_store_specs())
@@ -85,8 +86,10 @@ def cmd_import(args: argparse.Namespace) -> int:
                         await load.import_account(storage, account, target, report)
                         accounts += 1
                 except pie.PieError as exc:
+                    unreadable.append(path)
                     report.skip(str(path), f"{exc} (after {accounts} account(s))")
                 except OSError as exc:
+                    unreadable.append(path)
                     report.skip(str(path), f"cannot read: {exc.strerror}")
                 if not progress.tty:
                     print(f"read {path}: {accounts} account(s)", file=sys.stderr, flush=True)
@@ -99,7 +102,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         progress.finish()
     for line in report.lines():
         print(line)
-    return 0
+    return 1 if unreadable else 0  # what could be read is imported all the same
 
 
 def cmd_export(args: argparse.Namespace) -> int:
