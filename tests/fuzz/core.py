@@ -69,14 +69,17 @@ class Report:
 
 
 class Budget:
-    """A wall-clock budget in seconds (None: unbounded) and a case cap."""
+    """Seconds of wall-clock time, counted from the first case, and an optional case cap."""
 
     def __init__(self, seconds: float, max_cases: int | None = None) -> None:
-        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        self.deadline: float | None = None
         self.max_cases = max_cases
         self.used = 0
 
     def more(self) -> bool:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.seconds
         if self.max_cases is not None and self.used >= self.max_cases:
             return False
         self.used += 1

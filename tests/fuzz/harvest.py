@@ -117,7 +117,7 @@ def vocabulary(modules: Iterable[types.ModuleType]) -> Vocabulary:
 def _call(node: ast.Call, env: dict[str, Any], voc: Vocabulary) -> None:
     func = node.func
     name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-    if name == "q" and len(node.args) == 2 and _const(node.args[1]):
+    if name in ("q", "iq_get", "iq_set") and len(node.args) >= 2 and _const(node.args[1]):
         try:
             namespace = eval(compile(ast.Expression(node.args[0]), "<harvest>", "eval"), env)
         except Exception:
@@ -267,5 +267,8 @@ def _parse_stanza(text: str) -> bytes | None:
     if len(root) != 1 or etree.QName(root[0]).localname not in ("iq", "message", "presence"):
         return None
     el = root[0]
+    if etree.QName(el).namespace != CLIENT:  # a component's or a server's stanza
+        return None
     el.attrib.pop("from", None)
+    el.tail = None
     return etree.tostring(el)
