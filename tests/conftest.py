@@ -124,11 +124,17 @@ def _no_traceback_in_server_log(request: pytest.FixtureRequest) -> Any:
         yield catcher
     finally:
         root.removeHandler(catcher)
+    check_server_log(catcher, request.node)
+
+
+def check_server_log(catcher: TracebackCatcher, node: pytest.Item) -> None:
+    """Fail (the running test) if the server logged a traceback, unless the test is marked."""
+    from tests import process
     found = catcher.render() if catcher.records else ""
     if process.stderr_tracebacks:
         found += "\n" + "\n".join(process.stderr_tracebacks[:3])
         process.stderr_tracebacks.clear()
-    if found and request.node.get_closest_marker("server_traceback") is None:
+    if found and node.get_closest_marker("server_traceback") is None:
         pytest.fail("a traceback in the server's log (mark the test "
                     f"@pytest.mark.server_traceback(reason) if it is provoked on purpose):\n{found}",
                     pytrace=False)

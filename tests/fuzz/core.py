@@ -85,13 +85,21 @@ class Budget:
         self.used += 1
         return time.monotonic() < self.deadline
 
+    def overdue(self) -> bool:
+        """Past the deadline by more than a tenth of the budget: stop minimising findings."""
+        return self.deadline is not None and \
+            time.monotonic() > self.deadline + self.seconds / 10
 
-def shrink_list(items: list[object], still_fails: Callable[[list[object]], bool]) -> list[object]:
+
+def shrink_list(items: list[object], still_fails: Callable[[list[object]], bool],
+                budget: Budget | None = None) -> list[object]:
     """Delta debugging, simplified: drop chunks, then single items, while it still fails."""
     chunk = max(1, len(items) // 2)
     while chunk >= 1:
         i = 0
         while i < len(items):
+            if budget is not None and budget.overdue():
+                return items
             candidate = items[:i] + items[i + chunk:]
             if candidate != items and still_fails(candidate):
                 items = candidate

@@ -197,7 +197,7 @@ def fuzz_parser(rng: random.Random, budget: Budget, report: Report) -> None:
             p = _parser_problem(candidate, other, max_stanza, max_depth)  # type: ignore[arg-type]
             return p is not None and p[0] == kind
 
-        small = shrink_list(list(pieces), still)
+        small = shrink_list(list(pieces), still, budget)
         final = _parser_problem(small, other, max_stanza, max_depth) or problem  # type: ignore[arg-type]
         report.add(Finding("parser", kind, final[1], repr(small),
                            f"max_stanza_size={max_stanza} max_depth={max_depth}"))
@@ -377,7 +377,7 @@ def fuzz_negotiation(rng: random.Random, budget: Budget, report: Report) -> None
             got = _drive(candidate, policy, direct_tls)  # type: ignore[arg-type]
             return got is not None and got.partition("|")[0] == problem.partition("|")[0]
 
-        small = shrink_list(list(steps), still)
+        small = shrink_list(list(steps), still, budget)
         report.add(Finding("negotiation", kind, signature,
                            " ; ".join(_show_step(s) for s in small),  # type: ignore[arg-type]
                            f"{detail} policy={policy} direct_tls={direct_tls}"))

@@ -408,23 +408,23 @@ def _shape(stanza: etree._Element) -> str:
 
 
 async def _minimise(attacker: Attacker, stanza: etree._Element, kind: str, detail: str,
-                    tries: int = 80) -> etree._Element:
+                    budget: Budget, tries: int = 80) -> etree._Element:
     """Drop attributes, text and elements one by one while the same problem comes back."""
     if kind == "no-answer":
         return stanza
-    budget = [tries]
+    left = [tries]
 
     async def still(candidate: etree._Element) -> bool:
-        if budget[0] <= 0:
+        if left[0] <= 0 or budget.overdue():
             return False
-        budget[0] -= 1
+        left[0] -= 1
         got = problems(await attacker.run(candidate))
         return any(k == kind and (kind != "traceback" or d.split("|")[0] == detail.split("|")[0])
                    for k, d in got)
 
     current = stanza
     changed = True
-    while changed and budget[0] > 0:
+    while changed and left[0] > 0:
         changed = False
         for path, op in _reductions(current):
             candidate = copy.deepcopy(current)
@@ -569,11 +569,11 @@ async def fuzz_stanzas(rng: random.Random, budget: Budget, report: Report, tmp: 
                     key = f"stanzas|{kind}|{signature}"
                     if key in report.findings:
                         continue
-                    small = await _minimise(attacker, case.stanza, kind, detail)
+                    small = await _minimise(attacker, case.stanza, kind, detail, budget)
                     report.add(Finding("stanzas", kind, signature,
                                        etree.tostring(small).decode(),
                                        detail.partition("|")[2] or detail))
-                if not problems(outcome) and case.hostile_numbers \
+                if not problems(outcome) and case.hostile_numbers and not budget.overdue() \
                         and etree.QName(case.stanza).localname == "iq":
                     ignored = await _number_check(attacker, case, outcome)
                     if ignored is not None:
