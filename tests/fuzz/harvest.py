@@ -74,11 +74,16 @@ def modules_of(obj: Any) -> list[types.ModuleType]:
     module = inspect.getmodule(cls)
     if module is None:
         return []
+    package = module if hasattr(module, "__path__") else None
+    parent = module.__name__.rpartition(".")[0]
+    if package is None and parent.count(".") >= 2:  # server.modules.muc.room: muc/ is a feature
+        package = importlib.import_module(parent)
     found = [module]
-    if hasattr(module, "__path__"):  # a package's __init__
-        for info in pkgutil.iter_modules(module.__path__):
-            found.append(importlib.import_module(f"{module.__name__}.{info.name}"))
-    return found
+    if package is not None:  # a feature's folder (muc/, pubsub/): all of its files
+        found.append(package)
+        for info in pkgutil.iter_modules(package.__path__):
+            found.append(importlib.import_module(f"{package.__name__}.{info.name}"))
+    return list(dict.fromkeys(found))
 
 
 @functools.cache

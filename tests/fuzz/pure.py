@@ -193,7 +193,8 @@ def fuzz_parser(rng: random.Random, budget: Budget, report: Report) -> None:
             continue
         kind, _sig = problem
 
-        def still(candidate: list[object], kind: str = kind) -> bool:
+        def still(candidate: list[object], kind: str = kind, other: list[bytes] = other,
+                  max_stanza: int = max_stanza, max_depth: int = max_depth) -> bool:
             p = _parser_problem(candidate, other, max_stanza, max_depth)  # type: ignore[arg-type]
             return p is not None and p[0] == kind
 
@@ -371,9 +372,10 @@ def fuzz_negotiation(rng: random.Random, budget: Budget, report: Report) -> None
         problem = _drive(steps, policy, direct_tls)
         if problem is None:
             continue
-        kind, signature, detail = (problem.split("|") + [""])[:3]
+        kind, signature, detail = [*problem.split("|"), ""][:3]
 
-        def still(candidate: list[object], problem: str = problem) -> bool:
+        def still(candidate: list[object], problem: str = problem, policy: Policy = policy,
+                  direct_tls: bool = direct_tls) -> bool:
             got = _drive(candidate, policy, direct_tls)  # type: ignore[arg-type]
             return got is not None and got.partition("|")[0] == problem.partition("|")[0]
 

@@ -31,8 +31,16 @@ from lxml import etree
 from server.xml import ns
 from tests.conftest import RunningServer
 from tests.fuzz import harvest, target
-from tests.fuzz.core import (HOSTILE, JIDS_HOSTILE, NUMBERS_HOSTILE, TEXT_HOSTILE, Budget,
-                             Finding, Report, pick)
+from tests.fuzz.core import (
+    HOSTILE,
+    JIDS_HOSTILE,
+    NUMBERS_HOSTILE,
+    TEXT_HOSTILE,
+    Budget,
+    Finding,
+    Report,
+    pick,
+)
 from tests.rawclient import CLIENT, STANZAS, RawClient, StreamClosedError
 
 ANSWER_TIMEOUT = 10.0
@@ -74,10 +82,16 @@ class Targets:
                                                            key=lambda kv: kv[0]):
             voc = harvest.vocabulary(harvest.modules_of(handler)).frozen()
             self.iq_table.append((type_, kind, xmlns, name, voc))
+        self.service_domains = frozenset(server.router.services)
         self.services: list[tuple[str, harvest.FrozenVocabulary]] = []
+        # and the namespaces each says it speaks (its disco features), tried first
+        self.spoken: dict[str, tuple[str, ...]] = {}
         for domain, route in sorted(server.router.services.items()):
             voc = harvest.vocabulary(harvest.modules_of(route)).frozen()
             self.services.append((domain, voc))
+            owner = getattr(route, "__self__", None)
+            features = (*getattr(owner, "service_features", ()), *getattr(owner, "features", ()))
+            self.spoken[domain] = tuple(f for f in features if f in voc.elements)
         everything = harvest.Vocabulary()
         for module in server.modules.values():
             everything.merge(harvest.vocabulary(harvest.modules_of(module)))
@@ -144,7 +158,7 @@ def _decorate(rng: random.Random, el: etree._Element, voc: harvest.FrozenVocabul
             el.set(name, _PREFERRED.get(name) if name in _PREFERRED and rng.random() < 0.5
                    else pick(rng, values))
     for _ in range(rng.choice((0, 1, 1, 2, 3))):
-        if voc.numeric and rng.random() < 0.25:
+        if voc.numeric and rng.random() < 0.4:
             name = pick(rng, voc.numeric)
         elif voc.attributes:
             name = pick(rng, voc.attributes)
@@ -175,18 +189,25 @@ def _table_case(rng: random.Random, targets: Targets, ids: Iterator[int]) -> Cas
 
 def _service_case(rng: random.Random, targets: Targets, ids: Iterator[int]) -> Case:
     domain, voc = targets.services[rng.randrange(len(targets.services))]
-    kind = rng.choice(("iq", "iq", "message", "presence"))
-    to = rng.choice((domain, f"fuzzroom@{domain}", f"fuzzroom@{domain}/Fuzz",
-                     f"fuzzroom@{domain}/Bob"))
+    kind = rng.choice(("iq", "iq", "iq", "iq", "message", "message", "message", "presence",
+                       "presence", "presence"))
+    room = "fuzzroom" if rng.random() < 0.4 else f"room{rng.randrange(10000)}"  # joins anew
+    if kind == "presence" and rng.random() < 0.8:
+        to = f"{room}@{domain}/{rng.choice(('Fuzz', 'Bob'))}"  # an occupant: a join
+    else:
+        to = rng.choice((domain, f"{room}@{domain}", f"{room}@{domain}/Fuzz",
+                         f"{room}@{domain}/Bob"))
     case = Case(etree.Element(f"{{{CLIENT}}}{kind}", nsmap={None: CLIENT}), "service")
     stanza = case.stanza
     stanza.set("to", to)
-    type_ = pick(rng, _TYPES[kind])
+    type_ = "" if kind != "iq" and rng.random() < 0.7 else pick(rng, _TYPES[kind])
     if type_:
         stanza.set("type", type_)
+    spoken = targets.spoken.get(domain, ())
     if voc.elements:
         for _ in range(1 if kind == "iq" else rng.choice((0, 1, 2))):
-            stanza.append(_random_element(rng, voc, None, case, 0, targets))
+            namespace = pick(rng, spoken) if spoken and rng.random() < 0.8 else None
+            stanza.append(_random_element(rng, voc, namespace, case, 0, targets))
     if kind == "iq" and len(stanza) == 0:
         stanza.append(etree.Element(ns.q(ns.PING, "ping")))
     return case
@@ -201,6 +222,10 @@ def _corpus_case(rng: random.Random, targets: Targets, ids: Iterator[int]) -> Ca
     stanza.attrib.pop("from", None)
     if etree.QName(stanza).localname == "iq" and stanza.get("type") not in ("get", "set"):
         stanza.set("type", rng.choice(("get", "set")))
+    to = stanza.get("to") or ""
+    local, at, rest = to.partition("@")
+    if at and rest.split("/")[0] in targets.service_domains and rng.random() < 0.5:
+        stanza.set("to", f"room{rng.randrange(10000)}@{rest}")  # a room joined anew
     voc = targets.all
     elements = list(stanza.iter())
     numeric = [(el, name) for el in elements for name in el.attrib if name in voc.numeric]
