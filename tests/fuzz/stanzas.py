@@ -124,7 +124,10 @@ def _value(rng: random.Random, name: str, voc: harvest.FrozenVocabulary,
         return value
     r = rng.random()
     if r < 0.25:
-        return pick(rng, NUMBERS_HOSTILE)
+        value = pick(rng, NUMBERS_HOSTILE)
+        if name in voc.numeric:
+            case.hostile_numbers.append((el, name))
+        return value
     if r < 0.4:
         return pick(rng, TEXT_HOSTILE)
     if r < 0.55:
