@@ -29,6 +29,7 @@ from server.config import Address, Config, ConfigErrors, load_config, where
 from server.jid import JID, InvalidJID, normalize_domain
 from server.storage import StorageError, all_store_specs, open_storage
 from server.storage.base import AccountExists, Credentials, NoSuchAccount
+from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.storage import Storage
@@ -391,12 +392,34 @@ def cmd_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_invite_create(args: argparse.Namespace) -> int:
+    from server.modules.invites import create_for_cli, parse_duration
+
+    config = load_config(args.config)
+    try:
+        lifetime = parse_duration(args.expires)
+        _invitation, lines = asyncio.run(create_for_cli(
+            config, inviter=args.inviter, domain=args.domain, admin=args.admin,
+            contact=not args.no_contact, uses=args.uses, lifetime=lifetime, group=args.group))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print("\n".join(lines))
+    return 0
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
 def _days(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}")
+    try:
+        return parse_int(text, minimum=1, maximum=1_000_000, name="days")
+    except NumberError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000000:
+        raise argparse.ArgumentTypeError(f"not a number from 1 to 1000000: {text!r}")
     return int(text)
 
 
@@ -455,6 +478,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="the configuration whose [storage] is filled (must be empty)")
     copy.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help=argparse.SUPPRESS)
+    invite = sub.add_parser("invite", help="invitations (XEP-0401): a link to a page that "
+                            "registers an account", description="invitations (XEP-0401)")
+    invite_sub = invite.add_subparsers(dest="invite_command", required=True, metavar="COMMAND")
+    create = invite_sub.add_parser(
+        "create", parents=[common], help="make an invitation and print its link and xmpp: URI",
+        description="make an invitation; prints the page's link, the xmpp: URI and what it "
+                    "allows. The new account and the inviter become contacts (XEP-0379).")
+    create.set_defaults(run=cmd_invite_create)
+    create.add_argument("--from", dest="inviter", metavar="JID",
+                        help="the inviting account (default: the first of `admins` on the "
+                             "domain)")
+    create.add_argument("--admin", action="store_true",
+                        help="from the domain's admin (the first account of `admins`)")
+    create.add_argument("--no-contact", action="store_true",
+                        help="from nobody: the new account gets no contact")
+    create.add_argument("--domain", metavar="DOMAIN", help="default: the first domain")
+    create.add_argument("--uses", type=_count, default=1, metavar="N",
+                        help="how many accounts it may make (default 1)")
+    create.add_argument("--expires", default="7d", metavar="TIME",
+                        help="valid for this long: 7d, 12h, 30m, 2w (default 7d)")
+    create.add_argument("--group", metavar="G",
+                        help="the roster group inviter and new account put each other in")
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
     cert.add_argument("domains", nargs="+", metavar="DOMAIN")

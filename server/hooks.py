@@ -18,7 +18,13 @@ sasl2/resume (stream, element), fast/verify, fast/issue.
 Discovery and access: disco/node, disco/account-info (query, stanza, origin),
 access/may-see-presence, access/deny, watchers/list.
 PEP: pep/published (owner, node, item id, payload or None) after an item went out.
+Entity capabilities (caps.py, XEP-0115): caps/known (session, features) when a local resource's
+features are known with its presence out; caps/remote-known (user, remote full JID, features).
 Lifecycle: server-started, server-stopping.
+Registration (register.py, invites.py): c2s/pre-auth-features (stream: elements for the
+features before SASL), c2s/pre-auth-iq (stream, iq: XEP-0077/XEP-0445 before SASL; a reply or
+an awaitable of one), account-registered (jid, invitation or None), disco/server-info
+(query, stanza, origin: XEP-0128 forms in the server's disco#info, e.g. XEP-0157).
 """
 
 from __future__ import annotations

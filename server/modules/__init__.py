@@ -31,6 +31,7 @@ MODULES: list[str] = [
     "mam",
     "blocking",
     "vcard",
+    "caps",
     "pubsub.pep",
     "pubsub.service",
     "private",
@@ -38,10 +39,15 @@ MODULES: list[str] = [
     "watchers",
     "visibility",
     "adhoc",
+    "register",
     "echo",
     "muc",
     "http",
     "upload",
+    "invites",
+    "external_services",
+    "proxy65",
+    "contact_info",
 ]
 
 

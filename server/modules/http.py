@@ -31,7 +31,7 @@ from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
-from server.config import _bool, _Invalid, option
+from server.config import _NETWORKS, _bool, _Invalid, networks, option
 from server.http import websocket
 from server.http.bosh import Bosh
 from server.http.metrics import Metrics
@@ -76,16 +76,7 @@ def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _networks(value: Any, _ctx: Any) -> tuple[Network, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid
-    try:
-        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-_NETWORKS = 'a list of networks such as "127.0.0.1/32"'
+_networks = networks  # the [limits] trusted list is read the same way
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,6 +30,7 @@ from server.jid import JID, InvalidJID, normalize_domain, normalize_localpart
 from server.storage.base import Credentials
 from server.stream import sasl, sasl2
 from server.xml import ns
+from server.xml.numbers import NumberError, parse_int
 from server.xml.parser import StreamClosed, StreamOpened
 from server.xml.stanza import IQ, error_reply
 from server.xml.stanza import STANZA_TAGS as STANZAS
@@ -142,6 +143,18 @@ class Sasl2Complete:
 
 
 @dataclass(frozen=True, slots=True)
+class PreAuthIq:
+    """An iq a client may send before authenticating (XEP-0077 §3 in-band registration and
+    XEP-0445 pre-authentication): a module answers it, else service-unavailable."""
+
+    iq: _Element
+
+
+# The payloads of PreAuthIq: XEP-0077's query and XEP-0445's <preauth/>.
+PRE_AUTH_PAYLOADS = frozenset({"{jabber:iq:register}query", "{urn:xmpp:pars:0}preauth"})
+
+
+@dataclass(frozen=True, slots=True)
 class CloseStream:
     condition: str | None = None  # None: a clean </stream:stream>
     text: str | None = None
@@ -149,7 +162,7 @@ class CloseStream:
 
 Action = (Send | StartTLS | RestartStream | LookupCredentials | Authenticated | BindResource
           | PreBindElement | CloseStream | VerifyToken | ResumeInline | BindInline | IssueToken
-          | Sasl2Complete)
+          | Sasl2Complete | PreAuthIq)
 
 
 class Stage(enum.Enum):
@@ -182,6 +195,7 @@ class C2SNegotiation:
     def __init__(self, policy: Policy, *, direct_tls: bool = False,
                  channel_binding: Callable[[str], bytes | None] = lambda _kind: None,
                  post_bind_features: Callable[[], list[_Element]] = list,
+                 pre_auth_features: Callable[[], list[_Element]] = list,
                  sasl2_inline: Callable[[], sasl2.Inline] = sasl2.Inline) -> None:
         self.policy = policy
         self.tls = direct_tls
@@ -196,6 +210,7 @@ class C2SNegotiation:
         self._awaiting_header = True
         self._channel_binding = channel_binding
         self._post_bind_features = post_bind_features
+        self._pre_auth_features = pre_auth_features
         self._sasl: sasl.SaslServer | None = None
         self._failures = 0
         self._sasl2_inline = sasl2_inline
@@ -392,6 +407,7 @@ class C2SNegotiation:
                                        nsmap={None: cb_ns})
                 for kind in self._bindings:
                     etree.SubElement(cbs, f"{{{cb_ns}}}channel-binding", type=kind)
+            features.extend(self._pre_auth_features())  # XEP-0077 §4: <register/>
         if stage is Stage.BIND:
             etree.SubElement(features, ns.q(ns.BIND, "bind"), nsmap={None: ns.BIND})
             session = etree.SubElement(features, ns.q(ns.SESSION, "session"),
@@ -461,6 +477,9 @@ class C2SNegotiation:
                 return self._auth(el)
             if tag == sasl2.AUTHENTICATE and self._sasl2_offered:
                 return self._authenticate(el)
+            if tag == IQ and el.get("type") in ("get", "set") and len(el) == 1 \
+                    and el[0].tag in PRE_AUTH_PAYLOADS:
+                return [PreAuthIq(el)]
             if tag in STANZAS:
                 return self._fail("not-authorized", "authenticate first")
             return self._unexpected(el)
@@ -680,10 +699,20 @@ class C2SNegotiation:
         return [CloseStream(condition, text)]
 
 
+VERSION_PART_MAX = 10**9  # a major or minor version number larger than this is not XMPP
+
+
 def version_ok(version: str) -> bool:
-    """RFC 6120 §4.7.5: we speak major version 1."""
-    major, _, _minor = version.partition(".")
-    return major.isdigit() and int(major) == 1
+    """RFC 6120 §4.7.5: we speak major version 1. MAJOR and MINOR are separate integers of
+    ASCII digits (leading zeros ignored); anything else ('².0', 5,000 digits, '1.x') is a
+    version we do not speak, answered with <unsupported-version/>, never an exception."""
+    major, dot, minor = version.partition(".")
+    try:
+        if dot:
+            parse_int(minor, maximum=VERSION_PART_MAX, name="minor version")
+        return parse_int(major, maximum=VERSION_PART_MAX, name="major version") == 1
+    except NumberError:
+        return False
 
 
 def _decode(text: str | None) -> bytes | None:
