@@ -408,7 +408,10 @@ def problems(outcome: Outcome) -> list[tuple[str, str]]:
     if "internal-server-error" in outcome.errors and not found:
         # (with a traceback, the traceback's place names the defect)
         found.append(("internal-server-error", ""))
-    if outcome.closed is not None:
+    carried_out = outcome.answer is not None and outcome.answer.get("type") == "result"
+    if outcome.closed is not None and not carried_out:
+        # (a request the server carried out may end the session: XEP-0077 §3.2, an account
+        # removed, its streams closed with <not-authorized/>)
         found.append(("stream-closed", outcome.closed))
     if outcome.timed_out:
         found.append(("no-answer", "no answer (or no ping answer) within "
