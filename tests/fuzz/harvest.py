@@ -200,9 +200,9 @@ def _render(node: ast.JoinedStr, env: dict[str, Any], unresolved: str | None) ->
 def _resolve(expr: ast.expr, env: dict[str, Any]) -> str | None:
     if isinstance(expr, ast.Name):
         value = env.get(expr.id)
-    elif isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name) \
-            and expr.value.id == "ns":
-        value = getattr(ns_module, expr.attr, None)
+    elif isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name):
+        owner = ns_module if expr.value.id == "ns" else env.get(expr.value.id)
+        value = getattr(owner, expr.attr, None) if isinstance(owner, types.ModuleType) else None
     else:
         return None
     return value if isinstance(value, str) else None
@@ -222,11 +222,22 @@ def _guess(expr: ast.expr) -> str:
     return "fuzz"
 
 
-@functools.cache
 def corpus(tests_dir: Path | None = None) -> tuple[bytes, ...]:
     """Stanzas the test suite sends, serialised in jabber:client, deduplicated, sorted."""
+    return _corpora(tests_dir)[0]
+
+
+def elements(tests_dir: Path | None = None) -> tuple[bytes, ...]:
+    """Other elements the test suite writes (negotiation: <auth/>, SASL2 <authenticate/>, FAST
+    <fast count=.../>, stream management...), each with its own namespace."""
+    return _corpora(tests_dir)[1]
+
+
+@functools.cache
+def _corpora(tests_dir: Path | None = None) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     tests_dir = tests_dir or Path(__file__).resolve().parent.parent
     found: set[bytes] = set()
+    others: set[bytes] = set()
     for path in sorted(tests_dir.glob("test_*.py")):
         try:
             tree = ast.parse(path.read_text())
@@ -238,15 +249,23 @@ def corpus(tests_dir: Path | None = None) -> tuple[bytes, ...]:
                     and isinstance(node.targets[0], ast.Name) and _const(node.value):
                 env[node.targets[0].id] = node.value.value  # type: ignore[attr-defined]
             elif isinstance(node, ast.ImportFrom) and node.module \
-                    and node.module.startswith(("server.", "federation.")):
+                    and node.module.startswith(("server", "federation")):
                 try:
                     imported = importlib.import_module(node.module)
                 except ImportError:
                     continue
                 for alias in node.names:
                     value = getattr(imported, alias.name, None)
-                    if isinstance(value, str):
+                    if isinstance(value, str | types.ModuleType):  # NAME, or a module (sasl2)
                         env[alias.asname or alias.name] = value
+            elif isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                    and isinstance(node.targets[0], ast.Name) \
+                    and isinstance(node.value, ast.Attribute) \
+                    and isinstance(node.value.value, ast.Name):  # FAST = sasl2.FAST
+                owner = env.get(node.value.value.id)
+                value = getattr(owner, node.value.attr, None) if owner is not None else None
+                if isinstance(value, str):
+                    env[node.targets[0].id] = value
         for node in ast.walk(tree):
             text: str | None = None
             if _const(node):
@@ -257,7 +276,32 @@ def corpus(tests_dir: Path | None = None) -> tuple[bytes, ...]:
                 stanza = _parse_stanza(text)
                 if stanza is not None:
                     found.add(stanza)
-    return tuple(sorted(found))
+            elif text and text.lstrip().startswith("<") and "xmlns=" in text:
+                other = _parse_element(text)
+                if other is not None:
+                    others.add(other)
+    return tuple(sorted(found)), tuple(sorted(others))
+
+
+def _parse_element(text: str) -> bytes | None:
+    try:
+        el = etree.fromstring(text.encode(), _STANZA_PARSER)
+    except (etree.XMLSyntaxError, ValueError):
+        return None
+    namespace = etree.QName(el).namespace
+    if not namespace or namespace == CLIENT or etree.QName(el).localname == "stream":
+        return None
+    el.tail = None
+    return _reparses(etree.tostring(el))
+
+
+def _reparses(data: bytes) -> bytes | None:
+    """Only what a plain parser reads back (no entity references left in it)."""
+    try:
+        etree.fromstring(data)
+    except etree.XMLSyntaxError:
+        return None
+    return data
 
 
 _STANZA_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
@@ -276,4 +320,4 @@ def _parse_stanza(text: str) -> bytes | None:
         return None
     el.attrib.pop("from", None)
     el.tail = None
-    return etree.tostring(el)
+    return _reparses(etree.tostring(el))

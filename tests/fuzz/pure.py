@@ -25,7 +25,16 @@ from server.xml import ns
 from server.xml import parser as parser_module
 from server.xml.parser import StreamClosed, StreamOpened, StreamParser
 from tests.fuzz import harvest
-from tests.fuzz.core import HOSTILE, NUMBERS_HOSTILE, Budget, Finding, Report, pick, shrink_list
+from tests.fuzz.core import (
+    HOSTILE,
+    NUMBERS_HOSTILE,
+    Budget,
+    Finding,
+    Report,
+    bad_number,
+    pick,
+    shrink_list,
+)
 
 STREAMS = ns.STREAMS
 
@@ -218,9 +227,10 @@ def _negotiation_vocabulary() -> harvest.FrozenVocabulary:
 def _header(rng: random.Random) -> StreamOpened:
     attrs: dict[str, str] = {}
     if rng.random() < 0.95:
-        attrs["to"] = rng.choice(("a.test", "a.test", "A.TEST", "b.test", pick(rng, HOSTILE)))
-    if rng.random() < 0.95:
-        attrs["version"] = pick(rng, _VERSIONS)
+        attrs["to"] = "a.test" if rng.random() < 0.7 else rng.choice(
+            ("A.TEST", "b.test", pick(rng, HOSTILE)))
+    if rng.random() < 0.95:  # mostly right, so that negotiation goes on past the header
+        attrs["version"] = "1.0" if rng.random() < 0.7 else pick(rng, _VERSIONS)
     if rng.random() < 0.3:
         attrs[ns.q(ns.XML, "lang")] = rng.choice(("en", "", "²", "x" * 300, "\u202e"))
     if rng.random() < 0.2:
@@ -244,6 +254,16 @@ def _b64(rng: random.Random) -> str:
 
 
 def _element(rng: random.Random, voc: harvest.FrozenVocabulary, depth: int = 0) -> etree._Element:
+    known = harvest.elements()
+    if known and rng.random() < 0.4:  # one the suite writes, its numbers made invalid
+        el = etree.fromstring(known[rng.randrange(len(known))])
+        if rng.random() < 0.3:
+            el.append(etree.fromstring(known[rng.randrange(len(known))]))
+        for node in el.iter():
+            for name in node.attrib:
+                if name in voc.numeric and rng.random() < 0.7:
+                    node.set(name, bad_number(rng))
+        return el
     namespaces = list(voc.elements)
     if rng.random() < 0.15:
         xml = rng.choice((
@@ -263,14 +283,14 @@ def _element(rng: random.Random, voc: harvest.FrozenVocabulary, depth: int = 0) 
     if depth < 2:
         same = voc.elements[namespace]
         for _ in range(rng.choice((0, 0, 1, 2, 3))):
-            if rng.random() < 0.6:
+            if rng.random() < 0.5:
                 child = etree.SubElement(el, ns.q(namespace, pick(rng, same)))
                 for _ in range(rng.choice((0, 1, 2))):
                     name = pick(rng, voc.attributes)
                     child.set(name, _value(rng, name in voc.numeric))
                 if rng.random() < 0.5:
                     child.text = _b64(rng)
-            else:
+            else:  # another namespace's element (SASL2 carries FAST, Bind 2, SM inside)
                 el.append(_element(rng, voc, depth + 1))
     return el
 
@@ -278,7 +298,7 @@ def _element(rng: random.Random, voc: harvest.FrozenVocabulary, depth: int = 0) 
 def _value(rng: random.Random, numeric: bool) -> str:
     r = rng.random()
     if numeric and r < 0.6:
-        return pick(rng, NUMBERS_HOSTILE)
+        return bad_number(rng)
     if r < 0.4:
         return pick(rng, HOSTILE)
     return rng.choice(("1", "0", "true", "false", "PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-256",
@@ -290,6 +310,14 @@ Step = tuple[str, object]  # ("open", StreamOpened) | ("element", _Element) | ("
 
 def _negotiation_steps(rng: random.Random, voc: harvest.FrozenVocabulary) -> list[Step]:
     steps: list[Step] = [("open", _header(rng))]
+    known = harvest.elements()
+    if known and rng.random() < 0.5:  # first, one the suite writes (an <auth/>, <authenticate/>)
+        el = etree.fromstring(known[rng.randrange(len(known))])
+        for node in el.iter():
+            for name in node.attrib:
+                if name in voc.numeric and rng.random() < 0.8:
+                    node.set(name, bad_number(rng))
+        steps.append(("element", el))
     for _ in range(rng.randint(1, 10)):
         r = rng.random()
         if r < 0.08:

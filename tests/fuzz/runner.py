@@ -23,7 +23,7 @@ def rng_for(seed: int, family: str) -> random.Random:
 async def run(seconds: float, seed: int, only: tuple[str, ...] = FAMILIES,
               tmp: Path | None = None, report: Report | None = None) -> Report:
     report = report or Report()
-    harvest.corpus()  # read the suite's stanzas once, before the clocks start
+    harvest.corpus()  # read the suite's stanzas and elements once, before the clocks start
     total = sum(SHARES[f] for f in only)
     budget = {f: Budget(seconds * SHARES[f] / total) for f in only}
     if "parser" in only:

@@ -39,6 +39,7 @@ from tests.fuzz.core import (
     Budget,
     Finding,
     Report,
+    bad_number,
     pick,
 )
 from tests.rawclient import CLIENT, STANZAS, RawClient, StreamClosedError
@@ -119,12 +120,12 @@ class Targets:
 def _value(rng: random.Random, name: str, voc: harvest.FrozenVocabulary,
            case: Case, el: etree._Element) -> str:
     if name in voc.numeric and rng.random() < 0.7:
-        value = pick(rng, NUMBERS_HOSTILE)
+        value = bad_number(rng)
         case.hostile_numbers.append((el, name))
         return value
     r = rng.random()
     if r < 0.25:
-        value = pick(rng, NUMBERS_HOSTILE)
+        value = bad_number(rng)
         if name in voc.numeric:
             case.hostile_numbers.append((el, name))
         return value
@@ -226,7 +227,7 @@ def _corpus_case(rng: random.Random, targets: Targets, ids: Iterator[int]) -> Ca
     if etree.QName(stanza).localname == "iq" and stanza.get("type") not in ("get", "set"):
         stanza.set("type", rng.choice(("get", "set")))
     to = stanza.get("to") or ""
-    local, at, rest = to.partition("@")
+    _local, at, rest = to.partition("@")
     if at and rest.split("/")[0] in targets.service_domains and rng.random() < 0.5:
         stanza.set("to", f"room{rng.randrange(10000)}@{rest}")  # a room joined anew
     voc = targets.all
@@ -234,7 +235,7 @@ def _corpus_case(rng: random.Random, targets: Targets, ids: Iterator[int]) -> Ca
     numeric = [(el, name) for el in elements for name in el.attrib if name in voc.numeric]
     if numeric and rng.random() < 0.6:  # a number the server reads, made invalid
         el, name = numeric[rng.randrange(len(numeric))]
-        el.set(name, pick(rng, NUMBERS_HOSTILE))
+        el.set(name, bad_number(rng))
         case.hostile_numbers.append((el, name))
         if rng.random() < 0.7:
             return case

@@ -24,7 +24,7 @@ from server.http import websocket as ws_module
 from server.xml import ns
 from tests.conftest import RunningServer
 from tests.fuzz import harvest, pure, target
-from tests.fuzz.core import HOSTILE, NUMBERS_HOSTILE, Budget, Finding, Report, pick
+from tests.fuzz.core import HOSTILE, Budget, Finding, Report, bad_number, pick
 
 HTTPBIND = bosh_module.HTTPBIND
 XBOSH = bosh_module.XBOSH
@@ -141,7 +141,7 @@ def _bosh_case(rng: random.Random, creating: bool) -> BoshCase:
                       "xmpp:version": "1.0", "xml:lang": "en"})
     for _ in range(rng.choice((0, 1, 1, 2, 3))):
         name = pick(rng, _BOSH_ATTRS)
-        attrs[name] = pick(rng, NUMBERS_HOSTILE) if name in _BOSH_NUMERIC and rng.random() < 0.8 \
+        attrs[name] = bad_number(rng) if name in _BOSH_NUMERIC and rng.random() < 0.8 \
             else pick(rng, HOSTILE)
     if not creating and rng.random() < 0.3:
         attrs["type"] = "terminate"
