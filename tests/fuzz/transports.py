@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import random
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from lxml import etree
@@ -86,18 +88,27 @@ async def _tcp_case(running: RunningServer, pieces: list[bytes]) -> str | None:
     return None
 
 
+async def _fuzz_stream(name: str, make: Callable[[random.Random], Any],
+                       attack: Callable[[RunningServer, Any], Awaitable[str | None]],
+                       rng: random.Random, budget: Budget, report: Report,
+                       running: RunningServer, watch: target.LogWatch) -> None:
+    """Cases made by `make` and played by `attack` (None, or how the stream ended badly)."""
+    while budget.more():
+        case = make(rng)
+        report.count(name)
+        problem = await attack(running, case)
+        shown = repr(b"".join(case) if name == "tcp" else case)[:2000]
+        for place, text in _tracebacks(watch):
+            report.add(Finding(name, "traceback", place, shown, text))
+        if problem is not None and await attack(running, case) is not None:
+            # (reported when it happens again: a close racing our last read is no finding)
+            _tracebacks(watch)
+            report.add(Finding(name, "abrupt-close", problem.split(" (")[0], shown, problem))
+
+
 async def fuzz_tcp(rng: random.Random, budget: Budget, report: Report,
                    running: RunningServer, watch: target.LogWatch) -> None:
-    while budget.more():
-        pieces = _stream_bytes(rng)
-        report.count("tcp")
-        problem = await _tcp_case(running, pieces)
-        for place, text in _tracebacks(watch):
-            report.add(Finding("tcp", "traceback", place, repr(b"".join(pieces)[:2000]), text))
-        if problem is not None and await _tcp_case(running, pieces) is not None:
-            # (reported when it happens again: a close racing our last read is no finding)
-            report.add(Finding("tcp", "abrupt-close", problem, repr(b"".join(pieces)[:2000])))
-            _tracebacks(watch)
+    await _fuzz_stream("tcp", _stream_bytes, _tcp_case, rng, budget, report, running, watch)
 
 
 # -- BOSH ---------------------------------------------------------------------------------------------
@@ -313,16 +324,7 @@ async def _ws_case(running: RunningServer, frames: list[str | bytes]) -> str | N
 
 async def fuzz_websocket(rng: random.Random, budget: Budget, report: Report,
                          running: RunningServer, watch: target.LogWatch) -> None:
-    while budget.more():
-        frames = _ws_frames(rng)
-        report.count("websocket")
-        problem = await _ws_case(running, frames)
-        for place, text in _tracebacks(watch):
-            report.add(Finding("websocket", "traceback", place, repr(frames)[:2000], text))
-        if problem is not None and await _ws_case(running, frames) is not None:
-            _tracebacks(watch)
-            report.add(Finding("websocket", "abrupt-close", problem.split(" (")[0],
-                               repr(frames)[:2000], problem))
+    await _fuzz_stream("websocket", _ws_frames, _ws_case, rng, budget, report, running, watch)
 
 
 async def still_serving(running: RunningServer) -> str | None:
