@@ -95,6 +95,9 @@ class _Invalid(Exception):
     """A value is not what its option expects; the optional text says what is wrong with it."""
 
 
+Invalid = _Invalid  # the public name modules raise from their own option parsers
+
+
 @dataclass
 class _Context:
     base_dir: Path  # the config file's directory, or cwd without a file

@@ -213,6 +213,7 @@ class C2SNegotiation:
         self._pre_auth_features = pre_auth_features
         self._sasl: sasl.SaslServer | None = None
         self._failures = 0
+        self._binding_unusable = False  # a -PLUS try named a binding we lack (sasl.py)
         self._sasl2_inline = sasl2_inline
         # SASL2: the request under way, then what <success/> will say
         self._request: sasl2.Request | None = None
@@ -549,7 +550,8 @@ class C2SNegotiation:
         bindings = self._bindings
         return sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls,
                                domain=self.domain, iterations=self.policy.scram_iterations,
-                               ssdp=self.policy.ssdp, listed_bindings=bindings or None)
+                               ssdp=self.policy.ssdp, listed_bindings=bindings or None,
+                               binding_unusable=self._binding_unusable)
 
     # -- SASL2 (XEP-0388), Bind 2 (XEP-0386), FAST (XEP-0484) ----------------------------------
 
@@ -683,6 +685,8 @@ class C2SNegotiation:
         return self._failure(step, sasl2_profile=self._request is not None)
 
     def _failure(self, step: sasl.Failure, *, sasl2_profile: bool) -> list[Action]:
+        if self._sasl is not None and self._sasl.binding_unusable:
+            self._binding_unusable = True
         self._sasl = None
         self._reset_sasl2()
         self.stage = Stage.PRE_AUTH if self.tls or not self._tls_required() else Stage.PRE_TLS
