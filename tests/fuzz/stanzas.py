@@ -2,8 +2,9 @@
 values, sent by an authenticated client over a real socket.
 
 Targets are read off the running server, nothing is listed by hand: every entry of the
-router's iq handler table (type, target, namespace, element), every service host (muc,
-pubsub, upload, echo, components' domains) with the vocabulary of the module behind it, and
+router's iq handler table (type, target, namespace, element) and of each service's own
+(server/services.py), every service host (muc, pubsub, upload, echo, components' domains)
+with the vocabulary of the module behind it, and
 the stanzas the test suite sends (harvest.corpus), mutated.
 
 Oracles, for every case:
@@ -78,6 +79,7 @@ class Targets:
 
     def __init__(self, running: RunningServer) -> None:
         server = running.server
+        # (type, target: host/self/bare or a service's JID, namespace, element, vocabulary)
         self.iq_table: list[tuple[str, str, str, str, harvest.FrozenVocabulary]] = []
         for (type_, kind, xmlns, name), handler in sorted(server.router._iq.items(),
                                                            key=lambda kv: kv[0]):
@@ -93,6 +95,12 @@ class Targets:
             owner = getattr(route, "__self__", None)
             features = (*getattr(owner, "service_features", ()), *getattr(owner, "features", ()))
             self.spoken[domain] = tuple(f for f in features if f in voc.elements)
+            # a service's own iq table (handlers declared to="service" / "service-bare")
+            declared = getattr(owner, "service_iq_handlers", None)
+            for iq_route, _handler in (declared() if callable(declared) else ()):
+                for kind in iq_route.targets:
+                    to = domain if kind == "service" else f"fuzzroom@{domain}"
+                    self.iq_table.append((iq_route.type, to, iq_route.xmlns, iq_route.name, voc))
         everything = harvest.Vocabulary()
         for module in server.modules.values():
             everything.merge(harvest.vocabulary(harvest.modules_of(module)))
@@ -183,7 +191,9 @@ def _table_case(rng: random.Random, targets: Targets, ids: Iterator[int]) -> Cas
     iq = case.stanza
     iq.set("type", type_)
     to = {"host": rng.choice(("a.test", "b.test")), "bare": "bob@a.test",
-          "self": rng.choice((None, "alice@a.test"))}.get(kind)
+          "self": rng.choice((None, "alice@a.test"))}.get(kind, kind)  # else a service's JID
+    if to is not None and to.startswith("fuzzroom@") and rng.random() < 0.5:
+        to = to.replace("fuzzroom@", f"room{rng.randrange(10000)}@")
     if to is not None:
         iq.set("to", to)
     payload = etree.SubElement(iq, ns.q(xmlns, name), nsmap={None: xmlns})
