@@ -29,11 +29,20 @@ GROUPS = {"pure": (("parser", "negotiation"), 3.0),
 # Defects the fuzzers find on main today (issue 20) that another helper's branch fixes. A run
 # whose findings all match entries here xfails; any other finding fails it. Delete an entry
 # when its fix is merged (then a finding of it fails the test again). Found on main at dc8794a
-# and fixed by the merges up to 8ea2982 (kept in the report, no longer here): stream header
+# and fixed by the merges up to 640f965 (kept in the report, no longer here): stream header
 # version='².0' (TCP, WebSocket, BOSH), BOSH rid/wait/hold/pause='²' and a body in two TCP
-# segments, upload size='²', MUC <history maxstanzas|maxchars='²'>, pubsub max_items='-5'.
+# segments, upload size='²', MUC <history maxstanzas|maxchars|seconds='²'>, pubsub
+# max_items='-5'.
 # (family, kind, signature pattern, the defect)
 OPEN_DEFECTS = [
+    ("negotiation", "crash", r"ValueError at negotiation\.py",
+     "a stream header with an undeclared prefix, <stream:stream xmlns='jabber:client' "
+     "to='a.test' version='1.0'>: etree.QName('stream:stream') raises (negotiation.py:367)"),
+    ("tcp", "traceback", r"ValueError at stream/negotiation\.py", "the same, over TCP"),
+    ("tcp", "abrupt-close", r"without a word",
+     "the same: the connection is dropped without a stream error"),
+    ("websocket", "traceback", r"ValueError at stream/negotiation\.py", "the same"),
+    ("bosh", "traceback", r"ValueError at stream/negotiation\.py", "the same"),
     ("stanzas", "traceback", r"UnknownArchiveId at storage/archive\.py",
      "MUC moderation (XEP-0425) of an unknown stanza id: internal-server-error (muc/)"),
     ("stanzas", "internal-server-error", r"moderate", "the same"),

@@ -235,8 +235,9 @@ def _header(rng: random.Random) -> StreamOpened:
         attrs[ns.q(ns.XML, "lang")] = rng.choice(("en", "", "²", "x" * 300, "\u202e"))
     if rng.random() < 0.2:
         attrs["from"] = pick(rng, HOSTILE)
+    # (lxml names an element with an undeclared prefix 'stream:stream', without a namespace)
     tag = ns.q(STREAMS, "stream") if rng.random() < 0.9 else rng.choice(
-        ("{urn:x}stream", ns.q(STREAMS, "other")))
+        ("{urn:x}stream", ns.q(STREAMS, "other"), "stream:stream", "stream"))
     default_ns = ns.CLIENT if rng.random() < 0.9 else rng.choice((ns.SERVER, "urn:x"))
     prefix = "stream" if rng.random() < 0.95 else "s"
     return StreamOpened(tag, attrs, default_ns, {None: default_ns, prefix: STREAMS})
@@ -372,7 +373,8 @@ def _drive(steps: list[Step], policy: Policy, direct_tls: bool) -> str | None:
                     pass  # no module takes it: the connection closes the stream
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
-        last = frames[-1] if frames else None
+        ours = [f for f in frames if "/server/" in f.filename]  # the defect's place, not lxml's
+        last = (ours or frames or [None])[-1]
         where = f"{last.filename.rsplit('/', 2)[-1]}:{last.lineno}" if last else "?"
         return f"crash|{type(exc).__name__} at {where}|{str(exc)[:200]}"
     return None
