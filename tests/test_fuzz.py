@@ -23,8 +23,8 @@ FRESH_SEED = secrets.randbelow(1 << 32)
 # Seconds of fuzzing per seed for each group (two seeds, with the servers' start and stop and
 # the reading of the suite's stanzas: about a minute in all).
 GROUPS = {"pure": (("parser", "negotiation"), 3.0),
-          "stanzas": (("stanzas",), 8.0),
-          "transports": (("tcp", "bosh", "websocket"), 6.0)}
+          "stanzas": (("stanzas",), 7.0),
+          "transports": (("tcp", "bosh", "websocket"), 5.0)}
 
 # Defects the fuzzers find on main today (issue 20) that another helper's branch fixes. A run
 # whose findings all match entries here xfails; any other finding fails it. Delete an entry

@@ -99,6 +99,14 @@ def vocabulary_of(module: types.ModuleType) -> Vocabulary:
     except (OSError, TypeError, SyntaxError):
         return voc
     env = dict(vars(module))
+    readers = _number_reading_functions(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and readers:  # _limit(spec, "maxstanzas")
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            for index in readers.get(name or "", ()):
+                if index < len(node.args) and _const(node.args[index]) \
+                        and _NCNAME.match(node.args[index].value):  # type: ignore[attr-defined]
+                    voc.numeric.add(node.args[index].value)  # type: ignore[attr-defined]
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             _call(node, env, voc)
@@ -137,6 +145,32 @@ def _call(node: ast.Call, env: dict[str, Any], voc: Vocabulary) -> None:
             got = _get_name(inner)
             if got:
                 voc.numeric.add(got)
+        for keyword in node.keywords:  # parse_int(..., name="size"): the attribute's name
+            if keyword.arg == "name" and _const(keyword.value) \
+                    and _NCNAME.match(keyword.value.value):  # type: ignore[attr-defined]
+                voc.numeric.add(keyword.value.value)  # type: ignore[attr-defined]
+
+
+def _number_reading_functions(tree: ast.AST) -> dict[str, tuple[int, ...]]:
+    """Functions that read a number from the attribute one of their parameters names:
+    name -> the positions of those parameters."""
+    found: dict[str, tuple[int, ...]] = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        params = [a.arg for a in fn.args.args]
+        positions = set()
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in _NUMBER_READERS:
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) \
+                            and inner.func.attr == "get" and inner.args \
+                            and isinstance(inner.args[0], ast.Name) \
+                            and inner.args[0].id in params:
+                        positions.add(params.index(inner.args[0].id))
+        if positions:
+            found[fn.name] = tuple(sorted(positions))
+    return found
 
 
 def _numeric_variables(fn: ast.FunctionDef | ast.AsyncFunctionDef, voc: Vocabulary) -> None:
