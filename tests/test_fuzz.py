@@ -35,17 +35,6 @@ GROUPS = {"pure": (("parser", "negotiation"), 3.0),
 # max_items='-5'.
 # (family, kind, signature pattern, the defect)
 OPEN_DEFECTS = [
-    ("negotiation", "crash", r"ValueError at negotiation\.py",
-     "a stream header with an undeclared prefix, <stream:stream xmlns='jabber:client' "
-     "to='a.test' version='1.0'>: etree.QName('stream:stream') raises (negotiation.py:367)"),
-    ("tcp", "traceback", r"ValueError at stream/negotiation\.py", "the same, over TCP"),
-    ("tcp", "abrupt-close", r"without a word",
-     "the same: the connection is dropped without a stream error"),
-    ("websocket", "traceback", r"ValueError at stream/negotiation\.py", "the same"),
-    ("bosh", "traceback", r"ValueError at stream/negotiation\.py", "the same"),
-    ("stanzas", "traceback", r"UnknownArchiveId at storage/archive\.py",
-     "MUC moderation (XEP-0425) of an unknown stanza id: internal-server-error (muc/)"),
-    ("stanzas", "internal-server-error", r"moderate", "the same"),
     ("parser", "cut-dependent", r".", "text or restricted XML right before or after "
      "</stream:stream> is judged differently depending on how the bytes were cut into reads "
      "(server/xml/parser.py)"),

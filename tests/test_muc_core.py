@@ -236,6 +236,11 @@ async def test_moderated_message_leaves_a_tombstone(tmp_path: Path) -> None:
             f"id='{sid.get('id')}'><retract xmlns='{RETRACT}'/></moderate></iq>",
             skip_others=True)
         assert condition(again) == "item-not-found"
+        # An id the room never gave (the fuzzer's find: internal-server-error before).
+        unknown = await alice.ask(
+            f"<iq type='set' to='{ROOM}' id='mod3'><moderate xmlns='{MODERATE}' "
+            f"id='fuzz'><retract xmlns='{RETRACT}'/></moderate></iq>", skip_others=True)
+        assert condition(unknown) == "item-not-found"
     finally:
         await stop_server(running)
     running = await start_server(tmp_path)  # the tombstone is in the database

@@ -366,6 +366,10 @@ class C2SNegotiation:
         self.header_sent = True
         # RFC 6120 §4.8.1 / §4.9.3.10: the stream's own namespace and the content namespace.
         if event.tag != ns.q(ns.STREAMS, "stream"):
+            # An undeclared prefix ('stream:stream' with no xmlns:stream) reaches us as a tag
+            # with a colon and no namespace, which etree.QName refuses: RFC 6120 §4.9.3.2.
+            if ":" in event.tag and not event.tag.startswith("{"):
+                return out + self._fail("bad-namespace-prefix", "undeclared namespace prefix")
             if etree.QName(event.tag).localname == "stream":
                 return out + self._fail("invalid-namespace", "stream namespace is wrong")
             return out + self._fail("invalid-xml", "root element must be <stream:stream>")

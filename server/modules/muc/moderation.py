@@ -17,7 +17,7 @@ from server.modules import archive_query as aq
 from server.modules.muc.base import MucBase
 from server.modules.muc.room import OCCUPANT_ID, SID, Room
 from server.sessions import Session
-from server.storage.archive import ArchiveEntry, ArchiveQuery
+from server.storage.archive import ArchiveEntry, ArchiveQuery, UnknownArchiveId
 from server.xml import ns
 from server.xml import stanza as st
 
@@ -66,8 +66,11 @@ class Moderation(MucBase):
             stanza_id = found.get("id") if found is not None else None
         archive = self.archive
         if stanza_id is None and room.config.archive:
-            page = await archive.query(room.jid_str, ArchiveQuery(ids=(target,), max=1))
-            if page.items:
+            try:
+                page = await archive.query(room.jid_str, ArchiveQuery(ids=(target,), max=1))
+            except UnknownArchiveId:  # not an id of this room's archive: answered below
+                page = None
+            if page is not None and page.items:
                 stanza_id = page.items[0].id
                 original = etree.fromstring(page.items[0].stanza)
         if stanza_id is None or original is None:
