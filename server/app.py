@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from federation.service import Federation, FederationContext
-from server.hooks import Hooks
+from server import events
+from server.events import Hooks
 from server.jid import JID
 from server.module import Module
 from server.modules import MODULES, module_class
@@ -100,9 +101,8 @@ class Server:
         session.transport = None
         if self.sessions.unbind(session):
             log.info("event=unbound jid=%s reason=%s", session.jid_str, reason)
-        for pending in self.hooks.fire_all("session-closed", session, reason):
-            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                self.router.spawn(pending)
+        for pending in self.hooks.notify_nowait(events.SESSION_CLOSED, session, reason):
+            self.router.spawn(pending)
 
     def post_bind_features(self) -> list[etree._Element]:
         features = []
@@ -157,8 +157,7 @@ class Server:
             await self.storage.close()
             raise
         self._sweeper = asyncio.ensure_future(self._sweep())
-        for pending in self.hooks.fire_all("server-started", self):
-            await pending
+        await self.hooks.notify(events.SERVER_STARTED, self)
 
     async def _listen(self, host: str, port: int, direct_tls: bool) -> None:
         listener = await self.loop.create_server(
@@ -237,8 +236,7 @@ class Server:
     async def stop(self) -> None:
         """Graceful: stop listening, close every stream, flush storage."""
         log.info("event=stopping sessions=%d", len(self.sessions))
-        for pending in self.hooks.fire_all("server-stopping", self):
-            await pending
+        await self.hooks.notify(events.SERVER_STOPPING, self)
         await self._close_listeners()
         if self._sweeper is not None:
             self._sweeper.cancel()

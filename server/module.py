@@ -97,7 +97,9 @@ def iq_set(xmlns: str, name: str,
 
 
 def hook(event: str, priority: int = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Handle an event (see server/hooks.py for the names); higher priorities run first."""
+    """Handle an event (server/events.py lists them: ``@hook(events.SESSION_CLOSED)``; a known
+    name as a string works too); higher priorities run first. An unknown event is refused when
+    the module loads."""
     return _declare(HookRoute(event, priority))
 
 

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Module, Stanza, hook, iq_set
@@ -56,7 +57,7 @@ class AdHoc(Module):
             return None
         return origin.jid.bare
 
-    @hook("disco/node")
+    @hook(events.DISCO_NODE)
     def disco_node(self, query: Stanza, origin: Session | None, node: str) -> object:
         if self._requester(origin) is None:
             return None
@@ -101,7 +102,7 @@ class AdHoc(Module):
     # -- the commands ------------------------------------------------------------------------
 
     async def _watchers(self, requester: JID) -> Stanza:
-        pending = self.server.hooks.fire("watchers/list", requester)
+        pending = self.server.hooks.fire(events.WATCHERS_LIST, requester)
         if pending is None:
             raise StanzaError("item-not-found", "watcher information is not available")
         rows: list[Watcher] = await pending

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Module, SessionSlot, Stanza, hook, iq_get, iq_set
@@ -84,20 +85,20 @@ class Blocking(Module):
             blocklist = self._lists.setdefault(key, blocklist)
         return blocklist
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def bound(self, session: Session) -> Awaitable[Blocklist] | None:
         if session.bare_str in self._lists:
             return None
         return self._get(session.jid.bare)
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         if not self.server.sessions.is_online(session.jid.bare):
             self._lists.pop(session.bare_str, None)
 
     # -- enforcement -----------------------------------------------------------------------
 
-    @hook("filter/user", priority=100)
+    @hook(events.FILTER_USER, priority=100)
     def filter_user(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
         hosts = self.server.hosts
         if origin is not None and origin.local_client:
@@ -138,7 +139,7 @@ class Blocking(Module):
             recipient_list = await self._get(to.bare)
         return _verdict(stanza, to, sender, sender_list, recipient_list)
 
-    @hook("access/deny")
+    @hook(events.ACCESS_DENY)
     def access_deny(self, presentity: JID, watcher: JID, _what: str) -> object:
         """Presence access rule: a presentity never shows itself to a JID it blocks. Uncached
         (offline) presentities need no answer here: `filter_user` drops anything from them."""

@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from server.hooks import stanza_kinds
+from server import events
+from server.events import stanza_kinds
 from server.jid import JID
 from server.module import Module, SessionSlot, Stanza, hook, iq_set
 from server.sessions import Session
@@ -106,11 +107,11 @@ class Carbons(Module):
             bare = session.jid.bare
             self._accounts[bare] = self._accounts.get(bare, 0) + 1
 
-    @hook("bind2/features")
+    @hook(events.BIND2_FEATURES)
     def bind2_features(self) -> tuple[str, ...]:
         return (CARBONS,)
 
-    @hook("bind2/enable")
+    @hook(events.BIND2_ENABLE)
     def bind2_enable(self, session: Session, el: Stanza) -> bool | None:
         """<enable xmlns='urn:xmpp:carbons:2'/> inside Bind 2's <bind/> (XEP-0386 §3)."""
         if el.tag != _ENABLE:
@@ -124,7 +125,7 @@ class Carbons(Module):
         self._off(origin)
         return st.result(stanza)
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         self._off(session)
 
@@ -141,7 +142,7 @@ class Carbons(Module):
 
     # -- copies ----------------------------------------------------------------------------
 
-    @hook("filter/user", priority=-200)
+    @hook(events.FILTER_USER, priority=-200)
     @stanza_kinds(st.MESSAGE)
     def sent(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         """A local client's outgoing message: <sent/> to its account's other resources.
@@ -173,7 +174,7 @@ class Carbons(Module):
             if len(marked) > _REMEMBERED:  # never delivered (bounced, dropped): forgotten
                 del marked[next(iter(marked))]
 
-    @hook("message/delivered")
+    @hook(events.MESSAGE_DELIVERED)
     def received(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         """A message handed to these sessions: <received/> to the account's others."""
         if self._private and self._private.pop(id(stanza), None) is stanza:

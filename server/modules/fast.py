@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.config import _path, option, seconds_option
 from server.module import Module, hook
 from server.storage.fast import NEW, FastToken, FastTokenStore
@@ -108,7 +109,7 @@ class Fast(Module):
 
     # -- hooks of server/stream/c2s.py -------------------------------------------------------
 
-    @hook("fast/issue")
+    @hook(events.FAST_ISSUE)
     def issue(self, user: str, domain: str, client: str, mechanism: str) -> Any:
         return self._issue(user, domain, client, mechanism)
 
@@ -125,7 +126,7 @@ class Fast(Module):
         log.info("event=fast-token-issued user=%s@%s mechanism=%s", user, domain, mechanism)
         return token, expiry_text(expires)
 
-    @hook("fast/verify")
+    @hook(events.FAST_VERIFY)
     def verify(self, user: str, domain: str, client: str | None, mechanism: str, proof: bytes,
                cb_data: bytes, invalidate: bool) -> Any:
         return self._verify(user, domain, client, mechanism, proof, cb_data, invalidate)

@@ -31,6 +31,7 @@ from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
+from server import events
 from server.config import _bool, _Invalid, option
 from server.http import websocket
 from server.http.bosh import Bosh
@@ -244,7 +245,7 @@ class HTTP(Module):
         self.metrics = Metrics(self.server)
         self.metrics.start()
 
-    @hook("server-stopping")
+    @hook(events.SERVER_STOPPING)
     async def _stop_listening(self, _server: Any) -> None:
         for _kind, site in self._sites:
             server = site._server

@@ -16,6 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Module, Stanza, hook, iq_get
@@ -81,12 +82,12 @@ class LastActivity(Module):
         return result(stanza, element(QUERY, {"seconds": str(seconds)}, status or None))
 
     async def _may_see_presence(self, presentity: JID, requester: JID) -> bool:
-        answer = self.server.hooks.fire("access/may-see-presence", presentity, requester)
+        answer = self.server.hooks.fire(events.ACCESS_MAY_SEE_PRESENCE, presentity, requester)
         if inspect.isawaitable(answer):
             answer = await answer
         return answer is True
 
-    @hook("presence/unavailable")
+    @hook(events.PRESENCE_UNAVAILABLE)
     def _went_unavailable(self, session: Session, stanza: Stanza | None) -> object:
         """An available resource became unavailable (stanza None: it disconnected): the last
         activity when no other resource of the account is available."""

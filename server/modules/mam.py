@@ -40,9 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server import events
 from server.config import _choice, _Invalid, int_option, option
 from server.errors import StanzaError
-from server.hooks import stanza_kinds
+from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
 from server.module import Module, Stanza, hook, iq_get, iq_set
 from server.modules.archive_query import fin as _fin
@@ -278,7 +279,7 @@ class Mam(Module):
 
     # -- archiving ---------------------------------------------------------------------------
 
-    @hook("filter/user", priority=-100)
+    @hook(events.FILTER_USER, priority=-100)
     @stanza_kinds(st.MESSAGE)
     def archive_message(self, stanza: Stanza, origin: Session | None,
                         to: JID) -> Awaitable[None] | None:
@@ -414,7 +415,7 @@ class Mam(Module):
         finally:
             self._refill = None
 
-    @hook("durability-barrier")
+    @hook(events.DURABILITY_BARRIER)
     def durable(self, _session: Session) -> Awaitable[None] | None:
         """What was archived so far is committed once this is done (stream management waits
         for it before it acknowledges stanzas)."""
@@ -479,7 +480,7 @@ class Mam(Module):
         item = roster.items.get(other_str)
         return item is not None and item.listed
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def session_bound(self, session: Session) -> None:
         # A login reads the preferences afresh (the account may have been deleted and made
         # again meanwhile, by the CLI in another process).
@@ -487,7 +488,7 @@ class Mam(Module):
             self._prefs.pop(session.bare_str, None)
             self.store.forget(session.bare_str)
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def account_features(self, query: Stanza, stanza: Stanza, origin: Session | None) -> None:
         """XEP-0313 §7: clients look for MAM on their own account's bare JID."""
         if origin is None or stanza.get("to") not in (None, origin.bare_str):

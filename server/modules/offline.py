@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server import events
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID
@@ -59,7 +60,7 @@ class Offline(Module):
         super().__init__(server, config)
         self._delivering: set[JID] = set()  # accounts whose stored messages go out right now
 
-    @hook("message/offline")
+    @hook(events.MESSAGE_OFFLINE)
     def store(self, stanza: Stanza, _origin: Session | None, to: JID) -> object:
         return self._store(stanza, to)
 
@@ -77,7 +78,7 @@ class Offline(Module):
             raise StanzaError("resource-constraint", "the recipient's offline storage is full")
         return True
 
-    @hook("presence/available")
+    @hook(events.PRESENCE_AVAILABLE)
     def available(self, session: Session, first: bool) -> object:
         # XEP-0160 §3: on initial presence with non-negative priority. A negative priority says
         # "do not send me messages" (RFC 6121 §4.7.2.3); those wait for a later resource.

@@ -13,6 +13,7 @@ from typing import Any
 
 from lxml import etree
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Module, Stanza, hook, iq_get, iq_set
@@ -104,7 +105,7 @@ class Private(Module):
         for jid in current.keys() - wanted.keys():
             await pep.retract_item(owner, bookmarks.NATIVE, jid, notify=True)
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def bookmarks_compat(self, query: Stanza, _stanza: Stanza, _origin: Session | None) -> None:
         if self._pep() is not None:
             etree.SubElement(query, ns.q(ns.DISCO_INFO, "feature"), {"var": bookmarks.COMPAT})

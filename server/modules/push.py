@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from server import events
 from server.config import bool_option, int_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
@@ -119,7 +120,7 @@ class Push(Module):
 
     # -- registrations (§5) ------------------------------------------------------------------
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def account_feature(self, query: Stanza, _stanza: Stanza, _origin: Session | None) -> None:
         # §4: the account's bare JID advertises the feature.
         st.child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": PUSH})
@@ -163,7 +164,7 @@ class Push(Module):
 
     # -- notifications (§6) ------------------------------------------------------------------
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def bound(self, session: Session) -> None:
         self._connected(session.jid.bare)
 
@@ -173,7 +174,7 @@ class Push(Module):
         if self._notified:
             self._notified.pop(account, None)
 
-    @hook("message/delivered")
+    @hook(events.MESSAGE_DELIVERED)
     def delivered(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         for session in sessions:  # the hot path: handed to a connected session
             if session.transport is not None:
@@ -252,7 +253,7 @@ class Push(Module):
             st.child(pubsub, ns.q(PUBSUB, "publish-options")).append(options)
         return iq
 
-    @hook("iq-response")
+    @hook(events.IQ_RESPONSE)
     def answered(self, stanza: Stanza, _origin: Session | None, _to: JID) -> object:
         waiting = self._waiting.pop(stanza.get("id", ""), None)
         if waiting is None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server import events
 from server.config import int_option, seconds_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
@@ -142,16 +143,16 @@ class StreamManagement(Module):
 
     # -- inline in SASL2 / Bind 2 (XEP-0388, XEP-0386 §3.2; see server/stream/c2s.py) ----------
 
-    @hook("bind2/features")
+    @hook(events.BIND2_FEATURES)
     def bind2_features(self) -> tuple[str, ...]:
         return (SM,)
 
-    @hook("bind2/enable")
+    @hook(events.BIND2_ENABLE)
     def bind2_enable(self, session: Session, el: Stanza) -> Stanza | None:
         """<enable/> inside Bind 2's <bind/>: the answer goes into <bound/>."""
         return self._enable(session, el) if el.tag == ENABLE else None
 
-    @hook("sasl2/resume")
+    @hook(events.SASL2_RESUME)
     def sasl2_resume(self, stream: C2SConnection,
                      el: Stanza) -> tuple[Stanza, Callable[[], None] | None] | None:
         """<resume/> inside SASL2's <authenticate/>: (<resumed/> or <failed/>, what to do once
@@ -180,7 +181,7 @@ class StreamManagement(Module):
         answer = _element(A, {"h": str(state.handled % _MOD)})
         # An acknowledged stanza is one the client need never send again: what storage still
         # has to commit for it (the archive's group commit) must be durable first.
-        pending = self.server.hooks.fire_all("durability-barrier", session)
+        pending = self.server.hooks.notify_nowait(events.DURABILITY_BARRIER, session)
         if not pending:
             transport.write_element(answer)  # type: ignore[attr-defined]
             return
@@ -211,7 +212,7 @@ class StreamManagement(Module):
 
     # -- resumption (XEP-0198 §5) --------------------------------------------------------------
 
-    @hook("session-detached")
+    @hook(events.SESSION_DETACHED)
     def detached(self, session: Session, reason: str) -> Any:
         state = session.outbox
         if not isinstance(state, SMState) or not state.resumable or reason not in _LOST:
@@ -277,7 +278,7 @@ class StreamManagement(Module):
 
     # -- the end of a session: nothing unacknowledged is lost ----------------------------------
 
-    @hook("session-closed", priority=100)
+    @hook(events.SESSION_CLOSED, priority=100)
     def closed(self, session: Session, _reason: str) -> Any:
         state = session.outbox
         if not isinstance(state, SMState):
@@ -319,7 +320,7 @@ class StreamManagement(Module):
                     log.exception("event=sm-rescue-failed jid=%s", session.jid_str)
         log.info("event=sm-unacked-rescued jid=%s count=%d", session.jid_str, rescued)
 
-    @hook("server-stopping")
+    @hook(events.SERVER_STOPPING)
     def stopping(self, _server: Server) -> None:
         # Graceful shutdown: detached sessions end as if they had timed out (their unacked
         # messages go to offline storage while storage is still open).

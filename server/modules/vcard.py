@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server import events
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID
@@ -128,7 +129,7 @@ class VCard(Module):
     def _pep(self) -> Any:
         return self.server.modules.get("pep")
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def conversion_feature(self, query: Stanza, _stanza: Stanza,
                            _origin: Session | None) -> None:
         if self._pep() is not None:
@@ -159,7 +160,7 @@ class VCard(Module):
             log.info("event=avatar-not-converted jid=%s direction=vcard-to-pep reason=%s",
                      owner, err.condition)
 
-    @hook("pep/published")
+    @hook(events.PEP_PUBLISHED)
     def published(self, owner: JID, node: str, item_id: str,
                   payload: Stanza | None) -> Awaitable[None] | None:
         if node != AVATAR_METADATA or payload is None:
@@ -226,7 +227,7 @@ class VCard(Module):
 
     # -- presence ----------------------------------------------------------------------------
 
-    @hook("presence/outgoing")
+    @hook(events.PRESENCE_OUTGOING)
     def add_avatar_hash(self, session: Session, presence: Stanza) -> Awaitable[None] | None:
         """XEP-0153 §4.1: presence carries the avatar hash; added when the client left it out
         (as Prosody's mod_vcard_legacy does), so contacts of every client see avatar changes."""

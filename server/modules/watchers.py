@@ -32,8 +32,9 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.errors import StanzaError
-from server.hooks import stanza_kinds
+from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
 from server.module import Module, Stanza, hook, iq_get
 from server.presence.watchers import FetchLog, Watcher, timestamp, watchers_of
@@ -61,12 +62,12 @@ class Watchers(Module):
 
     # -- the fetch record and the rate limit -----------------------------------------------
 
-    @hook("presence/fetched")
+    @hook(events.PRESENCE_FETCHED)
     def fetched(self, presentity: JID, watcher: JID, allowed: bool) -> None:
         if watcher.bare != presentity.bare:  # an account's own resources are not watchers
             self.fetches.record(presentity.bare, watcher, allowed, time.time())
 
-    @hook("filter/user", priority=95)
+    @hook(events.FILTER_USER, priority=95)
     @stanza_kinds(st.PRESENCE)
     def rate_limit(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         # Inbound processing only (the contact's server, RFC 6121 §4.3.2): a local client's
@@ -94,7 +95,7 @@ class Watchers(Module):
 
     # -- watcher information -----------------------------------------------------------------
 
-    @hook("watchers/list")
+    @hook(events.WATCHERS_LIST)
     def list_watchers(self, presentity: JID) -> Awaitable[list[Watcher]]:
         """For other modules (the ad-hoc command): the rows of `presentity`'s watcher
         information."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.sessions import Session
@@ -94,7 +95,7 @@ class C2SConnection(XMLStreamConnection):
                 if action.data.startswith(_SASL_FAILURES):  # for logs and /metrics
                     log.info("event=auth-failed peer=%s user=%s@%s", self.peer,
                              self.negotiation.user or "-", self.negotiation.domain or "-")
-                    self._server.hooks.fire_all("auth-failed", self)
+                    self._server.hooks.notify_nowait(events.AUTH_FAILED, self)
             elif isinstance(action, neg.CloseStream):
                 self.close(action.condition, action.text)
                 return
@@ -158,9 +159,8 @@ class C2SConnection(XMLStreamConnection):
 
     def _session_bound(self, session: Session) -> None:
         log.info("event=bound peer=%s jid=%s", self.peer, session.jid_str)
-        for pending in self._server.hooks.fire_all("session-bound", session):
-            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                self._spawn(pending)
+        for pending in self._server.hooks.notify_nowait(events.SESSION_BOUND, session):
+            self._spawn(pending)
 
     # -- SASL2 (XEP-0388) inline features: hooks the modules answer ---------------------------
     #   bind2/features ()                    -> feature vars a session may enable in Bind 2
@@ -174,7 +174,7 @@ class C2SConnection(XMLStreamConnection):
 
     def _sasl2_inline(self) -> sasl2.Inline:
         hooks = self._server.hooks
-        bind2 = tuple(var for found in hooks.fire_all("bind2/features") for var in found)
+        bind2 = tuple(var for found in hooks.collect(events.BIND2_FEATURES) for var in found)
         return sasl2.Inline(bind2=bind2, sm=hooks.has("sasl2/resume"),
                             fast=hooks.has("fast/verify") and hooks.has("fast/issue"))
 
