@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import events
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_set
 from server.presence.watchers import Watcher, timestamp
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 COMMAND = ns.q(ns.COMMANDS, "command")
 _X = ns.q(ns.DATA_FORMS, "x")
@@ -43,7 +40,7 @@ class AdHoc(Module):
     name = "adhoc"
     features = (ns.COMMANDS,)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         # node -> (name, run); XEP-0050 §2.2: the name is shown to users.
         self.commands: dict[str, tuple[str, Run]] = {

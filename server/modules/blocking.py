@@ -12,18 +12,16 @@ import copy
 import itertools
 import logging
 from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import events
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, SessionSlot, Stanza, hook, iq_get, iq_set
+from server.module import Module, ModuleContext, SessionSlot, Stanza, hook, iq_get, iq_set
+from server.modules.presence import Presence
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.blocking")
 
@@ -61,11 +59,12 @@ _EMPTY = Blocklist()
 
 class Blocking(Module):
     name = "blocking"
+    uses = (Presence,)  # XEP-0191 §3.3/§3.4: presence to the (un)blocked, when it is shared
     features = (ns.BLOCKING,)
     # XEP-0191 §3.2: a resource that asked for the blocklist gets pushes from then on.
     interested = SessionSlot[bool](False)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         # bare JID (as text: str keys hash in C, the hot path does two lookups per stanza) ->
         # blocklist, for accounts with sessions
@@ -231,8 +230,8 @@ class Blocking(Module):
         """XEP-0191 §3.3: on block, unavailable presence to the contact; §3.4: on unblock, the
         current presence. Both only where the contact may receive presence (a subscriber)."""
         contacts = [c for c in map(JID.parse, changed) if c.local is not None]
-        if not contacts or "roster" not in self.server.modules:
-            return []  # no roster module: no presence was shared
+        if not contacts or self.server.module(Presence) is None:
+            return []  # no presence module: no presence was shared
         from server.presence.subscription import is_subscriber
         from server.roster import state_of
 

@@ -22,18 +22,15 @@ MUC private messages to a full JID (XEP-0045 §7.5, they belong to the joined re
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import events
 from server.events import stanza_kinds
 from server.jid import JID
-from server.module import Module, SessionSlot, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, SessionSlot, Stanza, hook, iq_set
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 CARBONS = "urn:xmpp:carbons:2"
 _ENABLE = f"{{{CARBONS}}}enable"
@@ -85,7 +82,7 @@ class Carbons(Module):
     features = (CARBONS,)
     enabled = SessionSlot[bool](False)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         # bare JID -> how many of its sessions have carbons on (a quick "no" on the hot path)
         self._accounts: dict[JID, int] = {}

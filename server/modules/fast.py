@@ -31,16 +31,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import events
 from server.config import _path, option, seconds_option
-from server.module import Module, hook
+from server.module import Module, ModuleContext, hook
 from server.storage.fast import NEW, FastToken, FastTokenStore
 from server.stream.sasl2 import ht_initiator, ht_responder
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.fast")
 KEY_SIZE = 32
@@ -87,7 +84,7 @@ class Fast(Module):
     settings = FastSettings
     features = ()
 
-    def __init__(self, server: Server, config: FastSettings) -> None:
+    def __init__(self, server: ModuleContext, config: FastSettings) -> None:
         super().__init__(server, config)
         self._key = b""
 

@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from xml.sax.saxutils import quoteattr
 
@@ -38,6 +38,9 @@ from server.http.bosh import Bosh
 from server.http.metrics import Metrics
 from server.http.tls import https_context
 from server.module import Module, hook
+
+if TYPE_CHECKING:
+    from server.app import Server
 
 log = logging.getLogger("presenced.http")
 
@@ -113,8 +116,11 @@ class HTTP(Module):
     name = "http"
     settings = HTTPSettings
 
-    def __init__(self, server: Any, config: HTTPSettings) -> None:
+    def __init__(self, server: Server, config: HTTPSettings) -> None:
         super().__init__(server, config)
+        # The listener carries c2s streams (WebSocket, BOSH) and the metrics of the core: a
+        # transport of the core's, so it holds the Server itself, not only the ModuleContext.
+        self.core = server
         self._exact: dict[str, _Route] = {}
         self._prefixes: list[tuple[str, _Route]] = []
         self._runner: web.AppRunner | None = None
@@ -242,7 +248,7 @@ class HTTP(Module):
             raise
         for kind, host, port in self.bound_addresses():
             log.info("event=listening kind=%s address=%s:%s", kind, host, port)
-        self.metrics = Metrics(self.server)
+        self.metrics = Metrics(self.core)
         self.metrics.start()
 
     @hook(events.SERVER_STOPPING)
@@ -340,7 +346,7 @@ class HTTP(Module):
             return refused
         forwarded = self.client_address(request) if self.from_proxy(request) else None
         limits = self.server.config.limits
-        return await websocket.serve(self.server, request,
+        return await websocket.serve(self.core, request,
                                      # room above the stanza limit, so that the stream
                                      # parser refuses a too large stanza with a stream error
                                      max_message=2 * limits.max_stanza_size + 4096,

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lxml import etree
 
@@ -45,7 +45,7 @@ from server.config import _choice, _Invalid, int_option, option
 from server.errors import StanzaError
 from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_get, iq_set
 from server.modules.archive_query import fin as _fin
 from server.modules.archive_query import form as _form
 from server.modules.archive_query import parse_query, stamp
@@ -63,9 +63,6 @@ from server.storage.base import NoSuchAccount
 from server.xml import ns
 from server.xml import stanza as st
 from server.xml.stanza import child, element, result
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.mam")
 
@@ -235,8 +232,9 @@ class Mam(Module):
     stores = (archive.SPEC,)
     features = (MAM2, MAM2_EXTENDED, MAM1, SID)
 
-    def __init__(self, server: Server, config: MamSettings) -> None:
+    def __init__(self, server: ModuleContext, config: MamSettings) -> None:
         super().__init__(server, config)
+        self.store: ArchiveStore = self.store_of(archive.SPEC)
         self._prefs: dict[str, ArchivePrefs] = {}
         self._last_ts = 0
         self._writer: _Writer | None = None
@@ -244,11 +242,6 @@ class Mam(Module):
         self._ids: deque[int] = deque()  # archive ids reserved for messages yet to come
         self._refill: asyncio.Future[None] | None = None
         self._waiting = 0  # messages waiting for ids
-
-    @property
-    def store(self) -> ArchiveStore:
-        store: ArchiveStore = getattr(self.server.storage, archive.SPEC.name)
-        return store
 
     @property
     def writer(self) -> _Writer:

@@ -16,7 +16,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lxml import etree
 
@@ -24,13 +24,10 @@ from server import events
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook
+from server.module import Module, ModuleContext, Stanza, hook
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import child
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.offline")
 
@@ -56,7 +53,7 @@ class Offline(Module):
     features = (ns.OFFLINE,)
     settings = OfflineSettings
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         self._delivering: set[JID] = set()  # accounts whose stored messages go out right now
 

@@ -29,7 +29,7 @@ from server import events
 from server.config import bool_option, int_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook, stream_feature
+from server.module import Module, ModuleContext, Stanza, hook, stream_feature
 from server.presence import presentity as pt
 from server.presence.access import AccessRules
 from server.presence.subscription import (
@@ -46,7 +46,7 @@ from server.xml import ns
 from server.xml.stanza import PRESENCE, element, standalone
 
 if TYPE_CHECKING:
-    from server.app import Server
+    pass
 
 log = logging.getLogger("presenced.presence")
 SUBSCRIPTION_KINDS = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
@@ -66,11 +66,9 @@ class Presence(Module):
     features = (ns.PRE_APPROVAL,)
     settings = PresenceSettings
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
-        # Other modules (last, visibility, watchers) ask it who may see what.
-        self.access = server.access = AccessRules(server.hooks,
-                                                  config.cross_domain_subscriptions)
+        self.access: AccessRules = server.access  # the core's (server/presence/access.py)
 
     @stream_feature
     def pre_approval(self) -> Stanza:
@@ -79,8 +77,13 @@ class Presence(Module):
 
     @property
     def rosters(self) -> RosterManager:
-        manager: RosterManager = self.server.rosters
-        return manager
+        return self.server.rosters
+
+    def _may_subscribe(self, presentity: JID, watcher: JID) -> bool:
+        """Server-wide rule: subscriptions across domains can be switched off."""
+        if not self.config.cross_domain_subscriptions and presentity.domain != watcher.domain:
+            return False
+        return not self.access.denied(presentity, watcher, "subscribe")
 
     async def _route_all(self, stanzas: list[Stanza]) -> None:
         router = self.server.router
@@ -315,7 +318,7 @@ class Presence(Module):
             if kind == "subscribe":
                 await self._route_all([_presence("unsubscribed", str(user), str(sender))])
             return
-        if kind == "subscribe" and not self.access.may_subscribe(user, sender):
+        if kind == "subscribe" and not self._may_subscribe(user, sender):
             await self._route_all([_presence("unsubscribed", str(user), str(sender))])
             return
         async with manager.lock(user):

@@ -39,7 +39,6 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from lxml import etree
 
@@ -47,14 +46,11 @@ from server import events
 from server.config import bool_option, int_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_set
 from server.sessions import Session
 from server.storage.push import SPEC, PushRegistration, PushStore
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.push")
 
@@ -103,8 +99,9 @@ class Push(Module):
     settings = PushSettings
     stores = (SPEC,)
 
-    def __init__(self, server: Server, config: PushSettings) -> None:
+    def __init__(self, server: ModuleContext, config: PushSettings) -> None:
         super().__init__(server, config)
+        self.store: PushStore = self.store_of(SPEC)
         self._unseen: dict[JID, int] = {}  # account -> messages notified since it was online
         # account -> messages notified while handed to its detached sessions (id -> message)
         self._notified: dict[JID, dict[int, Stanza]] = {}
@@ -112,11 +109,6 @@ class Push(Module):
         self._waiting: dict[str, tuple[JID, PushRegistration]] = {}
         self._prefix = "push-" + secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
-
-    @property
-    def store(self) -> PushStore:
-        store: PushStore = getattr(self.server.storage, SPEC.name)
-        return store
 
     # -- registrations (§5) ------------------------------------------------------------------
 

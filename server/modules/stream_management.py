@@ -29,7 +29,7 @@ from server import events
 from server.config import int_option, seconds_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, nonza, pre_bind, stream_feature
+from server.module import Module, ModuleContext, Stanza, hook, nonza, pre_bind, stream_feature
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
@@ -111,7 +111,7 @@ class StreamManagement(Module):
     settings = StreamManagementSettings
     features = ()
 
-    def __init__(self, server: Server, config: StreamManagementSettings) -> None:
+    def __init__(self, server: ModuleContext, config: StreamManagementSettings) -> None:
         super().__init__(server, config)
         self.resumable: dict[str, SMState] = {}  # previd -> state, while it may be resumed
 

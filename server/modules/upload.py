@@ -89,6 +89,7 @@ class UploadSettings:
 class HTTPUpload(ServiceModule):
     name = "upload"
     settings = UploadSettings
+    uses = (HTTP,)  # its PUT/GET URLs are served by the HTTP listener, when there is one
     stores = (upload_store.SPEC,)
     identity = ("store", "file")
     display_name = "HTTP file upload"
@@ -96,22 +97,16 @@ class HTTPUpload(ServiceModule):
 
     def __init__(self, server: Any, config: UploadSettings) -> None:
         super().__init__(server, config)
+        self._store: upload_store.UploadStoreSQL = self.store_of(upload_store.SPEC)
         self._key = secrets.token_bytes(32)
         self._sweeper: asyncio.Task[None] | None = None
         self._http: HTTP | None = None
         self._dir = Path()
 
-    @property
-    def _store(self) -> upload_store.UploadStoreSQL:
-        store: upload_store.UploadStoreSQL = getattr(self.server.storage, "uploads")  # noqa: B009
-        return store
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        http = self.server.modules.get("http")
-        if not isinstance(http, HTTP):
-            http = None
+        http = self.server.module(HTTP)
         enabled = self.config.enabled
         if enabled is None:
             enabled = http is not None and http.enabled

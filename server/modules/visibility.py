@@ -26,7 +26,7 @@ import asyncio
 import copy
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lxml import etree
 
@@ -34,13 +34,10 @@ from server import events
 from server.errors import StanzaError
 from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_set
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.visibility")
 
@@ -54,7 +51,7 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_commen
 class Visibility(Module):
     name = "visibility"
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         self._hidden: dict[JID, frozenset[str]] = {}  # bare JID -> hidden bare JIDs, if online
         self._changing = asyncio.Lock()

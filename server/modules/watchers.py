@@ -30,20 +30,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import events
 from server.errors import StanzaError
 from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_get
+from server.module import Module, ModuleContext, Stanza, hook, iq_get
+from server.modules.presence import Presence
 from server.presence.watchers import FetchLog, Watcher, timestamp, watchers_of
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.watchers")
 
@@ -54,10 +52,11 @@ WATCHER = ns.q(ns.WATCHERS, "watcher")
 class Watchers(Module):
     name = "watchers"
     features = (ns.WATCHERS,)
+    needs = (Presence,)  # it fires presence/fetched, and its [presence] settings say the limit
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
-        limit = server.config.section("presence").max_fetches_per_minute
+        limit = self.needed(Presence).config.max_fetches_per_minute
         self.fetches = FetchLog(limit)
 
     # -- the fetch record and the rate limit -----------------------------------------------
