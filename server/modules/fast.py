@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from server import events
-from server.config import _path, option, seconds_option
+from server.config import path_option, seconds_option
 from server.module import Module, ModuleContext, hook
 from server.storage.fast import NEW, FastToken, FastTokenStore
 from server.stream.sasl2 import ht_initiator, ht_responder
@@ -51,7 +51,7 @@ class FastSettings:
     rotate_after: float = field(metadata=seconds_option(86400))
     # The key tokens are derived from; made at first start when absent. Unset:
     # <data_dir>/fast-token.key.
-    key_file: Path | None = field(metadata=option("a file name", _path("data_dir")))
+    key_file: Path | None = field(metadata=path_option("data_dir"))
 
 
 def client_key(user_agent: str) -> str:

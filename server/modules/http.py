@@ -32,7 +32,7 @@ from xml.sax.saxutils import quoteattr
 from aiohttp import web
 
 from server import events
-from server.config import _bool, _Invalid, option
+from server.config import Invalid, bool_option, option
 from server.http import websocket
 from server.http.bosh import Bosh
 from server.http.metrics import Metrics
@@ -56,17 +56,17 @@ REL_BOSH = "urn:xmpp:alt-connections:xbosh"
 
 def _url(value: Any, _ctx: Any) -> str:
     if not isinstance(value, str):
-        raise _Invalid
+        raise Invalid
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
             or parts.fragment:
-        raise _Invalid(f'"{value}" is not an http:// or https:// URL without query')
+        raise Invalid(f'"{value}" is not an http:// or https:// URL without query')
     return value.rstrip("/")
 
 
 def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid
+        raise Invalid
     out = []
     for raw in value:
         if raw == "*":
@@ -75,18 +75,18 @@ def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
         parts = urlsplit(raw)
         if parts.scheme not in ("http", "https") or not parts.hostname or \
                 parts.path not in ("", "/"):
-            raise _Invalid(f'"{raw}" is not an origin such as "https://chat.example.org"')
+            raise Invalid(f'"{raw}" is not an origin such as "https://chat.example.org"')
         out.append(raw.rstrip("/").lower())
     return tuple(out)
 
 
 def _networks(value: Any, _ctx: Any) -> tuple[Network, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid
+        raise Invalid
     try:
         return tuple(ipaddress.ip_network(v, strict=False) for v in value)
     except ValueError as exc:
-        raise _Invalid(str(exc)) from None
+        raise Invalid(str(exc)) from None
 
 
 _NETWORKS = 'a list of networks such as "127.0.0.1/32"'
@@ -98,7 +98,7 @@ class HTTPSettings:
     # first listener for upload URLs).
     external_url: str | None = field(metadata=option(
         'an http:// or https:// URL such as "https://chat.example.org"', _url))
-    websocket_insecure: bool = field(metadata=option("true or false", _bool, False))
+    websocket_insecure: bool = field(metadata=bool_option(False))
     cors_origins: tuple[str, ...] = field(metadata=option(
         'a list of origins such as "https://chat.example.org", or ["*"]', _origins, []))
     metrics_allow: tuple[Network, ...] = field(

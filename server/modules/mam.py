@@ -41,7 +41,7 @@ from typing import Any
 from lxml import etree
 
 from server import events
-from server.config import _choice, _Invalid, int_option, option
+from server.config import Invalid, choice_option, int_option, option
 from server.errors import StanzaError
 from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
@@ -110,18 +110,17 @@ _PREF_DEFAULTS = ("always", "roster", "never")
 def _duration(value: Any, _ctx: Any) -> int:
     """Seconds, from "1y", "30d", "12h", "15m", "10s" (a year is 365 days)."""
     if not isinstance(value, str):
-        raise _Invalid
+        raise Invalid
     match = _DURATION.match(value)
     if match is None:
-        raise _Invalid
+        raise Invalid
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MamSettings:
     # Archiving for accounts that set no preferences (XEP-0313 §6).
-    default: str = field(metadata=option('one of "always", "roster", "never"',
-                                         _choice(*_PREF_DEFAULTS), "always"))
+    default: str = field(metadata=choice_option("always", *_PREF_DEFAULTS))
     # Seconds messages are kept; None: forever.
     expire_after: int | None = field(metadata=option(
         'a duration: a number and y, w, d, h, m or s, such as "1y" or "30d"', _duration))

@@ -45,7 +45,14 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from server.config import _bool, _path, _seconds, int_option, option, service_fields
+from server.config import (
+    boolean,
+    int_option,
+    option,
+    path_option,
+    seconds_option,
+    service_fields,
+)
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Stanza
@@ -76,14 +83,14 @@ _CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UploadSettings:
     # Unset: on when [listen] http or https is set.
-    enabled: bool | None = field(metadata=option("true or false", _bool, None))
+    enabled: bool | None = field(metadata=option("true or false", boolean, None))
     subdomain: str = field(metadata=service_fields.subdomain("upload"))
     max_file_size: int = field(metadata=int_option(1, 1 << 40, 104857600))
     quota: int = field(metadata=int_option(1, 1 << 50, 1073741824))
-    expire_after: float = field(metadata=option("a number of seconds > 0", _seconds, 604800))
-    slot_lifetime: float = field(metadata=option("a number of seconds > 0", _seconds, 300))
+    expire_after: float = field(metadata=seconds_option(604800))
+    slot_lifetime: float = field(metadata=seconds_option(300))
     # Unset: <data_dir>/upload.
-    path: Path | None = field(metadata=option("a directory name", _path("data_dir")))
+    path: Path | None = field(metadata=path_option("data_dir"))
 
 
 class HTTPUpload(ServiceModule):
