@@ -90,11 +90,23 @@ class PostgresCluster:
         self._run(str(self.bin / "initdb"), "-D", str(data), "--auth-local=trust",
                   "--auth-host=scram-sha-256", f"--pwfile={base / 'pw'}", "-U", SUPERUSER,
                   "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again, after pause()) on the same data, port and options."""
+        assert self.dir is not None
+        base = self.dir
         options = (f"-p {self.port} -k {base} -c listen_addresses={self.host} -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w",
-                  "-t", "60", "-o", options, "start")
-        return self
+        self._run(str(self.bin / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"),
+                  "-w", "-t", "60", "-o", options, "start")
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (a restart under a running client: resume())."""
+        assert self.dir is not None
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w",
+                  "stop")
 
     def stop(self) -> None:
         if self.dir is None:

@@ -29,6 +29,7 @@ from server.config import Address, Config, ConfigErrors, load_config, where
 from server.jid import JID, InvalidJID, normalize_domain
 from server.storage import StorageError, all_store_specs, open_storage
 from server.storage.base import AccountExists, Credentials, NoSuchAccount
+from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.storage import Storage
@@ -395,9 +396,10 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 
 def _days(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}")
-    return int(text)
+    try:
+        return parse_int(text, minimum=1, maximum=1_000_000, name="days")
+    except NumberError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):

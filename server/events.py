@@ -165,6 +165,15 @@ PEP_PUBLISHED = _notify("pep/published",
                         ("owner: JID", "node: str", "item_id: str", "payload | None"),
                         "server/modules/pubsub/pep.py", "after an item went out")
 
+# -- entity capabilities (server/modules/caps.py, XEP-0115) ---------------------------------
+CAPS_KNOWN = _notify("caps/known", ("session", "features: frozenset[str]"),
+                     "server/modules/caps.py",
+                     "a local resource's features are known, with its presence out")
+CAPS_REMOTE_KNOWN = _notify("caps/remote-known",
+                            ("user: JID", "remote: JID", "features: frozenset[str]"),
+                            "server/modules/caps.py",
+                            "a remote contact's features are known (its presence to user)")
+
 # -- lifecycle (server/app.py) --------------------------------------------------------------
 SERVER_STARTED = _notify("server-started", ("server",), "server/app.py")
 SERVER_STOPPING = _notify("server-stopping", ("server",), "server/app.py")

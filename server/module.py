@@ -97,6 +97,9 @@ class ModuleContext(Protocol):
 
     def end_session(self, session: Session, reason: str) -> None: ...
 
+    def bound_addresses(self) -> list[tuple[str, str, int]]:
+        """(kind, host, port) of every listening socket (c2s, s2s, modules' listeners)."""
+
 
 @dataclass(frozen=True)
 class IqRoute:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -16,6 +17,7 @@ from lxml import etree
 from server.errors import StanzaError
 from server.hooks import Hooks
 from server.jid import JID, InvalidJID
+from server.storage.db import StorageUnavailable
 from server.xml import stanza as st
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presenced.router")
 _Element: TypeAlias = etree._Element
+_STORAGE_DOWN = "storage is unavailable; try again later"
 _MESSAGE_EVENTS = {kind: f"message/{kind}" for kind in ("host", "bare", "full")}
 _PRESENCE_EVENTS = {kind: f"presence/{kind}" for kind in ("host", "bare", "full")}
 
@@ -256,6 +259,12 @@ class Router:
         self.reply(st.error_reply(stanza, err), origin)
 
     def _internal_error(self, stanza: _Element, origin: Session | None) -> None:
+        if isinstance(sys.exc_info()[1], StorageUnavailable):
+            # The database is down or full (logged once by its Outage): try again later
+            # (RFC 6120 §8.3.2 type 'wait'); a message is bounced to its sender, not lost.
+            self.reply_error(stanza, StanzaError("internal-server-error", _STORAGE_DOWN,
+                                                 type="wait"), origin)
+            return
         log.exception("event=handler-failed id=%s from=%s to=%s", stanza.get("id"),
                       stanza.get("from"), stanza.get("to"))
         self.reply_error(stanza, StanzaError("internal-server-error"), origin)

@@ -30,7 +30,7 @@ from bench.loadgen import (
 from bench.peers import EjabberdPeer, Peer, ProsodyPeer, make_ca, make_certificates
 from bench.run import Fleet, Params, format_table, run_server, shard
 from bench.run import rows as table_rows
-from server.modules.pubsub.engine import caps_hash
+from server.modules.caps import caps_hash
 from tests.process import free_port
 
 # Serialised in the stream's tree, a stanza declares the stream's namespaces (quotes doubled).

@@ -91,7 +91,7 @@ async def test_whitelist_bookmarks_reach_the_owners_resources_only(
         nick = message.findtext(f".//{{{BOOKMARKS}}}conference/{{{BOOKMARKS}}}nick")
         assert nick == "al"
     await no_event(bob)
-    await no_event(eve, 0.2)
+    await no_event(eve)
     for other in (bob, eve):
         reply = await ask(other, items("alice@a.test", BOOKMARKS))
         assert (condition(reply), app_condition(reply)) == ("not-allowed", "closed-node")
@@ -154,7 +154,7 @@ async def test_private_xml_and_pep_bookmarks_are_one_list(server: RunningServer)
     assert reply.get("type") == "result"
     changes = [event_items(await next_event(modern)) for _ in range(2)]
     assert sorted(changes) == [([], ["one@muc.a.test"]), (["two@muc.a.test"], [])]
-    await no_event(modern, 0.3)
+    await no_event(modern)
     reply = await ask(modern, items("alice@a.test", BOOKMARKS))
     assert item_ids(reply) == ["three@muc.a.test", "two@muc.a.test"]
     # The XEP-0402 <extensions/> of 'three' survived the old client's round trip.

@@ -480,6 +480,13 @@ async def request_slot(client: Any, filename: str, size: int,
         f"filename='{filename}' size='{size}' content-type='{content_type}'/></iq>")
 
 
+async def put_file(target: str, data: Any, content_type: str = "text/plain",
+                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A PUT with the content type the slot was asked for (request_slot's default)."""
+    return await fetch(target, method="PUT", data=data,
+                       headers={"Content-Type": content_type, **(headers or {})})
+
+
 def slot_urls(reply: etree._Element) -> tuple[str, str]:
     slot = reply.find(f"{{{UPLOAD}}}slot")
     assert slot is not None, etree.tostring(reply)
@@ -569,7 +576,7 @@ async def test_file_too_large_and_quota(tmp_path: Path) -> None:
 
 
 async def test_put_checks_size_while_streaming_and_refuses_bad_urls(tmp_path: Path) -> None:
-    running = await start_upload(tmp_path, "max_file_size = 100000\nslot_lifetime = 2\n")
+    running = await start_upload(tmp_path, "max_file_size = 100000\nslot_lifetime = 5\n")
     try:
         store = running.server.storage.uploads
         files = running.data_dir / "upload"
@@ -588,18 +595,28 @@ async def test_put_checks_size_while_streaming_and_refuses_bad_urls(tmp_path: Pa
         status = None
         # The server may hang up before the client has finished sending.
         with contextlib.suppress(aiohttp.ClientError):
-            status, _h, _b = await fetch(put, method="PUT", data=endless())
+            status, _h, _b = await put_file(put, endless())
         assert status in (413, None)
         # The server hung up long before the end (socket buffers on loopback take a few MB).
         assert sent < 300 * 65536, sent
-        assert await store.usage("alice", "a.test") == 0
+        # The client may see the hang-up before the server has cleaned up after the refusal.
+        slot_id = put.split("/upload/")[1].split("/")[0]
+        for _ in range(100):
+            slot = await store.get(slot_id)
+            if slot is not None and slot.claimed is None:
+                break
+            await asyncio.sleep(0.05)
+        assert slot is not None and slot.claimed is None  # given back
         assert not list(files.iterdir())
         assert (await fetch(get))[0] == 404
-        # That attempt used the slot up: it is gone.
-        assert (await fetch(put, method="PUT", data=b"y" * 1000))[0] == 404
+        # That attempt did not use the slot up (its quota stays taken until it is used or
+        # expires): the right PUT still works.
+        assert await store.usage("alice", "a.test") == 1000
+        assert (await put_file(put, b"y" * 1000))[0] == 201
+        assert (await fetch(get))[2] == b"y" * 1000
         # A Content-Length larger than the slot: refused at once.
         put, get = slot_urls(await request_slot(client, "g.bin", 1000))
-        assert (await fetch(put, method="PUT", data=b"y" * 1001))[0] == 413
+        assert (await put_file(put, b"y" * 1001))[0] == 413
         # An altered URL: another file name, another slot, another expiry, no token.
         put, get = slot_urls(await request_slot(client, "h.bin", 10))
         other_put, _ = slot_urls(await request_slot(client, "i.bin", 10))
@@ -607,28 +624,82 @@ async def test_put_checks_size_while_streaming_and_refuses_bad_urls(tmp_path: Pa
         other_token = other_put.split("token=")[1]
         for altered in (put.replace("h.bin", "i.bin"), put.replace(token, other_token),
                         put.split("?")[0], put.replace("expires=", "expires=9")):
-            assert (await fetch(altered, method="PUT", data=b"z" * 10))[0] in (403, 404), altered
-        assert (await fetch(put, method="PUT", data=b"z" * 10))[0] == 201
+            assert (await put_file(altered, b"z" * 10))[0] in (403, 404), altered
+        assert (await put_file(put, b"z" * 10))[0] == 201
         assert (await fetch(get))[2] == b"z" * 10
+        # Once only: the same URL again (a stolen one) is refused.
+        assert (await put_file(put, b"w" * 10))[0] == 409
         # The token may come as the slot's Authorization header instead.
         reply = await request_slot(client, "j.bin", 3)
         header = reply.find(f"{{{UPLOAD}}}slot/{{{UPLOAD}}}put/{{{UPLOAD}}}header")
         assert header is not None and header.get("name") == "Authorization"
         bare_put = slot_urls(reply)[0].split("&token=")[0]
-        assert (await fetch(bare_put, method="PUT", data=b"abc"))[0] == 403
-        assert (await fetch(bare_put, method="PUT", data=b"abc",
-                            headers={"Authorization": header.text or ""}))[0] == 201
-        # Once only: the same URL again (a stolen one) is refused.
-        assert (await fetch(put, method="PUT", data=b"w" * 10))[0] == 409
+        assert (await put_file(bare_put, b"abc"))[0] == 403
+        assert (await put_file(bare_put, b"abc",
+                               headers={"Authorization": header.text or ""}))[0] == 201
         assert (await fetch(get))[2] == b"z" * 10
-        # Expired: slot_lifetime is 2 s (the URL says until when, in whole seconds).
+        # Expired: slot_lifetime is 5 s (the URL says until when, in whole seconds).
         import time
         expires = int(other_put.split("expires=")[1].split("&")[0])
         await asyncio.sleep(max(0.0, expires - time.time()) + 1.1)
-        assert (await fetch(other_put, method="PUT", data=b"z" * 10))[0] == 403
+        assert (await put_file(other_put, b"z" * 10))[0] == 403
         await client.close()
     finally:
         await stop_server(running)
+
+
+async def test_upload_hostile_numbers_content_type_and_cut_off_puts(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 20: size='²' and ?expires=² are refused (not an internal error / HTTP 500); a PUT
+    must carry the slot's content type (XEP-0363 §5: 415); a PUT cut off in the middle leaves
+    the slot usable."""
+    caplog.set_level(logging.INFO)
+    running = await start_upload(tmp_path, "max_file_size = 100000\n")
+    try:
+        client = await running.raw_login("alice@a.test")
+        for size in ("²", "9" * 5000, "-5", "0", "", "١٢"):
+            reply = await request_slot(client, "n.bin", size)  # type: ignore[arg-type]
+            assert reply.find(f"{{{CLIENT}}}error/{{{STANZAS}}}bad-request") is not None, size
+        put, get = slot_urls(await request_slot(client, "t.txt", 4, "text/plain"))
+        expires = put.split("expires=")[1].split("&")[0]
+        for bad in ("²", "9" * 5000, "-1", ""):
+            assert (await put_file(put.replace(f"expires={expires}", f"expires={bad}"),
+                                   b"text"))[0] == 403, bad
+        # The slot named text/plain: another type (or none) is 415, and the slot stays usable.
+        assert (await put_file(put, b"text", "text/html"))[0] == 415
+        assert (await fetch(put, method="PUT", data=b"text",
+                            skip_auto_headers=["Content-Type"]))[0] == 415
+        assert (await put_file(put, b"text", "Text/Plain; charset=utf-8"))[0] == 201
+        status, headers, body = await fetch(get)
+        assert (status, body) == (200, b"text") and headers["Content-Type"].startswith("text/plain")
+        # No type named: any PUT type, served as octet-stream (never as the PUT said).
+        reply = await client.ask(
+            f"<iq type='get' to='upload.a.test' id='s2'><request xmlns='{UPLOAD}' "
+            f"filename='any.bin' size='4'/></iq>")
+        put, get = slot_urls(reply)
+        assert (await put_file(put, b"<b/>", "text/html"))[0] == 201
+        status, headers, body = await fetch(get)
+        assert (status, headers["Content-Type"]) == (200, "application/octet-stream")
+        # A PUT cut off after half its body: the slot is still there for the next try.
+        put, get = slot_urls(await request_slot(client, "cut.txt", 1000, "text/plain"))
+        host, port = running.address("http")
+        path = put.split(f"{port}", 1)[1]
+        _reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\n"
+                     "Content-Length: 1000\r\n\r\n".encode() + b"c" * 500)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+        await asyncio.sleep(0.3)
+        assert (await fetch(get))[0] == 404
+        assert (await put_file(put, b"d" * 1000))[0] == 201
+        assert (await fetch(get))[2] == b"d" * 1000
+        assert (await put_file(put, b"e" * 1000))[0] == 409  # used: once only
+        assert not list((running.data_dir / "upload").glob("*.part"))
+        await client.close()
+    finally:
+        await stop_server(running)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 async def test_files_expire(tmp_path: Path) -> None:
@@ -637,7 +708,7 @@ async def test_files_expire(tmp_path: Path) -> None:
         files = running.data_dir / "upload"
         client = await running.raw_login("alice@a.test")
         put, get = slot_urls(await request_slot(client, "old.txt", 3))
-        assert (await fetch(put, method="PUT", data=b"old"))[0] == 201
+        assert (await put_file(put, b"old"))[0] == 201
         assert (await fetch(get))[2] == b"old"
         await asyncio.sleep(2.1)
         assert (await fetch(get))[0] == 404  # expired, even before a sweep
@@ -655,10 +726,10 @@ async def test_files_go_with_the_account(tmp_path: Path) -> None:
         files = running.data_dir / "upload"
         bob = await running.raw_login("bob@a.test")
         put, get = slot_urls(await request_slot(bob, "mine.txt", 4))
-        assert (await fetch(put, method="PUT", data=b"mine"))[0] == 201
+        assert (await put_file(put, b"mine"))[0] == 201
         alice = await running.raw_login("alice@a.test")
         put, kept = slot_urls(await request_slot(alice, "hers.txt", 4))
-        assert (await fetch(put, method="PUT", data=b"hers"))[0] == 201
+        assert (await put_file(put, b"hers"))[0] == 201
         await bob.close()
         await running.server.storage.accounts.delete("bob", "a.test")
         assert (await fetch(get))[0] == 404
@@ -698,7 +769,11 @@ async def test_upload_store(tmp_path: Path, backend: str, request: pytest.Fixtur
         assert await store.usage("alice", "a.test") == 1000
         assert await store.get("id1") == one
         assert await store.claim("id1", 150) and not await store.claim("id1", 151)
+        await store.release("id1")  # a failed PUT gives the slot back
+        assert (await store.get("id1")) == one
+        assert await store.claim("id1", 150) and not await store.claim("id1", 151)
         await store.stored("id1", 160)
+        await store.release("id1")  # a stored file's slot is never given back
         got = await store.get("id1")
         assert got is not None and (got.claimed, got.stored) == (150, 160)
         assert await store.expired(161, 150) == ["id1"]

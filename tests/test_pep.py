@@ -13,6 +13,7 @@ from lxml import etree
 from slixmpp import JID as SlixJID
 
 from server.jid import JID
+from server.modules.caps import EntityCaps, caps_hash
 from server.modules.pubsub import engine
 from server.storage.base import RosterItem
 from tests.conftest import RunningServer
@@ -79,7 +80,7 @@ def caps_query(features: list[str], node: str = "urn:test") -> tuple[str, str]:
     body = "<identity category='client' type='pc' name='t'/>" + "".join(
         f"<feature var='{f}'/>" for f in features)
     query = etree.fromstring(f"<query xmlns='{DISCO}'>{body}</query>")
-    ver = engine.caps_hash(query, "sha-1")
+    ver = caps_hash(query, "sha-1")
     assert ver is not None
     return body, ver
 
@@ -115,10 +116,17 @@ async def ask(client: RawClient, xml: str) -> etree._Element:
         client._queue[:0] = kept
 
 
+def caps_of(server: Any) -> EntityCaps:
+    """The entity-capabilities module (server/modules/caps.py) of a running server."""
+    module = server.modules["caps"]
+    assert isinstance(module, EntityCaps)
+    return module
+
+
 async def wait_caps(server: RunningServer, ver: str) -> None:
-    pep = server.server.modules["pep"]
+    caps = caps_of(server.server)
     for _ in range(200):
-        if ver in pep._known:  # type: ignore[attr-defined]
+        if caps.verified(ver):
             return
         await asyncio.sleep(0.02)
     raise AssertionError("caps never cached")
@@ -133,7 +141,24 @@ async def next_event(client: RawClient, timeout: float = 5.0) -> etree._Element:
             return message
 
 
-async def no_event(client: RawClient, timeout: float = 0.5) -> None:
+_pings = iter(range(1, 1 << 30))
+
+
+async def no_event(client: RawClient) -> None:
+    """No event reached the client so far. Notifications are routed before the result of the
+    publish (retract, configure, ...) that caused them, so once that result is in, a ping
+    from the client is answered after any event meant for it: none may come first."""
+    ident = f"no-event-{next(_pings)}"
+    came = await ask(client, f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert came.get("type") == "result", etree.tostring(came)
+    before, client._queue[:] = list(client._queue), []
+    events = [el for el in before if el.find(q(EVENT, "event")) is not None]
+    assert not events, f"unexpected event {etree.tostring(events[0])!r}"
+
+
+async def no_event_within(client: RawClient, timeout: float) -> None:
+    """No event within `timeout`: for what is sent in the background after a result (the
+    last item on subscribing, §6.1.7), where no marker orders it."""
     try:
         message = await next_event(client, timeout)
     except TimeoutError:
@@ -161,10 +186,10 @@ def test_caps_hash_of_the_xep_0115_example() -> None:
         <field var='software'><value>Psi</value></field>
         <field var='software_version'><value>0.11</value></field>
       </x></query>""")
-    assert engine.caps_hash(query, "sha-1") == "q07IKJEyjvHSyhy//CH0CxmKi8w="
+    assert caps_hash(query, "sha-1") == "q07IKJEyjvHSyhy//CH0CxmKi8w="
     # §5.4: duplicate features make it unfit for caching.
     etree.SubElement(query, q(DISCO, "feature"), var="http://jabber.org/protocol/muc")
-    assert engine.caps_hash(query, "sha-1") is None
+    assert caps_hash(query, "sha-1") is None
 
 
 def test_config_forms_and_preconditions() -> None:
@@ -176,6 +201,13 @@ def test_config_forms_and_preconditions() -> None:
     assert values == {"access_model": "open", "max_items": "max", "persist_items": True}
     assert engine.unmet_preconditions(config, values) == ["pubsub#access_model",
                                                           "pubsub#max_items"]
+    # A publish-options field the service does not know cannot be met (§7.1.5).
+    try:
+        engine.publish_options(form)
+    except engine.PubsubError as err:
+        assert (err.condition, err.app) == ("conflict", "precondition-not-met")
+    else:
+        raise AssertionError("an unknown publish option was accepted")
     assert engine.max_items({"max_items": "max"}, 50) == 50
     assert engine.max_items({"max_items": 500}, 50) == 50
     rendered = engine.form_values(engine.config_form(config, type_="submit"), engine.NODE_CONFIG)
@@ -402,7 +434,7 @@ async def test_notifications_follow_caps_and_access(server: RunningServer) -> No
         assert got.findtext(f"{{{EVENT}}}item/{{{nick}}}nick") == "Alice"
     await no_event(carol)
     await no_event(dave)
-    await no_event(bob, 0.2)
+    await no_event(bob)
     # A second resource of bob, coming online with the known caps, gets the last item.
     bob2 = await server.raw_login("bob@a.test", resource="b2")
     await bob2.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='{ver}'/>"
@@ -418,34 +450,39 @@ async def test_notifications_follow_caps_and_access(server: RunningServer) -> No
         message = await next_event(client)
         retract = message.find(f".//{{{EVENT}}}retract")
         assert retract is not None and retract.get("id") == "n1"
-    await no_event(carol, 0.2)
+    await no_event(carol)
 
 
 async def test_unverified_caps_are_not_cached(server: RunningServer) -> None:
-    """XEP-0115 §5: an answer that does not hash to the ver serves that resource only."""
+    """XEP-0115 §5: an answer that does not hash to the ver serves that resource only: it gets
+    what it asked for, and another resource with the same ver is asked again."""
     await server.add_user("alice@a.test")
     await server.add_user("bob@a.test")
     await friends(server, "alice@a.test", "bob@a.test")
     nick = "http://jabber.org/protocol/nick"
-    bob = await server.raw_login("bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await ask(alice, publish(nick, f"<nick xmlns='{nick}'>A</nick>"))
+    bob = await server.raw_login("bob@a.test", resource="b1")
     body, _ = caps_query([DISCO, f"{nick}+notify"])
     await bob.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='forged'/>"
                    "</presence>")
     iq = await bob.next_of("iq")
     await bob.send(f"<iq type='result' id='{iq.get('id')}' to='{iq.get('from')}'>"
                    f"<query xmlns='{DISCO}'>{body}</query></iq>")
-    pep = server.server.modules["pep"]
-    for _ in range(100):
-        session = server.server.sessions.resources(server.server.sessions.all()[0].jid.bare)[0]
-        caps = pep.caps.get(session)  # type: ignore[attr-defined]
-        if caps is not None and caps.features:
-            break
-        await asyncio.sleep(0.02)
-    assert "forged" not in pep._known  # type: ignore[attr-defined]
-    alice = await server.raw_login("alice@a.test")
-    await alice.ask(publish(nick, f"<nick xmlns='{nick}'>A</nick>"))
-    message = await next_event(bob)  # the resource itself still gets what it asked for
+    # The features serve this resource: the last item comes once they are known (§4.3.2).
+    message = await next_event(bob)
     assert message.findtext(f".//{{{nick}}}nick") == "A"
+    # Not kept for anyone else: a second resource with the same ver is asked in turn.
+    bob2 = await server.raw_login("bob@a.test", resource="b2")
+    await bob2.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='forged'/>"
+                    "</presence>")
+    iq = await bob2.next_of("iq")
+    query = iq.find(q(DISCO, "query"))
+    assert iq.get("type") == "get" and query is not None
+    assert query.get("node") == "urn:test#forged"
+    await ask(alice, publish(nick, f"<nick xmlns='{nick}'>B</nick>", iq_id="p2"))
+    message = await next_event(bob)  # the resource itself still gets what it asked for
+    assert message.findtext(f".//{{{nick}}}nick") == "B"
 
 
 async def test_delete_and_purge_notify(server: RunningServer) -> None:
@@ -477,6 +514,78 @@ async def test_delete_and_purge_notify(server: RunningServer) -> None:
     assert f"{PUBSUB}#publish-options" in features
 
 
+def test_engine_node_operations_are_pure() -> None:
+    """The sans-IO engine decides on a Node and returns notifications (no I/O): subscription
+    states (§6.1, authorize §6.1.2.2, outcasts §4.1), who is notified (§7.1.2.1, §6.3
+    deliver), affiliation changes (§8.9), publish models (§7.1.3.1), the last item (§6.1.7)."""
+    def jid(text: str) -> JID:
+        return JID.parse(text)
+
+    def error(call: Any) -> tuple[str, str | None]:
+        try:
+            call()
+        except engine.PubsubError as err:
+            return err.condition, err.app
+        raise AssertionError("no error")
+
+    node = engine.Node(engine.node_config({"access_model": "authorize"}),
+                       {"alice@a.test": "owner", "bob@a.test": "member",
+                        "eve@a.test": "outcast"})
+    stranger = {"owner": False, "subscriber": False, "in_roster": False}
+    carol = jid("carol@a.test/pc")
+    assert engine.subscription_state(node, carol, carol, {**stranger, **node.facts(carol)}) \
+        == "pending"
+    bob = jid("bob@a.test")
+    assert engine.subscription_state(node, bob, bob, {**stranger, **node.facts(bob)}) \
+        == "subscribed"
+    eve = jid("eve@a.test")
+    assert error(lambda: engine.subscription_state(node, eve, eve, {
+        **stranger, **node.facts(eve)})) == ("forbidden", None)
+    assert error(lambda: engine.subscription_state(node, carol, bob, stranger)) == (
+        "bad-request", "invalid-jid")
+    presence = engine.Node(engine.node_config())
+    assert error(lambda: engine.subscription_state(presence, carol, carol, stranger)) == (
+        "not-authorized", "presence-subscription-required")
+    # Notified: subscribed, not pending, not deliver = false.
+    node.subscriptions.update({"bob@a.test": "subscribed", "carol@a.test/pc": "pending",
+                               "dave@b.test": "subscribed"})
+    node.options["dave@b.test"] = {"deliver": False}
+    assert engine.subscribers(node) == ["bob@a.test"]
+    requests = engine.authorization_requests("alice@a.test", "n", node, "carol@a.test/pc")
+    assert [r.to for r in requests] == [("alice@a.test",)]
+    # Affiliations: outcasts lose their subscriptions; the last owner stays.
+    assert engine.change_affiliations(node, [(bob, "outcast")]) == ["bob@a.test"]
+    assert "bob@a.test" not in node.subscriptions and node.affiliation(bob) == "outcast"
+    before = dict(node.affiliations)
+    assert error(lambda: engine.change_affiliations(node, [(jid("alice@a.test"), "none")])) \
+        == ("not-acceptable", None)
+    assert error(lambda: engine.change_affiliations(node, [(bob, "king")]))[0] == "bad-request"
+    assert node.affiliations == before
+    # Publish models.
+    open_node = engine.Node(engine.node_config({"publish_model": "open"}),
+                            {"eve@a.test": "outcast"})
+    engine.check_publisher(open_node, carol)
+    assert error(lambda: engine.check_publisher(open_node, eve)) == ("forbidden", None)
+    subscribers = engine.Node(engine.node_config({"publish_model": "subscribers"}),
+                              subscriptions={"carol@a.test": "subscribed"})
+    engine.check_publisher(subscribers, carol)  # the bare JID's subscription
+    assert error(lambda: engine.check_publisher(subscribers, bob)) == ("forbidden", None)
+    # The last item.
+    item = ("i1", "alice@a.test", "<p xmlns='urn:t'>x</p>")
+    everyone = {"owner": False, "subscriber": True, "in_roster": True}
+    last = engine.Node(engine.node_config({"send_last_published_item": "on_sub"}))
+    assert engine.last_item("alice@a.test", "n", last, carol, everyone, item, None,
+                            on_sub=False) is None
+    sent = engine.last_item("alice@a.test", "n", last, carol, everyone, item, None, on_sub=True)
+    assert sent is not None and sent.to == ("carol@a.test/pc",)
+    assert sent.message.findtext(f".//{{{EVENT}}}item/{{urn:t}}p") == "x"
+    last.options["carol@a.test/pc"] = {"deliver": False}
+    assert engine.last_item("alice@a.test", "n", last, carol, everyone, item, None,
+                            on_sub=True) is None
+    assert engine.last_item("alice@a.test", "n", presence, carol, stranger, item, None,
+                            on_sub=True) is None  # the access model refuses
+
+
 # -- with slixmpp -----------------------------------------------------------------------------
 
 SLIX_PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep_0172")
@@ -484,10 +593,10 @@ SLIX_PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep
 
 async def wait_interest(server: RunningServer, jid: str, interest: str) -> None:
     """Until the server knows (from caps) that the resource wants these notifications."""
-    pep = server.server.modules["pep"]
+    caps = caps_of(server.server)
     for _ in range(250):
         session = server.server.sessions.get(JID.parse(jid))
-        if session is not None and pep.wants(session, interest):  # type: ignore[attr-defined]
+        if session is not None and caps.wants(session, interest):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{jid} never showed interest in {interest}")
@@ -513,9 +622,10 @@ async def test_nickname_notification_to_a_notify_contact_with_slixmpp(
     await wait_interest(server, "bob@a.test/slix", f"{nick}+notify")
     session = server.server.sessions.get(JID.parse("bob@a.test/slix"))
     assert session is not None
-    pep = server.server.modules["pep"]
-    ver = pep.caps.get(session).ver  # type: ignore[attr-defined]
-    assert ver in pep._known  # type: ignore[attr-defined]  # slixmpp's hash verified
+    caps = caps_of(server.server)
+    resource = caps.caps.get(session)
+    assert resource is not None and resource.ver is not None
+    assert caps.verified(resource.ver)  # slixmpp's hash verified
     await alice.plugin["xep_0172"].publish_nick("Alice L.")
     assert await asyncio.wait_for(got, 5) == ("alice@a.test", "Alice L.")
 
@@ -850,15 +960,14 @@ async def test_notifications_across_federation(tmp_path: Any) -> None:
                        "</presence>")
         # Bob's own server asks, and so does one.test, for alice's PEP service.
         await answer_discos(bob, body, ver, {bjid, ajid})
-        pep = fed.one.server.modules["pep"]
+        caps = caps_of(fed.one.server)
         for _ in range(250):
-            caps = pep._remote.get(JID.parse(bjid), {}).get(f"{bjid}/pc")  # type: ignore[attr-defined]
-            if caps is not None and caps.features:
+            if list(caps.remote_wanting(JID.parse(bjid), f"{nick}+notify")) == [f"{bjid}/pc"]:
                 break
             await asyncio.sleep(0.02)
         else:
             raise AssertionError("one.test never learnt bob's caps")
-        assert ver in pep._known  # type: ignore[attr-defined]
+        assert caps.verified(ver)
         reply = await ask(alice, publish(nick, f"<nick xmlns='{nick}'>Alice</nick>", "n1"))
         assert reply.get("type") == "result"
         message = await next_event(bob, 10)
@@ -926,7 +1035,7 @@ async def test_explicit_subscriptions_to_pep_nodes(server: RunningServer) -> Non
     event = await next_event(bob)
     assert event.get("to") == "bob@a.test"
     assert event.findtext(f".//{{{nick}}}nick") == "Alice"
-    await no_event(carol, 0.3)
+    await no_event(carol)
     # An open node: anyone subscribes; the subscriber lists its subscriptions (§5.6).
     tune = "http://jabber.org/protocol/tune"
     await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t1", options(access_model="open"),
@@ -959,7 +1068,7 @@ async def test_explicit_subscriptions_to_pep_nodes(server: RunningServer) -> Non
     assert (condition(reply), app_condition(reply)) == ("unexpected-request", "not-subscribed")
     await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t3", options(access_model="open"),
                              iq_id="p5"))
-    await no_event(carol, 0.3)
+    await no_event(carol)
     # The access model is checked at each notification: carol subscribes again, then the node
     # becomes presence-only (she sees no presence of alice's) and she gets nothing more.
     await ask(carol, subscribe("alice@a.test", tune, "carol@a.test", "s3"))
@@ -971,7 +1080,7 @@ async def test_explicit_subscriptions_to_pep_nodes(server: RunningServer) -> Non
     assert reply.get("type") == "result"
     await next_event(carol)  # the last item, on subscribing
     await ask(alice, publish(tune, f"<tune xmlns='{tune}'/>", "t4", iq_id="p6"))
-    await no_event(carol, 0.3)
+    await no_event(carol)
     # Deleting bob's account removes his subscription (both backends: tests/test_storage.py).
     await server.server.storage.accounts.delete("bob", "a.test")
     stored = await server.server.storage.pep.subscriptions("alice", "a.test")  # type: ignore[attr-defined]
@@ -998,7 +1107,7 @@ async def test_last_item_on_subscription_follows_send_last_published_item(
         reply = await ask(bob, subscribe("alice@a.test", node, "bob@a.test", f"s{n}"))
         assert subscription_of(reply) == ("bob@a.test", "subscribed")
         if when == "never":
-            await no_event(bob, 0.3)
+            await no_event_within(bob, 0.3)
             continue
         event = await next_event(bob)
         got = event.find(f"{{{EVENT}}}event/{{{EVENT}}}items")
@@ -1038,7 +1147,7 @@ async def test_authorize_access_model_on_pep(server: RunningServer) -> None:
     # Publishing meanwhile: the pending subscriber gets nothing.
     await ask(alice, publish(node, "<p xmlns='urn:t'>secret 2</p>", "d2",
                              options(access_model="authorize"), iq_id="p2"))
-    await no_event(carol, 0.3)
+    await no_event(carol)
 
     def answer(jid: str, allow: str) -> str:
         return (f"<message to='alice@a.test' id='a-{jid}'><x xmlns='jabber:x:data' "
@@ -1128,3 +1237,211 @@ async def test_an_unanswered_caps_query_does_not_hold_up_shutdown(tmp_path: Any)
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(running.server.stop(), 8)
     assert asyncio.get_running_loop().time() - started < 5
+
+
+def unlabelled(form: etree._Element) -> list[str]:
+    """The fields (by var) and list options (var=value) of a XEP-0004 form shown without a
+    label (issue 19: profanity shows '[field3] (null)'); hidden fields are never shown, and
+    engine.UNLABELLED is the one field Prosody's scansion scripts want without a label."""
+    data = "jabber:x:data"
+    missing = []
+    for field in form.iter(q(data, "field")):
+        if field.get("type") == "hidden":
+            continue
+        if not field.get("label") and field.get("var") not in engine.UNLABELLED:
+            missing.append(field.get("var", "?"))
+        missing += [f"{field.get('var')}={o.findtext(q(data, 'value'))}"
+                    for o in field.findall(q(data, "option")) if not o.get("label")]
+    return missing
+
+
+async def test_every_pep_form_is_labelled(server: RunningServer) -> None:
+    """XEP-0004 §3.2, XEP-0060 §16.4.4: the node configuration and default forms have a label
+    on every field and every list option."""
+    await server.add_user("alice@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await ask(alice, publish("urn:n", "<x xmlns='urn:x'/>"))
+    for body in ("<configure node='urn:n'/>", "<default/>"):
+        reply = await ask(alice, f"<iq type='get' id='f1'><pubsub xmlns='{OWNER}'>{body}"
+                                 "</pubsub></iq>")
+        form = reply.find(".//{jabber:x:data}x")
+        assert form is not None, etree.tostring(reply)
+        assert len(form.findall(".//{jabber:x:data}option")) >= 10
+        assert unlabelled(form) == []
+
+
+async def test_hostile_numbers_ids_and_publish_options(server: RunningServer) -> None:
+    """Issue 20: max_items that is not a positive number is bad-request (not the whole node);
+    item ids and node names have a length limit with a clear error; a publish-options field
+    the service does not know is a precondition it cannot meet (XEP-0060 §7.1.5)."""
+    await server.add_user("alice@a.test")
+    alice = await server.raw_login("alice@a.test")
+    for n in range(3):
+        await ask(alice, publish("urn:n", f"<x xmlns='urn:x'>{n}</x>", f"i{n}", iq_id=f"p{n}"))
+    await ask(alice, f"<iq type='set' id='c0'><pubsub xmlns='{OWNER}'><configure node='urn:n'>"
+                     "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' "
+                     f"type='hidden'><value>{PUBSUB}#node_config</value></field><field "
+                     "var='pubsub#max_items'><value>10</value></field></x></configure>"
+                     "</pubsub></iq>")
+    await ask(alice, publish("urn:n", "<x xmlns='urn:x'>more</x>", "i3", iq_id="p3"))
+    assert item_ids(await ask(alice, items("alice@a.test", "urn:n", " max_items='2'"))) == [
+        "i2", "i3"]
+    for bad in ("-5", "0", "", "²", "1.5", "abc", "9" * 30):
+        reply = await ask(alice, items("alice@a.test", "urn:n", f" max_items='{bad}'"))
+        assert condition(reply) == "bad-request", (bad, etree.tostring(reply))
+    # Ids: the limit (a full JID's 3071 bytes) is accepted, one byte more is not.
+    reply = await ask(alice, publish("urn:n", "<x xmlns='urn:x'/>", "a" * 3071, iq_id="l1"))
+    assert reply.get("type") == "result", etree.tostring(reply)
+    reply = await ask(alice, publish("urn:n", "<x xmlns='urn:x'/>", "é" * 1536, iq_id="l2"))
+    assert condition(reply) == "not-acceptable"
+    assert "3071" in (reply.findtext(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text") or "")
+    reply = await ask(alice, items("alice@a.test", "urn:n", inner=f"<item id='{'b' * 10000}'/>"))
+    assert condition(reply) == "not-acceptable"
+    reply = await ask(alice, f"<iq type='set' id='l3'><pubsub xmlns='{PUBSUB}'><retract "
+                             f"node='urn:n'><item id='{'c' * 10000}'/></retract></pubsub></iq>")
+    assert condition(reply) == "not-acceptable"
+    reply = await ask(alice, publish("n" * 1025, "<x xmlns='urn:x'/>", iq_id="l4"))
+    assert condition(reply) == "not-acceptable"
+    reply = await ask(alice, f"<iq type='set' id='l5'><pubsub xmlns='{PUBSUB}'><create "
+                             f"node='{'n' * 1025}'/></pubsub></iq>")
+    assert condition(reply) == "not-acceptable"
+    # An unknown publish option: precondition-not-met, for an existing node and a new one
+    # (which is then not created).
+    for node in ("urn:n", "urn:new"):
+        reply = await ask(alice, publish(node, "<x xmlns='urn:x'/>", "u",
+                                         options(bogus_option="1"), iq_id="o1"))
+        assert (condition(reply), app_condition(reply)) == ("conflict", "precondition-not-met")
+    reply = await ask(alice, items("alice@a.test", "urn:new"))
+    assert condition(reply) == "item-not-found"
+    assert "u" not in item_ids(await ask(alice, items("alice@a.test", "urn:n")))
+
+
+def subscribe_options(**fields: str) -> str:
+    """A XEP-0060 §6.3 subscription options form."""
+    inner = "".join(f"<field var='pubsub#{k}'><value>{v}</value></field>"
+                    for k, v in fields.items())
+    return (f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'>"
+            f"<value>{PUBSUB}#subscribe_options</value></field>{inner}</x>")
+
+
+async def test_subscription_options_on_pep(server: RunningServer) -> None:
+    """PEP on the one iq front gets XEP-0060 §6.3 subscription options: advertised; set with
+    the subscription (§6.3.7) or later (§6.3.5); pubsub#deliver = false stops notifications
+    and the last item; kept in the store with the subscription and gone with it; §6.4 default
+    options; the §6.3.4/§6.3.6 errors."""
+    await server.add_user("alice@a.test")
+    await server.add_user("bob@a.test")
+    alice = await server.raw_login("alice@a.test")
+    bob = await server.raw_login("bob@a.test")
+    await bob.send("<presence/>")
+    reply = await ask(bob, f"<iq type='get' id='d1' to='alice@a.test'><query xmlns='{DISCO}'/>"
+                           "</iq>")
+    assert f"{PUBSUB}#subscription-options" in {f.get("var")
+                                                for f in reply.iter(q(DISCO, "feature"))}
+    tune = "http://jabber.org/protocol/tune"
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'><title>1</title></tune>", "t1",
+                             options(access_model="open")))
+    body = (f"<iq type='set' id='s1' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+            f"<subscribe node='{tune}' jid='bob@a.test'/><options>"
+            f"{subscribe_options(deliver='false')}</options></pubsub></iq>")
+    assert subscription_of(await ask(bob, body)) == ("bob@a.test", "subscribed")
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'><title>2</title></tune>", "t2",
+                             iq_id="p2"))
+    await no_event(bob)  # neither the last item nor the new one
+    stored = await server.server.storage.pep.subscription_options(  # type: ignore[attr-defined]
+        "alice", "a.test")
+    assert stored == {tune: {"bob@a.test": {"deliver": False}}}
+
+    def get(jid: str = "bob@a.test", iq_id: str = "o1") -> str:
+        return (f"<iq type='get' id='{iq_id}' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                f"<options node='{tune}' jid='{jid}'/></pubsub></iq>")
+
+    def values(reply: etree._Element) -> dict[str | None, str | None]:
+        assert reply.get("type") == "result", etree.tostring(reply)
+        form = reply.find(".//{jabber:x:data}x")
+        assert form is not None and unlabelled(form) == []
+        return {f.get("var"): f.findtext(q("jabber:x:data", "value"))
+                for f in form.iter(q("jabber:x:data", "field"))}
+
+    assert values(await ask(bob, get()))["pubsub#deliver"] == "0"
+    # Read back after the cache is dropped, then turned on again (§6.3.5).
+    server.server.modules["pep"]._forget(JID.parse("alice@a.test"))  # type: ignore[attr-defined]
+    assert values(await ask(bob, get(iq_id="o2")))["pubsub#deliver"] == "0"
+    reply = await ask(bob, f"<iq type='set' id='o3' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                           f"<options node='{tune}' jid='bob@a.test'>"
+                           f"{subscribe_options(deliver='1')}</options></pubsub></iq>")
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await ask(alice, publish(tune, f"<tune xmlns='{tune}'><title>3</title></tune>", "t3",
+                             iq_id="p3"))
+    event = await next_event(bob)
+    assert event.get("to") == "bob@a.test" and event.findtext(f".//{{{tune}}}title") == "3"
+    # §6.4: the default options.
+    reply = await ask(bob, f"<iq type='get' id='o4' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                           f"<default node='{tune}'/></pubsub></iq>")
+    assert values(reply) == {"FORM_TYPE": f"{PUBSUB}#subscribe_options", "pubsub#deliver": "1",
+                             "pubsub#include_body": "0"}
+    # Errors: another's options (forbidden), a bad form (§6.3.6), no subscription (§6.3.4).
+    reply = await ask(bob, get("alice@a.test", "o5"))
+    assert condition(reply) == "forbidden"
+    reply = await ask(bob, f"<iq type='set' id='o6' to='alice@a.test'><pubsub xmlns='{PUBSUB}'>"
+                           f"<options node='{tune}' jid='bob@a.test'>"
+                           f"{subscribe_options(colour='red')}</options></pubsub></iq>")
+    assert (condition(reply), app_condition(reply)) == ("bad-request", "invalid-options")
+    assert (await ask(bob, subscribe("alice@a.test", tune, "bob@a.test", "u1",
+                                     "unsubscribe"))).get("type") == "result"
+    reply = await ask(bob, get(iq_id="o7"))
+    assert (condition(reply), app_condition(reply)) == ("unexpected-request", "not-subscribed")
+    assert await server.server.storage.pep.subscription_options(  # type: ignore[attr-defined]
+        "alice", "a.test") == {}
+
+
+def test_requester_and_jid_errors_are_one() -> None:
+    """The one iq front reads who asks and the 'jid' of a request the same way for PEP and
+    the service: a malformed 'from' is jid-malformed (RFC 6120 §8.3.3.8), a malformed 'jid'
+    bad-request with <invalid-jid/> (XEP-0060 §6.1.3.1)."""
+    from server.errors import StanzaError
+    from server.modules.pubsub.protocol import jid_attr, requester
+    good = etree.fromstring("<iq from='alice@a.test/pc'/>")
+    assert str(requester(good, None)) == "alice@a.test/pc"
+    cases: list[tuple[Any, str, tuple[str, str | None]]] = [
+        (lambda el: requester(el, None), "<iq from='@@'/>", ("jid-malformed", None)),
+        (jid_attr, "<subscribe jid='a@b@c'/>", ("bad-request", "invalid-jid")),
+        (jid_attr, "<subscribe/>", ("bad-request", "invalid-jid"))]
+    for check, bad, expected in cases:
+        try:
+            check(etree.fromstring(bad))
+        except StanzaError as err:
+            assert (err.condition, getattr(err, "app", None)) == expected, bad
+        else:
+            raise AssertionError(f"{bad} accepted")
+
+
+async def test_notifications_are_serialised_once() -> None:
+    """The one front fans a notification out through writer.addressed_copies (DESIGN.md rule
+    3, as MUC does): every routed copy is addressed to its recipient, with one id, and its
+    bytes come from the one serialisation of the template."""
+    from server.modules.pubsub.protocol import PubsubProtocol
+    from server.xml import writer
+
+    routed: list[etree._Element] = []
+
+    class Router:
+        def route(self, stanza: etree._Element, _origin: object) -> None:
+            routed.append(stanza)
+
+    class Server:
+        router = Router()
+
+    front = PubsubProtocol()
+    front.server = Server()  # type: ignore[assignment]
+    event = engine.items_event("urn:n", [engine.item_element(EVENT, "i1", None)])
+    targets = ["bob@a.test/pc", "carol@a.test", "dave@b.test/x"]
+    await front.deliver([engine.Notification(engine.event_message("alice@a.test", event),
+                                             tuple(targets))])
+    assert [m.get("to") for m in routed] == targets
+    assert len({m.get("id") for m in routed}) == 1
+    for message in routed:
+        assert id(message) in writer._SHARED  # bytes made once, for all of them
+        data = writer.serialize(message, "jabber:client")
+        assert etree.fromstring(data).get("to") == message.get("to")
+        assert b"<item id=\"i1\"/>" in data

@@ -10,7 +10,17 @@ from lxml import etree
 
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.rawclient import RawClient, condition
-from tests.test_pep import ERRORS, EVENT, OWNER, PUBSUB, app_condition, ask, item_ids, q
+from tests.test_pep import (
+    ERRORS,
+    EVENT,
+    OWNER,
+    PUBSUB,
+    app_condition,
+    ask,
+    item_ids,
+    q,
+    unlabelled,
+)
 
 SERVICE = "pubsub.a.test"
 DATA = "jabber:x:data"
@@ -144,6 +154,10 @@ async def test_owner_management_and_whitelist(server: RunningServer) -> None:
     assert subs == [("carol@a.test", "subscribed")]
     ok(await alice.ask(iq("set", "<subscriptions node='team'><subscription jid='carol@a.test' "
                                  "subscription='none'/></subscriptions>", owner=True)))
+    # §8.8.4: carol is told (one iq front for PEP and the service: both tell).
+    told = (await carol.next_of("message")).find(f".//{{{EVENT}}}subscription")
+    assert told is not None and (told.get("jid"), told.get("subscription")) == (
+        "carol@a.test", "none")
     reply = ok(await carol.ask(iq("get", "<subscriptions/>")))
     assert list(reply.iter(q(PUBSUB, "subscription"))) == []
     # Configure: read the form, change max_items.
@@ -533,3 +547,57 @@ async def test_subscription_options_survive_a_restart(tmp_path: Path) -> None:
             await bob.next_of("message", 0.4)
     finally:
         await stop_server(running)
+
+
+async def test_every_service_form_is_labelled(server: RunningServer) -> None:
+    """Issue 19 item 5: the node configuration, default configuration, subscription options
+    (§6.3, §6.4), node meta-data (disco#info) and authorization request (§8.6) forms have a
+    label on every shown field and every list option."""
+    alice, bob = await users(server, "alice", "bob")
+    ok(await alice.ask(iq("set", "<create node='n'/><configure>"
+                                 f"{config_form(access_model='authorize')}</configure>")))
+    ok(await alice.ask(iq("set", "<create node='o'/>")))
+    ok(await bob.ask(iq("set", "<subscribe node='o' jid='bob@a.test'/>")))
+    forms = []
+    for client, type_, body, owner in (
+            (alice, "get", "<configure node='n'/>", True),
+            (alice, "get", "<default/>", True),
+            (bob, "get", "<options node='o' jid='bob@a.test'/>", False),
+            (bob, "get", "<default/>", False)):
+        reply = ok(await client.ask(iq(type_, body, owner=owner)))
+        forms.append(reply.find(f".//{{{DATA}}}x"))
+    reply = ok(await alice.ask(f"<iq type='get' to='{SERVICE}' id='i'><query xmlns='{INFO}' "
+                               "node='n'/></iq>"))
+    forms.append(reply.find(f".//{{{DATA}}}x"))
+    await bob.send(iq("set", "<subscribe node='n' jid='bob@a.test'/>"))
+    forms.append((await alice.next_of("message")).find(f"{{{DATA}}}x"))
+    assert all(form is not None for form in forms)
+    for form in forms:
+        assert unlabelled(form) == [], etree.tostring(form)
+    assert len(forms[0].findall(f".//{{{DATA}}}option")) >= 10
+
+
+async def test_hostile_max_items_ids_and_publish_options(server: RunningServer) -> None:
+    """Issue 20 on the service: max_items not a positive number is bad-request; over-long
+    item ids and node names are refused; an unknown publish option is a precondition that
+    cannot be met (XEP-0060 §7.1.5)."""
+    (alice,) = await users(server, "alice")
+    ok(await alice.ask(iq("set", "<create node='n'/>")))
+    for n in range(3):
+        ok(await alice.ask(iq("set", publish("n", f"i{n}"), iq_id=f"p{n}")))
+    reply = ok(await alice.ask(iq("get", "<items node='n' max_items='1'/>")))
+    assert item_ids(reply) == ["i2"]
+    for bad in ("-5", "0", "²", "x"):
+        reply = await alice.ask(iq("get", f"<items node='n' max_items='{bad}'/>"))
+        assert condition(reply) == "bad-request", bad
+    reply = await alice.ask(iq("set", publish("n", "i" * 3072)))
+    assert condition(reply) == "not-acceptable"
+    reply = await alice.ask(iq("set", f"<create node='{'n' * 1025}'/>"))
+    assert condition(reply) == "not-acceptable"
+    unknown = (f"<publish-options><x xmlns='{DATA}' type='submit'><field var='FORM_TYPE' "
+               f"type='hidden'><value>{PUBSUB}#publish-options</value></field>"
+               "<field var='pubsub#no_such_option'><value>1</value></field></x>"
+               "</publish-options>")
+    reply = await alice.ask(iq("set", publish("n", "u") + unknown))
+    assert (condition(reply), app_condition(reply)) == ("conflict", "precondition-not-met")
+    assert "u" not in item_ids(ok(await alice.ask(iq("get", "<items node='n'/>"))))

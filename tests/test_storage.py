@@ -1108,8 +1108,18 @@ async def test_pep_subscriptions(config: StorageConfig) -> None:
         with pytest.raises(NoSuchAccount):  # a subscriber account that does not exist
             await store.set_subscription("alice", "a.test", "urn:n", "zed@a.test", "subscribed",
                                          ("zed", "a.test"))
+        # §6.3 options: kept with the subscription, replaced with it, gone with it.
+        assert await store.subscription_options("alice", "a.test") == {}
+        await store.set_subscription("alice", "a.test", "urn:m", "eve@b.test", "subscribed",
+                                     options={"deliver": False, "include_body": True})
+        assert await store.subscription_options("alice", "a.test") == {
+            "urn:m": {"eve@b.test": {"deliver": False, "include_body": True}}}
+        assert await store.subscriptions("alice", "a.test") == {
+            "urn:n": {"bob@a.test": "subscribed", "carol@a.test/x": "subscribed"},
+            "urn:m": {"eve@b.test": "subscribed"}}
         assert await store.remove_subscription("alice", "a.test", "urn:m", "eve@b.test")
         assert not await store.remove_subscription("alice", "a.test", "urn:m", "eve@b.test")
+        assert await store.subscription_options("alice", "a.test") == {}
         await opened.accounts.delete("bob", "a.test")  # the subscriber's account goes
         assert await store.subscriptions("alice", "a.test") == {
             "urn:n": {"carol@a.test/x": "subscribed"}}

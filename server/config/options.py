@@ -197,6 +197,20 @@ class service_fields:
 
 SECONDS = "a number of seconds > 0"
 BOOL = "true or false"
+COUNT = "an integer >= 0"
+NETWORKS = 'a list of networks such as "127.0.0.1/32"'
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(value: Any, _ctx: Context) -> tuple[Network, ...]:
+    """A list of IP networks ("10.0.0.0/8", "::1"; host bits may be set)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
 
 # (key in this table, expected, problem): how a section's _finish reports a problem
 Report = Callable[[str, str, str | None], None]

@@ -12,10 +12,13 @@ from typing import Any
 
 from server.config.options import (
     BOOL,
+    COUNT,
+    NETWORKS,
     SECONDS,
     Address,
     Context,
     Invalid,
+    Network,
     Report,
     addresses,
     bare_jids,
@@ -23,6 +26,7 @@ from server.config.options import (
     choice,
     domain_names,
     integer,
+    networks,
     one_of,
     option,
     parse_address,
@@ -132,6 +136,23 @@ class LimitsConfig:
     negotiation_timeout: float = field(metadata=option(SECONDS, seconds, 30.0))
     idle_timeout: float = field(metadata=option(SECONDS, seconds, 300.0))
     max_sessions_per_user: int = field(metadata=option("an integer >= 1", integer(1), 16))
+    # Shaping and per-address limits (server/limits.py); 0 turns one off.
+    trusted: tuple[Network, ...] = field(
+        metadata=option(NETWORKS, networks, ["127.0.0.0/8", "::1/128"]))
+    max_connections_per_ip: int = field(metadata=option(COUNT, integer(0), 10))
+    max_unauthenticated_per_ip: int = field(metadata=option(COUNT, integer(0), 5))
+    c2s_read_rate: int = field(metadata=option(COUNT, integer(0), 10240))
+    c2s_read_burst: int = field(metadata=option(COUNT, integer(0), 65536))
+    s2s_read_rate: int = field(metadata=option(COUNT, integer(0), 102400))
+    s2s_read_burst: int = field(metadata=option(COUNT, integer(0), 524288))
+    component_read_rate: int = field(metadata=option(COUNT, integer(0), 0))
+    component_read_burst: int = field(metadata=option(COUNT, integer(0), 524288))
+    stanza_rate: int = field(metadata=option(COUNT, integer(0), 20))
+    stanza_burst: int = field(metadata=option(COUNT, integer(0), 100))
+    auth_failures_free: int = field(metadata=option(COUNT, integer(0), 3))
+    auth_delay: float = field(metadata=option(SECONDS, seconds, 1.0))
+    auth_max_delay: float = field(metadata=option(SECONDS, seconds, 300.0))
+    auth_forget: float = field(metadata=option(SECONDS, seconds, 3600.0))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -36,6 +36,7 @@ from lxml import etree
 from server.stream.c2s import C2SConnection
 from server.stream.connection import WRITE_BUFFER_LIMIT
 from server.xml import ns
+from server.xml.numbers import NumberError, parse_optional_int
 from server.xml.writer import STREAM_CLOSE
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ INACTIVITY = 60      # seconds without a held request before the session ends
 MAX_PAUSE = 120
 POLLING = 2
 MAX_BODY = 1 << 20   # bytes of one request body
+MAX_RID = 2**53 - 1  # XEP-0124 §14.1: a rid never exceeds 9007199254740991
+_MAX_ASKED = 2**31 - 1  # a wait, hold or pause beyond this is no number a client means
 _BODY = f"{{{HTTPBIND}}}body"
 _RESTART = f"{{{XBOSH}}}restart"
 _XMPP_VERSION = f"{{{XBOSH}}}version"
@@ -87,6 +90,8 @@ class _Transport:
         self._session = session
         self._peer = peer
         self.closed = False
+        self.reading = asyncio.Event()  # cleared while [limits] shaping pauses the session
+        self.reading.set()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._peer if name == "peername" else default
@@ -101,20 +106,23 @@ class _Transport:
         return 0
 
     def pause_reading(self) -> None:
-        pass
+        self.reading.clear()
 
     def resume_reading(self) -> None:
-        pass
+        self.reading.set()
 
     def close(self) -> None:
+        self.reading.set()
         self._session.finish()
 
     def abort(self) -> None:
+        self.reading.set()
         self._session.finish()
 
 
 class BoshSession(C2SConnection):
     kind = "bosh"
+    split_reads = False  # shaping: a request's body is read whole, the next one waits
     __slots__ = ("_answered", "_bosh", "_held", "_inactivity", "_next_rid", "_order",
                  "_pending", "_pending_size", "_terminated", "_timer", "_wakeup", "authid",
                  "hold", "requests", "sid", "wait")
@@ -247,13 +255,16 @@ class BoshSession(C2SConnection):
                 raise _Terminate("item-not-found") from None
             self._next_rid = rid + 1
             self._order.notify_all()
-        pause = body.get("pause")
-        if pause is not None and pause.isdigit():
-            self._inactivity = float(min(int(pause), MAX_PAUSE))
+        pause = _number(body, "pause", _MAX_ASKED)  # XEP-0124 §10, up to our maxpause
+        if pause is not None:
+            self._inactivity = float(min(pause, MAX_PAUSE))
             for _rid, future in self._held:
                 if not future.done():
                     future.set_result(_body(b""))
             self._held.clear()
+        transport = self._transport
+        if isinstance(transport, _Transport) and not transport.reading.is_set():
+            await transport.reading.wait()  # [limits]: over its read rate, this body waits
         if body.get(_RESTART) == "true":
             self.open_stream(body)
         else:
@@ -332,17 +343,12 @@ class Bosh:
     async def handle(self, request: web.Request, peer: tuple[str, int] | None) -> web.Response:
         if request.method != "POST":
             return web.Response(text="XMPP over BOSH (XEP-0206): POST <body/> here\n")
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            return _xml(_terminate_body("policy-violation"))
-        data = await request.content.read(MAX_BODY + 1)
-        if len(data) > MAX_BODY:
-            return _xml(_terminate_body("policy-violation"))
         try:
+            data = await _read_body(request)
             body = _parse(data)
-            rid_text = body.get("rid", "")
-            if not rid_text.isdigit():
+            rid = _number(body, "rid", MAX_RID)
+            if rid is None:
                 raise _Terminate("bad-request")
-            rid = int(rid_text)
             sid = body.get("sid")
             if sid is None:
                 return _xml(await self._create(body, rid, peer))
@@ -351,10 +357,12 @@ class Bosh:
                 raise _Terminate("item-not-found")
             try:
                 return _xml(await session.request(rid, body))
-            except _Terminate:
-                # XEP-0124 §14.2: a rid out of the window ends the session.
-                log.info("event=bosh-bad-rid sid=%s rid=%d", sid[:8], rid)
-                session.abort("bad-rid")
+            except _Terminate as exc:
+                # XEP-0124 §14.2: a rid out of the window ends the session; so does a
+                # malformed attribute (§17.2 bad-request).
+                log.info("event=bosh-terminated sid=%s rid=%d condition=%s", sid[:8], rid,
+                         exc.condition)
+                session.abort(exc.condition)
                 session.finish()
                 raise
         except _Terminate as exc:
@@ -364,9 +372,11 @@ class Bosh:
                       peer: tuple[str, int] | None) -> bytes:
         if not body.get("to"):
             raise _Terminate("improper-addressing")
-        wait_text, hold_text = body.get("wait", str(MAX_WAIT)), body.get("hold", str(HOLD))
-        wait = min(int(wait_text), MAX_WAIT) if wait_text.isdigit() else MAX_WAIT
-        hold = min(int(hold_text), HOLD) if hold_text.isdigit() else HOLD
+        # XEP-0124 §7.1: the client asks, we grant no more than our limits (absent: ours).
+        asked_wait = _number(body, "wait", _MAX_ASKED)
+        asked_hold = _number(body, "hold", _MAX_ASKED)
+        wait = MAX_WAIT if asked_wait is None else min(asked_wait, MAX_WAIT)
+        hold = HOLD if asked_hold is None else min(asked_hold, HOLD)
         session = BoshSession(self.server, self, wait=max(wait, 1), hold=max(hold, 1))
         self.sessions[session.sid] = session
         session.connection_made(_Transport(session, peer))  # type: ignore[arg-type]
@@ -387,7 +397,9 @@ class Bosh:
                  "requests": str(session.requests), "inactivity": str(INACTIVITY),
                  "maxpause": str(MAX_PAUSE), "polling": str(POLLING), "ver": VERSION,
                  "from": session.negotiation.domain or self.server.default_domain,
-                 "authid": session.authid, "secure": "true", "xmpp:version": "1.0"}
+                 "authid": session.authid, "secure": "true", "xmpp:version": "1.0",
+                 # XEP-0206 §5: we understand xmpp:restart='true' (clients look for this).
+                 "xmpp:restartlogic": "true"}
         text = "".join(f" {k}={quoteattr(v)}" for k, v in attrs.items())
         response = _body(payload, f" xmlns:xmpp='{XBOSH}'{text}")
         session._record(rid, response)
@@ -398,6 +410,36 @@ class Bosh:
     def close_all(self) -> None:
         for session in list(self.sessions.values()):
             session.finish()
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole request body, however many TCP segments it came in: Content-Length bytes, or
+    a chunked body up to MAX_BODY. Larger: policy-violation (XEP-0124 §17.2: the request
+    broke the connection manager's limits)."""
+    length = request.content_length
+    if length is not None:
+        if length > MAX_BODY:
+            raise _Terminate("policy-violation")
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise _Terminate("bad-request") from None
+    data = bytearray()
+    while chunk := await request.content.read(MAX_BODY + 1 - len(data)):
+        data += chunk
+        if len(data) > MAX_BODY:
+            raise _Terminate("policy-violation")
+    return bytes(data)
+
+
+def _number(body: etree._Element, name: str, maximum: int) -> int | None:
+    """An attribute of <body/> that is a number (None when absent); '²', 5,000 digits or a
+    negative number is bad-request (XEP-0124 §17.2: a malformed binding element)."""
+    try:
+        return parse_optional_int(body.get(name), maximum=maximum, name=name)
+    except NumberError as exc:
+        log.info("event=bosh-bad-attribute name=%s reason=%s", name, exc.reason.replace(" ", "-"))
+        raise _Terminate("bad-request") from None
 
 
 def _parse(data: bytes) -> etree._Element:

@@ -57,6 +57,7 @@ _FRAMING_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_
 
 class WebSocketConnection(C2SConnection):
     kind = "websocket"
+    split_reads = False  # shaping: a message is one element, read whole; the next one waits
     __slots__ = ("_elements", "_opened_parser")
 
     def __init__(self, server: Server) -> None:
@@ -289,7 +290,11 @@ async def serve(server: Server, request: web.Request, *, max_message: int,
             elif msg.type is WSMsgType.BINARY:
                 conn.binary()
             elif msg.type is WSMsgType.ERROR:
+                # aiohttp closed the WebSocket already, e.g. with 1009 for a message over
+                # max_message (RFC 6455 §7.4.1): no stream error can follow; one log line.
                 error = msg.data if isinstance(msg.data, Exception) else None
+                log.info("event=websocket-error peer=%s code=%s", conn.peer,
+                         getattr(error, "code", ws.close_code))
                 break
             else:  # CLOSE, CLOSING, CLOSED: the client left (or we closed)
                 break

@@ -31,6 +31,7 @@ MODULES: list[str] = [
     "mam",
     "blocking",
     "vcard",
+    "caps",
     "pubsub.pep",
     "pubsub.service",
     "private",
@@ -42,6 +43,8 @@ MODULES: list[str] = [
     "muc",
     "http",
     "upload",
+    "external_services",
+    "proxy65",
 ]
 
 

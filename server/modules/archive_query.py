@@ -5,6 +5,7 @@ the result messages and the <fin/> that ends a page; XEP-0082 stamps."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
@@ -14,7 +15,11 @@ from server.module import Stanza
 from server.storage.archive import ArchivePage, ArchiveQuery
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int
 from server.xml.stanza import child, element
+
+if TYPE_CHECKING:
+    from server.config import Config
 
 MAM2 = "urn:xmpp:mam:2"
 MAM1 = "urn:xmpp:mam:1"
@@ -26,6 +31,17 @@ _DELAY = ns.q(ns.DELAY, "delay")
 _X = ns.q(ns.DATA_FORMS, "x")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _DEFAULT_PAGE = 50
+_MAX_ASKED = 10**18  # a larger <max/> is not a number a client means: bad-request, not a page
+
+
+DEFAULT_MAX_PAGE = 250  # [mam] max_page's default (server/modules/mam.py)
+
+
+def max_page(config: Config) -> int:
+    """The one page limit of every archive query, a user's and a room's: `[mam] max_page`
+    (a room archive lives in the MAM module's store, so it follows that module's setting)."""
+    settings = config.modules.get("mam")
+    return int(settings.max_page) if settings is not None else DEFAULT_MAX_PAGE
 
 
 def stamp(us: int) -> str:
@@ -95,12 +111,10 @@ def parse_query(query_el: Stanza, xmlns: str, max_page: int) -> tuple[ArchiveQue
     if rsm is not None:
         max_text = rsm.findtext(ns.q(RSM, "max"))
         if max_text is not None:
-            try:
-                limit = int(max_text.strip())
-            except ValueError:
-                raise StanzaError("bad-request", "<max/> is not a number") from None
-            if limit < 0:
-                raise StanzaError("bad-request", "<max/> is negative")
+            try:  # XEP-0059 §2.1: a non-negative integer; '²' or 5,000 digits is bad-request
+                limit = parse_int(max_text.strip(), maximum=_MAX_ASKED, name="<max/>")
+            except NumberError as err:
+                raise StanzaError("bad-request", str(err)) from None
             if limit > max_page:
                 raise StanzaError("policy-violation",
                                   f"at most {max_page} messages per page")

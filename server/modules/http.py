@@ -32,7 +32,7 @@ from xml.sax.saxutils import quoteattr
 from aiohttp import web
 
 from server import events
-from server.config import Invalid, bool_option, option
+from server.config import NETWORKS, Invalid, Network, bool_option, networks, option
 from server.http import websocket
 from server.http.bosh import Bosh
 from server.http.metrics import Metrics
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 WEBSOCKET_PATH = "/xmpp-websocket"
 BOSH_PATH = "/http-bind"
@@ -80,16 +79,6 @@ def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _networks(value: Any, _ctx: Any) -> tuple[Network, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Invalid
-    try:
-        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
-    except ValueError as exc:
-        raise Invalid(str(exc)) from None
-
-
-_NETWORKS = 'a list of networks such as "127.0.0.1/32"'
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,8 +91,8 @@ class HTTPSettings:
     cors_origins: tuple[str, ...] = field(metadata=option(
         'a list of origins such as "https://chat.example.org", or ["*"]', _origins, []))
     metrics_allow: tuple[Network, ...] = field(
-        metadata=option(_NETWORKS, _networks, ["127.0.0.1/32", "::1/128"]))
-    trusted_proxies: tuple[Network, ...] = field(metadata=option(_NETWORKS, _networks, []))
+        metadata=option(NETWORKS, networks, ["127.0.0.1/32", "::1/128"]))
+    trusted_proxies: tuple[Network, ...] = field(metadata=option(NETWORKS, networks, []))
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ to one's own account deletes one's archive (or the conversation with one JID).
     [mam]
     default = "always"     # archiving for accounts without preferences: always|roster|never
     expire_after = "1y"    # retention ("1y", "30d", "12h"); absent: kept forever
-    max_page = 250         # the largest <max/> a query may ask for
+    max_page = 250         # the largest <max/> a query may ask for, of a user's or a room's archive
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from server.errors import StanzaError
 from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
 from server.module import Module, ModuleContext, Stanza, hook, iq_get, iq_set
+from server.modules.archive_query import DEFAULT_MAX_PAGE, parse_query, stamp
 from server.modules.archive_query import fin as _fin
 from server.modules.archive_query import form as _form
-from server.modules.archive_query import parse_query, stamp
 from server.modules.archive_query import parse_stamp as parse_stamp  # for its callers
 from server.modules.archive_query import result_message as _result_message
 from server.sessions import Session
@@ -60,6 +60,7 @@ from server.storage.archive import (
     UnknownArchiveId,
 )
 from server.storage.base import NoSuchAccount
+from server.storage.db import log_failure
 from server.xml import ns
 from server.xml import stanza as st
 from server.xml.stanza import child, element, result
@@ -124,7 +125,8 @@ class MamSettings:
     # Seconds messages are kept; None: forever.
     expire_after: int | None = field(metadata=option(
         'a duration: a number and y, w, d, h, m or s, such as "1y" or "30d"', _duration))
-    max_page: int = field(metadata=int_option(1, 10000, 250))
+    # The largest page of any archive query: a user's and a room's (archive_query.max_page).
+    max_page: int = field(metadata=int_option(1, 10000, DEFAULT_MAX_PAGE))
 
 
 _UNARCHIVED_TYPES = ("error", "groupchat", "headline")
@@ -180,7 +182,7 @@ class _Writer:
                 except Exception:
                     # Delivered all the same (without stanza-id): losing a message to an
                     # archive failure would be worse than an archive gap.
-                    log.exception("event=archive-write-failed count=%d", len(entries))
+                    log_failure(log, "event=archive-write-failed count=%d", len(entries))
                     ids = [None] * len(entries)
                 at = 0
                 for count, on_ids, future in waiters:
@@ -402,7 +404,7 @@ class Mam(Module):
         try:
             self._ids.extend(await self.store.reserve_ids(_ID_BLOCK))
         except Exception:
-            log.exception("event=archive-reserve-failed")
+            log_failure(log, "event=archive-reserve-failed")
             await asyncio.sleep(1)  # storage down: do not spin
         finally:
             self._refill = None
@@ -642,7 +644,7 @@ class Mam(Module):
             try:
                 await self.expire()
             except Exception:
-                log.exception("event=archive-expiry-failed")
+                log_failure(log, "event=archive-expiry-failed")
             await asyncio.sleep(interval)
 
 

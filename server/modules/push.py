@@ -48,6 +48,7 @@ from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Module, ModuleContext, Stanza, hook, iq_set
 from server.sessions import Session
+from server.storage.db import log_failure
 from server.storage.push import SPEC, PushRegistration, PushStore
 from server.xml import ns
 from server.xml import stanza as st
@@ -199,7 +200,7 @@ class Push(Module):
         try:
             registrations = await self.store.get(account.local, account.domain)
         except Exception:
-            log.exception("event=push-lookup-failed jid=%s", account)
+            log_failure(log, "event=push-lookup-failed jid=%s", account)
             return
         if not registrations:
             self._unseen.pop(account, None)

@@ -31,8 +31,10 @@ from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Module, ModuleContext, Stanza, hook, nonza, pre_bind, stream_feature
 from server.sessions import Session
+from server.storage.db import log_failure
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.app import Server
@@ -317,7 +319,7 @@ class StreamManagement(Module):
                 try:
                     await pending
                 except Exception:
-                    log.exception("event=sm-rescue-failed jid=%s", session.jid_str)
+                    log_failure(log, "event=sm-rescue-failed jid=%s", session.jid_str)
         log.info("event=sm-unacked-rescued jid=%s count=%d", session.jid_str, rescued)
 
     @hook(events.SERVER_STOPPING)
@@ -340,10 +342,10 @@ def _failed(condition: str) -> Stanza:
 
 
 def _h(el: Stanza) -> int | None:
-    text = el.get("h", "")
-    if not text.isascii() or not text.isdigit() or int(text) >= _MOD:
+    try:  # XEP-0198 §4: an unsignedInt (mod 2^32)
+        return parse_int(el.get("h"), maximum=_MOD - 1, name="h")
+    except NumberError:
         return None
-    return int(text)
 
 
 def _to_bare(stanza: Stanza) -> bool:

@@ -14,7 +14,9 @@ A slot is a row of the uploads store (both backends) and a PUT URL
 ``/upload/<id>/<filename>?expires=<t>&token=<hmac>`` (the token also as an ``Authorization:
 Bearer`` slot header, which clients may send instead): the token is an HMAC of the slot (id,
 name, size, type, expiry) under a key made at each start, so a URL cannot be altered, works
-until ``expires`` only, and only once (the PUT claims the row). The body is streamed to a file, its
+until ``expires`` only, and for one file only (a PUT claims the row while it runs; one
+that fails, too large, cut off or not stored, gives the slot back; XEP-0363 §5: a named
+content type must be the PUT's, else 415). The body is streamed to a file, its
 size checked against the slot's while it arrives (never held in memory); a larger body is
 refused with 413 and the connection closed. GET (with HEAD and Range, by aiohttp's
 FileResponse) serves the slot's content type, ``X-Content-Type-Options: nosniff``, a CSP that
@@ -61,8 +63,10 @@ from server.services import ServiceHost, ServiceModule
 from server.sessions import Session
 from server.storage import upload as upload_store
 from server.storage.base import NoSuchAccount
+from server.storage.db import StorageUnavailable, log_failure
 from server.storage.upload import Upload
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int
 
 log = logging.getLogger("presenced.upload")
 
@@ -72,12 +76,15 @@ PREFIX = "/upload/"
 _REQUEST = f"{{{NS}}}request"
 _CHUNK = 1 << 16
 _SWEEP_EVERY = 600.0
-# type/subtype of RFC 6838 §4.2 (no parameters); anything else is stored as octet-stream.
+# type/subtype of RFC 6838 §4.2 (no parameters); anything else counts as no type named.
 _MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 # Shown inline: raster images. Everything else (SVG too: it may hold script) is an attachment.
 _INLINE = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/avif",
                      "image/bmp", "image/heic", "image/heif"})
 _CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
+_OCTETS = "application/octet-stream"
+_MAX_SIZE = 2**63 - 1      # a slot's size fits the BIGINT column; max_file_size says the rest
+_MAX_EXPIRES = 2**63 - 1   # a PUT URL's expiry (unix seconds) as we wrote it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,19 +169,22 @@ class HTTPUpload(ServiceModule):
         if origin is None or origin.jid.domain not in self.server.hosts:
             raise StanzaError("forbidden", "uploads are for accounts of this server")
         filename = (request.get("filename") or "").strip()
-        size_text = request.get("size") or ""
         if not filename or "/" in filename or "\\" in filename or len(filename) > 255 \
                 or any(ord(c) < 32 for c in filename) or filename in (".", ".."):
             raise StanzaError("bad-request", "a file name without '/' is needed")
-        if not size_text.isdigit() or int(size_text) <= 0:
-            raise StanzaError("bad-request", "'size' must be a positive integer")
-        size = int(size_text)
+        try:  # XEP-0363 §4: the size in bytes; '²' or 5,000 digits is bad-request
+            size = parse_int(request.get("size"), minimum=1, maximum=_MAX_SIZE, name="size")
+        except NumberError as err:
+            raise StanzaError("bad-request", f"'size' must be a positive integer ({err.reason})"
+                              ) from None
         limit = self.config.max_file_size
         if size > limit:
             return _too_large(stanza, limit)
+        # The type the PUT must then carry (XEP-0363 §5); none named (or not a MIME type):
+        # any, and the file is served as application/octet-stream.
         content_type = (request.get("content-type") or "").strip().lower()
         if not _MIME.fullmatch(content_type):
-            content_type = "application/octet-stream"
+            content_type = ""
         user, domain = origin.jid.local, origin.jid.domain
         assert user is not None
         now = int(time.time())
@@ -210,11 +220,15 @@ class HTTPUpload(ServiceModule):
         upload_id, sep, name = request.path[len(PREFIX):].partition("/")
         if not sep or not upload_id or "/" in name:
             return _text(404, "not found")
-        upload = await self._store.get(upload_id)
-        if upload is None or upload.filename != name:
-            return _text(404, "not found")
-        if request.method == "PUT":
-            return await self._put(request, upload)
+        try:
+            upload = await self._store.get(upload_id)
+            if upload is None or upload.filename != name:
+                return _text(404, "not found")
+            if request.method == "PUT":
+                return await self._put(request, upload)
+        except StorageUnavailable:  # logged once by the storage's Outage; the client may retry
+            return _text(503, "storage is unavailable; try again later", {"Retry-After": "30"},
+                         close=request.method == "PUT")
         if request.method in ("GET", "HEAD"):
             return self._get(upload)
         return _text(405, "method not allowed", {"Allow": "GET, HEAD, PUT, OPTIONS"})
@@ -231,7 +245,7 @@ class HTTPUpload(ServiceModule):
             return _text(404, "not found")
         kind = "inline" if upload.content_type in _INLINE else "attachment"
         headers = {
-            "Content-Type": upload.content_type,
+            "Content-Type": upload.content_type or _OCTETS,
             "Content-Disposition": f"{kind}; filename*=UTF-8''{quote(upload.filename, safe='')}",
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": _CSP,
@@ -245,11 +259,20 @@ class HTTPUpload(ServiceModule):
         if not token:
             scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
             token = credentials.strip() if scheme.lower() == "bearer" else ""
-        if not expires.isdigit() or not hmac.compare_digest(
-                token, self._token(upload, int(expires))):
+        try:
+            until = parse_int(expires, maximum=_MAX_EXPIRES, name="expires")
+        except NumberError:
+            until = -1  # not a time we gave out: the token cannot match
+        if until < 0 or not hmac.compare_digest(token, self._token(upload, until)):
             return _text(403, "this URL is not valid", close=True)
-        if int(expires) < time.time():
+        if until < time.time():
             return _text(403, "this URL has expired", close=True)
+        if upload.content_type:
+            # XEP-0363 §5: the PUT's Content-Type matches the one the slot was asked with.
+            given = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+            if given != upload.content_type:
+                log.info("event=upload-refused id=%s reason=content-type", upload.id)
+                return _text(415, f"this slot is for {upload.content_type}", close=True)
         length = request.content_length
         if length is not None and length != upload.size:
             status = 413 if length > upload.size else 400
@@ -263,31 +286,40 @@ class HTTPUpload(ServiceModule):
         received = 0
         ok = False
         try:
-            fd = await loop.run_in_executor(
-                None, lambda: os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             try:
-                while True:
-                    chunk = await request.content.read(_CHUNK)
-                    if not chunk:
-                        break
-                    received += len(chunk)
-                    if received > upload.size:
-                        log.info("event=upload-refused id=%s reason=too-large", upload.id)
-                        return _text(413, f"the slot is for {upload.size} bytes", close=True)
-                    await loop.run_in_executor(None, _write_all, fd, chunk)
-            finally:
-                await loop.run_in_executor(None, os.close, fd)
-            if received != upload.size:
-                return _text(400, f"the slot is for {upload.size} bytes, {received} came",
-                             close=True)
-            await loop.run_in_executor(None, os.replace, partial, final)
+                fd = await loop.run_in_executor(
+                    None, lambda: os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+                try:
+                    while True:
+                        chunk = await request.content.read(_CHUNK)
+                        if not chunk:
+                            break
+                        received += len(chunk)
+                        if received > upload.size:
+                            log.info("event=upload-refused id=%s reason=too-large", upload.id)
+                            return _text(413, f"the slot is for {upload.size} bytes",
+                                         close=True)
+                        await loop.run_in_executor(None, _write_all, fd, chunk)
+                finally:
+                    await loop.run_in_executor(None, os.close, fd)
+                if received != upload.size:
+                    return _text(400, f"the slot is for {upload.size} bytes, {received} came",
+                                 close=True)
+                await loop.run_in_executor(None, os.replace, partial, final)
+            except OSError as exc:  # a full or read-only file system: the client may retry
+                log.warning("event=upload-write-failed id=%s errno=%s error=%s", upload.id,
+                            exc.errno, exc.strerror)
+                return _text(507, "the file cannot be stored now", close=True)
             await storage.stored(upload.id, int(time.time()))
             ok = True
         finally:
             if not ok:
                 with contextlib.suppress(OSError):
                     partial.unlink()
-                await storage.delete(upload.id)  # the quota is free again
+                # The slot stays usable until a PUT succeeds or it expires (the sweep then
+                # frees its quota). With the database down it stays claimed until it expires.
+                with contextlib.suppress(StorageUnavailable):
+                    await storage.release(upload.id)
         log.info("event=uploaded user=%s@%s id=%s size=%d", upload.user, upload.domain,
                  upload.id, received)
         return _text(201, "created")
@@ -299,7 +331,7 @@ class HTTPUpload(ServiceModule):
             try:
                 await self.sweep()
             except Exception:
-                log.exception("event=upload-sweep-failed")
+                log_failure(log, "event=upload-sweep-failed")
             await asyncio.sleep(min(_SWEEP_EVERY, self.config.expire_after / 4))
 
     async def sweep(self) -> int:

@@ -11,6 +11,7 @@ from lxml import etree
 from server.jid import JID
 from server.sessions import Session, SessionManager
 from server.xml import ns
+from server.xml.numbers import parse_int
 from server.xml.stanza import PRESENCE, element
 
 _SHOW = ns.q(ns.CLIENT, "show")
@@ -54,11 +55,11 @@ def unavailable(session: Session, to: str | None = None) -> etree._Element:
 
 def parse_priority(stanza: etree._Element) -> int:
     """RFC 6121 §4.7.2.3: an integer from -128 to 127, default 0 (also for an empty
-    <priority/>, as Prosody takes it); else ValueError."""
+    <priority/>, as Prosody takes it); else ValueError (NumberError)."""
     text = stanza.findtext(_PRIORITY)
     if text is None or not text.strip():
         return 0
-    value = int(text.strip())
-    if not -128 <= value <= 127:
-        raise ValueError("priority out of range")
-    return value
+    text = text.strip()  # xs:byte: whitespace collapsed, an optional sign, ASCII digits only
+    if text.startswith("+") and not text.startswith("+-"):
+        text = text[1:]
+    return parse_int(text, minimum=-128, maximum=127, name="priority")

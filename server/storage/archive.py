@@ -33,6 +33,7 @@ from server.storage import StoreSpec
 from server.storage.base import NoSuchAccount
 from server.storage.db import Database, ForeignKeyViolation, UniqueViolation
 from server.storage.store import Store
+from server.xml.numbers import NumberError, parse_int
 
 MIGRATIONS = {
     "sqlite": [
@@ -233,10 +234,15 @@ def _item(row: Sequence[Any]) -> ArchivedMessage:
                            bytes(row[5]))
 
 
+_MAX_ROW_ID = 10**18 - 1  # 18 digits: every row id fits a signed 64-bit integer
+
+
 def _number(archive_id: str) -> int | None:
-    if not archive_id.isascii() or not archive_id.isdigit() or len(archive_id) > 18:
+    """A row id from an archive id we gave out (a MAM id, a stanza-id); None if it is not one."""
+    try:
+        return parse_int(archive_id, maximum=_MAX_ROW_ID, name="archive id")
+    except NumberError:
         return None
-    return int(archive_id)
 
 
 class SQLiteArchiveStore(Store):
@@ -499,11 +505,12 @@ class SQLiteArchiveStore(Store):
 
     async def replace(self, owner: str, archive_id: str, stanza: bytes) -> bool:
         number = await self._owner_id(owner, False)
-        if number is None or not archive_id.isdigit():
+        row_id = _number(archive_id)
+        if number is None or row_id is None:
             return False
         return await self._db.execute(
             "UPDATE archive_messages SET stanza = ? WHERE id = ? AND owner = ?",
-            stanza, int(archive_id), number) > 0
+            stanza, row_id, number) > 0
 
     async def delete_owner(self, owner: str) -> None:
         """Remove an owner with its archive and preferences (a destroyed room)."""

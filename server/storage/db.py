@@ -9,6 +9,8 @@ arrive as ``UniqueViolation`` / ``ForeignKeyViolation`` from either backend.
 from __future__ import annotations
 
 import abc
+import logging
+import sys
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,6 +32,59 @@ class ForeignKeyViolation(IntegrityViolation):
 
 
 Row = Sequence[Any]
+
+log = logging.getLogger("presenced.storage")
+
+
+class StorageUnavailable(Exception):
+    """The database could not read or write for a reason of its own, not the request's: a full
+    disk, a read-only file system, the connection lost or refused (PostgreSQL restarting). It may
+    work later: the router answers the stanza with internal-server-error of type 'wait' (RFC 6120
+    §8.3.2: retry after waiting), so a message is bounced, never silently lost, and nothing is
+    logged per stanza: the backend's Outage logs the outage once."""
+
+
+def log_failure(logger: logging.Logger, message: str, *args: object) -> None:
+    """In an ``except`` block: ``logger.exception(message, *args)``, unless the exception is
+    StorageUnavailable, whose Outage has logged the outage once already: then a debug line."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, StorageUnavailable):
+        logger.debug(message + " reason=storage-unavailable", *args)
+    else:
+        logger.exception(message, *args)
+
+
+class Outage:
+    """The state of one database's availability, so that an outage is logged once: its first
+    failure (a warning with the cause) and its end (with how many operations failed meanwhile),
+    never a line or a traceback per stanza. A read-only outage (a full disk lets reads through)
+    ends with the first successful write; one where reads failed too, with any success."""
+
+    __slots__ = ("down", "failures", "name", "reads_failed")
+
+    def __init__(self, name: str) -> None:
+        self.name = name            # the backend and its file or DSN (without password)
+        self.down = False
+        self.failures = 0
+        self.reads_failed = False
+
+    def failed(self, cause: str, *, write: bool) -> StorageUnavailable:
+        """Count a failure (logging the first); the exception for the caller to raise."""
+        self.failures += 1
+        self.reads_failed = self.reads_failed or not write
+        if not self.down:
+            self.down = True
+            log.warning('event=storage-unavailable database=%s cause="%s"', self.name,
+                        cause.splitlines()[0][:200].replace('"', "'") if cause else "unknown")
+        return StorageUnavailable(cause)
+
+    def succeeded(self, *, write: bool) -> None:
+        """Called after an operation succeeded while `down`."""
+        if write or self.reads_failed:
+            log.warning("event=storage-recovered database=%s failed=%d", self.name,
+                        self.failures)
+            self.down = self.reads_failed = False
+            self.failures = 0
 
 
 class Database(abc.ABC):

@@ -22,7 +22,15 @@ import asyncpg
 from server.config import StorageConfig
 from server.storage import StorageError
 from server.storage import migrate as migrations
-from server.storage.db import Database, ForeignKeyViolation, Row, UniqueViolation
+from server.storage.db import (
+    Database,
+    ForeignKeyViolation,
+    Outage,
+    Row,
+    StorageUnavailable,
+    UniqueViolation,
+)
+from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.storage import StoreSpec
@@ -30,6 +38,12 @@ if TYPE_CHECKING:
 # pg_advisory_xact_lock key of schema migrations: "presencd" in ASCII.
 MIGRATION_LOCK = 0x70726573656E6364
 CONNECT_TIMEOUT = 10.0
+# A database that cannot work now, whatever the statement: the connection lost or refused (a
+# restart: asyncpg's pool connects again on the next acquire), shutting down or starting up,
+# out of disk or connections, a read-only standby.
+_UNAVAILABLE = (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
+                asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError,
+                asyncpg.InterfaceError, OSError, TimeoutError)
 _CONNECT_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                    ValueError)
 
@@ -51,8 +65,10 @@ def _integrity(exc: asyncpg.PostgresError) -> Exception:
 
 def _status_count(status: str) -> int:
     """Rows changed, from a command tag: "INSERT 0 1", "UPDATE 3", "DELETE 0"."""
-    last = status.rsplit(" ", 1)[-1]
-    return int(last) if last.isdigit() else 0
+    try:
+        return parse_int(status.rsplit(" ", 1)[-1], maximum=2**63 - 1, name="row count")
+    except NumberError:
+        return 0
 
 
 def describe_dsn(dsn: str) -> str:
@@ -67,38 +83,67 @@ def describe_dsn(dsn: str) -> str:
 class PostgresDatabase(Database):
     dialect = "postgresql"
 
-    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, name: str) -> None:
+    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, name: str,
+                 outage: Outage | None = None) -> None:
         self._pool = pool   # a pool, or inside transaction() the transaction's connection
         self.name = name    # the DSN without password, for messages
+        self.outage = outage or Outage(f"postgresql:{name}")
+        self._in_transaction = not isinstance(pool, asyncpg.Pool)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         try:
-            return list(await self._pool.fetch(placeholders(sql), *args))
+            rows = list(await self._pool.fetch(placeholders(sql), *args))
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise _integrity(exc) from None
+        except _UNAVAILABLE as exc:
+            raise self._failed(exc, write=False) from None
+        if self.outage.down:
+            self.outage.succeeded(write=False)
+        return rows
 
     async def execute(self, sql: str, *args: Any) -> int:
         try:
-            return _status_count(await self._pool.execute(placeholders(sql), *args))
+            status = await self._pool.execute(placeholders(sql), *args)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise _integrity(exc) from None
+        except _UNAVAILABLE as exc:
+            raise self._failed(exc, write=True) from None
+        if self.outage.down and not self._in_transaction:
+            self.outage.succeeded(write=True)
+        return _status_count(status)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
             await self._pool.executemany(placeholders(sql), rows)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise _integrity(exc) from None
+        except _UNAVAILABLE as exc:
+            raise self._failed(exc, write=True) from None
+        if self.outage.down and not self._in_transaction:
+            self.outage.succeeded(write=True)
+
+    def _failed(self, exc: BaseException, *, write: bool) -> Exception:
+        """StorageUnavailable for a database that cannot work now (asyncpg's pool connects
+        again on the next acquire, so the server recovers when PostgreSQL is back)."""
+        if isinstance(exc, asyncpg.InterfaceError) and "closed" not in str(exc):
+            return exc  # a misuse of the connection: a bug, not an outage
+        return self.outage.failed(connect_error(exc), write=write)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Database]:
         if not isinstance(self._pool, asyncpg.Pool):
             raise RuntimeError("transactions do not nest")
-        async with self._pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    yield PostgresDatabase(conn, self.name)
-            except asyncpg.IntegrityConstraintViolationError as exc:  # at COMMIT (deferred)
-                raise _integrity(exc) from None
+        try:
+            async with self._pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        yield PostgresDatabase(conn, self.name, self.outage)
+                except asyncpg.IntegrityConstraintViolationError as exc:  # at COMMIT (deferred)
+                    raise _integrity(exc) from None
+        except _UNAVAILABLE as exc:
+            raise self._failed(exc, write=True) from None
+        if self.outage.down:
+            self.outage.succeeded(write=True)
 
     async def columns(self, table: str) -> list[tuple[str, str]]:
         rows = await self.fetch(
@@ -146,7 +191,8 @@ class PostgresDatabase(Database):
                 applied = await migrations.apply(tx, steps)
         except asyncpg.InsufficientPrivilegeError as exc:
             raise StorageError(f"{self.name}: cannot create the tables: {exc}") from None
-        except (asyncpg.PostgresError, ForeignKeyViolation, UniqueViolation) as exc:
+        except (asyncpg.PostgresError, ForeignKeyViolation, UniqueViolation,
+                StorageUnavailable) as exc:
             raise StorageError(f"cannot use {self.name}: {exc}") from None
         return applied
 
@@ -192,10 +238,19 @@ async def connect(config: StorageConfig) -> PostgresDatabase:
     assert config.dsn is not None  # the config requires it for this backend
     name = describe_dsn(config.dsn)
     try:
+        # min_size 0: asyncpg keeps no floor of connections, so while PostgreSQL is down it runs
+        # no background reconnect loop logging a traceback per retry; a query connects again
+        # (the Outage logs the outage once). One connection is made now, to fail early.
         pool = await asyncpg.create_pool(
-            config.dsn, password=_password(config), min_size=1, max_size=config.pool_size,
+            config.dsn, password=_password(config), min_size=0, max_size=config.pool_size,
             timeout=CONNECT_TIMEOUT, command_timeout=None, reset=_no_reset)
     except _CONNECT_ERRORS as exc:
+        raise StorageError(f"cannot connect to {name}: {connect_error(exc)}") from None
+    try:
+        async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+            await conn.fetchval("SELECT 1")
+    except _CONNECT_ERRORS as exc:
+        await pool.close()
         raise StorageError(f"cannot connect to {name}: {connect_error(exc)}") from None
     return PostgresDatabase(pool, name)
 

@@ -1,9 +1,12 @@
-"""PepStore on either backend: the PEP nodes of each account (XEP-0163) and their items.
+"""The pubsub stores on either backend: `PubsubStore` (nodes and their items: the pubsub
+service's at pubsub.<domain>) and `PepStore` (the PEP nodes of each account, XEP-0163, with
+their explicit subscriptions).
 
 A node is (account, node name) with its configuration as a JSON object; an item is
 (node, item id) with a sequence number (publish order: a republished id moves to the end),
 its publisher and its payload as XML text; a subscription is (node, subscriber JID) with its
-state (XEP-0060 §6.1: 'subscribed', or 'pending' on an authorize node). Nodes reference the
+state (XEP-0060 §6.1: 'subscribed', or 'pending' on an authorize node) and options (§6.3, a
+JSON object; NULL: the defaults). Nodes reference the
 account with ON DELETE CASCADE, items and subscriptions their node, and a subscription of one of
 our own accounts references that account too: deleting an account or a node removes what it
 owns, and deleting an account removes its subscriptions to others' nodes. Every call is one SQL
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.storage import StoreSpec
 from server.storage.store import Store
@@ -28,6 +31,60 @@ class StoredItem:
     payload: str  # XML text ('' for an item without payload)
 
 
+class PubsubStore(Protocol):
+    """Nodes of a pubsub service and their items. A service is (user, domain): an account's
+    PEP service, or ('', service domain). Items are kept in publish order (a republished id
+    becomes the newest)."""
+
+    async def nodes(self, user: str, domain: str) -> dict[str, dict[str, Any]]:
+        """Every node of the service: name -> its stored state (a JSON object)."""
+
+    async def create_node(self, user: str, domain: str, node: str,
+                          config: dict[str, Any]) -> bool:
+        """False when the node exists already (nothing changes); NoSuchAccount for a PEP
+        service whose account is gone."""
+
+    async def set_config(self, user: str, domain: str, node: str,
+                         config: dict[str, Any]) -> bool: ...
+
+    async def delete_node(self, user: str, domain: str, node: str) -> bool:
+        """The node goes with its items (and subscriptions)."""
+
+    async def publish(self, user: str, domain: str, node: str, item: StoredItem,
+                      max_items: int) -> None:
+        """Add the item as the newest (replacing one with its id), keep the newest max_items."""
+
+    async def trim(self, user: str, domain: str, node: str, max_items: int) -> int: ...
+
+    async def items(self, user: str, domain: str, node: str, *,
+                    ids: Sequence[str] | None = None,
+                    max_items: int | None = None) -> list[StoredItem]:
+        """Oldest first: those with these ids, or the newest max_items, or all."""
+
+    async def retract(self, user: str, domain: str, node: str, item_id: str) -> bool: ...
+
+    async def purge(self, user: str, domain: str, node: str) -> int: ...
+
+
+class PepStore(PubsubStore, Protocol):
+    """A PubsubStore whose services are accounts, with the explicit subscriptions to their
+    nodes (XEP-0060 §6.1 on PEP nodes) in a table of their own."""
+
+    async def subscriptions(self, user: str, domain: str) -> dict[str, dict[str, str]]:
+        """node -> subscriber JID -> state."""
+
+    async def subscription_options(self, user: str,
+                                   domain: str) -> dict[str, dict[str, dict[str, bool]]]:
+        """node -> subscriber JID -> its §6.3 options (those that have any)."""
+
+    async def set_subscription(self, user: str, domain: str, node: str, jid: str, state: str,
+                               account: tuple[str, str] | None = None,
+                               options: dict[str, bool] | None = None) -> None: ...
+
+    async def remove_subscription(self, user: str, domain: str, node: str, jid: str) -> bool:
+        ...
+
+
 _NODES = """CREATE TABLE pep_nodes (
         domain TEXT NOT NULL,
         localpart TEXT NOT NULL,
@@ -38,7 +95,12 @@ _NODES = """CREATE TABLE pep_nodes (
             ON DELETE CASCADE
     )"""
 
-_ITEMS = """CREATE TABLE pep_items (
+
+
+def _items(table: str, nodes: str, seq: str) -> str:
+    """The items table of a pubsub store (both stores have the same shape), in publish order
+    (seq), each item in a node of `nodes`."""
+    return f"""CREATE TABLE {table} (
         domain TEXT NOT NULL,
         localpart TEXT NOT NULL,
         node TEXT NOT NULL,
@@ -47,11 +109,14 @@ _ITEMS = """CREATE TABLE pep_items (
         publisher TEXT NOT NULL,
         payload TEXT NOT NULL,
         PRIMARY KEY (domain, localpart, node, item_id),
-        FOREIGN KEY (domain, localpart, node) REFERENCES pep_nodes (domain, localpart, node)
+        FOREIGN KEY (domain, localpart, node) REFERENCES {nodes} (domain, localpart, node)
             ON DELETE CASCADE
     )"""
 
-_ORDER = "CREATE INDEX pep_items_order ON pep_items (domain, localpart, node, seq)"
+
+def _order(table: str) -> str:
+    return f"CREATE INDEX {table}_order ON {table} (domain, localpart, node, seq)"
+
 
 # Explicit subscriptions (XEP-0060 §6.1 on PEP nodes, XEP-0163 §4): sub_domain/sub_localpart
 # name the subscriber's account when it is one of ours (NULL otherwise: a foreign key with a
@@ -73,12 +138,18 @@ _SUBSCRIPTIONS = """CREATE TABLE pep_subscriptions (
 _SUBSCRIBER = ("CREATE INDEX pep_subscriptions_subscriber "
                "ON pep_subscriptions (sub_domain, sub_localpart)")
 
+# XEP-0060 §6.3 subscription options on PEP nodes: NULL until a subscriber sets some.
+_OPTIONS = "ALTER TABLE pep_subscriptions ADD COLUMN options TEXT"
+
 MIGRATIONS = {
-    "sqlite": [[_NODES + " WITHOUT ROWID", _ITEMS.format(seq="INTEGER") + " WITHOUT ROWID",
-                _ORDER],
-               [_SUBSCRIPTIONS + " WITHOUT ROWID", _SUBSCRIBER]],
-    "postgresql": [[_NODES, _ITEMS.format(seq="BIGINT"), _ORDER],
-                   [_SUBSCRIPTIONS, _SUBSCRIBER]],
+    "sqlite": [[_NODES + " WITHOUT ROWID",
+                _items("pep_items", "pep_nodes", "INTEGER") + " WITHOUT ROWID",
+                _order("pep_items")],
+               [_SUBSCRIPTIONS + " WITHOUT ROWID", _SUBSCRIBER],
+               [_OPTIONS]],
+    "postgresql": [[_NODES, _items("pep_items", "pep_nodes", "BIGINT"), _order("pep_items")],
+                   [_SUBSCRIPTIONS, _SUBSCRIBER],
+                   [_OPTIONS]],
 }
 
 _NODE = "domain = ? AND localpart = ? AND node = ?"
@@ -187,18 +258,32 @@ class SQLitePepStore(Store):
             found.setdefault(node, {})[jid] = state
         return found
 
+    async def subscription_options(self, user: str,
+                                   domain: str) -> dict[str, dict[str, dict[str, bool]]]:
+        """node -> subscriber JID -> its §6.3 options, for the subscriptions that have some."""
+        rows = await self._db.fetch(
+            "SELECT node, jid, options FROM pep_subscriptions "
+            "WHERE domain = ? AND localpart = ? AND options IS NOT NULL", domain, user)
+        found: dict[str, dict[str, dict[str, bool]]] = {}
+        for node, jid, options in rows:
+            found.setdefault(node, {})[jid] = json.loads(options)
+        return found
+
     async def set_subscription(self, user: str, domain: str, node: str, jid: str, state: str,
-                               account: tuple[str, str] | None = None) -> None:
-        """Add or change a subscription; `account` (localpart, domain) when the subscriber is
-        one of our accounts. NoSuchAccount when the node's account (or that one) is gone."""
+                               account: tuple[str, str] | None = None,
+                               options: dict[str, bool] | None = None) -> None:
+        """Add or change a subscription (its state and options: None keeps them unset);
+        `account` (localpart, domain) when the subscriber is one of our accounts.
+        NoSuchAccount when the node's account (or that one) is gone."""
         sub_local, sub_domain = account if account is not None else (None, None)
+        text = json.dumps(options, sort_keys=True) if options is not None else None
         await self._write(
             user, domain,
             "INSERT INTO pep_subscriptions "
-            "(domain, localpart, node, jid, state, sub_domain, sub_localpart) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, localpart, node, jid) "
-            "DO UPDATE SET state = excluded.state",
-            domain, user, node, jid, state, sub_domain, sub_local)
+            "(domain, localpart, node, jid, state, sub_domain, sub_localpart, options) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, localpart, node, jid) "
+            "DO UPDATE SET state = excluded.state, options = excluded.options",
+            domain, user, node, jid, state, sub_domain, sub_local, text)
 
     async def remove_subscription(self, user: str, domain: str, node: str, jid: str) -> bool:
         changed = await self._db.execute(
@@ -223,10 +308,10 @@ _SERVICE_NODES = """CREATE TABLE pubsub_nodes (
 
 SERVICE_MIGRATIONS = {
     "sqlite": [[_SERVICE_NODES + " WITHOUT ROWID",
-                _ITEMS.format(seq="INTEGER").replace("pep_", "pubsub_") + " WITHOUT ROWID",
-                _ORDER.replace("pep_", "pubsub_")]],
-    "postgresql": [[_SERVICE_NODES, _ITEMS.format(seq="BIGINT").replace("pep_", "pubsub_"),
-                    _ORDER.replace("pep_", "pubsub_")]],
+                _items("pubsub_items", "pubsub_nodes", "INTEGER") + " WITHOUT ROWID",
+                _order("pubsub_items")]],
+    "postgresql": [[_SERVICE_NODES, _items("pubsub_items", "pubsub_nodes", "BIGINT"),
+                    _order("pubsub_items")]],
 }
 
 
@@ -241,3 +326,8 @@ class SQLitePubsubStore(SQLitePepStore):
 SERVICE_SPEC: StoreSpec = StoreSpec(
     name="pubsub", sqlite=SQLitePubsubStore, postgresql=SQLitePubsubStore,
     migrations=SERVICE_MIGRATIONS, tables=("pubsub_nodes", "pubsub_items"), requires=())
+
+
+if TYPE_CHECKING:  # mypy checks that the implementations are the Protocols
+    _PEP: type[PepStore] = SQLitePepStore
+    _PUBSUB: type[PubsubStore] = SQLitePubsubStore

@@ -12,6 +12,7 @@ its rollback).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -25,7 +26,14 @@ import aiosqlite
 from server.config import StorageConfig
 from server.storage import StorageError
 from server.storage import migrate as migrations
-from server.storage.db import Database, ForeignKeyViolation, Row, UniqueViolation
+from server.storage.db import (
+    Database,
+    ForeignKeyViolation,
+    Outage,
+    Row,
+    StorageUnavailable,
+    UniqueViolation,
+)
 
 if TYPE_CHECKING:
     from server.storage import StoreSpec
@@ -37,6 +45,17 @@ log = logging.getLogger("presenced")
 LEGACY_VERSIONS: tuple[tuple[str, ...], ...] = (
     ("accounts",), ("rosters",), ("vcards", "private", "last_activity"), ("offline",),
     ("blocklists",))
+
+
+# SQLite result codes of a database that cannot work now, whatever the statement: BUSY, LOCKED
+# (another process past busy_timeout), READONLY (a read-only file or file system), IOERR,
+# CORRUPT, FULL (the disk), CANTOPEN. Anything else (a syntax error, a missing table) is a bug.
+_UNAVAILABLE = frozenset({5, 6, 8, 10, 11, 13, 14})
+
+
+def _unavailable(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _UNAVAILABLE
 
 
 def _integrity(exc: sqlite3.IntegrityError) -> Exception:
@@ -51,26 +70,43 @@ class SQLiteDatabase(Database):
     dialect = "sqlite"
 
     def __init__(self, db: aiosqlite.Connection, path: Path, lock: asyncio.Lock | None = None,
-                 *, in_transaction: bool = False) -> None:
+                 *, in_transaction: bool = False, outage: Outage | None = None) -> None:
         self._db = db
         self.path = path
         self.write_lock = lock or asyncio.Lock()  # serialises writes and transactions
         self._in_transaction = in_transaction
+        self.outage = outage or Outage(f"sqlite:{path}")
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         try:
-            return list(await self._db.execute_fetchall(sql, args))
-        except sqlite3.IntegrityError as exc:  # INSERT ... RETURNING
-            raise _integrity(exc) from None
+            rows: list[Row] = list(await self._db.execute_fetchall(sql, args))
+        except sqlite3.Error as exc:  # an IntegrityError too: INSERT ... RETURNING
+            raise self._error(exc, write=False) from None
+        if self.outage.down:
+            self.outage.succeeded(write=False)
+        return rows
 
     async def execute(self, sql: str, *args: Any) -> int:
         try:
             if self._in_transaction:
-                return await self._execute(sql, args)
-            async with self.write_lock:
-                return await self._execute(sql, args)
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from None
+                count = await self._execute(sql, args)
+            else:
+                async with self.write_lock:
+                    count = await self._execute(sql, args)
+        except sqlite3.Error as exc:
+            raise self._error(exc, write=True) from None
+        if self.outage.down and not self._in_transaction:
+            self.outage.succeeded(write=True)
+        return count
+
+    def _error(self, exc: sqlite3.Error, *, write: bool) -> Exception:
+        """What to raise for a statement's error: UniqueViolation / ForeignKeyViolation,
+        StorageUnavailable (counted by the Outage), or the error itself (a bug)."""
+        if isinstance(exc, sqlite3.IntegrityError):
+            return _integrity(exc)
+        if _unavailable(exc):
+            return self.outage.failed(str(exc), write=write)
+        return exc
 
     async def _execute(self, sql: str, args: Sequence[Any]) -> int:
         async with self._db.execute(sql, args) as cursor:
@@ -83,8 +119,10 @@ class SQLiteDatabase(Database):
             else:
                 async with self.write_lock:
                     await self._db.executemany(sql, rows)
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from None
+        except sqlite3.Error as exc:
+            raise self._error(exc, write=True) from None
+        if self.outage.down and not self._in_transaction:
+            self.outage.succeeded(write=True)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Database]:
@@ -93,17 +131,29 @@ class SQLiteDatabase(Database):
         async with self.write_lock:
             # IMMEDIATE: take the file's write lock now (waiting busy_timeout for another
             # process), not at the first write, where a deadlock could only fail.
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield SQLiteDatabase(self._db, self.path, self.write_lock, in_transaction=True)
+                await self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._error(exc, write=True) from None
+            try:
+                yield SQLiteDatabase(self._db, self.path, self.write_lock, in_transaction=True,
+                                     outage=self.outage)
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                await self._rollback()
                 raise
             try:
                 await self._db.execute("COMMIT")
-            except sqlite3.IntegrityError as exc:
-                await self._db.execute("ROLLBACK")
-                raise _integrity(exc) from None
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise self._error(exc, write=True) from None
+        if self.outage.down:
+            self.outage.succeeded(write=True)
+
+    async def _rollback(self) -> None:
+        # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): then ROLLBACK
+        # fails with "no transaction is active", which must not hide the first error.
+        with contextlib.suppress(sqlite3.Error):
+            await self._db.execute("ROLLBACK")
 
     async def columns(self, table: str) -> list[tuple[str, str]]:
         rows = await self._db.execute_fetchall(f'PRAGMA table_info("{table}")')
@@ -122,7 +172,7 @@ class SQLiteDatabase(Database):
                 steps = migrations.pending(specs, await migrations.read_versions(tx),
                                            self.dialect, str(self.path))
                 applied = await migrations.apply(tx, steps)
-        except (sqlite3.Error, ForeignKeyViolation, UniqueViolation) as exc:
+        except (sqlite3.Error, ForeignKeyViolation, UniqueViolation, StorageUnavailable) as exc:
             raise StorageError(f"cannot use {self.path}: {exc}") from None
         return applied
 

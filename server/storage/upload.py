@@ -38,7 +38,7 @@ class Upload:
     domain: str
     filename: str
     size: int
-    content_type: str
+    content_type: str      # "" when the slot request named none (served as octet-stream)
     created: int           # unix time the slot was handed out
     claimed: int | None    # a PUT began
     stored: int | None     # the whole file is on disk
@@ -74,6 +74,12 @@ class UploadStoreSQL(Store):
         return await self._db.execute(
             "UPDATE uploads SET claimed = ? WHERE id = ? AND claimed IS NULL",
             now, upload_id) == 1
+
+    async def release(self, upload_id: str) -> None:
+        """A PUT failed (too large, cut off, a write error): the slot may be used again, until
+        it expires (XEP-0363: a slot is spent by the upload that succeeds)."""
+        await self._db.execute(
+            "UPDATE uploads SET claimed = NULL WHERE id = ? AND stored IS NULL", upload_id)
 
     async def stored(self, upload_id: str, now: int) -> None:
         await self._db.execute("UPDATE uploads SET stored = ? WHERE id = ?", now, upload_id)

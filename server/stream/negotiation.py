@@ -30,6 +30,7 @@ from server.jid import JID, InvalidJID, normalize_domain, normalize_localpart
 from server.storage.base import Credentials
 from server.stream import sasl, sasl2
 from server.xml import ns
+from server.xml.numbers import NumberError, parse_int
 from server.xml.parser import StreamClosed, StreamOpened
 from server.xml.stanza import IQ, error_reply
 from server.xml.stanza import STANZA_TAGS as STANZAS
@@ -680,10 +681,20 @@ class C2SNegotiation:
         return [CloseStream(condition, text)]
 
 
+VERSION_PART_MAX = 10**9  # a major or minor version number larger than this is not XMPP
+
+
 def version_ok(version: str) -> bool:
-    """RFC 6120 §4.7.5: we speak major version 1."""
-    major, _, _minor = version.partition(".")
-    return major.isdigit() and int(major) == 1
+    """RFC 6120 §4.7.5: we speak major version 1. MAJOR and MINOR are separate integers of
+    ASCII digits (leading zeros ignored); anything else ('².0', 5,000 digits, '1.x') is a
+    version we do not speak, answered with <unsupported-version/>, never an exception."""
+    major, dot, minor = version.partition(".")
+    try:
+        if dot:
+            parse_int(minor, maximum=VERSION_PART_MAX, name="minor version")
+        return parse_int(major, maximum=VERSION_PART_MAX, name="major version") == 1
+    except NumberError:
+        return False
 
 
 def _decode(text: str | None) -> bytes | None:

@@ -21,6 +21,7 @@ from typing import TypeAlias
 from lxml import etree
 
 from server.jid import InvalidJID, normalize_resource
+from server.xml.numbers import NumberError, parse_optional_int
 
 _Element: TypeAlias = etree._Element
 
@@ -48,6 +49,7 @@ HT_MECHANISMS: dict[str, str | None] = {
     "HT-SHA-256-NONE": None,
 }
 MAX_TAG = 64  # characters of a Bind 2 <tag/> kept in the resource
+FAST_COUNT_MAX = 2**63 - 1  # XEP-0484 <fast count/>: an unsigned counter, stored as int64
 
 
 class Malformed(Exception):
@@ -145,9 +147,12 @@ def parse_authenticate(el: _Element) -> Request:
         elif tag == _REQUEST_TOKEN:
             request_token = child.get("mechanism") or None
         elif tag == _FAST:
-            count = child.get("count")
-            fast = FastUse(int(count) if count is not None and count.isdigit() else None,
-                           _true(child.get("invalidate")))
+            try:  # XEP-0484 §3.4: a counter; '²' or 5,000 digits is a malformed request
+                count = parse_optional_int(child.get("count"), maximum=FAST_COUNT_MAX,
+                                           name="count")
+            except NumberError as err:
+                raise Malformed("malformed-request", f"<fast/> {err}") from None
+            fast = FastUse(count, _true(child.get("invalidate")))
         else:
             extra.append(child)
     return Request(mechanism, initial, user_agent, software, device, bind, resume,

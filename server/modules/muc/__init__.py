@@ -54,6 +54,7 @@ from server.modules.muc.room import (
     MUC_USER,
     OCCUPANT_ID,
     ROLES,
+    SELF_PING,
     SID,
     Occupant,
     Room,
@@ -263,7 +264,7 @@ class Muc(ServiceModule):
     stores = (muc_store.SPEC,)
     identity = ("conference", "text")
     display_name = "Chatrooms"
-    service_features = (MUC, SID, OCCUPANT_ID)
+    service_features = (MUC, SID, OCCUPANT_ID, SELF_PING)
 
     def __init__(self, server: Any, config: Any) -> None:
         super().__init__(server, config)

@@ -47,6 +47,8 @@ _THREAD = ns.q(ns.CLIENT, "thread")
 _STORE = "{urn:xmpp:hints}store"
 OCCUPANT_ID = "urn:xmpp:occupant-id:0"  # XEP-0421
 SID = "urn:xmpp:sid:0"                  # XEP-0359
+# XEP-0410 §3.3: the service answers a self-ping itself (never relayed to the client).
+SELF_PING = "http://jabber.org/protocol/muc#self-ping-optimization"
 _OCCUPANT_ID = ns.q(OCCUPANT_ID, "occupant-id")
 _STANZA_ID = ns.q(SID, "stanza-id")
 
@@ -698,7 +700,8 @@ class Room:
 
     def features(self) -> list[str]:
         c = self.config
-        return [MUC, ns.DISCO_INFO, ns.PING, SID, OCCUPANT_ID, "urn:xmpp:message-moderate:1",
+        return [MUC, ns.DISCO_INFO, ns.PING, SID, OCCUPANT_ID, SELF_PING,
+                "urn:xmpp:message-moderate:1",
                 "jabber:iq:register",
                 "muc_persistent" if c.persistent else "muc_temporary",
                 "muc_public" if c.public else "muc_hidden",

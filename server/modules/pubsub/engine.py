@@ -1,14 +1,16 @@
 """The publish-subscribe engine (XEP-0060), pure: node configuration (defaults, XEP-0004 forms,
-publish-options preconditions, §7.1.5), access models, the elements of requests, replies and
-event notifications, and XEP-0115 entity-capabilities hash verification. No I/O: the PEP
-module (pep.py) keeps nodes in a store and moves stanzas.
+publish-options preconditions, §7.1.5), access models (§4.5), the node model (`Node`: its
+configuration, affiliations, subscriptions and their options), the operations on a node
+(subscription states, affiliation changes, publish models, the last item) that return the
+`Notification`s to send, and the elements of requests, replies and event notifications. No
+I/O: the one iq front (protocol.py) reads requests, stores, and delivers the notifications;
+PEP (pep.py) and the service (service.py) add their policy.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
-import hashlib
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +18,11 @@ from typing import Any
 from lxml import etree
 
 from server.errors import StanzaError
+from server.jid import JID
 from server.module import Stanza
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int, parse_optional_int
 
 PUBSUB = "http://jabber.org/protocol/pubsub"
 EVENT = PUBSUB + "#event"
@@ -28,7 +32,6 @@ NODE_CONFIG = PUBSUB + "#node_config"
 PUBLISH_OPTIONS = PUBSUB + "#publish-options"
 META_DATA = PUBSUB + "#meta-data"
 SUBSCRIBE_AUTHORIZATION = PUBSUB + "#subscribe_authorization"
-CAPS = "http://jabber.org/protocol/caps"
 DATA = ns.DATA_FORMS
 
 X = ns.q(DATA, "x")
@@ -37,6 +40,12 @@ VALUE = ns.q(DATA, "value")
 OPTION = ns.q(DATA, "option")
 
 ACCESS_MODELS = ("open", "presence", "roster", "whitelist", "authorize")
+# Longest node name and item id we take, in UTF-8 bytes (XEP-0060 sets none): an item id
+# holds a full JID at most (XEP-0402 bookmarks use room JIDs; RFC 7622 §3.1: 3071 bytes).
+MAX_NODE_LENGTH = 1024
+MAX_ITEM_ID_LENGTH = 3071
+# The largest max_items a request may name (any larger count means "all" anyway).
+_MAX_COUNT = (1 << 63) - 1
 PUBLISH_MODELS = ("publishers", "subscribers", "open")
 MAX = "max"  # pubsub#max_items = max: as many as the service allows
 
@@ -83,10 +92,7 @@ def _bool(value: str) -> bool:
 def _max_items(value: str) -> int | str:
     if value == MAX:
         return MAX
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
+    return parse_int(value, minimum=0, maximum=_MAX_COUNT, name="pubsub#max_items")
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -102,12 +108,19 @@ class ConfigField:
     key: str                       # our key in the stored configuration
     type: str                      # XEP-0004 field type
     parse: Callable[[str], Any]
-    label: str | None = None
+    label: str | None
     options: tuple[tuple[str, str], ...] = ()  # (value, label) of a list-single
 
 
 def _options(*values: str) -> tuple[tuple[str, str], ...]:
+    """List options labelled with their values: the labels Prosody's mod_pubsub gives them
+    (its scansion scripts, tests/test_scansion.py, expect them), which clients show."""
     return tuple((v, v) for v in values)
+
+
+_ACCESS_OPTIONS = _options(*sorted(ACCESS_MODELS))
+_PUBLISH_OPTIONS = _options(*PUBLISH_MODELS)
+_SEND_LAST_OPTIONS = _options("never", "on_sub", "on_sub_and_presence")
 
 
 # XEP-0060 §16.4.4 (pubsub#node_config), in the order, with the labels and option labels,
@@ -124,16 +137,16 @@ FIELDS: dict[str, ConfigField] = {
                                         "Persist items to storage"),
     "pubsub#access_model": ConfigField("access_model", "list-single", _choice(*ACCESS_MODELS),
                                        "Specify the subscriber model",
-                                       _options(*sorted(ACCESS_MODELS))),
+                                       _ACCESS_OPTIONS),
     "pubsub#roster_groups_allowed": ConfigField("roster_groups_allowed", "list-multi", str,
                                                 "Roster groups allowed to subscribe"),
     "pubsub#publish_model": ConfigField("publish_model", "list-single",
                                         _choice(*PUBLISH_MODELS), "Specify the publisher model",
-                                        _options(*PUBLISH_MODELS)),
+                                        _PUBLISH_OPTIONS),
     "pubsub#send_last_published_item": ConfigField(
         "send_last_published_item", "list-single",
         _choice("never", "on_sub", "on_sub_and_presence"),
-        None, _options("never", "on_sub", "on_sub_and_presence")),
+        None, _SEND_LAST_OPTIONS),  # no label: see UNLABELLED
     "pubsub#deliver_notifications": ConfigField("deliver_notifications", "boolean", _bool,
                                                 "Whether to deliver event notifications"),
     "pubsub#deliver_payloads": ConfigField(
@@ -158,6 +171,10 @@ FIELDS: dict[str, ConfigField] = {
          ("none", "Don't include any JID with items"))),
 }
 _VAR_OF = {f.key: var for var, f in FIELDS.items()}
+# The one field sent without a label, as Prosody's mod_pubsub sends it: Prosody's scansion
+# scripts (tests/test_scansion.py: pubsub_config, pubsub_max_items, pubsub_multi_items,
+# pubsub_preconditions) match the form strictly. Its options are labelled.
+UNLABELLED = frozenset({"pubsub#send_last_published_item"})
 _VALIDATE = ns.q("http://jabber.org/protocol/xdata-validate", "validate")
 
 # XEP-0163 §4 (PEP) node defaults: access model presence, the last item kept and sent.
@@ -223,6 +240,19 @@ def form_values(form: etree._Element | None, form_type: str) -> dict[str, Any]:
     return values
 
 
+def publish_options(form: etree._Element | None) -> dict[str, Any]:
+    """The preconditions of a publish (§7.1.5): the form's values; a field the service does
+    not know is a precondition it cannot meet (conflict + precondition-not-met naming it,
+    whether the node exists or would be auto-created with it), a bad value not-acceptable."""
+    values = form_values(form, PUBLISH_OPTIONS)
+    for field in form.iter(FIELD) if form is not None else ():
+        var = field.get("var") or ""
+        if var != "FORM_TYPE" and var not in FIELDS:
+            raise PubsubError("conflict", "precondition-not-met",
+                              f"Unsupported publish option: {var}")
+    return values
+
+
 def unmet_preconditions(config: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
     """XEP-0060 §7.1.5: the publish-options whose value differs from the node's."""
     return [_VAR_OF[key] for key, value in options.items() if config.get(key) != value]
@@ -244,8 +274,9 @@ def config_form(config: Mapping[str, Any], form_type: str = NODE_CONFIG,
     for var, spec in FIELDS.items():
         if spec.key not in config:
             continue
+        # Labelled in the meta-data result too (XEP-0004 §3.2; issue 19 item 5).
         attrs = {"var": var, "type": spec.type}
-        if spec.label and type_ == "form":
+        if spec.label is not None:
             attrs["label"] = spec.label
         field = st.child(form, FIELD, attrs)
         if spec.key == "max_items" and max_items is not None and type_ == "form":
@@ -272,10 +303,14 @@ def _text(value: Any) -> str:
 
 
 def check_access(config: Mapping[str, Any], *, owner: bool, subscriber: bool,
-                 in_roster: bool, member: bool = False, approved: bool = False) -> None:
+                 in_roster: bool, member: bool = False, approved: bool = False,
+                 outcast: bool = False) -> None:
     """May this entity retrieve items (and get notifications)? Raises the §6.1.3 error.
     `subscriber`: to the owner's presence; `approved`: its subscription to the node was
-    approved by the owner (the authorize model, §4.5)."""
+    approved by the owner (the authorize model, §4.5); `member`: affiliated as publisher or
+    member; `outcast`: banned (§4.1: forbidden)."""
+    if outcast:
+        raise PubsubError("forbidden", text="you are banned from this node")
     if owner or member:
         return
     model = config.get("access_model", "presence")
@@ -302,6 +337,41 @@ def may_access(config: Mapping[str, Any], **facts: bool) -> bool:
     except PubsubError:
         return False
     return True
+
+
+# -- a node's state (XEP-0060 §4) --------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """A node: its configuration, affiliations (bare JID -> owner, publisher, member or
+    outcast; PEP: the account owns every node of its own), explicit subscriptions (bare or
+    full JID -> 'subscribed' | 'pending') and their §6.3 options (JID -> values given)."""
+    config: dict[str, Any]
+    affiliations: dict[str, str] = dataclasses.field(default_factory=dict)
+    subscriptions: dict[str, str] = dataclasses.field(default_factory=dict)
+    options: dict[str, dict[str, bool]] = dataclasses.field(default_factory=dict)
+
+    def affiliation(self, jid: JID) -> str:
+        return self.affiliations.get(str(jid.bare), "none")
+
+    def owners(self) -> list[str]:
+        return [j for j, a in sorted(self.affiliations.items()) if a == "owner"]
+
+    def approved(self, jid: JID) -> bool:
+        """Subscribed (with the full JID or the bare one)."""
+        return "subscribed" in (self.subscriptions.get(str(jid)),
+                                self.subscriptions.get(str(jid.bare)))
+
+    def delivers(self, jid: str) -> bool:
+        """§6.3: pubsub#deliver (true unless the subscriber turned it off)."""
+        return self.options.get(jid, {}).get("deliver", True)
+
+    def facts(self, who: JID) -> dict[str, bool]:
+        """What the node's own state says of an entity, for check_access."""
+        affiliation = self.affiliation(who)
+        return {"owner": affiliation == "owner", "member": affiliation in ("publisher", "member"),
+                "outcast": affiliation == "outcast", "approved": self.approved(who)}
 
 
 # -- elements ---------------------------------------------------------------------------------
@@ -410,64 +480,135 @@ def node_event(kind: str, node: str, redirect: str | None = None) -> etree._Elem
     return event
 
 
-# -- XEP-0115 entity capabilities ------------------------------------------------------------
-
-HASHES = {"sha-1": "sha1", "sha-224": "sha224", "sha-256": "sha256", "sha-384": "sha384",
-          "sha-512": "sha512"}
-_IDENTITY = ns.q(ns.DISCO_INFO, "identity")
-_FEATURE = ns.q(ns.DISCO_INFO, "feature")
+# -- operations on a node: decisions and the notifications they cause, no I/O ------------------
 
 
-def caps_string(query: etree._Element) -> str | None:
-    """XEP-0115 §5.1 verification string of a disco#info result; None when §5.4 says the
-    result is unfit for caching (duplicate identities, features or form types, a form without
-    a hidden FORM_TYPE is left out)."""
-    identities = []
-    for identity in query.findall(_IDENTITY):
-        identities.append("/".join((identity.get("category", ""), identity.get("type", ""),
-                                    identity.get(ns.q(ns.XML, "lang"), ""),
-                                    identity.get("name", ""))))
-    features = [f.get("var", "") for f in query.findall(_FEATURE)]
-    if len(set(identities)) != len(identities) or len(set(features)) != len(features):
+@dataclass(frozen=True)
+class Notification:
+    """A message (without 'to') and who gets it; the front serialises it once and routes a
+    copy to each (server/xml/writer.addressed_copies)."""
+    message: etree._Element
+    to: tuple[str, ...]
+
+
+def notification(service: str, node: Node, event: etree._Element,
+                 to: Iterable[str]) -> Notification:
+    return Notification(event_message(service, event, node.config["notification_type"]),
+                        tuple(to))
+
+
+def subscribers(node: Node) -> list[str]:
+    """The explicit subscribers that get notifications (§7.1.2.1; §6.3 deliver)."""
+    return [jid for jid, state in node.subscriptions.items()
+            if state == "subscribed" and node.delivers(jid)]
+
+
+def subscription_state(node: Node, who: JID, jid: JID, facts: Mapping[str, bool]) -> str:
+    """The state a subscribe request gets (§6.1): 'pending' on an authorize node for an entity
+    neither owner nor member (§6.1.2.2; 'subscribed' if it was approved already), else
+    'subscribed' when the access model admits it (the §6.1.3 errors otherwise); one subscribes
+    one's own bare or full JID (§6.1.3.1)."""
+    if jid.bare != who.bare:
+        raise PubsubError("bad-request", "invalid-jid", "subscribe your own JID")
+    if (node.config["access_model"] == "authorize" and not facts.get("outcast")
+            and not (facts.get("owner") or facts.get("member"))):
+        return "subscribed" if node.subscriptions.get(str(jid)) == "subscribed" else "pending"
+    check_access(node.config, **facts)
+    return "subscribed"
+
+
+def authorization_requests(service: str, name: str, node: Node,
+                           jid: str) -> list[Notification]:
+    """§8.6.1: the form each owner gets for a pending subscription."""
+    return [Notification(authorization_request(service, name, jid), tuple(node.owners()))]
+
+
+def check_unsubscribe(node: Node, who: JID, jid: JID) -> None:
+    """§6.2.3: one's own subscription (or an owner's), which must exist."""
+    if jid.bare != who.bare and node.affiliation(who) != "owner":
+        raise PubsubError("forbidden", text="unsubscribe your own JID")  # §6.2.3.3
+    if str(jid) not in node.subscriptions:
+        raise PubsubError("unexpected-request", "not-subscribed",
+                          "no such subscription")  # §6.2.3.2
+
+
+def check_options_request(node: Node, who: JID, jid: JID | None) -> str:
+    """§6.3.4: a subscriber's JID (jid-required without one), others' options only for an
+    owner (forbidden), and a subscription (not-subscribed)."""
+    if jid is None:
+        raise PubsubError("bad-request", "jid-required", "options name a JID")
+    if jid.bare != who.bare and node.affiliation(who) != "owner":
+        raise PubsubError("forbidden", text="another entity's options")
+    if node.subscriptions.get(str(jid)) is None:
+        raise PubsubError("unexpected-request", "not-subscribed", "no such subscription")
+    return str(jid)
+
+
+def subscription_changed(service: str, name: str, jid: str, state: str) -> Notification:
+    """§8.8.4 (and §8.6.2): the subscriber is told its subscription's new state."""
+    return Notification(event_message(service, subscription_event(name, jid, state)), (jid,))
+
+
+AFFILIATIONS = ("owner", "publisher", "member", "none", "outcast")
+
+
+def change_affiliations(node: Node, changes: Iterable[tuple[JID, str]]) -> list[str]:
+    """§8.9.2: the owner's changes ('none' removes one); a node keeps an owner (not-acceptable
+    otherwise, nothing changed, §8.9.2.4); outcasts lose their subscriptions, whose JIDs are
+    returned."""
+    changed = dict(node.affiliations)
+    for jid, affiliation in changes:
+        if affiliation not in AFFILIATIONS:
+            raise PubsubError("bad-request", text=f"unknown affiliation {affiliation!r}")
+        if affiliation == "none":
+            changed.pop(str(jid.bare), None)
+        else:
+            changed[str(jid.bare)] = affiliation
+    if "owner" not in changed.values():
+        raise PubsubError("not-acceptable", text="a node keeps at least one owner")
+    node.affiliations = changed
+    gone = [j for j in node.subscriptions
+            if changed.get(str(JID.parse(j).bare)) == "outcast"]
+    for jid_text in gone:
+        del node.subscriptions[jid_text]
+        node.options.pop(jid_text, None)
+    return gone
+
+
+def check_publisher(node: Node, who: JID) -> None:
+    """§7.1.3.1 and pubsub#publish_model: publishers (owners and publishers), subscribers
+    (those too) or open (anyone but outcasts)."""
+    affiliation = node.affiliation(who)
+    if affiliation in ("owner", "publisher"):
+        return
+    model = node.config.get("publish_model", "publishers")
+    if affiliation != "outcast" and (
+            model == "open" or (model == "subscribers" and node.approved(who))):
+        return
+    raise PubsubError("forbidden", text="you may not publish to this node")
+
+
+def check_retracter(node: Node, who: JID) -> None:
+    if node.affiliation(who) not in ("owner", "publisher"):
+        raise PubsubError("forbidden", text="only owners and publishers retract")
+
+
+def last_item(service: str, name: str, node: Node, jid: JID, facts: Mapping[str, bool],
+              item: tuple[str, str, str] | None, publisher: str | None, *,
+              on_sub: bool) -> Notification | None:
+    """The newest item (id, publisher, stored payload) to one entity: on a new subscription
+    (§6.1.7) when send_last_published_item is on_sub or on_sub_and_presence, on presence
+    (XEP-0163 §4.3.2) when on_sub_and_presence; not to one the access model refuses, nor when
+    the subscriber's options say deliver = false (§6.3)."""
+    when = node.config["send_last_published_item"]
+    if item is None or when == "never" or (when == "on_sub" and not on_sub):
         return None
-    parts = [f"{i}<" for i in sorted(identities)] + [f"{f}<" for f in sorted(features)]
-    forms: dict[str, list[str]] = {}
-    for form in query.findall(X):
-        fields = {}
-        form_type = None
-        for field in form.findall(FIELD):
-            values = [v.text or "" for v in field.findall(VALUE)]
-            if field.get("var") == "FORM_TYPE":
-                if field.get("type") != "hidden" or len(set(values)) != 1:
-                    return None
-                form_type = values[0]
-            else:
-                fields[field.get("var", "")] = values
-        if form_type is None:
-            continue  # §5.4 3.6: forms without FORM_TYPE are ignored
-        if form_type in forms:
-            return None
-        text = [f"{form_type}<"]
-        for var in sorted(fields):
-            text.append(f"{var}<")
-            text += [f"{value}<" for value in sorted(fields[var])]
-        forms[form_type] = text
-    for form_type in sorted(forms):
-        parts += forms[form_type]
-    return "".join(parts)
-
-
-def caps_hash(query: etree._Element, algorithm: str) -> str | None:
-    """The ver a disco#info result has under this hash ('sha-1', ...); None if not hashable."""
-    name = HASHES.get(algorithm)
-    text = caps_string(query)
-    if name is None or text is None:
+    if not node.delivers(str(jid)) or not may_access(node.config, **facts):
         return None
-    return base64.b64encode(hashlib.new(name, text.encode()).digest()).decode()
-
-
-def features_of(query: etree._Element) -> frozenset[str]:
-    return frozenset(f.get("var", "") for f in query.findall(_FEATURE))
+    item_id, _stored_publisher, payload = item
+    shown = parse_stored(payload) if node.config["deliver_payloads"] else None
+    event = items_event(name, [item_element(EVENT, item_id, shown, publisher)])
+    return notification(service, node, event, [str(jid)])
 
 
 # -- the wire, for both front doors (PEP and the service) ---------------------------------------
@@ -478,11 +619,28 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 
 
 def node_attr(action: Stanza) -> str:
-    """The node a request names (XEP-0060: nodeid-required without one)."""
+    """The node a request names (XEP-0060: nodeid-required without one; not-acceptable for a
+    name longer than MAX_NODE_LENGTH)."""
     node = action.get("node")
     if not node:
         raise PubsubError("bad-request", "nodeid-required", "the request names no node")
+    return checked_node(node)
+
+
+def checked_node(node: str) -> str:
+    if len(node) > MAX_NODE_LENGTH // 4 and len(node.encode()) > MAX_NODE_LENGTH:
+        raise PubsubError("not-acceptable",
+                          text=f"a node name has at most {MAX_NODE_LENGTH} bytes")
     return node
+
+
+def checked_item_id(item_id: str) -> str:
+    """An item id from the wire, at most MAX_ITEM_ID_LENGTH bytes (issue 20: 10,000-character
+    ids were kept): not-acceptable, as for a payload too big (§7.1.3.4)."""
+    if len(item_id) > MAX_ITEM_ID_LENGTH // 4 and len(item_id.encode()) > MAX_ITEM_ID_LENGTH:
+        raise PubsubError("not-acceptable",
+                          text=f"an item id has at most {MAX_ITEM_ID_LENGTH} bytes")
+    return item_id
 
 
 def standalone(payload: Stanza) -> Stanza:
@@ -558,11 +716,11 @@ def subscription_options(form: etree._Element | None) -> dict[str, bool]:
 
 
 def items_request(request: Stanza) -> tuple[list[str], int | None]:
-    """An <items/> retrieval (XEP-0060 §6.5): the item ids asked for, and max_items."""
-    ids = [i.get("id") or "" for i in request.findall(ns.q(PUBSUB, "item"))]
-    if request.get("max_items") is None:
-        return ids, None
+    """An <items/> retrieval (XEP-0060 §6.5): the item ids asked for, and max_items, a
+    positive number (§6.5.7; 0, negative or unreadable: bad-request, issue 20)."""
+    ids = [checked_item_id(i.get("id") or "") for i in request.findall(ns.q(PUBSUB, "item"))]
     try:
-        return ids, int(request.get("max_items", ""))
-    except ValueError:
-        raise PubsubError("bad-request", text="max_items is a number") from None
+        return ids, parse_optional_int(request.get("max_items"), minimum=1,
+                                       maximum=_MAX_COUNT, name="max_items")
+    except NumberError as err:
+        raise PubsubError("bad-request", text=f"max_items: {err.reason}") from None
