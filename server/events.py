@@ -110,6 +110,14 @@ MESSAGE_DELIVERED = _notify(
     "server/modules/messages.py",
     "delivered to these sessions, or stored offline (none); what handlers return is ignored")
 
+MESSAGE_COPIED_TO = _notify(
+    "message/copied-to", ("stanza", "session"), "server/modules/stream_management.py",
+    "collected: the sessions that had a carbon copy of a message delivered to that session "
+    "(stream management asks before handing an unacknowledged one on)")
+ARCHIVE_SENT_ID = _notify("archive/sent-id", ("stanza", "sender: JID", "archive_id: str"),
+                          "server/modules/mam.py",
+                          "the message's id in the sender's archive (for carbons' <sent/>)")
+
 # -- presence (server/modules/presence.py) --------------------------------------------------
 PRESENCE_OUTGOING = _notify("presence/outgoing", ("session", "stanza"),
                             "server/modules/presence.py",
@@ -157,6 +165,9 @@ FAST_ISSUE = _fire("fast/issue", ("user", "domain", "client", "mechanism"),
 # -- discovery (server/modules/disco.py) ----------------------------------------------------
 DISCO_NODE = _fire("disco/node", ("query", "origin: Session | None", "node: str"),
                    "server/modules/disco.py", "disco#info of a node: fill the query")
+DISCO_SERVER_INFO = _notify("disco/server-info", ("query", "stanza", "origin"),
+                            "server/modules/disco.py",
+                            "add XEP-0128 forms to the server's disco#info (e.g. XEP-0157)")
 DISCO_ACCOUNT_INFO = _notify("disco/account-info", ("query", "stanza", "origin"),
                              "server/modules/disco.py", "add to an account's disco#info")
 
@@ -173,6 +184,14 @@ CAPS_REMOTE_KNOWN = _notify("caps/remote-known",
                             ("user: JID", "remote: JID", "features: frozenset[str]"),
                             "server/modules/caps.py",
                             "a remote contact's features are known (its presence to user)")
+
+# -- registration (server/modules/register.py, invites.py; server/stream/c2s.py) ------------
+C2S_PRE_AUTH_FEATURES = _notify("c2s/pre-auth-features", ("stream",), "server/stream/c2s.py",
+                                "collected: elements for the stream features before SASL")
+C2S_PRE_AUTH_IQ = _fire("c2s/pre-auth-iq", ("stream", "iq"), "server/stream/c2s.py",
+                        "XEP-0077/XEP-0445 before SASL: a reply or an awaitable of one")
+ACCOUNT_REGISTERED = _notify("account-registered", ("jid: JID", "invitation | None"),
+                             "server/modules/register.py")
 
 # -- lifecycle (server/app.py) --------------------------------------------------------------
 SERVER_STARTED = _notify("server-started", ("server",), "server/app.py")

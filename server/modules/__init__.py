@@ -39,12 +39,15 @@ MODULES: list[str] = [
     "watchers",
     "visibility",
     "adhoc",
+    "register",
     "echo",
     "muc",
     "http",
     "upload",
+    "invites",
     "external_services",
     "proxy65",
+    "contact_info",
 ]
 
 

@@ -9,7 +9,7 @@ Other modules serve paths of their own through ``route`` (upload: server/modules
     [http]
     external_url = "https://chat.example.org/"   # what clients are told (host-meta, uploads)
     websocket_insecure = false      # ws:// without TLS (behind a proxy: trusted_proxies)
-    cors_origins = []               # web origins of browser clients elsewhere; ["*"]: any
+    cors_origins = ["https://..."]  # only these web origins (and our own); unset: any
     metrics_allow = ["127.0.0.1/32", "::1/128"]
     trusted_proxies = []            # proxies whose X-Forwarded-For/-Proto/-Host are believed
 
@@ -88,8 +88,12 @@ class HTTPSettings:
     external_url: str | None = field(metadata=option(
         'an http:// or https:// URL such as "https://chat.example.org"', _url))
     websocket_insecure: bool = field(metadata=bool_option(False))
-    cors_origins: tuple[str, ...] = field(metadata=option(
-        'a list of origins such as "https://chat.example.org", or ["*"]', _origins, []))
+    # Unset: any page may open WebSocket/BOSH sessions and upload (XMPP authenticates inside
+    # the stream with SASL, not with cookies: a foreign page gains nothing it could not get
+    # with a socket of its own; Prosody 0.12 dropped its origin check too). Set: these only,
+    # besides the server's own origin.
+    cors_origins: tuple[str, ...] | None = field(metadata=option(
+        'a list of origins such as "https://chat.example.org", or ["*"]', _origins))
     metrics_allow: tuple[Network, ...] = field(
         metadata=option(NETWORKS, networks, ["127.0.0.1/32", "::1/128"]))
     trusted_proxies: tuple[Network, ...] = field(metadata=option(NETWORKS, networks, []))
@@ -191,13 +195,14 @@ class HTTP(Module):
         return peer[0] if peer else None
 
     def allowed_origin(self, request: web.Request) -> str | None:
-        """The request's Origin when it may call us (same origin, or listed), else None."""
+        """The request's Origin when it may call us (any without [http] cors_origins; else
+        the same origin or a listed one), else None."""
         origin = request.headers.get("Origin")
         if origin is None:
             return None
         origin = origin.rstrip("/").lower()
         allowed = self.config.cors_origins
-        if "*" in allowed or origin in allowed:
+        if allowed is None or "*" in allowed or origin in allowed:
             return origin
         own = f"{self.scheme(request)}://{self.host(request)}".lower()
         return origin if origin == own else None

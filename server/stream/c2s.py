@@ -27,7 +27,7 @@ from server.stream import sasl2
 from server.stream.connection import XMLStreamConnection
 from server.xml import ns
 from server.xml.parser import Event
-from server.xml.stanza import STANZA_TAGS
+from server.xml.stanza import STANZA_TAGS, error_reply
 from server.xml.writer import serialize, stream_header
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class C2SConnection(XMLStreamConnection):
     kind = "c2s"
     local_client = True  # stanzas from it get outbound processing (the user's server)
     __slots__ = ("_after_success", "_limit_key", "_refusing", "_server", "_ticket", "bound",
-                 "jid", "negotiation", "session")
+                 "jid", "negotiation", "pre_auth", "session")
 
     def __init__(self, server: Server, direct_tls: bool, *, secured_below: bool = False) -> None:
         """secured_below: the transport underneath is already secure (the HTTPS listener of a
@@ -53,7 +53,10 @@ class C2SConnection(XMLStreamConnection):
         self.negotiation = neg.C2SNegotiation(
             server.c2s_policy, direct_tls=direct_tls or secured_below,
             channel_binding=self._channel_binding,
-            post_bind_features=server.post_bind_features, sasl2_inline=self._sasl2_inline)
+            post_bind_features=server.post_bind_features, sasl2_inline=self._sasl2_inline,
+            pre_auth_features=self._pre_auth_features)
+        # What modules keep about a stream before it authenticates (a XEP-0445 token).
+        self.pre_auth: dict[str, Any] = {}
         self.bound = False
         self.jid: JID = server.placeholder_jid
         self.session: Session | None = None  # the bound resource this stream carries
@@ -161,6 +164,8 @@ class C2SConnection(XMLStreamConnection):
                 self._spawn(self._issue_token(action))
             elif isinstance(action, neg.Sasl2Complete):
                 self._sasl2_complete(action)
+            elif isinstance(action, neg.PreAuthIq):
+                self._pre_auth_iq(action.iq)
             elif isinstance(action, neg.PreBindElement):
                 handler = self._server.pre_bind_handlers.get(action.element.tag)
                 if handler is None:
@@ -203,6 +208,30 @@ class C2SConnection(XMLStreamConnection):
             return
         self._carry_out(actions, held=True)
         self._unpause(PAUSE_AUTH)
+
+    def _pre_auth_features(self) -> list[_Element]:
+        return [f for found in self._server.hooks.collect(events.C2S_PRE_AUTH_FEATURES, self)
+                for f in found]
+
+    def _pre_auth_iq(self, iq: _Element) -> None:
+        """An iq before authentication (XEP-0077, XEP-0445): the 'c2s/pre-auth-iq' hook
+        (stream, iq) answers with a reply or an awaitable of one; nobody: service-unavailable.
+        """
+        answer = self._server.hooks.fire("c2s/pre-auth-iq", self, iq)
+        if answer is None:
+            self.deliver(error_reply(iq, StanzaError("service-unavailable")))
+        elif isinstance(answer, _ElementType):
+            self.deliver(answer)
+        else:
+            async def reply() -> None:
+                try:
+                    self.deliver(await answer)
+                except StanzaError as exc:
+                    self.deliver(error_reply(iq, exc))
+                except Exception:
+                    log.exception("event=pre-auth-iq-failed peer=%s", self.peer)
+                    self.deliver(error_reply(iq, StanzaError("internal-server-error")))
+            self._spawn(reply())
 
     async def _lookup(self, user: str, domain: str) -> None:
         try:
