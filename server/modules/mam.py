@@ -372,7 +372,8 @@ class Mam(Module):
         if first.outgoing and stamped != 0 and self.server.hooks.has(events.ARCHIVE_SENT_ID):
             # The sender's own id for its copies (carbons' <sent/>, XEP-0280 §5 with
             # XEP-0359 §3: 'by' is the sender's bare JID); the stanza carries the recipient's.
-            self.server.hooks.notify_nowait(events.ARCHIVE_SENT_ID, stanza, first.owner, str(ids[0]))
+            self.server.hooks.notify_nowait(events.ARCHIVE_SENT_ID, stanza, first.owner,
+                                            str(ids[0]))
         self.writer.add([replace(e, id=n) for e, n in zip(entries, ids, strict=True)])
 
     async def _write_later(self, stanza: Stanza, entries: list[ArchiveEntry],
