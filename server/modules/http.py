@@ -79,8 +79,6 @@ def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HTTPSettings:
     # The public base URL of the HTTP server; unset: taken from each request's Host (and the
