@@ -217,7 +217,7 @@ def test_session_slots_are_per_session() -> None:
 
 
 class Greeter(Module):
-    """Written from README "Adding a module" alone: it needs the vCard module, uses PEP when
+    """Written from docs/developing.md, "Adding a module", alone: it needs the vCard module, uses PEP when
     it is there, and reacts to an event."""
 
     name = "greeter"

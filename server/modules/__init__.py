@@ -48,6 +48,7 @@ MODULES: list[str] = [
     "external_services",
     "proxy65",
     "contact_info",
+    "webadmin",
 ]
 
 
