@@ -167,7 +167,7 @@ class Invites(Module):
 
     @property
     def _store(self) -> invite_store.InviteStoreSQL:
-        store: invite_store.InviteStoreSQL = getattr(self.server.storage, "invites")  # noqa: B009
+        store: invite_store.InviteStoreSQL = self.store_of(invite_store.SPEC)
         return store
 
     @property
@@ -299,9 +299,7 @@ class Invites(Module):
 
     async def _post(self, request: web.Request, invitation: Invitation,
                     address: str | None) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != "null" and self._http is not None and \
-                self._http.allowed_origin(request) is None:
+        if self._http is not None and self._http.foreign_form(request):
             log.info("event=invite-form-refused reason=origin address=%s", address)
             return _html(403, "Refused", "<p>This form must be sent from its own page.</p>")
         try:

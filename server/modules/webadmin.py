@@ -159,9 +159,7 @@ class WebAdmin(Module):
                      self._http.client_address(request))
             return web.Response(status=403, text="the admin page is served over TLS only\n")
         if request.method == "POST":
-            origin = request.headers.get("Origin")
-            own = f"https://{self._http.host(request)}".lower()
-            if origin is not None and origin.rstrip("/").lower() != own:
+            if self._http.foreign_form(request):
                 return self._forbidden(request, "foreign-origin")
         elif request.method not in ("GET", "HEAD"):
             return web.Response(status=405, text="method not allowed\n")
