@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from federation.service import Federation, FederationContext
-from server.hooks import Hooks
+from server import events
+from server.events import Hooks
 from server.jid import JID
 from server.limits import Limiter
-from server.module import Module
+from server.module import M, Module, ModuleError, load_order
 from server.modules import MODULES, module_class
+from server.presence.access import AccessRules
+from server.roster import RosterManager
 from server.router import Router
 from server.services import Route, ServiceHost
 from server.sessions import Session, SessionManager
@@ -32,18 +35,19 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from server.config import Config
-    from server.presence.access import AccessRules
-    from server.roster import RosterManager
 
 log = logging.getLogger("presenced")
 _SWEEP_INTERVAL = 5.0
 
 
 class Server:
-    def __init__(self, config: Config, extra_modules: Sequence[type[Module]] = ()) -> None:
+    def __init__(self, config: Config, extra_modules: Sequence[type[Module]] = (),
+                 modules: Sequence[str] = MODULES) -> None:
         """extra_modules: module classes loaded after those of server/modules (tests, plugins);
-        their settings must have been given to load_config(sections=...)."""
+        their settings must have been given to load_config(sections=...). modules: the names
+        of server/modules to load (all of MODULES unless told)."""
         self.config = config
+        self._module_names = tuple(modules)
         self._extra_modules = tuple(extra_modules)
         self.hosts = frozenset(config.domains)
         self.default_domain = config.domains[0]
@@ -53,6 +57,7 @@ class Server:
         self.limiter = Limiter(config.limits)  # per-address counts and read rates
         self.router = Router(self.hosts, self.sessions, self.hooks)
         self.modules: dict[str, Module] = {}
+        self._by_class: dict[type[Module], Module] = {}
         self.nonza_handlers: dict[str, Callable[..., Any]] = {}
         self.pre_bind_handlers: dict[str, Callable[..., Any]] = {}
         self.service_hosts: dict[str, ServiceHost] = {}
@@ -66,8 +71,9 @@ class Server:
         self._listeners: list[tuple[str, asyncio.Server]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.storage: Storage
-        self.rosters: RosterManager  # set by the roster module
-        self.access: AccessRules     # set by the presence module
+        # The core's, as Prosody's core/rostermanager: modules read them (ModuleContext).
+        self.rosters = RosterManager(self)
+        self.access = AccessRules(self.hooks)
         self.loop: asyncio.AbstractEventLoop
         self._tls_starttls: SSL.Context
         self._tls_direct: SSL.Context
@@ -109,15 +115,19 @@ class Server:
         """The services a user domain lists in its disco#items."""
         return [h for h in self.service_hosts.values() if h.parent == domain]
 
+    def module(self, cls: type[M]) -> M | None:
+        """The loaded instance of a module class, or None (server/module.py: needs, uses)."""
+        found = self._by_class.get(cls)
+        return found if isinstance(found, cls) else None
+
     def end_session(self, session: Session, reason: str) -> None:
         """A session is over (its stream closed, or a detached session expired): forget it
         and tell the modules (presence goes unavailable, last activity is recorded, ...)."""
         session.transport = None
         if self.sessions.unbind(session):
             log.info("event=unbound jid=%s reason=%s", session.jid_str, reason)
-        for pending in self.hooks.fire_all("session-closed", session, reason):
-            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                self.router.spawn(pending)
+        for pending in self.hooks.notify_nowait(events.SESSION_CLOSED, session, reason):
+            self.router.spawn(pending)
 
     def post_bind_features(self) -> list[etree._Element]:
         features = []
@@ -174,8 +184,7 @@ class Server:
             await self.storage.close()
             raise
         self._sweeper = asyncio.ensure_future(self._sweep())
-        for pending in self.hooks.fire_all("server-started", self):
-            await pending
+        await self.hooks.notify(events.SERVER_STARTED, self)
 
     async def _listen(self, host: str, port: int, direct_tls: bool) -> None:
         listener = await self.loop.create_server(
@@ -204,22 +213,26 @@ class Server:
         return self.default_domain
 
     def _module_classes(self) -> list[type[Module]]:
-        loaded = [importlib.import_module(f"server.modules.{name}") for name in MODULES]
-        return [*map(module_class, loaded), *self._extra_modules]
+        loaded = [importlib.import_module(f"server.modules.{name}")
+                  for name in self._module_names]
+        return load_order([*map(module_class, loaded), *self._extra_modules])
 
     async def _load_modules(self, classes: list[type[Module]]) -> None:
         for cls in classes:
             if cls.name in self.modules:
-                raise ValueError(f"two modules named {cls.name!r}")
+                raise ModuleError(f"two modules named {cls.name!r}")
             module = cls(self, self.config.modules.get(cls.name))
-            self.modules[cls.name] = module
+            self.modules[cls.name] = self._by_class[cls] = module
             self.features.extend(f for f in cls.features if f not in self.features)
             for route, handler in module.iq_handlers():
                 for target in route.targets:
                     self.router.add_iq_handler(route.type, target, route.xmlns, route.name,
                                                handler)
             for hook_route, fn in module.hook_handlers():
-                self.hooks.add(hook_route.event, fn, hook_route.priority)
+                try:
+                    self.hooks.add(hook_route.event, fn, hook_route.priority)
+                except KeyError as exc:  # a misspelt @hook
+                    raise ModuleError(f"module {cls.name}: {exc.args[0]}") from None
             self._stream_features.extend(module.stream_features())
             for nonza_route, fn in module.nonza_handlers():
                 if nonza_route.tag in self.nonza_handlers:
@@ -254,8 +267,7 @@ class Server:
     async def stop(self) -> None:
         """Graceful: stop listening, close every stream, flush storage."""
         log.info("event=stopping sessions=%d", len(self.sessions))
-        for pending in self.hooks.fire_all("server-stopping", self):
-            await pending
+        await self.hooks.notify(events.SERVER_STOPPING, self)
         await self._close_listeners()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -284,7 +296,7 @@ async def serve(config: Config) -> int:
     server = Server(config)
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, ModuleError) as exc:
         log.error("event=start-failed reason=%s", exc)
         return 1
     stop = asyncio.Event()

@@ -16,7 +16,7 @@ from lxml import etree
 
 from server.jid import JID
 from tests.conftest import PASSWORD, RunningServer, on_ci, stop_server
-from tests.rawclient import CLIENT, RawClient, condition
+from tests.rawclient import CLIENT, condition, sync
 
 MESSAGE = f"{{{CLIENT}}}message"
 PRESENCE = f"{{{CLIENT}}}presence"
@@ -28,20 +28,6 @@ ROSTER = "jabber:iq:roster"
 LAST = "jabber:iq:last"
 LAST_QUERY = f"{{{LAST}}}query"
 GO_SENDXMPP = shutil.which("go-sendxmpp")
-
-
-async def sync(client: RawClient, ident: str = "sync") -> list[etree._Element]:
-    """Ping the server; returns what arrived before the answer. The server handles one
-    stream's stanzas in order, so everything sent before has been processed (and what it
-    sent to this client because of them is queued before the answer)."""
-    await client.send(f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
-    before: list[etree._Element] = []
-    while True:
-        el = await client.next()
-        if el.tag == IQ and el.get("id") == ident:
-            assert el.get("type") == "result", etree.tostring(el)
-            return before
-        before.append(el)
 
 
 def presences(stanzas: list[etree._Element], type_: str | None = None,

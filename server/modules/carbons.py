@@ -28,17 +28,15 @@ account sees another account's archive ids.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from server.hooks import stanza_kinds
+from server import events
+from server.events import stanza_kinds
 from server.jid import JID
-from server.module import Module, SessionSlot, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, SessionSlot, Stanza, hook, iq_set
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 CARBONS = "urn:xmpp:carbons:2"
 _ENABLE = f"{{{CARBONS}}}enable"
@@ -92,7 +90,7 @@ class Carbons(Module):
     features = (CARBONS,)
     enabled = SessionSlot[bool](False)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         # bare JID -> how many of its sessions have carbons on (a quick "no" on the hot path)
         self._accounts: dict[JID, int] = {}
@@ -116,11 +114,11 @@ class Carbons(Module):
             bare = session.jid.bare
             self._accounts[bare] = self._accounts.get(bare, 0) + 1
 
-    @hook("bind2/features")
+    @hook(events.BIND2_FEATURES)
     def bind2_features(self) -> tuple[str, ...]:
         return (CARBONS,)
 
-    @hook("bind2/enable")
+    @hook(events.BIND2_ENABLE)
     def bind2_enable(self, session: Session, el: Stanza) -> bool | None:
         """<enable xmlns='urn:xmpp:carbons:2'/> inside Bind 2's <bind/> (XEP-0386 §3)."""
         if el.tag != _ENABLE:
@@ -134,7 +132,7 @@ class Carbons(Module):
         self._off(origin)
         return st.result(stanza)
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         self._off(session)
 
@@ -151,7 +149,7 @@ class Carbons(Module):
 
     # -- copies ----------------------------------------------------------------------------
 
-    @hook("filter/user", priority=-200)
+    @hook(events.FILTER_USER, priority=-200)
     @stanza_kinds(st.MESSAGE)
     def sent(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         """A local client's outgoing message: <sent/> to its account's other resources.
@@ -179,7 +177,7 @@ class Carbons(Module):
             self._copy(stanza, SENT, account, (sender,), own_id)
         return None
 
-    @hook("archive/sent-id")
+    @hook(events.ARCHIVE_SENT_ID)
     def archived_sent(self, stanza: Stanza, account: str, ident: str) -> None:
         """MAM archived a local client's message under this id in the sender's archive (it
         runs before this module's filter/user handler): kept for the <sent/> copy."""
@@ -199,7 +197,7 @@ class Carbons(Module):
             if len(marked) > _REMEMBERED:  # never delivered (bounced, dropped): forgotten
                 del marked[next(iter(marked))]
 
-    @hook("message/delivered")
+    @hook(events.MESSAGE_DELIVERED)
     def received(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         """A message handed to these sessions: <received/> to the account's others."""
         if self._private and self._private.pop(id(stanza), None) is stanza:
@@ -216,7 +214,7 @@ class Carbons(Module):
         skip = [s for s in self.server.sessions.resources(account) if s.jid_str == sender]
         self._copy(stanza, RECEIVED, account, (*sessions, *skip))
 
-    @hook("message/copied-to")
+    @hook(events.MESSAGE_COPIED_TO)
     def copied_to(self, stanza: Stanza, session: Session) -> list[Session] | None:
         """The account's resources that had a <received/> copy of this message delivered to
         `session` (stream management asks before it hands an unacknowledged one on)."""

@@ -38,10 +38,12 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+from server import events
 from server.config import Config, bool_option, int_option, seconds_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook
+from server.module import Module, ModuleContext, Stanza, hook
+from server.modules.adhoc import AdHoc
 from server.modules.http import HTTP
 from server.modules.register import USERNAME_RULE, Register
 from server.storage import invites as invite_store
@@ -51,7 +53,7 @@ from server.xml import ns
 from server.xml import stanza as st
 
 if TYPE_CHECKING:
-    from server.app import Server
+    pass
 
 log = logging.getLogger("presenced.invites")
 
@@ -154,8 +156,10 @@ class Invites(Module):
     name = "invites"
     settings = InvitesSettings
     stores = (invite_store.SPEC,)
+    # Registration by invitation, the landing pages and the ad-hoc command, each when loaded.
+    uses = (Register, HTTP, AdHoc)
 
-    def __init__(self, server: Server, config: InvitesSettings) -> None:
+    def __init__(self, server: ModuleContext, config: InvitesSettings) -> None:
         super().__init__(server, config)
         self._key = secrets.token_bytes(32)  # CSRF field = HMAC(key, cookie | token)
         self._http: HTTP | None = None
@@ -163,24 +167,22 @@ class Invites(Module):
 
     @property
     def _store(self) -> invite_store.InviteStoreSQL:
-        store: invite_store.InviteStoreSQL = getattr(self.server.storage, "invites")  # noqa: B009
+        store: invite_store.InviteStoreSQL = self.store_of(invite_store.SPEC)
         return store
 
     @property
     def _register(self) -> Register | None:
-        module = self.server.modules.get("register")
-        return module if isinstance(module, Register) else None
+        return self.server.module(Register)
 
     async def start(self) -> None:
-        http = self.server.modules.get("http")
-        if isinstance(http, HTTP) and http.enabled:
+        http = self.server.module(HTTP)
+        if http is not None and http.enabled:
             self._http = http
             http.route(PREFIX, self._page, prefix=True)
         if self.config.allow_users:
-            adhoc = self.server.modules.get("adhoc")
-            commands = getattr(adhoc, "commands", None)
-            if isinstance(commands, dict):
-                commands[NODE_INVITE] = ("Invite user", self._invite_command)
+            adhoc = self.server.module(AdHoc)
+            if adhoc is not None:
+                adhoc.commands[NODE_INVITE] = ("Invite user", self._invite_command)
         await self._store.purge(int(time.time()) - 86400)  # expired for a day: gone
 
     async def create(self, domain: str, inviter: str | None, *, uses: int, lifetime: float,
@@ -225,7 +227,7 @@ class Invites(Module):
 
     # -- XEP-0379: inviter and invitee subscribe to each other -------------------------------
 
-    @hook("account-registered")
+    @hook(events.ACCOUNT_REGISTERED)
     async def registered(self, jid: JID, invitation: Invitation | None) -> None:
         if invitation is None or invitation.inviter is None:
             return

@@ -29,11 +29,11 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from server.config import _bool, _seconds, option
+from server.config import boolean, option, seconds_option
 from server.http import admin as ui
 from server.http.admin import CookieSigner, History, Ticket, esc
 from server.jid import JID, InvalidJID
@@ -49,6 +49,9 @@ from server.stream.connection import XMLStreamConnection
 from server.stream.scram import derive_credentials, fake_keys, prepare_password, verify_password
 from server.xml.numbers import NumberError, parse_int
 
+if TYPE_CHECKING:
+    from server.app import Server
+
 log = logging.getLogger("presenced.webadmin")
 
 PREFIX = "/admin"
@@ -61,8 +64,8 @@ _SHOWN = 500  # accounts listed at most on one page (narrow it with the search)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WebAdminSettings:
     # Unset: on when [listen] https or http is set.
-    enabled: bool | None = field(metadata=option("true or false", _bool, None))
-    session_lifetime: float = field(metadata=option("a number of seconds > 0", _seconds, 28800))
+    enabled: bool | None = field(metadata=option("true or false", boolean, None))
+    session_lifetime: float = field(metadata=seconds_option(28800))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +78,11 @@ class _Admin:
 class WebAdmin(Module):
     name = "webadmin"
     settings = WebAdminSettings
+    uses = (HTTP, Invites, Muc)  # its pages, the invitation form and the rooms page
 
-    def __init__(self, server: Any, config: WebAdminSettings) -> None:
+    def __init__(self, server: Server, config: WebAdminSettings) -> None:
         super().__init__(server, config)
+        self.core = server  # an admin's view of the core (server-to-server links), as HTTP's
         self._http: HTTP | None = None
         self._signer = CookieSigner(b"")
         self.history = History()
@@ -97,8 +102,8 @@ class WebAdmin(Module):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        http = self.server.modules.get("http")
-        if not isinstance(http, HTTP) or not http.enabled or self.config.enabled is False:
+        http = self.server.module(HTTP)
+        if http is None or not http.enabled or self.config.enabled is False:
             return
         self._http = http
         data_dir = self.server.config.data_dir
@@ -381,8 +386,8 @@ class WebAdmin(Module):
 
     async def _invite(self, admin: _Admin, form: dict[str, str]) -> str:
         """The accounts page's "create an invitation": what to tell (ValueError: why not)."""
-        invites = self.server.modules.get("invites")
-        if not isinstance(invites, Invites):
+        invites = self.server.module(Invites)
+        if invites is None:
             raise ValueError("the invites module is not loaded")
         domain = form.get("domain", "") or self.server.default_domain
         if domain not in self.server.hosts:
@@ -491,7 +496,7 @@ class WebAdmin(Module):
 
     def _s2s_links(self) -> list[tuple[str, str, str, str, str]]:
         """(direction, local, remote, peer address, state) of every server-to-server stream."""
-        federation = self.server.federation
+        federation = self.core.federation
         if federation is None:
             return []
         links = []
@@ -509,7 +514,7 @@ class WebAdmin(Module):
     async def _s2s(self, _request: web.Request, admin: _Admin,
                    _form: dict[str, str]) -> web.Response:
         links = sorted(self._s2s_links(), key=lambda link: (link[2], link[0]))
-        note = "" if self.server.federation is not None else "<p>Federation is off.</p>"
+        note = "" if self.core.federation is not None else "<p>Federation is off.</p>"
         body = note + ui.table(("Direction", "Local domain", "Remote domain", "Address",
                                 "State"),
                                [tuple(esc(v) for v in link) for link in links],
@@ -517,8 +522,7 @@ class WebAdmin(Module):
         return self._html("Server links", body, admin, PREFIX + "/s2s")
 
     def _muc(self) -> Muc | None:
-        muc = self.server.modules.get("muc")
-        return muc if isinstance(muc, Muc) else None
+        return self.server.module(Muc)
 
     async def _rooms(self, _request: web.Request, admin: _Admin,
                      _form: dict[str, str]) -> web.Response:
