@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from server.config import Address, S2SConfig, TLSConfig
-    from server.hooks import Hooks
+    from server.events import Hooks
     from server.limits import Limiter
     from server.router import Router
     from server.sessions import Session

@@ -279,7 +279,6 @@ class Hooks:
                 results.append(result)
         return results
 
-    fire_all = collect  # the name muc/ and pubsub/ still use
 
     def notify_nowait(self, event: str, *args: Any) -> list[Awaitable[Any]]:
         """Call every handler now; the awaitables they returned (coroutines, futures), for a

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from lxml import etree
 
 from server.errors import StanzaError
-from server.hooks import Hooks
+from server.events import Hooks
 from server.jid import JID, InvalidJID
 from server.storage.db import StorageUnavailable
 from server.xml import stanza as st

@@ -48,10 +48,6 @@ from server.config.sections import (
     TLSConfig,
 )
 
-# The old private names, for muc/ and pubsub/ until they import the public ones (transition).
-_Invalid = Invalid
-_Context = Context
-
 __all__ = [
     "NETWORKS",
     "Address",

@@ -100,7 +100,7 @@ class Messages(Module):
     def _delivered(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         # Notification (carbons, push): delivered to these sessions of the account, or stored
         # offline (no sessions). Handlers neither block nor change the delivery (what they
-        # return is not looked at: no fire_all() list on the path of every message).
+        # return is not looked at: no collect() list on the path of every message).
         for handler in self.server.hooks.chain(events.MESSAGE_DELIVERED):
             handler(stanza, account, sessions)
 

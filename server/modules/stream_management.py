@@ -320,7 +320,7 @@ class StreamManagement(Module):
                         continue  # sent to the bare JID: the other resources got it too
                     # To this full JID: the account's resources with carbons on had a
                     # <received/> copy (XEP-0280 §5), and its sender has it.
-                    have = {id(s) for copies in hooks.fire_all(events.MESSAGE_COPIED_TO, stanza,
+                    have = {id(s) for copies in hooks.collect(events.MESSAGE_COPIED_TO, stanza,
                                                                session) for s in copies}
                     sender = stanza.get("from")
                     rest = [s for s in others if id(s) not in have and s.jid_str != sender]

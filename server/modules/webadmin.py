@@ -218,7 +218,7 @@ class WebAdmin(Module):
         credentials = await self.server.storage.accounts.get_credentials(jid.local, jid.domain)
         if credentials is None:
             return None
-        ticket = self._signer.verify(value, credentials.sha256.stored_key)
+        ticket = self._signer.verify(value, credentials.strongest.stored_key)
         if ticket is None:
             return None
         return _Admin(jid, ticket, self._signer.token("csrf", ticket.nonce))
@@ -280,7 +280,7 @@ class WebAdmin(Module):
             credentials = await self.server.storage.accounts.get_credentials(jid.local,
                                                                              jid.domain)
         password = form.get("password", "")
-        keys = credentials.sha256 if credentials is not None else fake_keys(
+        keys = credentials.strongest if credentials is not None else fake_keys(
             account, "sha256", self.server.config.c2s.scram_iterations)
         # PBKDF2 off the event loop; an unknown or non-admin account costs the same time.
         ok = await asyncio.to_thread(verify_password, password, keys) and credentials is not None
@@ -296,7 +296,7 @@ class WebAdmin(Module):
         log.info("event=webadmin-login jid=%s address=%s", account, address)
         response = _redirect(PREFIX)
         response.set_cookie(SESSION_COOKIE, self._signer.sign(ticket,
-                                                              credentials.sha256.stored_key),
+                                                              credentials.strongest.stored_key),
                             path=PREFIX, max_age=int(self.config.session_lifetime),
                             secure=True, httponly=True, samesite="Strict")
         response.del_cookie(LOGIN_COOKIE, path=PREFIX)

@@ -35,6 +35,13 @@ class Credentials:
         if self.sha1 is None and self.sha256 is None:
             raise ValueError("credentials need the keys of at least one hash")
 
+    @property
+    def strongest(self) -> ScramKeys:
+        """The keys to check a password against outside SASL (PLAIN, the admin page)."""
+        keys = self.sha256 or self.sha1
+        assert keys is not None  # __post_init__
+        return keys
+
 
 class AccountExists(Exception):
     pass

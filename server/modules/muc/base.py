@@ -117,12 +117,12 @@ class MucBase(ServiceModule):
 
     @property
     def store(self) -> MucRoomStore:
-        store: MucRoomStore = getattr(self.server.storage, muc_store.SPEC.name)
+        store: MucRoomStore = self.store_of(muc_store.SPEC)
         return store
 
     @property
     def archive(self) -> ArchiveStore:
-        store: ArchiveStore = getattr(self.server.storage, archive_store.SPEC.name)
+        store: ArchiveStore = self.store_of(archive_store.SPEC)
         return store
 
     async def _save(self, room: Room) -> None:

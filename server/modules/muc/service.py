@@ -15,6 +15,7 @@ from typing import Any
 
 from lxml import etree
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Handler, Stanza, hook, iq_get
@@ -115,7 +116,7 @@ class Service(Archive, Invitations, Voice):
                 self.rooms[room.jid] = room
             self.server.add_service(ServiceHost(service, domain, self.display_name), self.route)
 
-    @hook("server-stopping")
+    @hook(events.SERVER_STOPPING)
     def stopping(self, _server: Any) -> None:
         # Occupants are told the service is going away (status 332, XEP-0045 §17.5... §7.2)
         # first thing in a graceful stop, while their streams (c2s, and s2s to the servers of
@@ -382,11 +383,11 @@ class Service(Archive, Invitations, Voice):
         self._deliver([presence])
         return True
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def session_closed(self, session: Session, _reason: str) -> None:
         self._gone(session.jid)
 
-    @hook("presence/unavailable")
+    @hook(events.PRESENCE_UNAVAILABLE)
     def went_unavailable(self, session: Session, _stanza: Stanza | None) -> None:
         self._gone(session.jid)
 
