@@ -93,7 +93,7 @@ class Register(Module):
 
     @property
     def _invites(self) -> invite_store.InviteStoreSQL:
-        store: invite_store.InviteStoreSQL = getattr(self.server.storage, "invites")  # noqa: B009
+        store: invite_store.InviteStoreSQL = self.store_of(invite_store.SPEC)
         return store
 
     # -- the rules ---------------------------------------------------------------------------
