@@ -39,6 +39,7 @@ MODULES: list[str] = [
     "watchers",
     "visibility",
     "adhoc",
+    "admin_adhoc",
     "echo",
     "muc",
     "http",

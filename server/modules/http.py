@@ -35,7 +35,7 @@ from server.config import _bool, _Invalid, option
 from server.http import websocket
 from server.http.bosh import Bosh
 from server.http.metrics import Metrics
-from server.http.tls import https_context
+from server.http.tls import https_context, reload_https_context
 from server.module import Module, hook
 
 log = logging.getLogger("presenced.http")
@@ -118,6 +118,7 @@ class HTTP(Module):
         self._prefixes: list[tuple[str, _Route]] = []
         self._runner: web.AppRunner | None = None
         self._sites: list[tuple[str, web.TCPSite]] = []
+        self._ssl_context: Any = None  # the HTTPS listener's, kept for reloads
         self.route("/.well-known/host-meta", self._host_meta_xrd, cors=True)
         self.route("/.well-known/host-meta.json", self._host_meta_json, cors=True)
         self.route(WEBSOCKET_PATH, self._websocket)
@@ -226,6 +227,7 @@ class HTTP(Module):
                                               shutdown_timeout=2.0)
         await runner.setup()
         ssl_context = https_context(self.server.config.tls) if listen.https else None
+        self._ssl_context = ssl_context
         try:
             for kind, addresses in (("http", listen.http), ("https", listen.https)):
                 for address in addresses:
@@ -243,6 +245,13 @@ class HTTP(Module):
             log.info("event=listening kind=%s address=%s:%s", kind, host, port)
         self.metrics = Metrics(self.server)
         self.metrics.start()
+
+    @hook("tls-reloaded")
+    def _reload_tls(self, tls: Any) -> None:
+        """presenced ctl reload, SIGHUP (server/ctl.py): new HTTPS connections get the new
+        certificates."""
+        if self._ssl_context is not None:
+            reload_https_context(self._ssl_context, tls)
 
     @hook("server-stopping")
     async def _stop_listening(self, _server: Any) -> None:
