@@ -252,7 +252,9 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"made at first start: {tls.certificate}")
     else:
         # Service hosts (muc.<domain>, components) need the certificate too, for federation.
-        for p in check_certificate(tls.certificate, tls.key, config.local_domains):
+        # Not the domains with a certificate of their own ([tls] domain_certificates).
+        shared = [d for d in config.local_domains if d not in tls.domain_certificates]
+        for p in check_certificate(tls.certificate, tls.key, shared):
             found.append((p.severity, where(config, f"tls.{p.subject}"), p.message))
     for domain, (chain, private_key) in tls.domain_certificates.items():
         for p in check_certificate(chain, private_key, [domain]):
