@@ -20,7 +20,10 @@ access/may-see-presence, access/deny, watchers/list.
 PEP: pep/published (owner, node, item id, payload or None) after an item went out.
 Entity capabilities (caps.py, XEP-0115): caps/known (session, features) when a local resource's
 features are known with its presence out; caps/remote-known (user, remote full JID, features).
-Lifecycle: server-started, server-stopping.
+Ad-hoc commands: adhoc/execute (iq, command element, requester bare JID: an awaitable of the
+<command/> answer) for a node adhoc.py does not have itself (admin_adhoc.py, XEP-0133).
+Lifecycle: server-started, server-stopping, tls-reloaded (TLSConfig: new connections get these
+certificates; fired by Server.reload_tls, see server/ctl.py).
 """
 
 from __future__ import annotations
