@@ -73,7 +73,7 @@ class Server:
         self._end_point: bytes | None = None
         self.federation: Federation | None = None
         self.components: Components | None = None
-        self.admin_socket: ctl.AdminSocket
+        self.admin_socket = ctl.AdminSocket(self)  # presenced ctl (server/ctl.py)
 
     # -- pieces the connections use ----------------------------------------------------------
 
@@ -154,7 +154,6 @@ class Server:
             await self.storage.close()
             raise
         self._sweeper = asyncio.ensure_future(self._sweep())
-        self.admin_socket = ctl.AdminSocket(self)  # presenced ctl (server/ctl.py)
         await self.admin_socket.start()
         for pending in self.hooks.fire_all("server-started", self):
             await pending

@@ -171,6 +171,7 @@ class AdminSocket:
         }
 
     async def start(self) -> None:
+        self.started = time.monotonic()
         path = self.path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if path.is_socket():

@@ -227,6 +227,14 @@ async def test_bad_input_gets_stanza_errors(admin_server: RunningServer,
     assert "Traceback" not in caplog.text
 
 
+async def no_message_at_login(client: Any, domain: str) -> None:
+    """Initial presence, then a ping: nothing but presence comes before the pong."""
+    await client.send(f"<presence/><iq type='get' id='p' to='{domain}'>"
+                      "<ping xmlns='urn:xmpp:ping'/></iq>")
+    while (el := await client.next()).tag != f"{{{CLIENT}}}iq":
+        assert el.tag != f"{{{CLIENT}}}message"
+
+
 async def test_message_of_the_day_survives_a_restart(tmp_path: Path) -> None:
     logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
     running = await start_server(tmp_path, top='admins = ["root@a.test"]')
@@ -243,10 +251,7 @@ async def test_message_of_the_day_survives_a_restart(tmp_path: Path) -> None:
         # The form of edit-motd is the same; b.test has none.
         await running.add_user("carol@b.test")
         carol = await running.raw_login("carol@b.test")
-        await carol.send("<presence/><iq type='get' id='p' to='b.test'>"
-                         "<ping xmlns='urn:xmpp:ping'/></iq>")
-        while (el := await carol.next()).tag != f"{{{CLIENT}}}iq":
-            assert el.tag != f"{{{CLIENT}}}message"
+        await no_message_at_login(carol, "b.test")
     finally:
         await stop_server(running)
     running = await start_server(tmp_path, top='admins = ["root@a.test"]')
@@ -259,9 +264,6 @@ async def test_message_of_the_day_survives_a_restart(tmp_path: Path) -> None:
         done = await run(root, "delete-motd")
         assert done["command"]["status"] == "completed"
         again = await running.raw_login("alice@a.test", resource="again")
-        await again.send("<presence/><iq type='get' id='p' to='a.test'>"
-                         "<ping xmlns='urn:xmpp:ping'/></iq>")
-        while (el := await again.next()).tag != f"{{{CLIENT}}}iq":
-            assert el.tag != f"{{{CLIENT}}}message"
+        await no_message_at_login(again, "a.test")
     finally:
         await stop_server(running)
