@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 
 from server.certs import generate_self_signed
 from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
-from tests.process import drain, free_ports, presenced
+from tests.process import drain, free_port, free_ports, presenced
+from tests.rawclient import insecure_context
 from tests.test_cli import env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,21 @@ async def served_certificate(host: str, port: int, server_name: str) -> bytes:
         writer.close()
 
 
+async def starttls_certificate(running: RunningServer, domain: str) -> bytes:
+    """The certificate a new c2s connection is shown after STARTTLS."""
+    client = await running.raw()
+    try:
+        await client.open(domain)
+        await client.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await client.next()
+        await client.writer.start_tls(insecure_context(), server_hostname=domain)  # SNI
+        peer = client.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert peer is not None
+        return bytes(peer)
+    finally:
+        await client.close()
+
+
 async def still_alive(xmpp: slixmpp.ClientXMPP) -> None:
     """The session answers: an iq round trip to the server."""
     iq = xmpp.Iq(stype="get", sto=xmpp.boundjid.domain)
@@ -73,7 +89,7 @@ async def _with_sni(tmp_path: Path, b_cert: Path, b_key: Path) -> RunningServer:
     from server.config import load_config
     from tests.conftest import write_config
 
-    path = write_config(tmp_path)
+    path = write_config(tmp_path, s2s_tls=f"127.0.0.1:{free_port()}")
     text = path.read_text().replace(
         "[tls]\n", f'[tls]\ndomain_certificates = {{ "b.test" = ["{b_cert}", "{b_key}"] }}\n')
     path.write_text(text)
@@ -99,6 +115,7 @@ async def test_reload_keeps_sessions_and_serves_new_certificates(tmp_path: Path)
         old_a, old_b = der(a_cert), der(b_cert)
         assert await served_certificate(host, port, "a.test") == old_a
         assert await served_certificate(host, port, "b.test") == old_b
+        assert await starttls_certificate(running, "b.test") == old_b
 
         # Renewed files on disk: nothing changes until the reload.
         generate_self_signed(["a.test", "b.test"], a_cert, running.data_dir / "key.pem")
@@ -112,7 +129,12 @@ async def test_reload_keeps_sessions_and_serves_new_certificates(tmp_path: Path)
         assert "reloaded" in out and "restart" not in out
         assert await served_certificate(host, port, "a.test") == new_a
         assert await served_certificate(host, port, "b.test") == new_b
-        # STARTTLS too, and both live sessions go on.
+        # STARTTLS and federation's direct TLS too, and the live sessions go on.
+        assert await starttls_certificate(running, "a.test") == new_a
+        assert await starttls_certificate(running, "b.test") == new_b
+        s2s_host, s2s_port = running.address("s2s_tls")
+        assert await served_certificate(s2s_host, s2s_port, "b.test") == new_b
+        assert await served_certificate(s2s_host, s2s_port, "a.test") == new_a
         new_login = await running.client("alice@a.test", resource="after")
         await still_alive(new_login)
         await still_alive(alice)
