@@ -167,6 +167,11 @@ class Server:
         end_point = end_point_hash(tls.certificate.read_bytes())
         self._tls_starttls, self._tls_direct, self._end_point = starttls, direct, end_point
 
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration and certificates, keeping every session (server/ctl.py):
+        (ok, a report naming what needs a restart)."""
+        return await ctl.reload(self)
+
     def reload_tls(self, tls: TLSConfig) -> None:
         """New connections get these certificates (server/ctl.py reload); open ones keep
         theirs. Raises (and changes nothing) when a file cannot be used."""
@@ -280,7 +285,7 @@ class Server:
 
 
 async def _reload(server: Server) -> None:
-    await ctl.reload(server)
+    await server.reload()
 
 
 async def serve(config: Config) -> int:

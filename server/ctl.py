@@ -267,7 +267,7 @@ class AdminSocket:
             (False, f"{jid} has no session")
 
     async def _reload(self, _args: list[str]) -> tuple[bool, str]:
-        return await reload(self.server)
+        return await self.server.reload()
 
     async def _announce(self, args: list[str]) -> tuple[bool, str]:
         if not args[0].strip():

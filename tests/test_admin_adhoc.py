@@ -93,7 +93,8 @@ async def test_admin_lists_and_runs_the_commands(admin_server: RunningServer) ->
     root = await server.client("root@a.test", plugins=PLUGINS)
     items = await asyncio.wait_for(root.plugin["xep_0133"].get_commands(), 5)
     nodes = {i[1]: i[2] for i in items["disco_items"]["items"]}
-    for name in ("add-user", "delete-user", "end-user-session", "change-user-password",
+    for name in ("get-registered-users-num", "get-registered-users-list", "add-user",
+                 "delete-user", "end-user-session", "change-user-password",
                  "get-online-users-num", "get-online-users-list", "announce", "set-motd",
                  "edit-motd", "delete-motd"):
         assert f"{ADMIN}#{name}" in nodes, name
@@ -117,6 +118,11 @@ async def test_admin_lists_and_runs_the_commands(admin_server: RunningServer) ->
     done = await run(root, "get-online-users-list", {"max_items": "25"})
     listed = done["command"]["form"].get_fields()["onlineuserjids"]["value"]
     assert sorted(str(j) for j in listed) == ["bob@a.test", "root@a.test"]
+    done = await run(root, "get-registered-users-num")
+    assert done["command"]["form"].get_fields()["registeredusersnum"]["value"] == "3"
+    done = await run(root, "get-registered-users-list", {"max_items": "none"})
+    listed = done["command"]["form"].get_fields()["registereduserjids"]["value"]
+    assert [str(j) for j in listed] == ["alice@a.test", "bob@a.test", "root@a.test"]
 
     # announce: a message from the domain reaches every online session.
     got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -7,6 +7,7 @@ Commands (node ``http://jabber.org/protocol/admin#<name>``, sent to one of our d
   delete-user           accountjids (jid-multi)                          (§4.2)
   end-user-session      accountjids (a bare JID ends every resource)     (§4.5)
   change-user-password  accountjid, password                             (§4.7)
+  get-registered-users-num, -list: the domain's accounts (max_items)   (§4.13, §4.18)
   get-online-users-num  the number of online accounts of the domain     (§4.15)
   get-online-users-list max_items; the online accounts                   (§4.21)
   announce              announcement: a message to every online session (§4.23)
@@ -115,6 +116,12 @@ class AdminAdHoc(Module):
                       required=True),
                 password,
             ), self._change_password, "Fill out this form to change a user's password."),
+            "get-registered-users-num": Command("Get Number of Registered Users", (),
+                                                self._registered_num),
+            "get-registered-users-list": Command("Get List of Registered Users", (
+                Field("max_items", "list-single", "Maximum number of items to show",
+                      options=_MAX_ITEMS),
+            ), self._registered_list, "Choose how many registered users to list."),
             "get-online-users-num": Command("Get Number of Online Users", (),
                                             self._online_num),
             "get-online-users-list": Command("Get List of Online Users", (
@@ -320,6 +327,22 @@ class AdminAdHoc(Module):
         return sorted({s.bare_str for s in self.server.sessions.all()
                        if s.jid.domain == domain})
 
+    async def _registered(self, domain: str) -> list[str]:
+        return [f"{user}@{domain}" for user in
+                sorted(await self.server.storage.accounts.list(domain))]
+
+    async def _registered_num(self, ctx: Context, values: Values) -> Stanza:
+        form = _form("result", "Number of Registered Users")
+        _field(form, "registeredusersnum", "text-single", "The number of registered users",
+               [str(len(await self._registered(ctx.domain)))])
+        return form
+
+    async def _registered_list(self, ctx: Context, values: Values) -> Stanza:
+        form = _form("result", "Registered Users")
+        _field(form, "registereduserjids", "jid-multi", "The list of all users",
+               _limited(await self._registered(ctx.domain), values))
+        return form
+
     async def _online_num(self, ctx: Context, values: Values) -> Stanza:
         form = _form("result", "Number of Online Users")
         _field(form, "onlineusersnum", "text-single", "The number of online users",
@@ -327,14 +350,9 @@ class AdminAdHoc(Module):
         return form
 
     async def _online_list(self, ctx: Context, values: Values) -> Stanza:
-        online = self._online(ctx.domain)
-        limit = (values.get("max_items") or ["none"])[0]
-        if limit not in _MAX_ITEMS:
-            raise StanzaError("bad-request", f"max_items must be one of {', '.join(_MAX_ITEMS)}")
-        if limit != "none":
-            online = online[:int(limit)]  # one of the fixed options above
         form = _form("result", "Online Users")
-        _field(form, "onlineuserjids", "jid-multi", "The list of all online users", online)
+        _field(form, "onlineuserjids", "jid-multi", "The list of all online users",
+               _limited(self._online(ctx.domain), values))
         return form
 
     async def _announce(self, ctx: Context, values: Values) -> Stanza:
@@ -411,6 +429,14 @@ def _values(form: Stanza) -> Values:
         if var:
             found[var] = [v.text or "" for v in field.iter(_VALUE)]
     return found
+
+
+def _limited(jids: list[str], values: Values) -> list[str]:
+    """XEP-0133 §4.18, §4.21: at most max_items of them (one of the form's options)."""
+    limit = (values.get("max_items") or ["none"])[0]
+    if limit not in _MAX_ITEMS:
+        raise StanzaError("bad-request", f"max_items must be one of {', '.join(_MAX_ITEMS)}")
+    return jids if limit == "none" else jids[:int(limit)]  # one of the fixed options
 
 
 def _one(values: Values, var: str) -> str:
