@@ -267,6 +267,12 @@ async def test_message_of_the_day_survives_a_restart(tmp_path: Path) -> None:
         message = await raw.next_of("message")
         assert message.findtext(f"{{{CLIENT}}}body") == "Welcome to a.test\nBe nice."
         root = await running.client("root@a.test", PASSWORD, plugins=PLUGINS)
+        shown: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        root.plugin["xep_0133"].edit_motd(session={
+            "next": lambda iq, s: shown.set_result(iq), "error": lambda iq, s: None})
+        form = (await asyncio.wait_for(shown, 10))["command"]["form"]
+        assert form.get_fields()["motd"]["value"] == ["Welcome to a.test", "Be nice."]
+        root.plugin["xep_0050"].sessions.clear()
         done = await run(root, "delete-motd")
         assert done["command"]["status"] == "completed"
         again = await running.raw_login("alice@a.test", resource="again")

@@ -88,6 +88,7 @@ class Command:
     fields: tuple[Field, ...]       # () : no input, completes at the first execute
     run: Run
     instructions: str = ""
+    current: Callable[[Context], Awaitable[Values]] | None = None  # the form's initial values
 
 
 class AdminAdHoc(Module):
@@ -138,7 +139,8 @@ class AdminAdHoc(Module):
             ), self._set_motd, "Set the message users see when they log in."),
             "edit-motd": Command("Edit Message of the Day", (
                 Field("motd", "text-multi", "Message of the Day", required=True),
-            ), self._set_motd, "Edit the message users see when they log in."),
+            ), self._set_motd, "Edit the message users see when they log in.",
+                self._current_motd),
             "delete-motd": Command("Delete Message of the Day", (), self._delete_motd),
         }
         # sessionid -> (node, requester, expires at): commands waiting for their form.
@@ -212,16 +214,14 @@ class AdminAdHoc(Module):
         if command.fields and (form is None or form.get("type") != "submit"):
             if sessionid is not None or action != "execute":
                 raise StanzaError("bad-request", "submit the command's form")
-            return self._ask(node, command, requester)
+            return await self._ask(node, command, self._context(stanza, requester))
         values = _values(form) if form is not None else {}
         for field in command.fields:
             # jid-multi fields are checked by _many (which takes the older singular name too).
             given = any(v.strip() for v in values.get(field.var, []))
             if field.required and field.type != "jid-multi" and not given:
                 raise StanzaError("bad-request", f"{field.var} is required")
-        to = stanza.get("to")
-        domain = JID.parse(to).domain if to else requester.domain
-        result = await command.run(Context(requester, domain), values)
+        result = await command.run(self._context(stanza, requester), values)
         if sessionid is not None:
             self._pending.pop(sessionid, None)
         log.info("event=admin-command jid=%s node=%s", requester, node)
@@ -229,7 +229,13 @@ class AdminAdHoc(Module):
         answer.append(result)
         return answer
 
-    def _ask(self, node: str, command: Command, requester: JID) -> Stanza:
+    def _context(self, stanza: Stanza, requester: JID) -> Context:
+        to = stanza.get("to")  # the domain the command went to; absent: the requester's
+        return Context(requester, JID.parse(to).domain if to else requester.domain)
+
+    async def _ask(self, node: str, command: Command, ctx: Context) -> Stanza:
+        requester = ctx.requester
+        current = await command.current(ctx) if command.current is not None else {}
         sessionid = secrets.token_hex(8)
         while len(self._pending) >= _MAX_SESSIONS:
             self._pending.pop(next(iter(self._pending)))
@@ -244,6 +250,8 @@ class AdminAdHoc(Module):
                                          "label": field.label})
             if field.required:
                 st.child(el, ns.q(ns.DATA_FORMS, "required"))
+            for value in current.get(field.var, []):
+                st.child(el, _VALUE, text=value)
             for option in field.options:
                 st.child(st.child(el, ns.q(ns.DATA_FORMS, "option"), {"label": option}),
                          _VALUE, text=option)
@@ -366,6 +374,11 @@ class AdminAdHoc(Module):
         await self.motd.set(ctx.domain, text)
         log.info("event=motd-set domain=%s by=%s", ctx.domain, ctx.requester)
         return _note("message of the day set")
+
+    async def _current_motd(self, ctx: Context) -> Values:
+        # XEP-0133 §4.25: the edit form shows the message as it is.
+        text = await self.motd.get(ctx.domain)
+        return {"motd": text.split("\n")} if text else {}
 
     async def _delete_motd(self, ctx: Context, values: Values) -> Stanza:
         existed = await self.motd.delete(ctx.domain)
