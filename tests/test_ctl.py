@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import pytest
 import slixmpp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -323,3 +325,56 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         notify.close()
+
+
+_AS_NOBODY = """
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    sock.connect(sys.argv[1])
+except OSError as exc:
+    print(type(exc).__name__)
+    raise SystemExit
+try:
+    sock.sendall(b'{"command": "status"}\\n')
+except BrokenPipeError:  # answered and closed before reading a request
+    pass
+print(sock.makefile().readline().strip())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists()
+                    or not Path("/usr/bin/python3").exists(),
+                    reason="needs root, setpriv and /usr/bin/python3 to act as another user")
+async def test_other_users_are_refused(tmp_path: Path) -> None:
+    """The socket is 0600; and were it opened up by mistake, the server still answers only
+    its own user (SO_PEERCRED)."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="presenced-ctl-"))
+    try:
+        base.chmod(0o755)
+        running = await start_server(base)
+        try:
+            (base / "data").chmod(0o755)
+            sock = running.data_dir / "presenced.sock"
+
+            async def as_nobody() -> str:
+                proc = await asyncio.create_subprocess_exec(
+                    "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                    "/usr/bin/python3", "-c", _AS_NOBODY, str(sock),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                out, err = await asyncio.wait_for(proc.communicate(), 30)
+                assert proc.returncode == 0, err
+                return out.decode().strip()
+
+            assert await as_nobody() == "PermissionError"
+            sock.chmod(0o666)
+            answer = await as_nobody()
+            assert '"ok": false' in answer and "not the server's user" in answer
+            code, out, _err = await ctl(running.config_path, "status")  # root still may
+            assert code == 0 and "sessions: 0" in out
+        finally:
+            await stop_server(running)
+    finally:
+        shutil.rmtree(base)
