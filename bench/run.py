@@ -40,9 +40,10 @@ from bench.peers import (
 
 SERVERS = ("presenced", "prosody", "ejabberd")
 # Only when asked for (--servers, --storage): presenced on a private PostgreSQL cluster.
-OPTIONAL_SERVERS = ("presenced-pg",)
+# presenced-limits: presenced with every [limits] accounting on (the cost of the limits).
+OPTIONAL_SERVERS = ("presenced-pg", "presenced-limits")
 ADDRESSES = {"presenced": "127.0.0.20", "prosody": "127.0.0.21", "ejabberd": "127.0.0.22",
-             "presenced-pg": "127.0.0.23"}
+             "presenced-pg": "127.0.0.23", "presenced-limits": "127.0.0.24"}
 SCENARIOS = ("memory", "logins", "messages", "latency", "presence")
 # Only when asked for: messages to users who are offline (each one stored).
 OPTIONAL_SCENARIOS = ("offline",)
@@ -334,6 +335,13 @@ RUNNERS: dict[str, Callable[[Params, Peer, Fleet, loadgen.Target, dict[str, Any]
 
 
 NO_ARCHIVE = '[mam]\ndefault = "never"\n'
+# Loopback is not trusted, so every read and stanza goes through its buckets and every
+# connection and login through the per-address counts; the limits are high enough never to
+# bite (the load comes from one address): what is measured is their accounting.
+LIMITS_ON = ("[limits]\ntrusted = []\nmax_connections_per_ip = 1000000\n"
+             "max_unauthenticated_per_ip = 1000000\nc2s_read_rate = 1000000000\n"
+             "c2s_read_burst = 1000000000\nstanza_rate = 1000000000\n"
+             "stanza_burst = 1000000000\nauth_failures_free = 1000000\n")
 
 
 def make_peer(kind: str, host: str, port: int = 5222) -> Peer:
@@ -345,9 +353,10 @@ def make_peer(kind: str, host: str, port: int = 5222) -> Peer:
     # Like with like: Prosody and ejabberd run here without a message archive, so presenced
     # does too (its default archives every message); bench/mam_messages.py compares all three
     # with archiving on.
-    if kind == "presenced":
+    if kind in ("presenced", "presenced-limits"):
         return PresencedPeer(host=host, c2s_port=port, domains=(DOMAIN,),
-                             extra_config=NO_ARCHIVE)
+                             extra_config=NO_ARCHIVE + (LIMITS_ON if kind.endswith("limits")
+                                                        else ""))
     if kind == "presenced-pg":
         from bench.pg import PostgresPresencedPeer
 
@@ -536,6 +545,9 @@ def describe(p: Params) -> str:
         *(["presenced-pg: presenced with [storage] on a private PostgreSQL cluster (fsync off, "
            "as SQLite's synchronous=NORMAL); its server CPU includes PostgreSQL's processes"]
           if "presenced-pg" in p.servers else []),
+        *(["presenced-limits: presenced with loopback not trusted, so every [limits] count and "
+           "bucket is in use, at rates that never bite (their cost, not their effect)"]
+          if "presenced-limits" in p.servers else []),
     ])
 
 

@@ -31,6 +31,10 @@ class InboundStream(S2SStream):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.federation.inbound.add(self)
+        limiter = self.federation.context.limiter
+        if limiter is not None:
+            self._shaper = limiter.stream_shaper("s2s", transport.get_extra_info("peername"),
+                                                 self._loop.time())
 
     def _certificate_valid(self, domain: str) -> bool:
         verdict = self._verdicts.get(domain)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from server.config import Address, S2SConfig, TLSConfig
     from server.hooks import Hooks
+    from server.limits import Limiter
     from server.router import Router
     from server.sessions import Session
 
@@ -57,6 +58,7 @@ class FederationContext:
     tls: TLSConfig
     listen: tuple[tuple[str, tuple[Address, ...]], ...]  # ("s2s" | "s2s_tls", addresses)
     new_parser: Callable[[], StreamParser]
+    limiter: Limiter | None = None       # the read rate of inbound streams ([limits])
 
 
 class Federation:

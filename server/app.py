@@ -16,6 +16,7 @@ from federation.service import Federation, FederationContext
 from server import ctl
 from server.hooks import Hooks
 from server.jid import JID
+from server.limits import Limiter
 from server.module import Module
 from server.modules import MODULES, module_class
 from server.router import Router
@@ -50,6 +51,7 @@ class Server:
         self.placeholder_jid = JID.from_parts(None, self.default_domain)
         self.hooks = Hooks()
         self.sessions = SessionManager(config.limits.max_sessions_per_user)
+        self.limiter = Limiter(config.limits)  # per-address counts and read rates
         self.router = Router(self.hosts, self.sessions, self.hooks)
         self.modules: dict[str, Module] = {}
         self.nonza_handlers: dict[str, Callable[..., Any]] = {}
@@ -138,12 +140,13 @@ class Server:
                 domains=frozenset(self.config.local_domains),
                 default_domain=self.default_domain, s2s=self.config.s2s, tls=self.config.tls,
                 listen=(("s2s", self.config.listen.s2s), ("s2s_tls", self.config.listen.s2s_tls)),
-                new_parser=self.new_parser))
+                new_parser=self.new_parser, limiter=self.limiter))
             await self.federation.start()
             self.components = Components(
                 loop=self.loop, router=self.router, settings=self.config.components,
                 addresses=self.config.listen.component, new_parser=self.new_parser,
-                add_service=self.add_service, parent_of=self._parent_domain)
+                add_service=self.add_service, parent_of=self._parent_domain,
+                limiter=self.limiter)
             await self.components.start()
         except BaseException:
             if self.components is not None:

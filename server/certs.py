@@ -131,6 +131,14 @@ def ensure_certificate(config: Config) -> None:
                 tls.certificate, tls.key, ",".join(domains))
 
 
+def names_in_file(path: Path) -> list[str] | None:
+    """The names of the first certificate in a PEM file; None when it cannot be read."""
+    try:
+        return certificate_names(x509.load_pem_x509_certificate(path.read_bytes()))
+    except (OSError, ValueError):
+        return None
+
+
 def certificate_names(cert: x509.Certificate) -> list[str]:
     """The names a certificate is for: DNS-IDs and XmppAddrs; the CN only when there is no
     subjectAltName (RFC 6125 §6.4.4)."""

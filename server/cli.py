@@ -21,10 +21,17 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import precis_i18n
 
-from server.certs import check_certificate, ensure_certificate, generate_self_signed
+from server.certs import (
+    check_certificate,
+    covers,
+    ensure_certificate,
+    generate_self_signed,
+    names_in_file,
+)
 from server.config import Address, Config, ConfigErrors, load_config, where
 from server.jid import JID, InvalidJID, normalize_domain
 from server.storage import StorageError, all_store_specs, open_storage
@@ -137,9 +144,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ensure_certificate(config)
     if args.config is None:
         print(f"presenced: no --config: serving {', '.join(config.domains)} with the built-in "
-              f"defaults, data in {config.data_dir}\n"
+              f"defaults, data in {config.data_dir.absolute()}\n"
               f"presenced: add a user with: presenced adduser user@{config.domains[0]}",
               file=sys.stderr)
+    _log_data(config, args.config)
     import server.app
 
     loop_factory = None
@@ -153,6 +161,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return runner.run(server.app.serve(config))
 
 
+def _database(config: Config) -> str:
+    """Where the accounts are, for messages: the SQLite file or the PostgreSQL database."""
+    storage = config.storage
+    if storage.backend == "sqlite":
+        return str(storage.path.absolute())
+    return f"postgresql {(storage.dsn or '').rpartition('@')[2]}"  # no user or password
+
+
+def _log_data(config: Config, config_file: Path | None) -> None:
+    """At start, where the data is and how many accounts it has (issue 19: a config file
+    elsewhere than the one adduser used means another, empty, database)."""
+    log = logging.getLogger("presenced")
+    try:
+        count = _with_storage(config, lambda s: _count_accounts(s, config.domains))
+    except Exception as exc:  # the server's own start reports storage problems
+        log.warning("event=accounts-uncounted reason=%s", str(exc) or type(exc).__name__)
+        return
+    log.info("event=data data_dir=%s database=%s accounts=%d", config.data_dir.absolute(),
+             _database(config), count)
+    if count == 0:
+        where_from = f" --config {config_file}" if config_file is not None else ""
+        log.warning("event=no-accounts hint=%s", f'"presenced adduser '
+                    f'user@{config.domains[0]}{where_from}"')
+
+
+async def _count_accounts(storage: Storage, domains: Sequence[str]) -> int:
+    return sum([len(await storage.accounts.list(domain)) for domain in domains])
+
+
 def cmd_adduser(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     user, domain = _account(args.jid, config)
@@ -162,7 +199,7 @@ def cmd_adduser(args: argparse.Namespace) -> int:
     except AccountExists:
         raise CLIError(f"{user}@{domain} already exists (change its password with "
                        f"presenced passwd)") from None
-    print(f"added {user}@{domain}")
+    print(f"added {user}@{domain} to {_database(config)}")
     return 0
 
 
@@ -237,6 +274,32 @@ def _database_problem(config: Config) -> tuple[str, str] | None:
     return None if problem is None else ("storage.dsn", problem)
 
 
+def _external_url_problem(config: Config) -> str | None:
+    """[http] external_url names the host clients fetch uploads and find WebSocket/BOSH at:
+    served by our HTTPS listener, the certificate must cover it, or every client refuses it
+    (behind a proxy, the proxy's certificate is the one that counts: not checked)."""
+    http = config.modules.get("http")
+    url = getattr(http, "external_url", None)
+    if url is None or not config.listen.https:
+        return None
+    parsed = urlsplit(str(url))
+    host = parsed.hostname
+    if parsed.scheme != "https" or not host:
+        return None
+    tls = config.tls
+    chosen = tls.domain_certificates.get(host)
+    certificate = chosen[0] if chosen else tls.certificate
+    names = names_in_file(certificate)
+    if names is None:
+        if not tls.generated:
+            return None  # the certificate's own problem is reported with [tls]
+        names = list(config.local_domains)  # what the generated one will name
+    if covers(names, host):
+        return None
+    return (f"{url}: the certificate ({certificate}) does not name {host} (it names "
+            f"{', '.join(names)}): clients will refuse uploads and web connections there")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -260,6 +323,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         for p in check_certificate(chain, private_key, [domain]):
             found.append((p.severity, where(config, "tls.domain_certificates"),
                           f"{domain}: {p.message}"))
+    external = _external_url_problem(config)
+    if external:
+        found.append(("warning", where(config, "http.external_url"), external))
     if tls.ca_file is not None and not os.access(tls.ca_file, os.R_OK):
         found.append(("error", where(config, "tls.ca_file"), f"cannot read {tls.ca_file}"))
     directories = [("data_dir", config.data_dir)]
@@ -462,6 +528,21 @@ def cmd_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_invite_create(args: argparse.Namespace) -> int:
+    from server.modules.invites import create_for_cli, parse_duration
+
+    config = load_config(args.config)
+    try:
+        lifetime = parse_duration(args.expires)
+        _invitation, lines = asyncio.run(create_for_cli(
+            config, inviter=args.inviter, domain=args.domain, admin=args.admin,
+            contact=not args.no_contact, uses=args.uses, lifetime=lifetime, group=args.group))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print("\n".join(lines))
+    return 0
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
@@ -470,6 +551,12 @@ def _days(text: str) -> int:
         return parse_int(text, minimum=1, maximum=1_000_000, name="days")
     except NumberError:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000000:
+        raise argparse.ArgumentTypeError(f"not a number from 1 to 1000000: {text!r}")
+    return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -527,6 +614,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="the configuration whose [storage] is filled (must be empty)")
     copy.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help=argparse.SUPPRESS)
+    invite = sub.add_parser("invite", help="invitations (XEP-0401): a link to a page that "
+                            "registers an account", description="invitations (XEP-0401)")
+    invite_sub = invite.add_subparsers(dest="invite_command", required=True, metavar="COMMAND")
+    create = invite_sub.add_parser(
+        "create", parents=[common], help="make an invitation and print its link and xmpp: URI",
+        description="make an invitation; prints the page's link, the xmpp: URI and what it "
+                    "allows. The new account and the inviter become contacts (XEP-0379).")
+    create.set_defaults(run=cmd_invite_create)
+    create.add_argument("--from", dest="inviter", metavar="JID",
+                        help="the inviting account (default: the first of `admins` on the "
+                             "domain)")
+    create.add_argument("--admin", action="store_true",
+                        help="from the domain's admin (the first account of `admins`)")
+    create.add_argument("--no-contact", action="store_true",
+                        help="from nobody: the new account gets no contact")
+    create.add_argument("--domain", metavar="DOMAIN", help="default: the first domain")
+    create.add_argument("--uses", type=_count, default=1, metavar="N",
+                        help="how many accounts it may make (default 1)")
+    create.add_argument("--expires", default="7d", metavar="TIME",
+                        help="valid for this long: 7d, 12h, 30m, 2w (default 7d)")
+    create.add_argument("--group", metavar="G",
+                        help="the roster group inviter and new account put each other in")
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
     cert.add_argument("domains", nargs="+", metavar="DOMAIN",

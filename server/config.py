@@ -95,6 +95,9 @@ class _Invalid(Exception):
     """A value is not what its option expects; the optional text says what is wrong with it."""
 
 
+Invalid = _Invalid  # the public name modules raise from their own option parsers
+
+
 @dataclass
 class _Context:
     base_dir: Path  # the config file's directory, or cwd without a file
@@ -350,6 +353,19 @@ class StorageConfig:
 
 
 _SECONDS = "a number of seconds > 0"
+_COUNT = "an integer >= 0"
+_NETWORKS = 'a list of networks such as "127.0.0.1/32"'
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(value: Any, _ctx: _Context) -> tuple[Network, ...]:
+    """A list of IP networks ("10.0.0.0/8", "::1"; host bits may be set)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -360,6 +376,23 @@ class LimitsConfig:
     negotiation_timeout: float = field(metadata=option(_SECONDS, _seconds, 30.0))
     idle_timeout: float = field(metadata=option(_SECONDS, _seconds, 300.0))
     max_sessions_per_user: int = field(metadata=option("an integer >= 1", _int(1), 16))
+    # Shaping and per-address limits (server/limits.py); 0 turns one off.
+    trusted: tuple[Network, ...] = field(
+        metadata=option(_NETWORKS, networks, ["127.0.0.0/8", "::1/128"]))
+    max_connections_per_ip: int = field(metadata=option(_COUNT, _int(0), 10))
+    max_unauthenticated_per_ip: int = field(metadata=option(_COUNT, _int(0), 5))
+    c2s_read_rate: int = field(metadata=option(_COUNT, _int(0), 10240))
+    c2s_read_burst: int = field(metadata=option(_COUNT, _int(0), 65536))
+    s2s_read_rate: int = field(metadata=option(_COUNT, _int(0), 102400))
+    s2s_read_burst: int = field(metadata=option(_COUNT, _int(0), 524288))
+    component_read_rate: int = field(metadata=option(_COUNT, _int(0), 0))
+    component_read_burst: int = field(metadata=option(_COUNT, _int(0), 524288))
+    stanza_rate: int = field(metadata=option(_COUNT, _int(0), 20))
+    stanza_burst: int = field(metadata=option(_COUNT, _int(0), 100))
+    auth_failures_free: int = field(metadata=option(_COUNT, _int(0), 3))
+    auth_delay: float = field(metadata=option(_SECONDS, _seconds, 1.0))
+    auth_max_delay: float = field(metadata=option(_SECONDS, _seconds, 300.0))
+    auth_forget: float = field(metadata=option(_SECONDS, _seconds, 3600.0))
 
 
 _BOOL = "true or false"

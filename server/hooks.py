@@ -9,7 +9,10 @@ host), filter/user (every stanza addressed to a user, local or remote, before de
 origin, to; each filter once, an awaitable of None lets it pass; a filter marked with
 `stanza_kinds` is skipped for the other kinds), message/offline,
 message/delivered (stanza, account, sessions: carbons, push), presence/outgoing,
-presence/fetched, presence/available, presence/unavailable.
+presence/fetched, presence/available, presence/unavailable, archive/sent-id (stanza, sender
+bare JID, its id in the sender's archive: MAM to carbons, for the <sent/> copy),
+message/copied-to (stanza, session: the sessions that had a carbon copy of a message
+delivered to that session; stream management asks before handing an unacked one on).
 Sessions: session-bound, session-closed (session, reason), session-detached (the stream is
 gone; True keeps the session bound for a resumption, XEP-0198), durability-barrier (session:
 awaitables of writes still to commit, awaited before an XEP-0198 <a/>), auth-failed.
@@ -24,6 +27,10 @@ Ad-hoc commands: adhoc/execute (iq, command element, requester bare JID: an awai
 <command/> answer) for a node adhoc.py does not have itself (admin_adhoc.py, XEP-0133).
 Lifecycle: server-started, server-stopping, tls-reloaded (TLSConfig: new connections get these
 certificates; fired by Server.reload_tls, see server/ctl.py).
+Registration (register.py, invites.py): c2s/pre-auth-features (stream: elements for the
+features before SASL), c2s/pre-auth-iq (stream, iq: XEP-0077/XEP-0445 before SASL; a reply or
+an awaitable of one), account-registered (jid, invitation or None), disco/server-info
+(query, stanza, origin: XEP-0128 forms in the server's disco#info, e.g. XEP-0157).
 """
 
 from __future__ import annotations

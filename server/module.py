@@ -17,7 +17,8 @@ Declarations (class attributes): ``name``; ``features`` (XEP-0030 disco features
 domains); ``settings`` (a config section dataclass, read from the table ``[name]``);
 ``stores`` (StoreSpecs whose stores the module needs, see server/storage); ``session_slots``
 are SessionSlot class attributes (per-session state). Decorated methods: ``iq_get``/``iq_set``
-(dispatched by type, namespace and element name), ``hook`` (events, see server/hooks.py),
+(dispatched by type, namespace and element name; ``to="service"`` or ``"service-bare"`` on
+a service host, see server/services.py), ``hook`` (events, see server/hooks.py),
 ``stream_feature`` (post-bind c2s stream features), ``nonza`` (top-level elements of a bound
 c2s stream that are not stanzas, e.g. stream management's <r/>) and ``pre_bind`` (elements a
 client sends instead of binding a resource, e.g. <resume/>). ``start``/``stop`` run when the
@@ -46,6 +47,10 @@ Handler = Callable[..., "_Element | Awaitable[_Element | None] | None"]
 # Who an iq is addressed to: the server's domain, an account's bare JID (the sender's own, or
 # another's), or absent `to` from a client (RFC 6120 §10.3.3: handled for the sender's account).
 TARGETS = ("host", "self", "bare")
+# On a service host (server/services.py: muc.<domain>, ...): the service's own domain, or a
+# bare JID at it (a room, a node). The service dispatches these itself; handlers get
+# (stanza, origin, to).
+SERVICE_TARGETS = ("service", "service-bare")
 T = TypeVar("T")
 
 
@@ -76,10 +81,11 @@ def _declare(route: object) -> Callable[[Callable[..., Any]], Callable[..., Any]
 
 def iq(type_: str, xmlns: str, name: str,
        to: Iterable[str] = ("host",)) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """An iq handler for <name xmlns=xmlns/> payloads of iqs of this type to these targets."""
-    targets = tuple(to)
+    """An iq handler for <name xmlns=xmlns/> payloads of iqs of this type to these targets
+    (one target may be given as a string)."""
+    targets = (to,) if isinstance(to, str) else tuple(to)
     for target in targets:
-        if target not in TARGETS:
+        if target not in TARGETS and target not in SERVICE_TARGETS:
             raise ValueError(f"unknown iq target {target!r}")
     if type_ not in ("get", "set"):
         raise ValueError("iq handlers answer get or set")
@@ -182,7 +188,21 @@ class Module:
     # -- what the server reads off an instance ----------------------------------------------
 
     def iq_handlers(self) -> list[tuple[IqRoute, Handler]]:
-        return [(r, fn) for r, fn in self._declared() if isinstance(r, IqRoute)]
+        """The iq handlers of the user domains (the router's)."""
+        return self._iq_routes(TARGETS)
+
+    def service_iq_handlers(self) -> list[tuple[IqRoute, Handler]]:
+        """The iq handlers of a service host (SERVICE_TARGETS; see server/services.py)."""
+        return self._iq_routes(SERVICE_TARGETS)
+
+    def _iq_routes(self, kinds: tuple[str, ...]) -> list[tuple[IqRoute, Handler]]:
+        found = []
+        for r, fn in self._declared():
+            if isinstance(r, IqRoute):
+                targets = tuple(t for t in r.targets if t in kinds)
+                if targets:
+                    found.append((IqRoute(r.type, r.xmlns, r.name, targets), fn))
+        return found
 
     def hook_handlers(self) -> list[tuple[HookRoute, Callable[..., Any]]]:
         return [(r, fn) for r, fn in self._declared() if isinstance(r, HookRoute)]

@@ -18,6 +18,7 @@ from tests.rawclient import CLIENT
 ADMIN = "http://jabber.org/protocol/admin"
 CMD = "http://jabber.org/protocol/commands"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NODE_CREATE = "urn:xmpp:invite#create-account"
 PLUGINS = ("xep_0030", "xep_0004", "xep_0050", "xep_0133")
 
 
@@ -279,3 +280,60 @@ async def test_message_of_the_day_survives_a_restart(tmp_path: Path) -> None:
         await no_message_at_login(again, "a.test")
     finally:
         await stop_server(running)
+
+
+async def test_admin_creates_an_invitation(admin_server: RunningServer) -> None:
+    """XEP-0401 §3.2 urn:xmpp:invite#create-account: the link and xmpp: URI, a token that
+    registers over XEP-0077 (pars), and the new account and the admin are contacts."""
+    from tests.test_register import NEW, condition, preauth_iq, register_iq, unauthenticated
+
+    server = admin_server
+    root = await server.client("root@a.test", plugins=PLUGINS)
+    items = await asyncio.wait_for(root.plugin["xep_0050"].get_commands("a.test"), 5)
+    assert NODE_CREATE in [i[1] for i in items["disco_items"]["items"]]
+    loop = asyncio.get_running_loop()
+    asked: asyncio.Future[Any] = loop.create_future()
+    session: dict[str, Any] = {"next": lambda iq, s: asked.set_result(iq),
+                               "error": lambda iq, s: asked.set_exception(CommandError(iq))}
+    root.plugin["xep_0050"].start_command("a.test", NODE_CREATE, session)
+    form = (await asyncio.wait_for(asked, 10))["command"]["form"]
+    assert all(f["label"] for f in form.get_fields().values() if f["type"] != "hidden")
+    submit = root.plugin["xep_0004"].make_form(ftype="submit")
+    for var, value in (("uses", "2"), ("expires", "1d"), ("group", "Friends")):
+        submit.add_field(var=var, value=value)
+    done: asyncio.Future[Any] = loop.create_future()
+    session.update(payload=submit, next=lambda iq, s: done.set_result(iq),
+                   error=lambda iq, s: done.set_exception(CommandError(iq)))
+    root.plugin["xep_0050"].complete_command(session)
+    result = (await asyncio.wait_for(done, 10))["command"]["form"].get_fields()
+    uri = result["uri"]["value"]
+    assert uri.startswith("xmpp:root@a.test?roster;preauth=")
+    token = uri.split("preauth=")[1].split(";")[0]
+    assert result["landing-url"]["value"].endswith(f"/invite/{token}")
+    invitation = await server.server.storage.invites.get(token)  # type: ignore[attr-defined]
+    assert (invitation.inviter, invitation.uses_left, invitation.group) == ("root", 2, "Friends")
+    assert 86000 < invitation.expires - invitation.created <= 86400
+
+    client, _features = await unauthenticated(server)
+    assert condition(await client.ask(preauth_iq(token))) is None
+    reply = await client.ask(register_iq("juliet", NEW))
+    assert reply.get("type") == "result"
+    await client.close()
+    _v, roster = await server.server.storage.rosters.load("root", "a.test")
+    assert [(i.contact, i.subscription) for i in roster] == [("juliet@a.test", "both")]
+
+    # Bad input, and non-admins (XEP-0401 §3.2 is for admins).
+    raw = await server.raw_login("root@a.test", resource="raw")
+    for fields in ("<field var='uses'><value>0</value></field>",
+                   "<field var='uses'><value>1e3</value></field>",
+                   "<field var='expires'><value>soon</value></field>"):
+        reply = await raw.ask(
+            f"<iq type='set' id='i' to='a.test'><command xmlns='{CMD}' node='{NODE_CREATE}' "
+            f"action='complete'><x xmlns='jabber:x:data' type='submit'>{fields}</x></command>"
+            "</iq>", skip_others=True)
+        assert reply.find(f"{{{CLIENT}}}error/{{{STANZAS}}}bad-request") is not None, fields
+    alice = await server.raw_login("alice@a.test")
+    reply = await alice.ask(
+        f"<iq type='set' id='i' to='a.test'><command xmlns='{CMD}' node='{NODE_CREATE}' "
+        "action='execute'/></iq>")
+    assert reply.find(f"{{{CLIENT}}}error/{{{STANZAS}}}forbidden") is not None

@@ -15,7 +15,7 @@ import pytest
 from lxml import etree
 
 from server.jid import JID
-from tests.conftest import PASSWORD, RunningServer, on_ci
+from tests.conftest import PASSWORD, RunningServer, on_ci, stop_server
 from tests.rawclient import CLIENT, RawClient, condition
 
 MESSAGE = f"{{{CLIENT}}}message"
@@ -344,3 +344,51 @@ async def test_roster_set_and_remove_answered_before_the_push(server: RunningSer
     other = await phone.next()
     item = other.find(f"{{{ROSTER}}}query/{{{ROSTER}}}item")
     assert item is not None and item.get("subscription") == "remove"
+
+
+# -- issue 19 item 5: every form the server sends has labels -------------------------------------
+
+XDATA = "jabber:x:data"
+
+
+def unlabelled(form: etree._Element) -> list[str]:
+    """XEP-0004 §3.2: the fields a client shows (all but hidden and fixed) and the options of
+    list fields need a label (profanity shows `[field3] (null)` otherwise)."""
+    missing = []
+    fields = [*form.iterfind(f"{{{XDATA}}}field"),
+              *form.iterfind(f"{{{XDATA}}}reported/{{{XDATA}}}field")]
+    assert fields, etree.tostring(form)
+    for field in fields:
+        if field.get("type") in ("hidden", "fixed"):
+            continue
+        if not (field.get("label") or "").strip():
+            missing.append(field.get("var") or "?")
+        for option in field.iterfind(f"{{{XDATA}}}option"):
+            if not (option.get("label") or "").strip():
+                missing.append(f"{field.get('var')}/{option.findtext(f'{{{XDATA}}}value')}")
+    return missing
+
+
+async def test_forms_outside_rooms_and_pubsub_have_labels(tmp_path: Any) -> None:
+    from tests.test_http import start_web
+    running = await start_web(tmp_path, "[upload]\n")
+    try:
+        await running.add_user("alice@a.test")
+        alice = await running.raw_login("alice@a.test")
+        forms = {}
+        for xmlns in ("urn:xmpp:mam:2", "urn:xmpp:mam:1"):  # XEP-0313 §4.1.1
+            reply = await alice.ask(f"<iq type='get' id='f'><query xmlns='{xmlns}'/></iq>")
+            forms[xmlns] = reply.find(f"{{{xmlns}}}query/{{{XDATA}}}x")
+        reply = await alice.ask(  # XEP-0050: the ad-hoc command's result
+            "<iq type='set' id='c' to='a.test'><command xmlns='http://jabber.org/protocol/"
+            "commands' node='watchers' action='execute'/></iq>")
+        forms["adhoc"] = reply.find(f"{{http://jabber.org/protocol/commands}}command/{{{XDATA}}}x")
+        reply = await alice.ask(  # XEP-0363 §3: the size limit in disco#info
+            "<iq type='get' id='d' to='upload.a.test'><query "
+            "xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        forms["upload"] = reply.find(f"{{http://jabber.org/protocol/disco#info}}query/{{{XDATA}}}x")
+        for name, form in forms.items():
+            assert form is not None, name
+            assert unlabelled(form) == [], (name, etree.tostring(form))
+    finally:
+        await stop_server(running)

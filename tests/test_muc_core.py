@@ -311,14 +311,18 @@ async def test_blocked_room_and_occupant(tmp_path: Path) -> None:
 
 # -- persistent rooms survive kill -9, on both backends --------------------------------------------
 
+def storage_table(backend: str, request: pytest.FixtureRequest) -> str:
+    """The [storage] table of a `presenced serve` config for this backend ("" for SQLite)."""
+    if backend != "postgresql":
+        return ""
+    dsn = request.getfixturevalue("pg_dsn")
+    return f'[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_persistent_room_survives_kill_9(tmp_path: Path, backend: str,
                                                request: pytest.FixtureRequest) -> None:
-    storage = ""
-    if backend == "postgresql":
-        dsn = request.getfixturevalue("pg_dsn")
-        storage = f'[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
-    config, port = configure(tmp_path, ("alice", "bob"), storage)
+    config, port = configure(tmp_path, ("alice", "bob"), storage_table(backend, request))
     proc = start(config, tmp_path)
     try:
         alice = await login(port, "alice", "pc")

@@ -1207,3 +1207,41 @@ async def test_pubsub_service_nodes(config: StorageConfig) -> None:
         assert await store.items("", "pubsub.a.test", "news") == []
     finally:
         await opened.close()
+
+
+# -- invitations (server/storage/invites.py, XEP-0401), on every backend ------------------------
+
+
+async def test_invitations(config: StorageConfig) -> None:
+    from server.storage import invites
+    from server.storage.invites import Invitation
+    opened = await open_storage(config, (*CORE_STORES, invites.SPEC))
+    try:
+        store = opened.invites  # type: ignore[attr-defined]
+        await opened.accounts.create("alice", "a.test", credentials(1))
+        mine = Invitation("tok-alice", "a.test", "alice", 2, 100, 1000, "Friends")
+        nobodys = Invitation("tok-none", "a.test", None, 1, 101, 1000)
+        await store.create(mine)
+        await store.create(nobodys)
+        assert await store.get("tok-alice") == mine
+        assert await store.get("nope") is None
+        assert await store.list("a.test") == [mine, nobodys]
+        with pytest.raises(NoSuchAccount):
+            await store.create(Invitation("tok-ghost", "a.test", "ghost", 1, 1, 1000))
+        # Uses run out; another domain, or an expired one, is never consumed.
+        assert await store.consume("tok-alice", "b.test", 500) is None
+        assert await store.consume("tok-alice", "a.test", 500) == mine
+        assert await store.consume("tok-alice", "a.test", 1000) is None  # expired
+        assert await store.consume("tok-alice", "a.test", 500) is not None
+        assert await store.consume("tok-alice", "a.test", 500) is None
+        await store.refund("tok-alice")
+        assert (await store.get("tok-alice")).uses_left == 1
+        assert await store.purge(500) == 0
+        assert await store.purge(1000) == 2
+        await store.create(mine)
+        await opened.accounts.delete("alice", "a.test")  # goes with its inviter
+        assert await store.get("tok-alice") is None
+        await store.create(nobodys)
+        assert await store.delete("tok-none") and not await store.delete("tok-none")
+    finally:
+        await opened.close()

@@ -90,6 +90,8 @@ class _Transport:
         self._session = session
         self._peer = peer
         self.closed = False
+        self.reading = asyncio.Event()  # cleared while [limits] shaping pauses the session
+        self.reading.set()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._peer if name == "peername" else default
@@ -104,20 +106,23 @@ class _Transport:
         return 0
 
     def pause_reading(self) -> None:
-        pass
+        self.reading.clear()
 
     def resume_reading(self) -> None:
-        pass
+        self.reading.set()
 
     def close(self) -> None:
+        self.reading.set()
         self._session.finish()
 
     def abort(self) -> None:
+        self.reading.set()
         self._session.finish()
 
 
 class BoshSession(C2SConnection):
     kind = "bosh"
+    split_reads = False  # shaping: a request's body is read whole, the next one waits
     __slots__ = ("_answered", "_bosh", "_held", "_inactivity", "_next_rid", "_order",
                  "_pending", "_pending_size", "_terminated", "_timer", "_wakeup", "authid",
                  "hold", "requests", "sid", "wait")
@@ -257,6 +262,9 @@ class BoshSession(C2SConnection):
                 if not future.done():
                     future.set_result(_body(b""))
             self._held.clear()
+        transport = self._transport
+        if isinstance(transport, _Transport) and not transport.reading.is_set():
+            await transport.reading.wait()  # [limits]: over its read rate, this body waits
         if body.get(_RESTART) == "true":
             self.open_stream(body)
         else:

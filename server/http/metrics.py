@@ -4,7 +4,9 @@
 Read at scrape time: sessions (bound resources), client streams by transport (c2s,
 websocket), s2s streams by direction. Counted as they happen: stanzas routed by kind (a
 counting wrapper around Router.route: one dict increment per stanza), authentication
-failures (the "auth-failed" hook event). Sampled: event-loop lag (a 0.5 s sleep that
+failures (the "auth-failed" hook event); what the limits did (server/limits.py: refused
+connections, paused streams, refused and delayed authentications, addresses in their
+authentication delay and limited addresses connected). Sampled: event-loop lag (a 0.5 s sleep that
 overshoots) and storage latency (one primary-key read every 10 s), each the last value and the
 largest since the previous scrape. Plus the process's CPU, memory and file descriptors.
 """
@@ -138,6 +140,7 @@ class _Collector:
         yield stanzas
         yield CounterMetricFamily("presenced_auth_failures", "Failed SASL authentications",
                                   value=metrics.auth_failures)
+        yield from _limits(server)
         lag = GaugeMetricFamily("presenced_event_loop_lag_seconds",
                                 "Event-loop lag: last sample and largest since the last scrape",
                                 labels=["stat"])
@@ -153,3 +156,35 @@ class _Collector:
             storage.add_metric(["max"], metrics.storage_latency_max)
             metrics.storage_latency_max = metrics.storage_latency
         yield storage
+
+
+def _limits(server: Server) -> Iterator[Any]:
+    limiter = server.limiter
+    refused = CounterMetricFamily("presenced_limit_refused_connections",
+                                  "Client connections refused by a per-address limit",
+                                  labels=["reason"])
+    for reason in ("connections-per-ip", "unauthenticated-per-ip"):
+        refused.add_metric([reason], limiter.refused.get(reason, 0))
+    yield refused
+    pauses = CounterMetricFamily("presenced_limit_read_pauses",
+                                 "Streams paused because their read rate was used up",
+                                 labels=["kind"])
+    for kind in sorted({"c2s", "websocket", "bosh", "s2s-in", "component",
+                        *limiter.read_pauses}):
+        pauses.add_metric([kind], limiter.read_pauses.get(kind, 0))
+    yield pauses
+    yield CounterMetricFamily("presenced_limit_stanza_pauses",
+                              "Client sessions paused because their stanza rate was used up",
+                              value=limiter.stanza_pauses)
+    yield CounterMetricFamily("presenced_limit_auth_refused",
+                              "Authentications answered temporary-auth-failure unheard (the "
+                              "address is in its delay)", value=limiter.auth_refused)
+    yield CounterMetricFamily("presenced_limit_auth_delayed",
+                              "Failed authentications answered late", value=limiter.auth_delayed)
+    now = server.loop.time()
+    yield GaugeMetricFamily("presenced_limit_blocked_addresses",
+                            "Addresses in their authentication delay now",
+                            value=limiter.auth_by_address.blocked(now))
+    yield GaugeMetricFamily("presenced_limit_limited_addresses",
+                            "Addresses (not trusted) with client connections open now",
+                            value=len(limiter.connections))

@@ -57,6 +57,7 @@ _FRAMING_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_
 
 class WebSocketConnection(C2SConnection):
     kind = "websocket"
+    split_reads = False  # shaping: a message is one element, read whole; the next one waits
     __slots__ = ("_elements", "_opened_parser")
 
     def __init__(self, server: Server) -> None:

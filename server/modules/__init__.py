@@ -39,13 +39,16 @@ MODULES: list[str] = [
     "watchers",
     "visibility",
     "adhoc",
+    "register",
     "admin_adhoc",
     "echo",
     "muc",
     "http",
     "upload",
+    "invites",
     "external_services",
     "proxy65",
+    "contact_info",
 ]
 
 

@@ -20,7 +20,9 @@ in the first request completes at once. Everyone else gets <forbidden/> and does
 commands in disco#items (XEP-0050 §2.2: the responder decides what a requester may see).
 
 The message of the day is stored per domain (server/storage/motd.py), so it survives restarts.
-The XEP-0401 "create invitation" command is not here yet: it needs server/modules/invites.py.
+  urn:xmpp:invite#create-account  uses, expires, group: an invitation (XEP-0401 §3.2) whose
+                        new accounts and the admin become contacts (XEP-0379); offered when
+                        server/modules/invites.py is loaded.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ from server import ctl
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Module, SessionSlot, Stanza, hook
+from server.modules.invites import Invites, new_invitation, parse_duration
 from server.sessions import Session
+from server.storage import invites as invite_store
 from server.storage.base import AccountExists, NoSuchAccount
 from server.storage.motd import SPEC as MOTD_SPEC
 from server.storage.motd import MotdStore
 from server.stream.scram import derive_credentials
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.app import Server
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced")
 
 ADMIN = "http://jabber.org/protocol/admin"
+NODE_CREATE_ACCOUNT = "urn:xmpp:invite#create-account"  # XEP-0401 §3.2: for admins
 _X = ns.q(ns.DATA_FORMS, "x")
 _FIELD = ns.q(ns.DATA_FORMS, "field")
 _VALUE = ns.q(ns.DATA_FORMS, "value")
@@ -101,7 +107,7 @@ class AdminAdHoc(Module):
         jid_multi = Field("accountjids", "jid-multi", "The Jabber ID(s)", required=True)
         password = Field("password", "text-private", "The password for this account",
                          required=True)
-        self.commands: dict[str, Command] = {
+        commands: dict[str, Command] = {
             "add-user": Command("Add User", (
                 Field("accountjid", "jid-single", "The Jabber ID for the account to be added",
                       required=True),
@@ -143,6 +149,16 @@ class AdminAdHoc(Module):
                 self._current_motd),
             "delete-motd": Command("Delete Message of the Day", (), self._delete_motd),
         }
+        # node -> command: XEP-0133's under its namespace, XEP-0401's invitation for admins.
+        self.commands: dict[str, Command] = {
+            f"{ADMIN}#{name}": command for name, command in commands.items()}
+        self.commands[NODE_CREATE_ACCOUNT] = Command("Create an invitation", (
+            Field("uses", "text-single", "How many accounts it may create (default 1)"),
+            Field("expires", "text-single", "Valid for, e.g. 7d, 12h (default: [invites] "
+                                            "expire_after)"),
+            Field("group", "text-single", "Roster group the new accounts put you in"),
+        ), self._create_invitation, "An invitation to create an account on this server: you "
+                                    "and the new account become contacts (XEP-0379).")
         # sessionid -> (node, requester, expires at): commands waiting for their form.
         self._pending: dict[str, tuple[str, JID, float]] = {}
 
@@ -164,9 +180,11 @@ class AdminAdHoc(Module):
             return None
         domain = origin.jid.domain
         if query.tag == ns.q(ns.DISCO_ITEMS, "query") and node == ns.COMMANDS:
-            for name, command in self.commands.items():
+            for node_name, command in self.commands.items():
+                if node_name == NODE_CREATE_ACCOUNT and self._invites() is None:
+                    continue
                 st.child(query, ns.q(ns.DISCO_ITEMS, "item"),
-                         {"jid": domain, "node": f"{ADMIN}#{name}", "name": command.name})
+                         {"jid": domain, "node": node_name, "name": command.name})
             return None  # adhoc adds its own commands and answers
         found = self._command(node)
         if query.tag == ns.q(ns.DISCO_INFO, "query") and found is not None:
@@ -178,8 +196,13 @@ class AdminAdHoc(Module):
         return None
 
     def _command(self, node: str) -> Command | None:
-        prefix, _, name = node.partition("#")
-        return self.commands.get(name) if prefix == ADMIN else None
+        if node == NODE_CREATE_ACCOUNT and self._invites() is None:
+            return None
+        return self.commands.get(node)
+
+    def _invites(self) -> Invites | None:
+        module = self.server.modules.get("invites")
+        return module if isinstance(module, Invites) else None
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -374,6 +397,32 @@ class AdminAdHoc(Module):
         await self.motd.set(ctx.domain, text)
         log.info("event=motd-set domain=%s by=%s", ctx.domain, ctx.requester)
         return _note("message of the day set")
+
+    async def _create_invitation(self, ctx: Context, values: Values) -> Stanza:
+        invites = self._invites()
+        if invites is None:
+            raise StanzaError("item-not-found", "invitations are not available")
+        uses_text = (values.get("uses") or [""])[0].strip() or "1"
+        try:
+            uses = parse_int(uses_text, minimum=1, maximum=10000, name="uses")
+        except NumberError as exc:
+            raise StanzaError("bad-request", str(exc)) from None
+        expires = (values.get("expires") or [""])[0].strip()
+        try:
+            lifetime = parse_duration(expires) if expires else invites.config.expire_after
+        except ValueError as exc:
+            raise StanzaError("bad-request", str(exc)) from None
+        group = (values.get("group") or [""])[0].strip() or None
+        # The admin is the inviter when the invitation is for the admin's own domain.
+        inviter = ctx.requester.local if ctx.requester.domain == ctx.domain else None
+        invitation = new_invitation(ctx.domain, inviter, uses=uses, lifetime=lifetime,
+                                    group=group)
+        store: invite_store.InviteStoreSQL = getattr(self.server.storage,
+                                                     invite_store.SPEC.name)
+        await store.create(invitation)
+        log.info("event=invitation-created inviter=%s uses=%d via=admin-adhoc",
+                 ctx.requester, uses)
+        return invites.invitation_form(invitation)
 
     async def _current_motd(self, ctx: Context) -> Values:
         # XEP-0133 §4.25: the edit form shows the message as it is.

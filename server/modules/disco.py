@@ -25,6 +25,8 @@ class Disco(Module):
               {"category": "server", "type": "im", "name": "presenced"})
         for feature in sorted(self.server.features):
             child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
+        # XEP-0128 extended information (e.g. XEP-0157 contact addresses) from the modules.
+        self.server.hooks.fire_all("disco/server-info", query, stanza, origin)
         return result(stanza, query)
 
     @iq_get(ns.DISCO_ITEMS, "query")

@@ -9,7 +9,7 @@ Other modules serve paths of their own through ``route`` (upload: server/modules
     [http]
     external_url = "https://chat.example.org/"   # what clients are told (host-meta, uploads)
     websocket_insecure = false      # ws:// without TLS (behind a proxy: trusted_proxies)
-    cors_origins = []               # web origins of browser clients elsewhere; ["*"]: any
+    cors_origins = ["https://..."]  # only these web origins (and our own); unset: any
     metrics_allow = ["127.0.0.1/32", "::1/128"]
     trusted_proxies = []            # proxies whose X-Forwarded-For/-Proto/-Host are believed
 
@@ -31,7 +31,7 @@ from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
-from server.config import _bool, _Invalid, option
+from server.config import _NETWORKS, _bool, _Invalid, networks, option
 from server.http import websocket
 from server.http.bosh import Bosh
 from server.http.metrics import Metrics
@@ -76,16 +76,7 @@ def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _networks(value: Any, _ctx: Any) -> tuple[Network, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid
-    try:
-        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-_NETWORKS = 'a list of networks such as "127.0.0.1/32"'
+_networks = networks  # the [limits] trusted list is read the same way
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,8 +86,12 @@ class HTTPSettings:
     external_url: str | None = field(metadata=option(
         'an http:// or https:// URL such as "https://chat.example.org"', _url))
     websocket_insecure: bool = field(metadata=option("true or false", _bool, False))
-    cors_origins: tuple[str, ...] = field(metadata=option(
-        'a list of origins such as "https://chat.example.org", or ["*"]', _origins, []))
+    # Unset: any page may open WebSocket/BOSH sessions and upload (XMPP authenticates inside
+    # the stream with SASL, not with cookies: a foreign page gains nothing it could not get
+    # with a socket of its own; Prosody 0.12 dropped its origin check too). Set: these only,
+    # besides the server's own origin.
+    cors_origins: tuple[str, ...] | None = field(metadata=option(
+        'a list of origins such as "https://chat.example.org", or ["*"]', _origins))
     metrics_allow: tuple[Network, ...] = field(
         metadata=option(_NETWORKS, _networks, ["127.0.0.1/32", "::1/128"]))
     trusted_proxies: tuple[Network, ...] = field(metadata=option(_NETWORKS, _networks, []))
@@ -196,13 +191,14 @@ class HTTP(Module):
         return peer[0] if peer else None
 
     def allowed_origin(self, request: web.Request) -> str | None:
-        """The request's Origin when it may call us (same origin, or listed), else None."""
+        """The request's Origin when it may call us (any without [http] cors_origins; else
+        the same origin or a listed one), else None."""
         origin = request.headers.get("Origin")
         if origin is None:
             return None
         origin = origin.rstrip("/").lower()
         allowed = self.config.cors_origins
-        if "*" in allowed or origin in allowed:
+        if allowed is None or "*" in allowed or origin in allowed:
             return origin
         own = f"{self.scheme(request)}://{self.host(request)}".lower()
         return origin if origin == own else None

@@ -375,6 +375,11 @@ class Mam(Module):
         before an archive query, and at shutdown."""
         if stamped is not None:
             child(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])})
+        first = entries[0]
+        if first.outgoing and stamped != 0 and self.server.hooks.has("archive/sent-id"):
+            # The sender's own id for its copies (carbons' <sent/>, XEP-0280 §5 with
+            # XEP-0359 §3: 'by' is the sender's bare JID); the stanza carries the recipient's.
+            self.server.hooks.fire_all("archive/sent-id", stanza, first.owner, str(ids[0]))
         self.writer.add([replace(e, id=n) for e, n in zip(entries, ids, strict=True)])
 
     async def _write_later(self, stanza: Stanza, entries: list[ArchiveEntry],

@@ -296,27 +296,53 @@ class StreamManagement(Module):
         return self._rescue(session, unacked)
 
     async def _rescue(self, session: Session, unacked: list[Stanza]) -> None:
-        router = self.server.router
-        others = [s for s in self.server.sessions.resources(session.jid.bare)
+        """What the closed session never acknowledged, handed on once: a message goes to the
+        account's other available resources that have not had it, or to offline storage when
+        there are none; an iq request is answered with an error. Delivered directly, not
+        routed again: the message passed blocking, the archive and carbons when it first came
+        (routing it again archived it twice and copied it twice)."""
+        hooks = self.server.hooks
+        account = session.jid.bare
+        others = [s for s in self.server.sessions.resources(account)
                   if s is not session and s.presence is not None and s.priority >= 0]
         rescued = 0
         for stanza in unacked:
             tag, type_ = stanza.tag, stanza.get("type")
+            pending: Any = None
             if tag == st.MESSAGE:
                 if type_ in ("error", "groupchat", "headline"):
                     continue  # never answered, not for offline storage (RFC 6121 §8.5.2)
-                if _to_bare(stanza) and others:
-                    continue  # sent to the bare JID: the other resources got it too
-                pending = router.route(stanza, None)  # the full JID is gone: as to the bare
+                if _a_copy(stanza):
+                    continue  # a carbon or an archive result: the original is elsewhere
+                if others:
+                    if _to_bare(stanza):
+                        continue  # sent to the bare JID: the other resources got it too
+                    # To this full JID: the account's resources with carbons on had a
+                    # <received/> copy (XEP-0280 §5), and its sender has it.
+                    have = {id(s) for copies in hooks.fire_all("message/copied-to", stanza,
+                                                               session) for s in copies}
+                    sender = stanza.get("from")
+                    rest = [s for s in others if id(s) not in have and s.jid_str != sender]
+                    if not rest:
+                        continue
+                    for other in rest:
+                        other.send(stanza)
+                else:
+                    pending = hooks.fire("message/offline", stanza, None, account)
+                    if pending is None:
+                        continue  # no offline storage: the archive has it, if anything
             elif tag == st.IQ and type_ in ("get", "set"):
-                pending = router.route(st.error_reply(stanza, StanzaError(
+                pending = self.server.router.route(st.error_reply(stanza, StanzaError(
                     "service-unavailable", "the recipient's session ended")), None)
             else:
                 continue  # presence: a later login gets current presence anyway
             rescued += 1
-            if pending is not None:
+            if pending is not None and not isinstance(pending, bool):
                 try:
                     await pending
+                except StanzaError as exc:  # e.g. offline storage full
+                    log.info("event=sm-rescue-refused jid=%s condition=%s", session.jid_str,
+                             exc.condition)
                 except Exception:
                     log_failure(log, "event=sm-rescue-failed jid=%s", session.jid_str)
         log.info("event=sm-unacked-rescued jid=%s count=%d", session.jid_str, rescued)
@@ -345,6 +371,16 @@ def _h(el: Stanza) -> int | None:
         return parse_int(el.get("h"), maximum=_MOD - 1, name="h")
     except NumberError:
         return None
+
+
+_COPIES = frozenset({ns.q("urn:xmpp:carbons:2", "sent"), ns.q("urn:xmpp:carbons:2", "received"),
+                     ns.q("urn:xmpp:mam:2", "result"), ns.q("urn:xmpp:mam:1", "result")})
+
+
+def _a_copy(stanza: Stanza) -> bool:
+    """A carbon copy (XEP-0280) or an archive query result (XEP-0313): made for this session
+    only, its original delivered or archived already."""
+    return any(child.tag in _COPIES for child in stanza)
 
 
 def _to_bare(stanza: Stanza) -> bool:

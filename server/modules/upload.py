@@ -152,6 +152,8 @@ class HTTPUpload(ServiceModule):
             item = st.child(form, f"{{{DATA_FORMS}}}field", {"var": var})
             if var == "FORM_TYPE":
                 item.set("type", "hidden")
+            else:  # XEP-0004 §3.2: what a client shows
+                item.set("label", "Largest file (bytes)")
             st.child(item, f"{{{DATA_FORMS}}}value", text=value)
         return reply
 
@@ -196,7 +198,7 @@ class HTTPUpload(ServiceModule):
             raise StanzaError("resource-constraint", "your upload quota is used up")
         expires = math.ceil(time.time() + self.config.slot_lifetime)
         assert self._http is not None
-        get_url = f"{self._http.base_url()}{PREFIX}{upload.id}/{quote(filename, safe='')}"
+        get_url = f"{self._base_url(domain)}{PREFIX}{upload.id}/{quote(filename, safe='')}"
         token = self._token(upload, expires)
         put_url = f"{get_url}?expires={expires}&token={token}"
         slot = st.element(f"{{{NS}}}slot")
@@ -206,6 +208,19 @@ class HTTPUpload(ServiceModule):
         st.child(slot, f"{{{NS}}}get", {"url": get_url})
         log.info("event=upload-slot user=%s@%s id=%s size=%d", user, domain, upload.id, size)
         return st.result(stanza, slot)
+
+    def _base_url(self, domain: str) -> str:
+        """external_url when set; else on an HTTPS listener the account's domain with the
+        listener's port: a name the certificate covers (the generated one names every domain;
+        SNI picks a domain's own), where the listener's address (127.0.0.1 by default) is none
+        and clients refuse the URL (Dino, Gajim: issue 19). Plain HTTP: the listener's."""
+        http = self._http
+        assert http is not None
+        if http.config.external_url is None:
+            for kind, _host, port in http.bound_addresses():
+                if kind == "https":
+                    return f"https://{domain}" + ("" if port == 443 else f":{port}")
+        return http.base_url()
 
     def _token(self, upload: Upload, expires: int) -> str:
         message = "\0".join((upload.id, upload.filename, str(upload.size), upload.content_type,

@@ -8,7 +8,9 @@ route, and keep per-stream order when routing goes asynchronous.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -16,6 +18,7 @@ from lxml import etree
 
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
+from server.limits import PAUSE_AUTH, PAUSE_STANZAS, REFUSALS, Ticket, TokenBucket
 from server.sessions import Session
 from server.storage.db import log_failure
 from server.stream import negotiation as neg
@@ -23,7 +26,7 @@ from server.stream import sasl2
 from server.stream.connection import XMLStreamConnection
 from server.xml import ns
 from server.xml.parser import Event
-from server.xml.stanza import STANZA_TAGS
+from server.xml.stanza import STANZA_TAGS, error_reply
 from server.xml.writer import serialize, stream_header
 
 if TYPE_CHECKING:
@@ -36,7 +39,8 @@ _Element: TypeAlias = etree._Element
 class C2SConnection(XMLStreamConnection):
     kind = "c2s"
     local_client = True  # stanzas from it get outbound processing (the user's server)
-    __slots__ = ("_after_success", "_server", "bound", "jid", "negotiation", "session")
+    __slots__ = ("_after_success", "_limit_key", "_refusing", "_server", "_ticket", "bound",
+                 "jid", "negotiation", "pre_auth", "session")
 
     def __init__(self, server: Server, direct_tls: bool, *, secured_below: bool = False) -> None:
         """secured_below: the transport underneath is already secure (the HTTPS listener of a
@@ -48,17 +52,37 @@ class C2SConnection(XMLStreamConnection):
         self.negotiation = neg.C2SNegotiation(
             server.c2s_policy, direct_tls=direct_tls or secured_below,
             channel_binding=self._channel_binding,
-            post_bind_features=server.post_bind_features, sasl2_inline=self._sasl2_inline)
+            post_bind_features=server.post_bind_features, sasl2_inline=self._sasl2_inline,
+            pre_auth_features=self._pre_auth_features)
+        # What modules keep about a stream before it authenticates (a XEP-0445 token).
+        self.pre_auth: dict[str, Any] = {}
         self.bound = False
         self.jid: JID = server.placeholder_jid
         self.session: Session | None = None  # the bound resource this stream carries
         self._after_success: Callable[[], None] | None = None  # SASL2: once <success/> is out
+        self._limit_key: str | None = None  # the address's key in server.limiter; None: trusted
+        self._ticket: Ticket | None = None  # its place in the per-address counts
+        self._refusing = False  # the next SASL <failure/> is our refusal (auth backoff)
 
     # -- the stream --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._server.connections.add(self)
+        limiter = self._server.limiter
+        peer = transport.get_extra_info("peername")
+        key = self._limit_key = limiter.key(str(peer[0])) if peer else None
+        if key is None:
+            return
+        ticket = limiter.open(key)
+        if isinstance(ticket, str):
+            condition, text = REFUSALS[ticket]
+            self.close(condition, text, reason=ticket)  # its one log line: event=stream-error
+            if self._tls is None:
+                transport.close()  # nothing to wait for (with direct TLS: the handshake)
+            return
+        self._ticket = ticket
+        self._shaper = limiter.shaper("c2s", key, self._loop.time())
 
     def _event(self, event: Event) -> None:
         if self.bound and type(event) is _ElementType:
@@ -68,9 +92,13 @@ class C2SConnection(XMLStreamConnection):
 
     def _lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
+        if self._ticket is not None:
+            self._ticket.release()
         self._end_session("disconnected" if exc is None else "connection-lost")
 
     def _ended(self, reason: str) -> None:
+        if self._ticket is not None:
+            self._ticket.release()
         self._end_session(reason)
 
     def _who(self) -> str:
@@ -88,19 +116,26 @@ class C2SConnection(XMLStreamConnection):
     def _channel_binding(self, kind: str) -> bytes | None:
         return self._tls.channel_binding(kind) if self._tls is not None else None
 
-    def _carry_out(self, actions: list[neg.Action]) -> None:
-        for action in actions:
+    def _carry_out(self, actions: list[neg.Action], *, held: bool = False) -> None:
+        """held: the first action is a failure whose answer was held back (auth backoff)."""
+        for i, action in enumerate(actions):
             if isinstance(action, neg.Send):
+                if action.data.startswith(_SASL_FAILURES) and not (held and i == 0):
+                    delay = self._auth_failed(action.data)
+                    if delay > 0:
+                        # Answer it later and hear nothing meanwhile: a guess costs time.
+                        self._pause(PAUSE_AUTH, delay,
+                                    functools.partial(self._answer_late, actions[i:]))
+                        return
                 self._write_now(action.data)
-                if action.data.startswith(_SASL_FAILURES):  # for logs and /metrics
-                    log.info("event=auth-failed peer=%s user=%s@%s", self.peer,
-                             self.negotiation.user or "-", self.negotiation.domain or "-")
-                    self._server.hooks.fire_all("auth-failed", self)
             elif isinstance(action, neg.CloseStream):
                 self.close(action.condition, action.text)
                 return
             elif isinstance(action, neg.LookupCredentials):
-                self._spawn(self._lookup(action.user, action.domain))
+                if self._auth_refused(action.user, action.domain):
+                    self._carry_out(self.negotiation.credentials_failed())
+                else:
+                    self._spawn(self._lookup(action.user, action.domain))
             elif isinstance(action, neg.StartTLS):
                 self._tls = self._server.tls_layer(direct=False)
                 self._parser = self._server.new_parser()
@@ -110,10 +145,16 @@ class C2SConnection(XMLStreamConnection):
             elif isinstance(action, neg.Authenticated):
                 log.info("event=authenticated peer=%s user=%s@%s mechanism=%s", self.peer,
                          action.user, action.domain, action.mechanism)
+                if self._ticket is not None:
+                    self._ticket.authenticated()
+                    self._server.limiter.auth_succeeded(f"{action.user}@{action.domain}")
             elif isinstance(action, neg.BindResource):
                 self._bind(action.iq, action.resource)
             elif isinstance(action, neg.VerifyToken):
-                self._spawn(self._verify_token(action))
+                if self._auth_refused(action.user, action.domain):
+                    self._carry_out(self.negotiation.token_check_failed())
+                else:
+                    self._spawn(self._verify_token(action))
             elif isinstance(action, neg.ResumeInline):
                 self._resume_inline(action.element)
             elif isinstance(action, neg.BindInline):
@@ -122,6 +163,8 @@ class C2SConnection(XMLStreamConnection):
                 self._spawn(self._issue_token(action))
             elif isinstance(action, neg.Sasl2Complete):
                 self._sasl2_complete(action)
+            elif isinstance(action, neg.PreAuthIq):
+                self._pre_auth_iq(action.iq)
             elif isinstance(action, neg.PreBindElement):
                 handler = self._server.pre_bind_handlers.get(action.element.tag)
                 if handler is None:
@@ -129,6 +172,65 @@ class C2SConnection(XMLStreamConnection):
                                f"unexpected element {action.element.tag}")
                     return
                 handler(self, action.element)
+
+    # -- authentication backoff (server/limits.py; RFC 6120 §6.5.10) ---------------------------
+
+    def _auth_refused(self, user: str, domain: str) -> bool:
+        """True when this address is in its backoff: the attempt is answered with
+        <temporary-auth-failure/> without looking at the password."""
+        wait = self._server.limiter.auth_wait(self._limit_key, self._loop.time())
+        if wait <= 0:
+            return False
+        self._server.limiter.auth_refused += 1
+        log.info("event=auth-refused peer=%s user=%s@%s wait=%.1f", self.peer, user, domain,
+                 wait)
+        self._refusing = True
+        return True
+
+    def _auth_failed(self, data: bytes) -> float:
+        """A SASL <failure/> is going out: log and count it; how long to hold it back."""
+        if self._refusing:  # our own refusal: logged already, and no guess was heard
+            self._refusing = False
+            return 0.0
+        user, domain = self.negotiation.user, self.negotiation.domain
+        delay = 0.0
+        if b"<temporary-auth-failure" not in data:  # not the client's doing (storage down)
+            account = f"{user}@{domain}" if user and domain else None
+            delay = self._server.limiter.auth_failed(self._limit_key, account, self._loop.time())
+        log.info("event=auth-failed peer=%s user=%s@%s delay=%.1f", self.peer, user or "-",
+                 domain or "-", delay)
+        self._server.hooks.fire_all("auth-failed", self)  # for /metrics
+        return delay
+
+    def _answer_late(self, actions: list[neg.Action]) -> None:
+        if self._closing:
+            return
+        self._carry_out(actions, held=True)
+        self._unpause(PAUSE_AUTH)
+
+    def _pre_auth_features(self) -> list[_Element]:
+        return [f for found in self._server.hooks.fire_all("c2s/pre-auth-features", self)
+                for f in found]
+
+    def _pre_auth_iq(self, iq: _Element) -> None:
+        """An iq before authentication (XEP-0077, XEP-0445): the 'c2s/pre-auth-iq' hook
+        (stream, iq) answers with a reply or an awaitable of one; nobody: service-unavailable.
+        """
+        answer = self._server.hooks.fire("c2s/pre-auth-iq", self, iq)
+        if answer is None:
+            self.deliver(error_reply(iq, StanzaError("service-unavailable")))
+        elif isinstance(answer, _ElementType):
+            self.deliver(answer)
+        else:
+            async def reply() -> None:
+                try:
+                    self.deliver(await answer)
+                except StanzaError as exc:
+                    self.deliver(error_reply(iq, exc))
+                except Exception:
+                    log.exception("event=pre-auth-iq-failed peer=%s", self.peer)
+                    self.deliver(error_reply(iq, StanzaError("internal-server-error")))
+            self._spawn(reply())
 
     async def _lookup(self, user: str, domain: str) -> None:
         try:
@@ -256,6 +358,11 @@ class C2SConnection(XMLStreamConnection):
         if el.tag not in STANZA_TAGS:
             self._nonza(el)
             return
+        shaper = self._shaper
+        if shaper is not None and shaper.stanzas is not None and \
+                not shaper.stanzas.take_one(self.last_activity):
+            self._over_stanza_rate(el, shaper.stanzas)
+            return
         session = self.session
         assert session is not None
         if session.outbox is not None:
@@ -278,6 +385,24 @@ class C2SConnection(XMLStreamConnection):
         pending = self._server.router.route(el, session)
         if pending is not None:
             self._wait_for(pending)
+
+    def _over_stanza_rate(self, el: _Element, bucket: TokenBucket) -> None:
+        """The session's stanza rate is used up: this stanza and those after it wait (in
+        order, reading paused) until the bucket has refilled; nothing is dropped."""
+        wait = bucket.wait(1, self._loop.time())
+        backlog = self._backlog
+        if backlog is None:
+            backlog = self._backlog = deque()
+        backlog.appendleft(el)  # first: it was next (fresh, or just taken from the backlog)
+        self._blocked = True
+        self._pause(PAUSE_STANZAS, wait, self._stanzas_refilled)
+
+    def _stanzas_refilled(self) -> None:
+        self._pauses &= ~PAUSE_STANZAS
+        # the clock the stanza check reads (no fresher read happened while paused)
+        self.last_activity = self._loop.time()
+        if not self._closing:
+            self._resume(None)  # type: ignore[arg-type]
 
     def _nonza(self, el: _Element) -> None:
         """A top-level element that is no stanza (RFC 6120 §8: e.g. XEP-0198's <r/>): the

@@ -32,6 +32,7 @@ from server.xml.writer import serialize, stream_header, to_canonical
 
 if TYPE_CHECKING:
     from server.config import Address, ComponentConfig
+    from server.limits import Limiter
     from server.router import Router
     from server.xml.parser import StreamParser
 
@@ -116,6 +117,10 @@ class ComponentStream(XMLStreamConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._components.streams.add(self)
+        limiter = self._components.limiter
+        if limiter is not None:
+            self._shaper = limiter.stream_shaper(
+                "component", transport.get_extra_info("peername"), self._loop.time())
 
     def _who(self) -> str:
         return self.domain or "-"
@@ -193,8 +198,9 @@ class Components:
                  settings: dict[str, ComponentConfig], addresses: tuple[Address, ...],
                  new_parser: Callable[[], StreamParser],
                  add_service: Callable[[ServiceHost, Any], None],
-                 parent_of: Callable[[str], str]) -> None:
+                 parent_of: Callable[[str], str], limiter: Limiter | None = None) -> None:
         self.loop = loop
+        self.limiter = limiter  # the read rate of component streams ([limits])
         self.router = router
         self.settings = settings
         self.new_parser = new_parser

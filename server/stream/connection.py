@@ -12,12 +12,15 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from server.errors import StreamError
+from server.limits import PAUSE_BYTES
 from server.stream.tls import TLSError, TLSLayer
 from server.xml.parser import Event, StreamParser
 from server.xml.writer import STREAM_CLOSE, stream_error
 
 if TYPE_CHECKING:
     from lxml.etree import _Element
+
+    from server.limits import ReadShaper
 
 log = logging.getLogger("presenced.stream")
 WRITE_BUFFER_LIMIT = 8 << 20  # a peer that does not read this much gets disconnected
@@ -27,8 +30,12 @@ BACKLOG_PAUSE = 64            # stanzas waiting behind an asynchronous route: st
 
 class XMLStreamConnection(asyncio.Protocol):
     kind = "stream"  # for logs: "c2s", "s2s-in", "s2s-out"
+    # Shaping: True reads a stream's bytes in pieces as its bucket allows (TCP); False takes a
+    # message whole and pauses after it (WebSocket: one message is one element).
+    split_reads = True
     __slots__ = ("_backlog", "_blocked", "_closing", "_flush_handle", "_loop", "_out", "_parser",
-                 "_tls", "_transport", "last_activity", "opened_at", "peer")
+                 "_pauses", "_shaped", "_shaper", "_tls", "_transport", "last_activity",
+                 "opened_at", "peer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, parser: StreamParser,
                  tls: TLSLayer | None) -> None:
@@ -41,6 +48,9 @@ class XMLStreamConnection(asyncio.Protocol):
         self._closing = False
         self._backlog: deque[_Element] | None = None  # made when needed: a deque is 760 bytes
         self._blocked = False
+        self._shaper: ReadShaper | None = None  # None: not limited (trusted peer, limits off)
+        self._shaped: bytearray | None = None   # bytes read beyond the rate, waiting
+        self._pauses = 0                        # PAUSE_* bits
         self.peer = ""
         self.opened_at = self.last_activity = loop.time()
 
@@ -57,6 +67,10 @@ class XMLStreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self._loop.time()
+        if self._shaper is not None:
+            data = self._shape(data)
+            if not data:
+                return
         tls = self._tls
         if tls is not None:
             was_done = tls.handshake_done
@@ -156,8 +170,76 @@ class XMLStreamConnection(asyncio.Protocol):
             self._stanza(backlog.popleft())
         if not backlog:
             self._backlog = None
-            if self._transport is not None and not self._closing:
+            if self._transport is not None and not self._closing and not self._pauses:
                 self._transport.resume_reading()
+
+    # -- shaping (server/limits.py: Prosody's mod_limits, ejabberd's shaper) --------------------
+
+    def _shape(self, data: bytes) -> bytes:
+        """The part of data that may be read now; the rest waits, with reading paused, until
+        the bucket has refilled: shaped, never dropped."""
+        shaper = self._shaper
+        assert shaper is not None
+        if self._shaped is not None:  # a transport that kept delivering: behind the rest
+            self._shaped += data
+            return b""
+        bucket = shaper.bytes
+        if bucket is None:
+            return data
+        now = self.last_activity
+        size = len(data)
+        # the usual case first, inline: the bucket holds enough
+        full_at = bucket.full_at
+        if full_at < now:
+            full_at = now
+        full_at += size * bucket.step
+        if full_at - now <= bucket.room:
+            bucket.full_at = full_at
+            return data
+        if not self.split_reads:
+            bucket.full_at = full_at  # taken whole, into debt: the next read waits it out
+            if not self._pauses & PAUSE_BYTES:
+                self._pause(PAUSE_BYTES, bucket.wait(0, now), self._bytes_refilled)
+            return data
+        allowed = bucket.take_up_to(size, now)
+        self._shaped = bytearray(data[allowed:])
+        self._pause(PAUSE_BYTES, shaper.resume_after(size - allowed, now), self._release)
+        return data[:allowed]
+
+    def _pause(self, reason: int, delay: float, then: Any) -> None:
+        if not self._pauses and self._transport is not None:
+            self._transport.pause_reading()
+        self._pauses |= reason
+        shaper = self._shaper
+        if shaper is not None and shaper.limiter is not None:
+            shaper.limiter.paused(self.kind, reason)
+        self._loop.call_later(delay, then)
+
+    def _unpause(self, reason: int) -> None:
+        self._pauses &= ~reason
+        backlog = self._backlog
+        if not self._pauses and not self._closing and self._transport is not None and \
+                (backlog is None or len(backlog) < BACKLOG_PAUSE):
+            self._transport.resume_reading()
+
+    def _bytes_refilled(self) -> None:
+        bucket = self._shaper.bytes if self._shaper is not None else None
+        now = self._loop.time()
+        if bucket is not None and bucket.level(now) < 0:
+            # more was taken while paused (a transport that kept delivering): wait for that
+            self._loop.call_later(bucket.wait(0, now), self._bytes_refilled)
+            return
+        self._unpause(PAUSE_BYTES)
+
+    def _release(self) -> None:
+        """Read what waited, as far as the bucket allows now."""
+        held, self._shaped = self._shaped, None
+        if self._closing or held is None:
+            return
+        self._pauses &= ~PAUSE_BYTES
+        self.data_received(bytes(held))  # shaped again: what the bucket allows now
+        if self._shaped is None:
+            self._unpause(0)
 
     # -- output ------------------------------------------------------------------------------
 

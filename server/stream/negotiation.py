@@ -143,6 +143,18 @@ class Sasl2Complete:
 
 
 @dataclass(frozen=True, slots=True)
+class PreAuthIq:
+    """An iq a client may send before authenticating (XEP-0077 §3 in-band registration and
+    XEP-0445 pre-authentication): a module answers it, else service-unavailable."""
+
+    iq: _Element
+
+
+# The payloads of PreAuthIq: XEP-0077's query and XEP-0445's <preauth/>.
+PRE_AUTH_PAYLOADS = frozenset({"{jabber:iq:register}query", "{urn:xmpp:pars:0}preauth"})
+
+
+@dataclass(frozen=True, slots=True)
 class CloseStream:
     condition: str | None = None  # None: a clean </stream:stream>
     text: str | None = None
@@ -150,7 +162,7 @@ class CloseStream:
 
 Action = (Send | StartTLS | RestartStream | LookupCredentials | Authenticated | BindResource
           | PreBindElement | CloseStream | VerifyToken | ResumeInline | BindInline | IssueToken
-          | Sasl2Complete)
+          | Sasl2Complete | PreAuthIq)
 
 
 class Stage(enum.Enum):
@@ -183,6 +195,7 @@ class C2SNegotiation:
     def __init__(self, policy: Policy, *, direct_tls: bool = False,
                  channel_binding: Callable[[str], bytes | None] = lambda _kind: None,
                  post_bind_features: Callable[[], list[_Element]] = list,
+                 pre_auth_features: Callable[[], list[_Element]] = list,
                  sasl2_inline: Callable[[], sasl2.Inline] = sasl2.Inline) -> None:
         self.policy = policy
         self.tls = direct_tls
@@ -197,8 +210,10 @@ class C2SNegotiation:
         self._awaiting_header = True
         self._channel_binding = channel_binding
         self._post_bind_features = post_bind_features
+        self._pre_auth_features = pre_auth_features
         self._sasl: sasl.SaslServer | None = None
         self._failures = 0
+        self._binding_unusable = False  # a -PLUS try named a binding we lack (sasl.py)
         self._sasl2_inline = sasl2_inline
         # SASL2: the request under way, then what <success/> will say
         self._request: sasl2.Request | None = None
@@ -393,6 +408,7 @@ class C2SNegotiation:
                                        nsmap={None: cb_ns})
                 for kind in self._bindings:
                     etree.SubElement(cbs, f"{{{cb_ns}}}channel-binding", type=kind)
+            features.extend(self._pre_auth_features())  # XEP-0077 §4: <register/>
         if stage is Stage.BIND:
             etree.SubElement(features, ns.q(ns.BIND, "bind"), nsmap={None: ns.BIND})
             session = etree.SubElement(features, ns.q(ns.SESSION, "session"),
@@ -462,6 +478,9 @@ class C2SNegotiation:
                 return self._auth(el)
             if tag == sasl2.AUTHENTICATE and self._sasl2_offered:
                 return self._authenticate(el)
+            if tag == IQ and el.get("type") in ("get", "set") and len(el) == 1 \
+                    and el[0].tag in PRE_AUTH_PAYLOADS:
+                return [PreAuthIq(el)]
             if tag in STANZAS:
                 return self._fail("not-authorized", "authenticate first")
             return self._unexpected(el)
@@ -531,7 +550,8 @@ class C2SNegotiation:
         bindings = self._bindings
         return sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls,
                                domain=self.domain, iterations=self.policy.scram_iterations,
-                               ssdp=self.policy.ssdp, listed_bindings=bindings or None)
+                               ssdp=self.policy.ssdp, listed_bindings=bindings or None,
+                               binding_unusable=self._binding_unusable)
 
     # -- SASL2 (XEP-0388), Bind 2 (XEP-0386), FAST (XEP-0484) ----------------------------------
 
@@ -665,6 +685,8 @@ class C2SNegotiation:
         return self._failure(step, sasl2_profile=self._request is not None)
 
     def _failure(self, step: sasl.Failure, *, sasl2_profile: bool) -> list[Action]:
+        if self._sasl is not None and self._sasl.binding_unusable:
+            self._binding_unusable = True
         self._sasl = None
         self._reset_sasl2()
         self.stage = Stage.PRE_AUTH if self.tls or not self._tls_required() else Stage.PRE_TLS

@@ -107,12 +107,21 @@ class SaslServer:
     ssdp: send the XEP-0474 downgrade protection hash of `mechanisms` and `listed_bindings`
       (the channel bindings listed with XEP-0440; None when the list was not sent) in SCRAM's
       server-first-message.
+    binding_unusable: on this stream the client already tried a -PLUS mechanism with a
+      channel binding type we do not have (slixmpp 1.8 asks for tls-unique, which TLS 1.3
+      lacks, and ignores XEP-0440): it has shown it cannot bind with us, so its 'y' flag that
+      follows is no downgrade (RFC 5802 §6 refuses 'y' only when the client could have bound
+      with what we offered). A client that saw no -PLUS at all (a stripping in the middle)
+      and says 'y' is still refused. After a failure, `binding_unusable` tells whether this
+      exchange was such a try.
     """
 
     def __init__(self, mechanisms: Sequence[str], channel_binding: Callable[[str], bytes | None],
                  *, tls: bool, domain: str | None = None,
                  iterations: int = MIN_ITERATIONS,
-                 ssdp: bool = False, listed_bindings: Sequence[str] | None = None) -> None:
+                 ssdp: bool = False, listed_bindings: Sequence[str] | None = None,
+                 binding_unusable: bool = False) -> None:
+        self.binding_unusable = binding_unusable
         self._ssdp: tuple[list[str], list[str] | None] | None = None
         if ssdp:
             self._ssdp = (list(mechanisms),
@@ -203,7 +212,8 @@ class SaslServer:
                 found = self._binding(kind)
                 if found is not None:
                     bindings[kind] = found
-        offered = bool(bindings) and any(m.endswith("-PLUS") for m in self._mechanisms)
+        offered = (bool(bindings) and any(m.endswith("-PLUS") for m in self._mechanisms)
+                   and not self.binding_unusable)
         self._scram = ScramServer(_SCRAM[base], plus=base != self._mechanism,
                                   channel_bindings=bindings, binding_offered=offered,
                                   ssdp=self._ssdp)
@@ -250,6 +260,8 @@ class SaslServer:
 
     def _scram_failure(self, err: ScramError) -> Failure:
         self._state = _State.DONE
+        if err.server_error == "unsupported-channel-binding-type":
+            self.binding_unusable = True
         data = f"e={err.server_error}".encode() if err.server_error else None
         return Failure(err.condition, err.text, data)
 
