@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import os
@@ -77,6 +78,18 @@ class Server:
         self.components: Components | None = None
         self.admin_socket = ctl.AdminSocket(self)  # presenced ctl (server/ctl.py)
 
+    async def _check_scram_keys(self) -> None:
+        """Accounts imported from Prosody or ejabberd (server/porting) may have SCRAM-SHA-1 keys
+        only. A client picks the best mechanism offered before it names its account, and most
+        (slixmpp, Conversations) take a failure there as a wrong password: while such accounts
+        exist, and none lacks SHA-1 keys, SCRAM-SHA-256 is not offered (as Prosody 0.12 and
+        ejabberd by default offer SCRAM-SHA-1 only). A password change gives an account both."""
+        without_sha1, without_sha256 = await self.storage.accounts.missing_keys()
+        if without_sha256 and not without_sha1:
+            self.c2s_policy = dataclasses.replace(self.c2s_policy, scram_sha256=False)
+            log.warning("event=scram-sha256-not-offered accounts_with_sha1_only=%d",
+                        without_sha256)
+
     # -- pieces the connections use ----------------------------------------------------------
 
     def new_parser(self) -> StreamParser:
@@ -130,6 +143,7 @@ class Server:
                 stores.append(spec)
         self.storage = await open_storage(self.config, stores)
         try:
+            await self._check_scram_keys()
             await self._load_modules(classes)
             for address in self.config.listen.c2s:
                 await self._listen(address.host, address.port, direct_tls=False)

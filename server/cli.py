@@ -1,4 +1,5 @@
-"""The presenced command: serve, adduser, deluser, passwd, check, cert, migrate, storage copy.
+"""The presenced command: serve, adduser, deluser, passwd, check, cert, migrate, storage copy,
+import, export.
 
 A failure the user can fix is one line on stderr, ``presenced: error: ...``, and exit status 1
 (2 for usage errors and for ``serve`` with a bad config); a traceback only with ``--debug``.
@@ -636,6 +637,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="valid for this long: 7d, 12h, 30m, 2w (default 7d)")
     create.add_argument("--group", metavar="G",
                         help="the roster group inviter and new account put each other in")
+    from server.porting.commands import add_commands as porting_commands
+
+    porting_commands(sub, [common])  # import, export (XEP-0227)
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
     cert.add_argument("domains", nargs="+", metavar="DOMAIN",

@@ -49,6 +49,7 @@ MODULES: list[str] = [
     "external_services",
     "proxy65",
     "contact_info",
+    "webadmin",
 ]
 
 

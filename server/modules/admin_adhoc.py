@@ -42,9 +42,8 @@ from server import ctl
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Module, SessionSlot, Stanza, hook
-from server.modules.invites import Invites, new_invitation, parse_duration
+from server.modules.invites import Invites, parse_duration
 from server.sessions import Session
-from server.storage import invites as invite_store
 from server.storage.base import AccountExists, NoSuchAccount
 from server.storage.motd import SPEC as MOTD_SPEC
 from server.storage.motd import MotdStore
@@ -415,11 +414,8 @@ class AdminAdHoc(Module):
         group = (values.get("group") or [""])[0].strip() or None
         # The admin is the inviter when the invitation is for the admin's own domain.
         inviter = ctx.requester.local if ctx.requester.domain == ctx.domain else None
-        invitation = new_invitation(ctx.domain, inviter, uses=uses, lifetime=lifetime,
-                                    group=group)
-        store: invite_store.InviteStoreSQL = getattr(self.server.storage,
-                                                     invite_store.SPEC.name)
-        await store.create(invitation)
+        invitation, _uri, _url = await invites.create(ctx.domain, inviter, uses=uses,
+                                                      lifetime=lifetime, group=group)
         log.info("event=invitation-created inviter=%s uses=%d via=admin-adhoc",
                  ctx.requester, uses)
         return invites.invitation_form(invitation)

@@ -200,8 +200,21 @@ class HTTP(Module):
         allowed = self.config.cors_origins
         if allowed is None or "*" in allowed or origin in allowed:
             return origin
-        own = f"{self.scheme(request)}://{self.host(request)}".lower()
-        return origin if origin == own else None
+        return origin if origin == self.own_origin(request) else None
+
+    def own_origin(self, request: web.Request) -> str:
+        """Our own origin as a browser names it for this request (scheme and Host)."""
+        return f"{self.scheme(request)}://{self.host(request)}".lower()
+
+    def foreign_form(self, request: web.Request) -> bool:
+        """A form POST from another origin's page (CSRF): unlike XMPP over WebSocket or BOSH,
+        which authenticate inside the stream, a form rides on the visitor's cookies, so it is
+        refused whatever [http] cors_origins allows. No Origin (old browsers) and 'null'
+        (privacy modes) pass: the form's own CSRF token decides."""
+        origin = request.headers.get("Origin")
+        if origin is None or origin == "null":
+            return False
+        return origin.rstrip("/").lower() != self.own_origin(request)
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         out = []

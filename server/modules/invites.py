@@ -183,6 +183,14 @@ class Invites(Module):
                 commands[NODE_INVITE] = ("Invite user", self._invite_command)
         await self._store.purge(int(time.time()) - 86400)  # expired for a day: gone
 
+    async def create(self, domain: str, inviter: str | None, *, uses: int, lifetime: float,
+                     group: str | None = None) -> tuple[Invitation, str, str]:
+        """A new invitation, stored: (it, its xmpp: URI, its page's URL). For the admin page
+        (server/modules/webadmin.py)."""
+        invitation = new_invitation(domain, inviter, uses=uses, lifetime=lifetime, group=group)
+        await self._store.create(invitation)
+        return invitation, xmpp_uri(invitation, self._ibr), self.landing_url(invitation)
+
     def landing_url(self, invitation: Invitation) -> str:
         base = (self._http.base_url() if self._http is not None
                 else page_base(self.server.config, invitation.domain))
@@ -294,9 +302,7 @@ class Invites(Module):
 
     async def _post(self, request: web.Request, invitation: Invitation,
                     address: str | None) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != "null" and self._http is not None and \
-                self._http.allowed_origin(request) is None:
+        if self._http is not None and self._http.foreign_form(request):
             log.info("event=invite-form-refused reason=origin address=%s", address)
             return _html(403, "Refused", "<p>This form must be sent from its own page.</p>")
         try:

@@ -189,6 +189,7 @@ class Policy:
     scram_iterations: int = 4096  # shown to unknown users too, so they look like real ones
     sasl2: bool = True            # XEP-0388 offered (over TLS only) beside RFC 6120 SASL
     ssdp: bool = True             # XEP-0474 'h=' in SCRAM server-first-message
+    scram_sha256: bool = True     # SCRAM-SHA-256(-PLUS) offered (see Server.start)
 
 
 class C2SNegotiation:
@@ -433,7 +434,8 @@ class C2SNegotiation:
 
     def _mechanisms(self) -> list[str]:
         return sasl.offered_mechanisms(tls=self.tls, channel_bindings=self._bindings,
-                                       allow_plain=self.policy.allow_plain)
+                                       allow_plain=self.policy.allow_plain,
+                                       sha256=self.policy.scram_sha256)
 
     @property
     def _sasl2_offered(self) -> bool:

@@ -75,13 +75,14 @@ Step = Challenge | Success | Failure | NeedCredentials
 
 
 def offered_mechanisms(*, tls: bool, channel_bindings: Sequence[str],
-                       allow_plain: bool) -> list[str]:
+                       allow_plain: bool, sha256: bool = True) -> list[str]:
     """What to list in <mechanisms/>, best first. -PLUS only when TLS gives a binding we know
-    how to check; PLAIN only over TLS (RFC 6120 §13.8.3) and when the policy allows it."""
+    how to check; PLAIN only over TLS (RFC 6120 §13.8.3) and when the policy allows it;
+    SCRAM-SHA-256 unless sha256 is False (accounts imported with SHA-1 keys only)."""
     out = []
     if tls and any(kind in CHANNEL_BINDINGS for kind in channel_bindings):
-        out += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"]
-    out += ["SCRAM-SHA-256", "SCRAM-SHA-1"]
+        out += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"] if sha256 else ["SCRAM-SHA-1-PLUS"]
+    out += ["SCRAM-SHA-256", "SCRAM-SHA-1"] if sha256 else ["SCRAM-SHA-1"]
     if tls and allow_plain:
         out.append("PLAIN")
     return out
@@ -176,13 +177,13 @@ class SaslServer:
             self._plain = None
             self._state = _State.DONE
             # Unknown user: check against fake keys anyway, so the answer takes as long.
-            keys = (credentials.sha256 if credentials is not None
-                    else fake_keys(self._seed(user), "sha256", self._iterations))
+            keys = (credentials.sha256 or credentials.sha1 if credentials is not None
+                    else None) or fake_keys(self._seed(user), "sha256", self._iterations)
             if verify_password(password, keys) and credentials is not None:
                 return Success(user, None)
             return Failure("not-authorized", "wrong username or password")
         assert self._scram is not None
-        stored = None
+        stored = None  # an account without keys for this hash (imported) fails as unknown
         if credentials is not None:
             stored = credentials.sha1 if self._scram.hash_name == "sha1" else credentials.sha256
         self._state = _State.FINAL
