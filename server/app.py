@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from federation.service import Federation, FederationContext
-from server import events
+from server import ctl, events
 from server.events import Hooks
 from server.jid import JID
 from server.limits import Limiter
@@ -34,7 +35,7 @@ from server.xml.parser import StreamParser
 if TYPE_CHECKING:
     from OpenSSL import SSL
 
-    from server.config import Config
+    from server.config import Config, TLSConfig
 
 log = logging.getLogger("presenced")
 _SWEEP_INTERVAL = 5.0
@@ -80,6 +81,7 @@ class Server:
         self._end_point: bytes | None = None
         self.federation: Federation | None = None
         self.components: Components | None = None
+        self.admin_socket = ctl.AdminSocket(self)  # presenced ctl (server/ctl.py)
 
     async def _check_scram_keys(self) -> None:
         """Accounts imported from Prosody or ejabberd (server/porting) may have SCRAM-SHA-1 keys
@@ -141,13 +143,7 @@ class Server:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        tls = self.config.tls
-        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
-        self._tls_starttls = sni_server_context(default, per_domain, ca_file=tls.ca_file)
-        # XEP-0368: direct TLS negotiates ALPN "xmpp-client".
-        self._tls_direct = sni_server_context(default, per_domain, alpn=[b"xmpp-client"],
-                                              ca_file=tls.ca_file)
-        self._end_point = end_point_hash(tls.certificate.read_bytes())
+        self._load_tls(self.config.tls)
         classes = self._module_classes()
         # The core's stores and those the modules declare, each once (server/storage).
         stores = list(CORE_STORES)
@@ -184,7 +180,31 @@ class Server:
             await self.storage.close()
             raise
         self._sweeper = asyncio.ensure_future(self._sweep())
+        await self.admin_socket.start()
         await self.hooks.notify(events.SERVER_STARTED, self)
+
+    def _load_tls(self, tls: TLSConfig) -> None:
+        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
+        starttls = sni_server_context(default, per_domain, ca_file=tls.ca_file)
+        # XEP-0368: direct TLS negotiates ALPN "xmpp-client".
+        direct = sni_server_context(default, per_domain, alpn=[b"xmpp-client"],
+                                    ca_file=tls.ca_file)
+        end_point = end_point_hash(tls.certificate.read_bytes())
+        self._tls_starttls, self._tls_direct, self._end_point = starttls, direct, end_point
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration and certificates, keeping every session (server/ctl.py):
+        (ok, a report naming what needs a restart)."""
+        return await ctl.reload(self)
+
+    def reload_tls(self, tls: TLSConfig) -> None:
+        """New connections get these certificates (server/ctl.py reload); open ones keep
+        theirs. Raises (and changes nothing) when a file cannot be used."""
+        self._load_tls(tls)
+        if self.federation is not None:
+            self.federation.reload_tls(tls)
+        for pending in self.hooks.notify_nowait(events.TLS_RELOADED, tls):
+            self.router.spawn(pending)
 
     async def _listen(self, host: str, port: int, direct_tls: bool) -> None:
         listener = await self.loop.create_server(
@@ -267,6 +287,7 @@ class Server:
     async def stop(self) -> None:
         """Graceful: stop listening, close every stream, flush storage."""
         log.info("event=stopping sessions=%d", len(self.sessions))
+        await self.admin_socket.stop()
         await self.hooks.notify(events.SERVER_STOPPING, self)
         await self._close_listeners()
         if self._sweeper is not None:
@@ -291,6 +312,10 @@ class Server:
         log.info("event=stopped")
 
 
+async def _reload(server: Server) -> None:
+    await server.reload()
+
+
 async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 when the server could not start."""
     server = Server(config)
@@ -303,7 +328,11 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: re-read the configuration and certificates, keeping every session (server/ctl.py).
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.router.spawn(_reload(server)))
     log.info("event=started domains=%s", ",".join(config.domains))
+    ctl.notify("READY=1", f"MAINPID={os.getpid()}")  # systemd Type=notify
     await stop.wait()
+    ctl.notify("STOPPING=1")
     await server.stop()
     return 0

@@ -316,7 +316,9 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"made at first start: {tls.certificate}")
     else:
         # Service hosts (muc.<domain>, components) need the certificate too, for federation.
-        for p in check_certificate(tls.certificate, tls.key, config.local_domains):
+        # Not the domains with a certificate of their own ([tls] domain_certificates).
+        shared = [d for d in config.local_domains if d not in tls.domain_certificates]
+        for p in check_certificate(tls.certificate, tls.key, shared):
             found.append((p.severity, where(config, f"tls.{p.subject}"), p.message))
     for domain, (chain, private_key) in tls.domain_certificates.items():
         for p in check_certificate(chain, private_key, [domain]):
@@ -442,7 +444,75 @@ def cmd_storage_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cert_import(args: argparse.Namespace) -> int:
+    """presenced cert import DIR...: certbot's live/<name>/ or any directory of pairs, copied
+    to where the configuration reads them (server/certs.py import_certificates)."""
+    from server.certs import import_certificates
+
+    if not args.domains[1:]:
+        raise CLIError("cert import needs at least one directory (e.g. /etc/letsencrypt)")
+    config = load_config(args.config)
+    imported, notes = import_certificates(config, [Path(d) for d in args.domains[1:]])
+    for done in imported:
+        print(f"imported {done.source.certificate} for {', '.join(done.domains)} "
+              f"(valid until {done.source.not_after:%Y-%m-%d}) -> {done.certificate}, {done.key}")
+    for note in notes:
+        print(f"skipped: {note}", file=sys.stderr)
+    if not imported:
+        raise CLIError("no certificate for any of our domains was found")
+    print("a running server uses them after: presenced ctl reload (or SIGHUP)")
+    return 0
+
+
+def _socket_of_broken_config(path: Path) -> Path | None:
+    from server import ctl
+
+    try:
+        data_dir = tomllib.loads(path.read_text(encoding="utf-8")).get("data_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        data_dir = None
+    if not isinstance(data_dir, str):
+        return None
+    return (path.absolute().parent / data_dir) / ctl.SOCKET_NAME
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """presenced ctl COMMAND: one request over the running server's admin socket."""
+    from server import ctl
+
+    try:
+        path = ctl.socket_path(load_config(args.config))
+    except ConfigErrors:
+        # A file with errors still names the data_dir: reload then reports them, and the
+        # running server keeps its configuration.
+        found = _socket_of_broken_config(args.config)
+        if found is None:
+            raise
+        path = found
+    needs = {"kick": "JID", "announce": "TEXT"}
+    if args.action in needs and not args.args:
+        raise CLIError(f"ctl {args.action} needs {needs[args.action]}")
+    if args.action not in needs and args.args:
+        raise CLIError(f"ctl {args.action} takes no argument")
+    given = [" ".join(args.args)] if args.action in needs else []
+    try:
+        ok, output = ctl.call(path, args.action, given)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise CLIError(f"no running presenced answers on {path} (started with this "
+                       f"--config?)") from None
+    except PermissionError:
+        raise CLIError(f"{path}: permission denied (run as the server's user)") from None
+    except TimeoutError:
+        raise CLIError(f"{path}: the server did not answer") from None
+    if not ok:
+        raise CLIError(output)
+    print(output)
+    return 0
+
+
 def cmd_cert(args: argparse.Namespace) -> int:
+    if args.domains[0] == "import":
+        return cmd_cert_import(args)
     domains: list[str] = []
     for raw in args.domains:
         try:
@@ -572,13 +642,24 @@ def _parser() -> argparse.ArgumentParser:
     porting_commands(sub, [common])  # import, export (XEP-0227)
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
-    cert.add_argument("domains", nargs="+", metavar="DOMAIN")
+    cert.add_argument("domains", nargs="+", metavar="DOMAIN",
+                      help="the domains; or: import DIR... (certbot's /etc/letsencrypt or any "
+                           "directory of NAME.crt/NAME.key pairs, copied to where --config's "
+                           "[tls] reads them)")
+    cert.add_argument("--config", "-c", type=Path, metavar="FILE",
+                      help="with import: the configuration whose [tls] files are written")
     cert.add_argument("--out", "-o", type=Path, default=Path("."), metavar="DIR",
                       help="directory to write to (default: the current one)")
     cert.add_argument("--days", type=_days, default=825, help="validity in days (default 825)")
     cert.add_argument("--force", action="store_true", help="replace existing files")
     cert.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help=argparse.SUPPRESS)
+    ctl = command("ctl", cmd_ctl, "control the running server over its admin socket "
+                  "(data_dir/presenced.sock, for the server's user only)")
+    ctl.add_argument("action", choices=("status", "sessions", "kick", "reload", "announce",
+                                        "stats"), metavar="ACTION",
+                     help="status | sessions | kick JID | reload | announce TEXT | stats")
+    ctl.add_argument("args", nargs="*", metavar="ARG")
     return parser
 
 

@@ -193,7 +193,15 @@ C2S_PRE_AUTH_IQ = _fire("c2s/pre-auth-iq", ("stream", "iq"), "server/stream/c2s.
 ACCOUNT_REGISTERED = _notify("account-registered", ("jid: JID", "invitation | None"),
                              "server/modules/register.py")
 
-# -- lifecycle (server/app.py) --------------------------------------------------------------
+# -- ad-hoc commands (server/modules/adhoc.py, XEP-0050) ------------------------------------
+ADHOC_EXECUTE = _fire("adhoc/execute", ("stanza", "request", "requester: JID"),
+                      "server/modules/adhoc.py",
+                      "a command node adhoc.py does not know (admin_adhoc: XEP-0133): the "
+                      "reply or an awaitable of one")
+
+# -- lifecycle (server/app.py, server/ctl.py) -----------------------------------------------
+TLS_RELOADED = _notify("tls-reloaded", ("tls: TLSConfig",), "server/app.py",
+                       "presenced ctl reload / SIGHUP: new connections get these certificates")
 SERVER_STARTED = _notify("server-started", ("server",), "server/app.py")
 SERVER_STOPPING = _notify("server-stopping", ("server",), "server/app.py")
 

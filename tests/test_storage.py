@@ -449,6 +449,29 @@ async def test_an_account_deleted_while_its_data_is_written(two: tuple[Storage, 
         await first.accounts.delete("alice", "a.test")
 
 
+async def test_message_of_the_day(config: StorageConfig) -> None:
+    """XEP-0133 set-motd/delete-motd (server/modules/admin_adhoc.py): per domain, replaced,
+    deleted, and seen by a second connection (another node, the next start)."""
+    from server.storage.motd import SPEC as MOTD
+
+    first = await open_storage(config, [*CORE_STORES, MOTD])
+    second = await open_storage(config, [*CORE_STORES, MOTD])
+    try:
+        assert await first.motd.get("a.test") is None
+        await first.motd.set("a.test", "Hello\nwörld \U0001f600")
+        await first.motd.set("b.test", "other")
+        assert await second.motd.get("a.test") == "Hello\nwörld \U0001f600"
+        await second.motd.set("a.test", "replaced")
+        assert await first.motd.get("a.test") == "replaced"
+        assert await first.motd.delete("a.test") is True
+        assert await first.motd.delete("a.test") is False
+        assert await second.motd.get("a.test") is None
+        assert await second.motd.get("b.test") == "other"
+    finally:
+        await first.close()
+        await second.close()
+
+
 # -- migrations, on every backend ---------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ MODULES: list[str] = [
     "visibility",
     "adhoc",
     "register",
+    "admin_adhoc",
     "echo",
     "muc",
     "http",

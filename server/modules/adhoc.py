@@ -84,6 +84,11 @@ class AdHoc(Module):
         node = request.get("node", "")
         command = self.commands.get(node)
         if command is None:
+            # Other modules' commands (admin_adhoc: XEP-0133): "adhoc/execute" (stanza,
+            # request, requester) -> an awaitable of the <command/> to answer with.
+            pending = self.server.hooks.fire(events.ADHOC_EXECUTE, stanza, request, requester)
+            if pending is not None:
+                return st.result(stanza, await pending)
             raise StanzaError("item-not-found", f"no command {node!r}")
         action = request.get("action", "execute")
         if action == "cancel":

@@ -36,7 +36,7 @@ from server.config import NETWORKS, Invalid, Network, bool_option, networks, opt
 from server.http import websocket
 from server.http.bosh import Bosh
 from server.http.metrics import Metrics
-from server.http.tls import https_context
+from server.http.tls import https_context, reload_https_context
 from server.module import Module, hook
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ class HTTP(Module):
         self._prefixes: list[tuple[str, _Route]] = []
         self._runner: web.AppRunner | None = None
         self._sites: list[tuple[str, web.TCPSite]] = []
+        self._ssl_context: Any = None  # the HTTPS listener's, kept for reloads
         self.route("/.well-known/host-meta", self._host_meta_xrd, cors=True)
         self.route("/.well-known/host-meta.json", self._host_meta_json, cors=True)
         self.route(WEBSOCKET_PATH, self._websocket)
@@ -238,6 +239,7 @@ class HTTP(Module):
                                               shutdown_timeout=2.0)
         await runner.setup()
         ssl_context = https_context(self.server.config.tls) if listen.https else None
+        self._ssl_context = ssl_context
         try:
             for kind, addresses in (("http", listen.http), ("https", listen.https)):
                 for address in addresses:
@@ -255,6 +257,13 @@ class HTTP(Module):
             log.info("event=listening kind=%s address=%s:%s", kind, host, port)
         self.metrics = Metrics(self.core)
         self.metrics.start()
+
+    @hook(events.TLS_RELOADED)
+    def _reload_tls(self, tls: Any) -> None:
+        """presenced ctl reload, SIGHUP (server/ctl.py): new HTTPS connections get the new
+        certificates."""
+        if self._ssl_context is not None:
+            reload_https_context(self._ssl_context, tls)
 
     @hook(events.SERVER_STOPPING)
     async def _stop_listening(self, _server: Any) -> None:

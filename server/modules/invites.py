@@ -211,6 +211,11 @@ class Invites(Module):
                                     lifetime=self.config.expire_after)
         await self._store.create(invitation)
         log.info("event=invitation-created inviter=%s uses=1 via=adhoc", requester)
+        return self.invitation_form(invitation)
+
+    def invitation_form(self, invitation: Invitation) -> Stanza:
+        """The XEP-0401 result form: the xmpp: URI, the landing page, the expiry (also what
+        admin_adhoc.py's create-account command answers)."""
         form = st.element(ns.q(ns.DATA_FORMS, "x"), {"type": "result"})
         for var, type_, label, value in (
                 ("FORM_TYPE", "hidden", None, FORM_TYPE),
