@@ -35,7 +35,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from lxml import etree
@@ -157,7 +157,7 @@ class _Writer:
         self.store = store
         self._entries: list[ArchiveEntry] = []
         self._waiters: list[tuple[int, Callable[[list[str | None]], None] | None,
-                                  asyncio.Future[None]]] = []
+                                  asyncio.Future[None] | None]] = []
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # for tests and metrics
 
@@ -170,6 +170,14 @@ class _Writer:
         if self._task is None:
             self._task = loop.create_task(self._run())
         return future
+
+    def put(self, entries: list[ArchiveEntry]) -> None:
+        """add() for a caller that waits for nothing (the message path: durability comes
+        from barrier()), without a future per message."""
+        self._entries += entries
+        self._waiters.append((len(entries), None, None))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         try:
@@ -192,7 +200,7 @@ class _Writer:
                         except Exception:
                             log.exception("event=archive-callback-failed")
                     at += count
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_result(None)
         finally:
             self._task = None
@@ -308,6 +316,7 @@ class Mam(Module):
             if prefs is None or prefs.default != "never" or prefs.always:
                 outgoing = self._wants_now(origin.jid.bare, to_bare)
         source: JID | None = None
+        source_resource = ""
         incoming: bool | None = False
         if to_local and to_str != sender_str:
             prefs = cached.get(to_str)
@@ -316,10 +325,12 @@ class Mam(Module):
                 if stanza.get("type") in _UNARCHIVED_TYPES:
                     return None  # archivable() says no (a room's copies: §5.1.1, in the room's)
                 try:
-                    source = JID.parse(stanza.get("from") or "").bare
+                    full = JID.parse(stanza.get("from") or "")
                 except InvalidJID:
-                    source = None
-                if source is not None:
+                    full = None
+                if full is not None:
+                    source = full.bare
+                    source_resource = full.resource or ""
                     incoming = self._wants_now(to_bare, source)
         if outgoing is False and incoming is False:
             return None
@@ -327,69 +338,71 @@ class Mam(Module):
         if not archivable(stanza):
             return None
         if outgoing is None or incoming is None:
-            return self._archive_later(stanza, sender, to, source, outgoing, incoming)
-        return self._write(stanza, sender, to, source, outgoing, incoming)
+            return self._archive_later(stanza, sender, to, source, source_resource, outgoing,
+                                       incoming)
+        return self._write(stanza, sender, to, source, source_resource, outgoing, incoming)
 
     def _write(self, stanza: Stanza, sender: JID | None, to: JID, source: JID | None,
-               outgoing: bool, incoming: bool) -> Awaitable[None] | None:
+               source_resource: str, outgoing: bool,
+               incoming: bool) -> Awaitable[None] | None:
         """Queue the sender's copy (sender: a local client's account) and the recipient's
         (source: the sender's bare JID, when the recipient is a local account and not the
         sender); the future is done once they are committed, the recipient's stanza-id
         added."""
-        data = etree.tostring(stanza)
-        ts = self._now()
         to_bare = to.bare
-        entries: list[ArchiveEntry] = []
+        # (owner, with, with's resource, outgoing) of each copy; ArchiveEntry is made once,
+        # with its reserved id (a frozen dataclass costs a setattr per field, replace() more).
+        copies: list[tuple[str, str, str, bool]] = []
         if outgoing and sender is not None:
-            entries.append(ArchiveEntry(str(sender), str(to_bare), to.resource or "", True, ts,
-                                        data))
-        stamped: int | None = None  # the entry whose id the delivered message carries
+            copies.append((str(sender), str(to_bare), to.resource or "", True))
+        stamped: int | None = None  # the copy whose id the delivered message carries
         if source is not None:
             if incoming:
-                resource = JID.parse(stanza.get("from", "")).resource
-                entries.append(ArchiveEntry(str(to_bare), str(source), resource or "", False,
-                                            ts, data))
-                stamped = len(entries) - 1
-        elif entries and sender == to_bare:
+                copies.append((str(to_bare), str(source), source_resource, False))
+                stamped = len(copies) - 1
+        elif copies and sender == to_bare:
             stamped = 0  # a message to one's own account: one archive entry
-        if not entries:
+        if not copies:
             return None
-        ids = self._take_ids(len(entries))
+        data = etree.tostring(stanza)
+        ts = self._now()
+        ids = self._take_ids(len(copies))
         if ids is None:
-            return self._write_later(stanza, entries, stamped, to_bare)
-        self._queue(stanza, entries, ids, stamped, to_bare)
+            return self._write_later(stanza, copies, ts, data, stamped, to_bare)
+        self._queue(stanza, copies, ts, data, ids, stamped, to_bare)
         return None
 
-    def _queue(self, stanza: Stanza, entries: list[ArchiveEntry], ids: list[int],
-               stamped: int | None, to_bare: JID) -> None:
+    def _queue(self, stanza: Stanza, copies: list[tuple[str, str, str, bool]], ts: int,
+               data: bytes, ids: list[int], stamped: int | None, to_bare: JID) -> None:
         """Archive ids are reserved beforehand, so the stanza-id goes out with the message
         and its stream goes on at once; the write is group-committed behind it. Durable where
         that is promised: before a stream management <a/> (the "durability-barrier" hook),
         before an archive query, and at shutdown."""
         if stamped is not None:
             child(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])})
-        first = entries[0]
-        if first.outgoing and stamped != 0 and self.server.hooks.has(events.ARCHIVE_SENT_ID):
+        first = copies[0]
+        if first[3] and stamped != 0 and self.server.hooks.has(events.ARCHIVE_SENT_ID):
             # The sender's own id for its copies (carbons' <sent/>, XEP-0280 §5 with
             # XEP-0359 §3: 'by' is the sender's bare JID); the stanza carries the recipient's.
-            self.server.hooks.notify_nowait(events.ARCHIVE_SENT_ID, stanza, first.owner,
-                                            str(ids[0]))
-        self.writer.add([replace(e, id=n) for e, n in zip(entries, ids, strict=True)])
+            self.server.hooks.notify_nowait(events.ARCHIVE_SENT_ID, stanza, first[0], str(ids[0]))
+        self.writer.put([ArchiveEntry(owner, with_bare, resource, outgoing, ts, data, True, n)
+                         for (owner, with_bare, resource, outgoing), n
+                         in zip(copies, ids, strict=True)])
 
-    async def _write_later(self, stanza: Stanza, entries: list[ArchiveEntry],
-                           stamped: int | None, to_bare: JID) -> None:
+    async def _write_later(self, stanza: Stanza, copies: list[tuple[str, str, str, bool]],
+                           ts: int, data: bytes, stamped: int | None, to_bare: JID) -> None:
         """No ids reserved yet (at start, or when the pool ran dry): wait for them, in turn
         (ids follow arrival order)."""
         self._waiting += 1
         try:
-            while len(self._ids) < len(entries):
+            while len(self._ids) < len(copies):
                 self._reserve_more()
                 assert self._refill is not None
                 await asyncio.shield(self._refill)
-            ids = [self._ids.popleft() for _ in entries]
+            ids = [self._ids.popleft() for _ in copies]
         finally:
             self._waiting -= 1
-        self._queue(stanza, entries, ids, stamped, to_bare)
+        self._queue(stanza, copies, ts, data, ids, stamped, to_bare)
 
     def _take_ids(self, count: int) -> list[int] | None:
         """Reserved ids at once, or None: then the message waits for them (also when others
@@ -424,8 +437,8 @@ class Mam(Module):
         return self._writer.barrier()
 
     async def _archive_later(self, stanza: Stanza, sender: JID | None, to: JID,
-                             source: JID | None, outgoing: bool | None,
-                             incoming: bool | None) -> None:
+                             source: JID | None, source_resource: str,
+                             outgoing: bool | None, incoming: bool | None) -> None:
         """The preferences of one side are not cached: read them first."""
         if outgoing is None:
             assert sender is not None
@@ -433,7 +446,7 @@ class Mam(Module):
         if incoming is None:
             assert source is not None
             incoming = await self._wants(to.bare, source)
-        pending = self._write(stanza, sender, to, source, outgoing, incoming)
+        pending = self._write(stanza, sender, to, source, source_resource, outgoing, incoming)
         if pending is not None:
             await pending
 

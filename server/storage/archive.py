@@ -23,6 +23,7 @@ INSERT ... SELECT FROM unnest(...) RETURNING id. Either is one trip to the datab
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -211,6 +212,7 @@ _NEXT_ID = ("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = "
             "'archive_messages'), 0), coalesce((SELECT max(id) FROM archive_messages), 0)) + 1")
 
 
+@functools.lru_cache(maxsize=32)
 def _insert_sql(rows: int) -> str:
     return _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
 
@@ -292,11 +294,15 @@ class SQLiteArchiveStore(Store):
         """Archive the entries (one statement per 1000), committed on return; their ids in order
         (None for an entry whose owner account does not exist)."""
         owners: list[int | None] = []
+        cached = self._owners
         for entry in entries:
-            try:
-                owners.append(await self._owner_id(entry.owner, True, entry.account))
-            except NoSuchAccount:
-                owners.append(None)
+            number = cached.get(entry.owner)  # the usual case, without a coroutine per entry
+            if number is None:
+                try:
+                    number = await self._owner_id(entry.owner, True, entry.account)
+                except NoSuchAccount:
+                    number = None
+            owners.append(number)
         kept = [i for i, owner in enumerate(owners) if owner is not None]
         try:
             ids = await self._insert([entries[i] for i in kept], [owners[i] for i in kept])

@@ -19,8 +19,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 _READ_SIZE = 65536
+# A memory BIO keeps the largest buffer it ever held (BUF_MEM only grows); after more than this
+# went through one, an emptied pair is replaced by fresh ones, which hold nothing until used.
+_BIO_KEEP = 1024
 _DER = Encoding.DER
 EXPORTER_LABEL = b"EXPORTER-Channel-Binding"  # RFC 9266 §2
 
@@ -153,8 +158,15 @@ class TLSLayer:
                     conn.do_handshake()
                     self.handshake_done = True
                 except SSL.WantReadError:
-                    return b"", self._pending_out()
-            while True:
+                    out = self._pending_out()
+                    if len(data) > _BIO_KEEP or len(out) > _BIO_KEEP:
+                        self._fresh_bios()
+                    return b"", out
+            into = conn._into_ssl
+            # Read only while records wait (in the BIO, or decrypted in OpenSSL): a read that
+            # finds nothing costs a WantReadError, and it makes OpenSSL set up its read buffer
+            # again, which SSL_MODE_RELEASE_BUFFERS had freed with the last record.
+            while _lib.BIO_get_mem_data(into, _ffi.NULL) or conn.pending():
                 try:
                     chunk = conn.recv(_READ_SIZE)
                 except SSL.WantReadError:
@@ -166,7 +178,10 @@ class TLSLayer:
                 chunks.append(chunk)
         except SSL.Error as exc:
             raise TLSError(_describe(exc)) from exc
-        return b"".join(chunks), self._pending_out()
+        out = self._pending_out()
+        if len(data) > _BIO_KEEP or len(out) > _BIO_KEEP:
+            self._fresh_bios()
+        return b"".join(chunks), out
 
     def send(self, plaintext: bytes) -> bytes:
         """Encrypt; returns the records to write."""
@@ -176,13 +191,30 @@ class TLSLayer:
             pass  # the handshake never finished (the peer left): nothing can be sent
         except SSL.Error as exc:
             raise TLSError(_describe(exc)) from exc
-        return self._pending_out()
+        out = self._pending_out()
+        if len(out) > _BIO_KEEP:
+            self._fresh_bios()
+        return out
 
     def close(self) -> bytes:
         """A close_notify alert to send, if the session got that far."""
         with contextlib.suppress(SSL.Error):
             self._conn.shutdown()
         return self._pending_out()
+
+    def _fresh_bios(self) -> None:
+        """Idle TLS holds no buffers: OpenSSL frees its record buffers between records
+        (SSL_MODE_RELEASE_BUFFERS), and the memory BIOs, once emptied, are replaced by fresh
+        ones (SSL_set_bio frees the old pair). Only when both are empty: a partial record
+        waits in OpenSSL's own buffer, never in the BIO."""
+        conn = self._conn
+        into, out = conn._into_ssl, conn._from_ssl
+        if _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
+            return
+        fresh_in = _lib.BIO_new(_lib.BIO_s_mem())
+        fresh_out = _lib.BIO_new(_lib.BIO_s_mem())
+        _lib.SSL_set_bio(conn._ssl, fresh_in, fresh_out)
+        conn._into_ssl, conn._from_ssl = fresh_in, fresh_out
 
     def _pending_out(self) -> bytes:
         conn = self._conn
