@@ -500,6 +500,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="valid for this long: 7d, 12h, 30m, 2w (default 7d)")
     create.add_argument("--group", metavar="G",
                         help="the roster group inviter and new account put each other in")
+    from server.cluster.cli import add_command as add_cluster_command  # presenced cluster ...
+    add_cluster_command(sub, common)
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
     cert.add_argument("domains", nargs="+", metavar="DOMAIN")

@@ -520,6 +520,9 @@ class LogConfig:
     level: str = field(metadata=option(_one_of(*_LEVELS), _choice(*_LEVELS), "info"))
 
 
+from server.cluster.settings import ClusterSettings, storage_problem  # noqa: E402 (uses option)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     path: Path | None  # the file as given, None for the built-in defaults
@@ -535,6 +538,7 @@ class Config:
     c2s: C2SConfig = field(metadata=section(C2SConfig))
     log: LogConfig = field(metadata=section(LogConfig))
     s2s: S2SConfig = field(metadata=section(S2SConfig))
+    cluster: ClusterSettings = field(metadata=section(ClusterSettings))  # server/cluster
     components: dict[str, ComponentConfig] = field(metadata=option(
         'a table of "domain" = { secret = "..." }', _components, {}))
     # Feature modules' own sections ([muc], [mam], ...), by table name: see server/module.py.
@@ -607,6 +611,8 @@ def _build(path: Path | None, document: dict[str, Any], locator: _Locator, file:
         raise ValueError(f"module sections {sorted(clash)} clash with core settings")
     values = _load(Config, {k: v for k, v in document.items() if k not in sections}, (), ctx,
                    locator, file, errors, known=tuple(sorted(sections)))
+    if (shared := storage_problem(values, document)) is not None:  # [cluster] needs PostgreSQL
+        errors.append(ConfigError(file, locator.line(shared[0]), ".".join(shared[0]), *shared[1:]))
     modules: dict[str, Any] = {}
     for name, cls in sections.items():
         table = document.get(name, {})
