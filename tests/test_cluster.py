@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import slixmpp
 from lxml import etree
 
 from server.config import ConfigErrors, load_config
+from server.jid import JID
 from tests.conftest import RunningServer, start_server, stop_server, write_config
 from tests.rawclient import CLIENT, RawClient
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
@@ -65,7 +65,6 @@ async def nodes(tmp_path: Path, pg_dsn: str, redis_url: str  # noqa: F811
 
 def sees(node: RunningServer, jid: str, available: bool = True) -> Callable[[], bool]:
     """The node's directory knows a session of jid on another node (available: with presence)."""
-    from server.jid import JID
     full = JID.parse(jid)
 
     def check() -> bool:
@@ -141,7 +140,6 @@ async def test_subscription_and_presence_across_nodes(
         _version, items = await node.server.storage.rosters.load(user, "a.test")
         return next(i.subscription for i in items if i.contact == contact)
 
-    await eventually(lambda: True, "")
     for _ in range(100):
         if (await subscription(one, "alice", BOB), await subscription(two, "bob", ALICE)) == (
                 "both", "both"):
@@ -170,25 +168,22 @@ async def test_subscription_and_presence_across_nodes(
 async def test_iqs_to_a_full_jid_on_the_other_node(
         nodes: tuple[RunningServer, RunningServer]) -> None:
     one, two = nodes
-    alice = await one.client(ALICE, resource="laptop", plugins=("xep_0199", "xep_0030"))
+    alice = await one.client(ALICE, resource="laptop",
+                             plugins=("xep_0199", "xep_0030", "xep_0092"))
     bob = await two.client(BOB, resource="desk", plugins=("xep_0092", "xep_0199", "xep_0030"))
-    bob["xep_0092"].software_name = "bob-client"
-    bob["xep_0092"].version = "4.2"
+    bob.plugin["xep_0092"].software_name = "bob-client"
+    bob.plugin["xep_0092"].version = "4.2"
     await eventually(sees(one, f"{BOB}/desk", available=False), "node1 sees bob")
     await eventually(sees(two, f"{ALICE}/laptop", available=False), "node2 sees alice")
     # XEP-0199 ping to a full JID: answered by bob's client on node2, the result comes back.
-    rtt = await alice["xep_0199"].ping(f"{BOB}/desk", timeout=10)
+    rtt = await alice.plugin["xep_0199"].ping(f"{BOB}/desk", timeout=10)
     assert rtt is not None and rtt >= 0
     # XEP-0092 software version: the client's own answer (not the server's).
-    version = await alice["xep_0092"].get_version(f"{BOB}/desk", timeout=10) if (
-        "xep_0092" in alice.plugin) else None
-    if version is None:
-        alice.register_plugin("xep_0092")
-        version = await alice["xep_0092"].get_version(f"{BOB}/desk", timeout=10)
+    version = await alice.plugin["xep_0092"].get_version(f"{BOB}/desk", timeout=10)
     assert version["software_version"]["name"] == "bob-client"
     assert version["software_version"]["version"] == "4.2"
     # XEP-0030 disco#info of the full JID, node2 -> node1 this time.
-    info = await bob["xep_0030"].get_info(f"{ALICE}/laptop", timeout=10)
+    info = await bob.plugin["xep_0030"].get_info(f"{ALICE}/laptop", timeout=10)
     assert "urn:xmpp:ping" in info["disco_info"]["features"]
 
 
@@ -200,7 +195,7 @@ async def test_iq_to_a_session_gone_since_is_answered(
     alice = await raw_available(one, ALICE, "phone")
     bob = await raw_available(two, BOB, "desk")
     await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob")
-    remote = one.server.sessions.get(__import__("server.jid").jid.JID.parse(f"{BOB}/desk"))
+    remote = one.server.sessions.get(JID.parse(f"{BOB}/desk"))
     assert remote is not None
     await bob.close()
     await eventually(lambda: len(two.server.sessions) == 0, "bob gone from node2")
@@ -215,7 +210,6 @@ async def test_iq_to_a_session_gone_since_is_answered(
     remote.send(etree.fromstring(
         f"<message xmlns='jabber:client' type='chat' id='late' from='{ALICE}/phone' "
         f"to='{BOB}/desk'><body>later</body></message>"))
-    await eventually(lambda: True, "")
     back = await raw_available(two, BOB, "desk")  # offline storage delivers it (XEP-0160)
     got = await back.expect(MESSAGE)
     assert got.get("id") == "late" and got.findtext(f"{{{CLIENT}}}body") == "later"
@@ -252,7 +246,7 @@ async def test_fenced_node_closes_its_streams_and_rejoins(
     assert cluster is not None
     first = cluster.membership.incarnation
     # As if node2 had lost Redis for longer than dead_after: its key is gone.
-    await cluster.redis.delete(f"presenced:node:node2")
+    await cluster.redis.delete("presenced:node:node2")
     assert await bob.stream_error(10) == "system-shutdown"
     await eventually(lambda: cluster.membership.incarnation != first, "a new incarnation")
     one_cluster = one.server.cluster
