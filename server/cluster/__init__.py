@@ -15,6 +15,9 @@ through the same pub/sub channel as the directory.
 
 from __future__ import annotations
 
+# server.config first: it imports settings.py, which imports the option API from it (a
+# submodule imported on its own would otherwise meet a half-initialised server.config).
+import server.config  # noqa: F401  isort: skip
 import asyncio
 import contextlib
 import logging
