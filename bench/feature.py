@@ -1,20 +1,112 @@
-"""What the per-feature runners (bench/mam_messages.py, sm_messages.py, ws_messages.py) share:
-their command line, the 1:1 messages parameters, and one run per server with its failures
-reported in the table instead of ending the run."""
+"""What the per-feature runners share (bench/mam_messages.py, sm_messages.py, ws_messages.py,
+pep_notify.py, muc_fanout.py): their command line and parameters, a run on a fresh server
+(``on_fresh_server``), one run per server with its failures reported in the table instead of
+ending the run, and the comparison of variants (``Variant``, ``compare``): a table of how each
+server is set up in each variant, measured the same way, one fresh server each."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
-from bench.peers import raise_nofile_limit
-from bench.run import Fleet, Params, Window
+from bench import loadgen
+from bench.peers import Peer, raise_nofile_limit
+from bench.run import DOMAIN, PASSWORD, Fleet, Params, Window, pairs, prepare_accounts, split
 
 _D = TypeVar("_D")
+_T = TypeVar("_T")
+
+# The fan-out runners' servers (bench.run's are on 127.0.0.20-23): a side-by-side run of
+# bench.run elsewhere on the machine does not take them.
+FANOUT_ADDRESSES = {"presenced": "127.0.0.24", "prosody": "127.0.0.25", "ejabberd": "127.0.0.26"}
+
+PeerMaker = Callable[[str, int], Peer]  # (host, c2s port) -> a server not yet started
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row per server of a comparison: how each kind of server is set up (``servers``:
+    kind -> PeerMaker; a kind missing is not run in this variant) and what ``op`` measures
+    (a loadgen op, or a runner's own name such as "websocket")."""
+
+    label: str
+    servers: Mapping[str, PeerMaker]
+    op: str = "messages"
+
+
+def on_fresh_server(peer: Peer, users: list[str], measure: Callable[[Peer, loadgen.Target], _T],
+                    port: int = 5222) -> _T:
+    """Accounts for users (files before the start, in-band after, whichever the server takes),
+    start it, measure(peer, target), stop it; a server that died while measured is an error."""
+    target = loadgen.Target(peer.host, port, DOMAIN, PASSWORD)
+    prepare_accounts(peer, target, users)
+    peer.start()
+    try:
+        prepare_accounts(peer, target, users)
+        got = measure(peer, target)
+        if not peer.running:
+            raise RuntimeError(f"the server died:\n{peer.log_tail()}")
+    finally:
+        peer.stop()
+    return got
+
+
+def messages(op: str, p: Params, peer: Peer, fleet: Fleet,
+             target: loadgen.Target) -> dict[str, Any]:
+    """bench/run.py's 1:1 messages (op: "messages", or "messages_sm" with XEP-0198), per second
+    and per server CPU-second."""
+    shards = split(fleet, "pairs", pairs(p.general_accounts, p.pairs), window=p.window)
+    window = fleet.run(op, peer, target, shards, p.warmup, p.duration)
+    delivered = sum(r["delivered"] for r in window.results)
+    if delivered == 0:
+        raise RuntimeError("no message was delivered")
+    return {"msgs_per_s": delivered / window.seconds,
+            "per_cpu_s": delivered / max(window.server_cpu, 1e-9)}
+
+
+Measure = Callable[[Variant, Params, Peer, Fleet, loadgen.Target], dict[str, Any]]
+
+
+def compare(kinds: list[str], p: Params, variants: Sequence[Variant], column: str,
+            addresses: Mapping[str, str], measure: Measure | None = None,
+            note: str = "") -> dict[str, Any]:
+    """Each server kind in each variant that sets it up, on a fresh server, measured (by
+    default: 1:1 messages with the variant's op); then one table, a row per server and
+    variant. Returns the results by kind, then by variant label."""
+    how = measure or _messages_of
+
+    def run(kind: str, params: Params, fleet: Fleet) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for variant in variants:
+            make = variant.servers.get(kind)
+            if make is None:
+                continue
+
+            def measured(peer: Peer, target: loadgen.Target,
+                         variant: Variant = variant) -> dict[str, Any]:
+                return how(variant, params, peer, fleet, target)
+            out[variant.label] = on_fresh_server(make(addresses[kind], 5222),
+                                                 params.general_accounts, measured)
+        return out
+
+    results = run_each(kinds, p, run)
+    header(p, column, note)
+    for kind, out in results.items():
+        if isinstance(out, str):
+            row(kind, "", out)
+            continue
+        for label, got in out.items():
+            row(kind, label, got)
+    return results
+
+
+def _messages_of(variant: Variant, p: Params, peer: Peer, fleet: Fleet,
+                 target: loadgen.Target) -> dict[str, Any]:
+    return messages(variant.op, p, peer, fleet, target)
 
 
 def parse(doc: str, servers: str, argv: list[str] | None) -> tuple[Params, list[str]]:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import feature, loadgen
+from bench.feature import FANOUT_ADDRESSES, PeerMaker
 from bench.peers import EjabberdPeer, Peer, PresencedPeer, ProsodyPeer
-from bench.pep_notify import ADDRESSES
-from bench.run import DOMAIN, NO_ARCHIVE, PASSWORD, Fleet, prepare_accounts, split
+from bench.run import DOMAIN, NO_ARCHIVE, Fleet, Window, split
 
 SERVICE = f"muc.{DOMAIN}"
 # presenced archives rooms by default (XEP-0313 on the room JID); Prosody without mod_muc_mam
@@ -50,41 +50,32 @@ class MucParams(feature.FanoutParams):  # window: messages in flight per room
                 for r in range(self.rooms)]
 
 
-def make(kind: str, host: str | None = None, port: int = 5222) -> Peer:
-    host = host or ADDRESSES[kind]
-    if kind == "presenced":  # MUC is on by default, at muc.<domain>
-        return PresencedPeer(host=host, c2s_port=port, domains=(DOMAIN,),
-                             extra_config=NO_ARCHIVE + NO_RATE_LIMIT)
-    if kind == "prosody":
-        return ProsodyPeer(host=host, c2s_port=port, domains=(DOMAIN,),
-                           components={SERVICE: "muc"})
-    if kind == "ejabberd":
-        return EjabberdPeer(host=host, c2s_port=port, domains=(DOMAIN,),
-                            in_band_registration=True,
-                            extra_modules={"mod_muc": {"hosts": [SERVICE]}})
-    raise ValueError(kind)
+SERVERS: dict[str, PeerMaker] = {
+    "presenced": lambda host, port: PresencedPeer(  # MUC is on by default, at muc.<domain>
+        host=host, c2s_port=port, domains=(DOMAIN,), extra_config=NO_ARCHIVE + NO_RATE_LIMIT),
+    "prosody": lambda host, port: ProsodyPeer(host=host, c2s_port=port, domains=(DOMAIN,),
+                                              components={SERVICE: "muc"}),
+    "ejabberd": lambda host, port: EjabberdPeer(
+        host=host, c2s_port=port, domains=(DOMAIN,), in_band_registration=True,
+        extra_modules={"mod_muc": {"hosts": [SERVICE]}}),
+}
 
 
 def run(kind: str, p: MucParams, fleet: Fleet, host: str | None = None,
         port: int = 5222) -> dict[str, Any]:
-    peer = make(kind, host, port)
-    target = loadgen.Target(peer.host, port, DOMAIN, PASSWORD)
     rooms = p.layout()
     users = [u for _, members in rooms for u in members]
-    prepare_accounts(peer, target, users)
-    peer.start()
-    try:
-        prepare_accounts(peer, target, users)
+
+    def measure(peer: Peer, target: loadgen.Target) -> Window:
         if kind == "ejabberd":
             peer.restart()  # the registration sessions came and went
         form = NO_ROOM_ARCHIVE if kind == "presenced" else ""
-        window = fleet.run("muc", peer, target,
-                           split(fleet, "rooms", rooms, window=p.window, form=form),
-                           p.warmup, p.duration)
-        if not peer.running:
-            raise RuntimeError(f"the server died:\n{peer.log_tail()}")
-    finally:
-        peer.stop()
+        return fleet.run("muc", peer, target,
+                         split(fleet, "rooms", rooms, window=p.window, form=form),
+                         p.warmup, p.duration)
+
+    peer = SERVERS[kind](host or FANOUT_ADDRESSES[kind], port)
+    window = feature.on_fresh_server(peer, users, measure, port)
     delivered = sum(r["delivered"] for r in window.results)
     refused = sum(r["refused"] for r in window.results)
     if delivered == 0:

@@ -20,12 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import feature, loadgen
+from bench.feature import FANOUT_ADDRESSES, PeerMaker
 from bench.peers import EjabberdPeer, Peer, PresencedPeer, ProsodyPeer
-from bench.run import DOMAIN, NO_ARCHIVE, PASSWORD, Fleet, prepare_accounts, split
-
-# Addresses of their own (bench.run's servers are on 127.0.0.20-23): a side-by-side run of
-# bench.run elsewhere on the machine does not take them.
-ADDRESSES = {"presenced": "127.0.0.24", "prosody": "127.0.0.25", "ejabberd": "127.0.0.26"}
+from bench.run import DOMAIN, NO_ARCHIVE, Fleet, Window, split
 
 
 @dataclass
@@ -42,36 +39,29 @@ class PepParams(feature.FanoutParams):  # window: publications unanswered per pr
         return [f"t{i:05d}" for i in range(self.users)]
 
 
-def make(kind: str, host: str | None = None, port: int = 5222) -> Peer:
-    host = host or ADDRESSES[kind]
-    if kind == "presenced":  # PEP is on by default
-        return PresencedPeer(host=host, c2s_port=port, domains=(DOMAIN,), extra_config=NO_ARCHIVE)
-    if kind == "prosody":
-        return ProsodyPeer(host=host, c2s_port=port, domains=(DOMAIN,), extra_modules=("pep",))
-    if kind == "ejabberd":
-        return EjabberdPeer(host=host, c2s_port=port, domains=(DOMAIN,),
-                            in_band_registration=True,
-                            extra_modules={"mod_pubsub": {"plugins": ["flat", "pep"]}})
-    raise ValueError(kind)
+SERVERS: dict[str, PeerMaker] = {
+    "presenced": lambda host, port: PresencedPeer(  # PEP is on by default
+        host=host, c2s_port=port, domains=(DOMAIN,), extra_config=NO_ARCHIVE),
+    "prosody": lambda host, port: ProsodyPeer(host=host, c2s_port=port, domains=(DOMAIN,),
+                                              extra_modules=("pep",)),
+    "ejabberd": lambda host, port: EjabberdPeer(
+        host=host, c2s_port=port, domains=(DOMAIN,), in_band_registration=True,
+        extra_modules={"mod_pubsub": {"plugins": ["flat", "pep"]}}),
+}
 
 
 def run(kind: str, p: PepParams, fleet: Fleet, host: str | None = None,
         port: int = 5222) -> dict[str, Any]:
-    peer = make(kind, host, port)
-    target = loadgen.Target(peer.host, port, DOMAIN, PASSWORD)
     users = p.accounts
-    prepare_accounts(peer, target, users)
-    peer.start()
-    try:
-        prepare_accounts(peer, target, users)
+
+    def measure(peer: Peer, target: loadgen.Target) -> Window:
         asyncio.run(loadgen.make_rosters(target, users, p.contacts))
         peer.restart()  # nothing left in memory from making the rosters
-        window = fleet.run("pep", peer, target, split(fleet, "users", users, window=p.window),
-                           p.warmup, p.duration)
-        if not peer.running:
-            raise RuntimeError(f"the server died:\n{peer.log_tail()}")
-    finally:
-        peer.stop()
+        return fleet.run("pep", peer, target, split(fleet, "users", users, window=p.window),
+                         p.warmup, p.duration)
+
+    peer = SERVERS[kind](host or FANOUT_ADDRESSES[kind], port)
+    window = feature.on_fresh_server(peer, users, measure, port)
     got = {k: sum(r[k] for r in window.results)
            for k in ("delivered", "received", "published", "errors")}
     error = next((r["error"] for r in window.results if r["error"]), "")

@@ -254,13 +254,13 @@ def scenario_logins(p: Params, peer: Peer, fleet: Fleet, target: loadgen.Target,
     out["logins_cpu"] = (window.server_cpu / window.seconds, window.generator_cpu / window.seconds)
 
 
-def _pairs(users: list[str], count: int) -> list[tuple[str, str]]:
+def pairs(users: list[str], count: int) -> list[tuple[str, str]]:
     return [(users[2 * i], users[2 * i + 1]) for i in range(count)]
 
 
 def scenario_messages(p: Params, peer: Peer, fleet: Fleet, target: loadgen.Target,
                       out: dict[str, Any]) -> None:
-    shards = split(fleet, "pairs", _pairs(p.general_accounts, p.pairs), window=p.window)
+    shards = split(fleet, "pairs", pairs(p.general_accounts, p.pairs), window=p.window)
     window = fleet.run("messages", peer, target, shards, p.warmup, p.duration)
     delivered = sum(r["delivered"] for r in window.results)
     out["msgs_delivered"] = delivered
@@ -273,7 +273,7 @@ def scenario_messages(p: Params, peer: Peer, fleet: Fleet, target: loadgen.Targe
 
 def scenario_latency(p: Params, peer: Peer, fleet: Fleet, target: loadgen.Target,
                      out: dict[str, Any]) -> None:
-    shards = split(fleet, "pairs", _pairs(p.general_accounts, p.latency_pairs))
+    shards = split(fleet, "pairs", pairs(p.general_accounts, p.latency_pairs))
     busy = [s for s in shards if s is not None]
     for s in busy:
         s["rate"] = p.rate / len(busy)

@@ -19,18 +19,9 @@ from typing import Any
 import aiohttp
 
 from bench import feature, loadgen
+from bench.feature import PeerMaker, Variant
 from bench.peers import Peer, PresencedPeer, ProsodyPeer
-from bench.run import (
-    ADDRESSES,
-    DOMAIN,
-    NO_ARCHIVE,
-    PASSWORD,
-    Fleet,
-    Params,
-    prepare_accounts,
-    split,
-)
-from bench.run import _pairs as pairs_of
+from bench.run import ADDRESSES, DOMAIN, NO_ARCHIVE, PASSWORD, Fleet, Params, pairs
 
 HTTPS_PORT = 5281
 FRAMING = "urn:ietf:params:xml:ns:xmpp-framing"
@@ -39,16 +30,16 @@ BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 BODY = "x" * 100
 
 
-def make(kind: str) -> Peer:
-    host = ADDRESSES[kind]
-    if kind == "presenced":
-        return PresencedPeer(host=host, c2s_port=5222, domains=(DOMAIN,),
-                             https_port=HTTPS_PORT, extra_config=NO_ARCHIVE)
-    if kind == "prosody":
-        return ProsodyPeer(host=host, c2s_port=5222, domains=(DOMAIN,),
-                           extra_modules=("websocket",), https_port=HTTPS_PORT,
-                           extra_config=f'http_default_host = "{DOMAIN}"')
-    raise ValueError(kind)
+# Both variants on the same servers, with their WebSocket endpoint on HTTPS_PORT.
+SERVERS: dict[str, PeerMaker] = {
+    "presenced": lambda host, port: PresencedPeer(host=host, c2s_port=port, domains=(DOMAIN,),
+                                                  https_port=HTTPS_PORT, extra_config=NO_ARCHIVE),
+    "prosody": lambda host, port: ProsodyPeer(host=host, c2s_port=port, domains=(DOMAIN,),
+                                              extra_modules=("websocket",),
+                                              https_port=HTTPS_PORT,
+                                              extra_config=f'http_default_host = "{DOMAIN}"'),
+}
+VARIANTS = (Variant("tcp", SERVERS, op="messages"), Variant("websocket", SERVERS, op="websocket"))
 
 
 class WSClient:
@@ -150,41 +141,18 @@ async def measure_ws(host: str, users: list[tuple[str, str]], window: int, warmu
     return {"msgs_per_s": delivered / seconds, "per_cpu_s": delivered / max(cpu, 1e-9)}
 
 
-def run(kind: str, p: Params, fleet: Fleet) -> dict[str, dict[str, Any]]:
-    target = loadgen.Target(ADDRESSES[kind], 5222, DOMAIN, PASSWORD)
-    users = p.general_accounts
-    out: dict[str, dict[str, Any]] = {}
-    for transport in ("tcp", "websocket"):  # a fresh server for each
-        peer = make(kind)
-        prepare_accounts(peer, target, users)
-        peer.start()
-        try:
-            prepare_accounts(peer, target, users)
-            pairs = pairs_of(users, p.pairs)
-            if transport == "tcp":
-                shards = split(fleet, "pairs", pairs, window=p.window)
-                window = fleet.run("messages", peer, target, shards, p.warmup, p.duration)
-                delivered = sum(r["delivered"] for r in window.results)
-                out[transport] = {"msgs_per_s": delivered / window.seconds,
-                                  "per_cpu_s": delivered / max(window.server_cpu, 1e-9)}
-            else:
-                out[transport] = asyncio.run(measure_ws(
-                    ADDRESSES[kind], pairs, p.window, p.warmup, p.duration, peer))
-        finally:
-            peer.stop()
-    return out
+def measure(variant: Variant, p: Params, peer: Peer, fleet: Fleet,
+            target: loadgen.Target) -> dict[str, Any]:
+    if variant.op != "websocket":
+        return feature.messages(variant.op, p, peer, fleet, target)
+    return asyncio.run(measure_ws(peer.host, pairs(p.general_accounts, p.pairs), p.window,
+                                  p.warmup, p.duration, peer))
 
 
 def main(argv: list[str] | None = None) -> int:
     p, kinds = feature.parse(__doc__ or "", "presenced,prosody", argv)
-    results = feature.run_each(kinds, p, run)
-    feature.header(p, "transport", "the WebSocket generator is one process: a floor")
-    for kind, out in results.items():
-        if isinstance(out, str):
-            feature.row(kind, "", out)
-            continue
-        for transport, got in out.items():
-            feature.row(kind, transport, got)
+    feature.compare(kinds, p, VARIANTS, "transport", ADDRESSES, measure,
+                    "the WebSocket generator is one process: a floor")
     return 0
 
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from server.config import Address, S2SConfig, TLSConfig
-    from server.hooks import Hooks
+    from server.events import Hooks
     from server.limits import Limiter
     from server.router import Router
     from server.sessions import Session
@@ -77,20 +77,8 @@ class Federation:
         self.resolver = Resolver({d: (a.host, a.port) for d, a in config.routes.items()},
                                  nameservers=config.nameservers or None,
                                  timeout=config.connect_timeout)
-        tls = context.tls
-        self.trust = auth.load_trust(tls.ca_file)
-        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
-        self._inbound_ctx = sni_server_context(default, per_domain, ca_file=tls.ca_file,
-                                               request_certificate=True)
-        self._inbound_direct_ctx = sni_server_context(default, per_domain, alpn=_ALPN,
-                                                      ca_file=tls.ca_file,
-                                                      request_certificate=True)
-        # Towards peers each hosted domain shows its own certificate (XEP-0178 identity).
         self._outbound_ctx: dict[tuple[str, bool], SSL.Context] = {}
-        for domain in self.hosts:
-            cert, key = per_domain.get(domain, default)
-            self._outbound_ctx[(domain, False)] = client_context(cert, key)
-            self._outbound_ctx[(domain, True)] = client_context(cert, key, alpn=_ALPN)
+        self.reload_tls(context.tls)
         self.outbound: dict[tuple[str, str], OutboundStream] = {}
         self.inbound: set[InboundStream] = set()
         # XEP-0288: inbound streams that carry our stanzas back, by (local, remote) pair.
@@ -154,6 +142,24 @@ class Federation:
                 if out.ready and now - out.last_activity > config.idle_timeout:
                     log.info("event=s2s-idle-close local=%s remote=%s", out.local, out.remote)
                     out.close()
+
+    def reload_tls(self, tls: TLSConfig) -> None:
+        """Contexts for new streams (at start, and on reload: server/ctl.py); raises and
+        changes nothing when a file cannot be used."""
+        trust = auth.load_trust(tls.ca_file)
+        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
+        inbound = sni_server_context(default, per_domain, ca_file=tls.ca_file,
+                                     request_certificate=True)
+        inbound_direct = sni_server_context(default, per_domain, alpn=_ALPN,
+                                            ca_file=tls.ca_file, request_certificate=True)
+        # Towards peers each hosted domain shows its own certificate (XEP-0178 identity).
+        outbound: dict[tuple[str, bool], SSL.Context] = {}
+        for domain in self.hosts:
+            cert, key = per_domain.get(domain, default)
+            outbound[(domain, False)] = client_context(cert, key)
+            outbound[(domain, True)] = client_context(cert, key, alpn=_ALPN)
+        self.trust, self._inbound_ctx, self._inbound_direct_ctx = trust, inbound, inbound_direct
+        self._outbound_ctx = outbound
 
     # -- pieces the streams use --------------------------------------------------------------
 

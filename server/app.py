@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from federation.service import Federation, FederationContext
-from server.hooks import Hooks
+from server import ctl, events
+from server.events import Hooks
 from server.jid import JID
 from server.limits import Limiter
-from server.module import Module
+from server.module import M, Module, ModuleError, load_order
 from server.modules import MODULES, module_class
+from server.presence.access import AccessRules
+from server.roster import RosterManager
 from server.router import Router
 from server.services import Route, ServiceHost
 from server.sessions import Session, SessionManager
@@ -31,19 +36,20 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from server.cluster import Cluster
-    from server.config import Config
-    from server.presence.access import AccessRules
-    from server.roster import RosterManager
+    from server.config import Config, TLSConfig
 
 log = logging.getLogger("presenced")
 _SWEEP_INTERVAL = 5.0
 
 
 class Server:
-    def __init__(self, config: Config, extra_modules: Sequence[type[Module]] = ()) -> None:
+    def __init__(self, config: Config, extra_modules: Sequence[type[Module]] = (),
+                 modules: Sequence[str] = MODULES) -> None:
         """extra_modules: module classes loaded after those of server/modules (tests, plugins);
-        their settings must have been given to load_config(sections=...)."""
+        their settings must have been given to load_config(sections=...). modules: the names
+        of server/modules to load (all of MODULES unless told)."""
         self.config = config
+        self._module_names = tuple(modules)
         self._extra_modules = tuple(extra_modules)
         self.hosts = frozenset(config.domains)
         self.default_domain = config.domains[0]
@@ -60,6 +66,7 @@ class Server:
         if self.cluster is not None:
             self.cluster.attach(self.router)
         self.modules: dict[str, Module] = {}
+        self._by_class: dict[type[Module], Module] = {}
         self.nonza_handlers: dict[str, Callable[..., Any]] = {}
         self.pre_bind_handlers: dict[str, Callable[..., Any]] = {}
         self.service_hosts: dict[str, ServiceHost] = {}
@@ -73,14 +80,28 @@ class Server:
         self._listeners: list[tuple[str, asyncio.Server]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.storage: Storage
-        self.rosters: RosterManager  # set by the roster module
-        self.access: AccessRules     # set by the presence module
+        # The core's, as Prosody's core/rostermanager: modules read them (ModuleContext).
+        self.rosters = RosterManager(self)
+        self.access = AccessRules(self.hooks)
         self.loop: asyncio.AbstractEventLoop
         self._tls_starttls: SSL.Context
         self._tls_direct: SSL.Context
         self._end_point: bytes | None = None
         self.federation: Federation | None = None
         self.components: Components | None = None
+        self.admin_socket = ctl.AdminSocket(self)  # presenced ctl (server/ctl.py)
+
+    async def _check_scram_keys(self) -> None:
+        """Accounts imported from Prosody or ejabberd (server/porting) may have SCRAM-SHA-1 keys
+        only. A client picks the best mechanism offered before it names its account, and most
+        (slixmpp, Conversations) take a failure there as a wrong password: while such accounts
+        exist, and none lacks SHA-1 keys, SCRAM-SHA-256 is not offered (as Prosody 0.12 and
+        ejabberd by default offer SCRAM-SHA-1 only). A password change gives an account both."""
+        without_sha1, without_sha256 = await self.storage.accounts.missing_keys()
+        if without_sha256 and not without_sha1:
+            self.c2s_policy = dataclasses.replace(self.c2s_policy, scram_sha256=False)
+            log.warning("event=scram-sha256-not-offered accounts_with_sha1_only=%d",
+                        without_sha256)
 
     # -- pieces the connections use ----------------------------------------------------------
 
@@ -104,15 +125,19 @@ class Server:
         """The services a user domain lists in its disco#items."""
         return [h for h in self.service_hosts.values() if h.parent == domain]
 
+    def module(self, cls: type[M]) -> M | None:
+        """The loaded instance of a module class, or None (server/module.py: needs, uses)."""
+        found = self._by_class.get(cls)
+        return found if isinstance(found, cls) else None
+
     def end_session(self, session: Session, reason: str) -> None:
         """A session is over (its stream closed, or a detached session expired): forget it
         and tell the modules (presence goes unavailable, last activity is recorded, ...)."""
         session.transport = None
         if self.sessions.unbind(session):
             log.info("event=unbound jid=%s reason=%s", session.jid_str, reason)
-        for pending in self.hooks.fire_all("session-closed", session, reason):
-            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                self.router.spawn(pending)
+        for pending in self.hooks.notify_nowait(events.SESSION_CLOSED, session, reason):
+            self.router.spawn(pending)
 
     def post_bind_features(self) -> list[etree._Element]:
         features = []
@@ -126,13 +151,7 @@ class Server:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        tls = self.config.tls
-        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
-        self._tls_starttls = sni_server_context(default, per_domain, ca_file=tls.ca_file)
-        # XEP-0368: direct TLS negotiates ALPN "xmpp-client".
-        self._tls_direct = sni_server_context(default, per_domain, alpn=[b"xmpp-client"],
-                                              ca_file=tls.ca_file)
-        self._end_point = end_point_hash(tls.certificate.read_bytes())
+        self._load_tls(self.config.tls)
         classes = self._module_classes()
         # The core's stores and those the modules declare, each once (server/storage).
         stores = list(CORE_STORES)
@@ -141,6 +160,7 @@ class Server:
                 stores.append(spec)
         self.storage = await open_storage(self.config, stores)
         try:
+            await self._check_scram_keys()
             await self._load_modules(classes)
             if self.cluster is not None:
                 await self.cluster.start()  # joined, with the directory, before any listener
@@ -170,8 +190,31 @@ class Server:
             await self.storage.close()
             raise
         self._sweeper = asyncio.ensure_future(self._sweep())
-        for pending in self.hooks.fire_all("server-started", self):
-            await pending
+        await self.admin_socket.start()
+        await self.hooks.notify(events.SERVER_STARTED, self)
+
+    def _load_tls(self, tls: TLSConfig) -> None:
+        default, per_domain = (tls.certificate, tls.key), tls.domain_certificates
+        starttls = sni_server_context(default, per_domain, ca_file=tls.ca_file)
+        # XEP-0368: direct TLS negotiates ALPN "xmpp-client".
+        direct = sni_server_context(default, per_domain, alpn=[b"xmpp-client"],
+                                    ca_file=tls.ca_file)
+        end_point = end_point_hash(tls.certificate.read_bytes())
+        self._tls_starttls, self._tls_direct, self._end_point = starttls, direct, end_point
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration and certificates, keeping every session (server/ctl.py):
+        (ok, a report naming what needs a restart)."""
+        return await ctl.reload(self)
+
+    def reload_tls(self, tls: TLSConfig) -> None:
+        """New connections get these certificates (server/ctl.py reload); open ones keep
+        theirs. Raises (and changes nothing) when a file cannot be used."""
+        self._load_tls(tls)
+        if self.federation is not None:
+            self.federation.reload_tls(tls)
+        for pending in self.hooks.notify_nowait(events.TLS_RELOADED, tls):
+            self.router.spawn(pending)
 
     async def _listen(self, host: str, port: int, direct_tls: bool) -> None:
         listener = await self.loop.create_server(
@@ -200,22 +243,26 @@ class Server:
         return self.default_domain
 
     def _module_classes(self) -> list[type[Module]]:
-        loaded = [importlib.import_module(f"server.modules.{name}") for name in MODULES]
-        return [*map(module_class, loaded), *self._extra_modules]
+        loaded = [importlib.import_module(f"server.modules.{name}")
+                  for name in self._module_names]
+        return load_order([*map(module_class, loaded), *self._extra_modules])
 
     async def _load_modules(self, classes: list[type[Module]]) -> None:
         for cls in classes:
             if cls.name in self.modules:
-                raise ValueError(f"two modules named {cls.name!r}")
+                raise ModuleError(f"two modules named {cls.name!r}")
             module = cls(self, self.config.modules.get(cls.name))
-            self.modules[cls.name] = module
+            self.modules[cls.name] = self._by_class[cls] = module
             self.features.extend(f for f in cls.features if f not in self.features)
             for route, handler in module.iq_handlers():
                 for target in route.targets:
                     self.router.add_iq_handler(route.type, target, route.xmlns, route.name,
                                                handler)
             for hook_route, fn in module.hook_handlers():
-                self.hooks.add(hook_route.event, fn, hook_route.priority)
+                try:
+                    self.hooks.add(hook_route.event, fn, hook_route.priority)
+                except KeyError as exc:  # a misspelt @hook
+                    raise ModuleError(f"module {cls.name}: {exc.args[0]}") from None
             self._stream_features.extend(module.stream_features())
             for nonza_route, fn in module.nonza_handlers():
                 if nonza_route.tag in self.nonza_handlers:
@@ -250,8 +297,8 @@ class Server:
     async def stop(self) -> None:
         """Graceful: stop listening, close every stream, flush storage."""
         log.info("event=stopping sessions=%d", len(self.sessions))
-        for pending in self.hooks.fire_all("server-stopping", self):
-            await pending
+        await self.admin_socket.stop()
+        await self.hooks.notify(events.SERVER_STOPPING, self)
         await self._close_listeners()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -277,19 +324,27 @@ class Server:
         log.info("event=stopped")
 
 
+async def _reload(server: Server) -> None:
+    await server.reload()
+
+
 async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 when the server could not start."""
     server = Server(config)
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, ModuleError) as exc:
         log.error("event=start-failed reason=%s", exc)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: re-read the configuration and certificates, keeping every session (server/ctl.py).
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.router.spawn(_reload(server)))
     log.info("event=started domains=%s", ",".join(config.domains))
+    ctl.notify("READY=1", f"MAINPID={os.getpid()}")  # systemd Type=notify
     await stop.wait()
+    ctl.notify("STOPPING=1")
     await server.stop()
     return 0

@@ -26,7 +26,7 @@ log = logging.getLogger("presenced")
 
 # RFC 6120 §13.7.1.4: id-on-xmppAddr, an otherName holding a UTF8String JID.
 ID_ON_XMPPADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")
-EXPIRY_WARNING = datetime.timedelta(days=30)
+EXPIRY_WARNING = datetime.timedelta(days=14)  # presenced check warns this long before
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +124,19 @@ def ensure_certificate(config: Config) -> None:
         except (OSError, ValueError):
             return  # check_certificate reports it
         names = certificate_names(leaf)
-        if all(covers(names, d) for d in domains):
-            return
+        if all(covers(names, d) for d in domains) or leaf.issuer != leaf.subject:
+            return  # a CA's (presenced cert import put it there): never replaced
     generate_self_signed(domains, tls.certificate, tls.key)
     log.warning("event=certificate-generated certificate=%s key=%s domains=%s self_signed=1",
                 tls.certificate, tls.key, ",".join(domains))
+
+
+def names_in_file(path: Path) -> list[str] | None:
+    """The names of the first certificate in a PEM file; None when it cannot be read."""
+    try:
+        return certificate_names(x509.load_pem_x509_certificate(path.read_bytes()))
+    except (OSError, ValueError):
+        return None
 
 
 def certificate_names(cert: x509.Certificate) -> list[str]:
@@ -208,3 +216,125 @@ def check_certificate(cert_path: Path | str, key_path: Path | str,
                                     f"certificate {cert_path} is not for {domain} "
                                     f"(it names {', '.join(names) or 'nothing'})"))
     return problems
+
+
+# -- presenced cert import ------------------------------------------------------------------------
+
+# File names of a pair in a directory, chain first: certbot's live/<name>/, then the usual ones.
+_PAIR_NAMES = (("fullchain.pem", "privkey.pem"), ("{}.crt", "{}.key"), ("{}.pem", "{}.key"),
+               ("{}.cert", "{}.key"), ("{}.pem", "{}-key.pem"))
+_MAX_DEPTH = 4  # how deep under each DIR pairs are looked for
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A usable certificate/key pair found on disk."""
+    certificate: Path
+    key: Path
+    names: tuple[str, ...]
+    not_after: datetime.datetime
+    label: str  # the directory name (certbot) or the file stem: preferred for that domain
+
+
+def find_pairs(directories: Sequence[Path]) -> tuple[list[Found], list[str]]:
+    """Every usable pair under these directories (certbot's ``live/<name>/fullchain.pem`` and
+    ``privkey.pem``, or ``NAME.crt``/``NAME.pem`` with ``NAME.key``), and why others were
+    passed over."""
+    found: list[Found] = []
+    skipped: list[str] = []
+    seen: set[tuple[Path, Path]] = set()
+    for top in directories:
+        if not top.is_dir():
+            skipped.append(f"{top}: not a directory")
+            continue
+        for directory, subdirs, files in os.walk(top, followlinks=True):
+            here = Path(directory)
+            if len(here.relative_to(top).parts) >= _MAX_DEPTH:
+                subdirs.clear()
+            if "archive" in subdirs and (here / "live").is_dir():
+                subdirs.remove("archive")  # certbot's old versions: live/ names the current
+            names = set(files)
+            for cert_pattern, key_pattern in _PAIR_NAMES:
+                for stem in ({here.name} if "{}" not in cert_pattern else
+                             {f[:-len(cert_pattern) + 2] for f in files
+                              if f.endswith(cert_pattern[2:])}):
+                    cert_name, key_name = cert_pattern.format(stem), key_pattern.format(stem)
+                    if cert_name not in names or key_name not in names or cert_name == key_name:
+                        continue
+                    pair = (here / cert_name).resolve(), (here / key_name).resolve()
+                    if pair in seen:
+                        continue
+                    seen.add(pair)
+                    usable = _usable(here / cert_name, here / key_name, stem, skipped)
+                    if usable is not None:
+                        found.append(usable)
+    return found, skipped
+
+
+def _usable(cert: Path, key: Path, label: str, skipped: list[str]) -> Found | None:
+    errors = [p for p in check_certificate(cert, key, []) if p.severity == "error"]
+    if errors:
+        skipped.append(f"{cert}: {errors[0].message}")
+        return None
+    leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    return Found(cert, key, tuple(certificate_names(leaf)), leaf.not_valid_after_utc, label)
+
+
+def best_for(domain: str, found: Sequence[Found]) -> Found | None:
+    """The pair to serve a domain with: one naming it exactly before a wildcard, one filed
+    under the domain's name before others, then the one valid longest."""
+    a_label = _a_label(domain)
+    fitting = [f for f in found if covers(f.names, domain)]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda f: (a_label in f.names, f.label.lower() == a_label,
+                                       f.not_after))
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    source: Found
+    certificate: Path
+    key: Path
+    domains: tuple[str, ...]
+
+
+def import_certificates(config: Config, directories: Sequence[Path]
+                        ) -> tuple[list[Imported], list[str]]:
+    """Copy the pairs found under the directories to where the configuration reads them: each
+    domain of [tls] domain_certificates gets its best pair at its paths; [tls] certificate/key
+    get the pair that covers most of the other domains (user domains first). Returns what was
+    copied and a line for each domain left without a certificate or file passed over."""
+    tls = config.tls
+    found, notes = find_pairs(directories)
+    done: list[Imported] = []
+    targets: dict[tuple[Path, Path], tuple[Found, list[str]]] = {}
+    for domain, (cert, key) in tls.domain_certificates.items():
+        best = best_for(domain, found)
+        if best is None:
+            notes.append(f"{domain}: no certificate found for it")
+        else:
+            targets[(cert, key)] = (best, [domain])
+    rest = [d for d in config.local_domains if d not in tls.domain_certificates]
+    if rest:
+        def score(f: Found) -> tuple[int, int, datetime.datetime]:
+            return (sum(covers(f.names, d) for d in config.domains if d in rest),
+                    sum(covers(f.names, d) for d in rest), f.not_after)
+        candidates = [f for f in found if any(covers(f.names, d) for d in rest)]
+        if candidates:
+            best = max(candidates, key=score)
+            covered = [d for d in rest if covers(best.names, d)]
+            targets[(tls.certificate, tls.key)] = (best, covered)
+            notes += [f"{d}: no certificate found that also names {covered[0]} (give it its "
+                      f"own in [tls] domain_certificates)" for d in rest if d not in covered]
+        else:
+            notes += [f"{d}: no certificate found for it" for d in rest]
+    for (cert, key), (source, domains) in targets.items():
+        for path in (cert, key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(key, source.key.read_bytes(), 0o600)
+        _write_atomically(cert, source.certificate.read_bytes(), 0o644)
+        log.info("event=certificate-imported source=%s certificate=%s domains=%s",
+                 source.certificate, cert, ",".join(domains))
+        done.append(Imported(source, cert, key, tuple(domains)))
+    return done, notes

@@ -1,4 +1,5 @@
-"""The presenced command: serve, adduser, deluser, passwd, check, cert, migrate, storage copy.
+"""The presenced command: serve, adduser, deluser, passwd, check, cert, migrate, storage copy,
+import, export.
 
 A failure the user can fix is one line on stderr, ``presenced: error: ...``, and exit status 1
 (2 for usage errors and for ``serve`` with a bad config); a traceback only with ``--debug``.
@@ -21,10 +22,17 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import precis_i18n
 
-from server.certs import check_certificate, ensure_certificate, generate_self_signed
+from server.certs import (
+    check_certificate,
+    covers,
+    ensure_certificate,
+    generate_self_signed,
+    names_in_file,
+)
 from server.config import Address, Config, ConfigErrors, load_config, where
 from server.jid import JID, InvalidJID, normalize_domain
 from server.storage import StorageError, all_store_specs, open_storage
@@ -137,9 +145,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ensure_certificate(config)
     if args.config is None:
         print(f"presenced: no --config: serving {', '.join(config.domains)} with the built-in "
-              f"defaults, data in {config.data_dir}\n"
+              f"defaults, data in {config.data_dir.absolute()}\n"
               f"presenced: add a user with: presenced adduser user@{config.domains[0]}",
               file=sys.stderr)
+    _log_data(config, args.config)
     import server.app
 
     loop_factory = None
@@ -153,6 +162,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return runner.run(server.app.serve(config))
 
 
+def _database(config: Config) -> str:
+    """Where the accounts are, for messages: the SQLite file or the PostgreSQL database."""
+    storage = config.storage
+    if storage.backend == "sqlite":
+        return str(storage.path.absolute())
+    return f"postgresql {(storage.dsn or '').rpartition('@')[2]}"  # no user or password
+
+
+def _log_data(config: Config, config_file: Path | None) -> None:
+    """At start, where the data is and how many accounts it has (issue 19: a config file
+    elsewhere than the one adduser used means another, empty, database)."""
+    log = logging.getLogger("presenced")
+    try:
+        count = _with_storage(config, lambda s: _count_accounts(s, config.domains))
+    except Exception as exc:  # the server's own start reports storage problems
+        log.warning("event=accounts-uncounted reason=%s", str(exc) or type(exc).__name__)
+        return
+    log.info("event=data data_dir=%s database=%s accounts=%d", config.data_dir.absolute(),
+             _database(config), count)
+    if count == 0:
+        where_from = f" --config {config_file}" if config_file is not None else ""
+        log.warning("event=no-accounts hint=%s", f'"presenced adduser '
+                    f'user@{config.domains[0]}{where_from}"')
+
+
+async def _count_accounts(storage: Storage, domains: Sequence[str]) -> int:
+    return sum([len(await storage.accounts.list(domain)) for domain in domains])
+
+
 def cmd_adduser(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     user, domain = _account(args.jid, config)
@@ -162,7 +200,7 @@ def cmd_adduser(args: argparse.Namespace) -> int:
     except AccountExists:
         raise CLIError(f"{user}@{domain} already exists (change its password with "
                        f"presenced passwd)") from None
-    print(f"added {user}@{domain}")
+    print(f"added {user}@{domain} to {_database(config)}")
     return 0
 
 
@@ -237,6 +275,32 @@ def _database_problem(config: Config) -> tuple[str, str] | None:
     return None if problem is None else ("storage.dsn", problem)
 
 
+def _external_url_problem(config: Config) -> str | None:
+    """[http] external_url names the host clients fetch uploads and find WebSocket/BOSH at:
+    served by our HTTPS listener, the certificate must cover it, or every client refuses it
+    (behind a proxy, the proxy's certificate is the one that counts: not checked)."""
+    http = config.modules.get("http")
+    url = getattr(http, "external_url", None)
+    if url is None or not config.listen.https:
+        return None
+    parsed = urlsplit(str(url))
+    host = parsed.hostname
+    if parsed.scheme != "https" or not host:
+        return None
+    tls = config.tls
+    chosen = tls.domain_certificates.get(host)
+    certificate = chosen[0] if chosen else tls.certificate
+    names = names_in_file(certificate)
+    if names is None:
+        if not tls.generated:
+            return None  # the certificate's own problem is reported with [tls]
+        names = list(config.local_domains)  # what the generated one will name
+    if covers(names, host):
+        return None
+    return (f"{url}: the certificate ({certificate}) does not name {host} (it names "
+            f"{', '.join(names)}): clients will refuse uploads and web connections there")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -252,12 +316,17 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"made at first start: {tls.certificate}")
     else:
         # Service hosts (muc.<domain>, components) need the certificate too, for federation.
-        for p in check_certificate(tls.certificate, tls.key, config.local_domains):
+        # Not the domains with a certificate of their own ([tls] domain_certificates).
+        shared = [d for d in config.local_domains if d not in tls.domain_certificates]
+        for p in check_certificate(tls.certificate, tls.key, shared):
             found.append((p.severity, where(config, f"tls.{p.subject}"), p.message))
     for domain, (chain, private_key) in tls.domain_certificates.items():
         for p in check_certificate(chain, private_key, [domain]):
             found.append((p.severity, where(config, "tls.domain_certificates"),
                           f"{domain}: {p.message}"))
+    external = _external_url_problem(config)
+    if external:
+        found.append(("warning", where(config, "http.external_url"), external))
     if tls.ca_file is not None and not os.access(tls.ca_file, os.R_OK):
         found.append(("error", where(config, "tls.ca_file"), f"cannot read {tls.ca_file}"))
     directories = [("data_dir", config.data_dir)]
@@ -375,7 +444,75 @@ def cmd_storage_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cert_import(args: argparse.Namespace) -> int:
+    """presenced cert import DIR...: certbot's live/<name>/ or any directory of pairs, copied
+    to where the configuration reads them (server/certs.py import_certificates)."""
+    from server.certs import import_certificates
+
+    if not args.domains[1:]:
+        raise CLIError("cert import needs at least one directory (e.g. /etc/letsencrypt)")
+    config = load_config(args.config)
+    imported, notes = import_certificates(config, [Path(d) for d in args.domains[1:]])
+    for done in imported:
+        print(f"imported {done.source.certificate} for {', '.join(done.domains)} "
+              f"(valid until {done.source.not_after:%Y-%m-%d}) -> {done.certificate}, {done.key}")
+    for note in notes:
+        print(f"skipped: {note}", file=sys.stderr)
+    if not imported:
+        raise CLIError("no certificate for any of our domains was found")
+    print("a running server uses them after: presenced ctl reload (or SIGHUP)")
+    return 0
+
+
+def _socket_of_broken_config(path: Path) -> Path | None:
+    from server import ctl
+
+    try:
+        data_dir = tomllib.loads(path.read_text(encoding="utf-8")).get("data_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        data_dir = None
+    if not isinstance(data_dir, str):
+        return None
+    return (path.absolute().parent / data_dir) / ctl.SOCKET_NAME
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """presenced ctl COMMAND: one request over the running server's admin socket."""
+    from server import ctl
+
+    try:
+        path = ctl.socket_path(load_config(args.config))
+    except ConfigErrors:
+        # A file with errors still names the data_dir: reload then reports them, and the
+        # running server keeps its configuration.
+        found = _socket_of_broken_config(args.config)
+        if found is None:
+            raise
+        path = found
+    needs = {"kick": "JID", "announce": "TEXT"}
+    if args.action in needs and not args.args:
+        raise CLIError(f"ctl {args.action} needs {needs[args.action]}")
+    if args.action not in needs and args.args:
+        raise CLIError(f"ctl {args.action} takes no argument")
+    given = [" ".join(args.args)] if args.action in needs else []
+    try:
+        ok, output = ctl.call(path, args.action, given)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise CLIError(f"no running presenced answers on {path} (started with this "
+                       f"--config?)") from None
+    except PermissionError:
+        raise CLIError(f"{path}: permission denied (run as the server's user)") from None
+    except TimeoutError:
+        raise CLIError(f"{path}: the server did not answer") from None
+    if not ok:
+        raise CLIError(output)
+    print(output)
+    return 0
+
+
 def cmd_cert(args: argparse.Namespace) -> int:
+    if args.domains[0] == "import":
+        return cmd_cert_import(args)
     domains: list[str] = []
     for raw in args.domains:
         try:
@@ -500,17 +637,32 @@ def _parser() -> argparse.ArgumentParser:
                         help="valid for this long: 7d, 12h, 30m, 2w (default 7d)")
     create.add_argument("--group", metavar="G",
                         help="the roster group inviter and new account put each other in")
-    from server.cluster.cli import add_command as add_cluster_command  # presenced cluster ...
+    from server.porting.commands import add_commands as porting_commands
+
+    porting_commands(sub, [common])  # import, export (XEP-0227)
+    from server.cluster.cli import add_command as add_cluster_command  # presenced cluster
+
     add_cluster_command(sub, common)
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
-    cert.add_argument("domains", nargs="+", metavar="DOMAIN")
+    cert.add_argument("domains", nargs="+", metavar="DOMAIN",
+                      help="the domains; or: import DIR... (certbot's /etc/letsencrypt or any "
+                           "directory of NAME.crt/NAME.key pairs, copied to where --config's "
+                           "[tls] reads them)")
+    cert.add_argument("--config", "-c", type=Path, metavar="FILE",
+                      help="with import: the configuration whose [tls] files are written")
     cert.add_argument("--out", "-o", type=Path, default=Path("."), metavar="DIR",
                       help="directory to write to (default: the current one)")
     cert.add_argument("--days", type=_days, default=825, help="validity in days (default 825)")
     cert.add_argument("--force", action="store_true", help="replace existing files")
     cert.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help=argparse.SUPPRESS)
+    ctl = command("ctl", cmd_ctl, "control the running server over its admin socket "
+                  "(data_dir/presenced.sock, for the server's user only)")
+    ctl.add_argument("action", choices=("status", "sessions", "kick", "reload", "announce",
+                                        "stats"), metavar="ACTION",
+                     help="status | sessions | kick JID | reload | announce TEXT | stats")
+    ctl.add_argument("args", nargs="*", metavar="ARG")
     return parser
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from lxml import etree
 
 from server.errors import StanzaError
-from server.hooks import Hooks
+from server.events import Hooks
 from server.jid import JID, InvalidJID
 from server.storage.db import StorageUnavailable
 from server.xml import stanza as st
@@ -42,6 +42,8 @@ class Router:
         self._iq_namespaces: set[tuple[str, str, str]] = set()  # (type, target, xmlns) handled
         self._tasks: set[asyncio.Task[Any]] = set()
         self._filters = hooks.by_kind("filter/user")  # stanza tag -> its filter chain
+        # deliver_in_order: stanzas to a session that wait behind one held up by a filter
+        self._backlogs: dict[JID, list[_Element]] = {}
 
     def add_iq_handler(self, type_: str, target: str, xmlns: str, name: str,
                        handler: Handler) -> None:
@@ -240,6 +242,79 @@ class Router:
                     return True
             return self.hooks.fire("iq-response", stanza, origin, jid) or True
         raise StanzaError("bad-request", "iq type must be get, set, result or error")
+
+    # -- ordered delivery of what a service sends ----------------------------------------------
+
+    def deliver_in_order(self, stanza: _Element, to: JID) -> None:
+        """Deliver a stanza a service generates (a MUC room's presence, message or history; a
+        pubsub notification) to the local session `to`, through the `filter/user` chain as
+        `route` runs it (blocking, XEP-0191; CSI; MAM), and in order per recipient.
+
+        `route` would lose the order: a filter that has to wait returns an awaitable, and the
+        next stanza to the same session could overtake it (XEP-0045 §7.2.3 and §7.2.16 need
+        a joiner's presences, history and subject in that order). Here, while one stanza to a
+        session waits for a filter, later ones to that session wait behind it; a session with
+        nothing waiting gets its stanza at once. A filter's verdict: None, on; an awaitable,
+        on once it is done; anything else, consumed; StanzaError, refused — silently, since
+        the service is not told (a room would take an error back as a failed delivery, status
+        333). The session gone by the time the chain is done: dropped."""
+        backlog = self._backlogs.get(to)
+        if backlog is not None:
+            backlog.append(stanza)
+            return
+        chain = self.hooks.chain("filter/user", stanza.tag)
+        verdict, index = self._run_filters(chain, 0, stanza, to)
+        if verdict is not None:
+            self._backlogs[to] = []
+            self.spawn(self._in_order_later(verdict, chain, index, stanza, to))
+
+    def _run_filters(self, chain: tuple[Callable[..., Any], ...], start: int, stanza: _Element,
+                     to: JID) -> tuple[Any, int]:
+        """Runs the chain from `start` and sends; or returns the awaitable verdict it stopped
+        at and the index to go on from ((None, 0) when done)."""
+        for index in range(start, len(chain)):
+            try:
+                verdict = chain[index](stanza, None, to)
+            except StanzaError:
+                return None, 0
+            if verdict is None:
+                continue
+            if inspect.isawaitable(verdict):
+                return verdict, index + 1
+            return None, 0
+        session = self.sessions.get(to)
+        if session is not None:
+            session.send(stanza)
+        return None, 0
+
+    async def _in_order_later(self, pending: Any, chain: tuple[Callable[..., Any], ...],
+                              start: int, stanza: _Element, to: JID) -> None:
+        backlog = self._backlogs[to]
+        try:
+            while True:
+                try:
+                    verdict = await pending
+                except StanzaError:
+                    verdict = False
+                while verdict is None:
+                    pending, start = self._run_filters(chain, start, stanza, to)
+                    if pending is None:
+                        break
+                    try:
+                        verdict = await pending
+                    except StanzaError:
+                        verdict = False
+                # The next one waiting for this session, from the start of its chain.
+                while backlog:
+                    stanza = backlog.pop(0)
+                    chain = self.hooks.chain("filter/user", stanza.tag)
+                    pending, start = self._run_filters(chain, 0, stanza, to)
+                    if pending is not None:
+                        break
+                else:
+                    return
+        finally:
+            del self._backlogs[to]
 
     # -- replies -----------------------------------------------------------------------------
 

@@ -8,7 +8,16 @@ certificate we generate names it.
 
 A module becomes a service by deriving from ServiceModule and giving its settings an
 ``enabled`` and a ``subdomain`` field (``service_fields`` makes both): it is then served at
-``<subdomain>.<domain>`` for every hosted domain.
+``<subdomain>.<domain>`` for every hosted domain. Its iq handlers are declared as a user
+domain module's are, with a service target::
+
+    @iq_get(ns.PING, "ping", to="service")          # to muc.<domain> itself
+    def ping(self, stanza: Stanza, origin: Session | None, to: JID) -> Stanza: ...
+
+    @iq_set(MUC_OWNER, "query", to="service-bare")   # to room@muc.<domain>
+    def configure(self, stanza: Stanza, origin: Session | None, to: JID) -> Any: ...
+
+Two handlers for one (type, target, namespace, element) are refused when the module is made.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from lxml import etree
+
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza
+from server.module import Handler, Module, Stanza
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
@@ -45,6 +56,17 @@ class ServiceModule(Module):
     display_name: ClassVar[str]
     service_features: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, server: Any, config: Any) -> None:
+        super().__init__(server, config)
+        # (type, target, namespace, element) -> handler, from the declarations
+        self._service_iqs: dict[tuple[str, str, str, str], Handler] = {}
+        for route, handler in self.service_iq_handlers():
+            for target in route.targets:
+                key = (route.type, target, route.xmlns, route.name)
+                if key in self._service_iqs:
+                    raise ValueError(f"two handlers for iq {key} in {type(self).__name__}")
+                self._service_iqs[key] = handler
+
     async def start(self) -> None:
         if not self.config.enabled:
             return
@@ -60,7 +82,29 @@ class ServiceModule(Module):
                 return self.info(stanza)
             if payload is not None and payload.tag == _ITEMS:
                 return self.items(stanza, origin)
+        handler = self.iq_handler(stanza, to)
+        if handler is not None:
+            return self.call_iq(handler, stanza, origin, to)
         return self.handle(stanza, origin, to)
+
+    def iq_handler(self, stanza: Stanza, to: JID) -> Handler | None:
+        """The declared handler of an iq get/set to the service or a bare JID at it."""
+        if stanza.tag != st.IQ or to.resource is not None:
+            return None
+        type_ = stanza.get("type")
+        if type_ not in ("get", "set"):
+            return None
+        payload = st.payload(stanza)
+        if payload is None:
+            return None
+        qname = etree.QName(payload)
+        target = "service" if to.local is None else "service-bare"
+        return self._service_iqs.get((type_, target, qname.namespace or "", qname.localname))
+
+    def call_iq(self, handler: Handler, stanza: Stanza, origin: Session | None,
+                to: JID) -> Any:
+        """Runs a declared handler; a service may wrap it (checks, error replies)."""
+        return handler(stanza, origin, to)
 
     def info(self, stanza: Stanza) -> Stanza:
         query = st.element(_INFO)

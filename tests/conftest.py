@@ -75,6 +75,71 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# -- a traceback in the server's log fails the test ------------------------------------------
+# DESIGN.md rule 4: an unexpected exception is an internal-server-error and one log line with
+# its traceback; every bad input we know of must get its proper error instead. So a record at
+# ERROR with exc_info from the server's loggers (presenced.*, and asyncio's and aiohttp's, which
+# log what escapes a protocol callback, a task or a request handler) fails the test that was
+# running, as does a traceback on the stderr of a presenced started as a process
+# (tests/process.py keeps those). A test that provokes one on purpose says so:
+#     @pytest.mark.server_traceback("why")
+# Tests with this marker: tests/test_fuzz.py (the fuzzers report tracebacks as findings, with
+# their reproducers).
+
+_WATCHED_LOGGERS = ("presenced", "federation", "asyncio", "aiohttp")
+
+
+class TracebackCatcher(logging.Handler):
+    """Keeps the records with a traceback that the server's loggers emit at ERROR or above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.name.split(".", 1)[0] in _WATCHED_LOGGERS:
+            self.records.append(record)
+
+    def render(self, limit: int = 3) -> str:
+        formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+        shown = [formatter.format(r) for r in self.records[:limit]]
+        more = len(self.records) - limit
+        return "\n".join(shown) + (f"\n... and {more} more" if more > 0 else "")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "server_traceback(reason): this test provokes a traceback in the server's "
+        "log on purpose; the suite-wide check (no traceback in the log) leaves it alone")
+
+
+@pytest.fixture(autouse=True)
+def _no_traceback_in_server_log(request: pytest.FixtureRequest) -> Any:
+    from tests import process
+    catcher = TracebackCatcher()
+    root = logging.getLogger()
+    root.addHandler(catcher)
+    process.stderr_tracebacks.clear()
+    try:
+        yield catcher
+    finally:
+        root.removeHandler(catcher)
+    check_server_log(catcher, request.node)
+
+
+def check_server_log(catcher: TracebackCatcher, node: pytest.Item) -> None:
+    """Fail (the running test) if the server logged a traceback, unless the test is marked."""
+    from tests import process
+    found = catcher.render() if catcher.records else ""
+    if process.stderr_tracebacks:
+        found += "\n" + "\n".join(process.stderr_tracebacks[:3])
+        process.stderr_tracebacks.clear()
+    if found and node.get_closest_marker("server_traceback") is None:
+        pytest.fail("a traceback in the server's log (mark the test "
+                    f"@pytest.mark.server_traceback(reason) if it is provoked on purpose):\n{found}",
+                    pytrace=False)
+
+
 @dataclass
 class RunningServer:
     server: Server

@@ -32,11 +32,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def drain(proc: subprocess.Popen[str]) -> None:
-    """Keep reading the server's log so that a full pipe never blocks it."""
+# Tracebacks seen on the stderr of presenced processes (the first lines of each): the autouse
+# fixture of tests/conftest.py fails the test during which one appeared.
+stderr_tracebacks: list[str] = []
+
+
+def watch_line(line: str, state: list[int]) -> None:
+    """Keep the first lines of every traceback in a server's log (state: lines left to keep)."""
+    if line.startswith("Traceback (most recent call last)"):
+        stderr_tracebacks.append(line.rstrip())
+        state[0] = 40
+    elif state[0] > 0:
+        stderr_tracebacks[-1] += "\n" + line.rstrip()
+        state[0] -= 1 if line.startswith(" ") else 40  # the exception's line ends it
+
+
+def drain(proc: subprocess.Popen[str], state: list[int] | None = None) -> None:
+    """Keep reading the server's log so that a full pipe never blocks it, noting tracebacks."""
     assert proc.stderr is not None
     stderr = proc.stderr
-    threading.Thread(target=lambda: stderr.read(), daemon=True).start()
+    lines = state if state is not None else [0]
+
+    def read() -> None:
+        for line in stderr:
+            watch_line(line, lines)
+
+    threading.Thread(target=read, daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -44,12 +65,14 @@ def serving(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(presenced(*args), cwd=cwd, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     try:
+        state = [0]
         for line in proc.stderr:
+            watch_line(line, state)
             if "event=started" in line:
                 break
             if proc.poll() is not None:
                 raise AssertionError(f"presenced did not start: {line}")
-        drain(proc)
+        drain(proc, state)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -49,6 +49,7 @@ class RawClient:
         self.stream_attrs: dict[str, str] = {}
         self.header_extra = ""        # more attributes for open()'s headers, e.g. " xml:lang='en'"
         self.closed = False           # the server sent </stream:stream>
+        self.jid = ""                 # the full JID login() bound
 
     @classmethod
     async def connect(cls, host: str, port: int, *, direct_tls: bool = False,
@@ -180,6 +181,7 @@ class RawClient:
         jid = reply.findtext(f"{{{BIND_NS}}}bind/{{{BIND_NS}}}jid")
         if reply.get("type") != "result" or not jid:
             raise AssertionError(f"bind failed: {etree.tostring(reply)!r}")
+        self.jid = jid
         return jid
 
     async def close(self) -> None:
@@ -210,3 +212,18 @@ async def end_stream(client: RawClient, timeout: float = 5.0) -> None:
     while not client.closed:
         await client._read_more(timeout)
     await client.wait_closed(timeout)
+
+
+async def sync(client: RawClient, ident: str = "sync") -> list[etree._Element]:
+    """Ping the server; returns what arrived before the answer. The server handles one
+    stream's stanzas in order, so everything sent before has been processed, and what it sent
+    this client because of them is queued before the answer (a marker on the stream whose
+    stanzas are asserted on)."""
+    await client.send(f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    before: list[etree._Element] = []
+    while True:
+        el = await client.next()
+        if el.tag == f"{{{CLIENT}}}iq" and el.get("id") == ident:
+            assert el.get("type") == "result", etree.tostring(el)
+            return before
+        before.append(el)

@@ -222,6 +222,72 @@ async def test_messages_to_ones_own_account(running: RunningServer) -> None:
     await barrier(laptop, "alice@a.test/phone", phone, kind="sent")
 
 
+SID = "urn:xmpp:sid:0"
+MAM = "urn:xmpp:mam:2"
+STANZA_ID = f"{{{SID}}}stanza-id"
+
+
+def stanza_ids(message: etree._Element) -> list[tuple[str | None, str | None]]:
+    return [(s.get("by"), s.get("id")) for s in message.findall(STANZA_ID)]
+
+
+async def archive_ids(client: RawClient, ident: str) -> dict[str, str]:
+    """Body -> archive id of the client's own archive (a XEP-0313 query, all of it)."""
+    await client.send(f"<iq type='set' id='{ident}'><query xmlns='{MAM}' queryid='{ident}'/>"
+                      "</iq>")
+    found: dict[str, str] = {}
+    while True:
+        el = await client.next()
+        if el.get("id") == ident:
+            assert el.get("type") == "result", etree.tostring(el)
+            return found
+        result = el.find(f"{{{MAM}}}result")
+        if result is not None:
+            inner = result.find(f"{{{FORWARD}}}forwarded/{MESSAGE}")
+            assert inner is not None and inner.find(STANZA_ID) is None, etree.tostring(el)
+            found[inner.findtext(BODY) or ""] = result.get("id") or ""
+
+
+async def test_copies_carry_their_own_accounts_archive_ids(running: RunningServer) -> None:
+    """Issue 19 item 1 (Gajim showed bob's messages twice): a <sent/> copy carries the
+    sender's archive id (XEP-0359 §3, 'by' the sender's bare JID), never the recipient's; a
+    <received/> copy the recipient's; each matches what that account's archive query returns
+    for the message, and no account ever sees another account's ids."""
+    bob_phone = await login(running, "bob@a.test", "phone")
+    bob_laptop = await login(running, "bob@a.test", "laptop")
+    alice_phone = await login(running, "alice@a.test", "phone")
+    alice_laptop = await login(running, "alice@a.test", "laptop")
+    await bob_phone.send("<message to='alice@a.test' type='chat' id='b1'><body>from bob</body>"
+                         "</message>")
+    sent = carbon(await next_message(bob_laptop), "sent")
+    assert sent.get("id") == "b1"
+    live = {await next_message(alice_phone), await next_message(alice_laptop)}
+    for copy in live:
+        assert copy.get("id") == "b1" and copy.find(f"{{{CARBONS}}}received") is None
+    alice_ids = {stanza_ids(copy)[0] for copy in live}
+    assert [by for by, _ in alice_ids] == ["alice@a.test"], alice_ids
+    [(by, bob_sent_id)] = stanza_ids(sent)
+    assert by == "bob@a.test", etree.tostring(sent)
+
+    # Alice answers to one of bob's resources: bob's other gets a <received/> copy.
+    await alice_laptop.send("<message to='bob@a.test/phone' type='chat' id='a1'>"
+                            "<body>from alice</body></message>")
+    direct = await next_message(bob_phone)
+    received = carbon(await next_message(bob_laptop), "received")
+    alice_sent = carbon(await next_message(alice_phone), "sent")
+    assert direct.get("id") == received.get("id") == alice_sent.get("id") == "a1"
+    [(by, bob_received_id)] = stanza_ids(received)
+    assert by == "bob@a.test" and stanza_ids(direct) == [("bob@a.test", bob_received_id)]
+    [(by, alice_sent_id)] = stanza_ids(alice_sent)
+    assert by == "alice@a.test"
+
+    bob_archive = await archive_ids(bob_laptop, "bq")
+    alice_archive = await archive_ids(alice_phone, "aq")
+    assert bob_archive == {"from bob": bob_sent_id, "from alice": bob_received_id}
+    assert alice_archive == {"from bob": alice_ids.pop()[1], "from alice": alice_sent_id}
+    assert not set(bob_archive.values()) & set(alice_archive.values())
+
+
 async def test_slixmpp_carbons(running: RunningServer) -> None:
     phone = await running.client("alice@a.test", resource="phone", plugins=("xep_0280",))
     laptop = await running.client("alice@a.test", resource="laptop", plugins=("xep_0280",))

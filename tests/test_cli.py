@@ -110,7 +110,9 @@ def test_account_lifecycle(tmp_path: Path) -> None:
     c = "--config", str(config)
 
     result = presenced(tmp_path, "adduser", "alice@a.test", "--password", "s3cret", *c)
-    assert (result.code, result.out, result.err) == (0, "added alice@a.test\n", "")
+    database = tmp_path / "data" / "presenced.sqlite"  # absolute: which database, always
+    assert (result.code, result.out, result.err) == (0, f"added alice@a.test to {database}\n",
+                                                     "")
     assert verifies(stored(config, "alice", "a.test"), "s3cret")
     assert stored(config, "alice", "b.test") is None
 
@@ -176,7 +178,8 @@ def test_password_prompt_on_a_terminal(tmp_path: Path) -> None:
     assert result.err.endswith("presenced: error: the passwords do not match\n"), result
     assert stored(config, "alice", "a.test") is None
     result = on_terminal(tmp_path, args, ["typed pw", "typed pw"])
-    assert (result.code, result.out) == (0, "added alice@a.test\n"), result
+    database = tmp_path / "data" / "presenced.sqlite"
+    assert (result.code, result.out) == (0, f"added alice@a.test to {database}\n"), result
     assert "Traceback" not in result.err and "typed pw" not in result.err  # not echoed
     assert verifies(stored(config, "alice", "a.test"), "typed pw")
 
@@ -184,7 +187,8 @@ def test_password_prompt_on_a_terminal(tmp_path: Path) -> None:
 def test_jids_are_normalised(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = presenced(tmp_path, "adduser", "Alice@A.Test", "-p", "pw", "-c", str(config))
-    assert (result.code, result.out) == (0, "added alice@a.test\n"), result
+    database = tmp_path / "data" / "presenced.sqlite"
+    assert (result.code, result.out) == (0, f"added alice@a.test to {database}\n"), result
     assert verifies(stored(config, "alice", "a.test"), "pw")
 
 
@@ -298,6 +302,8 @@ def test_version() -> None:
 
 def test_check_a_good_config(tmp_path: Path) -> None:
     config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(  # the default 127.0.0.1:5281 may be in use
+        'c2s_tls = ["127.0.0.1:0"]', 'c2s_tls = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]'))
     result = presenced(tmp_path, "check", "--config", str(config))
     assert result.code == 0, result
     assert result.out.splitlines() == [
@@ -409,6 +415,8 @@ def test_cert_errors(tmp_path: Path) -> None:
 
 def test_serve_until_sigterm(tmp_path: Path) -> None:
     config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(  # not the default 127.0.0.1:5281: others'
+        'c2s_tls = ["127.0.0.1:0"]', 'c2s_tls = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]'))
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "-c", str(config)],
                             cwd=tmp_path, env=env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -450,6 +458,10 @@ def test_serve_until_sigterm(tmp_path: Path) -> None:
     assert all(line.startswith("time=") and " level=" in line for line in seen), seen
     assert any("event=certificate-generated" in line for line in seen)
     assert any("event=stopped" in line for line in seen)
+    # Issue 19 item 4: which data, absolute, and how many accounts (none: the hint says how).
+    assert any(f"event=data data_dir={tmp_path / 'data'} database={tmp_path / 'data'}/"
+               "presenced.sqlite accounts=0" in line for line in seen), seen
+    assert any("event=no-accounts" in line and f"--config {config}" in line for line in seen)
 
 
 def test_check_domain_certificates(tmp_path: Path) -> None:
@@ -464,3 +476,27 @@ def test_check_domain_certificates(tmp_path: Path) -> None:
     assert result.code == 0, result  # a warning: clients and peers asking for b.test balk
     assert (f"warning: {config}:9: [tls] domain_certificates: b.test: certificate "
             f"{tmp_path}/a.pem is not for b.test (it names a.test)") in result.out
+
+
+def test_check_warns_when_the_certificate_does_not_name_external_url(tmp_path: Path) -> None:
+    """Issue 19 item 3: upload URLs and host-meta use [http] external_url; clients refuse it
+    unless our certificate names its host (behind a proxy, the proxy's counts: not checked)."""
+    https = '[listen]\nc2s = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]\n'
+
+    def check(url: str, listen: str = https) -> list[str]:
+        config = write_config(tmp_path, "").read_text().split("[listen]")[0]
+        path = tmp_path / "presenced.toml"
+        path.write_text(config + listen + f'[http]\nexternal_url = "{url}"\n')
+        result = presenced(tmp_path, "check", "--config", str(path))
+        assert result.code == 0, result
+        return [line for line in result.out.splitlines() if "external_url" in line]
+
+    warned = check("https://chat.example:5281")
+    assert len(warned) == 1 and warned[0].startswith("warning: ")
+    assert "does not name chat.example" in warned[0] and "a.test, b.test" in warned[0]
+    assert check("https://a.test:5281/") == []
+    assert check("https://muc.b.test") == []  # service domains are named too
+    generate_self_signed(["a.test", "b.test"], tmp_path / "data" / "cert.pem",
+                         tmp_path / "data" / "key.pem")  # an existing certificate is read
+    assert "does not name muc.b.test" in check("https://muc.b.test")[0]
+    assert check("https://chat.example", '[listen]\nhttps = []\nhttp = ["127.0.0.1:0"]\n') == []

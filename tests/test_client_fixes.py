@@ -15,8 +15,8 @@ import pytest
 from lxml import etree
 
 from server.jid import JID
-from tests.conftest import PASSWORD, RunningServer, on_ci
-from tests.rawclient import CLIENT, RawClient, condition
+from tests.conftest import PASSWORD, RunningServer, on_ci, stop_server
+from tests.rawclient import CLIENT, condition, sync
 
 MESSAGE = f"{{{CLIENT}}}message"
 PRESENCE = f"{{{CLIENT}}}presence"
@@ -28,20 +28,6 @@ ROSTER = "jabber:iq:roster"
 LAST = "jabber:iq:last"
 LAST_QUERY = f"{{{LAST}}}query"
 GO_SENDXMPP = shutil.which("go-sendxmpp")
-
-
-async def sync(client: RawClient, ident: str = "sync") -> list[etree._Element]:
-    """Ping the server; returns what arrived before the answer. The server handles one
-    stream's stanzas in order, so everything sent before has been processed (and what it
-    sent to this client because of them is queued before the answer)."""
-    await client.send(f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
-    before: list[etree._Element] = []
-    while True:
-        el = await client.next()
-        if el.tag == IQ and el.get("id") == ident:
-            assert el.get("type") == "result", etree.tostring(el)
-            return before
-        before.append(el)
 
 
 def presences(stanzas: list[etree._Element], type_: str | None = None,
@@ -344,3 +330,51 @@ async def test_roster_set_and_remove_answered_before_the_push(server: RunningSer
     other = await phone.next()
     item = other.find(f"{{{ROSTER}}}query/{{{ROSTER}}}item")
     assert item is not None and item.get("subscription") == "remove"
+
+
+# -- issue 19 item 5: every form the server sends has labels -------------------------------------
+
+XDATA = "jabber:x:data"
+
+
+def unlabelled(form: etree._Element) -> list[str]:
+    """XEP-0004 §3.2: the fields a client shows (all but hidden and fixed) and the options of
+    list fields need a label (profanity shows `[field3] (null)` otherwise)."""
+    missing = []
+    fields = [*form.iterfind(f"{{{XDATA}}}field"),
+              *form.iterfind(f"{{{XDATA}}}reported/{{{XDATA}}}field")]
+    assert fields, etree.tostring(form)
+    for field in fields:
+        if field.get("type") in ("hidden", "fixed"):
+            continue
+        if not (field.get("label") or "").strip():
+            missing.append(field.get("var") or "?")
+        for option in field.iterfind(f"{{{XDATA}}}option"):
+            if not (option.get("label") or "").strip():
+                missing.append(f"{field.get('var')}/{option.findtext(f'{{{XDATA}}}value')}")
+    return missing
+
+
+async def test_forms_outside_rooms_and_pubsub_have_labels(tmp_path: Any) -> None:
+    from tests.test_http import start_web
+    running = await start_web(tmp_path, "[upload]\n")
+    try:
+        await running.add_user("alice@a.test")
+        alice = await running.raw_login("alice@a.test")
+        forms = {}
+        for xmlns in ("urn:xmpp:mam:2", "urn:xmpp:mam:1"):  # XEP-0313 §4.1.1
+            reply = await alice.ask(f"<iq type='get' id='f'><query xmlns='{xmlns}'/></iq>")
+            forms[xmlns] = reply.find(f"{{{xmlns}}}query/{{{XDATA}}}x")
+        reply = await alice.ask(  # XEP-0050: the ad-hoc command's result
+            "<iq type='set' id='c' to='a.test'><command xmlns='http://jabber.org/protocol/"
+            "commands' node='watchers' action='execute'/></iq>")
+        forms["adhoc"] = reply.find(f"{{http://jabber.org/protocol/commands}}command/{{{XDATA}}}x")
+        reply = await alice.ask(  # XEP-0363 §3: the size limit in disco#info
+            "<iq type='get' id='d' to='upload.a.test'><query "
+            "xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        forms["upload"] = reply.find(f"{{http://jabber.org/protocol/disco#info}}query/{{{XDATA}}}x")
+        for name, form in forms.items():
+            assert form is not None, name
+            assert unlabelled(form) == [], (name, etree.tostring(form))
+    finally:
+        await stop_server(running)

@@ -1,6 +1,6 @@
-"""The XEP-0479 (Compliance Suites 2023) server table in README, checked against what a running
-presenced advertises: each XEP's disco#info feature (or identity, or stream feature) where the
-suite's clients look for it. A row of the README table that claims support has a line here."""
+"""The XEP-0479 (Compliance Suites 2023) server table in docs/features.md, checked against what
+a running presenced advertises: each XEP's disco#info feature (or identity, or stream feature)
+where the suite's clients look for it. A row of the table that claims support has a line here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.rawclient import RawClient
 
 INFO = "http://jabber.org/protocol/disco#info"
 ITEMS = "http://jabber.org/protocol/disco#items"
-README = Path(__file__).resolve().parent.parent / "README.md"
+FEATURES = Path(__file__).resolve().parent.parent / "docs" / "features.md"
 
 # XEP -> (where, what): a feature var at a JID ("a.test", the account "alice@a.test", a service
 # or a room), an identity "category/type", or a post-authentication stream feature (Clark name).
@@ -87,9 +87,9 @@ async def test_what_readme_claims_is_advertised(full_server: RunningServer) -> N
                 if what not in seen[where]:
                     missing.append(f"{xep}: {what} at {where}")
         assert not missing, missing
-        # Each XEP listed here has a row in README's compliance table, and vice versa for
+        # Each XEP listed here has a row in the compliance table, and vice versa for
         # the rows marked supported (✓) that a client discovers.
-        table = README.read_text().split("### XMPP Compliance Suites 2023", 1)[1]
+        table = FEATURES.read_text().split("### XMPP Compliance Suites 2023", 1)[1]
         table = table.split("\n\n## ", 1)[0]
         for xep in ADVERTISED:
-            assert xep in table, f"{xep} is not in README's compliance table"
+            assert xep in table, f"{xep} is not in docs/features.md's compliance table"

@@ -15,12 +15,13 @@ import slixmpp
 from lxml import etree
 
 from server.jid import JID
-from server.modules.csi import important
+from server.modules.csi import ClientState, important
+from server.modules.stream_management import SMState
 from server.sessions import Session
 from server.xml import ns
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.process import free_ports
-from tests.rawclient import CLIENT, RawClient
+from tests.rawclient import CLIENT, RawClient, sync
 from tests.test_service_hosts import SECRET, raw_component
 
 CSI = "urn:xmpp:csi:0"
@@ -50,13 +51,6 @@ async def login(running: RunningServer, jid: str, resource: str) -> RawClient:
     return client
 
 
-async def sync(client: RawClient) -> None:
-    """Everything the server sent us so far has been read, and what we sent was handled."""
-    await client.send("<iq type='get' id='sync' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
-    while (await client.next()).get("id") != "sync":
-        pass
-
-
 def session_of(running: RunningServer, jid: str) -> Session:
     session = running.server.sessions.get(JID.parse(jid))
     assert session is not None
@@ -64,7 +58,9 @@ def session_of(running: RunningServer, jid: str) -> Session:
 
 
 def held(running: RunningServer, jid: str) -> int:
-    return running.server.modules["csi"].held(session_of(running, jid))  # type: ignore[attr-defined]
+    csi = running.server.module(ClientState)
+    assert csi is not None
+    return csi.held(session_of(running, jid))
 
 
 async def until_held(running: RunningServer, jid: str, count: int) -> None:
@@ -159,7 +155,8 @@ async def test_iq_and_subscription_requests_are_important(running: RunningServer
     assert got[1].get("type") == "subscribe", etree.tostring(got[1])
 
 
-async def test_a_full_buffer_goes_out(running: RunningServer) -> None:
+async def test_a_full_buffer_goes_out(running: RunningServer,
+                                      caplog: pytest.LogCaptureFixture) -> None:
     alice = await login(running, "alice@a.test", "phone")
     bob = await login(running, "bob@a.test", "pc")
     phone = "alice@a.test/phone"
@@ -172,15 +169,23 @@ async def test_a_full_buffer_goes_out(running: RunningServer) -> None:
     await bob.send(chat_state(phone, "gone"))
     assert await receive(alice, 5) == [f"chatstate:bob@a.test:{s}" for s in [*states, "gone"]]
     assert held(running, phone) == 0
-    # Held stanzas of a session that ends are dropped with it, and nothing breaks.
+    # Held stanzas of a session that ends are dropped with it: not delivered to the account's
+    # other resource, not bounced to the sender, and the server goes on.
+    pc = await login(running, "alice@a.test", "pc")  # its presence to phone is held too
     await bob.send(chat_state(phone, "composing"))
-    await until_held(running, phone, 1)
+    await until_held(running, phone, 2)
+    caplog.set_level("INFO", logger="presenced.csi")
     await alice.close()
     for _ in range(200):
         if running.server.sessions.get(JID.parse(phone)) is None:
             break
         await asyncio.sleep(0.01)
     assert running.server.sessions.get(JID.parse(phone)) is None
+    assert "event=csi-dropped jid=alice@a.test/phone count=2" in caplog.text
+    assert [describe(el) for el in await sync(bob) if el.tag != f"{{{CLIENT}}}presence"] == []
+    assert [describe(el) for el in await sync(pc) if el.tag != f"{{{CLIENT}}}presence"] == []
+    await bob.send("<message to='alice@a.test/pc' type='chat'><body>still here</body></message>")
+    assert describe(await pc.next_of("message")) == "message:bob@a.test:still here"
 
 
 async def test_stream_management_counts_held_stanzas_when_delivered(
@@ -195,16 +200,16 @@ async def test_stream_management_counts_held_stanzas_when_delivered(
     await bob.send(chat_state(phone, "composing"))
     await until_held(running, phone, 2)
     outbox = session_of(running, phone).outbox
-    assert outbox is not None and len(outbox.queue) == 0  # type: ignore[attr-defined]
+    assert isinstance(outbox, SMState) and len(outbox.queue) == 0
     await alice.send(ACTIVE)
     assert await receive(alice, 2) == ["presence:bob@a.test:dnd",
                                        "chatstate:bob@a.test:composing"]
-    assert len(outbox.queue) == 2  # type: ignore[attr-defined]
+    assert len(outbox.queue) == 2
     # Acknowledging exactly what was delivered is right (one more would end the stream).
     await alice.send(f"<a xmlns='{SM}' h='2'/><r xmlns='{SM}'/>")
     answer = await alice.next()
     assert answer.tag == f"{{{SM}}}a", etree.tostring(answer)
-    assert len(outbox.queue) == 0  # type: ignore[attr-defined]
+    assert len(outbox.queue) == 0
 
 
 async def test_a_mention_in_a_room_is_important(tmp_path: Path) -> None:

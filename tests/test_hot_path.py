@@ -14,7 +14,7 @@ from lxml import etree
 
 from server.app import Server
 from server.config import load_config
-from server.hooks import stanza_kinds
+from server.events import stanza_kinds
 from server.jid import JID
 from server.module import Module, Stanza, hook
 from server.sessions import Session

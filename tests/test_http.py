@@ -1021,3 +1021,91 @@ async def test_bosh_inactivity(web_server: RunningServer, bosh_clients: list[Bos
     assert not any(c.kind == "bosh" for c in web_server.server.connections)
     body = await client.post()
     assert body.get("condition") == "item-not-found"
+
+
+# -- issue 19 item 7: web clients from other origins ---------------------------------------------
+
+BOSH_CREATE = (f"<body xmlns='{HTTPBIND}' xmlns:xmpp='{XBOSH}' rid='1' to='a.test' wait='5' "
+               "hold='1' ver='1.11' xmpp:version='1.0'/>")
+
+
+async def cors_round(running: RunningServer, origin: str) -> dict[str, Any]:
+    """What a page at `origin` gets: the WebSocket handshake, BOSH session creation, and a
+    file upload's preflight, PUT and GET (each with its CORS headers)."""
+    out: dict[str, Any] = {}
+    try:
+        ws = await WSClient.connect(url(running, "/xmpp-websocket", "wss"),
+                                    headers={"Origin": origin})
+        try:
+            out["ws"] = await ws.login("alice")
+        finally:
+            await ws.close()
+    except aiohttp.WSServerHandshakeError as exc:
+        out["ws"] = exc.status
+    status, headers, body = await fetch(url(running, "/http-bind"), method="POST",
+                                        data=BOSH_CREATE, headers={"Origin": origin})
+    out["bosh"] = (status, headers.get("Access-Control-Allow-Origin"),
+                   status == 200 and etree.fromstring(body).get("sid") is not None)
+    status, headers, _b = await fetch(url(running, "/http-bind"), method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    out["bosh-preflight"] = (status, headers.get("Access-Control-Allow-Origin"),
+                             "POST" in headers.get("Access-Control-Allow-Methods", ""))
+    client = await running.raw_login("alice@a.test")
+    try:
+        put_url, get_url = slot_urls(await request_slot(client, "f.txt", 5))
+    finally:
+        await client.close()
+    base = url(running, "")  # the slot names a.test: asked of the listener directly
+    put_path = put_url.split("/upload/", 1)[1]
+    get_path = get_url.split("/upload/", 1)[1]
+    status, headers, _b = await fetch(f"{base}/upload/{put_path}", method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "PUT",
+        "Access-Control-Request-Headers": "content-type"})
+    out["upload-preflight"] = (status, headers.get("Access-Control-Allow-Origin"),
+                               "PUT" in headers.get("Access-Control-Allow-Methods", ""))
+    status, headers, _b = await fetch(f"{base}/upload/{put_path}", method="PUT", data=b"hello",
+                                      headers={"Origin": origin, "Content-Type": "text/plain"})
+    out["put"] = (status, headers.get("Access-Control-Allow-Origin"))
+    status, headers, _b = await fetch(f"{base}/upload/{get_path}", headers={"Origin": origin})
+    out["get"] = (status, headers.get("Access-Control-Allow-Origin"))
+    return out
+
+
+async def test_any_origin_by_default_and_cors_origins_restricts(tmp_path: Path) -> None:
+    """A Converse.js page at another origin (issue 19: `session-refused reason=origin`) may
+    use WebSocket, BOSH and upload by default, with CORS headers for the page; a set
+    [http] cors_origins still restricts to the listed origins (and the server's own)."""
+    page = "http://127.0.0.15:8080"
+    running = await start_web(tmp_path / "open", "[upload]\n")
+    try:
+        await running.add_user("alice@a.test")
+        got = await cors_round(running, page)
+        assert got == {
+            "ws": "alice@a.test/ws",
+            "bosh": (200, page, True),
+            "bosh-preflight": (204, page, True),
+            "upload-preflight": (204, page, True),
+            "put": (201, page),
+            "get": (200, page),
+        }
+    finally:
+        await stop_server(running)
+    running = await start_web(tmp_path / "closed",
+                              '[upload]\n[http]\ncors_origins = ["https://chat.example"]\n')
+    try:
+        await running.add_user("alice@a.test")
+        got = await cors_round(running, page)
+        assert got == {
+            "ws": 403,
+            "bosh": (403, None, False),
+            "bosh-preflight": (204, None, False),
+            "upload-preflight": (204, None, False),
+            "put": (201, None),  # no header: the browser keeps the answer from the page
+            "get": (200, None),
+        }
+        listed = await cors_round(running, "https://chat.example")
+        assert listed["ws"] == "alice@a.test/ws" and listed["bosh"][:2] == (200,
+                                                                         "https://chat.example")
+    finally:
+        await stop_server(running)

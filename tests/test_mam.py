@@ -15,7 +15,7 @@ from lxml import etree
 from server.modules.mam import Mam, parse_stamp, stamp
 from server.storage.archive import ArchiveEntry
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.rawclient import CLIENT, RawClient, condition
+from tests.rawclient import CLIENT, RawClient, condition, sync
 
 MAM2 = "urn:xmpp:mam:2"
 MAM1 = "urn:xmpp:mam:1"
@@ -44,17 +44,6 @@ def mam(running: RunningServer) -> Mam:
     module = running.server.modules["mam"]
     assert isinstance(module, Mam)
     return module
-
-
-async def sync(client: RawClient, ident: str = "sync") -> list[etree._Element]:
-    """Ping; what arrived before the answer (the server handles a stream's stanzas in order)."""
-    await client.send(f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
-    before = []
-    while True:
-        el = await client.next()
-        if el.tag == IQ and el.get("id") == ident:
-            return before
-        before.append(el)
 
 
 async def online(running: RunningServer, jid: str, resource: str = "raw") -> RawClient:

@@ -97,7 +97,22 @@ async def muc(tmp_path: Path) -> AsyncIterator[RunningServer]:
 
 # -- priority 1: rooms ----------------------------------------------------------------------------
 
-async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
+async def room_of_two(muc: RunningServer) -> tuple[RawClient, RawClient, RawClient]:
+    """Alice creates ROOM (an instant room), Bob joins; Carol is logged in, not in the room.
+    Each client has read everything the joins sent it."""
+    alice = await muc.raw_login("alice@a.test", resource="pc")
+    bob = await muc.raw_login("bob@a.test", resource="pc")
+    carol = await muc.raw_login("carol@a.test", resource="pc")
+    await join(alice, "Alice")
+    done = await alice.ask(f"<iq type='set' to='{ROOM}' id='inst'><query xmlns='{MUC}#owner'>"
+                           "<x xmlns='jabber:x:data' type='submit'/></query></iq>")
+    assert done.get("type") == "result"
+    await join(bob, "Bob")
+    await next_presence_from(alice, f"{ROOM}/Bob")
+    return alice, bob, carol
+
+
+async def test_create_and_join(muc: RunningServer) -> None:
     alice = await muc.raw_login("alice@a.test", resource="pc")
     bob = await muc.raw_login("bob@a.test", resource="pc")
     carol = await muc.raw_login("carol@a.test", resource="pc")
@@ -128,6 +143,12 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
     await carol.send(f"<presence to='{ROOM}/Bob'><x xmlns='{MUC}'/></presence>")
     refused = await carol.next_of("presence")
     assert refused.get("from") == f"{ROOM}/Bob" and condition(refused) == "conflict"
+
+
+async def test_groupchat_and_private_messages(muc: RunningServer) -> None:
+    alice, bob, carol = await room_of_two(muc)
+    await bob.send(f"<presence to='{ROOM}/Bob'><status>here</status></presence>")
+    seen = await next_presence_from(alice, f"{ROOM}/Bob")
     # Groupchat: from room/nick to every occupant, the sender too.
     await bob.send(f"<message to='{ROOM}' type='groupchat' id='g1'><body>hello all</body>"
                    "</message>")
@@ -159,6 +180,10 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
     assert private.find(f"{{{USER}}}x") is not None
     await alice.send(f"<message to='{ROOM}/Nobody' type='chat' id='p2'><body>?</body></message>")
     assert condition(await next_message(alice)) == "item-not-found"
+
+
+async def test_subject_and_history(muc: RunningServer) -> None:
+    alice, bob, carol = await room_of_two(muc)
     # Subject: a message with only <subject/>; one with a body too is just a message.
     await alice.send(f"<message to='{ROOM}' type='groupchat'><subject>Plans</subject></message>")
     for client in (alice, bob):
@@ -190,6 +215,10 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
     await bob.send(f"<message to='{ROOM}' type='groupchat'><body>two</body></message>")
     for client in (alice, bob, carol, dave):
         assert body(await next_message(client)) == "two"
+
+
+async def test_nick_change(muc: RunningServer) -> None:
+    alice, bob, _carol = await room_of_two(muc)
     # Nick change (§7.6): unavailable with 303 and the new nick, then available as the new one.
     await bob.send(f"<presence to='{ROOM}/Robert'/>")
     gone = await next_presence_from(alice, f"{ROOM}/Bob")
@@ -201,13 +230,17 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
     assert codes(own) == {"303", "110"}
     await bob.send(f"<message to='{ROOM}' type='groupchat'><body>renamed</body></message>")
     assert (await next_message(alice)).get("from") == f"{ROOM}/Robert"
-    # XEP-0410 self-ping: joined answers result; after leaving, not-acceptable.
-    pong = await bob.ask(f"<iq type='get' to='{ROOM}/Robert' id='sp'>"
+
+
+async def test_self_ping_and_relayed_iqs(muc: RunningServer) -> None:
+    alice, bob, _carol = await room_of_two(muc)
+    # XEP-0410 self-ping: joined answers result.
+    pong = await bob.ask(f"<iq type='get' to='{ROOM}/Bob' id='sp'>"
                          "<ping xmlns='urn:xmpp:ping'/></iq>", skip_others=True)
     assert pong.get("type") == "result"
     # An iq to another occupant is relayed to its session, and the answer comes back
     # (XEP-0045 §7.5: the real JIDs stay hidden).
-    await alice.send(f"<iq type='get' to='{ROOM}/Robert' id='vc'><vCard xmlns='vcard-temp'/>"
+    await alice.send(f"<iq type='get' to='{ROOM}/Bob' id='vc'><vCard xmlns='vcard-temp'/>"
                      "</iq>")
     relayed = await bob.next_of("iq")
     assert relayed.get("from") == f"{ROOM}/Alice" and relayed.get("id") != "vc"
@@ -215,8 +248,14 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
                    "<vCard xmlns='vcard-temp'><FN>Bob</FN></vCard></iq>")
     answer = await alice.next_of("iq")
     assert (answer.get("from"), answer.get("id"), answer.get("type")) == (
-        f"{ROOM}/Robert", "vc", "result")
+        f"{ROOM}/Bob", "vc", "result")
     assert answer.findtext("{vcard-temp}vCard/{vcard-temp}FN") == "Bob"
+
+
+async def test_leave(muc: RunningServer) -> None:
+    alice, _bob, carol = await room_of_two(muc)
+    await join(carol, "Carol")
+    await next_presence_from(alice, f"{ROOM}/Carol")
     # Leave: everyone gets the unavailable presence, the leaver with 110.
     await carol.send(f"<presence to='{ROOM}/Carol' type='unavailable'><status>bye</status>"
                      "</presence>")
@@ -225,6 +264,7 @@ async def test_create_join_talk_and_leave(muc: RunningServer) -> None:
     assert left.findtext(f"{{{CLIENT}}}status") == "bye"
     own = await next_presence_from(carol, f"{ROOM}/Carol")
     assert own.get("type") == "unavailable" and "110" in codes(own)
+    # XEP-0410 self-ping after leaving: not-acceptable; so is a message to the room.
     pong = await carol.ask(f"<iq type='get' to='{ROOM}/Carol' id='sp2'>"
                            "<ping xmlns='urn:xmpp:ping'/></iq>", skip_others=True)
     assert condition(pong) == "not-acceptable"
@@ -569,7 +609,20 @@ async def test_muc_can_be_off(tmp_path: Path) -> None:
     from server.config import ConfigErrors, load_config
     running = await start_server(tmp_path, "[muc]\nenabled = false\n")
     try:
-        assert "muc.a.test" not in running.server.router.services
+        await running.add_user("alice@a.test")
+        alice = await running.raw_login("alice@a.test", resource="pc")
+        # Not listed by the domain (XEP-0030 items), and nothing answers at muc.a.test: a
+        # join gets an error, not a room.
+        items = await alice.ask(f"<iq type='get' to='a.test' id='it'>"
+                                f"<query xmlns='{DISCO_ITEMS}'/></iq>")
+        assert items.get("type") == "result"
+        assert "muc.a.test" not in {i.get("jid") for i in items.iter(f"{{{DISCO_ITEMS}}}item")}
+        await alice.send(f"<presence to='{ROOM}/Alice'><x xmlns='{MUC}'/></presence>")
+        refused = await alice.next_of("presence")
+        assert refused.get("type") == "error" and refused.find(f"{{{USER}}}x") is None
+        info = await alice.ask(f"<iq type='get' to='muc.a.test' id='in'>"
+                               f"<query xmlns='{DISCO_INFO}'/></iq>")
+        assert info.get("type") == "error"
     finally:
         await stop_server(running)
     bad = tmp_path / "bad.toml"

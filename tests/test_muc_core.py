@@ -236,6 +236,11 @@ async def test_moderated_message_leaves_a_tombstone(tmp_path: Path) -> None:
             f"id='{sid.get('id')}'><retract xmlns='{RETRACT}'/></moderate></iq>",
             skip_others=True)
         assert condition(again) == "item-not-found"
+        # An id the room never gave (the fuzzer's find: internal-server-error before).
+        unknown = await alice.ask(
+            f"<iq type='set' to='{ROOM}' id='mod3'><moderate xmlns='{MODERATE}' "
+            f"id='fuzz'><retract xmlns='{RETRACT}'/></moderate></iq>", skip_others=True)
+        assert condition(unknown) == "item-not-found"
     finally:
         await stop_server(running)
     running = await start_server(tmp_path)  # the tombstone is in the database
@@ -311,14 +316,18 @@ async def test_blocked_room_and_occupant(tmp_path: Path) -> None:
 
 # -- persistent rooms survive kill -9, on both backends --------------------------------------------
 
+def storage_table(backend: str, request: pytest.FixtureRequest) -> str:
+    """The [storage] table of a `presenced serve` config for this backend ("" for SQLite)."""
+    if backend != "postgresql":
+        return ""
+    dsn = request.getfixturevalue("pg_dsn")
+    return f'[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_persistent_room_survives_kill_9(tmp_path: Path, backend: str,
                                                request: pytest.FixtureRequest) -> None:
-    storage = ""
-    if backend == "postgresql":
-        dsn = request.getfixturevalue("pg_dsn")
-        storage = f'[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
-    config, port = configure(tmp_path, ("alice", "bob"), storage)
+    config, port = configure(tmp_path, ("alice", "bob"), storage_table(backend, request))
     proc = start(config, tmp_path)
     try:
         alice = await login(port, "alice", "pc")

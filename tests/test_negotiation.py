@@ -55,6 +55,7 @@ def features(actions: list[neg.Action]) -> etree._Element:
     (opened(tag="{urn:x}stream"), "invalid-namespace"),
     (opened(tag=ns.q(ns.STREAMS, "other")), "invalid-xml"),
     (opened(prefix="s"), "bad-namespace-prefix"),
+    (opened(tag="stream:stream"), "bad-namespace-prefix"),  # xmlns:stream never declared
     (opened(version=None), "unsupported-version"),
     (opened(version="0.9"), "unsupported-version"),
     (opened(version="2.0"), "unsupported-version"),

@@ -9,26 +9,13 @@ from pathlib import Path
 from lxml import etree
 
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.rawclient import CLIENT, RawClient
+from tests.rawclient import CLIENT, RawClient, sync
 
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 DELAY = "{urn:xmpp:delay}delay"
 MESSAGE = f"{{{CLIENT}}}message"
 PRESENCE = f"{{{CLIENT}}}presence"
 IQ = f"{{{CLIENT}}}iq"
-
-
-async def sync(client: RawClient, ident: str = "sync") -> list[etree._Element]:
-    """Ping the server; returns what arrived before the answer. The server handles one
-    stream's stanzas in order, so everything sent before has been processed."""
-    await client.send(f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>")
-    before: list[etree._Element] = []
-    while True:
-        el = await client.next()
-        if el.tag == IQ and el.get("id") == ident:
-            assert el.get("type") == "result"
-            return before
-        before.append(el)
 
 
 def error_condition(el: etree._Element) -> tuple[str | None, str | None]:

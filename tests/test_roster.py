@@ -41,7 +41,7 @@ async def push(client: RawClient) -> etree._Element:
         waiting = _skipped.get(client)
         el = waiting.pop(0) if waiting else await client.next()
         if el.tag == IQ and el.get("type") == "set":
-            assert el.get("from") in (None, client.jid.split("/")[0])  # type: ignore[attr-defined]
+            assert el.get("from") in (None, client.jid.split("/")[0])
             await client.send(f"<iq type='result' id='{el.get('id')}'/>")
             return el.find(f"{{{ROSTER}}}query/{{{ROSTER}}}item")
 

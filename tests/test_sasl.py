@@ -222,6 +222,26 @@ def test_unknown_binding_type() -> None:
     assert isinstance(step, Failure) and step.data == b"e=unsupported-channel-binding-type"
 
 
+def test_y_flag_after_a_try_with_a_binding_we_lack() -> None:
+    """Issue 19 item 6: slixmpp 1.8 tries -PLUS with tls-unique (TLS 1.3 has none), then 'y'.
+    The failed try marks the exchange; the stream's next exchange, told so, takes 'y'."""
+    tried = make()
+    client = HandClient("sha256", "user", "pencil", cb_name="tls-unique",
+                        cb_data=b"never asked for")
+    assert isinstance(hand_exchange(tried, "SCRAM-SHA-256-PLUS", client), Failure)
+    assert tried.binding_unusable
+    y_client = scramp_client("SCRAM-SHA-256", cb=("tls-server-end-point", END_POINT))
+    step = scramp_exchange(make(binding_unusable=True), y_client, CREDS)
+    assert isinstance(step, Success)
+    # Failures for other reasons mark nothing: 'y' after them is still a downgrade.
+    for reason in (bindings(None, None), None):  # no binding at all; the wrong data
+        other = make(binding=reason)
+        wrong = HandClient("sha256", "user", "pencil", cb_name="tls-server-end-point",
+                           cb_data=b"\x33" * 32)
+        assert isinstance(hand_exchange(other, "SCRAM-SHA-256-PLUS", wrong), Failure)
+        assert not other.binding_unusable
+
+
 def test_plus_without_any_binding() -> None:
     server = make(binding=bindings(None, None))
     client = HandClient("sha256", "user", "pencil", cb_name="tls-exporter", cb_data=EXPORTER)

@@ -115,6 +115,25 @@ async def test_set_credentials(storage: Storage) -> None:
     assert not await storage.accounts.exists("nobody", "a.test")
 
 
+async def test_credentials_of_one_hash(storage: Storage) -> None:
+    """An account imported from a server that kept SCRAM-SHA-1 keys only (server/porting):
+    the other hash reads back as None, not as keys."""
+    only_sha1 = Credentials(sha1=credentials(1).sha1, sha256=None)
+    only_sha256 = Credentials(sha1=None, sha256=credentials(2).sha256)
+    await storage.accounts.create("alice", "a.test", only_sha1)
+    await storage.accounts.create("bob", "a.test", only_sha256)
+    assert await storage.accounts.get_credentials("alice", "a.test") == only_sha1
+    assert await storage.accounts.get_credentials("bob", "a.test") == only_sha256
+    await storage.accounts.create("carol", "b.test", only_sha1)
+    await storage.accounts.create("dave", "b.test", credentials(4))
+    assert await storage.accounts.missing_keys() == (1, 2)
+    await storage.accounts.set_credentials("alice", "a.test", credentials(3))
+    assert await storage.accounts.get_credentials("alice", "a.test") == credentials(3)
+    assert await storage.accounts.missing_keys() == (1, 1)
+    with pytest.raises(ValueError):
+        Credentials(sha1=None, sha256=None)
+
+
 async def test_delete(storage: Storage) -> None:
     await storage.accounts.create("alice", "a.test", credentials(1))
     await storage.accounts.create("bob", "a.test", credentials(2))
@@ -315,6 +334,11 @@ async def test_userdata(storage: Storage) -> None:
     assert await private.get("alice", "a.test", "urn:a", "a") == "<a xmlns='urn:a'>3</a>"
     assert await private.get("alice", "a.test", "urn:b", "b") == "<b xmlns='urn:b'/>"
     assert await private.get("alice", "a.test", "urn:b", "a") is None
+    await storage.accounts.create("bob", "a.test", credentials(2))
+    await private.set("bob", "a.test", [("urn:b", "b", "<b xmlns='urn:b'>bob</b>")])
+    assert await private.all("alice", "a.test") == [("urn:a", "a", "<a xmlns='urn:a'>3</a>"),
+                                                    ("urn:b", "b", "<b xmlns='urn:b'/>")]
+    assert await private.all("nobody", "a.test") == []
     assert await storage.last_activity.get("alice", "a.test") is None
     await storage.last_activity.set("alice", "a.test", 1_700_000_000, "gone")
     await storage.last_activity.set("alice", "a.test", 4_102_444_800, "back in 2100")
@@ -423,6 +447,29 @@ async def test_an_account_deleted_while_its_data_is_written(two: tuple[Storage, 
         await first.accounts.create("alice", "a.test", credentials(2))
         await owns_nothing(first, "alice", "a.test")
         await first.accounts.delete("alice", "a.test")
+
+
+async def test_message_of_the_day(config: StorageConfig) -> None:
+    """XEP-0133 set-motd/delete-motd (server/modules/admin_adhoc.py): per domain, replaced,
+    deleted, and seen by a second connection (another node, the next start)."""
+    from server.storage.motd import SPEC as MOTD
+
+    first = await open_storage(config, [*CORE_STORES, MOTD])
+    second = await open_storage(config, [*CORE_STORES, MOTD])
+    try:
+        assert await first.motd.get("a.test") is None
+        await first.motd.set("a.test", "Hello\nwörld \U0001f600")
+        await first.motd.set("b.test", "other")
+        assert await second.motd.get("a.test") == "Hello\nwörld \U0001f600"
+        await second.motd.set("a.test", "replaced")
+        assert await first.motd.get("a.test") == "replaced"
+        assert await first.motd.delete("a.test") is True
+        assert await first.motd.delete("a.test") is False
+        assert await second.motd.get("a.test") is None
+        assert await second.motd.get("b.test") == "other"
+    finally:
+        await first.close()
+        await second.close()
 
 
 # -- migrations, on every backend ---------------------------------------------------------------

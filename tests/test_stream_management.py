@@ -322,3 +322,59 @@ async def test_acknowledged_means_archived(sm_server: RunningServer,
     assert el.get("h") == "5"
     assert await store.count("alice@a.test") == 5  # committed before the <a/> went out
     assert [b for b in await bodies(bob, 5)] == [f"a{n}" for n in range(5)]
+
+
+async def test_a_closed_sessions_unacked_messages_are_not_delivered_or_archived_twice(
+        tmp_path: Path) -> None:
+    """Issue 19 item 2: a session with carbons and SM closes with a carbon copy and a
+    message to its full JID unacknowledged. The carbon goes nowhere (its original is with the
+    other resources), the message goes only to the resource that never had it (no carbons
+    there), and the archive keeps each message once (it was archived when it came)."""
+    from tests.test_carbons import ENABLE as CARBONS_ON
+    from tests.test_carbons import archive_ids
+    running = await start_server(tmp_path)  # no <r/> from the server: nothing gets acked
+    try:
+        for user in ("alice", "bob"):
+            await running.add_user(f"{user}@a.test")
+        phone, _ = await sm_login(running, resume=False)
+        assert (await phone.ask(CARBONS_ON)).get("type") == "result"
+        await phone.send("<presence/>")
+        laptop = await running.raw_login("alice@a.test", "laptop")
+        assert (await laptop.ask(CARBONS_ON)).get("type") == "result"
+        await laptop.send("<presence/>")
+        tablet = await running.raw_login("alice@a.test", "tablet")  # no carbons
+        await tablet.send("<presence/>")
+        bob = await running.raw_login("bob@a.test", "pc")
+        for client in (phone, laptop, tablet):
+            await collect(client)
+        await bob.send("<message to='alice@a.test/phone' type='chat' id='m1'>"
+                       "<body>to the phone</body></message>")
+        assert await bodies(phone, 1) == ["to the phone"]
+        assert (await laptop.next_of("message")).find(
+            "{urn:xmpp:carbons:2}received") is not None
+        await laptop.send("<message to='bob@a.test' type='chat' id='m2'>"
+                          "<body>from the laptop</body></message>")
+        assert (await phone.next_of("message")).find("{urn:xmpp:carbons:2}sent") is not None
+        await collect(phone)
+        await phone.close()  # both unacknowledged
+        await asyncio.sleep(0.3)
+        # The tablet (no carbons) gets the message to the phone; the laptop gets nothing more.
+        got = [el for el in await collect(tablet) if el.tag == f"{{{CLIENT}}}message"]
+        assert [el.findtext(f"{{{CLIENT}}}body") for el in got] == ["to the phone"]
+        extra = [el for el in await collect(laptop) if el.tag == f"{{{CLIENT}}}message"]
+        assert extra == [], [etree.tostring(el) for el in extra]
+        archive = await archive_ids(laptop, "q1")
+        assert sorted(archive) == ["from the laptop", "to the phone"]
+        assert await running.server.storage.archive.count("alice@a.test") == 2  # type: ignore[attr-defined]
+        assert await running.server.storage.offline.count("alice", "a.test") == 0
+    finally:
+        await stop_server(running)
+
+
+async def collect(client: RawClient) -> list[etree._Element]:
+    """Everything that arrives before the answer to a ping."""
+    await client.send("<iq type='get' id='collect' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
+    out = []
+    while (el := await client.next()).get("id") != "collect":
+        out.append(el)
+    return out

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.config import _Invalid, option, seconds_option
+from server.config.options import Invalid, option, seconds_option
 
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NODE_EXPECTED = "a node name (letters, digits, '.', '_', '-'; at most 64)"
@@ -21,16 +21,16 @@ _REDIS_EXPECTED = 'a "redis://host:port/db" URL'
 
 def _redis_url(value: Any, _ctx: Any) -> str:
     if not isinstance(value, str) or "\0" in value:
-        raise _Invalid
+        raise Invalid
     scheme, sep, rest = value.partition("://")
     if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
-        raise _Invalid(f"not a Redis URL: {value!r}")
+        raise Invalid(f"not a Redis URL: {value!r}")
     return value
 
 
 def _node(value: Any, _ctx: Any) -> str:
     if not isinstance(value, str) or not _NODE.fullmatch(value):
-        raise _Invalid
+        raise Invalid
     return value
 
 

@@ -40,6 +40,7 @@ MODULES: list[str] = [
     "visibility",
     "adhoc",
     "register",
+    "admin_adhoc",
     "echo",
     "muc",
     "http",
@@ -48,6 +49,7 @@ MODULES: list[str] = [
     "external_services",
     "proxy65",
     "contact_info",
+    "webadmin",
 ]
 
 

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_set
 from server.presence.watchers import Watcher, timestamp
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 COMMAND = ns.q(ns.COMMANDS, "command")
 _X = ns.q(ns.DATA_FORMS, "x")
@@ -42,7 +40,7 @@ class AdHoc(Module):
     name = "adhoc"
     features = (ns.COMMANDS,)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         # node -> (name, run); XEP-0050 §2.2: the name is shown to users.
         self.commands: dict[str, tuple[str, Run]] = {
@@ -56,7 +54,7 @@ class AdHoc(Module):
             return None
         return origin.jid.bare
 
-    @hook("disco/node")
+    @hook(events.DISCO_NODE)
     def disco_node(self, query: Stanza, origin: Session | None, node: str) -> object:
         if self._requester(origin) is None:
             return None
@@ -86,6 +84,11 @@ class AdHoc(Module):
         node = request.get("node", "")
         command = self.commands.get(node)
         if command is None:
+            # Other modules' commands (admin_adhoc: XEP-0133): "adhoc/execute" (stanza,
+            # request, requester) -> an awaitable of the <command/> to answer with.
+            pending = self.server.hooks.fire(events.ADHOC_EXECUTE, stanza, request, requester)
+            if pending is not None:
+                return st.result(stanza, await pending)
             raise StanzaError("item-not-found", f"no command {node!r}")
         action = request.get("action", "execute")
         if action == "cancel":
@@ -101,7 +104,7 @@ class AdHoc(Module):
     # -- the commands ------------------------------------------------------------------------
 
     async def _watchers(self, requester: JID) -> Stanza:
-        pending = self.server.hooks.fire("watchers/list", requester)
+        pending = self.server.hooks.fire(events.WATCHERS_LIST, requester)
         if pending is None:
             raise StanzaError("item-not-found", "watcher information is not available")
         rows: list[Watcher] = await pending

@@ -141,13 +141,20 @@ def form(xmlns: str) -> Stanza:
     field_tag = ns.q(ns.DATA_FORMS, "field")
     hidden = child(form, field_tag, {"type": "hidden", "var": "FORM_TYPE"})
     child(hidden, ns.q(ns.DATA_FORMS, "value"), text=xmlns)
-    child(form, field_tag, {"type": "jid-single", "var": "with"})
-    child(form, field_tag, {"type": "text-single", "var": "start"})
-    child(form, field_tag, {"type": "text-single", "var": "end"})
+    # XEP-0004 §3.2: a label for each field a client shows (profanity prints the var and
+    # "(null)" without one: issue 19).
+    child(form, field_tag, {"type": "jid-single", "var": "with", "label": "With"})
+    child(form, field_tag, {"type": "text-single", "var": "start",
+                            "label": "From this time (XEP-0082)"})
+    child(form, field_tag, {"type": "text-single", "var": "end",
+                            "label": "Until this time (XEP-0082)"})
     if xmlns == MAM2:
-        child(form, field_tag, {"type": "text-single", "var": "before-id"})
-        child(form, field_tag, {"type": "text-single", "var": "after-id"})
-        ids = child(form, field_tag, {"type": "list-multi", "var": "ids"})
+        child(form, field_tag, {"type": "text-single", "var": "before-id",
+                                "label": "Before this archive id"})
+        child(form, field_tag, {"type": "text-single", "var": "after-id",
+                                "label": "After this archive id"})
+        ids = child(form, field_tag, {"type": "list-multi", "var": "ids",
+                                      "label": "These archive ids"})
         validate = child(ids, ns.q(XDATA_VALIDATE, "validate"), {"datatype": "xs:string"})
         child(validate, ns.q(XDATA_VALIDATE, "open"))
     return query

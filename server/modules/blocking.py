@@ -12,17 +12,16 @@ import copy
 import itertools
 import logging
 from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, SessionSlot, Stanza, hook, iq_get, iq_set
+from server.module import Module, ModuleContext, SessionSlot, Stanza, hook, iq_get, iq_set
+from server.modules.presence import Presence
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.blocking")
 
@@ -60,11 +59,12 @@ _EMPTY = Blocklist()
 
 class Blocking(Module):
     name = "blocking"
+    uses = (Presence,)  # XEP-0191 §3.3/§3.4: presence to the (un)blocked, when it is shared
     features = (ns.BLOCKING,)
     # XEP-0191 §3.2: a resource that asked for the blocklist gets pushes from then on.
     interested = SessionSlot[bool](False)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         # bare JID (as text: str keys hash in C, the hot path does two lookups per stanza) ->
         # blocklist, for accounts with sessions
@@ -84,20 +84,20 @@ class Blocking(Module):
             blocklist = self._lists.setdefault(key, blocklist)
         return blocklist
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def bound(self, session: Session) -> Awaitable[Blocklist] | None:
         if session.bare_str in self._lists:
             return None
         return self._get(session.jid.bare)
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         if not self.server.sessions.is_online(session.jid.bare):
             self._lists.pop(session.bare_str, None)
 
     # -- enforcement -----------------------------------------------------------------------
 
-    @hook("filter/user", priority=100)
+    @hook(events.FILTER_USER, priority=100)
     def filter_user(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
         hosts = self.server.hosts
         if origin is not None and origin.local_client:
@@ -138,7 +138,7 @@ class Blocking(Module):
             recipient_list = await self._get(to.bare)
         return _verdict(stanza, to, sender, sender_list, recipient_list)
 
-    @hook("access/deny")
+    @hook(events.ACCESS_DENY)
     def access_deny(self, presentity: JID, watcher: JID, _what: str) -> object:
         """Presence access rule: a presentity never shows itself to a JID it blocks. Uncached
         (offline) presentities need no answer here: `filter_user` drops anything from them."""
@@ -230,8 +230,8 @@ class Blocking(Module):
         """XEP-0191 §3.3: on block, unavailable presence to the contact; §3.4: on unblock, the
         current presence. Both only where the contact may receive presence (a subscriber)."""
         contacts = [c for c in map(JID.parse, changed) if c.local is not None]
-        if not contacts or "roster" not in self.server.modules:
-            return []  # no roster module: no presence was shared
+        if not contacts or self.server.module(Presence) is None:
+            return []  # no presence module: no presence was shared
         from server.presence.subscription import is_subscriber
         from server.roster import state_of
 

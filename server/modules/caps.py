@@ -13,7 +13,7 @@ whose features include ``<node>+notify``).
   until a ver is verified each resource with it is asked, so one that is slow or answers
   wrongly holds up no other (as Prosody does).
 
-Events fired (server/hooks.py): ``caps/known`` (session, features) when a local resource's
+Events fired (server/events.py): ``caps/known`` (session, features) when a local resource's
 features become known with its presence out (at once for a known ver, or when the answer
 comes), ``caps/remote-known`` (user's bare JID, remote full JID, features) when a remote
 resource's features are known.
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server import events
 from server.jid import JID, InvalidJID
 from server.module import Module, SessionSlot, Stanza, hook
 from server.sessions import Session
@@ -160,7 +161,7 @@ class EntityCaps(Module):
 
     # -- local resources ------------------------------------------------------------------
 
-    @hook("presence/outgoing")
+    @hook(events.PRESENCE_OUTGOING)
     def outgoing(self, session: Session, presence: Stanza) -> Awaitable[None] | None:
         """The resource's caps, read as its presence goes out. An unknown ver is asked now,
         before the presence reaches anyone (Prosody's mod_pep does the same: clients see the
@@ -183,7 +184,7 @@ class EntityCaps(Module):
         self.server.router.spawn(self._discovered(session, ver, lookup))
         return sent
 
-    @hook("presence/available")
+    @hook(events.PRESENCE_AVAILABLE)
     def available(self, session: Session, _first: bool) -> None:
         """The presence went out with caps known: caps/known (XEP-0163 §4.3.2: last items)."""
         caps = self.caps.get(session)
@@ -193,7 +194,7 @@ class EntityCaps(Module):
                 self._tell(session, caps.features)
 
     def _tell(self, session: Session, features: frozenset[str]) -> None:
-        for pending in self.server.hooks.fire_all("caps/known", session, features):
+        for pending in self.server.hooks.notify_nowait(events.CAPS_KNOWN, session, features):
             self.server.router.spawn(pending)
 
     async def _discovered(self, session: Session, ver: str,
@@ -262,7 +263,7 @@ class EntityCaps(Module):
             await sent
         return await lookup
 
-    @hook("iq-response")
+    @hook(events.IQ_RESPONSE)
     def answered(self, stanza: Stanza, _origin: Session | None, _to: JID) -> object:
         if stanza.get("id") != "disco":
             return None
@@ -279,8 +280,8 @@ class EntityCaps(Module):
 
     # -- contacts on other servers: their resources' caps, from the presence they send us -
 
-    @hook("presence/bare", priority=50)
-    @hook("presence/full", priority=50)
+    @hook(events.PRESENCE_BARE, priority=50)
+    @hook(events.PRESENCE_FULL, priority=50)
     def remote_presence(self, stanza: Stanza, _origin: Session | None, to: JID) -> None:
         """Watch (never consume) presence from remote resources to our users: which of them
         are available, with which caps."""
@@ -331,18 +332,16 @@ class EntityCaps(Module):
                 return
             caps.features = features or frozenset()
         if features and user.local is not None:
-            for pending in self.server.hooks.fire_all("caps/remote-known", user, sender,
-                                                      features):
-                await pending
+            await self.server.hooks.notify(events.CAPS_REMOTE_KNOWN, user, sender, features)
 
     # -- sessions ending, the server stopping ---------------------------------------------
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         # A caps query to a session that has gone will not be answered: stop waiting for it.
         self._give_up_asking(lambda target: target == str(session.jid))
 
-    @hook("server-stopping")
+    @hook(events.SERVER_STOPPING)
     def stopping(self, _server: object) -> None:
         # Shutdown drains the router's background work: don't hold it up for caps answers.
         self._give_up_asking(lambda _target: True)

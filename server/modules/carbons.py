@@ -17,22 +17,26 @@ Copies come from the account's bare JID and carry the original in a XEP-0297
 groupchat and headline; messages with ``<private xmlns='urn:xmpp:carbons:2'/>`` (§7; the
 element is removed before delivery to a local recipient) or the XEP-0334 hint ``<no-copy/>``;
 MUC private messages to a full JID (XEP-0045 §7.5, they belong to the joined resource).
+
+Archive ids (XEP-0359 §3, XEP-0313 §5.1): a ``<received/>`` copy carries the stanza-id the
+delivered message got from the account's archive. A ``<sent/>`` copy carries the *sender's*
+archive id (``by`` = the sender's bare JID, announced by MAM through ``archive/sent-id``), never
+the recipient's: a client matches the live copy with the one its archive returns later, and no
+account sees another account's archive ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from server.hooks import stanza_kinds
+from server import events
+from server.events import stanza_kinds
 from server.jid import JID
-from server.module import Module, SessionSlot, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, SessionSlot, Stanza, hook, iq_set
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 CARBONS = "urn:xmpp:carbons:2"
 _ENABLE = f"{{{CARBONS}}}enable"
@@ -44,6 +48,8 @@ _PRIVATE = ns.q(CARBONS, "private")
 _NO_COPY = ns.q(HINTS, "no-copy")
 _MUC_USER = "{http://jabber.org/protocol/muc#user}x"
 _REMEMBERED = 1000  # <private/> messages remembered between routing and delivery
+_SENT_IDS = 256  # senders' archive ids remembered between MAM and the <sent/> copy
+_STANZA_ID = ns.q("urn:xmpp:sid:0", "stanza-id")
 # Payloads that make a bodyless normal message an IM message worth copying (§6).
 _IM_NAMESPACES = frozenset({
     "http://jabber.org/protocol/chatstates",   # XEP-0085
@@ -84,12 +90,14 @@ class Carbons(Module):
     features = (CARBONS,)
     enabled = SessionSlot[bool](False)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         # bare JID -> how many of its sessions have carbons on (a quick "no" on the hot path)
         self._accounts: dict[JID, int] = {}
         # <private/> messages for carbon-enabled accounts, the element removed, until delivered
         self._private: dict[int, Stanza] = {}
+        # id(message) -> (message, the sender's archive id), from MAM until the <sent/> copy
+        self._sent_ids: dict[int, tuple[Stanza, str]] = {}
 
     # -- enabling (§4, §5) ---------------------------------------------------------------------
 
@@ -106,11 +114,11 @@ class Carbons(Module):
             bare = session.jid.bare
             self._accounts[bare] = self._accounts.get(bare, 0) + 1
 
-    @hook("bind2/features")
+    @hook(events.BIND2_FEATURES)
     def bind2_features(self) -> tuple[str, ...]:
         return (CARBONS,)
 
-    @hook("bind2/enable")
+    @hook(events.BIND2_ENABLE)
     def bind2_enable(self, session: Session, el: Stanza) -> bool | None:
         """<enable xmlns='urn:xmpp:carbons:2'/> inside Bind 2's <bind/> (XEP-0386 §3)."""
         if el.tag != _ENABLE:
@@ -124,7 +132,7 @@ class Carbons(Module):
         self._off(origin)
         return st.result(stanza)
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         self._off(session)
 
@@ -141,7 +149,7 @@ class Carbons(Module):
 
     # -- copies ----------------------------------------------------------------------------
 
-    @hook("filter/user", priority=-200)
+    @hook(events.FILTER_USER, priority=-200)
     @stanza_kinds(st.MESSAGE)
     def sent(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         """A local client's outgoing message: <sent/> to its account's other resources.
@@ -153,6 +161,11 @@ class Carbons(Module):
         account = sender.jid.bare if sender is not None else None
         if account not in accounts and to.bare not in accounts:
             return None  # no one with carbons on at either end
+        own_id = None
+        if self._sent_ids:
+            remembered = self._sent_ids.pop(id(stanza), None)
+            if remembered is not None and remembered[0] is stanza:
+                own_id = remembered[1]
         if to.domain in self.server.hosts:
             private = stanza.find(_PRIVATE)
             if private is not None:
@@ -161,8 +174,19 @@ class Carbons(Module):
         if sender is None or account is None or account not in accounts:
             return None
         if eligible(stanza, incoming=False):
-            self._copy(stanza, SENT, account, (sender,))
+            self._copy(stanza, SENT, account, (sender,), own_id)
         return None
+
+    @hook(events.ARCHIVE_SENT_ID)
+    def archived_sent(self, stanza: Stanza, account: str, ident: str) -> None:
+        """MAM archived a local client's message under this id in the sender's archive (it
+        runs before this module's filter/user handler): kept for the <sent/> copy."""
+        if JID.parse(account) not in self._accounts:
+            return
+        remembered = self._sent_ids
+        remembered[id(stanza)] = (stanza, ident)  # the stanza held: its id() is not reused
+        if len(remembered) > _SENT_IDS:  # a message whose copy was never made: forgotten
+            del remembered[next(iter(remembered))]
 
     def _strip(self, stanza: Stanza, private: Stanza, recipient: JID) -> None:
         # Only where carbons are on at one end (elsewhere the element stays: no one copies).
@@ -173,7 +197,7 @@ class Carbons(Module):
             if len(marked) > _REMEMBERED:  # never delivered (bounced, dropped): forgotten
                 del marked[next(iter(marked))]
 
-    @hook("message/delivered")
+    @hook(events.MESSAGE_DELIVERED)
     def received(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         """A message handed to these sessions: <received/> to the account's others."""
         if self._private and self._private.pop(id(stanza), None) is stanza:
@@ -190,8 +214,20 @@ class Carbons(Module):
         skip = [s for s in self.server.sessions.resources(account) if s.jid_str == sender]
         self._copy(stanza, RECEIVED, account, (*sessions, *skip))
 
+    @hook(events.MESSAGE_COPIED_TO)
+    def copied_to(self, stanza: Stanza, session: Session) -> list[Session] | None:
+        """The account's resources that had a <received/> copy of this message delivered to
+        `session` (stream management asks before it hands an unacknowledged one on)."""
+        account = session.jid.bare
+        if account not in self._accounts or not eligible(stanza, incoming=True):
+            return None
+        if stanza.find(_MUC_USER) is not None and stanza.get("to") == session.jid_str:
+            return None  # a MUC private message was copied to no one
+        return [s for s in self.server.sessions.resources(account)
+                if s is not session and self.enabled.get(s)]
+
     def _copy(self, stanza: Stanza, kind: str, account: JID,
-              skip: Sequence[Session]) -> None:
+              skip: Sequence[Session], own_id: str | None = None) -> None:
         recipients = [s for s in self.server.sessions.resources(account)
                       if s not in skip and self.enabled.get(s)]
         if not recipients:
@@ -204,5 +240,19 @@ class Carbons(Module):
         for session in recipients:
             wrapper = st.element(st.MESSAGE, {**attrs, "to": session.jid_str})
             forwarded = st.child(st.child(wrapper, kind), FORWARDED)
-            forwarded.append(st.standalone(stanza))
+            inner = st.standalone(stanza)
+            if kind == SENT:
+                self._own_ids_only(inner, bare, own_id)
+            forwarded.append(inner)
             session.send(wrapper)
+
+    def _own_ids_only(self, inner: Stanza, account: str, own_id: str | None) -> None:
+        """A <sent/> copy: the recipient's archive id (stamped by our MAM when the recipient
+        is local) goes; the sender's own goes in (XEP-0359 §3: 'by' the archive's JID)."""
+        hosts = self.server.hosts
+        for claimed in inner.findall(_STANZA_ID):
+            by = claimed.get("by") or ""
+            if by != account and by.rpartition("@")[2].partition("/")[0] in hosts:
+                inner.remove(claimed)
+        if own_id is not None:
+            st.child(inner, _STANZA_ID, {"by": account, "id": own_id})

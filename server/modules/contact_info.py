@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from server.config import _Invalid, option
+from server import events
+from server.config import Invalid, option
 from server.module import Module, Stanza, hook
 from server.sessions import Session
 from server.xml import ns
@@ -31,10 +32,10 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")  # RFC 3986 §3.1 scheme, then
 
 def _uris(value: Any, _ctx: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid
+        raise Invalid
     for uri in value:
         if not _URI.fullmatch(uri):
-            raise _Invalid(f'"{uri}" is not a URI such as "mailto:abuse@example.org"')
+            raise Invalid(f'"{uri}" is not a URI such as "mailto:abuse@example.org"')
     return tuple(value)
 
 
@@ -56,7 +57,7 @@ class ContactInfo(Module):
     name = "contact_info"
     settings = ContactInfoSettings
 
-    @hook("disco/server-info")
+    @hook(events.DISCO_SERVER_INFO)
     def server_info(self, query: Stanza, _stanza: Stanza, _origin: Session | None) -> None:
         given = [(f.name, getattr(self.config, f.name)) for f in fields(self.config)]
         given = [(name, uris) for name, uris in given if uris]

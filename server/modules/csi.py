@@ -24,8 +24,9 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from server import events
 from server.config import int_option
-from server.hooks import stanza_kinds
+from server.events import stanza_kinds
 from server.jid import JID
 from server.module import Module, SessionSlot, Stanza, hook, nonza, stream_feature
 from server.sessions import Session
@@ -159,11 +160,11 @@ class ClientState(Module):
     def feature(self) -> Stanza:
         return st.element(ns.q(CSI, "csi"))
 
-    @hook("bind2/features")
+    @hook(events.BIND2_FEATURES)
     def bind2_features(self) -> tuple[str, ...]:
         return (CSI,)
 
-    @hook("bind2/enable")
+    @hook(events.BIND2_ENABLE)
     def bind2_enable(self, session: Session, el: Stanza) -> bool | None:
         """<inactive xmlns='urn:xmpp:csi:0'/> inside Bind 2's <bind/> (XEP-0386 §3): a phone
         that logs in with its screen off."""
@@ -184,7 +185,7 @@ class ClientState(Module):
             session.gate = None
             gate.flush()
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         gate = session.gate
         if isinstance(gate, CsiGate):
@@ -193,7 +194,7 @@ class ClientState(Module):
                 log.info("event=csi-dropped jid=%s count=%d", session.jid_str, len(gate.held))
             gate.held.clear()
 
-    @hook("filter/user", priority=-300)
+    @hook(events.FILTER_USER, priority=-300)
     @stanza_kinds(st.PRESENCE)
     def track_rooms(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         """Remember the nicknames a session joins rooms with (presence to room@service/nick),

@@ -3,6 +3,7 @@ the service hosts (muc.<domain>, upload.<domain>, components) it lists as items.
 
 from __future__ import annotations
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Module, Stanza, iq_get
@@ -26,7 +27,7 @@ class Disco(Module):
         for feature in sorted(self.server.features):
             child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
         # XEP-0128 extended information (e.g. XEP-0157 contact addresses) from the modules.
-        self.server.hooks.fire_all("disco/server-info", query, stanza, origin)
+        self.server.hooks.notify_nowait(events.DISCO_SERVER_INFO, query, stanza, origin)
         return result(stanza, query)
 
     @iq_get(ns.DISCO_ITEMS, "query")
@@ -48,7 +49,7 @@ class Disco(Module):
         through the 'disco/node' hook (args: query, origin, node) and returns non-None."""
         node = stanza[0].get("node", "")
         query = element(ns.q(xmlns, "query"), {"node": node})
-        if self.server.hooks.fire("disco/node", query, origin, node) is None:
+        if self.server.hooks.fire(events.DISCO_NODE, query, origin, node) is None:
             raise StanzaError("item-not-found", f"no such node {node!r}")
         return result(stanza, query)
 
@@ -61,7 +62,7 @@ class Disco(Module):
               {"category": "account", "type": "registered"})
         for feature in (ns.DISCO_INFO, ns.DISCO_ITEMS):
             child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": feature})
-        self.server.hooks.fire_all("disco/account-info", query, stanza, _origin)
+        await self.server.hooks.notify(events.DISCO_ACCOUNT_INFO, query, stanza, _origin)
         return result(stanza, query)
 
     @iq_get(ns.DISCO_ITEMS, "query", to=("bare",))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server.config import _Invalid, _seconds, int_option, option
+from server.config import Invalid, int_option, option, seconds_option
 from server.errors import StanzaError
 from server.module import Module, Stanza, iq_get
 from server.sessions import Session
@@ -76,20 +76,20 @@ def turn_credentials(secret: str, user: str, expires: int) -> tuple[str, str]:
 def _host(value: Any, _ctx: Any) -> str:
     if not isinstance(value, str) or not value or len(value) > 253 \
             or any(c.isspace() or c in "/[]@" for c in value):
-        raise _Invalid
+        raise Invalid
     return value
 
 
 def _secret(value: Any, _ctx: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise _Invalid
+        raise Invalid
     return value
 
 
 def _transports(value: Any, _ctx: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or any(v not in _TRANSPORTS for v in value) \
             or len(set(value)) != len(value):
-        raise _Invalid
+        raise Invalid
     return tuple(value)
 
 
@@ -98,35 +98,35 @@ _SERVICE_KEYS = {"type", "host", "port", "transport", "name", "secret", "usernam
 
 def _services(value: Any, ctx: Any) -> tuple[ExternalService, ...]:
     if not isinstance(value, list):
-        raise _Invalid
+        raise Invalid
     out = []
     for number, entry in enumerate(value, 1):
         where = f"services entry {number}"
         if not isinstance(entry, dict):
-            raise _Invalid(f"{where} is not a table")
+            raise Invalid(f"{where} is not a table")
         unknown = set(entry) - _SERVICE_KEYS
         if unknown:
-            raise _Invalid(f"{where}: unknown key {sorted(unknown)[0]!r}")
+            raise Invalid(f"{where}: unknown key {sorted(unknown)[0]!r}")
         type_ = entry.get("type")
         if type_ not in _TYPES:
-            raise _Invalid(f"{where}: type must be one of {', '.join(_TYPES)}")
+            raise Invalid(f"{where}: type must be one of {', '.join(_TYPES)}")
         try:
             host = _host(entry.get("host"), ctx)
-        except _Invalid:
-            raise _Invalid(f"{where}: host must be a host name or address") from None
+        except Invalid:
+            raise Invalid(f"{where}: host must be a host name or address") from None
         port = entry.get("port")
         if type(port) is not int or not 0 < port < 65536:
-            raise _Invalid(f"{where}: port must be an integer from 1 to 65535")
+            raise Invalid(f"{where}: port must be an integer from 1 to 65535")
         transport = entry.get("transport", "tcp" if type_ in ("stuns", "turns") else "udp")
         if transport not in _TRANSPORTS:
-            raise _Invalid(f"{where}: transport must be udp or tcp")
+            raise Invalid(f"{where}: transport must be udp or tcp")
         strings = {k: entry.get(k) for k in ("name", "secret", "username", "password")}
         if any(v is not None and (not isinstance(v, str) or not v) for v in strings.values()):
-            raise _Invalid(f"{where}: name, secret, username and password are strings")
+            raise Invalid(f"{where}: name, secret, username and password are strings")
         if (strings["username"] is None) != (strings["password"] is None):
-            raise _Invalid(f"{where}: give username and password together")
+            raise Invalid(f"{where}: give username and password together")
         if strings["secret"] is not None and strings["username"] is not None:
-            raise _Invalid(f"{where}: give a secret or a username and password, not both")
+            raise Invalid(f"{where}: give a secret or a username and password, not both")
         out.append(ExternalService(type_, host, port, transport, **strings))
     return tuple(out)
 
@@ -136,7 +136,7 @@ class TurnSettings:
     host: str | None = field(metadata=option("a host name or IP address", _host))
     port: int = field(metadata=int_option(1, 65535, 3478))
     secret: str | None = field(metadata=option("a non-empty string", _secret))
-    ttl: float = field(metadata=option("a number of seconds > 0", _seconds, 86400))
+    ttl: float = field(metadata=seconds_option(86400))
     transports: tuple[str, ...] = field(metadata=option(
         'a non-empty list of "udp" and "tcp"', _transports, ["udp", "tcp"]))
     services: tuple[ExternalService, ...] = field(metadata=option(

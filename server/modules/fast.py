@@ -31,15 +31,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from server.config import _path, option, seconds_option
-from server.module import Module, hook
+from server import events
+from server.config import path_option, seconds_option
+from server.module import Module, ModuleContext, hook
 from server.storage.fast import NEW, FastToken, FastTokenStore
 from server.stream.sasl2 import ht_initiator, ht_responder
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.fast")
 KEY_SIZE = 32
@@ -53,7 +51,7 @@ class FastSettings:
     rotate_after: float = field(metadata=seconds_option(86400))
     # The key tokens are derived from; made at first start when absent. Unset:
     # <data_dir>/fast-token.key.
-    key_file: Path | None = field(metadata=option("a file name", _path("data_dir")))
+    key_file: Path | None = field(metadata=path_option("data_dir"))
 
 
 def client_key(user_agent: str) -> str:
@@ -86,7 +84,7 @@ class Fast(Module):
     settings = FastSettings
     features = ()
 
-    def __init__(self, server: Server, config: FastSettings) -> None:
+    def __init__(self, server: ModuleContext, config: FastSettings) -> None:
         super().__init__(server, config)
         self._key = b""
 
@@ -108,7 +106,7 @@ class Fast(Module):
 
     # -- hooks of server/stream/c2s.py -------------------------------------------------------
 
-    @hook("fast/issue")
+    @hook(events.FAST_ISSUE)
     def issue(self, user: str, domain: str, client: str, mechanism: str) -> Any:
         return self._issue(user, domain, client, mechanism)
 
@@ -125,7 +123,7 @@ class Fast(Module):
         log.info("event=fast-token-issued user=%s@%s mechanism=%s", user, domain, mechanism)
         return token, expiry_text(expires)
 
-    @hook("fast/verify")
+    @hook(events.FAST_VERIFY)
     def verify(self, user: str, domain: str, client: str | None, mechanism: str, proof: bytes,
                cb_data: bytes, invalidate: bool) -> Any:
         return self._verify(user, domain, client, mechanism, proof, cb_data, invalidate)

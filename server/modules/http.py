@@ -9,7 +9,7 @@ Other modules serve paths of their own through ``route`` (upload: server/modules
     [http]
     external_url = "https://chat.example.org/"   # what clients are told (host-meta, uploads)
     websocket_insecure = false      # ws:// without TLS (behind a proxy: trusted_proxies)
-    cors_origins = []               # web origins of browser clients elsewhere; ["*"]: any
+    cors_origins = ["https://..."]  # only these web origins (and our own); unset: any
     metrics_allow = ["127.0.0.1/32", "::1/128"]
     trusted_proxies = []            # proxies whose X-Forwarded-For/-Proto/-Host are believed
 
@@ -25,23 +25,26 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
-from server.config import _NETWORKS, _bool, _Invalid, networks, option
+from server import events
+from server.config import NETWORKS, Invalid, Network, bool_option, networks, option
 from server.http import websocket
 from server.http.bosh import Bosh
 from server.http.metrics import Metrics
-from server.http.tls import https_context
+from server.http.tls import https_context, reload_https_context
 from server.module import Module, hook
+
+if TYPE_CHECKING:
+    from server.app import Server
 
 log = logging.getLogger("presenced.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 WEBSOCKET_PATH = "/xmpp-websocket"
 BOSH_PATH = "/http-bind"
@@ -52,17 +55,17 @@ REL_BOSH = "urn:xmpp:alt-connections:xbosh"
 
 def _url(value: Any, _ctx: Any) -> str:
     if not isinstance(value, str):
-        raise _Invalid
+        raise Invalid
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
             or parts.fragment:
-        raise _Invalid(f'"{value}" is not an http:// or https:// URL without query')
+        raise Invalid(f'"{value}" is not an http:// or https:// URL without query')
     return value.rstrip("/")
 
 
 def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid
+        raise Invalid
     out = []
     for raw in value:
         if raw == "*":
@@ -71,12 +74,9 @@ def _origins(value: Any, _ctx: Any) -> tuple[str, ...]:
         parts = urlsplit(raw)
         if parts.scheme not in ("http", "https") or not parts.hostname or \
                 parts.path not in ("", "/"):
-            raise _Invalid(f'"{raw}" is not an origin such as "https://chat.example.org"')
+            raise Invalid(f'"{raw}" is not an origin such as "https://chat.example.org"')
         out.append(raw.rstrip("/").lower())
     return tuple(out)
-
-
-_networks = networks  # the [limits] trusted list is read the same way
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,12 +85,16 @@ class HTTPSettings:
     # first listener for upload URLs).
     external_url: str | None = field(metadata=option(
         'an http:// or https:// URL such as "https://chat.example.org"', _url))
-    websocket_insecure: bool = field(metadata=option("true or false", _bool, False))
-    cors_origins: tuple[str, ...] = field(metadata=option(
-        'a list of origins such as "https://chat.example.org", or ["*"]', _origins, []))
+    websocket_insecure: bool = field(metadata=bool_option(False))
+    # Unset: any page may open WebSocket/BOSH sessions and upload (XMPP authenticates inside
+    # the stream with SASL, not with cookies: a foreign page gains nothing it could not get
+    # with a socket of its own; Prosody 0.12 dropped its origin check too). Set: these only,
+    # besides the server's own origin.
+    cors_origins: tuple[str, ...] | None = field(metadata=option(
+        'a list of origins such as "https://chat.example.org", or ["*"]', _origins))
     metrics_allow: tuple[Network, ...] = field(
-        metadata=option(_NETWORKS, _networks, ["127.0.0.1/32", "::1/128"]))
-    trusted_proxies: tuple[Network, ...] = field(metadata=option(_NETWORKS, _networks, []))
+        metadata=option(NETWORKS, networks, ["127.0.0.1/32", "::1/128"]))
+    trusted_proxies: tuple[Network, ...] = field(metadata=option(NETWORKS, networks, []))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +107,16 @@ class HTTP(Module):
     name = "http"
     settings = HTTPSettings
 
-    def __init__(self, server: Any, config: HTTPSettings) -> None:
+    def __init__(self, server: Server, config: HTTPSettings) -> None:
         super().__init__(server, config)
+        # The listener carries c2s streams (WebSocket, BOSH) and the metrics of the core: a
+        # transport of the core's, so it holds the Server itself, not only the ModuleContext.
+        self.core = server
         self._exact: dict[str, _Route] = {}
         self._prefixes: list[tuple[str, _Route]] = []
         self._runner: web.AppRunner | None = None
         self._sites: list[tuple[str, web.TCPSite]] = []
+        self._ssl_context: Any = None  # the HTTPS listener's, kept for reloads
         self.route("/.well-known/host-meta", self._host_meta_xrd, cors=True)
         self.route("/.well-known/host-meta.json", self._host_meta_json, cors=True)
         self.route(WEBSOCKET_PATH, self._websocket)
@@ -186,16 +194,30 @@ class HTTP(Module):
         return peer[0] if peer else None
 
     def allowed_origin(self, request: web.Request) -> str | None:
-        """The request's Origin when it may call us (same origin, or listed), else None."""
+        """The request's Origin when it may call us (any without [http] cors_origins; else
+        the same origin or a listed one), else None."""
         origin = request.headers.get("Origin")
         if origin is None:
             return None
         origin = origin.rstrip("/").lower()
         allowed = self.config.cors_origins
-        if "*" in allowed or origin in allowed:
+        if allowed is None or "*" in allowed or origin in allowed:
             return origin
-        own = f"{self.scheme(request)}://{self.host(request)}".lower()
-        return origin if origin == own else None
+        return origin if origin == self.own_origin(request) else None
+
+    def own_origin(self, request: web.Request) -> str:
+        """Our own origin as a browser names it for this request (scheme and Host)."""
+        return f"{self.scheme(request)}://{self.host(request)}".lower()
+
+    def foreign_form(self, request: web.Request) -> bool:
+        """A form POST from another origin's page (CSRF): unlike XMPP over WebSocket or BOSH,
+        which authenticate inside the stream, a form rides on the visitor's cookies, so it is
+        refused whatever [http] cors_origins allows. No Origin (old browsers) and 'null'
+        (privacy modes) pass: the form's own CSRF token decides."""
+        origin = request.headers.get("Origin")
+        if origin is None or origin == "null":
+            return False
+        return origin.rstrip("/").lower() != self.own_origin(request)
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         out = []
@@ -217,6 +239,7 @@ class HTTP(Module):
                                               shutdown_timeout=2.0)
         await runner.setup()
         ssl_context = https_context(self.server.config.tls) if listen.https else None
+        self._ssl_context = ssl_context
         try:
             for kind, addresses in (("http", listen.http), ("https", listen.https)):
                 for address in addresses:
@@ -232,10 +255,17 @@ class HTTP(Module):
             raise
         for kind, host, port in self.bound_addresses():
             log.info("event=listening kind=%s address=%s:%s", kind, host, port)
-        self.metrics = Metrics(self.server)
+        self.metrics = Metrics(self.core)
         self.metrics.start()
 
-    @hook("server-stopping")
+    @hook(events.TLS_RELOADED)
+    def _reload_tls(self, tls: Any) -> None:
+        """presenced ctl reload, SIGHUP (server/ctl.py): new HTTPS connections get the new
+        certificates."""
+        if self._ssl_context is not None:
+            reload_https_context(self._ssl_context, tls)
+
+    @hook(events.SERVER_STOPPING)
     async def _stop_listening(self, _server: Any) -> None:
         for _kind, site in self._sites:
             server = site._server
@@ -330,7 +360,7 @@ class HTTP(Module):
             return refused
         forwarded = self.client_address(request) if self.from_proxy(request) else None
         limits = self.server.config.limits
-        return await websocket.serve(self.server, request,
+        return await websocket.serve(self.core, request,
                                      # room above the stanza limit, so that the stream
                                      # parser refuses a too large stanza with a stream error
                                      max_message=2 * limits.max_stanza_size + 4096,

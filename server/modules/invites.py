@@ -38,10 +38,12 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+from server import events
 from server.config import Config, bool_option, int_option, seconds_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook
+from server.module import Module, ModuleContext, Stanza, hook
+from server.modules.adhoc import AdHoc
 from server.modules.http import HTTP
 from server.modules.register import USERNAME_RULE, Register
 from server.storage import invites as invite_store
@@ -51,7 +53,7 @@ from server.xml import ns
 from server.xml import stanza as st
 
 if TYPE_CHECKING:
-    from server.app import Server
+    pass
 
 log = logging.getLogger("presenced.invites")
 
@@ -154,8 +156,10 @@ class Invites(Module):
     name = "invites"
     settings = InvitesSettings
     stores = (invite_store.SPEC,)
+    # Registration by invitation, the landing pages and the ad-hoc command, each when loaded.
+    uses = (Register, HTTP, AdHoc)
 
-    def __init__(self, server: Server, config: InvitesSettings) -> None:
+    def __init__(self, server: ModuleContext, config: InvitesSettings) -> None:
         super().__init__(server, config)
         self._key = secrets.token_bytes(32)  # CSRF field = HMAC(key, cookie | token)
         self._http: HTTP | None = None
@@ -163,25 +167,31 @@ class Invites(Module):
 
     @property
     def _store(self) -> invite_store.InviteStoreSQL:
-        store: invite_store.InviteStoreSQL = getattr(self.server.storage, "invites")  # noqa: B009
+        store: invite_store.InviteStoreSQL = self.store_of(invite_store.SPEC)
         return store
 
     @property
     def _register(self) -> Register | None:
-        module = self.server.modules.get("register")
-        return module if isinstance(module, Register) else None
+        return self.server.module(Register)
 
     async def start(self) -> None:
-        http = self.server.modules.get("http")
-        if isinstance(http, HTTP) and http.enabled:
+        http = self.server.module(HTTP)
+        if http is not None and http.enabled:
             self._http = http
             http.route(PREFIX, self._page, prefix=True)
         if self.config.allow_users:
-            adhoc = self.server.modules.get("adhoc")
-            commands = getattr(adhoc, "commands", None)
-            if isinstance(commands, dict):
-                commands[NODE_INVITE] = ("Invite user", self._invite_command)
+            adhoc = self.server.module(AdHoc)
+            if adhoc is not None:
+                adhoc.commands[NODE_INVITE] = ("Invite user", self._invite_command)
         await self._store.purge(int(time.time()) - 86400)  # expired for a day: gone
+
+    async def create(self, domain: str, inviter: str | None, *, uses: int, lifetime: float,
+                     group: str | None = None) -> tuple[Invitation, str, str]:
+        """A new invitation, stored: (it, its xmpp: URI, its page's URL). For the admin page
+        (server/modules/webadmin.py)."""
+        invitation = new_invitation(domain, inviter, uses=uses, lifetime=lifetime, group=group)
+        await self._store.create(invitation)
+        return invitation, xmpp_uri(invitation, self._ibr), self.landing_url(invitation)
 
     def landing_url(self, invitation: Invitation) -> str:
         base = (self._http.base_url() if self._http is not None
@@ -201,6 +211,11 @@ class Invites(Module):
                                     lifetime=self.config.expire_after)
         await self._store.create(invitation)
         log.info("event=invitation-created inviter=%s uses=1 via=adhoc", requester)
+        return self.invitation_form(invitation)
+
+    def invitation_form(self, invitation: Invitation) -> Stanza:
+        """The XEP-0401 result form: the xmpp: URI, the landing page, the expiry (also what
+        admin_adhoc.py's create-account command answers)."""
         form = st.element(ns.q(ns.DATA_FORMS, "x"), {"type": "result"})
         for var, type_, label, value in (
                 ("FORM_TYPE", "hidden", None, FORM_TYPE),
@@ -217,7 +232,7 @@ class Invites(Module):
 
     # -- XEP-0379: inviter and invitee subscribe to each other -------------------------------
 
-    @hook("account-registered")
+    @hook(events.ACCOUNT_REGISTERED)
     async def registered(self, jid: JID, invitation: Invitation | None) -> None:
         if invitation is None or invitation.inviter is None:
             return
@@ -289,9 +304,7 @@ class Invites(Module):
 
     async def _post(self, request: web.Request, invitation: Invitation,
                     address: str | None) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != "null" and self._http is not None and \
-                self._http.allowed_origin(request) is None:
+        if self._http is not None and self._http.foreign_form(request):
             log.info("event=invite-form-refused reason=origin address=%s", address)
             return _html(403, "Refused", "<p>This form must be sent from its own page.</p>")
         try:

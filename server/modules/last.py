@@ -14,18 +14,16 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook, iq_get
+from server.module import Module, ModuleContext, Stanza, hook, iq_get
 from server.sessions import Session
 from server.storage.base import NoSuchAccount
 from server.xml import ns
 from server.xml.stanza import element, result
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.last")
 
@@ -37,7 +35,7 @@ class LastActivity(Module):
     name = "last"
     features = (ns.LAST,)
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         self.started = time.monotonic()  # for the uptime (XEP-0012 §5)
 
@@ -81,12 +79,12 @@ class LastActivity(Module):
         return result(stanza, element(QUERY, {"seconds": str(seconds)}, status or None))
 
     async def _may_see_presence(self, presentity: JID, requester: JID) -> bool:
-        answer = self.server.hooks.fire("access/may-see-presence", presentity, requester)
+        answer = self.server.hooks.fire(events.ACCESS_MAY_SEE_PRESENCE, presentity, requester)
         if inspect.isawaitable(answer):
             answer = await answer
         return answer is True
 
-    @hook("presence/unavailable")
+    @hook(events.PRESENCE_UNAVAILABLE)
     def _went_unavailable(self, session: Session, stanza: Stanza | None) -> object:
         """An available resource became unavailable (stanza None: it disconnected): the last
         activity when no other resource of the account is available."""
@@ -104,5 +102,5 @@ class LastActivity(Module):
             log.info("event=last-activity-skipped jid=%s reason=no-such-account", bare)
 
 
-def _available(server: Server, bare: JID) -> bool:
+def _available(server: ModuleContext, bare: JID) -> bool:
     return any(s.presence is not None for s in server.sessions.resources(bare))

@@ -36,15 +36,16 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lxml import etree
 
-from server.config import _choice, _Invalid, int_option, option
+from server import events
+from server.config import Invalid, choice_option, int_option, option
 from server.errors import StanzaError
-from server.hooks import stanza_kinds
+from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_get, iq_set
 from server.modules.archive_query import DEFAULT_MAX_PAGE, parse_query, stamp
 from server.modules.archive_query import fin as _fin
 from server.modules.archive_query import form as _form
@@ -63,9 +64,6 @@ from server.storage.db import log_failure
 from server.xml import ns
 from server.xml import stanza as st
 from server.xml.stanza import child, element, result
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.mam")
 
@@ -113,18 +111,17 @@ _PREF_DEFAULTS = ("always", "roster", "never")
 def _duration(value: Any, _ctx: Any) -> int:
     """Seconds, from "1y", "30d", "12h", "15m", "10s" (a year is 365 days)."""
     if not isinstance(value, str):
-        raise _Invalid
+        raise Invalid
     match = _DURATION.match(value)
     if match is None:
-        raise _Invalid
+        raise Invalid
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MamSettings:
     # Archiving for accounts that set no preferences (XEP-0313 §6).
-    default: str = field(metadata=option('one of "always", "roster", "never"',
-                                         _choice(*_PREF_DEFAULTS), "always"))
+    default: str = field(metadata=choice_option("always", *_PREF_DEFAULTS))
     # Seconds messages are kept; None: forever.
     expire_after: int | None = field(metadata=option(
         'a duration: a number and y, w, d, h, m or s, such as "1y" or "30d"', _duration))
@@ -236,8 +233,9 @@ class Mam(Module):
     stores = (archive.SPEC,)
     features = (MAM2, MAM2_EXTENDED, MAM1, SID)
 
-    def __init__(self, server: Server, config: MamSettings) -> None:
+    def __init__(self, server: ModuleContext, config: MamSettings) -> None:
         super().__init__(server, config)
+        self.store: ArchiveStore = self.store_of(archive.SPEC)
         self._prefs: dict[str, ArchivePrefs] = {}
         self._last_ts = 0
         self._writer: _Writer | None = None
@@ -245,11 +243,6 @@ class Mam(Module):
         self._ids: deque[int] = deque()  # archive ids reserved for messages yet to come
         self._refill: asyncio.Future[None] | None = None
         self._waiting = 0  # messages waiting for ids
-
-    @property
-    def store(self) -> ArchiveStore:
-        store: ArchiveStore = getattr(self.server.storage, archive.SPEC.name)
-        return store
 
     @property
     def writer(self) -> _Writer:
@@ -280,7 +273,7 @@ class Mam(Module):
 
     # -- archiving ---------------------------------------------------------------------------
 
-    @hook("filter/user", priority=-100)
+    @hook(events.FILTER_USER, priority=-100)
     @stanza_kinds(st.MESSAGE)
     def archive_message(self, stanza: Stanza, origin: Session | None,
                         to: JID) -> Awaitable[None] | None:
@@ -375,6 +368,12 @@ class Mam(Module):
         before an archive query, and at shutdown."""
         if stamped is not None:
             child(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])})
+        first = entries[0]
+        if first.outgoing and stamped != 0 and self.server.hooks.has(events.ARCHIVE_SENT_ID):
+            # The sender's own id for its copies (carbons' <sent/>, XEP-0280 §5 with
+            # XEP-0359 §3: 'by' is the sender's bare JID); the stanza carries the recipient's.
+            self.server.hooks.notify_nowait(events.ARCHIVE_SENT_ID, stanza, first.owner,
+                                            str(ids[0]))
         self.writer.add([replace(e, id=n) for e, n in zip(entries, ids, strict=True)])
 
     async def _write_later(self, stanza: Stanza, entries: list[ArchiveEntry],
@@ -416,7 +415,7 @@ class Mam(Module):
         finally:
             self._refill = None
 
-    @hook("durability-barrier")
+    @hook(events.DURABILITY_BARRIER)
     def durable(self, _session: Session) -> Awaitable[None] | None:
         """What was archived so far is committed once this is done (stream management waits
         for it before it acknowledges stanzas)."""
@@ -481,7 +480,7 @@ class Mam(Module):
         item = roster.items.get(other_str)
         return item is not None and item.listed
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def session_bound(self, session: Session) -> None:
         # A login reads the preferences afresh (the account may have been deleted and made
         # again meanwhile, by the CLI in another process).
@@ -489,7 +488,7 @@ class Mam(Module):
             self._prefs.pop(session.bare_str, None)
             self.store.forget(session.bare_str)
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def account_features(self, query: Stanza, stanza: Stanza, origin: Session | None) -> None:
         """XEP-0313 §7: clients look for MAM on their own account's bare JID."""
         if origin is None or stanza.get("to") not in (None, origin.bare_str):

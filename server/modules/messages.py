@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Module, Stanza, hook
@@ -31,7 +32,7 @@ def _type(stanza: Stanza) -> str:
 class Messages(Module):
     name = "messages"
 
-    @hook("message/full")
+    @hook(events.MESSAGE_FULL)
     def to_full_jid(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
         session = self.server.sessions.get(to)
         if session is not None:
@@ -46,7 +47,7 @@ class Messages(Module):
             raise StanzaError("service-unavailable")
         return self.to_bare_jid(stanza, origin, to.bare)  # §8.5.3.2.1: as if to the bare JID
 
-    @hook("message/bare")
+    @hook(events.MESSAGE_BARE)
     def to_bare_jid(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
         kind = _type(stanza)
         if kind == "error":
@@ -89,18 +90,18 @@ class Messages(Module):
             return True
         if kind == "groupchat":
             raise StanzaError("service-unavailable")
-        stored = self.server.hooks.fire("message/offline", stanza, origin, to)
+        stored = self.server.hooks.fire(events.MESSAGE_OFFLINE, stanza, origin, to)
         if stored is None:
             raise StanzaError("service-unavailable", "the recipient is offline")
-        if self.server.hooks.has("message/delivered"):
+        if self.server.hooks.has(events.MESSAGE_DELIVERED):
             return self._stored(stored, stanza, to)
         return stored
 
     def _delivered(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         # Notification (carbons, push): delivered to these sessions of the account, or stored
         # offline (no sessions). Handlers neither block nor change the delivery (what they
-        # return is not looked at: no fire_all() list on the path of every message).
-        for handler in self.server.hooks.chain("message/delivered"):
+        # return is not looked at: no collect() list on the path of every message).
+        for handler in self.server.hooks.chain(events.MESSAGE_DELIVERED):
             handler(stanza, account, sessions)
 
     async def _stored(self, stored: object, stanza: Stanza, to: JID) -> object:

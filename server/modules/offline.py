@@ -16,20 +16,18 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lxml import etree
 
+from server import events
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook
+from server.module import Module, ModuleContext, Stanza, hook
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import child
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.offline")
 
@@ -55,11 +53,11 @@ class Offline(Module):
     features = (ns.OFFLINE,)
     settings = OfflineSettings
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         self._delivering: set[JID] = set()  # accounts whose stored messages go out right now
 
-    @hook("message/offline")
+    @hook(events.MESSAGE_OFFLINE)
     def store(self, stanza: Stanza, _origin: Session | None, to: JID) -> object:
         return self._store(stanza, to)
 
@@ -77,7 +75,7 @@ class Offline(Module):
             raise StanzaError("resource-constraint", "the recipient's offline storage is full")
         return True
 
-    @hook("presence/available")
+    @hook(events.PRESENCE_AVAILABLE)
     def available(self, session: Session, first: bool) -> object:
         # XEP-0160 §3: on initial presence with non-negative priority. A negative priority says
         # "do not send me messages" (RFC 6121 §4.7.2.3); those wait for a later resource.

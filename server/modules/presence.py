@@ -17,7 +17,6 @@ became unavailable (the session no longer counts as available then); ``presence/
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 from collections.abc import Awaitable
@@ -26,10 +25,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from lxml import etree
 
+from server import events
 from server.config import bool_option, int_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook, stream_feature
+from server.module import Module, ModuleContext, Stanza, hook, stream_feature
 from server.presence import presentity as pt
 from server.presence.access import AccessRules
 from server.presence.subscription import (
@@ -46,7 +46,7 @@ from server.xml import ns
 from server.xml.stanza import PRESENCE, element, standalone
 
 if TYPE_CHECKING:
-    from server.app import Server
+    pass
 
 log = logging.getLogger("presenced.presence")
 SUBSCRIPTION_KINDS = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
@@ -66,11 +66,9 @@ class Presence(Module):
     features = (ns.PRE_APPROVAL,)
     settings = PresenceSettings
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
-        # Other modules (last, visibility, watchers) ask it who may see what.
-        self.access = server.access = AccessRules(server.hooks,
-                                                  config.cross_domain_subscriptions)
+        self.access: AccessRules = server.access  # the core's (server/presence/access.py)
 
     @stream_feature
     def pre_approval(self) -> Stanza:
@@ -79,8 +77,13 @@ class Presence(Module):
 
     @property
     def rosters(self) -> RosterManager:
-        manager: RosterManager = self.server.rosters
-        return manager
+        return self.server.rosters
+
+    def _may_subscribe(self, presentity: JID, watcher: JID) -> bool:
+        """Server-wide rule: subscriptions across domains can be switched off."""
+        if not self.config.cross_domain_subscriptions and presentity.domain != watcher.domain:
+            return False
+        return not self.access.denied(presentity, watcher, "subscribe")
 
     async def _route_all(self, stanzas: list[Stanza]) -> None:
         router = self.server.router
@@ -89,14 +92,9 @@ class Presence(Module):
             if pending is not None:
                 await pending
 
-    async def _fire(self, event: str, *args: Any) -> None:
-        for pending in self.server.hooks.fire_all(event, *args):
-            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                await pending
-
     # -- presence without 'to': broadcast (RFC 6121 §4.2, §4.4, §4.5) ------------------------
 
-    @hook("presence/broadcast")
+    @hook(events.PRESENCE_BROADCAST)
     def broadcast(self, stanza: Stanza, origin: Session) -> Any:
         type_ = stanza.get("type")
         if type_ is None:
@@ -113,7 +111,7 @@ class Presence(Module):
         server = self.server
         first = session.presence is None
         # Modules may complete the presence before it goes out (e.g. the XEP-0153 avatar hash).
-        await self._fire("presence/outgoing", session, stanza)
+        await self.server.hooks.notify(events.PRESENCE_OUTGOING, session, stanza)
         session.priority = pt.parse_priority(stanza)
         session.presence = standalone(stanza)  # kept: must not pin the stream's parser
         user = session.jid.bare
@@ -131,7 +129,7 @@ class Presence(Module):
         if first:
             await self._on_initial_presence(session, roster)
         await self._route_all(notes)
-        await self._fire("presence/available", session, first)
+        await self.server.hooks.notify(events.PRESENCE_AVAILABLE, session, first)
         return True
 
     async def _on_initial_presence(self, session: Session, roster: Roster) -> None:
@@ -182,10 +180,10 @@ class Presence(Module):
         session.directed = None
         await self._route_all(notes)
         if was_available:
-            await self._fire("presence/unavailable", session, stanza)
+            await self.server.hooks.notify(events.PRESENCE_UNAVAILABLE, session, stanza)
         return True
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> Awaitable[None]:
         async def finish() -> None:
             await self._unavailable(session, None)
@@ -193,7 +191,7 @@ class Presence(Module):
                 self.rosters.forget(session.jid.bare)
         return finish()
 
-    @hook("access/may-see-presence")
+    @hook(events.ACCESS_MAY_SEE_PRESENCE)
     def may_see_presence(self, presentity: JID, watcher: JID) -> Awaitable[bool]:
         """For other modules (e.g. last activity, XEP-0012 §4): the same decision as for a
         probe."""
@@ -204,19 +202,19 @@ class Presence(Module):
 
     # -- presence with 'to' ---------------------------------------------------------------------
 
-    @hook("presence/bare")
+    @hook(events.PRESENCE_BARE)
     def to_bare(self, stanza: Stanza, origin: Session | None, to: JID) -> Any:
         return self._addressed(stanza, origin, to)
 
-    @hook("presence/full")
+    @hook(events.PRESENCE_FULL)
     def to_full(self, stanza: Stanza, origin: Session | None, to: JID) -> Any:
         return self._addressed(stanza, origin, to)
 
-    @hook("presence/host")
+    @hook(events.PRESENCE_HOST)
     def to_host(self, stanza: Stanza, origin: Session | None, to: JID) -> Any:
         return True  # presence to the server itself: nothing to do
 
-    @hook("route/remote", priority=100)
+    @hook(events.ROUTE_REMOTE, priority=100)
     def remote(self, stanza: Stanza, origin: Session | None, to: JID) -> Any:
         """Outbound processing for a remote contact, before federation sees the stanza."""
         if stanza.tag == PRESENCE and origin is not None and origin.local_client:
@@ -320,7 +318,7 @@ class Presence(Module):
             if kind == "subscribe":
                 await self._route_all([_presence("unsubscribed", str(user), str(sender))])
             return
-        if kind == "subscribe" and not self.access.may_subscribe(user, sender):
+        if kind == "subscribe" and not self._may_subscribe(user, sender):
             await self._route_all([_presence("unsubscribed", str(user), str(sender))])
             return
         async with manager.lock(user):
@@ -366,7 +364,7 @@ class Presence(Module):
         assert presentity.local is not None
         roster = await self.rosters.get(presentity)
         allowed = self.access.may_see_presence(presentity, roster, watcher)
-        server.hooks.fire_all("presence/fetched", presentity, watcher, allowed)
+        await server.hooks.notify(events.PRESENCE_FETCHED, presentity, watcher, allowed)
         if not allowed:
             answer = _presence("unsubscribed", str(presentity), str(watcher))
             local = server.sessions.get(watcher) if watcher.resource else None

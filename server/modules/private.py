@@ -9,14 +9,15 @@ updates the node's items (publishing the changed rooms, retracting the removed o
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 from lxml import etree
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Module, Stanza, hook, iq_get, iq_set
 from server.modules.pubsub import bookmarks
+from server.modules.pubsub.pep import Pep
 from server.sessions import Session
 from server.xml import ns
 from server.xml.stanza import element, payload, result
@@ -34,6 +35,7 @@ _BOOKMARKS = (bookmarks.LEGACY, "storage")
 
 class Private(Module):
     name = "private"
+    uses = (Pep,)  # XEP-0402 §5.3: bookmarks kept in PEP too, when PEP is loaded
     features = (ns.PRIVATE,)
 
     @iq_get(ns.PRIVATE, "query", to=("self",))
@@ -86,10 +88,10 @@ class Private(Module):
 
     # -- XEP-0048 bookmarks <-> XEP-0402 (XEP-0402 §5.3) -------------------------------------
 
-    def _pep(self) -> Any:
-        return self.server.modules.get("pep")
+    def _pep(self) -> Pep | None:
+        return self.server.module(Pep)
 
-    async def _to_pep(self, pep: Any, owner: JID, storage: Stanza) -> None:
+    async def _to_pep(self, pep: Pep, owner: JID, storage: Stanza) -> None:
         """§5.3.2: a replacement XEP-0048 list updates the PEP items as required: the changed
         and new rooms are published, the missing ones retracted (both notified to the
         owner's resources), unchanged ones left alone (no notification)."""
@@ -104,7 +106,7 @@ class Private(Module):
         for jid in current.keys() - wanted.keys():
             await pep.retract_item(owner, bookmarks.NATIVE, jid, notify=True)
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def bookmarks_compat(self, query: Stanza, _stanza: Stanza, _origin: Session | None) -> None:
         if self._pep() is not None:
             etree.SubElement(query, ns.q(ns.DISCO_INFO, "feature"), {"var": bookmarks.COMPAT})

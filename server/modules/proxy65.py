@@ -35,12 +35,12 @@ from typing import Any
 
 from server.config import (
     Address,
-    _addresses,
-    _bool,
-    _Invalid,
-    _seconds,
+    Invalid,
+    addresses,
+    boolean,
     int_option,
     option,
+    seconds_option,
     service_fields,
 )
 from server.errors import StanzaError
@@ -141,41 +141,41 @@ class RateLimit:
 
 def _allowed(value: Any, _ctx: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid
+        raise Invalid
     out = []
     for raw in value:
         try:
             jid = JID.parse(raw)
         except InvalidJID as exc:
-            raise _Invalid(f'"{raw}": {exc}') from None
+            raise Invalid(f'"{raw}": {exc}') from None
         if jid.resource is not None:
-            raise _Invalid(f'"{raw}" is not a domain or a bare JID')
+            raise Invalid(f'"{raw}" is not a domain or a bare JID')
         out.append(str(jid))
     return tuple(out)
 
 
 def _port(value: Any, _ctx: Any) -> int:
     if type(value) is not int or not 0 < value < 65536:
-        raise _Invalid
+        raise Invalid
     return value
 
 
 def _host(value: Any, _ctx: Any) -> str:
     if not isinstance(value, str) or not value or any(c.isspace() or c in "/@" for c in value):
-        raise _Invalid
+        raise Invalid
     return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Proxy65Settings:
     # Unset: on when listen is not empty.
-    enabled: bool = field(metadata=option("true or false", _bool))
+    enabled: bool = field(metadata=option("true or false", boolean))
     subdomain: str = field(metadata=service_fields.subdomain("proxy"))
     listen: tuple[Address, ...] = field(metadata=option(
-        'a list of "host:port" strings', _addresses, []))
+        'a list of "host:port" strings', addresses, []))
     host: str | None = field(metadata=option("a host name or IP address", _host))
     port: int | None = field(metadata=option("an integer from 1 to 65535", _port))
-    timeout: float = field(metadata=option("a number of seconds > 0", _seconds, 30))
+    timeout: float = field(metadata=seconds_option(30))
     max_transfers: int = field(metadata=int_option(0, 1_000_000, 100))
     rate_per_transfer: int = field(metadata=int_option(0, 1 << 40, 0))
     rate_total: int = field(metadata=int_option(0, 1 << 40, 0))

@@ -39,22 +39,19 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from server import events
 from server.config import bool_option, int_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_set
 from server.sessions import Session
 from server.storage.db import log_failure
 from server.storage.push import SPEC, PushRegistration, PushStore
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.push")
 
@@ -103,8 +100,9 @@ class Push(Module):
     settings = PushSettings
     stores = (SPEC,)
 
-    def __init__(self, server: Server, config: PushSettings) -> None:
+    def __init__(self, server: ModuleContext, config: PushSettings) -> None:
         super().__init__(server, config)
+        self.store: PushStore = self.store_of(SPEC)
         self._unseen: dict[JID, int] = {}  # account -> messages notified since it was online
         # account -> messages notified while handed to its detached sessions (id -> message)
         self._notified: dict[JID, dict[int, Stanza]] = {}
@@ -113,14 +111,9 @@ class Push(Module):
         self._prefix = "push-" + secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
 
-    @property
-    def store(self) -> PushStore:
-        store: PushStore = getattr(self.server.storage, SPEC.name)
-        return store
-
     # -- registrations (§5) ------------------------------------------------------------------
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def account_feature(self, query: Stanza, _stanza: Stanza, _origin: Session | None) -> None:
         # §4: the account's bare JID advertises the feature.
         st.child(query, ns.q(ns.DISCO_INFO, "feature"), {"var": PUSH})
@@ -164,7 +157,7 @@ class Push(Module):
 
     # -- notifications (§6) ------------------------------------------------------------------
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def bound(self, session: Session) -> None:
         self._connected(session.jid.bare)
 
@@ -174,7 +167,7 @@ class Push(Module):
         if self._notified:
             self._notified.pop(account, None)
 
-    @hook("message/delivered")
+    @hook(events.MESSAGE_DELIVERED)
     def delivered(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         for session in sessions:  # the hot path: handed to a connected session
             if session.transport is not None:
@@ -253,7 +246,7 @@ class Push(Module):
             st.child(pubsub, ns.q(PUBSUB, "publish-options")).append(options)
         return iq
 
-    @hook("iq-response")
+    @hook(events.IQ_RESPONSE)
     def answered(self, stanza: Stanza, _origin: Session | None, _to: JID) -> object:
         waiting = self._waiting.pop(stanza.get("id", ""), None)
         if waiting is None:

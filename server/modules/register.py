@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import precis_i18n
 
-from server.config import _choice, _one_of, int_option, option, seconds_option
+from server import events
+from server.config import Invalid, choice_option, int_option, option, seconds_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID, normalize_localpart
 from server.module import Module, Stanza, hook, iq_get, iq_set
@@ -65,14 +66,13 @@ _USERNAME = re.compile(r"[\w.-]{1,64}")
 
 def _text(value: Any, _ctx: Any) -> str | None:
     if not isinstance(value, str):
-        from server.config import _Invalid
-        raise _Invalid
+        raise Invalid
     return value or None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RegisterSettings:
-    mode: str = field(metadata=option(_one_of(*MODES), _choice(*MODES), "invite"))
+    mode: str = field(metadata=choice_option("invite", *MODES))
     # Sent as a message from the domain to every new account; $username and $host replaced.
     welcome_message: str | None = field(metadata=option("a string", _text))
     min_password_length: int = field(metadata=int_option(1, 1024, 8))
@@ -93,7 +93,7 @@ class Register(Module):
 
     @property
     def _invites(self) -> invite_store.InviteStoreSQL:
-        store: invite_store.InviteStoreSQL = getattr(self.server.storage, "invites")  # noqa: B009
+        store: invite_store.InviteStoreSQL = self.store_of(invite_store.SPEC)
         return store
 
     # -- the rules ---------------------------------------------------------------------------
@@ -187,12 +187,12 @@ class Register(Module):
                  "yes" if invitation else "no",
                  (invitation.inviter if invitation and invitation.inviter else "-"),
                  address or "-")
-        for pending in self.server.hooks.fire_all("account-registered", jid, invitation):
-            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                try:
-                    await pending
-                except Exception:
-                    log.exception("event=account-registered-hook-failed jid=%s", jid)
+        # Each awaited on its own: one failing does not stop the others.
+        for pending in self.server.hooks.notify_nowait(events.ACCOUNT_REGISTERED, jid, invitation):
+            try:
+                await pending
+            except Exception:
+                log.exception("event=account-registered-hook-failed jid=%s", jid)
         await self._welcome(jid)
         return jid
 
@@ -210,13 +210,13 @@ class Register(Module):
 
     # -- XEP-0077 before authentication (hooks of server/stream/c2s.py) ----------------------
 
-    @hook("c2s/pre-auth-features")
+    @hook(events.C2S_PRE_AUTH_FEATURES)
     def stream_feature(self, _stream: C2SConnection) -> list[Stanza]:
         if self.config.mode == "none":
             return []
         return [st.element(f"{{{FEATURE_NS}}}register")]  # XEP-0077 §4
 
-    @hook("c2s/pre-auth-iq")
+    @hook(events.C2S_PRE_AUTH_IQ)
     def pre_auth_iq(self, stream: C2SConnection, iq: Stanza) -> Any:
         return self._pre_auth(stream, iq)
 

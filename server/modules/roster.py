@@ -7,21 +7,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, iq_get, iq_set, stream_feature
+from server.module import Module, ModuleContext, Stanza, iq_get, iq_set, stream_feature
 from server.presence.subscription import outbound
 from server.roster import RosterManager, item_element, state_of
 from server.sessions import Session
 from server.storage.base import RosterItem
 from server.xml import ns
 from server.xml.stanza import PRESENCE, element, result
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 MAX_NAME = 1023           # octets of an item name or group name
 ITEM = ns.q(ns.ROSTER, "item")
@@ -38,10 +35,9 @@ class Roster(Module):
     name = "roster"
     settings = RosterSettings
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
-        # Other modules (presence, visibility, watchers) read and change rosters through it.
-        self.rosters = server.rosters = RosterManager(server)
+        self.rosters: RosterManager = server.rosters  # the core's (server/roster.py)
 
     @stream_feature
     def roster_versioning(self) -> Stanza:

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server import events
 from server.config import int_option, seconds_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, nonza, pre_bind, stream_feature
+from server.module import Module, ModuleContext, Stanza, hook, nonza, pre_bind, stream_feature
 from server.sessions import Session
 from server.storage.db import log_failure
 from server.xml import ns
@@ -112,7 +113,7 @@ class StreamManagement(Module):
     settings = StreamManagementSettings
     features = ()
 
-    def __init__(self, server: Server, config: StreamManagementSettings) -> None:
+    def __init__(self, server: ModuleContext, config: StreamManagementSettings) -> None:
         super().__init__(server, config)
         self.resumable: dict[str, SMState] = {}  # previd -> state, while it may be resumed
 
@@ -144,16 +145,16 @@ class StreamManagement(Module):
 
     # -- inline in SASL2 / Bind 2 (XEP-0388, XEP-0386 §3.2; see server/stream/c2s.py) ----------
 
-    @hook("bind2/features")
+    @hook(events.BIND2_FEATURES)
     def bind2_features(self) -> tuple[str, ...]:
         return (SM,)
 
-    @hook("bind2/enable")
+    @hook(events.BIND2_ENABLE)
     def bind2_enable(self, session: Session, el: Stanza) -> Stanza | None:
         """<enable/> inside Bind 2's <bind/>: the answer goes into <bound/>."""
         return self._enable(session, el) if el.tag == ENABLE else None
 
-    @hook("sasl2/resume")
+    @hook(events.SASL2_RESUME)
     def sasl2_resume(self, stream: C2SConnection,
                      el: Stanza) -> tuple[Stanza, Callable[[], None] | None] | None:
         """<resume/> inside SASL2's <authenticate/>: (<resumed/> or <failed/>, what to do once
@@ -182,7 +183,7 @@ class StreamManagement(Module):
         answer = _element(A, {"h": str(state.handled % _MOD)})
         # An acknowledged stanza is one the client need never send again: what storage still
         # has to commit for it (the archive's group commit) must be durable first.
-        pending = self.server.hooks.fire_all("durability-barrier", session)
+        pending = self.server.hooks.notify_nowait(events.DURABILITY_BARRIER, session)
         if not pending:
             transport.write_element(answer)  # type: ignore[attr-defined]
             return
@@ -213,7 +214,7 @@ class StreamManagement(Module):
 
     # -- resumption (XEP-0198 §5) --------------------------------------------------------------
 
-    @hook("session-detached")
+    @hook(events.SESSION_DETACHED)
     def detached(self, session: Session, reason: str) -> Any:
         state = session.outbox
         if not isinstance(state, SMState) or not state.resumable or reason not in _LOST:
@@ -279,7 +280,7 @@ class StreamManagement(Module):
 
     # -- the end of a session: nothing unacknowledged is lost ----------------------------------
 
-    @hook("session-closed", priority=100)
+    @hook(events.SESSION_CLOSED, priority=100)
     def closed(self, session: Session, _reason: str) -> Any:
         state = session.outbox
         if not isinstance(state, SMState):
@@ -296,32 +297,58 @@ class StreamManagement(Module):
         return self._rescue(session, unacked)
 
     async def _rescue(self, session: Session, unacked: list[Stanza]) -> None:
-        router = self.server.router
-        others = [s for s in self.server.sessions.resources(session.jid.bare)
+        """What the closed session never acknowledged, handed on once: a message goes to the
+        account's other available resources that have not had it, or to offline storage when
+        there are none; an iq request is answered with an error. Delivered directly, not
+        routed again: the message passed blocking, the archive and carbons when it first came
+        (routing it again archived it twice and copied it twice)."""
+        hooks = self.server.hooks
+        account = session.jid.bare
+        others = [s for s in self.server.sessions.resources(account)
                   if s is not session and s.presence is not None and s.priority >= 0]
         rescued = 0
         for stanza in unacked:
             tag, type_ = stanza.tag, stanza.get("type")
+            pending: Any = None
             if tag == st.MESSAGE:
                 if type_ in ("error", "groupchat", "headline"):
                     continue  # never answered, not for offline storage (RFC 6121 §8.5.2)
-                if _to_bare(stanza) and others:
-                    continue  # sent to the bare JID: the other resources got it too
-                pending = router.route(stanza, None)  # the full JID is gone: as to the bare
+                if _a_copy(stanza):
+                    continue  # a carbon or an archive result: the original is elsewhere
+                if others:
+                    if _to_bare(stanza):
+                        continue  # sent to the bare JID: the other resources got it too
+                    # To this full JID: the account's resources with carbons on had a
+                    # <received/> copy (XEP-0280 §5), and its sender has it.
+                    have = {id(s) for copies in hooks.collect(events.MESSAGE_COPIED_TO, stanza,
+                                                               session) for s in copies}
+                    sender = stanza.get("from")
+                    rest = [s for s in others if id(s) not in have and s.jid_str != sender]
+                    if not rest:
+                        continue
+                    for other in rest:
+                        other.send(stanza)
+                else:
+                    pending = hooks.fire(events.MESSAGE_OFFLINE, stanza, None, account)
+                    if pending is None:
+                        continue  # no offline storage: the archive has it, if anything
             elif tag == st.IQ and type_ in ("get", "set"):
-                pending = router.route(st.error_reply(stanza, StanzaError(
+                pending = self.server.router.route(st.error_reply(stanza, StanzaError(
                     "service-unavailable", "the recipient's session ended")), None)
             else:
                 continue  # presence: a later login gets current presence anyway
             rescued += 1
-            if pending is not None:
+            if pending is not None and not isinstance(pending, bool):
                 try:
                     await pending
+                except StanzaError as exc:  # e.g. offline storage full
+                    log.info("event=sm-rescue-refused jid=%s condition=%s", session.jid_str,
+                             exc.condition)
                 except Exception:
                     log_failure(log, "event=sm-rescue-failed jid=%s", session.jid_str)
         log.info("event=sm-unacked-rescued jid=%s count=%d", session.jid_str, rescued)
 
-    @hook("server-stopping")
+    @hook(events.SERVER_STOPPING)
     def stopping(self, _server: Server) -> None:
         # Graceful shutdown: detached sessions end as if they had timed out (their unacked
         # messages go to offline storage while storage is still open).
@@ -345,6 +372,16 @@ def _h(el: Stanza) -> int | None:
         return parse_int(el.get("h"), maximum=_MOD - 1, name="h")
     except NumberError:
         return None
+
+
+_COPIES = frozenset({ns.q("urn:xmpp:carbons:2", "sent"), ns.q("urn:xmpp:carbons:2", "received"),
+                     ns.q("urn:xmpp:mam:2", "result"), ns.q("urn:xmpp:mam:1", "result")})
+
+
+def _a_copy(stanza: Stanza) -> bool:
+    """A carbon copy (XEP-0280) or an archive query result (XEP-0313): made for this session
+    only, its original delivered or archived already."""
+    return any(child.tag in _COPIES for child in stanza)
 
 
 def _to_bare(stanza: Stanza) -> bool:

@@ -47,7 +47,14 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from server.config import _bool, _path, _seconds, int_option, option, service_fields
+from server.config import (
+    boolean,
+    int_option,
+    option,
+    path_option,
+    seconds_option,
+    service_fields,
+)
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Stanza
@@ -83,19 +90,20 @@ _MAX_EXPIRES = 2**63 - 1   # a PUT URL's expiry (unix seconds) as we wrote it
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UploadSettings:
     # Unset: on when [listen] http or https is set.
-    enabled: bool | None = field(metadata=option("true or false", _bool, None))
+    enabled: bool | None = field(metadata=option("true or false", boolean, None))
     subdomain: str = field(metadata=service_fields.subdomain("upload"))
     max_file_size: int = field(metadata=int_option(1, 1 << 40, 104857600))
     quota: int = field(metadata=int_option(1, 1 << 50, 1073741824))
-    expire_after: float = field(metadata=option("a number of seconds > 0", _seconds, 604800))
-    slot_lifetime: float = field(metadata=option("a number of seconds > 0", _seconds, 300))
+    expire_after: float = field(metadata=seconds_option(604800))
+    slot_lifetime: float = field(metadata=seconds_option(300))
     # Unset: <data_dir>/upload.
-    path: Path | None = field(metadata=option("a directory name", _path("data_dir")))
+    path: Path | None = field(metadata=path_option("data_dir"))
 
 
 class HTTPUpload(ServiceModule):
     name = "upload"
     settings = UploadSettings
+    uses = (HTTP,)  # its PUT/GET URLs are served by the HTTP listener, when there is one
     stores = (upload_store.SPEC,)
     identity = ("store", "file")
     display_name = "HTTP file upload"
@@ -103,22 +111,16 @@ class HTTPUpload(ServiceModule):
 
     def __init__(self, server: Any, config: UploadSettings) -> None:
         super().__init__(server, config)
+        self._store: upload_store.UploadStoreSQL = self.store_of(upload_store.SPEC)
         self._key = secrets.token_bytes(32)
         self._sweeper: asyncio.Task[None] | None = None
         self._http: HTTP | None = None
         self._dir = Path()
 
-    @property
-    def _store(self) -> upload_store.UploadStoreSQL:
-        store: upload_store.UploadStoreSQL = getattr(self.server.storage, "uploads")  # noqa: B009
-        return store
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        http = self.server.modules.get("http")
-        if not isinstance(http, HTTP):
-            http = None
+        http = self.server.module(HTTP)
         enabled = self.config.enabled
         if enabled is None:
             enabled = http is not None and http.enabled
@@ -152,6 +154,8 @@ class HTTPUpload(ServiceModule):
             item = st.child(form, f"{{{DATA_FORMS}}}field", {"var": var})
             if var == "FORM_TYPE":
                 item.set("type", "hidden")
+            else:  # XEP-0004 §3.2: what a client shows
+                item.set("label", "Largest file (bytes)")
             st.child(item, f"{{{DATA_FORMS}}}value", text=value)
         return reply
 
@@ -196,7 +200,7 @@ class HTTPUpload(ServiceModule):
             raise StanzaError("resource-constraint", "your upload quota is used up")
         expires = math.ceil(time.time() + self.config.slot_lifetime)
         assert self._http is not None
-        get_url = f"{self._http.base_url()}{PREFIX}{upload.id}/{quote(filename, safe='')}"
+        get_url = f"{self._base_url(domain)}{PREFIX}{upload.id}/{quote(filename, safe='')}"
         token = self._token(upload, expires)
         put_url = f"{get_url}?expires={expires}&token={token}"
         slot = st.element(f"{{{NS}}}slot")
@@ -206,6 +210,19 @@ class HTTPUpload(ServiceModule):
         st.child(slot, f"{{{NS}}}get", {"url": get_url})
         log.info("event=upload-slot user=%s@%s id=%s size=%d", user, domain, upload.id, size)
         return st.result(stanza, slot)
+
+    def _base_url(self, domain: str) -> str:
+        """external_url when set; else on an HTTPS listener the account's domain with the
+        listener's port: a name the certificate covers (the generated one names every domain;
+        SNI picks a domain's own), where the listener's address (127.0.0.1 by default) is none
+        and clients refuse the URL (Dino, Gajim: issue 19). Plain HTTP: the listener's."""
+        http = self._http
+        assert http is not None
+        if http.config.external_url is None:
+            for kind, _host, port in http.bound_addresses():
+                if kind == "https":
+                    return f"https://{domain}" + ("" if port == 443 else f":{port}")
+        return http.base_url()
 
     def _token(self, upload: Upload, expires: int) -> str:
         message = "\0".join((upload.id, upload.filename, str(upload.size), upload.content_type,

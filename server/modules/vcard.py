@@ -21,22 +21,20 @@ import hashlib
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server import events
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID
-from server.module import Module, Stanza, hook, iq_get, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_get, iq_set
 from server.modules.pubsub.engine import PubsubError
+from server.modules.pubsub.pep import Pep
 from server.sessions import Session
 from server.storage.userdata import VCARDS
 from server.xml import ns
 from server.xml.stanza import child, element, payload, result
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.vcard")
 
@@ -63,10 +61,11 @@ class VCardSettings:
 class VCard(Module):
     name = "vcard"
     settings = VCardSettings
+    uses = (Pep,)  # XEP-0398: avatars converted both ways, when PEP is loaded
     stores = (VCARDS,)
     features = (ns.VCARD,)
 
-    def __init__(self, server: Server, config: VCardSettings) -> None:
+    def __init__(self, server: ModuleContext, config: VCardSettings) -> None:
         super().__init__(server, config)
         # (localpart, domain) -> what avatar_hash() returns; cleared when it grows too big.
         self._hashes: dict[tuple[str, str], str | None] = {}
@@ -125,10 +124,10 @@ class VCard(Module):
 
     # -- XEP-0398: vCard PHOTO <-> XEP-0084 avatar ------------------------------------------
 
-    def _pep(self) -> Any:
-        return self.server.modules.get("pep")
+    def _pep(self) -> Pep | None:
+        return self.server.module(Pep)
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def conversion_feature(self, query: Stanza, _stanza: Stanza,
                            _origin: Session | None) -> None:
         if self._pep() is not None:
@@ -159,7 +158,7 @@ class VCard(Module):
             log.info("event=avatar-not-converted jid=%s direction=vcard-to-pep reason=%s",
                      owner, err.condition)
 
-    @hook("pep/published")
+    @hook(events.PEP_PUBLISHED)
     def published(self, owner: JID, node: str, item_id: str,
                   payload: Stanza | None) -> Awaitable[None] | None:
         if node != AVATAR_METADATA or payload is None:
@@ -170,6 +169,9 @@ class VCard(Module):
         """XEP-0398 §3.1: the metadata's info without a url names the image in the data node;
         its SHA-1 must be its id; it becomes the vCard's PHOTO (removed for empty metadata)."""
         assert owner.local is not None
+        pep = self._pep()
+        if pep is None:  # pep/published came from it: it is loaded
+            return
         infos = [i for i in metadata.findall(ns.q(AVATAR_METADATA, "info")) if not i.get("url")]
         storage = self.server.storage.vcards
         text = await storage.get(owner.local, owner.domain)
@@ -181,7 +183,7 @@ class VCard(Module):
             digest = infos[0].get("id", "")
             if digest == current:
                 return  # the vCard has it (or it came from the vCard)
-            found = [p for i, p in await self._pep().stored_items(owner, AVATAR_DATA)
+            found = [p for i, p in await pep.stored_items(owner, AVATAR_DATA)
                      if i == digest and p is not None]
             if not found:
                 return
@@ -226,7 +228,7 @@ class VCard(Module):
 
     # -- presence ----------------------------------------------------------------------------
 
-    @hook("presence/outgoing")
+    @hook(events.PRESENCE_OUTGOING)
     def add_avatar_hash(self, session: Session, presence: Stanza) -> Awaitable[None] | None:
         """XEP-0153 §4.1: presence carries the avatar hash; added when the client left it out
         (as Prosody's mod_vcard_legacy does), so contacts of every client see avatar changes."""

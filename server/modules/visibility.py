@@ -26,20 +26,18 @@ import asyncio
 import copy
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lxml import etree
 
+from server import events
 from server.errors import StanzaError
-from server.hooks import stanza_kinds
+from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_set
+from server.module import Module, ModuleContext, Stanza, hook, iq_set
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.visibility")
 
@@ -53,7 +51,7 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_commen
 class Visibility(Module):
     name = "visibility"
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         self._hidden: dict[JID, frozenset[str]] = {}  # bare JID -> hidden bare JIDs, if online
         self._changing = asyncio.Lock()
@@ -70,20 +68,20 @@ class Visibility(Module):
             hidden = self._hidden.setdefault(bare, hidden)  # a change made meanwhile wins
         return hidden
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def bound(self, session: Session) -> Awaitable[frozenset[str]] | None:
         if session.jid.bare in self._hidden:
             return None
         return self._load(session.jid.bare)
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         if not self.server.sessions.is_online(session.jid.bare):
             self._hidden.pop(session.jid.bare, None)
 
     # -- enforcement -----------------------------------------------------------------------
 
-    @hook("access/deny")
+    @hook(events.ACCESS_DENY)
     def access_deny(self, presentity: JID, watcher: JID, what: str) -> object:
         if what != "presence":
             return None  # hiding is about presence, not about who may subscribe
@@ -92,7 +90,7 @@ class Visibility(Module):
             return True
         return None
 
-    @hook("filter/user", priority=90)
+    @hook(events.FILTER_USER, priority=90)
     @stanza_kinds(st.PRESENCE)
     def filter_presence(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
         """Whatever path a presentity's presence takes (broadcast, logout, directed, the answer
@@ -145,7 +143,7 @@ class Visibility(Module):
         return None
 
     async def _answer_hidden(self, presentity: JID, watcher: JID) -> bool:
-        self.server.hooks.fire_all("presence/fetched", presentity, watcher, False)
+        await self.server.hooks.notify(events.PRESENCE_FETCHED, presentity, watcher, False)
         answer = st.element(st.PRESENCE, {"type": "unavailable", "from": str(presentity),
                                           "to": str(watcher)})
         pending = self.server.router.route(answer, None)

@@ -30,19 +30,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from server import events
 from server.errors import StanzaError
-from server.hooks import stanza_kinds
+from server.events import stanza_kinds
 from server.jid import JID, InvalidJID
-from server.module import Module, Stanza, hook, iq_get
+from server.module import Module, ModuleContext, Stanza, hook, iq_get
+from server.modules.presence import Presence
 from server.presence.watchers import FetchLog, Watcher, timestamp, watchers_of
 from server.sessions import Session
 from server.xml import ns
 from server.xml import stanza as st
-
-if TYPE_CHECKING:
-    from server.app import Server
 
 log = logging.getLogger("presenced.watchers")
 
@@ -53,20 +52,21 @@ WATCHER = ns.q(ns.WATCHERS, "watcher")
 class Watchers(Module):
     name = "watchers"
     features = (ns.WATCHERS,)
+    needs = (Presence,)  # it fires presence/fetched, and its [presence] settings say the limit
 
-    def __init__(self, server: Server, config: Any) -> None:
+    def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
-        limit = server.config.section("presence").max_fetches_per_minute
+        limit = self.needed(Presence).config.max_fetches_per_minute
         self.fetches = FetchLog(limit)
 
     # -- the fetch record and the rate limit -----------------------------------------------
 
-    @hook("presence/fetched")
+    @hook(events.PRESENCE_FETCHED)
     def fetched(self, presentity: JID, watcher: JID, allowed: bool) -> None:
         if watcher.bare != presentity.bare:  # an account's own resources are not watchers
             self.fetches.record(presentity.bare, watcher, allowed, time.time())
 
-    @hook("filter/user", priority=95)
+    @hook(events.FILTER_USER, priority=95)
     @stanza_kinds(st.PRESENCE)
     def rate_limit(self, stanza: Stanza, origin: Session | None, to: JID) -> None:
         # Inbound processing only (the contact's server, RFC 6121 §4.3.2): a local client's
@@ -94,7 +94,7 @@ class Watchers(Module):
 
     # -- watcher information -----------------------------------------------------------------
 
-    @hook("watchers/list")
+    @hook(events.WATCHERS_LIST)
     def list_watchers(self, presentity: JID) -> Awaitable[list[Watcher]]:
         """For other modules (the ad-hoc command): the rows of `presentity`'s watcher
         information."""

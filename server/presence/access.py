@@ -14,13 +14,12 @@ from server.presence.subscription import is_subscriber
 from server.roster import Roster, state_of
 
 if TYPE_CHECKING:
-    from server.hooks import Hooks
+    from server.events import Hooks
 
 
 class AccessRules:
-    def __init__(self, hooks: Hooks, cross_domain_subscriptions: bool = True) -> None:
+    def __init__(self, hooks: Hooks) -> None:
         self._hooks = hooks
-        self.cross_domain_subscriptions = cross_domain_subscriptions
 
     def denied(self, presentity: JID, watcher: JID, what: str = "presence") -> bool:
         return self._hooks.fire("access/deny", presentity, watcher, what) is not None
@@ -31,9 +30,3 @@ class AccessRules:
         if not is_subscriber(state_of(roster.items.get(str(watcher.bare)))):
             return False
         return not self.denied(presentity, watcher)
-
-    def may_subscribe(self, presentity: JID, watcher: JID) -> bool:
-        """Server-wide rule: subscriptions across domains can be switched off."""
-        if not self.cross_domain_subscriptions and presentity.domain != watcher.domain:
-            return False
-        return not self.denied(presentity, watcher, "subscribe")

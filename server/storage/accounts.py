@@ -3,6 +3,9 @@ SHA-1 and SHA-256, never a password. Each call is one statement on the primary k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from server.storage import StoreSpec
 from server.storage.base import AccountExists, Credentials, NoSuchAccount, ScramKeys
 from server.storage.db import UniqueViolation
@@ -50,10 +53,20 @@ class AccountStoreSQL(Store):
     _KEYS = ("sha1_salt, sha1_iterations, sha1_stored_key, sha1_server_key, "
              "sha256_salt, sha256_iterations, sha256_stored_key, sha256_server_key")
 
+    # The keys of a hash an account lacks (Credentials: imported with one hash only) are
+    # stored as this row of the same NOT NULL columns: no iteration count is 0.
+    _ABSENT = (b"", 0, b"", b"")
+
+    @classmethod
+    def _columns(cls, c: Credentials) -> tuple[object, ...]:
+        return tuple(value for keys in (c.sha1, c.sha256)
+                     for value in (cls._ABSENT if keys is None else
+                                   (keys.salt, keys.iterations, keys.stored_key,
+                                    keys.server_key)))
+
     @staticmethod
-    def _columns(c: Credentials) -> tuple[object, ...]:
-        return (c.sha1.salt, c.sha1.iterations, c.sha1.stored_key, c.sha1.server_key,
-                c.sha256.salt, c.sha256.iterations, c.sha256.stored_key, c.sha256.server_key)
+    def _keys(row: Sequence[Any]) -> ScramKeys | None:
+        return ScramKeys(*row) if row[1] else None
 
     async def create(self, user: str, domain: str, credentials: Credentials) -> None:
         try:
@@ -75,7 +88,7 @@ class AccountStoreSQL(Store):
             domain, user)
         if row is None:
             return None
-        return Credentials(sha1=ScramKeys(*row[:4]), sha256=ScramKeys(*row[4:]))
+        return Credentials(sha1=self._keys(row[:4]), sha256=self._keys(row[4:]))
 
     async def set_credentials(self, user: str, domain: str, credentials: Credentials) -> None:
         """New keys; the account's XEP-0484 FAST tokens (server/storage/fast.py) go with the
@@ -92,6 +105,13 @@ class AccountStoreSQL(Store):
     async def exists(self, user: str, domain: str) -> bool:
         return await self._first("SELECT 1 FROM accounts WHERE domain = ? AND localpart = ?",
                                  domain, user) is not None
+
+    async def missing_keys(self) -> tuple[int, int]:
+        row = await self._first(
+            "SELECT count(CASE WHEN sha1_iterations = 0 THEN 1 END), "
+            "count(CASE WHEN sha256_iterations = 0 THEN 1 END) FROM accounts")
+        assert row is not None
+        return int(row[0]), int(row[1])
 
     async def list(self, domain: str) -> list[str]:
         # Sorted here, by code point, the same on both backends (whatever the collation).

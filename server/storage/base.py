@@ -22,10 +22,25 @@ class ScramKeys:
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """An account's secrets: SCRAM keys for each hash we offer (SHA-1 and SHA-256)."""
+    """An account's secrets: SCRAM keys for each hash we offer (SHA-1 and SHA-256).
 
-    sha1: ScramKeys
-    sha256: ScramKeys
+    An account made here has both. One imported from another server (server/porting, XEP-0227)
+    may have only the hash that server kept (Prosody 0.12 and ejabberd keep SCRAM-SHA-1 only):
+    the other is None, and a login with its mechanism fails as a wrong password would."""
+
+    sha1: ScramKeys | None
+    sha256: ScramKeys | None
+
+    def __post_init__(self) -> None:
+        if self.sha1 is None and self.sha256 is None:
+            raise ValueError("credentials need the keys of at least one hash")
+
+    @property
+    def strongest(self) -> ScramKeys:
+        """The keys to check a password against outside SASL (PLAIN, the admin page)."""
+        keys = self.sha256 or self.sha1
+        assert keys is not None  # __post_init__
+        return keys
 
 
 class AccountExists(Exception):
@@ -53,6 +68,9 @@ class AccountStore(Protocol):
     async def exists(self, user: str, domain: str) -> bool: ...
 
     async def list(self, domain: str) -> list[str]: ...
+
+    async def missing_keys(self) -> tuple[int, int]:
+        """(accounts without SHA-1 keys, accounts without SHA-256 keys), of all domains."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +122,10 @@ class PrivateStore(Protocol):
 
     async def set(self, user: str, domain: str, items: Sequence[tuple[str, str, str]]) -> None:
         """Store (namespace, name, xml) items at once, all or none. Raises NoSuchAccount."""
+
+    async def all(self, user: str, domain: str) -> list[tuple[str, str, str]]:
+        """Every (namespace, name, xml) item of the account, sorted by (namespace, name)
+        (an export: server/porting)."""
 
 
 class LastActivityStore(Protocol):

@@ -98,6 +98,14 @@ class PrivateStoreSQL(Store):
                           "DO UPDATE SET xml = excluded.xml", *params)
 
 
+    async def all(self, user: str, domain: str) -> list[tuple[str, str, str]]:
+        rows = await self._db.fetch(
+            "SELECT namespace, name, xml FROM private_xml WHERE domain = ? AND localpart = ?",
+            domain, user)
+        # Sorted here, by code point, the same on both backends (whatever the collation).
+        return sorted((str(row[0]), str(row[1]), str(row[2])) for row in rows)
+
+
 class LastActivityStoreSQL(Store):
     """LastActivityStore."""
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
 
+from server import events
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.limits import PAUSE_AUTH, PAUSE_STANZAS, REFUSALS, Ticket, TokenBucket
@@ -199,7 +200,7 @@ class C2SConnection(XMLStreamConnection):
             delay = self._server.limiter.auth_failed(self._limit_key, account, self._loop.time())
         log.info("event=auth-failed peer=%s user=%s@%s delay=%.1f", self.peer, user or "-",
                  domain or "-", delay)
-        self._server.hooks.fire_all("auth-failed", self)  # for /metrics
+        self._server.hooks.notify_nowait(events.AUTH_FAILED, self)  # for /metrics
         return delay
 
     def _answer_late(self, actions: list[neg.Action]) -> None:
@@ -209,7 +210,7 @@ class C2SConnection(XMLStreamConnection):
         self._unpause(PAUSE_AUTH)
 
     def _pre_auth_features(self) -> list[_Element]:
-        return [f for found in self._server.hooks.fire_all("c2s/pre-auth-features", self)
+        return [f for found in self._server.hooks.collect(events.C2S_PRE_AUTH_FEATURES, self)
                 for f in found]
 
     def _pre_auth_iq(self, iq: _Element) -> None:
@@ -261,9 +262,8 @@ class C2SConnection(XMLStreamConnection):
 
     def _session_bound(self, session: Session) -> None:
         log.info("event=bound peer=%s jid=%s", self.peer, session.jid_str)
-        for pending in self._server.hooks.fire_all("session-bound", session):
-            if asyncio.iscoroutine(pending) or isinstance(pending, asyncio.Future):
-                self._spawn(pending)
+        for pending in self._server.hooks.notify_nowait(events.SESSION_BOUND, session):
+            self._spawn(pending)
 
     # -- SASL2 (XEP-0388) inline features: hooks the modules answer ---------------------------
     #   bind2/features ()                    -> feature vars a session may enable in Bind 2
@@ -277,7 +277,7 @@ class C2SConnection(XMLStreamConnection):
 
     def _sasl2_inline(self) -> sasl2.Inline:
         hooks = self._server.hooks
-        bind2 = tuple(var for found in hooks.fire_all("bind2/features") for var in found)
+        bind2 = tuple(var for found in hooks.collect(events.BIND2_FEATURES) for var in found)
         return sasl2.Inline(bind2=bind2, sm=hooks.has("sasl2/resume"),
                             fast=hooks.has("fast/verify") and hooks.has("fast/issue"))
 

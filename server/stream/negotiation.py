@@ -189,6 +189,7 @@ class Policy:
     scram_iterations: int = 4096  # shown to unknown users too, so they look like real ones
     sasl2: bool = True            # XEP-0388 offered (over TLS only) beside RFC 6120 SASL
     ssdp: bool = True             # XEP-0474 'h=' in SCRAM server-first-message
+    scram_sha256: bool = True     # SCRAM-SHA-256(-PLUS) offered (see Server.start)
 
 
 class C2SNegotiation:
@@ -213,6 +214,7 @@ class C2SNegotiation:
         self._pre_auth_features = pre_auth_features
         self._sasl: sasl.SaslServer | None = None
         self._failures = 0
+        self._binding_unusable = False  # a -PLUS try named a binding we lack (sasl.py)
         self._sasl2_inline = sasl2_inline
         # SASL2: the request under way, then what <success/> will say
         self._request: sasl2.Request | None = None
@@ -364,6 +366,10 @@ class C2SNegotiation:
         self.header_sent = True
         # RFC 6120 §4.8.1 / §4.9.3.10: the stream's own namespace and the content namespace.
         if event.tag != ns.q(ns.STREAMS, "stream"):
+            # An undeclared prefix ('stream:stream' with no xmlns:stream) reaches us as a tag
+            # with a colon and no namespace, which etree.QName refuses: RFC 6120 §4.9.3.2.
+            if ":" in event.tag and not event.tag.startswith("{"):
+                return out + self._fail("bad-namespace-prefix", "undeclared namespace prefix")
             if etree.QName(event.tag).localname == "stream":
                 return out + self._fail("invalid-namespace", "stream namespace is wrong")
             return out + self._fail("invalid-xml", "root element must be <stream:stream>")
@@ -432,7 +438,8 @@ class C2SNegotiation:
 
     def _mechanisms(self) -> list[str]:
         return sasl.offered_mechanisms(tls=self.tls, channel_bindings=self._bindings,
-                                       allow_plain=self.policy.allow_plain)
+                                       allow_plain=self.policy.allow_plain,
+                                       sha256=self.policy.scram_sha256)
 
     @property
     def _sasl2_offered(self) -> bool:
@@ -549,7 +556,8 @@ class C2SNegotiation:
         bindings = self._bindings
         return sasl.SaslServer(self._mechanisms(), self._channel_binding, tls=self.tls,
                                domain=self.domain, iterations=self.policy.scram_iterations,
-                               ssdp=self.policy.ssdp, listed_bindings=bindings or None)
+                               ssdp=self.policy.ssdp, listed_bindings=bindings or None,
+                               binding_unusable=self._binding_unusable)
 
     # -- SASL2 (XEP-0388), Bind 2 (XEP-0386), FAST (XEP-0484) ----------------------------------
 
@@ -683,6 +691,8 @@ class C2SNegotiation:
         return self._failure(step, sasl2_profile=self._request is not None)
 
     def _failure(self, step: sasl.Failure, *, sasl2_profile: bool) -> list[Action]:
+        if self._sasl is not None and self._sasl.binding_unusable:
+            self._binding_unusable = True
         self._sasl = None
         self._reset_sasl2()
         self.stage = Stage.PRE_AUTH if self.tls or not self._tls_required() else Stage.PRE_TLS

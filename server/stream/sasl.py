@@ -75,13 +75,14 @@ Step = Challenge | Success | Failure | NeedCredentials
 
 
 def offered_mechanisms(*, tls: bool, channel_bindings: Sequence[str],
-                       allow_plain: bool) -> list[str]:
+                       allow_plain: bool, sha256: bool = True) -> list[str]:
     """What to list in <mechanisms/>, best first. -PLUS only when TLS gives a binding we know
-    how to check; PLAIN only over TLS (RFC 6120 §13.8.3) and when the policy allows it."""
+    how to check; PLAIN only over TLS (RFC 6120 §13.8.3) and when the policy allows it;
+    SCRAM-SHA-256 unless sha256 is False (accounts imported with SHA-1 keys only)."""
     out = []
     if tls and any(kind in CHANNEL_BINDINGS for kind in channel_bindings):
-        out += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"]
-    out += ["SCRAM-SHA-256", "SCRAM-SHA-1"]
+        out += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"] if sha256 else ["SCRAM-SHA-1-PLUS"]
+    out += ["SCRAM-SHA-256", "SCRAM-SHA-1"] if sha256 else ["SCRAM-SHA-1"]
     if tls and allow_plain:
         out.append("PLAIN")
     return out
@@ -107,12 +108,21 @@ class SaslServer:
     ssdp: send the XEP-0474 downgrade protection hash of `mechanisms` and `listed_bindings`
       (the channel bindings listed with XEP-0440; None when the list was not sent) in SCRAM's
       server-first-message.
+    binding_unusable: on this stream the client already tried a -PLUS mechanism with a
+      channel binding type we do not have (slixmpp 1.8 asks for tls-unique, which TLS 1.3
+      lacks, and ignores XEP-0440): it has shown it cannot bind with us, so its 'y' flag that
+      follows is no downgrade (RFC 5802 §6 refuses 'y' only when the client could have bound
+      with what we offered). A client that saw no -PLUS at all (a stripping in the middle)
+      and says 'y' is still refused. After a failure, `binding_unusable` tells whether this
+      exchange was such a try.
     """
 
     def __init__(self, mechanisms: Sequence[str], channel_binding: Callable[[str], bytes | None],
                  *, tls: bool, domain: str | None = None,
                  iterations: int = MIN_ITERATIONS,
-                 ssdp: bool = False, listed_bindings: Sequence[str] | None = None) -> None:
+                 ssdp: bool = False, listed_bindings: Sequence[str] | None = None,
+                 binding_unusable: bool = False) -> None:
+        self.binding_unusable = binding_unusable
         self._ssdp: tuple[list[str], list[str] | None] | None = None
         if ssdp:
             self._ssdp = (list(mechanisms),
@@ -167,13 +177,13 @@ class SaslServer:
             self._plain = None
             self._state = _State.DONE
             # Unknown user: check against fake keys anyway, so the answer takes as long.
-            keys = (credentials.sha256 if credentials is not None
-                    else fake_keys(self._seed(user), "sha256", self._iterations))
+            keys = (credentials.sha256 or credentials.sha1 if credentials is not None
+                    else None) or fake_keys(self._seed(user), "sha256", self._iterations)
             if verify_password(password, keys) and credentials is not None:
                 return Success(user, None)
             return Failure("not-authorized", "wrong username or password")
         assert self._scram is not None
-        stored = None
+        stored = None  # an account without keys for this hash (imported) fails as unknown
         if credentials is not None:
             stored = credentials.sha1 if self._scram.hash_name == "sha1" else credentials.sha256
         self._state = _State.FINAL
@@ -203,7 +213,8 @@ class SaslServer:
                 found = self._binding(kind)
                 if found is not None:
                     bindings[kind] = found
-        offered = bool(bindings) and any(m.endswith("-PLUS") for m in self._mechanisms)
+        offered = (bool(bindings) and any(m.endswith("-PLUS") for m in self._mechanisms)
+                   and not self.binding_unusable)
         self._scram = ScramServer(_SCRAM[base], plus=base != self._mechanism,
                                   channel_bindings=bindings, binding_offered=offered,
                                   ssdp=self._ssdp)
@@ -250,6 +261,8 @@ class SaslServer:
 
     def _scram_failure(self, err: ScramError) -> Failure:
         self._state = _State.DONE
+        if err.server_error == "unsupported-channel-binding-type":
+            self.binding_unusable = True
         data = f"e={err.server_error}".encode() if err.server_error else None
         return Failure(err.condition, err.text, data)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hashlib
 import hmac
 import json
@@ -19,12 +20,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import precis_i18n
 from lxml import etree
 
 from server.errors import StanzaError
 from server.jid import JID
 from server.xml import ns
 from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int, parse_optional_int
 from server.xml.writer import addressed_copies
 
 MUC = "http://jabber.org/protocol/muc"
@@ -51,6 +54,18 @@ SID = "urn:xmpp:sid:0"                  # XEP-0359
 SELF_PING = "http://jabber.org/protocol/muc#self-ping-optimization"
 _OCCUPANT_ID = ns.q(OCCUPANT_ID, "occupant-id")
 _STANZA_ID = ns.q(SID, "stanza-id")
+_CASE_MAPPED = precis_i18n.get_profile("NicknameCaseMapped")
+
+
+@functools.lru_cache(maxsize=4096)
+def nick_key(nick: str) -> str:
+    """What two nicknames are compared by (RFC 8266 §2.4: the NicknameCaseMapped profile, so
+    'Alice', 'alice' and 'ALICE' are one nickname; XEP-0045 §7.2.9 makes a second a conflict).
+    `nick` has passed the case-preserving profile already, which this one accepts too."""
+    try:
+        return str(_CASE_MAPPED.enforce(nick))
+    except UnicodeError:
+        return nick
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +173,41 @@ def apply_form(config: RoomConfig, form: etree._Element, max_history: int) -> Ro
 
 def _int(value: str, var: str) -> int:
     try:
-        number = int(value)
-    except ValueError:
-        raise StanzaError("bad-request", f"{var} takes a number") from None
-    if number < 0:
-        raise StanzaError("bad-request", f"{var} takes a number >= 0")
-    return number
+        return parse_int(value.strip(), maximum=1_000_000_000, name=var)
+    except NumberError as exc:
+        raise StanzaError("bad-request", f"{var} takes a number >= 0 ({exc.reason})") from None
+
+
+# XEP-0045 §10.2 (example 163) and XEP-0004 §3.2: a label for every field a person reads,
+# and for every option of a list, so that a client has something to show (without them
+# profanity showed "[field3] (null)").
+LABELS: dict[str, str] = {
+    "muc#roomconfig_roomname": "Title",
+    "muc#roomconfig_roomdesc": "Description",
+    "muc#roomconfig_persistentroom": "Persistent (kept when the last occupant leaves)",
+    "muc#roomconfig_publicroom": "Public (listed in the room directory)",
+    "muc#roomconfig_membersonly": "Members only",
+    "muc#roomconfig_moderatedroom": "Moderated (only occupants with voice may speak)",
+    "muc#roomconfig_passwordprotectedroom": "Password protected",
+    "muc#roomconfig_roomsecret": "Password",
+    "muc#roomconfig_whois": "Who may see the real addresses of occupants",
+    "muc#roomconfig_maxusers": "Most occupants at once (0: no limit)",
+    "muc#roomconfig_allowinvites": "Occupants may invite others",
+    "muc#roomconfig_changesubject": "Occupants may change the subject",
+    "muc#roomconfig_historylength": "Messages of history sent to a newcomer",
+    "muc#roomconfig_enablearchiving": "Archive the discussion (message archive)",
+    "muc#roomconfig_presencebroadcast": "Roles whose presence is broadcast",
+    "muc#roominfo_description": "Description",
+    "muc#roominfo_occupants": "Number of occupants",
+    "muc#roominfo_subject": "Subject",
+    "muc#roominfo_subjectmod": "Occupants may change the subject",
+}
+OPTION_LABELS: dict[str, tuple[tuple[str, str], ...]] = {
+    "muc#roomconfig_whois": (("moderators", "Moderators only"), ("anyone", "Anyone")),
+    "muc#roomconfig_presencebroadcast": (("moderator", "Moderator"),
+                                         ("participant", "Participant"),
+                                         ("visitor", "Visitor")),
+}
 
 
 def config_form(config: RoomConfig, room: JID) -> etree._Element:
@@ -176,25 +220,49 @@ def config_form(config: RoomConfig, room: JID) -> etree._Element:
         else:
             value = getattr(config, attr)
         if kind == "list-multi":
-            el = st.child(x, ns.q(ns.DATA_FORMS, "field"), {"var": var, "type": kind})
+            el = st.child(x, ns.q(ns.DATA_FORMS, "field"),
+                          {"var": var, "type": kind, "label": LABELS[var]})
             for one in value:
                 st.child(el, ns.q(ns.DATA_FORMS, "value"), text=one)
         else:
             el = _field(x, var, kind, value)
-        options = {"muc#roomconfig_whois": ("moderators", "anyone"),
-                   "muc#roomconfig_presencebroadcast": _BROADCAST_ROLES}.get(var, ())
-        if options:
-            for option in options:
-                opt = st.child(el, ns.q(ns.DATA_FORMS, "option"), {"label": option})
-                st.child(opt, ns.q(ns.DATA_FORMS, "value"), text=option)
+        for option, label in OPTION_LABELS.get(var, ()):
+            opt = st.child(el, ns.q(ns.DATA_FORMS, "option"), {"label": label})
+            st.child(opt, ns.q(ns.DATA_FORMS, "value"), text=option)
     return x
 
 
 def _field(x: etree._Element, var: str, kind: str, value: Any) -> etree._Element:
-    el = st.child(x, ns.q(ns.DATA_FORMS, "field"), {"var": var, "type": kind})
+    # No label on a hidden field (FORM_TYPE): XEP-0004 §3.3, it is not shown (nor has
+    # Prosody one, which its scansion scripts check strictly).
+    attrs = {"var": var, "type": kind} if kind == "hidden" else {
+        "var": var, "type": kind, "label": LABELS[var]}
+    el = st.child(x, ns.q(ns.DATA_FORMS, "field"), attrs)
     text = ("1" if value else "0") if isinstance(value, bool) else str(value)
     st.child(el, ns.q(ns.DATA_FORMS, "value"), text=text)
     return el
+
+
+@dataclass(slots=True)
+class Bucket:
+    """A token bucket: `rate` stanzas a second on average, bursts of up to `burst`."""
+    tokens: float = -1.0     # -1: full, not used yet
+    refilled: float = 0.0    # when tokens was last brought up to date (monotonic seconds)
+
+    def take(self, rate: float, burst: int, now: float) -> bool:
+        """One token if there is one (True); False, and nothing taken, when it is empty."""
+        tokens = float(burst) if self.tokens < 0 else min(
+            float(burst), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+    def wait(self, rate: float) -> float:
+        """Seconds until the next token, as of the last take()."""
+        return max(0.0, (1.0 - self.tokens) / rate) if rate else 0.0
 
 
 @dataclass(slots=True)
@@ -204,8 +272,8 @@ class Occupant:
     affiliation: str
     role: str
     sessions: dict[JID, etree._Element] = field(default_factory=dict)  # full JID -> presence
-    tokens: float = -1.0     # message rate limit: a token bucket (-1: full, not used yet)
-    refilled: float = 0.0    # when tokens was last brought up to date (monotonic seconds)
+    messages: Bucket = field(default_factory=lambda: Bucket())   # [muc] message_rate
+    presences: Bucket = field(default_factory=lambda: Bucket())  # [muc] presence_rate
 
     @property
     def presence(self) -> etree._Element:
@@ -231,6 +299,19 @@ def parse_stamp(text: str) -> float | None:
 
 
 Out = list[etree._Element]
+_HISTORY_MAX = 10**12  # larger than any history or time span a limit could cut
+
+
+def _history_limit(spec: etree._Element, name: str) -> int | None:
+    """One limit of <history/> (XEP-0045 §7.2.15), or None when absent or unreadable. A
+    value that is not a number (or is negative) is ignored, as if not given, rather than
+    refusing the join: the limits are a request about how much history to send, which the
+    service "SHOULD" honour, and nothing in §7.2.15 makes a bad one a reason to keep someone
+    out of the room (Prosody reads them with tonumber() and ignores what it cannot read)."""
+    try:
+        return parse_optional_int(spec.get(name), maximum=_HISTORY_MAX, name=name)
+    except NumberError:
+        return None
 
 
 class Room:
@@ -244,7 +325,7 @@ class Room:
         self.affiliations: dict[JID, str] = {}      # bare JID -> owner|admin|member|outcast
         self.reasons: dict[JID, str | None] = {}
         self.nicks: dict[JID, str] = {}             # bare JID -> registered nick (muc#register)
-        self.occupants: dict[str, Occupant] = {}    # nick -> occupant
+        self.occupants: dict[str, Occupant] = {}    # nick_key(nick) -> occupant
         self.by_jid: dict[JID, Occupant] = {}       # full real JID -> occupant
         self.history: deque[HistoryEntry] = deque(maxlen=max(config.history_length, 0) or None)
         self.subject: str | None = None
@@ -288,8 +369,14 @@ class Room:
             self.affiliations[bare] = affiliation
             self.reasons[bare] = reason
 
+    def occupant(self, nick: str) -> Occupant | None:
+        """The occupant under this nickname, compared as RFC 8266 §2.4 says (nick_key)."""
+        return self.occupants.get(nick_key(nick))
+
     def nick_owner(self, nick: str) -> JID | None:
-        return next((j for j, n in self.nicks.items() if n == nick), None)
+        """Who registered this nickname (or a case variant of it), if anyone."""
+        key = nick_key(nick)
+        return next((j for j, n in self.nicks.items() if nick_key(n) == key), None)
 
     def owners(self) -> list[JID]:
         return [j for j, a in self.affiliations.items() if a == "owner"]
@@ -412,15 +499,14 @@ class Room:
         affiliation = self.affiliation(real)
         if affiliation == "outcast":
             raise StanzaError("forbidden", "you are banned from this room")
-        taken = self.occupants.get(nick)
+        taken = self.occupant(nick)
         if taken is not None and taken.jid != real.bare:
             raise StanzaError("conflict", "that nickname is in use")
         if self.nick_owner(nick) not in (None, real.bare):
             raise StanzaError("conflict", "that nickname is registered by someone else")
-        mine = next((o for o in self.occupants.values() if o.jid == real.bare), None)
-        if mine is not None and mine.nick != nick:
-            # another session of the same user under another nick: one nick per user
-            raise StanzaError("conflict", "you are in this room under another nickname")
+        # Another session of a user already here under another nickname is another occupant
+        # (XEP-0045 §7.2 asks only that a nickname belong to one bare JID, §7.2.9; Prosody
+        # does the same): only the same nickname joins the sessions into one occupant.
         if not created and taken is None:
             if self.config.members_only and _RANK[affiliation] < _RANK["member"]:
                 raise StanzaError("registration-required", "this room is for members only")
@@ -451,7 +537,7 @@ class Room:
             for other in self.occupants.values():
                 if self.broadcasts(other):
                     out.append(self.presence_of(other, real))
-            self.occupants[nick] = occupant
+            self.occupants[nick_key(nick)] = occupant
             self.by_jid[real] = occupant
             for other in self.occupants.values() if self.broadcasts(occupant) else ():
                 for session in other.sessions:
@@ -478,26 +564,41 @@ class Room:
             codes.append("210")
         return tuple(codes)
 
+    def restore_history(self, archived: list[tuple[str, float, etree._Element]]) -> None:
+        """The discussion history of a room brought back (after a restart) from its archive:
+        (archive id, when, the message as archived), oldest first. Only what the history keeps
+        (messages with a body or <store/>: not subject changes, moderation notices or the
+        tombstones of moderated messages), the last history_length of them, each with its
+        XEP-0359 stanza id (the archive id) as it was sent live."""
+        if not self.config.history_length:
+            return
+        for archive_id, when, message in archived:
+            if not self.is_historic(message):
+                continue
+            for old in message.findall(_STANZA_ID):
+                message.remove(old)
+            st.child(message, _STANZA_ID, {"id": archive_id, "by": self.jid_str})
+            self.history.append(HistoryEntry(when, message, len(etree.tostring(message))))
+
     def _history_for(self, real: JID, x: etree._Element | None) -> Out:
         entries = list(self.history)
         spec = x.find(ns.q(MUC, "history")) if x is not None else None
         if spec is not None:
-            maxstanzas = spec.get("maxstanzas")
-            seconds = spec.get("seconds")
+            maxstanzas = _history_limit(spec, "maxstanzas")
+            seconds = _history_limit(spec, "seconds")
+            maxchars = _history_limit(spec, "maxchars")
             since = spec.get("since")
-            maxchars = spec.get("maxchars")
-            if seconds is not None and seconds.isdigit():
-                cutoff = time.time() - int(seconds)
+            if seconds is not None:
+                cutoff = time.time() - seconds
                 entries = [e for e in entries if e.stamp >= cutoff]
             if since is not None:
                 after = parse_stamp(since)
                 if after is not None:
                     entries = [e for e in entries if e.stamp >= after]
-            if maxstanzas is not None and maxstanzas.isdigit():
-                n = int(maxstanzas)
-                entries = entries[-n:] if n else []
-            if maxchars is not None and maxchars.isdigit():
-                budget = int(maxchars)
+            if maxstanzas is not None:
+                entries = entries[-maxstanzas:] if maxstanzas else []
+            if maxchars is not None:
+                budget = maxchars
                 kept: list[HistoryEntry] = []
                 for entry in reversed(entries):
                     budget -= entry.size
@@ -536,17 +637,17 @@ class Room:
 
     def change_nick(self, real: JID, nick: str) -> Out:
         occupant = self.by_jid[real]
-        taken = self.occupants.get(nick)
+        taken = self.occupant(nick)
         if taken is not None and taken is not occupant:
             raise StanzaError("conflict", "that nickname is in use")
         if self.nick_owner(nick) not in (None, occupant.jid):
             raise StanzaError("conflict", "that nickname is registered by someone else")
-        if taken is occupant:
+        if nick == occupant.nick:
             return []
         out = self.broadcast_presence(occupant, unavailable=True, codes=("303",), nick=nick)
-        del self.occupants[occupant.nick]
+        del self.occupants[nick_key(occupant.nick)]
         occupant.nick = nick
-        self.occupants[nick] = occupant
+        self.occupants[nick_key(nick)] = occupant
         out += self.broadcast_presence(occupant)
         return out
 
@@ -571,7 +672,7 @@ class Room:
                 for el in out:
                     el.insert(0, copy.deepcopy(status))
         del self.by_jid[real]
-        del self.occupants[occupant.nick]
+        del self.occupants[nick_key(occupant.nick)]
         return out
 
     def remove(self, occupant: Occupant, codes: tuple[str, ...], **item: Any) -> Out:
@@ -580,7 +681,7 @@ class Room:
                                       **item)
         for real in occupant.sessions:
             self.by_jid.pop(real, None)
-        del self.occupants[occupant.nick]
+        del self.occupants[nick_key(occupant.nick)]
         return out
 
     # -- messages ----------------------------------------------------------------------------
@@ -655,7 +756,7 @@ class Room:
         sender = self.by_jid.get(real)
         if sender is None:
             raise StanzaError("not-acceptable", "you are not in this room")
-        target = self.occupants.get(nick)
+        target = self.occupant(nick)
         if target is None:
             raise StanzaError("item-not-found", "no such occupant")
         out: Out = []

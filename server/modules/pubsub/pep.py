@@ -34,8 +34,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.config import int_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
@@ -78,6 +79,7 @@ class Pep(PubsubProtocol, Module):
     name = "pep"
     settings = PepSettings
     stores = (SPEC,)
+    uses = (EntityCaps,)  # +notify interests (XEP-0115); without it, only explicit subscribers
     max_publish_items = 1  # XEP-0163 §3: one item per publish
     manages_affiliations = False  # the account owns its nodes, nobody else is affiliated
 
@@ -90,12 +92,12 @@ class Pep(PubsubProtocol, Module):
 
     @property
     def store(self) -> PepStore:
-        return cast(PepStore, getattr(self.server.storage, "pep"))  # noqa: B009 (SPEC)
+        store: PepStore = self.store_of(SPEC)
+        return store
 
     @property
     def _caps(self) -> EntityCaps | None:
-        caps = self.server.modules.get("caps")
-        return caps if isinstance(caps, EntityCaps) else None
+        return self.server.module(EntityCaps)
 
     # -- nodes --------------------------------------------------------------------------------
 
@@ -239,9 +241,8 @@ class Pep(PubsubProtocol, Module):
                         items: list[tuple[str, Stanza | None]]) -> None:
         """Other modules follow some nodes (vcard.py: XEP-0398 avatars)."""
         for item_id, payload in items:
-            for pending in self.server.hooks.fire_all("pep/published", host.owner, name,
-                                                      item_id, payload):
-                await pending
+            await self.server.hooks.notify(events.PEP_PUBLISHED, host.owner, name, item_id,
+                                           payload)
 
     async def targets(self, host: Host, name: str, node: Node) -> list[str]:
         """XEP-0163 §4.3: the owner's available resources, the contacts' resources that may
@@ -306,7 +307,7 @@ class Pep(PubsubProtocol, Module):
     async def set_owner(self, stanza: Stanza, origin: Session | None) -> Stanza:
         return await self.answer(stanza, origin)
 
-    @hook("message/bare", priority=10)
+    @hook(events.MESSAGE_BARE, priority=10)
     def authorization(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
         """§8.6.2: the owner's answer to an authorization request, sent to its own PEP
         service (its bare JID)."""
@@ -357,12 +358,12 @@ class Pep(PubsubProtocol, Module):
 
     # -- the last items, when a resource's capabilities are known (caps.py) ----------------
 
-    @hook("caps/known")
+    @hook(events.CAPS_KNOWN)
     def caps_known(self, session: Session, _features: frozenset[str]) -> Awaitable[None]:
         """XEP-0163 §4.3.2: the last items, once the presence went out with caps known."""
         return self._send_last_items(session)
 
-    @hook("caps/remote-known")
+    @hook(events.CAPS_REMOTE_KNOWN)
     def remote_caps_known(self, user: JID, sender: JID,
                           features: frozenset[str]) -> Awaitable[None]:
         return self._send_last_of(sender, user, features)  # the user's own nodes
@@ -399,7 +400,7 @@ class Pep(PubsubProtocol, Module):
 
     # -- discovery ----------------------------------------------------------------------------
 
-    @hook("disco/account-info")
+    @hook(events.DISCO_ACCOUNT_INFO)
     def account_features(self, query: Stanza, _stanza: Stanza,
                          _origin: Session | None) -> None:
         """XEP-0163 §6.1: the account is a PEP service."""
@@ -432,14 +433,14 @@ class Pep(PubsubProtocol, Module):
             return engine.error_reply(stanza, PubsubError("item-not-found", text="no such node"))
         return st.result(stanza, reply)
 
-    @hook("session-bound")
+    @hook(events.SESSION_BOUND)
     def bound(self, session: Session) -> None:
         # A login reads the account's nodes afresh (it may have been deleted and made again
         # meanwhile, by the CLI in another process).
         if not self.server.sessions.resources(session.jid.bare)[1:]:
             self._forget(session.jid.bare)
 
-    @hook("session-closed")
+    @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> None:
         if not self.server.sessions.resources(session.jid.bare):
             self._forget(session.jid.bare)

@@ -38,7 +38,7 @@ from server.xml import stanza as st
 from server.xml.writer import addressed_copies
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from server.module import ModuleContext
 
 STATES = ("none", "subscribed", "pending")
 
@@ -83,7 +83,7 @@ def jid_attr(element: Stanza) -> JID:
 class PubsubProtocol:
     """The XEP-0060 operations, mixed into the PEP module and the service module."""
 
-    server: Server
+    server: ModuleContext
     config: Any  # max_items, max_payload_size
     # Items one publish may carry (PEP: one, XEP-0163 §3); None: any number.
     max_publish_items: ClassVar[int | None] = None

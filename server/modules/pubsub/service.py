@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from server.config import _Invalid, int_option, option, service_fields
+from server.config import Invalid, int_option, option, service_fields
 from server.errors import StanzaError
 from server.jid import JID
 from server.module import Stanza
@@ -65,7 +65,7 @@ class PubsubSettings:
 def _restriction(value: Any) -> bool | str:
     if value is False or value == "admins":
         return value
-    raise _Invalid
+    raise Invalid
 
 
 def stored(node: Node) -> dict[str, Any]:
@@ -98,7 +98,8 @@ class PubsubService(PubsubProtocol, ServiceModule):
 
     @property
     def store(self) -> PubsubStore:
-        return cast(PubsubStore, getattr(self.server.storage, "pubsub"))  # noqa: B009
+        store: PubsubStore = self.store_of(SERVICE_SPEC)
+        return store
 
     # -- policy -------------------------------------------------------------------------------
 
