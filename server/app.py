@@ -35,6 +35,7 @@ from server.xml.parser import StreamParser
 if TYPE_CHECKING:
     from OpenSSL import SSL
 
+    from server.cluster import Cluster
     from server.config import Config, TLSConfig
 
 log = logging.getLogger("presenced")
@@ -54,9 +55,16 @@ class Server:
         self.default_domain = config.domains[0]
         self.placeholder_jid = JID.from_parts(None, self.default_domain)
         self.hooks = Hooks()
-        self.sessions = SessionManager(config.limits.max_sessions_per_user)
+        self.cluster: Cluster | None = None
+        if config.cluster.enabled:  # [cluster]: the directory in Redis, inboxes (server/cluster)
+            from server.cluster import Cluster
+            self.cluster = Cluster(self)
+        self.sessions = (SessionManager(config.limits.max_sessions_per_user)
+                         if self.cluster is None else self.cluster.directory)
         self.limiter = Limiter(config.limits)  # per-address counts and read rates
         self.router = Router(self.hosts, self.sessions, self.hooks)
+        if self.cluster is not None:
+            self.cluster.attach(self.router)
         self.modules: dict[str, Module] = {}
         self._by_class: dict[type[Module], Module] = {}
         self.nonza_handlers: dict[str, Callable[..., Any]] = {}
@@ -154,6 +162,8 @@ class Server:
         try:
             await self._check_scram_keys()
             await self._load_modules(classes)
+            if self.cluster is not None:
+                await self.cluster.start()  # joined, with the directory, before any listener
             for address in self.config.listen.c2s:
                 await self._listen(address.host, address.port, direct_tls=False)
             for address in self.config.listen.c2s_tls:
@@ -302,6 +312,8 @@ class Server:
         for conn in list(self.connections):
             conn.abort("shutdown")
         await self.router.drain()
+        if self.cluster is not None:
+            await self.cluster.stop()
         # Federation after the client streams: what their closing sends to other servers
         # (unavailable presence to contacts and rooms, RFC 6121 §4.6.3) goes out first.
         if self.federation is not None:

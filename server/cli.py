@@ -640,6 +640,9 @@ def _parser() -> argparse.ArgumentParser:
     from server.porting.commands import add_commands as porting_commands
 
     porting_commands(sub, [common])  # import, export (XEP-0227)
+    from server.cluster.cli import add_command as add_cluster_command  # presenced cluster
+
+    add_cluster_command(sub, common)
     cert = command("cert", cmd_cert, "make a self-signed certificate (EC P-256) for the domains, "
                    "written as DIR/FIRST-DOMAIN.pem and .key", parents=[])
     cert.add_argument("domains", nargs="+", metavar="DOMAIN",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,8 @@ class RosterManager:
         self._cache: dict[JID, Roster] = {}
         self._locks: dict[JID, asyncio.Lock] = {}
         self._push_ids = itertools.count(1)
+        # server/cluster: told of every stored change, so other nodes drop their cached copy.
+        self.changed: Callable[[JID], None] | None = None
 
     def lock(self, bare: JID) -> asyncio.Lock:
         """Serialises read-modify-write of one account's roster."""
@@ -100,6 +103,8 @@ class RosterManager:
         was_listed = (old := roster.items.get(item.contact)) is not None and old.listed
         roster.version = await self._server.storage.rosters.put(bare.local, bare.domain, item)
         roster.items[item.contact] = item
+        if self.changed is not None:
+            self.changed(bare)
         _send(answer)
         if push and (item.listed or was_listed):
             self.push(bare, item, roster.version, removed=not item.listed)
@@ -111,6 +116,8 @@ class RosterManager:
         old = roster.items.pop(contact, None)
         roster.version = await self._server.storage.rosters.delete(bare.local, bare.domain,
                                                                    contact)
+        if self.changed is not None:
+            self.changed(bare)
         _send(answer)
         if old is not None and old.listed:
             self.push(bare, old, roster.version, removed=True)

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from server.cluster.settings import storage_problem
 from server.config.errors import ConfigError, ConfigErrors, where_text
 from server.config.locator import Locator
 from server.config.options import Context, Invalid, Option
@@ -72,6 +73,8 @@ def _build(path: Path | None, document: dict[str, Any], locator: Locator, file: 
         raise ValueError(f"module sections {sorted(clash)} clash with core settings")
     values = _load(Config, {k: v for k, v in document.items() if k not in sections}, (), ctx,
                    locator, file, errors, known=tuple(sorted(sections)))
+    if (shared := storage_problem(values, document)) is not None:  # [cluster] needs PostgreSQL
+        errors.append(ConfigError(file, locator.line(shared[0]), ".".join(shared[0]), *shared[1:]))
     modules: dict[str, Any] = {}
     for name, cls in sections.items():
         table = document.get(name, {})

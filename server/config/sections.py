@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.cluster.settings import ClusterSettings
 from server.config.options import (
     BOOL,
     COUNT,
@@ -281,6 +282,7 @@ class Config:
     c2s: C2SConfig = field(metadata=section(C2SConfig))
     log: LogConfig = field(metadata=section(LogConfig))
     s2s: S2SConfig = field(metadata=section(S2SConfig))
+    cluster: ClusterSettings = field(metadata=section(ClusterSettings))  # server/cluster
     components: dict[str, ComponentConfig] = field(metadata=option(
         'a table of "domain" = { secret = "..." }', _components, {}))
     # Feature modules' own sections ([muc], [mam], ...), by table name: see server/module.py.

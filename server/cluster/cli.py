@@ -1,0 +1,71 @@
+"""`presenced cluster status`: the nodes of the cluster, their age and sessions, from Redis."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from server.cluster.membership import status
+from server.config import load_config
+
+
+def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The `cluster` command and its subcommands, on the CLI's subparsers."""
+    cluster = sub.add_parser("cluster", help="a cluster's nodes ([cluster])",
+                             description="a cluster's nodes ([cluster])")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True,
+                                         metavar="COMMAND")
+    show = cluster_sub.add_parser(
+        "status", parents=[common], help="list the nodes: alive, age, heartbeat, sessions",
+        description="list every node that joined the cluster of this configuration's "
+                    "[cluster] redis: whether it is alive, its age, the age of its last "
+                    "heartbeat and its sessions")
+    show.add_argument("--json", action="store_true", help="one JSON object per node")
+    show.set_defaults(run=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from server.cli import CLIError
+    from server.cluster import connect
+
+    config = load_config(args.config)
+    if config.cluster.redis is None:
+        raise CLIError("no [cluster] in the configuration (its redis key is not set)")
+
+    async def run() -> list[dict[str, Any]]:
+        redis = connect(config.cluster.redis)  # type: ignore[arg-type]
+        try:
+            return await status(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        nodes = asyncio.run(run())
+    except OSError as exc:
+        raise CLIError(f"Redis at {config.cluster.redis} is not reachable: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            raise CLIError(f"Redis at {config.cluster.redis}: {exc}") from None
+        raise
+    if args.json:
+        for node in nodes:
+            print(json.dumps(node))
+        return 0
+    print(f"{'NODE':<20} {'STATE':<6} {'AGE':>10} {'HEARTBEAT':>10} {'SESSIONS':>9}  INCARNATION")
+    for node in nodes:
+        beat = node["heartbeat_age"]
+        print(f"{node['node']:<20} {'alive' if node['alive'] else 'dead':<6} "
+              f"{_duration(node['age']):>10} {'-' if beat is None else f'{beat:.1f}s':>10} "
+              f"{node['sessions']:>9}  {node['incarnation']}")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

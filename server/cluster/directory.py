@@ -1,0 +1,286 @@
+"""The session directory of a cluster: the local sessions in memory (SessionManager), every
+node's in Redis, and a replica of the other nodes' entries in memory so that the directory's
+synchronous Protocol (server/sessions.py) answers without a round trip.
+
+Redis holds, per bare JID, the hash presenced:dir:<bare>: resource -> entry (JSON):
+    {"n": node, "i": incarnation, "s": session id, "p": priority, "a": available (0/1),
+     "r": interested in roster pushes (0/1), "x": the last available presence (XML) or ""}
+A node writes only its own entries, in order, from one writer task; each write publishes
+"<node> d <bare>" on presenced:invalidate and every other node reloads that bare JID (the
+local cache is kept correct by invalidation; a periodic full resync covers a lost message).
+
+Resource conflicts across nodes (RFC 6120 §7.7.2.2) are settled by one atomic script that
+swaps the entry in and returns the one it replaced: the older session, wherever it is, gets a
+<conflict/> stream error (a "kick" through its node's inbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from server.cluster import keys
+from server.errors import StanzaError
+from server.jid import JID
+from server.sessions import Session, SessionManager
+
+if TYPE_CHECKING:
+    from lxml.etree import _Element
+
+    from server.cluster.inbox import Inbox
+    from server.cluster.membership import Membership
+
+log = logging.getLogger("presenced.cluster")
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+# KEYS[1] dir hash, KEYS[2] node-sessions set; ARGV: resource, entry, member
+_BIND = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return old
+"""
+# Write (ARGV[2] an entry) or delete (ARGV[2] "") our entry, only while it is still ours
+# (ARGV[3], the session id): a newer session of the same resource elsewhere is left alone.
+_UPDATE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old or cjson.decode(old)['s'] ~= ARGV[3] then return 0 end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[4])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+"""
+
+
+class RemoteSession(Session):
+    """A session bound on another node, as this node's replica knows it. Its send() goes to
+    that node's inbox; its presence, priority and interest are those the node published."""
+
+    __slots__ = ("_inbox", "incarnation", "node", "sid")
+
+    def __init__(self, jid: JID, entry: dict[str, Any], inbox: Inbox) -> None:
+        super().__init__(jid, None)
+        self.node: str = entry["n"]
+        self.incarnation: str = entry["i"]
+        self.sid: str = entry["s"]
+        self.priority = int(entry.get("p", 0))
+        self.interested = bool(entry.get("r"))
+        xml = entry.get("x")
+        self.presence = etree.fromstring(xml.encode(), _PARSER) if xml else None
+        self._inbox = inbox
+
+    def send(self, stanza: _Element) -> None:
+        self._inbox.send(self, stanza)
+
+    def deliver(self, stanza: _Element) -> None:
+        self._inbox.send(self, stanza)
+
+    def close(self, condition: str | None = None, text: str | None = None) -> None:
+        self._inbox.kick(self.node, self.jid_str, self.sid)
+
+    def __repr__(self) -> str:
+        return f"<RemoteSession {self.jid_str} on {self.node}>"
+
+
+class ClusterDirectory(SessionManager):
+    """SessionDirectory over the cluster: local sessions as SessionManager keeps them, other
+    nodes' as RemoteSession proxies (only those of live incarnations)."""
+
+    def __init__(self, max_per_user: int, redis: Any, membership: Membership) -> None:
+        super().__init__(max_per_user)
+        self.redis = redis
+        self.membership = membership
+        self.inbox: Inbox  # set by Cluster
+        self.sids: dict[Session, str] = {}
+        self._remote: dict[JID, dict[str, RemoteSession]] = {}
+        self._ops: asyncio.Queue[tuple[str, Session, dict[str, Any] | None]] = asyncio.Queue()
+        self._bind = redis.register_script(_BIND)
+        self._update = redis.register_script(_UPDATE)
+        self._writer: asyncio.Task[None] | None = None
+        self._loads: dict[JID, asyncio.Task[None]] = {}
+        self.on_remote_change: Callable[[JID], None] | None = None
+
+    # -- the Protocol ------------------------------------------------------------------------
+
+    def bind(self, session: Session, requested: str | None) -> JID:
+        bare = JID.parse(str(session.jid.bare))
+        remote = self._live(bare)
+        if len(remote) + len(super().resources(bare)) >= self.max_per_user and not (
+                requested and any(r.jid.resource == requested for r in remote)):
+            raise StanzaError("resource-constraint", "too many sessions for this account")
+        full = super().bind(session, requested)
+        self.sids[session] = secrets.token_hex(8)
+        self._ops.put_nowait(("bind", session, self.entry(session)))
+        return full
+
+    def unbind(self, session: Session) -> bool:
+        if not super().unbind(session):
+            return False
+        self._ops.put_nowait(("unbind", session, None))
+        return True
+
+    def get(self, full: JID) -> Session | None:
+        local = super().get(full)
+        if local is not None or full.resource is None:
+            return local
+        remote = self._remote.get(full.bare)
+        session = remote.get(full.resource) if remote else None
+        if session is not None and self.membership.is_live(session.node, session.incarnation):
+            return session
+        return None
+
+    def resources(self, bare: JID) -> list[Session]:
+        local = super().resources(bare)
+        if bare not in self._remote:
+            return local
+        return local + self._live(bare)
+
+    def is_online(self, bare: JID) -> bool:
+        return super().is_online(bare) or bool(self._live(bare))
+
+    def local(self, full: JID) -> Session | None:
+        """A session bound on this node."""
+        return super().get(full)
+
+    # all() and len(): this node's own sessions (metrics, shutdown, fencing).
+
+    def _live(self, bare: JID) -> list[Session]:
+        remote = self._remote.get(bare)
+        if not remote:
+            return []
+        live = self.membership.is_live
+        local = self._by_bare.get(bare) or {}  # a resource bound here since: ours wins
+        return [s for r, s in remote.items()
+                if r not in local and live(s.node, s.incarnation)]
+
+    # -- publishing our sessions -------------------------------------------------------------
+
+    def entry(self, session: Session) -> dict[str, Any]:
+        presence = session.presence
+        return {"n": self.membership.name, "i": self.membership.incarnation,
+                "s": self.sids.get(session, ""), "p": session.priority,
+                "a": int(presence is not None), "r": int(session.interested),
+                "x": etree.tostring(presence, encoding="unicode") if presence is not None else ""}
+
+    def changed(self, session: Session) -> None:
+        """The session's presence (or priority, interest) changed: publish it."""
+        if session in self.sids and super().get(session.jid) is session:
+            self._ops.put_nowait(("update", session, self.entry(session)))
+
+    def start(self) -> None:
+        self._writer = asyncio.ensure_future(self._write())
+
+    async def flush(self) -> None:
+        """Wait until every queued write is in Redis (graceful stop)."""
+        if self._writer is not None and not self._writer.done():
+            await self._ops.join()
+
+    async def stop(self) -> None:
+        await self.flush()
+        for task in [self._writer, *self._loads.values()]:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _write(self) -> None:
+        while True:
+            op, session, entry = await self._ops.get()
+            try:
+                await self._apply(op, session, entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=cluster-directory-write-failed op=%s jid=%s", op,
+                              session.jid_str)
+            finally:
+                self._ops.task_done()
+
+    async def _apply(self, op: str, session: Session, entry: dict[str, Any] | None) -> None:
+        membership = self.membership
+        bare, resource = session.bare_str, session.jid.resource or ""
+        member = f"{bare}/{resource}"
+        owned = keys.node_sessions(membership.name, membership.incarnation)
+        if op == "bind":
+            assert entry is not None
+            old = await self._bind(keys=[keys.directory(bare), owned],
+                                   args=[resource, json.dumps(entry), member])
+            if old is not None:
+                previous = json.loads(old)
+                if previous["n"] != membership.name and previous["s"] != entry["s"]:
+                    # RFC 6120 §7.7.2.2: the older session is closed with <conflict/>.
+                    log.info("event=cluster-conflict jid=%s old_node=%s", session.jid_str,
+                             previous["n"])
+                    self.inbox.kick(previous["n"], session.jid_str, previous["s"])
+        elif op == "update":
+            await self._update(keys=[keys.directory(bare), owned],
+                               args=[resource, json.dumps(entry), self.sids.get(session, ""),
+                                     member])
+        else:
+            sid = self.sids.pop(session, "")
+            await self._update(keys=[keys.directory(bare), owned],
+                               args=[resource, "", sid, member])
+        await self.redis.publish(keys.INVALIDATE, f"{membership.name} d {bare}")
+
+    # -- the replica of the other nodes' entries ---------------------------------------------
+
+    def invalidate(self, bare_str: str) -> None:
+        """Another node changed this account's entries: reload them (one load at a time per
+        account; one asked for while a load runs starts after it)."""
+        bare = JID.parse(bare_str)
+        running = self._loads.get(bare)
+        if running is not None and not running.done():
+            running.add_done_callback(lambda _t: self.invalidate(bare_str))
+            return
+        self._loads[bare] = asyncio.ensure_future(self._load(bare))
+
+    async def _load(self, bare: JID) -> None:
+        try:
+            raw = await self.redis.hgetall(keys.directory(str(bare)))
+            self._set_remote(bare, raw)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("event=cluster-directory-load-failed jid=%s error=%s", bare,
+                        type(exc).__name__)
+        finally:
+            if self._loads.get(bare) is asyncio.current_task():
+                del self._loads[bare]
+
+    def _set_remote(self, bare: JID, raw: dict[bytes, bytes]) -> None:
+        me = self.membership.name
+        sessions: dict[str, RemoteSession] = {}
+        for resource_b, entry_b in raw.items():
+            entry = json.loads(entry_b)
+            if entry["n"] == me:
+                continue  # our own: SessionManager has them
+            resource = resource_b.decode()
+            sessions[resource] = RemoteSession(bare.with_resource(resource), entry, self.inbox)
+        if sessions:
+            self._remote[bare] = sessions
+        else:
+            self._remote.pop(bare, None)
+        if self.on_remote_change is not None:
+            self.on_remote_change(bare)
+
+    async def resync(self) -> None:
+        """Reload every account's entries (at start, and now and then against a lost
+        invalidation)."""
+        seen: set[JID] = set()
+        async for key in self.redis.scan_iter(match=keys.DIRECTORY_PATTERN, count=500):
+            bare = JID.parse(key.decode()[len(keys.directory("")):])
+            seen.add(bare)
+            self._set_remote(bare, await self.redis.hgetall(key))
+        for bare in [b for b in self._remote if b not in seen]:
+            del self._remote[bare]
+
+    def forget_remote(self) -> None:
+        self._remote.clear()

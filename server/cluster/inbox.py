@@ -1,0 +1,205 @@
+"""Routing between nodes: one Redis Stream per node, presenced:inbox:<node>.
+
+A stanza for a session on another node is serialised once and added (XADD) to that node's
+stream; the node reads its stream through the consumer group "presenced" (XREADGROUP, one
+consumer per incarnation), hands each stanza to the local session and acknowledges it (XACK)
+after the hand-over. Entries are written in order from one flusher task on one connection
+(a pipeline per batch), so stanzas from one sender reach a node in the order they were routed.
+Delivery is at least once: entries left unacknowledged by an earlier incarnation are claimed
+(XAUTOCLAIM) at start; each entry carries an id ("m") and duplicates are dropped.
+
+Entry fields:
+    k  "s": a stanza for a session, "c": close that session with <conflict/>
+    j  the session's full JID          s  its session id (a newer session of the JID: not it)
+    x  the stanza (XML, jabber:client) m  "<node>:<incarnation>:<counter>", unique
+A stanza whose session is gone (closed since, or on a node that is dead) is handled as if the
+resource were offline: a message goes to offline storage (message/offline), an iq get/set is
+answered with service-unavailable (RFC 6121 §8.5.3.2.1), presence and iq results are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from server.cluster import keys
+from server.errors import StanzaError
+from server.jid import JID, InvalidJID
+from server.xml import stanza as st
+
+if TYPE_CHECKING:
+    from lxml.etree import _Element
+
+    from server.cluster.directory import ClusterDirectory, RemoteSession
+    from server.cluster.membership import Membership
+    from server.router import Router
+
+log = logging.getLogger("presenced.cluster")
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+_SEEN = 10_000      # entry ids remembered against duplicates
+_BATCH = 256        # entries read at once
+_MAXLEN = 1_000_000  # an inbox nobody reads (a dead node's) is trimmed, approximately
+
+
+class Inbox:
+    def __init__(self, redis: Any, membership: Membership, directory: ClusterDirectory) -> None:
+        self.redis = redis
+        self.membership = membership
+        self.directory = directory
+        self.router: Router  # set by Cluster.attach
+        self._pending: list[tuple[str, dict[str, str]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._counter = itertools.count(1)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.sent = 0      # entries added to other nodes' inboxes
+        self.received = 0  # entries handed over from ours
+
+    # -- out ---------------------------------------------------------------------------------
+
+    def send(self, session: RemoteSession, stanza: _Element) -> None:
+        if not self.membership.is_live(session.node, session.incarnation):
+            self.undeliverable(stanza, session.jid, "node-gone")
+            return
+        self._add(session.node, {"k": "s", "j": session.jid_str, "s": session.sid,
+                                 "x": etree.tostring(stanza, encoding="unicode")})
+
+    def kick(self, node: str, jid: str, sid: str) -> None:
+        self._add(node, {"k": "c", "j": jid, "s": sid})
+
+    def _add(self, node: str, fields: dict[str, str]) -> None:
+        membership = self.membership
+        fields["m"] = f"{membership.name}:{membership.incarnation}:{next(self._counter)}"
+        self._pending.append((keys.inbox(node), fields))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, fields in batch:
+                pipe.xadd(stream, fields, maxlen=_MAXLEN, approximate=True)
+            try:
+                await pipe.execute()
+                self.sent += len(batch)
+            except Exception as exc:  # Redis unreachable: as if the other node were gone
+                log.warning("event=cluster-send-failed count=%d error=%s", len(batch),
+                            type(exc).__name__)
+                for _stream, fields in batch:
+                    if fields["k"] == "s":
+                        self.undeliverable(etree.fromstring(fields["x"], _PARSER),
+                                           JID.parse(fields["j"]), "redis-unreachable")
+
+    async def flush(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+    # -- in ----------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """The node's stream and consumer group (kept across restarts)."""
+        try:
+            await self.redis.xgroup_create(keys.inbox(self.membership.name), keys.GROUP,
+                                           id="0", mkstream=True)
+        except Exception as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def start(self) -> None:
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def stop(self) -> None:
+        await self.flush()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def claim_orphans(self) -> None:
+        """Entries an earlier incarnation read but did not acknowledge (it died or was
+        fenced): ours now. Their sessions are gone, so they take the undeliverable path."""
+        stream = keys.inbox(self.membership.name)
+        start = "0-0"
+        while True:
+            answer = await self.redis.xautoclaim(stream, keys.GROUP, self.membership.incarnation,
+                                                 0, start, count=_BATCH)
+            start, entries = answer[0], answer[1]
+            await self._handle(stream, [(i, f) for i, f in entries if f])
+            if start in (b"0-0", "0-0") or not entries:
+                return
+
+    async def _read(self) -> None:
+        stream = keys.inbox(self.membership.name)
+        while True:
+            try:
+                answer = await self.redis.xreadgroup(
+                    keys.GROUP, self.membership.incarnation, {stream: ">"}, count=_BATCH,
+                    block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if "NOGROUP" in str(exc):
+                    await self.prepare()
+                    continue
+                log.warning("event=cluster-read-failed error=%s", type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            for _stream, entries in answer or ():
+                await self._handle(stream, entries)
+
+    async def _handle(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        if not entries:
+            return
+        for _entry_id, raw in entries:
+            try:
+                self._hand_over({k.decode(): v.decode() for k, v in raw.items()})
+            except Exception:
+                log.exception("event=cluster-entry-failed")
+        self.received += len(entries)
+        await self.redis.xack(stream, keys.GROUP, *[entry_id for entry_id, _ in entries])
+
+    def _hand_over(self, fields: dict[str, str]) -> None:
+        ident = fields.get("m", "")
+        if ident in self._seen:
+            return  # at least once: a duplicate
+        self._seen[ident] = None
+        if len(self._seen) > _SEEN:
+            self._seen.popitem(last=False)
+        try:
+            to = JID.parse(fields["j"])
+        except (KeyError, InvalidJID):
+            log.warning("event=cluster-entry-bad id=%s", ident)
+            return
+        session = self.directory.local(to)
+        current = session is not None and self.directory.sids.get(session) == fields.get("s")
+        if fields.get("k") == "c":
+            if session is not None and current:
+                # RFC 6120 §7.7.2.2: a newer session took the resource on another node.
+                session.close("conflict", "replaced by a new session with the same resource")
+            return
+        stanza = etree.fromstring(fields["x"], _PARSER)
+        if session is not None and current:
+            session.send(stanza)
+            return
+        self.undeliverable(stanza, to, "session-gone")
+
+    def undeliverable(self, stanza: _Element, to: JID, reason: str) -> None:
+        """The session a stanza was for is gone: as if its resource were offline."""
+        tag = stanza.tag
+        kind = stanza.get("type")
+        log.info("event=cluster-undeliverable to=%s stanza=%s type=%s reason=%s", to,
+                 etree.QName(tag).localname, kind, reason)
+        if tag == st.MESSAGE:
+            if kind in ("error", "groupchat", "headline"):
+                return  # RFC 6121 §8.5.3.2.1: errors ignored, groupchat/headline dropped
+            stored = self.router.hooks.fire("message/offline", stanza, None, to.bare)
+            if inspect.isawaitable(stored):
+                self.router.spawn(stored)
+        elif tag == st.IQ and kind in ("get", "set"):
+            self.router.reply_error(stanza, StanzaError("service-unavailable"), None)

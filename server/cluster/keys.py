@@ -1,0 +1,45 @@
+"""Every Redis key and channel of the cluster, in one place (the names are the wire format
+between nodes: changing one is a cluster-wide upgrade).
+
+    presenced:node:<node>          string: the live incarnation id, PX dead_after (heartbeat)
+    presenced:nodes                hash: node -> JSON {"incarnation", "started"} of each joined node
+    presenced:stats:<node>         hash: incarnation, heartbeat (unix ms), sessions
+    presenced:dir:<bare JID>       hash: resource -> JSON entry (directory.Entry)
+    presenced:dir-node:<node>:<incarnation>
+                                   set: "<bare>/<resource>" of the sessions that incarnation bound
+                                   (for the survivor that cleans up after a dead node: later)
+    presenced:inbox:<node>         stream: stanzas and commands for that node's sessions
+                                   (consumer group "presenced", one consumer per incarnation)
+    presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
+                                   r: roster), fire-and-forget; a periodic resync covers a loss
+"""
+
+from __future__ import annotations
+
+PREFIX = "presenced:"
+NODES = PREFIX + "nodes"
+INVALIDATE = PREFIX + "invalidate"
+GROUP = "presenced"
+
+
+def node(name: str) -> str:
+    return f"{PREFIX}node:{name}"
+
+
+def stats(name: str) -> str:
+    return f"{PREFIX}stats:{name}"
+
+
+def directory(bare: str) -> str:
+    return f"{PREFIX}dir:{bare}"
+
+
+DIRECTORY_PATTERN = PREFIX + "dir:*"
+
+
+def node_sessions(name: str, incarnation: str) -> str:
+    return f"{PREFIX}dir-node:{name}:{incarnation}"
+
+
+def inbox(name: str) -> str:
+    return f"{PREFIX}inbox:{name}"

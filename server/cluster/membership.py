@@ -1,0 +1,159 @@
+"""Membership: which nodes are alive, and this node's own incarnation.
+
+Each start (and each rejoin) is a new *incarnation*, a random id. The node holds the key
+presenced:node:<name> = incarnation with a TTL of dead_after and refreshes it every heartbeat
+through a compare-and-expire script: when the key is gone or holds another incarnation, the
+node has been declared dead (it lost Redis, or was paused, longer than dead_after). It then
+*fences* itself: it closes its client streams (so that no session has two live owners) and
+joins again as a new incarnation. Liveness is read from these keys, never from keyspace
+expiry events (they fire late or never).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.cluster import keys
+from server.cluster.settings import ClusterSettings
+
+log = logging.getLogger("presenced.cluster")
+
+# KEYS[1] node key, KEYS[2] stats; ARGV: incarnation, ttl ms, now ms, sessions
+_BEAT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], 'incarnation', ARGV[1], 'heartbeat', ARGV[3], 'sessions', ARGV[4])
+return 1
+"""
+
+
+class ClusterError(ConnectionError):
+    """The cluster cannot be joined (Redis unreachable, the node name held by a live node)."""
+
+
+def new_incarnation() -> str:
+    return secrets.token_hex(8)
+
+
+class Membership:
+    def __init__(self, redis: Any, settings: ClusterSettings,
+                 sessions: Callable[[], int],
+                 fenced: Callable[[], Awaitable[None]]) -> None:
+        assert settings.node is not None
+        self.redis = redis
+        self.name = settings.node
+        self.settings = settings
+        self.incarnation = new_incarnation()
+        self.started = time.time()
+        self.live: dict[str, str] = {}  # node -> its live incarnation, as of the last beat
+        self._sessions = sessions
+        self._fenced = fenced
+        self._beat = redis.register_script(_BEAT)
+        self._task: asyncio.Task[None] | None = None
+        self.on_live_changed: Callable[[], None] | None = None
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.settings.dead_after * 1000)
+
+    async def join(self) -> None:
+        """Take the node's key (waiting out a previous incarnation's TTL, e.g. after kill -9);
+        ClusterError when a live node keeps it."""
+        deadline = time.monotonic() + self.settings.dead_after * 2
+        while not await self.redis.set(keys.node(self.name), self.incarnation, nx=True,
+                                       px=self.ttl_ms):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"node name {self.name!r} is held by a live node")
+            await asyncio.sleep(self.settings.heartbeat)
+        self.started = time.time()
+        await self.redis.hset(keys.NODES, self.name, json.dumps(
+            {"incarnation": self.incarnation, "started": self.started}))
+        await self.beat()
+        log.info("event=cluster-joined node=%s incarnation=%s", self.name, self.incarnation)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def beat(self) -> bool:
+        """Refresh our key; False when we were declared dead. Then refresh the live view."""
+        ok = await self._beat(keys=[keys.node(self.name), keys.stats(self.name)],
+                              args=[self.incarnation, self.ttl_ms, int(time.time() * 1000),
+                                    self._sessions()])
+        await self.refresh()
+        return bool(ok)
+
+    async def refresh(self) -> None:
+        names = sorted(n.decode() for n in await self.redis.hkeys(keys.NODES))
+        values = await self.redis.mget([keys.node(n) for n in names]) if names else []
+        live = {n: v.decode() for n, v in zip(names, values, strict=True) if v is not None}
+        if live != self.live:
+            self.live = live
+            if self.on_live_changed is not None:
+                self.on_live_changed()
+
+    def is_live(self, node: str, incarnation: str) -> bool:
+        return self.live.get(node) == incarnation
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat)
+            try:
+                alive = await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis unreachable: local traffic goes on; try again
+                log.warning("event=cluster-heartbeat-failed node=%s error=%s", self.name,
+                            type(exc).__name__)
+                continue
+            if not alive:
+                await self._rejoin()
+
+    async def _rejoin(self) -> None:
+        old = self.incarnation
+        log.warning("event=cluster-fenced node=%s incarnation=%s", self.name, old)
+        await self._fenced()
+        self.incarnation = new_incarnation()
+        try:
+            await self.join()
+        except ClusterError as exc:
+            log.error("event=cluster-rejoin-failed node=%s reason=%s", self.name, exc)
+
+    async def leave(self) -> None:
+        """Graceful stop: give the name back at once."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        script = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                  "redis.call('DEL', KEYS[1]); redis.call('HDEL', KEYS[2], ARGV[2]); "
+                  "redis.call('DEL', KEYS[3]) end return 1")
+        await self.redis.eval(script, 3, keys.node(self.name), keys.NODES, keys.stats(self.name),
+                              self.incarnation, self.name)
+        log.info("event=cluster-left node=%s incarnation=%s", self.name, self.incarnation)
+
+
+async def status(redis: Any) -> list[dict[str, Any]]:
+    """Every node that joined: name, incarnation, alive, age (s since start), heartbeat age,
+    sessions. For `presenced cluster status`."""
+    now = time.time()
+    out = []
+    for name_b, info_b in sorted((await redis.hgetall(keys.NODES)).items()):
+        name = name_b.decode()
+        info = json.loads(info_b)
+        live = await redis.get(keys.node(name))
+        stats = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.stats(name))).items()}
+        beat = int(stats.get("heartbeat", 0)) / 1000
+        out.append({
+            "node": name,
+            "incarnation": info["incarnation"],
+            "alive": live is not None and live.decode() == info["incarnation"],
+            "age": now - float(info["started"]),
+            "heartbeat_age": (now - beat) if beat else None,
+            "sessions": int(stats.get("sessions", 0)),
+        })
+    return out

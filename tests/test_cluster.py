@@ -1,0 +1,307 @@
+"""One domain on two nodes (issue 22): a private redis-server (tests/redis.py), a private
+PostgreSQL (tests/pg.py) and two Servers for a.test on different loopback addresses, with real
+clients on each node. Every test goes through the cross-node path: the directory in Redis, the
+per-node Streams, membership."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from server.config import ConfigErrors, load_config
+from server.jid import JID
+from tests.conftest import RunningServer, start_server, stop_server, write_config
+from tests.rawclient import CLIENT, RawClient
+from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE = f"{{{CLIENT}}}message"
+PRESENCE = f"{{{CLIENT}}}presence"
+IQ = f"{{{CLIENT}}}iq"
+ALICE, BOB = "alice@a.test", "bob@a.test"
+
+
+def cluster_tables(dsn: str, redis: str, node: str) -> str:
+    return (f'[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+            f'[cluster]\nredis = "{redis}"\nnode = "{node}"\nheartbeat = 0.2\n'
+            f'dead_after = 3.0\n')
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, pg_dsn: str, redis_url: str  # noqa: F811
+                ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    one = await start_server(tmp_path / "node1", cluster_tables(pg_dsn, redis_url, "node1"),
+                             domains=("a.test",), host="127.0.0.1")
+    two = await start_server(tmp_path / "node2", cluster_tables(pg_dsn, redis_url, "node2"),
+                             domains=("a.test",), host="127.0.0.2")
+    await one.add_user(ALICE)
+    await one.add_user(BOB)
+    try:
+        yield one, two
+    finally:
+        await stop_server(two)
+        await stop_server(one)
+
+
+def sees(node: RunningServer, jid: str, available: bool = True) -> Callable[[], bool]:
+    """The node's directory knows a session of jid on another node (available: with presence)."""
+    full = JID.parse(jid)
+
+    def check() -> bool:
+        session = node.server.sessions.get(full)
+        return session is not None and type(session).__name__ == "RemoteSession" and (
+            not available or session.presence is not None)
+    return check
+
+
+async def raw_available(node: RunningServer, jid: str, resource: str) -> RawClient:
+    client = await node.raw_login(jid, resource)
+    await client.send("<presence/>")
+    await client.expect(PRESENCE)  # its own presence, reflected (RFC 6121 §4.2.2)
+    return client
+
+
+async def test_messages_bare_and_full_both_ways(nodes: tuple[RunningServer, RunningServer]
+                                                ) -> None:
+    one, two = nodes
+    alice = await raw_available(one, ALICE, "phone")
+    bob = await raw_available(two, BOB, "desk")
+    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
+    await eventually(sees(two, f"{ALICE}/phone"), "node2 sees alice on node1")
+    # Bare JID on node1 -> the available resource on node2 (RFC 6121 §8.5.2.1.1).
+    await alice.send(f"<message to='{BOB}' type='chat' id='m1'><body>one</body></message>")
+    got = await bob.expect(MESSAGE)
+    assert (got.get("id"), got.get("from"), got.findtext(f"{{{CLIENT}}}body")) == (
+        "m1", f"{ALICE}/phone", "one")
+    # Full JID, node2 -> node1.
+    await bob.send(f"<message to='{ALICE}/phone' type='chat' id='m2'><body>two</body>"
+                   "</message>")
+    got = await alice.expect(MESSAGE)
+    assert (got.get("id"), got.get("from"), got.findtext(f"{{{CLIENT}}}body")) == (
+        "m2", f"{BOB}/desk", "two")
+    # Order per sender across nodes.
+    for i in range(20):
+        await alice.send(f"<message to='{BOB}/desk' type='chat' id='o{i}'><body>{i}</body>"
+                         "</message>")
+    ids = [(await bob.expect(MESSAGE)).get("id") for _ in range(20)]
+    assert ids == [f"o{i}" for i in range(20)]
+    assert one.server.cluster is not None and one.server.cluster.inbox.sent >= 21
+    await alice.close()
+    await bob.close()
+
+
+async def test_subscription_and_presence_across_nodes(
+        nodes: tuple[RunningServer, RunningServer]) -> None:
+    one, two = nodes
+    alice = await one.client(ALICE, resource="laptop")
+    bob = await two.client(BOB, resource="desk")
+    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob available")
+    loop = asyncio.get_running_loop()
+    bob_seen: asyncio.Future[str] = loop.create_future()
+    alice_seen: asyncio.Future[str] = loop.create_future()
+
+    def on_alice(presence: Any) -> None:
+        if presence["from"].bare == BOB and not bob_seen.done():
+            bob_seen.set_result(str(presence["from"]))
+
+    def on_bob(presence: Any) -> None:
+        if presence["from"].bare == ALICE and not alice_seen.done():
+            alice_seen.set_result(str(presence["from"]))
+
+    alice.add_event_handler("presence_available", on_alice)
+    bob.add_event_handler("presence_available", on_bob)
+    # slixmpp approves and subscribes back (auto_authorize, auto_subscribe): both directions
+    # cross the nodes (RFC 6121 §3.1), then each gets the other's presence (§4.2.2, probes).
+    alice.send_presence_subscription(pto=BOB)
+    assert await asyncio.wait_for(bob_seen, 10) == f"{BOB}/desk"
+    assert await asyncio.wait_for(alice_seen, 10) == f"{ALICE}/laptop"
+
+    async def subscription(node: RunningServer, user: str, contact: str) -> str:
+        _version, items = await node.server.storage.rosters.load(user, "a.test")
+        return next(i.subscription for i in items if i.contact == contact)
+
+    for _ in range(100):
+        if (await subscription(one, "alice", BOB), await subscription(two, "bob", ALICE)) == (
+                "both", "both"):
+            break
+        await asyncio.sleep(0.05)
+    assert await subscription(one, "alice", BOB) == "both"
+    assert await subscription(two, "bob", ALICE) == "both"
+    # A presence change on node2 is broadcast to the contact on node1 (RFC 6121 §4.4.2).
+    away: asyncio.Future[str] = loop.create_future()
+
+    def on_changed(presence: Any) -> None:
+        if presence["from"].bare == BOB and presence["show"] == "away" and not away.done():
+            away.set_result(presence["status"])
+
+    alice.add_event_handler("changed_status", on_changed)
+    bob.send_presence(pshow="away", pstatus="lunch")
+    assert await asyncio.wait_for(away, 10) == "lunch"
+    # Unavailable when bob's stream ends on node2.
+    gone: asyncio.Future[str] = loop.create_future()
+    alice.add_event_handler("presence_unavailable", lambda p: gone.done() or (
+        p["from"].bare == BOB and gone.set_result(str(p["from"]))))
+    bob.disconnect()
+    assert await asyncio.wait_for(gone, 10) == f"{BOB}/desk"
+
+
+async def test_iqs_to_a_full_jid_on_the_other_node(
+        nodes: tuple[RunningServer, RunningServer]) -> None:
+    one, two = nodes
+    alice = await one.client(ALICE, resource="laptop",
+                             plugins=("xep_0199", "xep_0030", "xep_0092"))
+    bob = await two.client(BOB, resource="desk", plugins=("xep_0092", "xep_0199", "xep_0030"))
+    bob.plugin["xep_0092"].software_name = "bob-client"
+    bob.plugin["xep_0092"].version = "4.2"
+    await eventually(sees(one, f"{BOB}/desk", available=False), "node1 sees bob")
+    await eventually(sees(two, f"{ALICE}/laptop", available=False), "node2 sees alice")
+    # XEP-0199 ping to a full JID: answered by bob's client on node2, the result comes back.
+    rtt = await alice.plugin["xep_0199"].ping(f"{BOB}/desk", timeout=10)
+    assert rtt is not None and rtt >= 0
+    # XEP-0092 software version: the client's own answer (not the server's).
+    version = await alice.plugin["xep_0092"].get_version(f"{BOB}/desk", timeout=10)
+    assert version["software_version"]["name"] == "bob-client"
+    assert version["software_version"]["version"] == "4.2"
+    # XEP-0030 disco#info of the full JID, node2 -> node1 this time.
+    info = await bob.plugin["xep_0030"].get_info(f"{ALICE}/laptop", timeout=10)
+    assert "urn:xmpp:ping" in info["disco_info"]["features"]
+
+
+async def test_iq_to_a_session_gone_since_is_answered(
+        nodes: tuple[RunningServer, RunningServer]) -> None:
+    """The directory still names a session that its node closed: the node answers the iq
+    with service-unavailable (RFC 6121 §8.5.3.2.1) and keeps a message offline."""
+    one, two = nodes
+    alice = await raw_available(one, ALICE, "phone")
+    bob = await raw_available(two, BOB, "desk")
+    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob")
+    remote = one.server.sessions.get(JID.parse(f"{BOB}/desk"))
+    assert remote is not None
+    await bob.close()
+    await eventually(lambda: len(two.server.sessions) == 0, "bob gone from node2")
+    # Through the proxy node1 still held: node2 no longer has that session.
+    remote.send(etree.fromstring(
+        f"<iq xmlns='jabber:client' type='get' id='v1' from='{ALICE}/phone' to='{BOB}/desk'>"
+        "<query xmlns='jabber:iq:version'/></iq>"))
+    error = await alice.expect(IQ)
+    assert error.get("type") == "error" and error.get("id") == "v1"
+    assert error.find(f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}"
+                      "service-unavailable") is not None
+    remote.send(etree.fromstring(
+        f"<message xmlns='jabber:client' type='chat' id='late' from='{ALICE}/phone' "
+        f"to='{BOB}/desk'><body>later</body></message>"))
+    back = await raw_available(two, BOB, "desk")  # offline storage delivers it (XEP-0160)
+    got = await back.expect(MESSAGE)
+    assert got.get("id") == "late" and got.findtext(f"{{{CLIENT}}}body") == "later"
+    await alice.close()
+    await back.close()
+
+
+async def test_resource_conflict_across_nodes(nodes: tuple[RunningServer, RunningServer]
+                                              ) -> None:
+    one, two = nodes
+    old = await raw_available(two, BOB, "same")
+    await eventually(sees(one, f"{BOB}/same"), "node1 sees bob/same")
+    new = await one.raw_login(BOB, "same")
+    # RFC 6120 §7.7.2.2: the older session, on the other node, is closed with <conflict/>.
+    assert await old.stream_error(10) == "conflict"
+    await new.send("<presence/>")
+    await new.expect(PRESENCE)
+    await eventually(lambda: len(two.server.sessions) == 0, "the old session gone")
+    # The directory names the new session only; a message to it arrives on node1.
+    alice = await raw_available(two, ALICE, "x")
+    await eventually(sees(two, f"{BOB}/same"), "node2 sees the new bob/same")
+    await alice.send(f"<message to='{BOB}/same' type='chat' id='c1'><body>hi</body></message>")
+    got = await new.expect(MESSAGE)
+    assert got.get("id") == "c1"
+    await new.close()
+    await alice.close()
+
+
+async def test_fenced_node_closes_its_streams_and_rejoins(
+        nodes: tuple[RunningServer, RunningServer]) -> None:
+    one, two = nodes
+    bob = await raw_available(two, BOB, "desk")
+    cluster = two.server.cluster
+    assert cluster is not None
+    first = cluster.membership.incarnation
+    # As if node2 had lost Redis for longer than dead_after: its key is gone.
+    await cluster.redis.delete("presenced:node:node2")
+    assert await bob.stream_error(10) == "system-shutdown"
+    await eventually(lambda: cluster.membership.incarnation != first, "a new incarnation")
+    one_cluster = one.server.cluster
+    assert one_cluster is not None
+    await eventually(lambda: one_cluster.membership.live.get("node2") ==
+                     cluster.membership.incarnation, "node1 sees the new incarnation")
+
+
+async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, RunningServer]
+                                               ) -> None:
+    one, two = nodes
+    alice = await raw_available(one, ALICE, "a")
+    bob = await raw_available(two, BOB, "b")
+    bob2 = await raw_available(two, BOB, "c")
+    await asyncio.sleep(0.5)  # a heartbeat publishes the session counts
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "cluster", "status", "--json", "-c",
+        str(one.config_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    nodes_seen = {n["node"]: n for n in map(json.loads, out.decode().splitlines())}
+    assert set(nodes_seen) == {"node1", "node2"}
+    assert all(n["alive"] for n in nodes_seen.values())
+    assert (nodes_seen["node1"]["sessions"], nodes_seen["node2"]["sessions"]) == (1, 2)
+    assert nodes_seen["node2"]["incarnation"] == two.server.cluster.membership.incarnation  # type: ignore[union-attr]
+    # The table form names both.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "cluster", "status", "-c", str(two.config_path),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, _err = await asyncio.wait_for(proc.communicate(), 60)
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("NODE") and [line.split()[:2] for line in lines[1:]] == [
+        ["node1", "alive"], ["node2", "alive"]]
+    for client in (alice, bob, bob2):
+        await client.close()
+
+
+def test_sqlite_with_cluster_is_a_config_error(tmp_path: Path) -> None:
+    given = write_config(tmp_path / "a", '[storage]\nbackend = "sqlite"\n[cluster]\n'
+                         'redis = "redis://127.0.0.1:6379/0"\nnode = "node1"\n')
+    with pytest.raises(ConfigErrors) as info:
+        load_config(given)
+    line = given.read_text().splitlines().index('backend = "sqlite"') + 1
+    assert str(info.value) == (f'{given}:{line}: [storage] backend: [cluster] needs the shared '
+                               'PostgreSQL database, not SQLite; expected "postgresql"')
+    implicit = write_config(tmp_path / "b", '[cluster]\nredis = "redis://127.0.0.1:6379/0"\n'
+                            'node = "node1"\n')
+    with pytest.raises(ConfigErrors) as info:
+        load_config(implicit)
+    line = implicit.read_text().splitlines().index('redis = "redis://127.0.0.1:6379/0"') + 1
+    assert str(info.value).startswith(f"{implicit}:{line}: [cluster] redis: [cluster] needs")
+    missing = write_config(tmp_path / "c", '[cluster]\nnode = "n"\n')
+    with pytest.raises(ConfigErrors, match=r"\[cluster\] redis: missing"):
+        load_config(missing)
+    # Without [cluster]: SQLite as always, and no cluster.
+    assert load_config(write_config(tmp_path / "d")).cluster.enabled is False
