@@ -11,10 +11,12 @@ presence. CI installs poezio and tmux (.ci/run)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import textwrap
@@ -72,7 +74,14 @@ def tmux() -> Iterator[Tmux]:
     try:
         yield session
     finally:
+        # poezio outlives its terminal: after tmux's kill-server it spins on the lost tty
+        # (SIGHUP ignored), so its process group is killed too, by the pane's pid.
+        panes = [int(p) for p in session.run("list-panes", "-a", "-F", "#{pane_pid}").split()
+                 if p.isascii() and p.isdigit()]
         session.run("kill-server")
+        for pid in panes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         shutil.rmtree(home, ignore_errors=True)
 
 
