@@ -28,4 +28,4 @@ class S2SStream(XMLStreamConnection):
             return
         pending = self.federation.router.route(to_canonical(stanza), None)
         if pending is not None:
-            self._wait_for(pending)
+            self._wait_for(self.federation.router.spawn(pending))

@@ -104,11 +104,13 @@ class Router:
         if etree.iselement(result):
             self.reply(result, origin)
 
-    def spawn(self, pending: Awaitable[None]) -> None:
-        """Run an awaitable route result in the background (origins with no stream order)."""
+    def spawn(self, pending: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Run an awaitable route result as a task that drain() waits for: storage closes
+        only after every handler that started has finished."""
         task = asyncio.ensure_future(pending)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for background work (used at shutdown so nothing accepted is lost)."""

@@ -44,6 +44,7 @@ class Tmux:
         self.socket = home / "tmux.sock"
         self.user = user
         self.home = home
+        self.errors: list[str] = []
 
     def command(self, *args: str) -> list[str]:
         prefix = [] if os.geteuid() != 0 else ["runuser", "-u", self.user, "--"]
@@ -56,10 +57,28 @@ class Tmux:
     def run(self, *args: str) -> str:
         done = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=20,
                               check=False)
+        if done.returncode != 0:
+            self.errors.append(f"tmux {' '.join(args[:2])}: rc={done.returncode} "
+                               f"{done.stderr.strip()}")
         return done.stdout
+
+    def start(self, command: str) -> None:
+        """A session that stays after its program exits (remain-on-exit), so that a poezio
+        which died at start leaves its last screen and exit status to be shown."""
+        self.run("-f", "/dev/null", "new-session", "-d", "-s", "poezio", "-x", "140",
+                 "-y", "40", "sh", "-c", "sleep 3600", ";",
+                 "set-option", "-g", "remain-on-exit", "on", ";",
+                 "respawn-pane", "-k", "-t", "poezio", command)
+
+    def dead(self) -> str | None:
+        """The exit status of the pane's program when it has exited, else None."""
+        state = self.run("list-panes", "-t", "poezio", "-F", "#{pane_dead} #{pane_dead_status}")
+        dead, _, status = state.strip().partition(" ")
+        return status or "?" if dead == "1" else None
 
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-t", "poezio")
+
 
 
 @pytest.fixture
@@ -108,17 +127,31 @@ async def test_poezio_logs_in_with_scram(tmp_path: Path, tmux: Tmux,
         for path in (config, tmux.home / "ca.pem"):
             os.chown(path, *unprivileged()[1:])
         assert POEZIO is not None
-        tmux.run("new-session", "-d", "-s", "poezio", "-x", "140", "-y", "40",
-                 f"{POEZIO} -f {config}")
+        errors = tmux.home / "poezio.stderr"
         alice = JID.parse("alice@localhost")
         bound = []
-        for _ in range(300):  # 30 s at most; a login takes well under a second
-            bound = running.server.sessions.resources(alice)
-            if bound and bound[0].presence is not None:
+        # A second start only when the first poezio died before it connected (seen once in
+        # CI, with nothing to tell why); what it printed is kept for the failure message.
+        for attempt in range(2):
+            if attempt:
+                tmux.run("respawn-pane", "-k", "-t", "poezio", f"{POEZIO} -f {config} 2>>{errors}")
+            else:
+                tmux.start(f"{POEZIO} -f {config} 2>>{errors}")
+            for _ in range(600):  # 60 s at most; a login takes well under a second
+                bound = running.server.sessions.resources(alice)
+                if bound and bound[0].presence is not None:
+                    break
+                if tmux.dead() is not None:
+                    break
+                await asyncio.sleep(0.1)
+            # it logged in, or got as far as authenticating (no second try then)
+            if (bound and bound[0].presence is not None) or any(
+                    "event=auth" in r.getMessage() for r in caplog.records):
                 break
-            await asyncio.sleep(0.1)
-        screen = tmux.screen()
-        assert bound and bound[0].presence is not None, screen
+        if not (bound and bound[0].presence is not None):
+            stderr = errors.read_text(errors="replace") if errors.exists() else ""
+            pytest.fail(f"poezio did not log in (exit status {tmux.dead()}); tmux: "
+                        f"{tmux.errors}\nscreen:\n{tmux.screen().rstrip()}\nstderr:\n{stderr[-3000:]}")
         lines = [r.getMessage() for r in caplog.records if "event=auth" in r.getMessage()]
         authenticated = [line for line in lines if "event=authenticated" in line]
         assert len(authenticated) == 1, lines

@@ -384,7 +384,7 @@ class C2SConnection(XMLStreamConnection):
             el.set(_XML_LANG, lang)
         pending = self._server.router.route(el, session)
         if pending is not None:
-            self._wait_for(pending)
+            self._wait_for(self._server.router.spawn(pending))
 
     def _over_stanza_rate(self, el: _Element, bucket: TokenBucket) -> None:
         """The session's stanza rate is used up: this stanza and those after it wait (in

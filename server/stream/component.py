@@ -172,7 +172,7 @@ class ComponentStream(XMLStreamConnection):
             return
         pending = self._components.router.route(stanza, None)
         if pending is not None:
-            self._wait_for(pending)
+            self._wait_for(self._components.router.spawn(pending))
 
     def deliver(self, stanza: _Element) -> None:
         self._queue(serialize(stanza, ns.COMPONENT))

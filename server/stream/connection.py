@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from server.errors import StreamError
@@ -157,10 +156,10 @@ class XMLStreamConnection(asyncio.Protocol):
             self._transport.pause_reading()
         return True
 
-    def _wait_for(self, pending: Awaitable[Any]) -> None:
-        """Routing went asynchronous: later stanzas wait until it is done."""
+    def _wait_for(self, task: asyncio.Future[Any]) -> None:
+        """Routing went asynchronous (task: from Router.spawn, so shutdown waits for it):
+        later stanzas wait until it is done."""
         self._blocked = True
-        task = asyncio.ensure_future(pending)
         task.add_done_callback(self._resume)
 
     def _resume(self, _task: asyncio.Future[Any]) -> None:
