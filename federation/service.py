@@ -59,6 +59,9 @@ class FederationContext:
     listen: tuple[tuple[str, tuple[Address, ...]], ...]  # ("s2s" | "s2s_tls", addresses)
     new_parser: Callable[[], StreamParser]
     limiter: Limiter | None = None       # the read rate of inbound streams ([limits])
+    # The dialback secret when [s2s] dialback_secret is unset: the one every node of the domain
+    # shares (storage/keystore.py), so that any node verifies a key another node sent.
+    shared_secret: bytes | None = None
 
 
 class Federation:
@@ -69,7 +72,8 @@ class Federation:
         self.config = config = context.s2s
         self.hosts = context.domains
         self.default_domain = context.default_domain
-        self._secret = (config.dialback_secret or secrets.token_hex(32)).encode()
+        self._secret = (config.dialback_secret.encode() if config.dialback_secret
+                        else context.shared_secret or secrets.token_hex(32).encode())
         self.policy = neg.Policy(
             domains=self.hosts, require_tls=config.require_starttls,
             require_valid_certificates=config.require_valid_certificates, bidi=config.bidi,

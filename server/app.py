@@ -26,6 +26,7 @@ from server.router import Router
 from server.services import Route, ServiceHost
 from server.sessions import Session, SessionManager
 from server.storage import CORE_STORES, Storage, open_storage
+from server.storage.keystore import shared_secret
 from server.stream.c2s import C2SConnection
 from server.stream.component import Components
 from server.stream.negotiation import Policy
@@ -173,7 +174,8 @@ class Server:
                 domains=frozenset(self.config.local_domains),
                 default_domain=self.default_domain, s2s=self.config.s2s, tls=self.config.tls,
                 listen=(("s2s", self.config.listen.s2s), ("s2s_tls", self.config.listen.s2s_tls)),
-                new_parser=self.new_parser, limiter=self.limiter))
+                new_parser=self.new_parser, limiter=self.limiter,
+                shared_secret=await shared_secret(self.storage.secrets, "dialback")))
             await self.federation.start()
             self.components = Components(
                 loop=self.loop, router=self.router, settings=self.config.components,
