@@ -21,6 +21,7 @@ from federation import negotiation as neg
 from federation.inbound import InboundStream
 from federation.outbound import OutboundStream
 from federation.resolver import Resolver
+from server import listening
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.stream.tls import TLSLayer, client_context, sni_server_context
@@ -104,8 +105,8 @@ class Federation:
     async def _listen(self, kind: str, host: str, port: int) -> None:
         direct = kind == "s2s_tls"
         listener = await self.loop.create_server(
-            lambda: InboundStream(self, direct_tls=direct), host, port, reuse_address=True,
-            backlog=1024)
+            lambda: InboundStream(self, direct_tls=direct), host, port, backlog=1024,
+            **listening.options())
         self._listeners.append((kind, listener))
         for sock in listener.sockets:
             name = sock.getsockname()

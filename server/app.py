@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from federation.service import Federation, FederationContext
-from server import ctl, events
+from server import ctl, events, listening
 from server.events import Hooks
 from server.jid import JID
 from server.limits import Limiter
@@ -220,7 +220,8 @@ class Server:
 
     async def _listen(self, host: str, port: int, direct_tls: bool) -> None:
         listener = await self.loop.create_server(
-            lambda: C2SConnection(self, direct_tls), host, port, reuse_address=True, backlog=1024)
+            lambda: C2SConnection(self, direct_tls), host, port, backlog=1024,
+            **listening.options())
         kind = "c2s_tls" if direct_tls else "c2s"
         self._listeners.append((kind, listener))
         for sock in listener.sockets:
