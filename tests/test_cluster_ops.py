@@ -5,20 +5,33 @@ PostgreSQL (tests/pg.py), real clients."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
+from server.config import load_config
 from server.modules.fast import Fast
 from server.modules.muc import Muc
-from tests.conftest import RunningServer, start_server, stop_server
+from server.storage import open_storage
+from server.stream.scram import derive_credentials
+from tests.conftest import PASSWORD, RunningServer, start_server, stop_server, write_config
+from tests.process import free_port, presenced, watch_line
+from tests.rawclient import CLIENT, RawClient
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
 from tests.test_cluster import cluster_tables
 from tests.test_http import fetch, put_file, request_slot, slot_urls
 from tests.test_sasl2 import FAST, S2, fast_login, q, scram_sasl2
 
+ROOT = Path(__file__).resolve().parent.parent
 ALICE = "alice@a.test"
 
 
@@ -144,3 +157,174 @@ async def test_an_upgrade_keeps_the_keys_of_the_old_files(tmp_path: Path) -> Non
         await client.close()
     finally:
         await stop_server(running)
+
+
+# -- serve --workers N ------------------------------------------------------------------------
+
+
+class Workers:
+    """`presenced serve --workers N` as a real process, its log (parent's and workers') read
+    by a thread."""
+
+    def __init__(self, config: Path, count: int) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(
+            presenced("serve", "--workers", str(count), "--config", str(config)),
+            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        state = [0]
+        for line in self.proc.stderr:
+            watch_line(line, state)
+            self.lines.append(line.rstrip())
+
+    def count(self, text: str) -> int:
+        return sum(1 for line in list(self.lines) if text in line)
+
+    async def wait_for(self, text: str, times: int = 1, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count(text) < times:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {times} × {text!r}:\n" + "\n".join(self.lines[-40:]))
+            await asyncio.sleep(0.05)
+
+    def pids(self, node: str) -> list[int]:
+        found = []
+        for line in list(self.lines):
+            if "event=worker-started" in line and f"node={node} " in line:
+                found.append(int(line.rsplit("pid=", 1)[1].split()[0]))
+        return found
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def worker_config(tmp: Path, pg_dsn: str, redis: str, port: int, node: str | None) -> Path:
+    cluster = cluster_tables(pg_dsn, redis, node or "-")
+    if node is None:
+        cluster = cluster.replace('node = "-"\n', "")
+    path = write_config(tmp, cluster, domains=("a.test",))
+    text = path.read_text().replace('c2s = ["127.0.0.1:0"]', f'c2s = ["127.0.0.1:{port}"]')
+    path.write_text(text.replace('c2s_tls = ["127.0.0.1:0"]', "c2s_tls = []"))
+    return path
+
+
+async def cluster_status(config: Path) -> dict[str, dict[str, object]]:
+    proc = await asyncio.create_subprocess_exec(
+        *presenced("cluster", "status", "--json", "-c", str(config)),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return {n["node"]: n for n in map(json.loads, out.decode().splitlines())}
+
+
+async def directory_nodes(redis: str, bares: list[str]) -> dict[str, str]:
+    """bare JID -> the node its (one) session is on, from the cluster's directory in Redis."""
+    from server.cluster import connect, keys
+    client = connect(redis)
+    try:
+        found = {}
+        for bare in bares:
+            entries = await client.hgetall(keys.directory(bare))
+            for raw in entries.values():
+                found[bare] = json.loads(raw)["n"]
+        return found
+    finally:
+        await client.aclose()
+
+
+async def test_serve_workers(tmp_path: Path, pg_dsn: str, redis_url: str  # noqa: F811
+                             ) -> None:
+    port = free_port()
+    config = worker_config(tmp_path, pg_dsn, redis_url, port, node="box")
+    users = [f"u{i}@a.test" for i in range(12)]
+    storage = await open_storage(load_config(config))
+    try:
+        for jid in users:
+            user, domain = jid.split("@")
+            await storage.accounts.create(user, domain, derive_credentials(PASSWORD))
+    finally:
+        await storage.close()
+    workers = Workers(config, 2)
+    clients: list[RawClient] = []
+    try:
+        await workers.wait_for("event=started", 2)
+        status = await cluster_status(config)
+        assert set(status) == {"box-w1", "box-w2"} and all(n["alive"] for n in status.values())
+        # Logins through the one port land on both workers (SO_REUSEPORT spreads them).
+        for jid in users:
+            client = await RawClient.connect("127.0.0.1", port)
+            await client.login("a.test", jid.split("@")[0], PASSWORD, "r")
+            await client.send("<presence/>")
+            await client.expect(f"{{{CLIENT}}}presence")
+            clients.append(client)
+        where = await directory_nodes(redis_url, users)
+        assert set(where.values()) == {"box-w1", "box-w2"}, where
+
+        async def sessions() -> dict[str, object]:
+            return {name: n["sessions"] for name, n in (await cluster_status(config)).items()}
+        deadline = time.monotonic() + 20
+        while (counts := await sessions()) != {
+                name: list(where.values()).count(name) for name in ("box-w1", "box-w2")}:
+            assert time.monotonic() < deadline, counts
+            await asyncio.sleep(0.3)
+        # A message between users on different workers arrives.
+        sender = next(i for i, jid in enumerate(users) if where[jid] == "box-w1")
+        receiver = next(i for i, jid in enumerate(users) if where[jid] == "box-w2")
+        await clients[sender].send(f"<message to='{users[receiver]}/r' type='chat' id='x1'>"
+                                   "<body>across workers</body></message>")
+        got = await clients[receiver].expect(f"{{{CLIENT}}}message")
+        assert (got.get("from"), got.findtext(f"{{{CLIENT}}}body")) == (
+            f"{users[sender]}/r", "across workers")
+        # A worker that dies is started again, under its name (a new incarnation).
+        first = workers.pids("box-w2")
+        assert len(first) == 1
+        os.kill(first[0], signal.SIGKILL)
+        await workers.wait_for("event=worker-died node=box-w2")
+        await workers.wait_for("event=started", 3)
+        assert len(workers.pids("box-w2")) == 2 and workers.proc.poll() is None
+        for client in clients:
+            await client.close()
+        clients.clear()
+        # SIGTERM to the parent stops every worker, and then the parent.
+        pids = workers.pids("box-w1") + workers.pids("box-w2")[-1:]
+        workers.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(workers.proc.wait, 30) == 0, "\n".join(workers.lines)
+        assert workers.count("event=worker-stopped") == 2
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        for client in clients:
+            await client.close()
+        workers.kill()
+
+
+def test_workers_need_a_cluster(tmp_path: Path) -> None:
+    config = write_config(tmp_path, domains=("a.test",))
+    result = subprocess.run(presenced("serve", "--workers", "2", "--config", str(config)),
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2
+    assert "--workers needs [cluster] redis in" in result.stderr, result.stderr
+    bad = subprocess.run(presenced("serve", "--workers", "0", "--config", str(config)),
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert bad.returncode == 2 and "not a number of workers" in bad.stderr
+
+
+def test_a_cluster_node_needs_a_name_without_workers(tmp_path: Path, pg_dsn: str,
+                                                     redis_url: str) -> None:  # noqa: F811
+    config = worker_config(tmp_path, pg_dsn, redis_url, free_port(), node=None)
+    result = subprocess.run(presenced("serve", "--config", str(config)), capture_output=True,
+                            text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2
+    assert "[cluster] node: missing" in result.stderr, result.stderr
