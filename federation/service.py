@@ -106,7 +106,7 @@ class Federation:
         direct = kind == "s2s_tls"
         listener = await self.loop.create_server(
             lambda: InboundStream(self, direct_tls=direct), host, port, backlog=1024,
-            **listening.options())
+            reuse_address=True, reuse_port=listening.ports_shared())
         self._listeners.append((kind, listener))
         for sock in listener.sockets:
             name = sock.getsockname()

@@ -221,7 +221,7 @@ class Server:
     async def _listen(self, host: str, port: int, direct_tls: bool) -> None:
         listener = await self.loop.create_server(
             lambda: C2SConnection(self, direct_tls), host, port, backlog=1024,
-            **listening.options())
+            reuse_address=True, reuse_port=listening.ports_shared())
         kind = "c2s_tls" if direct_tls else "c2s"
         self._listeners.append((kind, listener))
         for sock in listener.sockets:

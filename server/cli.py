@@ -372,6 +372,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     database = _database_problem(config)
     if database:
         found.append(("error", where(config, database[0]), database[1]))
+    if config.cluster.enabled:  # SQLite with [cluster] is refused at load already
+        from server.cluster.cli import probe
+        assert config.cluster.redis is not None
+        redis = asyncio.run(probe(config.cluster.redis))
+        if redis:
+            found.append(("error", where(config, "cluster.redis"), redis))
+        if config.cluster.node is None:
+            print("note: [cluster] node is unset: only serve --workers can start (its workers "
+                  "are named <host name>-w1 …)")
     for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls", "component", "http", "https"):
         for address in getattr(config.listen, kind):
             bind = _bind_problem(address)

@@ -19,9 +19,5 @@ def share_ports() -> None:
 
 
 def ports_shared() -> bool:
+    """reuse_port of every listener (loop.create_server, aiohttp's TCPSite)."""
     return _shared
-
-
-def options() -> dict[str, bool]:
-    """Keyword arguments for loop.create_server / aiohttp's TCPSite."""
-    return {"reuse_address": True, "reuse_port": _shared}

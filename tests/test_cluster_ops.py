@@ -328,3 +328,33 @@ def test_a_cluster_node_needs_a_name_without_workers(tmp_path: Path, pg_dsn: str
                             text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 2
     assert "[cluster] node: missing" in result.stderr, result.stderr
+
+
+# -- presenced check ---------------------------------------------------------------------------
+
+
+def check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(presenced("check", "--config", str(config)), capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_check_reaches_redis(tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    good = write_config(tmp_path / "good", cluster_tables(pg_dsn, redis_url, "node1"),
+                        domains=("a.test",))
+    result = check(good)
+    assert result.returncode == 0 and result.stdout.strip().endswith(": ok"), result.stdout
+    # Nothing listens on the port of a closed socket: a clear line naming the key, status 1.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    bad = write_config(tmp_path / "bad", cluster_tables(pg_dsn, dead, "node1"),
+                       domains=("a.test",))
+    result = check(bad)
+    line = bad.read_text().splitlines().index(f'redis = "{dead}"') + 1
+    assert result.returncode == 1, result.stdout
+    assert f"error: {bad}:{line}: [cluster] redis: Redis at {dead} is not reachable" in \
+        result.stdout, result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    # Without node: only serve --workers can start it; said, not an error.
+    nameless = write_config(tmp_path / "nameless", cluster_tables(pg_dsn, redis_url, "-")
+                            .replace('node = "-"\n', ""), domains=("a.test",))
+    result = check(nameless)
+    assert result.returncode == 0 and "note: [cluster] node is unset" in result.stdout

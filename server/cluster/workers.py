@@ -22,7 +22,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from server import ctl
@@ -58,8 +58,8 @@ def problem(config: Config, count: int) -> str | None:
         return (f"--workers needs [cluster] redis in {where}: the workers are nodes of a cluster "
                 "sharing Redis and PostgreSQL (see README, Running a cluster)")
     proxy = config.modules.get("proxy65")
-    if proxy is not None and getattr(proxy, "listen", ()) and getattr(proxy, "enabled", None) \
-            is not False:
+    listens: tuple[object, ...] = tuple(getattr(proxy, "listen", ()))
+    if listens and getattr(proxy, "enabled", None) is not False:
         return ("--workers cannot share [proxy65] listen: the two connections of a SOCKS5 "
                 "pair must meet in one process (run the proxy on a server of its own)")
     return None
@@ -70,7 +70,7 @@ def worker_command(config_path: Path, name: str, debug: bool) -> list[str]:
             "--config", str(config_path), "--worker-node", name]
 
 
-async def supervise(commands: dict[str, Sequence[str]]) -> int:
+async def supervise(commands: Mapping[str, Sequence[str]]) -> int:
     """Run one process per node name until SIGTERM/SIGINT; 0 when all stopped cleanly."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -244,7 +244,7 @@ class HTTP(Module):
             for kind, addresses in (("http", listen.http), ("https", listen.https)):
                 for address in addresses:
                     site = web.TCPSite(runner, address.host, address.port, backlog=1024,
-                                       **listening.options(),
+                                       reuse_address=True, reuse_port=listening.ports_shared(),
                                        ssl_context=ssl_context if kind == "https" else None)
                     await site.start()
                     self._sites.append((kind, site))

@@ -222,7 +222,7 @@ class Components:
         for address in self._addresses:
             listener = await self.loop.create_server(
                 lambda: ComponentStream(self), address.host, address.port,
-                **listening.options())
+                reuse_address=True, reuse_port=listening.ports_shared())
             self._listeners.append(listener)
             for sock in listener.sockets:
                 name = sock.getsockname()
