@@ -27,7 +27,7 @@ from tests.conftest import PASSWORD, RunningServer, start_server, stop_server, w
 from tests.process import free_port, presenced, watch_line
 from tests.rawclient import CLIENT, RawClient
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
-from tests.test_cluster import cluster_tables
+from tests.test_cluster import MESSAGE, cluster_tables, eventually, raw_available, sees
 from tests.test_http import fetch, put_file, request_slot, slot_urls
 from tests.test_sasl2 import FAST, S2, fast_login, q, scram_sasl2
 
@@ -358,3 +358,52 @@ def test_check_reaches_redis(tmp_path: Path, pg_dsn: str, redis_url: str) -> Non
                             .replace('node = "-"\n', ""), domains=("a.test",))
     result = check(nameless)
     assert result.returncode == 0 and "note: [cluster] node is unset" in result.stdout
+
+
+# -- /metrics per node ---------------------------------------------------------------------------
+
+
+async def scrape(node: RunningServer) -> dict[str, dict[str, float]]:
+    """metric sample name -> its node label -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, _headers, body = await fetch("http://{}:{}/metrics".format(*node.address("http")))
+    assert status == 200, body
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name.startswith("presenced_cluster_"):
+                found.setdefault(sample.name, {})[sample.labels["node"]] = sample.value
+    return found
+
+
+async def test_metrics_per_node_with_the_cluster_gauges(
+        nodes: tuple[RunningServer, RunningServer]) -> None:
+    one, two = nodes
+    await one.add_user("bob@a.test")
+    alice = await raw_available(one, ALICE, "phone")
+    bob = await raw_available(two, "bob@a.test", "desk")
+    await eventually(sees(one, "bob@a.test/desk"), "node1 sees bob on node2")
+    for i in range(3):
+        await alice.send(f"<message to='bob@a.test/desk' type='chat' id='m{i}'><body>{i}</body>"
+                         "</message>")
+        await bob.expect(MESSAGE)
+    deadline = time.monotonic() + 15
+    while True:  # the inbox gauges are sampled from Redis every 2 s
+        first, second = await scrape(one), await scrape(two)
+        if "node2" in second.get("presenced_cluster_inbox_length", {}) or \
+                time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert first["presenced_cluster_live_nodes"] == {"node1": 2.0}
+    assert second["presenced_cluster_live_nodes"] == {"node2": 2.0}
+    assert first["presenced_cluster_stanzas_sent_total"]["node1"] >= 3
+    assert second["presenced_cluster_stanzas_received_total"]["node2"] >= 3
+    # Sampled (its value depends on how the inbox trims what it acknowledged).
+    assert second["presenced_cluster_inbox_length"]["node2"] >= 0
+    assert second["presenced_cluster_inbox_pending"] == {"node2": 0.0}
+    assert first["presenced_cluster_directory_replica_sessions"]["node1"] >= 1
+    assert first["presenced_cluster_directory_replica_jids"]["node1"] >= 1
+    age = first["presenced_cluster_incarnation_age_seconds"]["node1"]
+    assert 0 < age < 120
+    await alice.close()
+    await bob.close()
