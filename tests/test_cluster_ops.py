@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -407,3 +408,70 @@ async def test_metrics_per_node_with_the_cluster_gauges(
     assert 0 < age < 120
     await alice.close()
     await bob.close()
+
+
+# -- README: Running a cluster, as written -------------------------------------------------------
+
+
+def readme_cluster() -> tuple[str, list[list[str]]]:
+    """The TOML and the commands of README's "Running a cluster" (its indented lines)."""
+    import shlex
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Running a cluster\n", 1)[1].split("\n## ", 1)[0]
+    toml, commands = [], []
+    for line in section.splitlines():
+        if line.startswith("    ") and line.strip():
+            if line.strip().startswith("presenced "):
+                commands.append(shlex.split(line, comments=True))
+            else:
+                toml.append(line.strip())
+    return "\n".join(toml) + "\n", commands
+
+
+async def test_readme_running_a_cluster(tmp_path: Path, pg_dsn: str,
+                                        redis_url: str) -> None:  # noqa: F811
+    toml, commands = readme_cluster()
+    assert [c[:2] for c in commands] == [["presenced", "check"], ["presenced", "serve"],
+                                        ["presenced", "cluster"]]
+    # Its placeholders, for our private PostgreSQL and Redis.
+    toml = re.sub(r'dsn = "[^"]*"', f'dsn = "{pg_dsn}"', toml)
+    toml = re.sub(r'redis = "[^"]*"', f'redis = "{redis_url}"', toml)
+    assert toml.count(pg_dsn) == 1 and toml.count(redis_url) == 1
+    port = free_port()
+    config = write_config(tmp_path, toml + "heartbeat = 0.2\ndead_after = 3.0\n",
+                          domains=("a.test",))
+    text = config.read_text().replace('c2s = ["127.0.0.1:0"]', f'c2s = ["127.0.0.1:{port}"]')
+    config.write_text(text.replace('c2s_tls = ["127.0.0.1:0"]', "c2s_tls = []"))
+    assert config.name == "presenced.toml"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    check_cmd, serve_cmd, status_cmd = (presenced(*c[1:]) for c in commands)
+    result = subprocess.run(check_cmd, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    proc = subprocess.Popen(serve_cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        state = [0]
+        for line in proc.stderr:
+            watch_line(line, state)
+            lines.append(line)
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum("event=started" in line for line in list(lines)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
+            await asyncio.sleep(0.1)
+        result = subprocess.run(status_cmd, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        rows = [line.split()[:2] for line in result.stdout.splitlines()[1:]]
+        assert rows == [["node1-w1", "alive"], ["node1-w2", "alive"]], result.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
