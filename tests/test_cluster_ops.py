@@ -391,7 +391,7 @@ async def test_metrics_per_node_with_the_cluster_gauges(
     deadline = time.monotonic() + 15
     while True:  # the inbox gauges are sampled from Redis every 2 s
         first, second = await scrape(one), await scrape(two)
-        if "node2" in second.get("presenced_cluster_inbox_length", {}) or \
+        if "node2" in second.get("presenced_cluster_inbox_pending", {}) or \
                 time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)

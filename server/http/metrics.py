@@ -114,10 +114,10 @@ class Metrics:
         while True:
             stream = keys.inbox(cluster.membership.name)
             try:
-                self.inbox_length = int(await cluster.redis.xlen(stream))
+                length = int(await cluster.redis.xlen(stream))
                 pending = await cluster.redis.xpending(stream, keys.GROUP)
-                self.inbox_pending = int(pending.get("pending", 0) if isinstance(pending, dict)
-                                         else pending[0])
+                self.inbox_length, self.inbox_pending = length, int(
+                    pending.get("pending", 0) if isinstance(pending, dict) else pending[0])
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away (or the group not made yet): no sample
