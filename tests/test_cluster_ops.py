@@ -167,12 +167,11 @@ class Workers:
     """`presenced serve --workers N` as a real process, its log (parent's and workers') read
     by a thread."""
 
-    def __init__(self, config: Path, count: int) -> None:
+    def __init__(self, command: list[str], cwd: Path | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(
-            presenced("serve", "--workers", str(count), "--config", str(config)),
-            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(command, cwd=cwd, stderr=subprocess.PIPE, text=True,
+                                     env=env, start_new_session=True)
         self.lines: list[str] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -254,7 +253,7 @@ async def test_serve_workers(tmp_path: Path, pg_dsn: str, redis_url: str  # noqa
             await storage.accounts.create(user, domain, derive_credentials(PASSWORD))
     finally:
         await storage.close()
-    workers = Workers(config, 2)
+    workers = Workers(presenced("serve", "--workers", "2", "--config", str(config)))
     clients: list[RawClient] = []
     try:
         await workers.wait_for("event=started", 2)
@@ -285,6 +284,9 @@ async def test_serve_workers(tmp_path: Path, pg_dsn: str, redis_url: str  # noqa
         got = await clients[receiver].expect(f"{{{CLIENT}}}message")
         assert (got.get("from"), got.findtext(f"{{{CLIENT}}}body")) == (
             f"{users[sender]}/r", "across workers")
+        # SIGHUP to the parent reloads every worker (server/ctl.py reload).
+        workers.proc.send_signal(signal.SIGHUP)
+        await workers.wait_for("event=reloaded restart_needed=-", 2)
         # A worker that dies is started again, under its name (a new incarnation).
         first = workers.pids("box-w2")
         assert len(first) == 1
@@ -448,30 +450,15 @@ async def test_readme_running_a_cluster(tmp_path: Path, pg_dsn: str,
     result = subprocess.run(check_cmd, cwd=tmp_path, capture_output=True, text=True,
                             timeout=60, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    proc = subprocess.Popen(serve_cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        state = [0]
-        for line in proc.stderr:
-            watch_line(line, state)
-            lines.append(line)
-    threading.Thread(target=read, daemon=True).start()
+    workers = Workers(serve_cmd, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while sum("event=started" in line for line in list(lines)) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
-            await asyncio.sleep(0.1)
+        await workers.wait_for("event=started", 2)
         result = subprocess.run(status_cmd, cwd=tmp_path, capture_output=True, text=True,
                                 timeout=60, env=env)
         assert result.returncode == 0, result.stderr
         rows = [line.split()[:2] for line in result.stdout.splitlines()[1:]]
         assert rows == [["node1-w1", "alive"], ["node1-w2", "alive"]], result.stdout
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
+        workers.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(workers.proc.wait, 30) == 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        workers.kill()
