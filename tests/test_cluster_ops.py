@@ -462,3 +462,45 @@ async def test_readme_running_a_cluster(tmp_path: Path, pg_dsn: str,
         assert await asyncio.to_thread(workers.proc.wait, 30) == 0
     finally:
         workers.kill()
+
+
+# -- the supervisor, on small commands -----------------------------------------------------------
+
+
+async def test_supervisor_restarts_then_gives_up(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    import sys
+
+    from server.cluster import workers
+    monkeypatch.setattr(workers, "FIRST_DELAY", 0.01)
+    runs = tmp_path / "runs"
+    dying = [sys.executable, "-c", f"open({str(runs)!r}, 'a').write('x'); raise SystemExit(3)"]
+    done = [sys.executable, "-c", "pass"]
+    started = time.monotonic()
+    # One dies at once every time: restarted, then given up on (status 1); the one that ends
+    # with status 0 by itself is not restarted.
+    assert await workers.supervise({"n-w1": dying, "n-w2": done}) == 1
+    assert runs.read_text() == "x" * workers.GIVE_UP_AFTER
+    assert time.monotonic() - started < 20
+
+
+def test_worker_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from server.cluster import workers
+    named = load_config(write_config(tmp_path / "a", '[storage]\nbackend = "postgresql"\n'
+                                     'dsn = "postgresql://x@localhost/x"\n[cluster]\n'
+                                     'redis = "redis://127.0.0.1:1/0"\nnode = "box"\n'))
+    assert workers.worker_names(named, 3) == ["box-w1", "box-w2", "box-w3"]
+    nameless = load_config(write_config(tmp_path / "b", '[storage]\nbackend = "postgresql"\n'
+                                        'dsn = "postgresql://x@localhost/x"\n[cluster]\n'
+                                        'redis = "redis://127.0.0.1:1/0"\n'))
+    host = socket.gethostname().split(".")[0]
+    names = workers.worker_names(nameless, 2)
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,57}", host):  # a host name as node name
+        assert names == [f"{host}-w1", f"{host}-w2"]
+    monkeypatch.setattr(socket, "gethostname", lambda: "_bad host!.example.org")
+    assert workers.worker_names(nameless, 1) == ["bad-host--w1"]
+    assert workers.problem(nameless, 2) is None
+    alone = load_config(write_config(tmp_path / "c"))
+    assert "--workers needs [cluster] redis" in (workers.problem(alone, 2) or "")
