@@ -26,7 +26,6 @@ streams left in a shared parser's log.
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
 import threading
@@ -96,10 +95,22 @@ class StreamParser:
         if self._held:
             data = self._held + data
             self._held = b""
-        decided = self._scan(data)
+        try:
+            decided = self._scan(data)
+        except _Restricted as restricted:
+            # What comes before the restricted construct is read first: a stream that ends
+            # there has ended, whatever follows (as when the bytes arrive in two reads).
+            out = self._parse(data[:restricted.at]) if restricted.at else []
+            if self._closed:
+                return out
+            raise restricted.error from None
         if decided < len(data):
             self._held = data[decided:]
             data = data[:decided]
+        return self._parse(data)
+
+    def _parse(self, data: bytes) -> list[Event]:
+        """Feed decided bytes to lxml; the events they complete."""
         if not data:
             return []
         self._offset += len(data)
@@ -192,10 +203,15 @@ class StreamParser:
             if depth == 1:
                 root = self._root
                 assert root is not None
-                stanza = copy.deepcopy(el)
+                # Text after the stanza that came in the same read is its tail: judged here,
+                # as it would be as the root's text had the read ended after the stanza
+                # (RFC 6120 §11.7: no character data between top-level elements).
+                _check_text(el.tail)
+                _check_text(root.text)
+                # lxml's element copy: copy.deepcopy's memo and dispatch cost more than it.
+                stanza = el.__copy__()
                 stanza.tail = None
                 root.remove(el)
-                _check_text(root.text)
                 root.text = None
                 out.append(stanza)
                 self._since_stanza = 0
@@ -210,7 +226,7 @@ class StreamParser:
         return out
 
     def _scan(self, data: bytes) -> int:
-        """Raise on restricted XML; return how many leading bytes are decided."""
+        """How many leading bytes are decided; _Restricted where restricted XML starts."""
         pos = 0
         n = len(data)
         while True:
@@ -231,34 +247,46 @@ class StreamParser:
                 if semi < 0:
                     if n - start < 12:
                         return start
-                    raise StreamError("restricted-xml", "entity references are not allowed")
+                    raise _Restricted(start, "restricted-xml", "entity references are not allowed")
                 name = data[start + 1:semi]
                 if name not in _PREDEFINED and not _CHARREF.match(name):
-                    raise StreamError("restricted-xml", "only predefined entities are allowed")
+                    raise _Restricted(start, "restricted-xml",
+                                      "only predefined entities are allowed")
                 pos = semi + 1
             elif token == b"<?":
                 if self._offset + start != 0:
-                    raise StreamError("restricted-xml", "processing instructions are not allowed")
+                    raise _Restricted(start, "restricted-xml",
+                                      "processing instructions are not allowed")
                 end = data.find(b"?>", start)
                 if end < 0:
                     return start  # the XML declaration is still arriving
                 declaration = data[start:end]
                 if not declaration[2:5] == b"xml" or declaration[5:6] not in (b" ", b"\t",
                                                                             b"\r", b"\n"):
-                    raise StreamError("restricted-xml", "processing instructions are not allowed")
+                    raise _Restricted(start, "restricted-xml",
+                                      "processing instructions are not allowed")
                 encoding = _ENCODING.search(declaration)
                 if encoding and encoding.group(1).lower() not in (b"utf-8", b"utf8"):
-                    raise StreamError("unsupported-encoding", "only UTF-8 is allowed")
+                    raise _Restricted(start, "unsupported-encoding", "only UTF-8 is allowed")
                 pos = end + 2
             else:  # "<!"
                 if n - start < len(_CDATA):
                     if _CDATA.startswith(data[start:]):
                         return start
-                    raise StreamError("restricted-xml", "comments and DTDs are not allowed")
+                    raise _Restricted(start, "restricted-xml", "comments and DTDs are not allowed")
                 if data[start:start + len(_CDATA)] != _CDATA:
-                    raise StreamError("restricted-xml", "comments and DTDs are not allowed")
+                    raise _Restricted(start, "restricted-xml", "comments and DTDs are not allowed")
                 self._in_cdata = True
                 pos = start + len(_CDATA)
+
+
+class _Restricted(Exception):
+    """Restricted XML (RFC 6120 §11.1) at offset `at` of the bytes scanned."""
+
+    def __init__(self, at: int, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.at = at
+        self.error = StreamError(condition, text)
 
 
 def _check_text(text: str | None) -> None:
