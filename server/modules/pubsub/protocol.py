@@ -18,6 +18,7 @@ who owns them, whether publishing creates a node, the facts the access models ar
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,8 +32,9 @@ from server.jid import JID, InvalidJID
 from server.module import Stanza
 from server.modules.pubsub import engine
 from server.modules.pubsub.engine import EVENT, OWNER, PUBSUB, Node, PubsubError
+from server.modules.pubsub.writer import ItemWriter
 from server.sessions import Session
-from server.storage.pubsub import PubsubStore, StoredItem
+from server.storage.pubsub import Published, PubsubStore, StoredItem
 from server.xml import ns
 from server.xml import stanza as st
 from server.xml.writer import addressed_copies
@@ -93,6 +95,7 @@ class PubsubProtocol:
     unsupported_features: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
+        self._item_writer: ItemWriter | None = None
         self._ids = itertools.count(1)
         self._prefix = f"pubsub-{uuid.uuid4().hex[:8]}-"
         self._operations: dict[tuple[bool, str, str], Operation] = {
@@ -117,6 +120,15 @@ class PubsubProtocol:
             (True, "set", "subscriptions"): self._owner_set_subscriptions,
             (True, "set", "affiliations"): self._owner_set_affiliations,
         }
+
+    @property
+    def _writer(self) -> ItemWriter:
+        """The group commit of published items, on the store the front has now."""
+        store = self.store
+        writer = self._item_writer
+        if writer is None or writer.store is not store:
+            writer = self._item_writer = ItemWriter(store)
+        return writer
 
     # -- policy: what each front says ---------------------------------------------------------
 
@@ -401,12 +413,16 @@ class PubsubProtocol:
                    for item_id, payloads in items]
         publisher = str(who.bare)
         published: list[tuple[str, Stanza | None]] = []
+        stored: list[asyncio.Future[None]] = []
         for item_id, payload, text in checked:
             item_id = item_id or uuid.uuid4().hex
             if node.config["persist_items"]:
-                await self.store.publish(host.user, host.domain, name,
-                                         StoredItem(item_id, publisher, text), self.limit(node))
+                stored.append(self._writer.add(Published(
+                    host.user, host.domain, name, StoredItem(item_id, publisher, text),
+                    self.limit(node))))
             published.append((item_id, payload))
+        for one in stored:  # committed with the publications of other sessions (writer.py)
+            await one
         if node.config["deliver_notifications"]:
             shown = node.config["deliver_payloads"]
             shown_publisher = self.shown_publisher(host, node, publisher)
