@@ -1445,3 +1445,33 @@ async def test_notifications_are_serialised_once() -> None:
         data = writer.serialize(message, "jabber:client")
         assert etree.fromstring(data).get("to") == message.get("to")
         assert b"<item id=\"i1\"/>" in data
+
+
+async def test_publications_of_many_accounts_share_commits(server: RunningServer) -> None:
+    """Items published at once by several accounts are committed together (the group commit,
+    server/modules/pubsub/writer.py), each publish answered only once its item is stored:
+    every result is followed by the item in the store, and an account's own later
+    publication is the one kept."""
+    users = [f"u{n}@a.test" for n in range(8)]
+    for user in users:
+        await server.add_user(user)
+    clients = [await server.raw_login(user) for user in users]
+    pep = server.server.modules["pep"]
+    tune = "http://jabber.org/protocol/tune"
+    before = pep._writer.batches  # type: ignore[attr-defined]
+    rounds = 3
+    for n in range(rounds):
+        await asyncio.gather(*(c.send(publish(tune, f"<tune xmlns='{tune}'><title>{u}/{n}</title>"
+                                              "</tune>", "current", iq_id=f"p{n}"))
+                               for c, u in zip(clients, users, strict=True)))
+        for client in clients:
+            reply = await client.next_of("iq")
+            assert reply.get("type") == "result" and reply.get("id") == f"p{n}"
+    batches = pep._writer.batches - before  # type: ignore[attr-defined]
+    assert batches < rounds * len(users), batches  # some commits were shared
+    store = pep.store  # type: ignore[attr-defined]
+    for user in users:
+        local, domain = user.split("@")
+        stored = await store.items(local, domain, tune)
+        assert [(i.id, etree.fromstring(i.payload).findtext(q(tune, "title"))) for i in stored] \
+            == [("current", f"{user}/{rounds - 1}")]
