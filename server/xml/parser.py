@@ -3,9 +3,9 @@
 Events: StreamOpened (the root's start tag), complete top-level elements (stanzas and
 negotiation elements, detached from the root so memory stays flat), StreamClosed.
 
-RFC 6120 §11 is enforced on the raw bytes before lxml sees them: a C-speed regex finds the
-only places where restricted constructs can start (`<!`, `<?`, `&`); bytes whose meaning
-depends on what follows are held back until the next feed.
+RFC 6120 §11 is enforced on the raw bytes before lxml sees them: bytes.find (memchr speed)
+finds the only places where restricted constructs can start (`<!`, `<?`, `&`); bytes whose
+meaning depends on what follows are held back until the next feed.
 Detaching loses the root's default-namespace declaration, so a stanza is deep-copied first:
 a detached `{jabber:client}message` then serialises as `<message xmlns="jabber:client">…`
 instead of with generated `ns0:` prefixes (+1.4 µs per stanza). The copy's document still
@@ -36,7 +36,6 @@ from lxml import etree
 
 from server.errors import StreamError
 
-_SPECIAL = re.compile(rb"<!|<\?|&")
 _PREDEFINED = frozenset({b"amp", b"lt", b"gt", b"quot", b"apos"})
 _CHARREF = re.compile(rb"#(?:[0-9]{1,7}|x[0-9a-fA-F]{1,6})\Z")
 _ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
@@ -229,6 +228,10 @@ class StreamParser:
         """How many leading bytes are decided; _Restricted where restricted XML starts."""
         pos = 0
         n = len(data)
+        # Where each construct comes next, at or after pos (n: nowhere). bytes.find is a
+        # memchr-speed scan: a regex alternation tests every byte against a character set
+        # (re.search of <!|<\?|& cost ~50 instructions per byte read, 5% of the 1:1 path).
+        amp = bang = pi = -1
         while True:
             if self._in_cdata:
                 end = data.find(b"]]>", pos)
@@ -237,11 +240,16 @@ class StreamParser:
                 self._in_cdata = False
                 pos = end + 3
                 continue
-            match = _SPECIAL.search(data, pos)
-            if match is None:
+            if amp < pos:
+                amp = data.find(b"&", pos) % (n + 1)  # -1 (not found) becomes n
+            if bang < pos:
+                bang = data.find(b"<!", pos) % (n + 1)
+            if pi < pos:
+                pi = data.find(b"<?", pos) % (n + 1)
+            start = min(amp, bang, pi)
+            if start == n:
                 return n - 1 if data.endswith(b"<") else n
-            start = match.start()
-            token = match.group()
+            token = b"&" if start == amp else data[start:start + 2]
             if token == b"&":
                 semi = data.find(b";", start, start + 12)
                 if semi < 0:
