@@ -1475,3 +1475,59 @@ async def test_publications_of_many_accounts_share_commits(server: RunningServer
         stored = await store.items(local, domain, tune)
         assert [(i.id, etree.fromstring(i.payload).findtext(q(tune, "title"))) for i in stored] \
             == [("current", f"{user}/{rounds - 1}")]
+
+
+async def test_the_last_item_comes_from_memory_and_follows_retracts(
+        server: RunningServer, monkeypatch: Any) -> None:
+    """XEP-0163 §4.3.2: a resource that comes online with +notify gets the newest item, kept
+    in memory since its publish committed (no store read); a retract or purge forgets it, so
+    the next resource gets what the store has then, read once and kept."""
+    for user in ("alice", "bob"):
+        await server.add_user(f"{user}@a.test")
+    await friends(server, "alice@a.test", "bob@a.test")
+    nick = "http://jabber.org/protocol/nick"
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence/>")
+    first = await server.raw_login("bob@a.test", resource="b0")
+    ver = await online_with_caps(first, [DISCO, CAPS, f"{nick}+notify"])
+    await wait_caps(server, ver)
+    store = server.server.modules["pep"].store  # type: ignore[attr-defined]
+    reads: list[str] = []
+    items = store.items
+
+    async def counted(user: str, domain: str, node: str, **kw: Any) -> Any:
+        reads.append(node)
+        return await items(user, domain, node, **kw)
+    monkeypatch.setattr(store, "items", counted)
+
+    async def newest_for_a_new_resource(resource: str) -> str | None:
+        client = await server.raw_login("bob@a.test", resource=resource)
+        await client.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' "
+                          f"ver='{ver}'/></presence>")
+        try:
+            message = await next_event(client, timeout=1.5)
+        except TimeoutError:
+            return None
+        return message.findtext(f".//{{{nick}}}nick")
+
+    for n in (1, 2):
+        reply = await ask(alice, publish(nick, f"<nick xmlns='{nick}'>A{n}</nick>", f"n{n}"))
+        assert reply.get("type") == "result"
+    assert await newest_for_a_new_resource("b1") == "A2"
+    assert reads == []  # from memory
+    reply = await ask(alice, f"<iq type='set' id='r1'><pubsub xmlns='{PUBSUB}'>"
+                      f"<retract node='{nick}'><item id='n2'/></retract></pubsub></iq>")
+    assert reply.get("type") == "result"
+    # max_items is 1 (the PEP default): n1 went when n2 came, so the node is empty now
+    assert await newest_for_a_new_resource("b2") is None  # read again, then kept
+    assert reads == [nick]
+    assert await newest_for_a_new_resource("b3") is None
+    assert reads == [nick]
+    reply = await ask(alice, publish(nick, f"<nick xmlns='{nick}'>A3</nick>", "n3"))
+    assert reply.get("type") == "result"
+    assert await newest_for_a_new_resource("b4") == "A3"
+    assert reads == [nick]
+    reply = await ask(alice, f"<iq type='set' id='x1'><pubsub xmlns='{OWNER}'>"
+                      f"<purge node='{nick}'/></pubsub></iq>")
+    assert reply.get("type") == "result"
+    assert await newest_for_a_new_resource("b5") is None

@@ -19,6 +19,7 @@ who owns them, whether publishing creates a node, the facts the access models ar
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -417,9 +418,12 @@ class PubsubProtocol:
         for item_id, payload, text in checked:
             item_id = item_id or uuid.uuid4().hex
             if node.config["persist_items"]:
-                stored.append(self._writer.add(Published(
-                    host.user, host.domain, name, StoredItem(item_id, publisher, text),
-                    self.limit(node))))
+                limit = self.limit(node)
+                stored.append(self._writer.add(
+                    Published(host.user, host.domain, name, StoredItem(item_id, publisher, text),
+                              limit),
+                    functools.partial(node.remember_last,
+                                      (item_id, publisher, text) if limit > 0 else None)))
             published.append((item_id, payload))
         for one in stored:  # committed with the publications of other sessions (writer.py)
             await one
@@ -454,6 +458,7 @@ class PubsubProtocol:
         when there was none."""
         if not await self.store.retract(host.user, host.domain, name, item_id):
             return False
+        node.forget_last()
         if notify or node.config["notify_retract"]:
             await self.notify(host, name, node, engine.retract_event(name, item_id))
         return True
@@ -488,6 +493,7 @@ class PubsubProtocol:
         node.config = {**node.config, **options}
         await self.save_config(host, name, node)
         await self.store.trim(host.user, host.domain, name, self.limit(node))
+        node.forget_last()
         return st.result(stanza)
 
     async def _owner_set_delete(self, stanza: Stanza, host: Host, who: JID,
@@ -495,6 +501,7 @@ class PubsubProtocol:
         name, node = await self._owned(host, actions[0], who)
         redirect = actions[0].find(ns.q(OWNER, "redirect"))
         await self.store.delete_node(host.user, host.domain, name)
+        node.forget_last()
         (await self.nodes(host)).pop(name, None)
         if node.config.get("notify_delete", True):  # to its subscribers, before they go too
             await self.notify(host, name, node, engine.node_event(
@@ -506,6 +513,7 @@ class PubsubProtocol:
                                actions: list[Stanza]) -> Stanza:
         name, node = await self._owned(host, actions[0], who)
         await self.store.purge(host.user, host.domain, name)
+        node.forget_last()
         await self.notify(host, name, node, engine.node_event("purge", name))
         return st.result(stanza)
 
@@ -598,8 +606,14 @@ class PubsubProtocol:
         when = node.config["send_last_published_item"]
         if when == "never" or (when == "on_sub" and not on_sub) or not node.delivers(str(jid)):
             return  # before any storage read
-        last = await self.store.items(host.user, host.domain, name, max_items=1)
-        item = (last[0].id, last[0].publisher, last[0].payload) if last else None
+        if node.last_known:
+            item = node.last
+        else:
+            generation = node.generation
+            last = await self.store.items(host.user, host.domain, name, max_items=1)
+            item = (last[0].id, last[0].publisher, last[0].payload) if last else None
+            if node.generation == generation:  # no commit, retract or purge came between
+                node.remember_last(item)
         found = engine.last_item(host.jid, name, node, jid, await self.facts(host, node, jid),
                                  item, self.shown_publisher(host, node, item[1]) if item else None,
                                  on_sub=on_sub)
