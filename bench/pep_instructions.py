@@ -7,7 +7,7 @@ instructions (every thread: the event loop and the SQLite worker) per publicatio
 notification delivered.
 
     python -m bench.pep_instructions [--users 40] [--contacts 10] [--window 8]
-                                     [--warmup 5] [--duration 10]
+                                     [--warmup 5] [--duration 10] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bench.pep_notify import PepParams
 from bench.run import DOMAIN, NO_ARCHIVE, PASSWORD, Fleet, prepare_accounts, split
 
 
-def measure(p: PepParams, fleet: Fleet, directory: Path) -> dict[str, Any]:
+def measure(p: PepParams, fleet: Fleet, directory: Path, keep: bool = False) -> dict[str, Any]:
     users = p.accounts
     peer = PresencedPeer(host=FANOUT_ADDRESSES["presenced"], c2s_port=5222, domains=(DOMAIN,),
                          extra_config=NO_ARCHIVE)
@@ -51,6 +51,8 @@ def measure(p: PepParams, fleet: Fleet, directory: Path) -> dict[str, Any]:
         peer.stop(timeout=120)
     instructions = sum(int(m.group(1)) for d in sorted(run_dir.glob("callgrind.*.*"))
                        for m in [_SUMMARY.search(d.read_bytes())] if m)
+    if keep:
+        print(f"callgrind dumps: {run_dir}", flush=True)
     got = {k: sum(r[k] for r in window.results) for k in ("delivered", "published", "errors")}
     return dict(got, instructions=instructions,
                 per_publish=instructions / max(got["published"], 1),
@@ -64,19 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--keep", metavar="DIR", help="keep the callgrind dumps here "
+                    "(for callgrind_annotate)")
     args = ap.parse_args(argv)
     if args.contacts % 2 or args.contacts >= args.users:
         ap.error("--contacts must be even and smaller than --users")
     raise_nofile_limit()
     p = PepParams(users=args.users, contacts=args.contacts, window=args.window,
                   warmup=args.warmup, duration=args.duration, procs=1)
-    directory = Path(tempfile.mkdtemp(prefix="pep-instr-"))
+    directory = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pep-instr-"))
+    directory.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(p.procs)
     try:
-        got = measure(p, fleet, directory)
+        got = measure(p, fleet, directory, bool(args.keep))
     finally:
         fleet.close()
-        shutil.rmtree(directory, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
     print(f"{got['published']:6d} publications {got['delivered']:7d} notifications "
           f"{got['errors']} refused: {got['per_publish'] / 1000:9.1f} k instructions/publication, "
           f"{got['per_notification'] / 1000:7.1f} k/notification", flush=True)
