@@ -132,6 +132,24 @@ async def wait_caps(server: RunningServer, ver: str) -> None:
     raise AssertionError("caps never cached")
 
 
+async def alice_and_interested_bob(server: RunningServer, node: str, resource: str,
+                                   others: tuple[str, ...] = (), contacts: tuple[str, ...] = ()
+                                   ) -> tuple[RawClient, RawClient, str]:
+    """alice online, and bob, her contact ('both'), online with caps asking for node+notify;
+    (alice, bob, bob's caps ver). `others`: more accounts made; `contacts`: those of them
+    who are alice's contacts too."""
+    for user in ("alice", "bob", *others):
+        await server.add_user(f"{user}@a.test")
+    for contact in ("bob", *contacts):
+        await friends(server, "alice@a.test", f"{contact}@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence/>")
+    bob = await server.raw_login("bob@a.test", resource=resource)
+    ver = await online_with_caps(bob, [DISCO, CAPS, f"{node}+notify"])
+    await wait_caps(server, ver)
+    return alice, bob, ver
+
+
 async def next_event(client: RawClient, timeout: float = 5.0) -> etree._Element:
     while True:
         message = await client.next_of("message", timeout)
@@ -408,16 +426,9 @@ async def test_notifications_follow_caps_and_access(server: RunningServer) -> No
     """XEP-0163 §4.3: an event goes to the owner's resources and to contacts' resources with
     <node>+notify in their (hash-verified, cached) caps; the last item goes to a resource that
     comes online; retracts are notified."""
-    for user in ("alice", "bob", "carol", "dave"):
-        await server.add_user(f"{user}@a.test")
-    await friends(server, "alice@a.test", "bob@a.test")
-    await friends(server, "alice@a.test", "carol@a.test")
     nick = "http://jabber.org/protocol/nick"
-    alice = await server.raw_login("alice@a.test")
-    await alice.send("<presence/>")
-    bob = await server.raw_login("bob@a.test", resource="b1")
-    ver = await online_with_caps(bob, [DISCO, CAPS, f"{nick}+notify"])
-    await wait_caps(server, ver)
+    alice, bob, ver = await alice_and_interested_bob(server, nick, "b1", ("carol", "dave"),
+                                                     contacts=("carol",))
     # carol: a contact without +notify; dave: interested, but not a contact.
     carol = await server.raw_login("carol@a.test")
     await online_with_caps(carol, [DISCO, CAPS])
@@ -1482,15 +1493,8 @@ async def test_the_last_item_comes_from_memory_and_follows_retracts(
     """XEP-0163 §4.3.2: a resource that comes online with +notify gets the newest item, kept
     in memory since its publish committed (no store read); a retract or purge forgets it, so
     the next resource gets what the store has then, read once and kept."""
-    for user in ("alice", "bob"):
-        await server.add_user(f"{user}@a.test")
-    await friends(server, "alice@a.test", "bob@a.test")
     nick = "http://jabber.org/protocol/nick"
-    alice = await server.raw_login("alice@a.test")
-    await alice.send("<presence/>")
-    first = await server.raw_login("bob@a.test", resource="b0")
-    ver = await online_with_caps(first, [DISCO, CAPS, f"{nick}+notify"])
-    await wait_caps(server, ver)
+    alice, _bob, ver = await alice_and_interested_bob(server, nick, "b0")
     store = server.server.modules["pep"].store  # type: ignore[attr-defined]
     reads: list[str] = []
     items = store.items
