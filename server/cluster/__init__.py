@@ -21,6 +21,7 @@ import server.config  # noqa: F401  isort: skip
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from server.cluster import keys
@@ -38,6 +39,7 @@ __all__ = ["Cluster", "ClusterError"]
 
 log = logging.getLogger("presenced.cluster")
 _RESYNC = 30.0  # seconds between full reloads of the directory replica
+_STOP_STEP = 2.0  # seconds each Redis-bound step of stopping may take at most
 
 
 def connect(url: str) -> Any:
@@ -92,18 +94,19 @@ class Cluster:
         self.inbox.start()
 
     async def stop(self) -> None:
-        """Graceful: the directory writes and outgoing stanzas are in Redis, then leave."""
-        await self.directory.flush()
-        await self.inbox.stop()
+        """Graceful: the directory writes and outgoing stanzas are in Redis, then leave.
+
+        Every step that waits on Redis is bounded (_STOP_STEP): a Redis that is down, paused
+        or slow makes the stop give up on that step (logged), never hang."""
+        await _bounded(self.directory.flush(), "directory-flush")
+        await _bounded(self.inbox.stop(), "inbox-stop")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            await self.membership.leave()
-        except Exception as exc:
-            log.warning("event=cluster-leave-failed error=%s", type(exc).__name__)
+        await self.membership.stop()
+        await _bounded(self.membership.leave(), "leave")
         await self.directory.stop()
-        await self.redis.aclose()
+        await _bounded(self.redis.aclose(), "redis-close")
 
     # -- events from this node ---------------------------------------------------------------
 
@@ -170,6 +173,17 @@ class Cluster:
         for session in sessions:
             session.close("system-shutdown", "this node left the cluster; reconnect")
         self.directory.forget_remote()
+
+
+async def _bounded(step: Awaitable[Any], what: str, timeout: float | None = None) -> None:
+    """One step of stopping, given up after timeout seconds or on a Redis error (logged)."""
+    try:
+        await asyncio.wait_for(step, _STOP_STEP if timeout is None else timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        log.warning("event=cluster-stop-step-timeout step=%s", what)
+    except Exception as exc:
+        log.warning("event=cluster-stop-step-failed step=%s error=%s", what,
+                    type(exc).__name__)
 
 
 def _quiet(task: asyncio.Task[Any]) -> None:

@@ -38,6 +38,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+_RETRY = 0.5  # seconds between attempts of a write while Redis is unreachable
+
+
+def _redis_errors() -> tuple[type[Exception], ...]:
+    import redis.exceptions  # only with [cluster]
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+_REDIS_ERRORS = _redis_errors()
 
 # KEYS[1] dir hash, KEYS[2] node-sessions set; ARGV: resource, entry, member
 _BIND = """
@@ -185,7 +195,6 @@ class ClusterDirectory(SessionManager):
             await self._ops.join()
 
     async def stop(self) -> None:
-        await self.flush()
         for task in [self._writer, *self._loads.values()]:
             if task is not None:
                 task.cancel()
@@ -195,7 +204,16 @@ class ClusterDirectory(SessionManager):
         while True:
             op, session, entry = await self._ops.get()
             try:
-                await self._apply(op, session, entry)
+                # Redis unreachable: the write waits and is tried again, in order (the
+                # directory is re-asserted as a whole when Redis comes back empty).
+                while True:
+                    try:
+                        await self._apply(op, session, entry)
+                        break
+                    except (OSError, *_REDIS_ERRORS) as exc:
+                        log.warning("event=cluster-directory-write-retry op=%s jid=%s "
+                                    "error=%s", op, session.jid_str, type(exc).__name__)
+                        await asyncio.sleep(_RETRY)
             except asyncio.CancelledError:
                 raise
             except Exception:

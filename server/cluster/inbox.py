@@ -116,10 +116,11 @@ class Inbox:
         self._reader = asyncio.ensure_future(self._read())
 
     async def stop(self) -> None:
-        await self.flush()
+        """Stop reading; the stanzas queued for other nodes go out (the caller bounds it)."""
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+        await self.flush()
 
     async def claim_orphans(self) -> None:
         """Entries an earlier incarnation read but did not acknowledge (it died or was

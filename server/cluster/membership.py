@@ -124,11 +124,15 @@ class Membership:
         except ClusterError as exc:
             log.error("event=cluster-rejoin-failed node=%s reason=%s", self.name, exc)
 
-    async def leave(self) -> None:
-        """Graceful stop: give the name back at once."""
+    async def stop(self) -> None:
+        """No more heartbeats (stopping)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def leave(self) -> None:
+        """Graceful stop: give the name back at once."""
+        await self.stop()
         script = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
                   "redis.call('DEL', KEYS[1]); redis.call('HDEL', KEYS[2], ARGV[2]); "
                   "redis.call('DEL', KEYS[3]) end return 1")
