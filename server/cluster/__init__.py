@@ -24,10 +24,12 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.cluster import keys
 from server.cluster.directory import ClusterDirectory
 from server.cluster.inbox import Inbox
 from server.cluster.membership import ClusterError, Membership
+from server.cluster.reaper import LOCK_MS, TOMBSTONE_MS, Reaper
 from server.jid import JID, InvalidJID
 
 if TYPE_CHECKING:
@@ -60,6 +62,9 @@ class Cluster:
                                           self.redis, self.membership)
         self.inbox = Inbox(self.redis, self.membership, self.directory)
         self.directory.inbox = self.inbox
+        self.reaper = Reaper(self)
+        self.membership.on_gone = self._gone
+        self.membership.on_rejoined = self._rejoined
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -83,13 +88,17 @@ class Cluster:
         rosters = getattr(self.server, "rosters", None)
         if rosters is not None:
             rosters.changed = self._roster_changed
-        await self.inbox.prepare()
         await self.membership.join()
+        # The previous incarnation's sessions and unread entries (kill -9, then restart):
+        # cleaned up here unless a survivor does it (then after it), never both (reaper.py).
+        await self.reaper.claim_own()
+        await self.inbox.prepare()
         self.membership.start()
         self.directory.start()
         await self.directory.resync()
         self._tasks.append(asyncio.ensure_future(self._listen()))
         self._tasks.append(asyncio.ensure_future(self._resync()))
+        self._tasks.append(asyncio.ensure_future(self._reap()))
         await self.inbox.claim_orphans()
         self.inbox.start()
 
@@ -104,9 +113,54 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.membership.stop()
-        await _bounded(self.membership.leave(), "leave")
+        settings = self.server.config.cluster
+        await _bounded(self._hand_over(), "hand-over", _STOP_STEP + settings.heartbeat * 1.5)
         await self.directory.stop()
         await _bounded(self.redis.aclose(), "redis-close")
+
+    async def _hand_over(self) -> None:
+        """Graceful stop (issue 22 item 6): leave, let the other nodes see it (a heartbeat),
+        then settle what is left in our inbox ourselves (a message to offline storage, an iq
+        answered), under our own reap lock so that no survivor does it as well."""
+        me, incarnation = self.name, self.membership.incarnation
+        lock = keys.reap(me, incarnation)
+        if not await self.redis.set(lock, me, nx=True, px=LOCK_MS):
+            log.info("event=cluster-leave-reaped node=%s", me)  # declared dead meanwhile
+            await self.membership.leave()
+            return
+        await self.membership.leave()
+        await asyncio.sleep(self.server.config.cluster.heartbeat * 1.5)
+        entries = await self.reaper.drain_stream(me, "node-stopped")
+        await self.redis.delete(keys.node_sessions(me, incarnation))
+        await self.redis.hdel(keys.INCARNATIONS, keys.incarnation(me, incarnation))
+        await self.redis.set(lock, me, px=TOMBSTONE_MS)
+        log.info("event=cluster-drained node=%s entries=%d", me, entries)
+
+    async def _reap(self) -> None:
+        """Each heartbeat: clean up after incarnations that are gone (reaper.py)."""
+        while True:
+            await asyncio.sleep(self.server.config.cluster.heartbeat)
+            try:
+                await self.reaper.tick()
+                await self.reaper.dead_inboxes(n.decode() for n in
+                                               await self.redis.hkeys(keys.NODES))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event=cluster-reap-failed error=%s", type(exc).__name__)
+
+    def _gone(self, node: str, incarnation: str) -> None:
+        """Another node's incarnation is no longer live: every module that placed something
+        on it hears of it (the MUC/PEP placement re-homes rooms)."""
+        log.info("event=cluster-node-died node=%s incarnation=%s", node, incarnation)
+        for pending in self.server.hooks.notify_nowait(events.CLUSTER_NODE_DIED, node,
+                                                       incarnation):
+            asyncio.ensure_future(pending).add_done_callback(_quiet)
+
+    async def _rejoined(self, old: str) -> None:
+        """Fenced and joined again: the old incarnation's leftovers, then our inbox again."""
+        await self.reaper.claim_own()
+        await self.inbox.prepare()
 
     # -- events from this node ---------------------------------------------------------------
 
@@ -179,7 +233,7 @@ async def _bounded(step: Awaitable[Any], what: str, timeout: float | None = None
     """One step of stopping, given up after timeout seconds or on a Redis error (logged)."""
     try:
         await asyncio.wait_for(step, _STOP_STEP if timeout is None else timeout)
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         log.warning("event=cluster-stop-step-timeout step=%s", what)
     except Exception as exc:
         log.warning("event=cluster-stop-step-failed step=%s error=%s", what,

@@ -24,6 +24,7 @@ import inspect
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -166,16 +167,12 @@ class Inbox:
         await self.redis.xack(stream, keys.GROUP, *[entry_id for entry_id, _ in entries])
 
     def _hand_over(self, fields: dict[str, str]) -> None:
-        ident = fields.get("m", "")
-        if ident in self._seen:
+        if not self._first(fields.get("m", "")):
             return  # at least once: a duplicate
-        self._seen[ident] = None
-        if len(self._seen) > _SEEN:
-            self._seen.popitem(last=False)
         try:
             to = JID.parse(fields["j"])
         except (KeyError, InvalidJID):
-            log.warning("event=cluster-entry-bad id=%s", ident)
+            log.warning("event=cluster-entry-bad id=%s", fields.get("m", ""))
             return
         session = self.directory.local(to)
         current = session is not None and self.directory.sids.get(session) == fields.get("s")
@@ -190,8 +187,38 @@ class Inbox:
             return
         self.undeliverable(stanza, to, "session-gone")
 
-    def undeliverable(self, stanza: _Element, to: JID, reason: str) -> None:
-        """The session a stanza was for is gone: as if its resource were offline."""
+    async def settle(self, raw: dict[bytes, bytes], reason: str) -> None:
+        """An entry of a stream no session will read (its node or incarnation is gone):
+        undeliverable, once (reaper.py)."""
+        try:
+            fields = {k.decode(): v.decode() for k, v in raw.items()}
+            if fields.get("k") != "s" or not self._first(fields.get("m", "")):
+                return
+            stanza = etree.fromstring(fields["x"], _PARSER)
+            to = JID.parse(fields["j"])
+        except (KeyError, ValueError, InvalidJID, etree.XMLSyntaxError):
+            log.warning("event=cluster-entry-bad reason=%s", reason)
+            return
+        done = self.undeliverable(stanza, to, reason, spawn=False)
+        if done is not None:
+            try:
+                await done
+            except StanzaError as err:  # offline storage full: the sender hears of it
+                self.router.reply_error(stanza, err, None)
+
+    def _first(self, ident: str) -> bool:
+        """False for an entry id seen before (at least once: a duplicate)."""
+        if ident in self._seen:
+            return False
+        self._seen[ident] = None
+        if len(self._seen) > _SEEN:
+            self._seen.popitem(last=False)
+        return True
+
+    def undeliverable(self, stanza: _Element, to: JID, reason: str,
+                      spawn: bool = True) -> Awaitable[Any] | None:
+        """The session a stanza was for is gone: as if its resource were offline. A message's
+        storing is spawned (or returned, spawn=False)."""
         tag = stanza.tag
         kind = stanza.get("type")
         log.info("event=cluster-undeliverable to=%s stanza=%s type=%s reason=%s", to,
@@ -201,6 +228,9 @@ class Inbox:
                 return  # RFC 6121 §8.5.3.2.1: errors ignored, groupchat/headline dropped
             stored = self.router.hooks.fire("message/offline", stanza, None, to.bare)
             if inspect.isawaitable(stored):
+                if not spawn:
+                    return stored
                 self.router.spawn(stored)
         elif tag == st.IQ and kind in ("get", "set"):
             self.router.reply_error(stanza, StanzaError("service-unavailable"), None)
+        return None

@@ -57,6 +57,10 @@ class Membership:
         self._beat = redis.register_script(_BEAT)
         self._task: asyncio.Task[None] | None = None
         self.on_live_changed: Callable[[], None] | None = None
+        # (node, incarnation) of another node's incarnation that stopped being live.
+        self.on_gone: Callable[[str, str], None] | None = None
+        # After a rejoin (fenced): the incarnation left behind.
+        self.on_rejoined: Callable[[str], Awaitable[None]] | None = None
 
     @property
     def ttl_ms(self) -> int:
@@ -72,8 +76,12 @@ class Membership:
                 raise ClusterError(f"node name {self.name!r} is held by a live node")
             await asyncio.sleep(self.settings.heartbeat)
         self.started = time.time()
-        await self.redis.hset(keys.NODES, self.name, json.dumps(
-            {"incarnation": self.incarnation, "started": self.started}))
+        info = {"incarnation": self.incarnation, "started": self.started}
+        await self.redis.hset(keys.NODES, self.name, json.dumps(info))
+        # Listed until cleaned up after (reaper.py): by a survivor when it dies, by itself
+        # when it stops or its next incarnation joins.
+        await self.redis.hset(keys.INCARNATIONS, keys.incarnation(self.name, self.incarnation),
+                              json.dumps({"node": self.name, **info}))
         await self.beat()
         log.info("event=cluster-joined node=%s incarnation=%s", self.name, self.incarnation)
 
@@ -93,7 +101,11 @@ class Membership:
         values = await self.redis.mget([keys.node(n) for n in names]) if names else []
         live = {n: v.decode() for n, v in zip(names, values, strict=True) if v is not None}
         if live != self.live:
+            gone = [(n, i) for n, i in self.live.items() if live.get(n) != i and n != self.name]
             self.live = live
+            if self.on_gone is not None:
+                for node, incarnation in gone:
+                    self.on_gone(node, incarnation)
             if self.on_live_changed is not None:
                 self.on_live_changed()
 
@@ -123,6 +135,9 @@ class Membership:
             await self.join()
         except ClusterError as exc:
             log.error("event=cluster-rejoin-failed node=%s reason=%s", self.name, exc)
+            return
+        if self.on_rejoined is not None:
+            await self.on_rejoined(old)
 
     async def stop(self) -> None:
         """No more heartbeats (stopping)."""
