@@ -65,6 +65,7 @@ class Cluster:
         self.reaper = Reaper(self)
         self.membership.on_gone = self._gone
         self.membership.on_rejoined = self._rejoined
+        self.membership.on_reasserted = self._reasserted
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -109,6 +110,7 @@ class Cluster:
         or slow makes the stop give up on that step (logged), never hang."""
         await _bounded(self.directory.flush(), "directory-flush")
         await _bounded(self.inbox.stop(), "inbox-stop")
+        await self.inbox.abandon()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -161,6 +163,12 @@ class Cluster:
         """Fenced and joined again: the old incarnation's leftovers, then our inbox again."""
         await self.reaper.claim_own()
         await self.inbox.prepare()
+
+    async def _reasserted(self) -> None:
+        """Redis came back without our state (restarted without persistence): our sessions'
+        entries and our inbox's group again; the other nodes reload them (invalidations)."""
+        await self.inbox.prepare()
+        self.directory.reassert()
 
     # -- events from this node ---------------------------------------------------------------
 

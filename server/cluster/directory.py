@@ -69,6 +69,18 @@ else
 end
 return 1
 """
+# Re-assert (ARGV: resource, entry, member, node, session id): our entry again, unless the
+# resource has since been bound elsewhere (that newer session wins).
+_REASSERT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local e = cjson.decode(old)
+  if e['n'] ~= ARGV[4] or e['s'] ~= ARGV[5] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
 
 
 class RemoteSession(Session):
@@ -115,6 +127,7 @@ class ClusterDirectory(SessionManager):
         self._ops: asyncio.Queue[tuple[str, Session, dict[str, Any] | None]] = asyncio.Queue()
         self._bind = redis.register_script(_BIND)
         self._update = redis.register_script(_UPDATE)
+        self._reassert = redis.register_script(_REASSERT)
         self._writer: asyncio.Task[None] | None = None
         self._loads: dict[JID, asyncio.Task[None]] = {}
         self.on_remote_change: Callable[[JID], None] | None = None
@@ -186,6 +199,12 @@ class ClusterDirectory(SessionManager):
         if session in self.sids and super().get(session.jid) is session:
             self._ops.put_nowait(("update", session, self.entry(session)))
 
+    def reassert(self) -> None:
+        """Redis lost our entries: every local session's again, in order with other writes."""
+        for session in list(self.sids):
+            if super().get(session.jid) is session:
+                self._ops.put_nowait(("reassert", session, self.entry(session)))
+
     def start(self) -> None:
         self._writer = asyncio.ensure_future(self._write())
 
@@ -238,6 +257,10 @@ class ClusterDirectory(SessionManager):
                     log.info("event=cluster-conflict jid=%s old_node=%s", session.jid_str,
                              previous["n"])
                     self.inbox.kick(previous["n"], session.jid_str, previous["s"])
+        elif op == "reassert":
+            await self._reassert(keys=[keys.directory(bare), owned],
+                                 args=[resource, json.dumps(entry), member, membership.name,
+                                       self.sids.get(session, "")])
         elif op == "update":
             await self._update(keys=[keys.directory(bare), owned],
                                args=[resource, json.dumps(entry), self.sids.get(session, ""),

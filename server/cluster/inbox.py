@@ -20,6 +20,7 @@ answered with service-unavailable (RFC 6121 §8.5.3.2.1), presence and iq result
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -46,6 +47,8 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 _SEEN = 10_000      # entry ids remembered against duplicates
 _BATCH = 256        # entries read at once
 _MAXLEN = 1_000_000  # an inbox nobody reads (a dead node's) is trimmed, approximately
+_RETRY = 0.5        # seconds between attempts to add entries while Redis is unreachable
+_GIVE_UP = 30.0     # seconds of attempts before entries are settled as undeliverable
 
 
 class Inbox:
@@ -82,6 +85,8 @@ class Inbox:
             self._flusher = asyncio.ensure_future(self._flush())
 
     async def _flush(self) -> None:
+        failing_since: float | None = None
+        loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
             pipe = self.redis.pipeline(transaction=False)
@@ -90,9 +95,21 @@ class Inbox:
             try:
                 await pipe.execute()
                 self.sent += len(batch)
-            except Exception as exc:  # Redis unreachable: as if the other node were gone
+                failing_since = None
+            except Exception as exc:
+                # Redis unreachable: the batch goes back in front (order per sender kept) and
+                # is tried again; after _GIVE_UP seconds it is settled as if the other node
+                # were gone (messages to offline storage), so nothing accepted is lost. An
+                # entry that did reach Redis before the error is added twice: at least once,
+                # the receiving node drops the duplicate by its id.
+                now = loop.time()
+                failing_since = now if failing_since is None else failing_since
                 log.warning("event=cluster-send-failed count=%d error=%s", len(batch),
                             type(exc).__name__)
+                if now - failing_since < _GIVE_UP:
+                    self._pending[:0] = batch
+                    await asyncio.sleep(_RETRY)
+                    continue
                 for _stream, fields in batch:
                     if fields["k"] == "s":
                         self.undeliverable(etree.fromstring(fields["x"], _PARSER),
@@ -101,6 +118,22 @@ class Inbox:
     async def flush(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+
+    async def abandon(self) -> None:
+        """Stopping while Redis is unreachable: what could not be added to another node's
+        inbox is settled here (a message to offline storage) instead of lost."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        batch, self._pending = self._pending, []
+        for _stream, fields in batch:
+            if fields["k"] != "s":
+                continue
+            done = self.undeliverable(etree.fromstring(fields["x"], _PARSER),
+                                      JID.parse(fields["j"]), "stopping", spawn=False)
+            if done is not None:
+                with contextlib.suppress(StanzaError):
+                    await done
 
     # -- in ----------------------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ class Membership:
         self.on_live_changed: Callable[[], None] | None = None
         # (node, incarnation) of another node's incarnation that stopped being live.
         self.on_gone: Callable[[str, str], None] | None = None
+        # After re-asserting our key (Redis lost it, nobody declared us dead).
+        self.on_reasserted: Callable[[], Awaitable[None]] | None = None
         # After a rejoin (fenced): the incarnation left behind.
         self.on_rejoined: Callable[[str], Awaitable[None]] | None = None
 
@@ -123,8 +125,46 @@ class Membership:
                 log.warning("event=cluster-heartbeat-failed node=%s error=%s", self.name,
                             type(exc).__name__)
                 continue
-            if not alive:
-                await self._rejoin()
+            if alive:
+                continue
+            try:
+                lost = await self._lost_by_redis()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event=cluster-heartbeat-failed node=%s error=%s", self.name,
+                            type(exc).__name__)
+                continue
+            if lost and await self._reassert():
+                continue
+            await self._rejoin()
+
+    async def _lost_by_redis(self) -> bool:
+        """Our key is gone. Declared dead (the key expired: we were cut off or paused longer
+        than dead_after), our incarnation is still listed or its reap lock exists (reaper.py);
+        when neither is there, Redis lost its data (a restart without persistence) and nobody
+        declared us dead."""
+        listed = await self.redis.hexists(keys.INCARNATIONS,
+                                          keys.incarnation(self.name, self.incarnation))
+        reaped = await self.redis.exists(keys.reap(self.name, self.incarnation))
+        return not listed and not reaped
+
+    async def _reassert(self) -> bool:
+        """Redis lost our state: the same incarnation takes its key again (False when another
+        process holds the name meanwhile: then we rejoin)."""
+        if not await self.redis.set(keys.node(self.name), self.incarnation, nx=True,
+                                    px=self.ttl_ms):
+            return False
+        info = {"incarnation": self.incarnation, "started": self.started}
+        await self.redis.hset(keys.NODES, self.name, json.dumps(info))
+        await self.redis.hset(keys.INCARNATIONS, keys.incarnation(self.name, self.incarnation),
+                              json.dumps({"node": self.name, **info}))
+        log.warning("event=cluster-reasserted node=%s incarnation=%s", self.name,
+                    self.incarnation)
+        if self.on_reasserted is not None:
+            await self.on_reasserted()
+        await self.beat()
+        return True
 
     async def _rejoin(self) -> None:
         old = self.incarnation
