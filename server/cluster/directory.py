@@ -41,13 +41,14 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 _RETRY = 0.5  # seconds between attempts of a write while Redis is unreachable
 
 
-def _redis_errors() -> tuple[type[Exception], ...]:
+def _unreachable() -> tuple[type[Exception], ...]:
+    """What a call raises while Redis cannot be reached (the call is worth trying again)."""
     import redis.exceptions  # only with [cluster]
 
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    return (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
-_REDIS_ERRORS = _redis_errors()
+UNREACHABLE = _unreachable()
 
 # KEYS[1] dir hash, KEYS[2] node-sessions set; ARGV: resource, entry, member
 _BIND = """
@@ -229,7 +230,7 @@ class ClusterDirectory(SessionManager):
                     try:
                         await self._apply(op, session, entry)
                         break
-                    except (OSError, *_REDIS_ERRORS) as exc:
+                    except UNREACHABLE as exc:
                         log.warning("event=cluster-directory-write-retry op=%s jid=%s "
                                     "error=%s", op, session.jid_str, type(exc).__name__)
                         await asyncio.sleep(_RETRY)

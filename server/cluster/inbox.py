@@ -193,32 +193,43 @@ class Inbox:
             return
         for _entry_id, raw in entries:
             try:
-                self._hand_over({k.decode(): v.decode() for k, v in raw.items()})
+                stored = self._hand_over({k.decode(): v.decode() for k, v in raw.items()})
+                if stored is not None:
+                    # In order: offline storage keeps a sender's messages as they came.
+                    with contextlib.suppress(StanzaError):
+                        await stored
             except Exception:
                 log.exception("event=cluster-entry-failed")
         self.received += len(entries)
-        await self.redis.xack(stream, keys.GROUP, *[entry_id for entry_id, _ in entries])
+        ids = [entry_id for entry_id, _ in entries]
+        # Acknowledged and deleted at once: the stream holds only entries not yet handed
+        # over (unread, or read by an incarnation that died before this), which is what a
+        # survivor settles and what XLEN counts.
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(stream, keys.GROUP, *ids)
+        pipe.xdel(stream, *ids)
+        await pipe.execute()
 
-    def _hand_over(self, fields: dict[str, str]) -> None:
+    def _hand_over(self, fields: dict[str, str]) -> Awaitable[Any] | None:
         if not self._first(fields.get("m", "")):
-            return  # at least once: a duplicate
+            return None  # at least once: a duplicate
         try:
             to = JID.parse(fields["j"])
         except (KeyError, InvalidJID):
             log.warning("event=cluster-entry-bad id=%s", fields.get("m", ""))
-            return
+            return None
         session = self.directory.local(to)
         current = session is not None and self.directory.sids.get(session) == fields.get("s")
         if fields.get("k") == "c":
             if session is not None and current:
                 # RFC 6120 §7.7.2.2: a newer session took the resource on another node.
                 session.close("conflict", "replaced by a new session with the same resource")
-            return
+            return None
         stanza = etree.fromstring(fields["x"], _PARSER)
         if session is not None and current:
             session.send(stanza)
-            return
-        self.undeliverable(stanza, to, "session-gone")
+            return None
+        return self.undeliverable(stanza, to, "session-gone", spawn=False)
 
     async def settle(self, raw: dict[bytes, bytes], reason: str) -> None:
         """An entry of a stream no session will read (its node or incarnation is gone):
@@ -258,7 +269,7 @@ class Inbox:
                  etree.QName(tag).localname, kind, reason)
         if tag == st.MESSAGE:
             if kind in ("error", "groupchat", "headline"):
-                return  # RFC 6121 §8.5.3.2.1: errors ignored, groupchat/headline dropped
+                return None  # RFC 6121 §8.5.3.2.1: errors ignored, groupchat/headline dropped
             stored = self.router.hooks.fire("message/offline", stanza, None, to.bare)
             if inspect.isawaitable(stored):
                 if not spawn:

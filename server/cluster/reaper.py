@@ -187,32 +187,57 @@ class Reaper:
         return await self._drain_consumer(node, incarnation)
 
     async def drain_stream(self, node: str, reason: str = "node-died") -> int:
-        """Every entry of a node's stream that no incarnation of it will read (the node is
-        not live): settled, deleted, then the stream when it is empty."""
+        """Every entry of a node's stream not yet handed over, when no incarnation of that
+        node will read it (the node is not live): the pending ones (read by a dead
+        incarnation, not acknowledged) and the unread ones, through the consumer group, so an
+        entry handed over already is never settled again; then the stream if it is empty."""
         stream = keys.inbox(node)
-        inbox = self.cluster.inbox
+        if not await self.redis.exists(stream):
+            return 0
+        try:
+            await self.redis.xgroup_create(stream, keys.GROUP, id="0")
+        except Exception as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        consumer = f"reaper-{self.me}"
         count = 0
-        start = "-"
-        while True:
-            entries = await self.redis.xrange(stream, min=start, max="+", count=_BATCH)
+        start: Any = "0-0"
+        while True:  # pending, whoever read them
+            answer = await self.redis.xautoclaim(stream, keys.GROUP, consumer, 0, start,
+                                                 count=_BATCH)
+            start, entries = answer[0], answer[1]
+            count += await self._settle(stream, entries, reason)
+            if start in (b"0-0", "0-0") or not entries:
+                break
+        while True:  # unread
+            answer = await self.redis.xreadgroup(keys.GROUP, consumer, {stream: ">"},
+                                                 count=_BATCH)
+            entries = [e for _s, batch in answer or () for e in batch]
             if not entries:
                 break
-            for _entry_id, raw in entries:
-                await inbox.settle(raw, reason)
-            ids = [entry_id for entry_id, _ in entries]
-            await self.redis.xdel(stream, *ids)
-            count += len(ids)
-            last = ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1]
-            start = "(" + last
+            count += await self._settle(stream, entries, reason)
+        await self._forget_consumer(stream, consumer)
         await self.redis.eval(_DEL_IF_EMPTY, 1, stream)
         await self.cluster.inbox.flush()
         return count
+
+    async def _settle(self, stream: str, entries: list[Any], reason: str) -> int:
+        inbox = self.cluster.inbox
+        for _entry_id, raw in entries:
+            if raw:
+                await inbox.settle(raw, reason)
+        ids = [entry_id for entry_id, _ in entries]
+        if ids:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(stream, keys.GROUP, *ids)
+            pipe.xdel(stream, *ids)
+            await pipe.execute()
+        return len(ids)
 
     async def _drain_consumer(self, node: str, incarnation: str) -> int:
         """The entries a dead incarnation read and did not acknowledge, while a newer
         incarnation of its node reads the rest."""
         stream = keys.inbox(node)
-        inbox = self.cluster.inbox
         consumer = f"reaper-{self.me}"
         count = 0
         while True:
@@ -226,11 +251,10 @@ class Reaper:
             if not pending:
                 break
             ids = [p["message_id"] for p in pending]
-            for _entry_id, raw in await self.redis.xclaim(stream, keys.GROUP, consumer, 0, ids):
-                if raw:
-                    await inbox.settle(raw, "incarnation-died")
+            claimed = await self.redis.xclaim(stream, keys.GROUP, consumer, 0, ids)
+            await self._settle(stream, [(i, r) for i, r in claimed if r], "incarnation-died")
+            # Entries deleted meanwhile come back empty: acknowledged all the same.
             await self.redis.xack(stream, keys.GROUP, *ids)
-            await self.redis.xdel(stream, *ids)
             count += len(ids)
         await self._forget_consumer(stream, incarnation)
         await self.cluster.inbox.flush()
@@ -250,9 +274,7 @@ class Reaper:
             if node == self.me or await self.redis.get(keys.node(node)) is not None:
                 continue
             stream = keys.inbox(node)
-            if not await self.redis.exists(stream):
-                continue
-            if await self.redis.xlen(stream) == 0:
+            if await self.redis.xlen(stream) == 0:  # 0 as well when there is no stream
                 continue
             if any(f.decode().startswith(node + ":")
                    for f in await self.redis.hkeys(keys.INCARNATIONS)):
