@@ -291,9 +291,14 @@ async def test_restarted_node_claims_its_previous_incarnation(
     await alice.close()
     assert await one.stop() == 0  # well within dead_after: node1 never saw node2 dead
     assert not one.logged("event=cluster-reaped")
+    mark = len(two.lines)
     await two.start()
     reaped = await two.logs("event=cluster-reaped node=node2")
     assert len(reaped) == 1, two.lines[-20:]
+    # Before it served anyone or read its inbox (not later, by its periodic reaping).
+    started = next(i for i, line in enumerate(two.lines) if "event=started" in line and
+                   i >= mark)
+    assert two.lines.index(reaped[0]) < started
     back = await available(two, BOB, "desk")
     assert await collect(back, "queued") == sent
     await one.start()
@@ -340,6 +345,7 @@ async def test_graceful_stop_drains(cluster: Callable[..., Node]) -> None:
     assert live, "bob got nothing live: the test did not stop node2 mid-conversation"
     await asyncio.sleep(HEARTBEAT * 5)
     assert not one.logged("event=cluster-reaped node=node2")
+    assert not one.logged("event=cluster-dead-inbox-drained"), two.logged("cluster-drained")
     await alice.close()
     await back.close()
 

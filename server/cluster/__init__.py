@@ -7,10 +7,38 @@ single process it always was. Pieces:
 - directory.py: the session directory in Redis behind the SessionDirectory Protocol, with a
   replica of the other nodes' sessions kept by invalidation, conflicts settled atomically;
 - inbox.py: one Redis Stream per node for stanzas to sessions on that node;
+- reaper.py: cleaning up after an incarnation that is gone (kill -9, fenced, stopped): one
+  node, by a lock, publishes its sessions' unavailable presence, removes their directory
+  entries and settles its inbox; the event cluster/node-died (server/events.py) tells every
+  node's modules, e.g. the placement of rooms;
 - keys.py: every key, stream and channel name.
 
 Caches that other nodes must drop when an account changes here (rosters) are invalidated
 through the same pub/sub channel as the directory.
+
+What is promised (issue 22 item 6):
+
+- **At least once between nodes.** An entry is acknowledged (and deleted) after it was handed
+  to the session; an entry read by an incarnation that died before acknowledging it is handed
+  over again (claimed by the node's next incarnation or settled by the reaper). Each entry
+  carries an id ("m") and a node drops the duplicates it has seen; a stanza may still reach a
+  client twice when its node died between handing it over and acknowledging it.
+- **Order per sender while neither end moves.** Stanzas from one node to another go through
+  one flusher, in order, on one connection, into one stream read in order; a batch that Redis
+  refused is retried in front of what came after it. When the receiving session moves (SM
+  resumption elsewhere, a node's death) messages may arrive from offline storage after newer
+  ones.
+- **A message accepted is delivered, in offline storage or in the archive.** A message for a
+  session that is gone — closed since, on a node that died, was fenced or stopped — goes to
+  offline storage (RFC 6121 §8.5.2) by the node that finds it undeliverable (the receiver, the
+  reaper, or the stopping node itself, which drains its inbox before leaving); it is not
+  archived again (the accepting node archived it). An iq get/set for such a session is
+  answered with service-unavailable (RFC 6121 §8.5.3.2.1); presence is dropped (its unavailable
+  presence goes out instead). While Redis is unreachable, local traffic goes on and stanzas for
+  other nodes wait and are retried (30 s, then offline storage, as at a stop); when Redis comes
+  back without our state (a restart without persistence) each node re-asserts its key, its
+  sessions' directory entries and its inbox, unless it was declared dead meanwhile (then it
+  fences itself: never two live owners of one session).
 """
 
 from __future__ import annotations
@@ -90,11 +118,11 @@ class Cluster:
         if rosters is not None:
             rosters.changed = self._roster_changed
         await self.membership.join()
+        self.membership.start()  # heartbeats while we wait below
         # The previous incarnation's sessions and unread entries (kill -9, then restart):
         # cleaned up here unless a survivor does it (then after it), never both (reaper.py).
         await self.reaper.claim_own()
         await self.inbox.prepare()
-        self.membership.start()
         self.directory.start()
         await self.directory.resync()
         self._tasks.append(asyncio.ensure_future(self._listen()))
@@ -160,9 +188,12 @@ class Cluster:
             asyncio.ensure_future(pending).add_done_callback(_quiet)
 
     async def _rejoined(self, old: str) -> None:
-        """Fenced and joined again: the old incarnation's leftovers, then our inbox again."""
-        await self.reaper.claim_own()
+        """Fenced and joined again: our inbox's group (Redis may have lost it), and the old
+        incarnation's leftovers in the background (the heartbeat must go on meanwhile)."""
         await self.inbox.prepare()
+        task = asyncio.ensure_future(self.reaper.claim_own())
+        task.add_done_callback(_quiet)
+        self._tasks.append(task)
 
     async def _reasserted(self) -> None:
         """Redis came back without our state (restarted without persistence): our sessions'
