@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.conftest import PASSWORD, write_config
+from tests.conftest import PASSWORD, RunningServer, start_server, stop_server, write_config
 from tests.process import free_ports, presenced, watch_line
 from tests.rawclient import CLIENT, RawClient, StreamClosedError
 from tests.redis import RedisServer, redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.test_cluster import cluster_tables, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE, BOB = "alice@a.test", "bob@a.test"
@@ -114,6 +115,13 @@ async def available(node: Node, jid: str, resource: str) -> RawClient:
         got = await client.next_of("presence")
         if got.get("from") == client.jid and got.get("type") is None:
             return client
+
+
+async def available_raw(node: RunningServer, jid: str) -> RawClient:
+    client = await node.raw_login(jid, "r")
+    await client.send("<presence/>")
+    await client.next_of("presence")
+    return client
 
 
 def adduser(node: Node, *jids: str) -> None:
@@ -407,3 +415,44 @@ async def test_stop_ends_while_redis_hangs(cluster: Callable[..., Node],
     assert took < 12, f"stopping took {took:.1f} s"
     assert one.logged("event=cluster-stop-step-timeout")
     await alice.close()
+
+
+async def test_node_died_fires_on_every_survivor_and_one_reaps(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """Three in-process nodes; node3 stops beating (as if killed): cluster/node-died reaches
+    the modules of node1 and node2 alike, and exactly one of them cleans up (the lock)."""
+    hosts = {"node1": "127.0.0.1", "node2": "127.0.0.2", "node3": "127.0.0.3"}
+    nodes = [await start_server(tmp_path / name, cluster_tables(pg_dsn, redis_url, name),
+                                domains=("a.test",), host=host) for name, host in hosts.items()]
+    try:
+        one, two, three = (n.server.cluster for n in nodes)
+        assert one is not None and two is not None and three is not None
+        heard: dict[str, list[tuple[str, str]]] = {"node1": [], "node2": []}
+        for name, server in (("node1", nodes[0].server), ("node2", nodes[1].server)):
+            server.hooks.add("cluster/node-died",
+                             lambda node, inc, name=name: heard[name].append((node, inc)), 0)
+        # Enough sessions that cleaning up takes longer than the survivors' heartbeats are
+        # apart: without the lock both would do it.
+        clients = []
+        for i in range(40):
+            await nodes[2].add_user(f"u{i}@a.test")
+            clients.append(await available_raw(nodes[2], f"u{i}@a.test"))
+        await nodes[2].add_user(BOB)
+        bob = await nodes[2].raw_login(BOB, "desk")
+        await eventually(lambda: len(three.directory) == 41, "sessions bound on node3")
+        await three.directory.flush()
+        dead = three.membership.incarnation
+        await three.membership.stop()  # no more heartbeats: its key expires (dead_after)
+        await eventually(lambda: heard["node1"] and heard["node2"], "both survivors heard",
+                         timeout=15)
+        assert heard == {"node1": [("node3", dead)], "node2": [("node3", dead)]}
+        await eventually(lambda: one.reaper.reaped + two.reaper.reaped == 1, "one reaped")
+        await asyncio.sleep(1.0)  # a few more heartbeats: nobody reaps it again
+        assert one.reaper.reaped + two.reaper.reaped == 1
+        assert not await one.redis.exists(f"presenced:dir:{BOB}")
+        assert not await one.redis.hexists("presenced:incarnations", f"node3:{dead}")
+        for client in [bob, *clients]:
+            await client.close()
+    finally:
+        for running in reversed(nodes):
+            await stop_server(running)

@@ -86,8 +86,9 @@ class Reaper:
                 continue
             info = json.loads(info_b)
             node, incarnation = info["node"], info["incarnation"]
-            if node == self.me and incarnation == self.membership.incarnation:
-                continue
+            if self.membership.live.get(node) == incarnation or (
+                    node == self.me and incarnation == self.membership.incarnation):
+                continue  # live as of the last heartbeat
             # Fresh from Redis, not the view of the last beat: a node that joined since is
             # live, never reaped.
             current = await self.redis.get(keys.node(node))
