@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from server.jid import JID
 from tests.conftest import PASSWORD, RunningServer, start_server, stop_server, write_config
 from tests.process import free_ports, presenced, watch_line
 from tests.rawclient import CLIENT, RawClient, StreamClosedError
@@ -456,3 +457,42 @@ async def test_node_died_fires_on_every_survivor_and_one_reaps(
     finally:
         for running in reversed(nodes):
             await stop_server(running)
+
+
+async def test_stopping_node_settles_its_unread_inbox(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """Entries in node2's inbox that its reader never got to (stopped here on purpose) are
+    settled by node2 itself when it stops: to offline storage, not left to a survivor."""
+    one = await start_server(tmp_path / "node1", cluster_tables(pg_dsn, redis_url, "node1"),
+                             domains=("a.test",), host="127.0.0.1")
+    two = await start_server(tmp_path / "node2", cluster_tables(pg_dsn, redis_url, "node2"),
+                             domains=("a.test",), host="127.0.0.2")
+    stopped = False
+    try:
+        await one.add_user(ALICE)
+        await one.add_user(BOB)
+        first, second = one.server.cluster, two.server.cluster
+        assert first is not None and second is not None
+        alice = await available_raw(one, ALICE)
+        bob = await available_raw(two, BOB)
+        await eventually(lambda: one.server.sessions.get(JID.parse(bob.jid)) is not None,
+                         "node1 sees bob")
+        await second.inbox.stop()  # node2 reads no more
+        sent = [f"u{i}" for i in range(5)]
+        for ident in sent:
+            await alice.send(f"<message to='{bob.jid}' type='chat' id='{ident}'><body>x</body>"
+                             "</message>")
+        await eventually(lambda: first.inbox.sent >= 5, "into node2's inbox")
+        await bob.close()
+        await stop_server(two)
+        stopped = True
+        assert second.drained == 5
+        back = await available_raw(one, BOB)
+        assert await collect(back, "u") == sent
+        assert first.reaper.reaped == 0
+        await alice.close()
+        await back.close()
+    finally:
+        if not stopped:
+            await stop_server(two)
+        await stop_server(one)

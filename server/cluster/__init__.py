@@ -96,6 +96,7 @@ class Cluster:
         self.membership.on_reasserted = self._reasserted
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
+        self.drained = 0  # inbox entries this node settled itself when it stopped
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
@@ -160,7 +161,7 @@ class Cluster:
             return
         await self.membership.leave()
         await asyncio.sleep(self.server.config.cluster.heartbeat * 1.5)
-        entries = await self.reaper.drain_stream(me, "node-stopped")
+        entries = self.drained = await self.reaper.drain_stream(me, "node-stopped")
         await self.redis.delete(keys.node_sessions(me, incarnation))
         await self.redis.hdel(keys.INCARNATIONS, keys.incarnation(me, incarnation))
         await self.redis.set(lock, me, px=TOMBSTONE_MS)
