@@ -38,7 +38,9 @@ What is promised (issue 22 item 6):
   other nodes wait and are retried (30 s, then offline storage, as at a stop); when Redis comes
   back without our state (a restart without persistence) each node re-asserts its key, its
   sessions' directory entries and its inbox, unless it was declared dead meanwhile (then it
-  fences itself: never two live owners of one session).
+  fences itself: never two live owners of one session). Entries that were in Redis when it
+  restarted without persistence are gone with it: run Redis with appendonly (AOF) to keep the
+  promises across a Redis restart.
 """
 
 from __future__ import annotations

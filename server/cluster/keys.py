@@ -18,7 +18,10 @@ between nodes: changing one is a cluster-wide upgrade).
                                    or stops); kept as a tombstone for a day once done, so that a
                                    node paused longer than dead_after knows it was reaped
     presenced:inbox:<node>         stream: stanzas and commands for that node's sessions
-                                   (consumer group "presenced", one consumer per incarnation)
+                                   (consumer group "presenced", one consumer per incarnation,
+                                   "reaper-<node>" for a node settling another's entries);
+                                   an entry is deleted when acknowledged, so what the stream
+                                   holds is what no session got yet
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
                                    r: roster), fire-and-forget; a periodic resync covers a loss
 """
