@@ -2,11 +2,13 @@
 
 A stanza for a session on another node is serialised once and added (XADD) to that node's
 stream; the node reads its stream through the consumer group "presenced" (XREADGROUP, one
-consumer per incarnation), hands each stanza to the local session and acknowledges it (XACK)
-after the hand-over. Entries are written in order from one flusher task on one connection
-(a pipeline per batch), so stanzas from one sender reach a node in the order they were routed.
-Delivery is at least once: entries left unacknowledged by an earlier incarnation are claimed
-(XAUTOCLAIM) at start; each entry carries an id ("m") and duplicates are dropped.
+consumer per incarnation), hands each stanza to the local session and acknowledges and
+deletes it (XACK, XDEL) after the hand-over. Entries are written in order from one flusher
+task on one connection (a pipeline per batch), so stanzas from one sender reach a node in the
+order they were routed; a batch Redis refused is retried in front of the rest. Delivery is at
+least once: entries left unacknowledged by an earlier incarnation are claimed (XAUTOCLAIM) at
+start, or settled by the node that reaps it (reaper.py); each entry carries an id ("m") and
+duplicates are dropped.
 
 Entry fields:
     k  "s": a stanza for a session, "c": close that session with <conflict/>
