@@ -203,14 +203,20 @@ class Reaper:
         consumer = f"reaper-{self.me}"
         count = 0
         start: Any = "0-0"
-        while True:  # pending, whoever read them
+
+        async def still_dead() -> bool:
+            # A new incarnation (fenced and joined again) reads the rest itself: what it
+            # reads may be for its new sessions.
+            return node == self.me or await self.redis.get(keys.node(node)) is None
+
+        while await still_dead():  # pending, whoever read them
             answer = await self.redis.xautoclaim(stream, keys.GROUP, consumer, 0, start,
                                                  count=_BATCH)
             start, entries = answer[0], answer[1]
             count += await self._settle(stream, entries, reason)
             if start in (b"0-0", "0-0") or not entries:
                 break
-        while True:  # unread
+        while await still_dead():  # unread
             answer = await self.redis.xreadgroup(keys.GROUP, consumer, {stream: ">"},
                                                  count=_BATCH)
             entries = [e for _s, batch in answer or () for e in batch]
