@@ -58,6 +58,8 @@ if not old or cjson.decode(old)['i'] ~= ARGV[2] then return nil end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return old
 """
+_EXTEND = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+           "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0")
 _DEL_IF_EMPTY = ("if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('XLEN', KEYS[1]) == 0 "
                  "then redis.call('DEL', KEYS[1]) end return 1")
 
@@ -68,6 +70,7 @@ class Reaper:
         self.redis = cluster.redis
         self.membership = cluster.membership
         self._remove = self.redis.register_script(_REMOVE)
+        self._extend = self.redis.register_script(_EXTEND)
         self._done: set[str] = set()  # incarnation fields this node saw cleaned up
         self.reaped = 0  # incarnations this node cleaned up (tests, metrics)
 
@@ -102,13 +105,22 @@ class Reaper:
         lock = keys.reap(node, incarnation)
         if not await self.redis.set(lock, self.me, nx=True, px=LOCK_MS):
             return False
+        keeper = asyncio.ensure_future(self._keep(lock))
         try:
             await self.reap(node, incarnation)
         except BaseException:
+            await _cancel(keeper)
             await self.redis.delete(lock)  # another node (or this one) tries again
             raise
+        await _cancel(keeper)
         await self.redis.set(lock, self.me, px=TOMBSTONE_MS)
         return True
+
+    async def _keep(self, lock: str) -> None:
+        """A long clean-up (many sessions) keeps its lock: nobody starts it a second time."""
+        while True:
+            await asyncio.sleep(LOCK_MS / 3000)
+            await self._extend(keys=[lock], args=[self.me, LOCK_MS])
 
     async def claim_own(self) -> None:
         """At (re)join: the previous incarnations of this node, cleaned up by this node unless
@@ -294,3 +306,8 @@ class Reaper:
                 log.info("event=cluster-dead-inbox-drained node=%s entries=%d", node, count)
             finally:
                 await self.redis.delete(lock)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
