@@ -2,7 +2,8 @@
 
 ``redis_server`` (module scope) starts Debian's ``redis-server`` on a free loopback port with no
 persistence, in a temp dir, and stops it at the end of the module; ``redis_url`` is its
-``redis://`` URL with a database of its own per test (flushed first). Without the binary the
+``redis://`` URL with a database of its own per test (flushed first). ``restart(down)`` makes it
+unreachable for a while and brings it back empty on the same port. Without the binary the
 tests that use them skip on a developer machine and fail under CI (env CI set), as tests/pg.py.
 """
 
@@ -65,7 +66,9 @@ class RedisServer:
             sock.recv(64)
         return f"redis://{HOST}:{self.port}/{db}"
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the process (its data is lost: no persistence); start() brings it back on the
+        same port."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -73,6 +76,16 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def restart(self, down: float) -> None:
+        """Redis unreachable for `down` seconds, then back, empty, on the same port (as a
+        restart without persistence)."""
+        self.halt()
+        time.sleep(down)
+        self.start()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

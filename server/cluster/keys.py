@@ -7,9 +7,21 @@ between nodes: changing one is a cluster-wide upgrade).
     presenced:dir:<bare JID>       hash: resource -> JSON entry (directory.Entry)
     presenced:dir-node:<node>:<incarnation>
                                    set: "<bare>/<resource>" of the sessions that incarnation bound
-                                   (for the survivor that cleans up after a dead node: later)
+                                   (read by the survivor that cleans up after it, then deleted)
+    presenced:incarnations         hash: "<node>:<incarnation>" -> JSON {"node", "incarnation",
+                                   "started"} of every incarnation not yet cleaned up after;
+                                   one that is no longer live is reaped (reaper.py), then its
+                                   field is removed (a graceful stop removes its own)
+    presenced:reap:<node>:<incarnation>
+                                   string: the node doing the clean-up of that incarnation
+                                   (SET NX PX: one survivor, or the node itself when it rejoins
+                                   or stops); kept as a tombstone for a day once done, so that a
+                                   node paused longer than dead_after knows it was reaped
     presenced:inbox:<node>         stream: stanzas and commands for that node's sessions
-                                   (consumer group "presenced", one consumer per incarnation)
+                                   (consumer group "presenced", one consumer per incarnation,
+                                   "reaper-<node>" for a node settling another's entries);
+                                   an entry is deleted when acknowledged, so what the stream
+                                   holds is what no session got yet
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
                                    r: roster), fire-and-forget; a periodic resync covers a loss
 """
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 PREFIX = "presenced:"
 NODES = PREFIX + "nodes"
+INCARNATIONS = PREFIX + "incarnations"
 INVALIDATE = PREFIX + "invalidate"
 GROUP = "presenced"
 
@@ -43,3 +56,12 @@ def node_sessions(name: str, incarnation: str) -> str:
 
 def inbox(name: str) -> str:
     return f"{PREFIX}inbox:{name}"
+
+
+def incarnation(name: str, incarnation: str) -> str:
+    """The field of INCARNATIONS (node names have no ':')."""
+    return f"{name}:{incarnation}"
+
+
+def reap(name: str, incarnation: str) -> str:
+    return f"{PREFIX}reap:{name}:{incarnation}"
