@@ -56,6 +56,7 @@ class Session:
     """One bound resource. `state` holds module-private state through SessionSlots."""
 
     local_client = True  # stanzas from it get outbound processing (the user's server)
+    remote = False  # [cluster]: a proxy for a session on another node (no SessionSlot state)
     __slots__ = ("bare_str", "directed", "gate", "interested", "jid", "jid_str",
                  "outbox", "presence", "priority", "state", "transport")
 
@@ -119,6 +120,10 @@ class SessionDirectory(Protocol):
     def is_online(self, bare: JID) -> bool: ...
 
     def all(self) -> list[Session]: ...
+
+    def changed(self, session: Session) -> None:
+        """The session's presence, priority or roster interest changed (a directory shared by
+        several nodes publishes it)."""
 
     def __len__(self) -> int: ...
 
@@ -188,6 +193,9 @@ class SessionManager:
 
     def all(self) -> list[Session]:
         return [s for resources in self._by_bare.values() for s in resources.values()]
+
+    def changed(self, session: Session) -> None:
+        """Nothing to publish in one process (the cluster's directory overrides it)."""
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._by_bare.values())

@@ -9,8 +9,10 @@ single process it always was. Pieces:
 - inbox.py: one Redis Stream per node for stanzas to sessions on that node;
 - keys.py: every key, stream and channel name.
 
-Caches that other nodes must drop when an account changes here (rosters) are invalidated
-through the same pub/sub channel as the directory.
+Caches that modules keep per account (rosters, blocklists, hidden lists, archive preferences,
+avatar hashes) are dropped on the other nodes when an account changes here: the module calls its
+`changed(bare)` callback, which publishes "<node> <kind> <bare>" on the directory's pub/sub
+channel, and every other node calls that module's `forget(bare)` (kinds in keys.py).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from __future__ import annotations
 # submodule imported on its own would otherwise meet a half-initialised server.config).
 import server.config  # noqa: F401  isort: skip
 import asyncio
-import contextlib
+import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from server.cluster import keys
 from server.cluster.directory import ClusterDirectory
@@ -38,6 +41,15 @@ __all__ = ["Cluster", "ClusterError"]
 
 log = logging.getLogger("presenced.cluster")
 _RESYNC = 30.0  # seconds between full reloads of the directory replica
+
+
+class SharedCache(Protocol):
+    """A module that caches per-account data: `changed` is called (when set) after a change
+    here; `forget` drops an account's entry when another node changed it."""
+
+    changed: Callable[[JID], None] | None
+
+    def forget(self, bare: JID) -> None: ...
 
 
 def connect(url: str) -> Any:
@@ -60,6 +72,7 @@ class Cluster:
         self.directory.inbox = self.inbox
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
+        self._caches: dict[str, Callable[[JID], None]] = {}  # kind -> forget(bare)
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
@@ -78,9 +91,7 @@ class Cluster:
         hooks = self.server.hooks
         hooks.add("presence/available", self._presence_changed, -100)
         hooks.add("presence/unavailable", self._presence_changed, -100)
-        rosters = getattr(self.server, "rosters", None)
-        if rosters is not None:
-            rosters.changed = self._roster_changed
+        self._wire_caches()
         await self.inbox.prepare()
         await self.membership.join()
         self.membership.start()
@@ -110,9 +121,28 @@ class Cluster:
     def _presence_changed(self, session: Session, *_args: Any) -> None:
         self.directory.changed(session)
 
-    def _roster_changed(self, bare: JID) -> None:
+    def _wire_caches(self) -> None:
+        """Each per-account cache: its changes published, the others' changes dropped."""
+        from server.modules.blocking import Blocking
+        from server.modules.mam import Mam
+        from server.modules.vcard import VCard
+        from server.modules.visibility import Visibility
+
+        rosters = getattr(self.server, "rosters", None)
+        if rosters is not None:
+            rosters.changed = functools.partial(self.publish, keys.ROSTER)
+            self._caches[keys.ROSTER] = rosters.forget
+        for kind, cls in ((keys.BLOCKLIST, Blocking), (keys.HIDDEN, Visibility),
+                          (keys.ARCHIVE_PREFS, Mam), (keys.AVATAR, VCard)):
+            module = cast("SharedCache | None", self.server.module(cls))
+            if module is not None:
+                module.changed = functools.partial(self.publish, kind)
+                self._caches[kind] = module.forget
+
+    def publish(self, kind: str, bare: JID) -> None:
+        """An account's cached data of this kind changed here: the other nodes drop theirs."""
         task = asyncio.ensure_future(self.redis.publish(keys.INVALIDATE,
-                                                        f"{self.name} r {bare}"))
+                                                        f"{self.name} {kind} {bare.bare}"))
         task.add_done_callback(_quiet)
 
     # -- events from the others --------------------------------------------------------------
@@ -139,19 +169,25 @@ class Cluster:
         kind, _, bare = rest.partition(" ")
         if node == self.name:
             return
-        if kind == "d":
+        if kind == keys.DIRECTORY:
             self.directory.invalidate(bare)
-        elif kind == "r":
-            rosters = getattr(self.server, "rosters", None)
-            if rosters is not None:
-                with contextlib.suppress(InvalidJID):
-                    rosters.forget(JID.parse(bare))
+            return
+        forget = self._caches.get(kind)
+        if forget is None:
+            return  # a kind this node does not cache (the module is not loaded here)
+        try:
+            jid = JID.parse(bare)
+        except InvalidJID:
+            log.warning("event=cluster-invalidation-bad kind=%s", kind)
+            return
+        forget(jid)
 
     def _remote_changed(self, bare: JID) -> None:
-        # An account no longer online anywhere: drop its cached roster here too.
-        rosters = getattr(self.server, "rosters", None)
-        if rosters is not None and not self.directory.is_online(bare):
-            rosters.forget(bare)
+        # An account no longer online anywhere: drop what we cached of it here too (the
+        # modules keep their caches only while the account is online).
+        if not self.directory.is_online(bare):
+            for forget in self._caches.values():
+                forget(bare)
 
     async def _resync(self) -> None:
         while True:

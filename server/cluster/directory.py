@@ -66,6 +66,7 @@ class RemoteSession(Session):
     that node's inbox; its presence, priority and interest are those the node published."""
 
     __slots__ = ("_inbox", "incarnation", "node", "sid")
+    remote = True
 
     def __init__(self, jid: JID, entry: dict[str, Any], inbox: Inbox) -> None:
         super().__init__(jid, None)

@@ -10,8 +10,15 @@ between nodes: changing one is a cluster-wide upgrade).
                                    (for the survivor that cleans up after a dead node: later)
     presenced:inbox:<node>         stream: stanzas and commands for that node's sessions
                                    (consumer group "presenced", one consumer per incarnation)
-    presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
-                                   r: roster), fire-and-forget; a periodic resync covers a loss
+    presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>", fire-and-forget
+                                   (the directory's periodic resync covers a lost one; a module's
+                                   cache is dropped anyway when the account goes offline). Kinds:
+                                     d  the account's directory entries (reload them)
+                                     r  its roster (server/roster.py)
+                                     b  its blocklist (XEP-0191, modules/blocking.py)
+                                     v  its hidden list (modules/visibility.py)
+                                     m  its archive preferences (XEP-0313 §6, modules/mam.py)
+                                     a  its vCard's avatar hash (XEP-0153, modules/vcard.py)
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ PREFIX = "presenced:"
 NODES = PREFIX + "nodes"
 INVALIDATE = PREFIX + "invalidate"
 GROUP = "presenced"
+# Kinds of presenced:invalidate messages.
+DIRECTORY, ROSTER, BLOCKLIST, HIDDEN, ARCHIVE_PREFS, AVATAR = "d", "r", "b", "v", "m", "a"
 
 
 def node(name: str) -> str:

@@ -1,0 +1,105 @@
+"""Sessions across the nodes of a cluster (issue 22 items 2 and 4): caches that modules keep per
+account dropped on every node when the account changes on one, XEP-0198 resumption on another
+node than the one the session was on, carbons and CSI with the resources on different nodes.
+Two in-process Servers for a.test on 127.0.0.1 and 127.0.0.2 with a private Redis and
+PostgreSQL, clients over real sockets (tests/test_cluster.py has the fixtures)."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from server.jid import JID
+from tests.conftest import RunningServer
+from tests.rawclient import CLIENT, RawClient
+from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.test_cluster import ALICE, BOB, MESSAGE, eventually, nodes, raw_available, sees  # noqa: F401
+
+CAROL = "carol@a.test"
+IQ = f"{{{CLIENT}}}iq"
+BLOCKING = "urn:xmpp:blocking"
+ROSTER = "jabber:iq:roster"
+
+
+async def next_message(client: RawClient, timeout: float = 5.0) -> etree._Element:
+    return await client.next_of("message", timeout)
+
+
+async def test_a_block_on_one_node_stops_delivery_on_the_other(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """bob blocks alice from his resource on node2; his resource on node1 gets nothing more
+    from alice at once (XEP-0191 §3.3): node1 dropped its cached copy of bob's blocklist."""
+    one, two = nodes
+    await one.add_user(CAROL)
+    phone = await raw_available(one, BOB, "phone")
+    desk = await raw_available(two, BOB, "desk")
+    alice = await raw_available(one, ALICE, "laptop")
+    carol = await raw_available(one, CAROL, "pc")
+    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob/desk")
+    await eventually(sees(two, f"{BOB}/phone"), "node2 sees bob/phone")
+    # Before: node1 has bob's (empty) blocklist cached and delivers.
+    await alice.send(f"<message to='{BOB}/phone' type='chat' id='before'><body>1</body>"
+                     "</message>")
+    assert (await next_message(phone)).get("id") == "before"
+    # Both resources asked for the blocklist (XEP-0191 §3.2), so both get the push (and for
+    # the roster: a resource on another node counts as interested when it did).
+    for client in (phone, desk):
+        await client.ask(f"<iq type='get' id='r'><query xmlns='{ROSTER}'/></iq>",
+                         skip_others=True)
+        answer = await client.ask(f"<iq type='get' id='bl'><blocklist xmlns='{BLOCKING}'/></iq>",
+                                  skip_others=True)
+        assert answer.get("type") == "result"
+    answer = await desk.ask(f"<iq type='set' id='b1'><block xmlns='{BLOCKING}'>"
+                            f"<item jid='{ALICE}'/></block></iq>", skip_others=True)
+    assert answer.get("type") == "result"
+    for client in (desk, phone):  # XEP-0191 §3.3: the push to every interested resource
+        push = await client.next_of("iq")
+        assert push.find(f"{{{BLOCKING}}}block/{{{BLOCKING}}}item").get("jid") == ALICE
+    # alice's message to bob's node1 resource is not delivered; carol's, sent after, is.
+    await alice.send(f"<message to='{BOB}/phone' type='chat' id='after'><body>2</body>"
+                     "</message>")
+    await carol.send(f"<message to='{BOB}/phone' type='chat' id='carol'><body>3</body>"
+                     "</message>")
+    assert (await next_message(phone)).get("id") == "carol"
+    # Unblocked on node2: node1 delivers again.
+    answer = await desk.ask(f"<iq type='set' id='u1'><unblock xmlns='{BLOCKING}'>"
+                            f"<item jid='{ALICE}'/></unblock></iq>", skip_others=True)
+    assert answer.get("type") == "result"
+    await phone.next_of("iq")  # the unblock push
+    await desk.next_of("iq")
+    await alice.send(f"<message to='{BOB}/phone' type='chat' id='again'><body>4</body>"
+                     "</message>")
+    got = await next_message(phone)
+    while got.get("type") == "error":  # the bounce of 'after' is alice's, not bob's
+        got = await next_message(phone)
+    assert got.get("id") == "again"
+    for client in (phone, desk, alice, carol):
+        await client.close()
+
+
+async def test_a_roster_change_on_one_node_is_seen_on_the_other(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    one, two = nodes
+    laptop = await raw_available(one, ALICE, "laptop")
+    phone = await raw_available(two, ALICE, "phone")
+    await eventually(sees(two, f"{ALICE}/laptop"), "node2 sees alice/laptop")
+    # Both fetch the roster: each node now has alice's (empty) roster cached, and both
+    # resources are interested (RFC 6121 §2.1.6).
+    for client in (laptop, phone):
+        answer = await client.ask(f"<iq type='get' id='r0'><query xmlns='{ROSTER}'/></iq>",
+                                  skip_others=True)
+        assert answer.find(f"{{{ROSTER}}}query/{{{ROSTER}}}item") is None
+    # The interest reaches node1 through the directory (published when the roster was asked).
+    await eventually(lambda: getattr(one.server.sessions.get(JID.parse(f"{ALICE}/phone")),
+                                     "interested", False), "node1 knows alice/phone's interest")
+    answer = await laptop.ask(f"<iq type='set' id='r1'><query xmlns='{ROSTER}'>"
+                              f"<item jid='{BOB}' name='Bob'/></query></iq>", skip_others=True)
+    assert answer.get("type") == "result"
+    push = await phone.next_of("iq")  # RFC 6121 §2.1.6: the push reaches node2
+    assert push.find(f"{{{ROSTER}}}query/{{{ROSTER}}}item").get("jid") == BOB
+    # node2 reads the roster afresh, not its stale copy.
+    answer = await phone.ask(f"<iq type='get' id='r2'><query xmlns='{ROSTER}'/></iq>",
+                             skip_others=True)
+    items = answer.findall(f"{{{ROSTER}}}query/{{{ROSTER}}}item")
+    assert [(i.get("jid"), i.get("name")) for i in items] == [(BOB, "Bob")]
+    for client in (laptop, phone):
+        await client.close()
