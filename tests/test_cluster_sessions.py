@@ -6,6 +6,8 @@ PostgreSQL, clients over real sockets (tests/test_cluster.py has the fixtures)."
 
 from __future__ import annotations
 
+import asyncio
+
 from lxml import etree
 
 from server.jid import JID
@@ -13,6 +15,8 @@ from tests.conftest import RunningServer
 from tests.rawclient import CLIENT, RawClient
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
 from tests.test_cluster import ALICE, BOB, MESSAGE, eventually, nodes, raw_available, sees  # noqa: F401
+from tests.test_presence import next_presence, roster_of, subscribe_both
+from tests.test_stream_management import SM, bodies, drop, read_all, resume, sm_login, tag
 
 CAROL = "carol@a.test"
 IQ = f"{{{CLIENT}}}iq"
@@ -102,4 +106,80 @@ async def test_a_roster_change_on_one_node_is_seen_on_the_other(
     items = answer.findall(f"{{{ROSTER}}}query/{{{ROSTER}}}item")
     assert [(i.get("jid"), i.get("name")) for i in items] == [(BOB, "Bob")]
     for client in (laptop, phone):
+        await client.close()
+
+
+async def mutual_subscription(one: RawClient, two: RawClient, node_one: RunningServer,
+                              node_two: RunningServer) -> None:
+    """bob (client one, on node_one) and alice (two, on node_two) subscribed both ways."""
+    await roster_of(one)
+    await roster_of(two)
+    # RFC 6121 §3.1.3: requests go to resources that asked for the roster; that interest
+    # reaches the other node through the directory.
+    for node, jid in ((node_one, two.jid), (node_two, one.jid)):  # type: ignore[attr-defined]
+        await eventually(lambda n=node, j=jid: getattr(n.server.sessions.get(JID.parse(j)),
+                                                         "interested", False), f"{jid} known")
+    await one.send("<presence/>")
+    await subscribe_both(None, one, two, BOB, ALICE)  # type: ignore[arg-type]
+
+
+async def test_resumption_on_the_other_node_moves_the_session(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """XEP-0198 §5 across nodes: alice's session on node1 loses its TCP connection and is
+    resumed on node2 with its previd. What she had not acknowledged and what came while she
+    was away arrive once each, h goes on from where it was, bob never sees her unavailable."""
+    one, two = nodes
+    alice, previd = await sm_login(one)
+    await alice.send("<presence/>")
+    await next_presence(alice, None, ALICE)
+    bob = await two.raw_login(BOB, "pc")
+    await eventually(sees(two, f"{ALICE}/phone"), "node2 sees alice/phone")
+    await mutual_subscription(bob, alice, two, one)
+    so_far = await read_all(alice)
+    for n in range(1, 4):
+        await bob.send(f"<message to='{ALICE}' type='chat'><body>m{n}</body></message>")
+    assert await bodies(alice, 3) == ["m1", "m2", "m3"]
+    # Only m1 was processed: acknowledged; the server's count of ours, asked for.
+    await alice.send(f"<a xmlns='{SM}' h='{so_far + 1}'/>")
+    await alice.send(f"<r xmlns='{SM}'/>")
+    while (el := await alice.next()).tag != tag("a"):
+        pass
+    handled = el.get("h")
+    drop(alice)
+    await eventually(lambda: one.server.sessions.local(JID.parse(f"{ALICE}/phone"))  # type: ignore[attr-defined]
+                     .transport is None, "node1 noticed the drop")
+    # Detached on node1: still available to bob, and messages for it are queued there.
+    for n in range(4, 6):
+        await bob.send(f"<message to='{ALICE}' type='chat'><body>m{n}</body></message>")
+    await asyncio.sleep(0.3)
+    new, answer = await resume(two, previd, so_far + 1)
+    assert answer.tag == tag("resumed") and answer.get("previd") == previd, \
+        etree.tostring(answer)
+    assert answer.get("h") == handled  # what node1 had handled of alice's
+    assert await bodies(new, 4) == ["m2", "m3", "m4", "m5"]
+    # The session is node2's now, and only node2's.
+    assert type(two.server.sessions.get(JID.parse(f"{ALICE}/phone"))).__name__ == "Session"
+    assert one.server.sessions.local(JID.parse(f"{ALICE}/phone")) is None  # type: ignore[attr-defined]
+    await eventually(sees(one, f"{ALICE}/phone"), "node1 sees alice/phone on node2")
+    # It goes on: both ways, counted from where it was; no duplicate, no unavailable.
+    await bob.send(f"<message to='{ALICE}/phone' type='chat'><body>m6</body></message>")
+    assert await bodies(new, 1) == ["m6"]
+    await new.send(f"<message to='{BOB}' type='chat'><body>back</body></message>")
+    await new.send(f"<r xmlns='{SM}'/>")
+    while (el := await new.next()).tag != tag("a"):
+        assert el.tag != MESSAGE, etree.tostring(el)  # nothing delivered twice
+    assert int(el.get("h", "")) == int(handled or 0) + 1
+    while True:
+        el = await bob.next(5)
+        assert not (el.tag == f"{{{CLIENT}}}presence" and el.get("type") == "unavailable"), \
+            "bob saw alice go"
+        if el.tag == MESSAGE:
+            assert (el.findtext(f"{{{CLIENT}}}body"), el.get("from")) == ("back", f"{ALICE}/phone")
+            break
+    # The id now names node2's session: another account cannot use it, an unknown one fails.
+    _stranger, answer = await resume(one, previd, 0, jid=BOB)
+    assert answer.tag == tag("failed")
+    _other, answer = await resume(one, "no-such-id", 0)
+    assert answer.find("{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
+    for client in (new, bob):
         await client.close()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from server.cluster import keys
 from server.cluster.directory import ClusterDirectory
+from server.cluster.handover import Handover
 from server.cluster.inbox import Inbox
 from server.cluster.membership import ClusterError, Membership
 from server.jid import JID, InvalidJID
@@ -70,6 +71,8 @@ class Cluster:
                                           self.redis, self.membership)
         self.inbox = Inbox(self.redis, self.membership, self.directory)
         self.directory.inbox = self.inbox
+        self.handover = Handover(self.redis, self.membership, self.inbox)
+        self.directory.handover = self.handover
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
         self._caches: dict[str, Callable[[JID], None]] = {}  # kind -> forget(bare)
@@ -106,6 +109,7 @@ class Cluster:
         """Graceful: the directory writes and outgoing stanzas are in Redis, then leave."""
         await self.directory.flush()
         await self.inbox.stop()
+        await self.handover.flush()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -33,6 +33,7 @@ from server.sessions import Session, SessionManager
 if TYPE_CHECKING:
     from lxml.etree import _Element
 
+    from server.cluster.handover import Handover
     from server.cluster.inbox import Inbox
     from server.cluster.membership import Membership
 
@@ -101,6 +102,7 @@ class ClusterDirectory(SessionManager):
         self.redis = redis
         self.membership = membership
         self.inbox: Inbox  # set by Cluster
+        self.handover: Handover  # set by Cluster
         self.sids: dict[Session, str] = {}
         self._remote: dict[JID, dict[str, RemoteSession]] = {}
         self._ops: asyncio.Queue[tuple[str, Session, dict[str, Any] | None]] = asyncio.Queue()
@@ -147,6 +149,13 @@ class ClusterDirectory(SessionManager):
 
     def is_online(self, bare: JID) -> bool:
         return super().is_online(bare) or bool(self._live(bare))
+
+    def release(self, session: Session) -> None:
+        """The session moves to another node (handover.py): forget it here without deleting
+        its entry in Redis, which the taker overwrites when it binds it (so that the account
+        never looks offline meanwhile)."""
+        if super().unbind(session):
+            self.sids.pop(session, None)
 
     def local(self, full: JID) -> Session | None:
         """A session bound on this node."""

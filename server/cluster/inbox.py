@@ -24,6 +24,7 @@ import inspect
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -58,6 +59,8 @@ class Inbox:
         self._reader: asyncio.Task[None] | None = None
         self._counter = itertools.count(1)
         self._seen: OrderedDict[str, None] = OrderedDict()
+        # Entry kinds other than stanzas and kicks -> their handler (handover.py: "h")
+        self.commands: dict[str, Callable[[dict[str, str]], None]] = {}
         self.sent = 0      # entries added to other nodes' inboxes
         self.received = 0  # entries handed over from ours
 
@@ -72,6 +75,10 @@ class Inbox:
 
     def kick(self, node: str, jid: str, sid: str) -> None:
         self._add(node, {"k": "c", "j": jid, "s": sid})
+
+    def command(self, node: str, fields: dict[str, str]) -> None:
+        """An entry for a handler in self.commands on that node (in order with stanzas)."""
+        self._add(node, fields)
 
     def _add(self, node: str, fields: dict[str, str]) -> None:
         membership = self.membership
@@ -171,6 +178,10 @@ class Inbox:
         self._seen[ident] = None
         if len(self._seen) > _SEEN:
             self._seen.popitem(last=False)
+        command = self.commands.get(fields.get("k", ""))
+        if command is not None:
+            command(fields)
+            return
         try:
             to = JID.parse(fields["j"])
         except (KeyError, InvalidJID):

@@ -9,7 +9,12 @@ between nodes: changing one is a cluster-wide upgrade).
                                    set: "<bare>/<resource>" of the sessions that incarnation bound
                                    (for the survivor that cleans up after a dead node: later)
     presenced:inbox:<node>         stream: stanzas and commands for that node's sessions
+                                   (k "h": give up a resumable session, handover.py)
                                    (consumer group "presenced", one consumer per incarnation)
+    presenced:sm:<previd>          string: JSON {"n", "i", "j"}: the node holding the resumable
+                                   XEP-0198 session previd, and its full JID (handover.py)
+    presenced:handover:<token>     list: a holder's answer to a hand-over request (the session's
+                                   state as JSON, {} when it has none), EX 60
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>", fire-and-forget
                                    (the directory's periodic resync covers a lost one; a module's
                                    cache is dropped anyway when the account goes offline). Kinds:
@@ -52,3 +57,14 @@ def node_sessions(name: str, incarnation: str) -> str:
 
 def inbox(name: str) -> str:
     return f"{PREFIX}inbox:{name}"
+
+
+HANDOVER = "h"  # an inbox entry: give up a resumable session (handover.py)
+
+
+def resumption(previd: str) -> str:
+    return f"{PREFIX}sm:{previd}"
+
+
+def handover_answer(token: str) -> str:
+    return f"{PREFIX}handover:{token}"

@@ -136,6 +136,10 @@ class Carbons(Module):
     def closed(self, session: Session, _reason: str) -> None:
         self._off(session)
 
+    def turn_off(self, session: Session) -> None:
+        """No more carbons for this session (it moved to another node of a cluster)."""
+        self._off(session)
+
     def _off(self, session: Session) -> None:
         if not self.enabled.get(session):
             return
