@@ -57,7 +57,7 @@ class Session:
 
     local_client = True  # stanzas from it get outbound processing (the user's server)
     remote = False  # [cluster]: a proxy for a session on another node (no SessionSlot state)
-    __slots__ = ("bare_str", "directed", "gate", "interested", "jid", "jid_str",
+    __slots__ = ("bare_str", "directed", "flags", "gate", "interested", "jid", "jid_str",
                  "outbox", "presence", "priority", "state", "transport")
 
     def __init__(self, jid: JID, transport: Transport | None) -> None:
@@ -68,6 +68,9 @@ class Session:
         self.presence: _Element | None = None  # last available presence broadcast, None: none
         self.interested = False  # RFC 6121 §2.1.6: requested the roster, so gets roster pushes
         self.directed: set[JID] | None = None  # RFC 6121 §4.6: directed presence recipients
+        # What the session turned on that other nodes of a cluster must know of (the
+        # directory publishes it; e.g. "urn:xmpp:carbons:2"). Module state is in `state`.
+        self.flags: frozenset[str] = frozenset()
         self.state: dict[int, Any] | None = None  # SessionSlot values (server/module.py)
         self.transport = transport
         self.outbox: Outbox | None = None

@@ -7,6 +7,7 @@ PostgreSQL, clients over real sockets (tests/test_cluster.py has the fixtures)."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from lxml import etree
 
@@ -14,6 +15,7 @@ from server.jid import JID
 from tests.conftest import RunningServer
 from tests.rawclient import CLIENT, RawClient
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.test_carbons import CARBONS, archive_ids, carbon, login, stanza_ids
 from tests.test_cluster import ALICE, BOB, MESSAGE, eventually, nodes, raw_available, sees  # noqa: F401
 from tests.test_presence import next_presence, roster_of, subscribe_both
 from tests.test_stream_management import SM, bodies, drop, read_all, resume, sm_login, tag
@@ -182,4 +184,81 @@ async def test_resumption_on_the_other_node_moves_the_session(
     _other, answer = await resume(one, "no-such-id", 0)
     assert answer.find("{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
     for client in (new, bob):
+        await client.close()
+
+
+async def archived(client: RawClient, ident: str, count: int) -> dict[str, str]:
+    for attempt in range(50):
+        found = await archive_ids(client, f"{ident}{attempt}")
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.1)
+    return found
+
+
+def carbons_on(node: RunningServer, jid: str) -> Callable[[], bool]:
+    """The node knows that the session jid on another node has carbons on."""
+    def check() -> bool:
+        session = node.server.sessions.get(JID.parse(jid))
+        return session is not None and session.remote and CARBONS in session.flags
+    return check
+
+
+async def test_carbons_between_resources_on_different_nodes(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """XEP-0280 with each account's two resources on different nodes: <sent/> and <received/>
+    copies cross the nodes, each with its own account's archive id (XEP-0359 §3), matching
+    what the account's archive (one database) returns."""
+    one, two = nodes
+    bob_phone = await login(one, BOB, "phone")
+    bob_laptop = await login(two, BOB, "laptop")
+    alice_phone = await login(two, ALICE, "phone")
+    alice_laptop = await login(one, ALICE, "laptop")
+    for node, jid in ((one, f"{BOB}/laptop"), (two, f"{BOB}/phone"),
+                      (one, f"{ALICE}/phone"), (two, f"{ALICE}/laptop")):
+        await eventually(carbons_on(node, jid), f"{jid}'s carbons known on the other node")
+    # bob/phone (node1) -> alice's bare JID: bob/laptop (node2) gets <sent/>, alice's two
+    # resources (one per node) the message itself.
+    await bob_phone.send(f"<message to='{ALICE}' type='chat' id='b1'><body>from bob</body>"
+                         "</message>")
+    sent = carbon(await next_message(bob_laptop), "sent")
+    assert sent.get("id") == "b1"
+    live = [await next_message(alice_phone), await next_message(alice_laptop)]
+    for copy in live:
+        assert copy.get("id") == "b1" and copy.find(f"{{{CARBONS}}}received") is None
+    alice_ids = {stanza_ids(copy)[0] for copy in live}
+    assert [by for by, _ in alice_ids] == [ALICE], alice_ids
+    [(by, bob_sent_id)] = stanza_ids(sent)
+    assert by == BOB, etree.tostring(sent)
+    # alice/laptop (node1) -> bob/phone (node1): bob/laptop (node2) gets <received/>,
+    # alice/phone (node2) <sent/>.
+    await alice_laptop.send(f"<message to='{BOB}/phone' type='chat' id='a1'>"
+                            "<body>from alice</body></message>")
+    direct = await next_message(bob_phone)
+    received = carbon(await next_message(bob_laptop), "received")
+    alice_sent = carbon(await next_message(alice_phone), "sent")
+    assert direct.get("id") == received.get("id") == alice_sent.get("id") == "a1"
+    [(by, bob_received_id)] = stanza_ids(received)
+    assert by == BOB and stanza_ids(direct) == [(BOB, bob_received_id)]
+    [(by, alice_sent_id)] = stanza_ids(alice_sent)
+    assert by == ALICE
+    # The one database's archive, queried on node2 (node1 archived them: once its group
+    # commit is in, which a query on node2 cannot wait for, hence the polling).
+    bob_archive = await archived(bob_laptop, "bq", 2)
+    alice_archive = await archived(alice_phone, "aq", 2)
+    assert bob_archive == {"from bob": bob_sent_id, "from alice": bob_received_id}
+    assert alice_archive == {"from bob": alice_ids.pop()[1], "from alice": alice_sent_id}
+    assert not set(bob_archive.values()) & set(alice_archive.values())
+    # Disabled on node2: node1 copies to it no more (a message, then a marker behind it).
+    reply = await alice_phone.ask(f"<iq type='set' id='d1'><disable xmlns='{CARBONS}'/></iq>",
+                                  skip_others=True)
+    assert reply.get("type") == "result"
+    await eventually(lambda: not carbons_on(one, f"{ALICE}/phone")(), "node1 sees it off")
+    await alice_laptop.send(f"<message to='{BOB}/phone' type='chat' id='a2'><body>2</body>"
+                            "</message>")
+    await next_message(bob_phone)
+    await bob_phone.send(f"<message to='{ALICE}/phone' type='chat' id='mark'><body>m</body>"
+                         "</message>")
+    assert (await next_message(alice_phone)).get("id") == "mark"
+    for client in (bob_phone, bob_laptop, alice_phone, alice_laptop):
         await client.close()

@@ -35,6 +35,7 @@ from server.jid import JID, InvalidJID
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.modules.carbons import Carbons
     from server.router import Router
     from server.sessions import Session
 
@@ -76,6 +77,7 @@ class Cluster:
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
         self._caches: dict[str, Callable[[JID], None]] = {}  # kind -> forget(bare)
+        self._carbons: Carbons | None = None
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
@@ -128,6 +130,7 @@ class Cluster:
     def _wire_caches(self) -> None:
         """Each per-account cache: its changes published, the others' changes dropped."""
         from server.modules.blocking import Blocking
+        from server.modules.carbons import Carbons
         from server.modules.mam import Mam
         from server.modules.vcard import VCard
         from server.modules.visibility import Visibility
@@ -142,6 +145,7 @@ class Cluster:
             if module is not None:
                 module.changed = functools.partial(self.publish, kind)
                 self._caches[kind] = module.forget
+        self._carbons = self.server.module(Carbons)  # copies to resources on other nodes
 
     def publish(self, kind: str, bare: JID) -> None:
         """An account's cached data of this kind changed here: the other nodes drop theirs."""
@@ -192,6 +196,8 @@ class Cluster:
         if not self.directory.is_online(bare):
             for forget in self._caches.values():
                 forget(bare)
+        if self._carbons is not None:
+            self._carbons.remote_changed(bare)
 
     async def _resync(self) -> None:
         while True:

@@ -4,7 +4,8 @@ synchronous Protocol (server/sessions.py) answers without a round trip.
 
 Redis holds, per bare JID, the hash presenced:dir:<bare>: resource -> entry (JSON):
     {"n": node, "i": incarnation, "s": session id, "p": priority, "a": available (0/1),
-     "r": interested in roster pushes (0/1), "x": the last available presence (XML) or ""}
+     "r": interested in roster pushes (0/1), "x": the last available presence (XML) or "",
+     "f": the session's flags (features it turned on, e.g. carbons), optional}
 A node writes only its own entries, in order, from one writer task; each write publishes
 "<node> d <bare>" on presenced:invalidate and every other node reloads that bare JID (the
 local cache is kept correct by invalidation; a periodic full resync covers a lost message).
@@ -76,6 +77,9 @@ class RemoteSession(Session):
         self.sid: str = entry["s"]
         self.priority = int(entry.get("p", 0))
         self.interested = bool(entry.get("r"))
+        flags = entry.get("f")
+        if flags:
+            self.flags = frozenset(flags)
         xml = entry.get("x")
         self.presence = etree.fromstring(xml.encode(), _PARSER) if xml else None
         self._inbox = inbox
@@ -179,7 +183,8 @@ class ClusterDirectory(SessionManager):
         return {"n": self.membership.name, "i": self.membership.incarnation,
                 "s": self.sids.get(session, ""), "p": session.priority,
                 "a": int(presence is not None), "r": int(session.interested),
-                "x": etree.tostring(presence, encoding="unicode") if presence is not None else ""}
+                "x": etree.tostring(presence, encoding="unicode") if presence is not None else "",
+                "f": sorted(session.flags)}
 
     def changed(self, session: Session) -> None:
         """The session's presence (or priority, interest) changed: publish it."""
