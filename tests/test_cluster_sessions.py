@@ -13,10 +13,11 @@ from lxml import etree
 
 from server.jid import JID
 from tests.conftest import RunningServer
-from tests.rawclient import CLIENT, RawClient
+from tests.rawclient import CLIENT, RawClient, sync
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
 from tests.test_carbons import CARBONS, archive_ids, carbon, login, stanza_ids
 from tests.test_cluster import ALICE, BOB, MESSAGE, eventually, nodes, raw_available, sees  # noqa: F401
+from tests.test_csi import ACTIVE, INACTIVE, describe, until_held
 from tests.test_presence import next_presence, roster_of, subscribe_both
 from tests.test_stream_management import SM, bodies, drop, read_all, resume, sm_login, tag
 
@@ -261,4 +262,28 @@ async def test_carbons_between_resources_on_different_nodes(
                          "</message>")
     assert (await next_message(alice_phone)).get("id") == "mark"
     for client in (bob_phone, bob_laptop, alice_phone, alice_laptop):
+        await client.close()
+
+
+async def test_csi_holds_presence_from_the_other_node_until_active(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """XEP-0352 on node2 for presence that contacts on node1 send: held while inactive (only
+    the latest per contact), delivered on <active/>."""
+    one, two = nodes
+    bob = await raw_available(two, BOB, "desk")
+    alice = await raw_available(one, ALICE, "laptop")
+    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob/desk")
+    await mutual_subscription(bob, alice, two, one)
+    await sync(bob)
+    await sync(alice)
+    await bob.send(INACTIVE)
+    await sync(bob)
+    await alice.send("<presence><show>away</show></presence>")
+    await alice.send("<presence><show>dnd</show></presence>")
+    await until_held(two, f"{BOB}/desk", 1)  # the later replaced the earlier
+    await asyncio.sleep(0.2)
+    await until_held(two, f"{BOB}/desk", 1)  # and nothing went out (an iq would flush it)
+    await bob.send(ACTIVE)
+    assert [describe(el) for el in await sync(bob)] == [f"presence:{ALICE}:dnd"]
+    for client in (bob, alice):
         await client.close()
