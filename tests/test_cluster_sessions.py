@@ -155,6 +155,8 @@ async def test_resumption_on_the_other_node_moves_the_session(
     for n in range(4, 6):
         await bob.send(f"<message to='{ALICE}' type='chat'><body>m{n}</body></message>")
     await asyncio.sleep(0.3)
+    stale = two.server.sessions.get(JID.parse(f"{ALICE}/phone"))  # node2's proxy, to node1
+    assert stale is not None and stale.remote
     new, answer = await resume(two, previd, so_far + 1)
     assert answer.tag == tag("resumed") and answer.get("previd") == previd, \
         etree.tostring(answer)
@@ -164,6 +166,10 @@ async def test_resumption_on_the_other_node_moves_the_session(
     assert type(two.server.sessions.get(JID.parse(f"{ALICE}/phone"))).__name__ == "Session"
     assert one.server.sessions.local(JID.parse(f"{ALICE}/phone")) is None  # type: ignore[attr-defined]
     await eventually(sees(one, f"{ALICE}/phone"), "node1 sees alice/phone on node2")
+    # A stanza routed to node1 by a node that did not know yet: node1 forwards it.
+    stale.send(etree.fromstring(f"<message xmlns='{CLIENT}' type='chat' from='{BOB}/pc' "
+                                f"to='{ALICE}/phone'><body>late</body></message>"))
+    assert await bodies(new, 1) == ["late"]
     # It goes on: both ways, counted from where it was; no duplicate, no unavailable.
     await bob.send(f"<message to='{ALICE}/phone' type='chat'><body>m6</body></message>")
     assert await bodies(new, 1) == ["m6"]

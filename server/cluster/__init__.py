@@ -72,7 +72,7 @@ class Cluster:
                                           self.redis, self.membership)
         self.inbox = Inbox(self.redis, self.membership, self.directory)
         self.directory.inbox = self.inbox
-        self.handover = Handover(self.redis, self.membership, self.inbox)
+        self.handover = Handover(self.redis, self.membership, self.inbox, self.directory)
         self.directory.handover = self.handover
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []

@@ -125,7 +125,8 @@ class ClusterDirectory(SessionManager):
                 requested and any(r.jid.resource == requested for r in remote)):
             raise StanzaError("resource-constraint", "too many sessions for this account")
         full = super().bind(session, requested)
-        self.sids[session] = secrets.token_hex(8)
+        # (a session moving here from another node comes with the id it announced there)
+        self.sids[session] = self.sids.get(session) or secrets.token_hex(8)
         self._ops.put_nowait(("bind", session, self.entry(session)))
         return full
 
@@ -160,6 +161,13 @@ class ClusterDirectory(SessionManager):
         never looks offline meanwhile)."""
         if super().unbind(session):
             self.sids.pop(session, None)
+
+    def moved(self, full: JID, entry: dict[str, Any]) -> None:
+        """A session released here is bound on another node now (entry: its directory entry
+        there, as the taker announced it): route to it there until the replica reloads."""
+        bare = JID.parse(str(full.bare))
+        assert full.resource is not None
+        self._remote.setdefault(bare, {})[full.resource] = RemoteSession(full, entry, self.inbox)
 
     def local(self, full: JID) -> Session | None:
         """A session bound on this node."""

@@ -18,9 +18,11 @@ ends. A client that resumes on a node that does not hold the session:
    then resumes it as a local session: the client's h acknowledges the head of the queue
    (XEP-0198 §5), the rest is sent again, once.
 
+The taker announces the session id it will bind with; the holder puts that entry in its
+replica at once, and forwards what its inbox still gets for the old id (inbox.py, once).
 No unavailable presence is ever broadcast (the session never ends), and a stanza is either in
-the holder's queue when it gives the session up (and moves) or routed to the taker after it
-bound (it finds the session there). Not yet: a session whose holder died (kill -9) while it
+the holder's queue when it gives the session up (and moves), routed to the taker afterwards,
+or forwarded there. Not yet: a session whose holder died (kill -9) while it
 was detached cannot be resumed — its unacknowledged messages are in the archive (MAM), and the
 survivor that cleans up after the dead node ends it.
 """
@@ -35,8 +37,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from server.cluster import keys
+from server.jid import JID
+
+CARBONS = "urn:xmpp:carbons:2"
 
 if TYPE_CHECKING:
+    from server.cluster.directory import ClusterDirectory
     from server.cluster.inbox import Inbox
     from server.cluster.membership import Membership
     from server.sessions import Session
@@ -47,8 +53,10 @@ _ANSWER_KEEP = 60  # seconds an unread answer stays in Redis
 
 
 class Handover:
-    def __init__(self, redis: Any, membership: Membership, inbox: Inbox) -> None:
+    def __init__(self, redis: Any, membership: Membership, inbox: Inbox,
+                 directory: ClusterDirectory) -> None:
         self.redis = redis
+        self.directory = directory
         self.membership = membership
         self.inbox = inbox
         # Set by stream management: (previd, bare JID) -> the session's state, given up here,
@@ -58,6 +66,10 @@ class Handover:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- resumption ids, cluster-wide --------------------------------------------------------
+
+    def arriving(self, session: Session, sid: str) -> None:
+        """A session taken over: it binds here with the id announced to its old node."""
+        self.directory.sids[session] = sid
 
     def register(self, previd: str, session: Session) -> None:
         """A resumable session here (SM enabled with resume, or just taken over)."""
@@ -86,8 +98,11 @@ class Handover:
             if str(where.get("j", "")).partition("/")[0] != bare:
                 return None  # another account's session: as if it did not exist
             answer_key = keys.handover_answer(secrets.token_hex(12))
+            sid = secrets.token_hex(8)  # the session's id here, announced to the holder
             self.inbox.command(node, {"k": keys.HANDOVER, "p": previd, "u": bare,
-                                      "r": answer_key})
+                                      "r": answer_key, "s": sid,
+                                      "t": self.membership.name,
+                                      "i": self.membership.incarnation})
             answer = await self.redis.blpop([answer_key], timeout=_ANSWER_WAIT)
         except Exception as exc:  # Redis unreachable: the client binds a new session
             log.warning("event=sm-handover-failed previd_known=0 error=%s", type(exc).__name__)
@@ -98,6 +113,7 @@ class Handover:
         state: dict[str, Any] = json.loads(answer[1])
         if not state:
             return None
+        state["s"] = sid
         log.info("event=sm-handover-taken jid=%s from=%s queued=%d", state.get("j"), node,
                  len(state.get("q", ())))
         return state
@@ -107,6 +123,13 @@ class Handover:
         state = None
         if self.give is not None:
             state = self.give(fields.get("p", ""), fields.get("u", ""))
+        if state is not None:
+            # Stanzas routed here to it meanwhile (this node's own, and those in our inbox
+            # from nodes whose replica still names us) follow it to the taker.
+            self.directory.moved(JID.parse(state["j"]), {
+                "n": fields["t"], "i": fields["i"], "s": fields["s"], "p": state["p"],
+                "a": int(bool(state["x"])), "r": state["r"], "x": state["x"],
+                "f": [CARBONS] if state.get("c") else []})
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(fields["r"], json.dumps(state or {}))
         pipe.expire(fields["r"], _ANSWER_KEEP)

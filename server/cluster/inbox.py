@@ -12,6 +12,7 @@ Entry fields:
     k  "s": a stanza for a session, "c": close that session with <conflict/>
     j  the session's full JID          s  its session id (a newer session of the JID: not it)
     x  the stanza (XML, jabber:client) m  "<node>:<incarnation>:<counter>", unique
+    f  "1": forwarded once already (the session had moved to another node), not again
 A stanza whose session is gone (closed since, or on a node that is dead) is handled as if the
 resource were offline: a message goes to offline storage (message/offline), an iq get/set is
 answered with service-unavailable (RFC 6121 §8.5.3.2.1), presence and iq results are dropped.
@@ -194,11 +195,17 @@ class Inbox:
                 # RFC 6120 §7.7.2.2: a newer session took the resource on another node.
                 session.close("conflict", "replaced by a new session with the same resource")
             return
-        stanza = etree.fromstring(fields["x"], _PARSER)
         if session is not None and current:
-            session.send(stanza)
+            session.send(etree.fromstring(fields["x"], _PARSER))
             return
-        self.undeliverable(stanza, to, "session-gone")
+        moved = self.directory.get(to) if not fields.get("f") else None
+        if moved is not None and moved.remote:
+            # The session moved to another node since (XEP-0198 resumption there,
+            # handover.py): forwarded once, with the id it has there.
+            self._add(moved.node, {"k": "s", "j": fields["j"], "s": moved.sid,  # type: ignore[attr-defined]
+                                   "x": fields["x"], "f": "1"})
+            return
+        self.undeliverable(etree.fromstring(fields["x"], _PARSER), to, "session-gone")
 
     def undeliverable(self, stanza: _Element, to: JID, reason: str) -> None:
         """The session a stanza was for is gone: as if its resource were offline."""

@@ -359,6 +359,8 @@ class StreamManagement(Module):
         session.interested = bool(moved["r"])
         session.presence = etree.fromstring(moved["x"], _PARSER) if moved["x"] else None
         session.directed = {JID.parse(j) for j in moved["d"]} or None
+        assert self.handover is not None
+        self.handover.arriving(session, moved["s"])
         self.server.sessions.bind(session, full.resource)
         state = SMState(self, session, True)
         state.id = previd
