@@ -19,6 +19,7 @@ from tests.test_carbons import CARBONS, archive_ids, carbon, login, stanza_ids
 from tests.test_cluster import ALICE, BOB, MESSAGE, eventually, nodes, raw_available, sees  # noqa: F401
 from tests.test_csi import ACTIVE, INACTIVE, describe, until_held
 from tests.test_presence import next_presence, roster_of, subscribe_both
+from tests.test_sasl2 import S2, ping, q, scram_sasl2
 from tests.test_stream_management import SM, bodies, drop, read_all, resume, sm_login, tag
 
 CAROL = "carol@a.test"
@@ -293,3 +294,23 @@ async def test_csi_holds_presence_from_the_other_node_until_active(
     assert [describe(el) for el in await sync(bob)] == [f"presence:{ALICE}:dnd"]
     for client in (bob, alice):
         await client.close()
+
+
+async def test_bind2_device_resource_is_the_same_on_every_node(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """XEP-0386 §3.2: one client installation (its SASL2 user-agent id) gets the same resource
+    on any node, and binding it on node2 ends its earlier session on node1 (RFC 6120
+    §7.7.2.2, settled in the directory)."""
+    one, two = nodes
+    first = await one.raw()
+    success, _after = await scram_sasl2(first)
+    jid = success.findtext(q(S2, "authorization-identifier")) or ""
+    assert jid.startswith(f"{ALICE}/Test/")
+    await eventually(sees(two, jid, available=False), "node2 knows the session")
+    again = await two.raw()
+    success, _after = await scram_sasl2(again)
+    assert success.findtext(q(S2, "authorization-identifier")) == jid
+    assert await first.stream_error(10) == "conflict"
+    await ping(again)
+    await eventually(sees(one, jid, available=False), "node1 names node2's session")
+    await again.close()
