@@ -314,3 +314,26 @@ async def test_bind2_device_resource_is_the_same_on_every_node(
     await ping(again)
     await eventually(sees(one, jid, available=False), "node1 names node2's session")
     await again.close()
+
+
+async def test_archive_preferences_changed_on_one_node_apply_on_the_other(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """XEP-0313 §6: alice says 'never' from node2; node1, which archives what bob sends her
+    there, follows at once (its cached preferences dropped)."""
+    one, two = nodes
+    laptop = await raw_available(one, ALICE, "laptop")
+    phone = await raw_available(two, ALICE, "phone")
+    bob = await raw_available(one, BOB, "pc")
+    await bob.send(f"<message to='{ALICE}/laptop' type='chat'><body>first</body></message>")
+    await next_message(laptop)
+    assert set(await archived(phone, "a0", 1)) == {"first"}  # node1 has her prefs cached now
+    answer = await phone.ask("<iq type='set' id='p1'><prefs xmlns='urn:xmpp:mam:2' "
+                             "default='never'/></iq>", skip_others=True)
+    assert answer.get("type") == "result"  # answered once every node was told
+    await bob.send(f"<message to='{ALICE}/laptop' type='chat'><body>secret</body></message>")
+    await next_message(laptop)
+    # bob's archive has it (the same write on node1 as alice's would be); alice's does not.
+    assert set(await archived(bob, "b0", 2)) == {"first", "secret"}
+    assert set(await archive_ids(phone, "a1")) == {"first"}
+    for client in (laptop, phone, bob):
+        await client.close()

@@ -23,7 +23,7 @@ import server.config  # noqa: F401  isort: skip
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from server.cluster import keys
@@ -49,7 +49,7 @@ class SharedCache(Protocol):
     """A module that caches per-account data: `changed` is called (when set) after a change
     here; `forget` drops an account's entry when another node changed it."""
 
-    changed: Callable[[JID], None] | None
+    changed: Callable[[JID], Awaitable[None]] | None
 
     def forget(self, bare: JID) -> None: ...
 
@@ -147,11 +147,16 @@ class Cluster:
                 self._caches[kind] = module.forget
         self._carbons = self.server.module(Carbons)  # copies to resources on other nodes
 
-    def publish(self, kind: str, bare: JID) -> None:
-        """An account's cached data of this kind changed here: the other nodes drop theirs."""
-        task = asyncio.ensure_future(self.redis.publish(keys.INVALIDATE,
-                                                        f"{self.name} {kind} {bare.bare}"))
-        task.add_done_callback(_quiet)
+    def publish(self, kind: str, bare: JID) -> asyncio.Future[None]:
+        """An account's cached data of this kind changed here: the other nodes drop theirs.
+        Awaitable (a module answers once every node was told); it never raises."""
+        return asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
+
+    async def _publish(self, text: str) -> None:
+        try:
+            await self.redis.publish(keys.INVALIDATE, text)
+        except Exception as exc:  # the other nodes drop it when the account goes offline
+            log.warning("event=cluster-publish-failed error=%s", type(exc).__name__)
 
     # -- events from the others --------------------------------------------------------------
 
@@ -217,7 +222,3 @@ class Cluster:
             session.close("system-shutdown", "this node left the cluster; reconnect")
         self.directory.forget_remote()
 
-
-def _quiet(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("event=cluster-publish-failed error=%s", type(task.exception()).__name__)

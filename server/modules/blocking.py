@@ -72,7 +72,7 @@ class Blocking(Module):
         self._changing = asyncio.Lock()  # serialises changes, so pushes go out in storage order
         self._push_ids = itertools.count(1)
         # [cluster]: tells the other nodes that an account's blocklist changed (server/cluster)
-        self.changed: Callable[[JID], None] | None = None
+        self.changed: Callable[[JID], Awaitable[None]] | None = None
 
     def forget(self, bare: JID) -> None:
         """Another node changed this account's blocklist: read it again when next needed."""
@@ -226,8 +226,8 @@ class Blocking(Module):
             routed = self._route(notes) if blocked else []
             if self.server.sessions.is_online(bare):
                 self._lists[origin.bare_str] = after
-            if self.changed is not None:
-                self.changed(bare)
+            if self.changed is not None:  # told before the answer: then every node knows
+                await self.changed(bare)
             if not blocked:
                 routed = self._route(notes)
         log.info("event=blocklist-%s jid=%s count=%d", "block" if blocked else "unblock",

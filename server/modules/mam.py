@@ -246,7 +246,7 @@ class Mam(Module):
         self.store: ArchiveStore = self.store_of(archive.SPEC)
         self._prefs: dict[str, ArchivePrefs] = {}
         # [cluster]: tells the other nodes that an account's preferences changed
-        self.changed: Callable[[JID], None] | None = None
+        self.changed: Callable[[JID], Awaitable[None]] | None = None
         self._last_ts = 0
         self._writer: _Writer | None = None
         self._expiry: asyncio.Task[None] | None = None
@@ -623,8 +623,8 @@ class Mam(Module):
         except NoSuchAccount:
             raise StanzaError("item-not-found", "no such account") from None
         self._prefs[origin.bare_str] = prefs
-        if self.changed is not None:
-            self.changed(origin.jid.bare)
+        if self.changed is not None:  # told before the answer: then every node knows
+            await self.changed(origin.jid.bare)
         return result(stanza, _prefs_element(prefs, xmlns))
 
     # -- deleting ----------------------------------------------------------------------------

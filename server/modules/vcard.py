@@ -70,7 +70,7 @@ class VCard(Module):
         # (localpart, domain) -> what avatar_hash() returns; cleared when it grows too big.
         self._hashes: dict[tuple[str, str], str | None] = {}
         # [cluster]: tells the other nodes that an account's vCard changed (server/cluster)
-        self.changed: Callable[[JID], None] | None = None
+        self.changed: Callable[[JID], Awaitable[None]] | None = None
 
     async def avatar_hash(self, user: str, domain: str) -> str | None:
         """XEP-0153: hex SHA-1 of the account's avatar image; '' for a vCard without a photo
@@ -82,11 +82,11 @@ class VCard(Module):
         self._remember(key, value)
         return value
 
-    def _stored(self, owner: JID, digest: str) -> None:
+    async def _stored(self, owner: JID, digest: str) -> None:
         assert owner.local is not None
         self._remember((owner.local, owner.domain), digest)
-        if self.changed is not None:
-            self.changed(owner.bare)
+        if self.changed is not None:  # told before the answer: then every node knows
+            await self.changed(owner.bare)
 
     def forget(self, bare: JID) -> None:
         """Another node stored this account's vCard: read its avatar hash again."""
@@ -130,7 +130,7 @@ class VCard(Module):
         assert owner.local is not None
         before = await self.avatar_hash(owner.local, owner.domain)
         await self.server.storage.vcards.set(owner.local, owner.domain, text, digest)
-        self._stored(owner, digest)
+        await self._stored(owner, digest)
         if digest != (before or ""):
             await self._photo_to_pep(owner.bare, vcard, digest)
         return result(stanza)
@@ -224,7 +224,7 @@ class VCard(Module):
                      owner)
             return
         await storage.set(owner.local, owner.domain, text, digest)
-        self._stored(owner, digest)
+        await self._stored(owner, digest)
 
     @iq_set(ns.VCARD, "vCard", to=("bare",))
     def set_other_vcard(self, _stanza: Stanza, _origin: Session | None) -> Stanza:
