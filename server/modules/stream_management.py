@@ -246,6 +246,9 @@ class StreamManagement(Module):
         if self.handover is not None and el.get("previd", "") not in self.resumable:
             self.server.router.spawn(self._resume_from_another_node(stream, el))
             return
+        self._resume_here(stream, el)
+
+    def _resume_here(self, stream: C2SConnection, el: Stanza) -> None:
         answer, state = self._resume(stream, el)
         if answer is not None:
             stream.write_element(answer)
@@ -300,13 +303,8 @@ class StreamManagement(Module):
                 self.server.router.spawn(self._rescue(
                     Session(JID.parse(taken["j"]), None),
                     [etree.fromstring(x, _PARSER) for x in taken["q"]]))
-        if stream.closing:
-            return
-        answer, state = self._resume(stream, el)
-        if answer is not None:
-            stream.write_element(answer)
-        if state is not None:
-            self._redeliver(stream, state)
+        if not stream.closing:
+            self._resume_here(stream, el)
 
     def give(self, previd: str, bare: str) -> dict[str, Any] | None:
         """Another node resumes this session: it leaves this node, as it is, in one step (no
