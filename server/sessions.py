@@ -56,7 +56,8 @@ class Session:
     """One bound resource. `state` holds module-private state through SessionSlots."""
 
     local_client = True  # stanzas from it get outbound processing (the user's server)
-    __slots__ = ("bare_str", "directed", "gate", "interested", "jid", "jid_str",
+    remote = False  # [cluster]: a proxy for a session on another node (no SessionSlot state)
+    __slots__ = ("bare_str", "directed", "flags", "gate", "interested", "jid", "jid_str",
                  "outbox", "presence", "priority", "state", "transport")
 
     def __init__(self, jid: JID, transport: Transport | None) -> None:
@@ -67,6 +68,9 @@ class Session:
         self.presence: _Element | None = None  # last available presence broadcast, None: none
         self.interested = False  # RFC 6121 §2.1.6: requested the roster, so gets roster pushes
         self.directed: set[JID] | None = None  # RFC 6121 §4.6: directed presence recipients
+        # What the session turned on that other nodes of a cluster must know of (the
+        # directory publishes it; e.g. "urn:xmpp:carbons:2"). Module state is in `state`.
+        self.flags: frozenset[str] = frozenset()
         self.state: dict[int, Any] | None = None  # SessionSlot values (server/module.py)
         self.transport = transport
         self.outbox: Outbox | None = None
@@ -124,6 +128,10 @@ class SessionDirectory(Protocol):
     def is_online(self, bare: JID) -> bool: ...
 
     def all(self) -> list[Session]: ...
+
+    def changed(self, session: Session) -> None:
+        """The session's presence, priority or roster interest changed (a directory shared by
+        several nodes publishes it)."""
 
     def __len__(self) -> int: ...
 
@@ -193,6 +201,9 @@ class SessionManager:
 
     def all(self) -> list[Session]:
         return [s for resources in self._by_bare.values() for s in resources.values()]
+
+    def changed(self, session: Session) -> None:
+        """Nothing to publish in one process (the cluster's directory overrides it)."""
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._by_bare.values())

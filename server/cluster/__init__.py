@@ -13,8 +13,10 @@ single process it always was. Pieces:
   node's modules, e.g. the placement of rooms;
 - keys.py: every key, stream and channel name.
 
-Caches that other nodes must drop when an account changes here (rosters) are invalidated
-through the same pub/sub channel as the directory.
+Caches that modules keep per account (rosters, blocklists, hidden lists, archive preferences,
+avatar hashes) are dropped on the other nodes when an account changes here: the module calls its
+`changed(bare)` callback, which publishes "<node> <kind> <bare>" on the directory's pub/sub
+channel, and every other node calls that module's `forget(bare)` (kinds in keys.py).
 
 What is promised (issue 22 item 6):
 
@@ -49,14 +51,15 @@ from __future__ import annotations
 # submodule imported on its own would otherwise meet a half-initialised server.config).
 import server.config  # noqa: F401  isort: skip
 import asyncio
-import contextlib
+import functools
 import logging
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from server import events
 from server.cluster import keys
 from server.cluster.directory import ClusterDirectory
+from server.cluster.handover import Handover
 from server.cluster.inbox import Inbox
 from server.cluster.membership import ClusterError, Membership
 from server.cluster.reaper import LOCK_MS, TOMBSTONE_MS, Reaper
@@ -64,6 +67,7 @@ from server.jid import JID, InvalidJID
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.modules.carbons import Carbons
     from server.router import Router
     from server.sessions import Session
 
@@ -72,6 +76,15 @@ __all__ = ["Cluster", "ClusterError"]
 log = logging.getLogger("presenced.cluster")
 _RESYNC = 30.0  # seconds between full reloads of the directory replica
 _STOP_STEP = 2.0  # seconds each Redis-bound step of stopping may take at most
+
+
+class SharedCache(Protocol):
+    """A module that caches per-account data: `changed` is called (when set) after a change
+    here; `forget` drops an account's entry when another node changed it."""
+
+    changed: Callable[[JID], Awaitable[None]] | None
+
+    def forget(self, bare: JID) -> None: ...
 
 
 def connect(url: str) -> Any:
@@ -99,6 +112,10 @@ class Cluster:
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
         self.drained = 0  # inbox entries this node settled itself when it stopped
+        self.handover = Handover(self.redis, self.membership, self.inbox, self.directory)
+        self.directory.handover = self.handover
+        self._caches: dict[str, Callable[[JID], None]] = {}  # kind -> forget(bare)
+        self._carbons: Carbons | None = None
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
@@ -117,9 +134,7 @@ class Cluster:
         hooks = self.server.hooks
         hooks.add("presence/available", self._presence_changed, -100)
         hooks.add("presence/unavailable", self._presence_changed, -100)
-        rosters = getattr(self.server, "rosters", None)
-        if rosters is not None:
-            rosters.changed = self._roster_changed
+        self._wire_caches()
         await self.membership.join()
         self.membership.start()  # heartbeats while we wait below
         # The previous incarnation's sessions and unread entries (kill -9, then restart):
@@ -142,6 +157,7 @@ class Cluster:
         await _bounded(self.directory.flush(), "directory-flush")
         await _bounded(self.inbox.stop(), "inbox-stop")
         await self.inbox.abandon()
+        await _bounded(self.handover.flush(), "handover-flush")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -209,10 +225,36 @@ class Cluster:
     def _presence_changed(self, session: Session, *_args: Any) -> None:
         self.directory.changed(session)
 
-    def _roster_changed(self, bare: JID) -> None:
-        task = asyncio.ensure_future(self.redis.publish(keys.INVALIDATE,
-                                                        f"{self.name} r {bare}"))
-        task.add_done_callback(_quiet)
+    def _wire_caches(self) -> None:
+        """Each per-account cache: its changes published, the others' changes dropped."""
+        from server.modules.blocking import Blocking
+        from server.modules.carbons import Carbons
+        from server.modules.mam import Mam
+        from server.modules.vcard import VCard
+        from server.modules.visibility import Visibility
+
+        rosters = getattr(self.server, "rosters", None)
+        if rosters is not None:
+            rosters.changed = functools.partial(self.publish, keys.ROSTER)
+            self._caches[keys.ROSTER] = rosters.forget
+        for kind, cls in ((keys.BLOCKLIST, Blocking), (keys.HIDDEN, Visibility),
+                          (keys.ARCHIVE_PREFS, Mam), (keys.AVATAR, VCard)):
+            module = cast("SharedCache | None", self.server.module(cls))
+            if module is not None:
+                module.changed = functools.partial(self.publish, kind)
+                self._caches[kind] = module.forget
+        self._carbons = self.server.module(Carbons)  # copies to resources on other nodes
+
+    def publish(self, kind: str, bare: JID) -> asyncio.Future[None]:
+        """An account's cached data of this kind changed here: the other nodes drop theirs.
+        Awaitable (a module answers once every node was told); it never raises."""
+        return asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
+
+    async def _publish(self, text: str) -> None:
+        try:
+            await self.redis.publish(keys.INVALIDATE, text)
+        except Exception as exc:  # the other nodes drop it when the account goes offline
+            log.warning("event=cluster-publish-failed error=%s", type(exc).__name__)
 
     # -- events from the others --------------------------------------------------------------
 
@@ -238,19 +280,27 @@ class Cluster:
         kind, _, bare = rest.partition(" ")
         if node == self.name:
             return
-        if kind == "d":
+        if kind == keys.DIRECTORY:
             self.directory.invalidate(bare)
-        elif kind == "r":
-            rosters = getattr(self.server, "rosters", None)
-            if rosters is not None:
-                with contextlib.suppress(InvalidJID):
-                    rosters.forget(JID.parse(bare))
+            return
+        forget = self._caches.get(kind)
+        if forget is None:
+            return  # a kind this node does not cache (the module is not loaded here)
+        try:
+            jid = JID.parse(bare)
+        except InvalidJID:
+            log.warning("event=cluster-invalidation-bad kind=%s", kind)
+            return
+        forget(jid)
 
     def _remote_changed(self, bare: JID) -> None:
-        # An account no longer online anywhere: drop its cached roster here too.
-        rosters = getattr(self.server, "rosters", None)
-        if rosters is not None and not self.directory.is_online(bare):
-            rosters.forget(bare)
+        # An account no longer online anywhere: drop what we cached of it here too (the
+        # modules keep their caches only while the account is online).
+        if not self.directory.is_online(bare):
+            for forget in self._caches.values():
+                forget(bare)
+        if self._carbons is not None:
+            self._carbons.remote_changed(bare)
 
     async def _resync(self) -> None:
         while True:

@@ -4,7 +4,8 @@ synchronous Protocol (server/sessions.py) answers without a round trip.
 
 Redis holds, per bare JID, the hash presenced:dir:<bare>: resource -> entry (JSON):
     {"n": node, "i": incarnation, "s": session id, "p": priority, "a": available (0/1),
-     "r": interested in roster pushes (0/1), "x": the last available presence (XML) or ""}
+     "r": interested in roster pushes (0/1), "x": the last available presence (XML) or "",
+     "f": the session's flags (features it turned on, e.g. carbons), optional}
 A node writes only its own entries, in order, from one writer task; each write publishes
 "<node> d <bare>" on presenced:invalidate and every other node reloads that bare JID (the
 local cache is kept correct by invalidation; a periodic full resync covers a lost message).
@@ -33,6 +34,7 @@ from server.sessions import Session, SessionManager
 if TYPE_CHECKING:
     from lxml.etree import _Element
 
+    from server.cluster.handover import Handover
     from server.cluster.inbox import Inbox
     from server.cluster.membership import Membership
 
@@ -89,6 +91,7 @@ class RemoteSession(Session):
     that node's inbox; its presence, priority and interest are those the node published."""
 
     __slots__ = ("_inbox", "incarnation", "node", "sid")
+    remote = True
 
     def __init__(self, jid: JID, entry: dict[str, Any], inbox: Inbox) -> None:
         super().__init__(jid, None)
@@ -97,6 +100,9 @@ class RemoteSession(Session):
         self.sid: str = entry["s"]
         self.priority = int(entry.get("p", 0))
         self.interested = bool(entry.get("r"))
+        flags = entry.get("f")
+        if flags:
+            self.flags = frozenset(flags)
         xml = entry.get("x")
         self.presence = etree.fromstring(xml.encode(), _PARSER) if xml else None
         self._inbox = inbox
@@ -129,6 +135,7 @@ class ClusterDirectory(SessionManager):
         self.redis = redis
         self.membership = membership
         self.inbox: Inbox  # set by Cluster
+        self.handover: Handover  # set by Cluster
         self.sids: dict[Session, str] = {}
         self._remote: dict[JID, dict[str, RemoteSession]] = {}
         self._ops: asyncio.Queue[tuple[str, Session, dict[str, Any] | None]] = asyncio.Queue()
@@ -148,7 +155,8 @@ class ClusterDirectory(SessionManager):
                 requested and any(r.jid.resource == requested for r in remote)):
             raise StanzaError("resource-constraint", "too many sessions for this account")
         full = super().bind(session, requested)
-        self.sids[session] = secrets.token_hex(8)
+        # (a session moving here from another node comes with the id it announced there)
+        self.sids[session] = self.sids.get(session) or secrets.token_hex(8)
         self._ops.put_nowait(("bind", session, self.entry(session)))
         return full
 
@@ -177,6 +185,20 @@ class ClusterDirectory(SessionManager):
     def is_online(self, bare: JID) -> bool:
         return super().is_online(bare) or bool(self._live(bare))
 
+    def release(self, session: Session) -> None:
+        """The session moves to another node (handover.py): forget it here without deleting
+        its entry in Redis, which the taker overwrites when it binds it (so that the account
+        never looks offline meanwhile)."""
+        if super().unbind(session):
+            self.sids.pop(session, None)
+
+    def moved(self, full: JID, entry: dict[str, Any]) -> None:
+        """A session released here is bound on another node now (entry: its directory entry
+        there, as the taker announced it): route to it there until the replica reloads."""
+        bare = JID.parse(str(full.bare))
+        assert full.resource is not None
+        self._remote.setdefault(bare, {})[full.resource] = RemoteSession(full, entry, self.inbox)
+
     def local(self, full: JID) -> Session | None:
         """A session bound on this node."""
         return super().get(full)
@@ -199,7 +221,8 @@ class ClusterDirectory(SessionManager):
         return {"n": self.membership.name, "i": self.membership.incarnation,
                 "s": self.sids.get(session, ""), "p": session.priority,
                 "a": int(presence is not None), "r": int(session.interested),
-                "x": etree.tostring(presence, encoding="unicode") if presence is not None else ""}
+                "x": etree.tostring(presence, encoding="unicode") if presence is not None else "",
+                "f": sorted(session.flags)}
 
     def changed(self, session: Session) -> None:
         """The session's presence (or priority, interest) changed: publish it."""

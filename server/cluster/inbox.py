@@ -14,6 +14,7 @@ Entry fields:
     k  "s": a stanza for a session, "c": close that session with <conflict/>
     j  the session's full JID          s  its session id (a newer session of the JID: not it)
     x  the stanza (XML, jabber:client) m  "<node>:<incarnation>:<counter>", unique
+    f  "1": forwarded once already (the session had moved to another node), not again
 A stanza whose session is gone (closed since, or on a node that is dead) is handled as if the
 resource were offline: a message goes to offline storage (message/offline), an iq get/set is
 answered with service-unavailable (RFC 6121 §8.5.3.2.1), presence and iq results are dropped.
@@ -27,7 +28,7 @@ import inspect
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -64,6 +65,8 @@ class Inbox:
         self._reader: asyncio.Task[None] | None = None
         self._counter = itertools.count(1)
         self._seen: OrderedDict[str, None] = OrderedDict()
+        # Entry kinds other than stanzas and kicks -> their handler (handover.py: "h")
+        self.commands: dict[str, Callable[[dict[str, str]], None]] = {}
         self.sent = 0      # entries added to other nodes' inboxes
         self.received = 0  # entries handed over from ours
 
@@ -78,6 +81,10 @@ class Inbox:
 
     def kick(self, node: str, jid: str, sid: str) -> None:
         self._add(node, {"k": "c", "j": jid, "s": sid})
+
+    def command(self, node: str, fields: dict[str, str]) -> None:
+        """An entry for a handler in self.commands on that node (in order with stanzas)."""
+        self._add(node, fields)
 
     def _add(self, node: str, fields: dict[str, str]) -> None:
         membership = self.membership
@@ -215,6 +222,10 @@ class Inbox:
     def _hand_over(self, fields: dict[str, str]) -> Awaitable[Any] | None:
         if not self._first(fields.get("m", "")):
             return None  # at least once: a duplicate
+        command = self.commands.get(fields.get("k", ""))
+        if command is not None:
+            command(fields)
+            return None
         try:
             to = JID.parse(fields["j"])
         except (KeyError, InvalidJID):
@@ -230,6 +241,13 @@ class Inbox:
         stanza = etree.fromstring(fields["x"], _PARSER)
         if session is not None and current:
             session.send(stanza)
+            return None
+        moved = self.directory.get(to) if not fields.get("f") else None
+        if moved is not None and moved.remote:
+            # The session moved to another node since (XEP-0198 resumption there,
+            # handover.py): forwarded once, with the id it has there.
+            self._add(moved.node, {"k": "s", "j": fields["j"], "s": moved.sid,  # type: ignore[attr-defined]
+                                   "x": fields["x"], "f": "1"})
             return None
         return self.undeliverable(stanza, to, "session-gone", spawn=False)
 

@@ -21,9 +21,21 @@ between nodes: changing one is a cluster-wide upgrade).
                                    (consumer group "presenced", one consumer per incarnation,
                                    "reaper-<node>" for a node settling another's entries);
                                    an entry is deleted when acknowledged, so what the stream
-                                   holds is what no session got yet
-    presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
-                                   r: roster), fire-and-forget; a periodic resync covers a loss
+                                   holds is what no session got yet; k "h": give up a
+                                   resumable session (handover.py)
+    presenced:sm:<previd>          string: JSON {"n", "i", "j"}: the node holding the resumable
+                                   XEP-0198 session previd, and its full JID (handover.py)
+    presenced:handover:<token>     list: a holder's answer to a hand-over request (the session's
+                                   state as JSON, {} when it has none), EX 60
+    presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>", fire-and-forget
+                                   (the directory's periodic resync covers a lost one; a module's
+                                   cache is dropped anyway when the account goes offline). Kinds:
+                                     d  the account's directory entries (reload them)
+                                     r  its roster (server/roster.py)
+                                     b  its blocklist (XEP-0191, modules/blocking.py)
+                                     v  its hidden list (modules/visibility.py)
+                                     m  its archive preferences (XEP-0313 §6, modules/mam.py)
+                                     a  its vCard's avatar hash (XEP-0153, modules/vcard.py)
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ NODES = PREFIX + "nodes"
 INCARNATIONS = PREFIX + "incarnations"
 INVALIDATE = PREFIX + "invalidate"
 GROUP = "presenced"
+# Kinds of presenced:invalidate messages.
+DIRECTORY, ROSTER, BLOCKLIST, HIDDEN, ARCHIVE_PREFS, AVATAR = "d", "r", "b", "v", "m", "a"
 
 
 def node(name: str) -> str:
@@ -65,3 +79,14 @@ def incarnation(name: str, incarnation: str) -> str:
 
 def reap(name: str, incarnation: str) -> str:
     return f"{PREFIX}reap:{name}:{incarnation}"
+
+
+HANDOVER = "h"  # an inbox entry: give up a resumable session (handover.py)
+
+
+def resumption(previd: str) -> str:
+    return f"{PREFIX}sm:{previd}"
+
+
+def handover_answer(token: str) -> str:
+    return f"{PREFIX}handover:{token}"

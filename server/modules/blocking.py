@@ -11,7 +11,7 @@ import asyncio
 import copy
 import itertools
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from server import events
@@ -71,6 +71,12 @@ class Blocking(Module):
         self._lists: dict[str, Blocklist] = {}
         self._changing = asyncio.Lock()  # serialises changes, so pushes go out in storage order
         self._push_ids = itertools.count(1)
+        # [cluster]: tells the other nodes that an account's blocklist changed (server/cluster)
+        self.changed: Callable[[JID], Awaitable[None]] | None = None
+
+    def forget(self, bare: JID) -> None:
+        """Another node changed this account's blocklist: read it again when next needed."""
+        self._lists.pop(str(bare), None)
 
     async def _get(self, bare: JID) -> Blocklist:
         key = str(bare)
@@ -207,7 +213,9 @@ class Blocking(Module):
             for jid in jids:
                 st.child(push, _ITEM, {"jid": jid})
             for session in self.server.sessions.resources(bare):
-                if self.interested.get(session):
+                # A session on another node: its node keeps its slots, the directory only its
+                # roster interest, taken as the sign of a client that handles pushes.
+                if self.interested.get(session) or (session.remote and session.interested):
                     iq: Stanza = st.iq("set", to=session.jid_str,
                                        id_=f"block-push-{next(self._push_ids)}")
                     iq.append(copy.deepcopy(push))
@@ -218,6 +226,8 @@ class Blocking(Module):
             routed = self._route(notes) if blocked else []
             if self.server.sessions.is_online(bare):
                 self._lists[origin.bare_str] = after
+            if self.changed is not None:  # told before the answer: then every node knows
+                await self.changed(bare)
             if not blocked:
                 routed = self._route(notes)
         log.info("event=blocklist-%s jid=%s count=%d", "block" if blocked else "unblock",

@@ -63,6 +63,11 @@ _IM_NAMESPACES = frozenset({
 })
 
 
+def _remote_on(session: Session) -> bool:
+    """A session on another node of a cluster with carbons on (its node published it)."""
+    return session.remote and CARBONS in session.flags
+
+
 def eligible(stanza: Stanza, incoming: bool) -> bool:
     """XEP-0280 §6: should this message be copied to the account's other resources?"""
     kind = stanza.get("type") or "normal"
@@ -92,8 +97,10 @@ class Carbons(Module):
 
     def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
-        # bare JID -> how many of its sessions have carbons on (a quick "no" on the hot path)
+        # bare JID -> how many of its sessions have carbons on (a quick "no" on the hot path),
+        # with [cluster] those on other nodes too (counted in _remote: remote_changed())
         self._accounts: dict[JID, int] = {}
+        self._remote: dict[JID, int] = {}
         # <private/> messages for carbon-enabled accounts, the element removed, until delivered
         self._private: dict[int, Stanza] = {}
         # id(message) -> (message, the sender's archive id), from MAM until the <sent/> copy
@@ -113,6 +120,21 @@ class Carbons(Module):
             self.enabled.set(session, True)
             bare = session.jid.bare
             self._accounts[bare] = self._accounts.get(bare, 0) + 1
+            session.flags = session.flags | {CARBONS}
+            self.server.sessions.changed(session)  # [cluster]: the other nodes copy to it
+
+    def remote_changed(self, bare: JID) -> None:
+        """[cluster] The account's sessions on other nodes changed: count those with
+        carbons on."""
+        count = sum(1 for s in self.server.sessions.resources(bare) if _remote_on(s))
+        before = self._remote.pop(bare, 0)
+        if count:
+            self._remote[bare] = count
+        total = self._accounts.get(bare, 0) - before + count
+        if total > 0:
+            self._accounts[bare] = total
+        else:
+            self._accounts.pop(bare, None)
 
     @hook(events.BIND2_FEATURES)
     def bind2_features(self) -> tuple[str, ...]:
@@ -136,10 +158,16 @@ class Carbons(Module):
     def closed(self, session: Session, _reason: str) -> None:
         self._off(session)
 
+    def turn_off(self, session: Session) -> None:
+        """No more carbons for this session (it moved to another node of a cluster)."""
+        self._off(session)
+
     def _off(self, session: Session) -> None:
         if not self.enabled.get(session):
             return
         self.enabled.clear(session)
+        session.flags = session.flags - {CARBONS}
+        self.server.sessions.changed(session)
         bare = session.jid.bare
         left = self._accounts.get(bare, 1) - 1
         if left > 0:
@@ -224,12 +252,12 @@ class Carbons(Module):
         if stanza.find(_MUC_USER) is not None and stanza.get("to") == session.jid_str:
             return None  # a MUC private message was copied to no one
         return [s for s in self.server.sessions.resources(account)
-                if s is not session and self.enabled.get(s)]
+                if s is not session and (self.enabled.get(s) or _remote_on(s))]
 
     def _copy(self, stanza: Stanza, kind: str, account: JID,
               skip: Sequence[Session], own_id: str | None = None) -> None:
         recipients = [s for s in self.server.sessions.resources(account)
-                      if s not in skip and self.enabled.get(s)]
+                      if s not in skip and (self.enabled.get(s) or _remote_on(s))]
         if not recipients:
             return
         bare = str(account)

@@ -245,6 +245,8 @@ class Mam(Module):
         super().__init__(server, config)
         self.store: ArchiveStore = self.store_of(archive.SPEC)
         self._prefs: dict[str, ArchivePrefs] = {}
+        # [cluster]: tells the other nodes that an account's preferences changed
+        self.changed: Callable[[JID], Awaitable[None]] | None = None
         self._last_ts = 0
         self._writer: _Writer | None = None
         self._expiry: asyncio.Task[None] | None = None
@@ -469,6 +471,10 @@ class Mam(Module):
             return False
         return prefs.default == "always" or other_str in prefs.always
 
+    def forget(self, bare: JID) -> None:
+        """Another node changed this account's preferences (XEP-0313 §6): read them again."""
+        self._prefs.pop(str(bare), None)
+
     async def prefs_of(self, owner: JID) -> ArchivePrefs:
         key = str(owner)
         prefs = self._prefs.get(key)
@@ -617,6 +623,8 @@ class Mam(Module):
         except NoSuchAccount:
             raise StanzaError("item-not-found", "no such account") from None
         self._prefs[origin.bare_str] = prefs
+        if self.changed is not None:  # told before the answer: then every node knows
+            await self.changed(origin.jid.bare)
         return result(stanza, _prefs_element(prefs, xmlns))
 
     # -- deleting ----------------------------------------------------------------------------

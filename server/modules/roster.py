@@ -46,7 +46,9 @@ class Roster(Module):
     @iq_get(ns.ROSTER, "query", to=("self",))
     async def roster_get(self, stanza: Stanza, origin: Session | None) -> Stanza:
         assert origin is not None
-        origin.interested = True  # RFC 6121 §2.1.6: pushes go to resources that asked
+        if not origin.interested:
+            origin.interested = True  # RFC 6121 §2.1.6: pushes go to resources that asked
+            self.server.sessions.changed(origin)  # [cluster]: the other nodes push to it too
         roster = await self.rosters.get(origin.jid.bare)
         version = str(roster.version)
         # RFC 6121 §2.6.3: the client's version is current: empty result, changes as pushes.

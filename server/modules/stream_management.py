@@ -7,6 +7,9 @@ handled. When the TCP connection of a resumable session is lost, the session sta
 contacts keep seeing it available and stanzas for it are queued — until the client resumes it
 on a new connection (`<resume previd h/>`, on any listener) or `resume_timeout` passes.
 
+With [cluster], resumption ids are known to every node and a session resumed on another node
+than the one holding it moves there with its queue (server/cluster/handover.py).
+
 Nothing is lost: when a session ends with stanzas still unacknowledged (not resumed in time, a
 session that was not resumable, the server shutting down), each message goes where it would
 have gone had the session been offline — another available resource of the account, else
@@ -21,7 +24,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lxml import etree
 
@@ -30,6 +33,9 @@ from server.config import int_option, seconds_option
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.module import Module, ModuleContext, Stanza, hook, nonza, pre_bind, stream_feature
+from server.modules.blocking import Blocking
+from server.modules.carbons import Carbons
+from server.modules.csi import CsiGate
 from server.sessions import Session
 from server.storage.db import log_failure
 from server.xml import ns
@@ -38,6 +44,8 @@ from server.xml.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.cluster.directory import ClusterDirectory
+    from server.cluster.handover import Handover
     from server.stream.c2s import C2SConnection
 
 log = logging.getLogger("presenced.sm")
@@ -48,6 +56,7 @@ FAILED, R, A = f"{{{SM}}}failed", f"{{{SM}}}r", f"{{{SM}}}a"
 _MOD = 1 << 32  # XEP-0198 §4: h wraps at 2^32
 # Ways a stream ends without the client saying goodbye: the session may be resumed.
 _LOST = frozenset({"disconnected", "connection-lost", "connection-timeout", "aborted"})
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,10 +121,16 @@ class StreamManagement(Module):
     name = "stream_management"
     settings = StreamManagementSettings
     features = ()
+    uses = (Carbons, Blocking)  # their per-session state moves with a session (cluster)
 
     def __init__(self, server: ModuleContext, config: StreamManagementSettings) -> None:
         super().__init__(server, config)
         self.resumable: dict[str, SMState] = {}  # previd -> state, while it may be resumed
+        # [cluster]: resumption ids known cluster-wide, sessions moving between nodes
+        self.handover: Handover | None = None
+        if server.config.cluster.enabled:
+            self.handover = cast("ClusterDirectory", server.sessions).handover
+            self.handover.give = self.give
 
     @stream_feature
     def feature(self) -> Stanza:
@@ -139,6 +154,8 @@ class StreamManagement(Module):
         attrs = {"id": state.id}
         if resumable:
             self.resumable[state.id] = state
+            if self.handover is not None:
+                self.handover.register(state.id, session)
             attrs.update(resume="true", max=str(int(self.config.resume_timeout)))
         log.info("event=sm-enabled jid=%s resume=%s", session.jid_str, int(resumable))
         return _element(ENABLED, attrs)
@@ -226,6 +243,12 @@ class StreamManagement(Module):
 
     @pre_bind(RESUME)
     def resume(self, stream: C2SConnection, el: Stanza) -> None:
+        if self.handover is not None and el.get("previd", "") not in self.resumable:
+            self.server.router.spawn(self._resume_from_another_node(stream, el))
+            return
+        self._resume_here(stream, el)
+
+    def _resume_here(self, stream: C2SConnection, el: Stanza) -> None:
         answer, state = self._resume(stream, el)
         if answer is not None:
             stream.write_element(answer)
@@ -261,6 +284,100 @@ class StreamManagement(Module):
             old.close("conflict", "the session was resumed on another stream")
         return _element(RESUMED, {"previd": previd, "h": str(state.handled % _MOD)}), state
 
+    # -- resumption on another node of a cluster (server/cluster/handover.py) ------------------
+
+    async def _resume_from_another_node(self, stream: C2SConnection, el: Stanza) -> None:
+        """The session is held by another node: take it over, then resume it here."""
+        assert self.handover is not None
+        negotiation = stream.negotiation
+        previd = el.get("previd", "")
+        taken = None
+        if _h(el) is not None and previd:
+            taken = await self.handover.take(previd, f"{negotiation.user}@{negotiation.domain}")
+        if taken is not None:
+            try:
+                self._restore(previd, taken)  # detached here: resumable if this stream died
+            except StanzaError as exc:  # e.g. resource-constraint: as if it were not resumed
+                log.info("event=sm-handover-refused jid=%s condition=%s", taken.get("j"),
+                         exc.condition)
+                self.server.router.spawn(self._rescue(
+                    Session(JID.parse(taken["j"]), None),
+                    [etree.fromstring(x, _PARSER) for x in taken["q"]]))
+        if not stream.closing:
+            self._resume_here(stream, el)
+
+    def give(self, previd: str, bare: str) -> dict[str, Any] | None:
+        """Another node resumes this session: it leaves this node, as it is, in one step (no
+        unavailable presence: it goes on there). Its state, or None when there is no such
+        resumable session of that account here."""
+        state = self.resumable.get(previd)
+        if state is None or state.session.bare_str != bare:
+            return None
+        session = state.session
+        del self.resumable[previd]
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        old = session.transport
+        session.transport = None  # so that the old stream's end does not end the session
+        if old is not None:  # the old connection is still there (it did not notice yet)
+            old.close("conflict", "the session was resumed on another node")
+        queue = list(state.queue)
+        gate = session.gate
+        if isinstance(gate, CsiGate):  # held back (XEP-0352): sent after the queue
+            queue.extend(gate.held.values())
+            gate.held.clear()
+            session.gate = None
+        carbons = self.server.module(Carbons)
+        blocking = self.server.module(Blocking)
+        moved = {
+            "j": session.jid_str, "p": session.priority, "r": int(session.interested),
+            "x": etree.tostring(session.presence, encoding="unicode")
+            if session.presence is not None else "",
+            "d": [str(j) for j in session.directed or ()],
+            "h": state.handled, "a": state.acked,
+            "q": [etree.tostring(s, encoding="unicode") for s in queue],
+            "c": int(carbons is not None and carbons.enabled.get(session)),
+            "b": int(blocking is not None and blocking.interested.get(session)),
+        }
+        if carbons is not None:
+            carbons.turn_off(session)
+        session.outbox = None
+        state.queue.clear()
+        cast("ClusterDirectory", self.server.sessions).release(session)
+        log.info("event=sm-handed-over jid=%s queued=%d", session.jid_str, len(queue))
+        return moved
+
+    def _restore(self, previd: str, moved: dict[str, Any]) -> None:
+        """A session taken over from another node: bound here, detached, resumable."""
+        full = JID.parse(moved["j"])
+        assert full.local is not None and full.resource is not None
+        session = Session(JID.from_parts(full.local, full.domain), None)
+        session.priority = int(moved["p"])
+        session.interested = bool(moved["r"])
+        session.presence = etree.fromstring(moved["x"], _PARSER) if moved["x"] else None
+        session.directed = {JID.parse(j) for j in moved["d"]} or None
+        assert self.handover is not None
+        self.handover.arriving(session, moved["s"])
+        self.server.sessions.bind(session, full.resource)
+        state = SMState(self, session, True)
+        state.id = previd
+        state.handled, state.acked = int(moved["h"]), int(moved["a"])
+        state.queue.extend(etree.fromstring(x, _PARSER) for x in moved["q"])
+        session.outbox = state
+        carbons = self.server.module(Carbons)
+        if moved.get("c") and carbons is not None:
+            carbons.turn_on(session)
+        blocking = self.server.module(Blocking)
+        if moved.get("b") and blocking is not None:
+            blocking.interested.set(session, True)
+        self.resumable[previd] = state
+        assert self.handover is not None
+        self.handover.register(previd, session)
+        state.timer = self.server.loop.call_later(self.config.resume_timeout, self.expire, state)
+        for pending in self.server.hooks.notify_nowait(events.SESSION_BOUND, session):
+            self.server.router.spawn(pending)
+
     def _redeliver(self, stream: C2SConnection, state: SMState) -> None:
         for stanza in state.queue:  # §5: everything the client did not acknowledge, again
             stream.deliver(stanza)
@@ -273,7 +390,7 @@ class StreamManagement(Module):
         if state.timer is not None:
             state.timer.cancel()
             state.timer = None
-        self.resumable.pop(state.id, None)
+        self._unregister(state)
         session = state.session
         if session.transport is None:
             self.server.end_session(session, "resume-timeout")
@@ -285,7 +402,7 @@ class StreamManagement(Module):
         state = session.outbox
         if not isinstance(state, SMState):
             return None
-        self.resumable.pop(state.id, None)
+        self._unregister(state)
         if state.timer is not None:
             state.timer.cancel()
             state.timer = None
@@ -295,6 +412,10 @@ class StreamManagement(Module):
         if not unacked:
             return None
         return self._rescue(session, unacked)
+
+    def _unregister(self, state: SMState) -> None:
+        if self.resumable.pop(state.id, None) is not None and self.handover is not None:
+            self.handover.forget(state.id)
 
     async def _rescue(self, session: Session, unacked: list[Stanza]) -> None:
         """What the closed session never acknowledged, handed on once: a message goes to the

@@ -19,7 +19,7 @@ import binascii
 import copy
 import hashlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -69,6 +69,8 @@ class VCard(Module):
         super().__init__(server, config)
         # (localpart, domain) -> what avatar_hash() returns; cleared when it grows too big.
         self._hashes: dict[tuple[str, str], str | None] = {}
+        # [cluster]: tells the other nodes that an account's vCard changed (server/cluster)
+        self.changed: Callable[[JID], Awaitable[None]] | None = None
 
     async def avatar_hash(self, user: str, domain: str) -> str | None:
         """XEP-0153: hex SHA-1 of the account's avatar image; '' for a vCard without a photo
@@ -79,6 +81,17 @@ class VCard(Module):
         value = await self.server.storage.vcards.avatar_hash(user, domain)
         self._remember(key, value)
         return value
+
+    async def _stored(self, owner: JID, digest: str) -> None:
+        assert owner.local is not None
+        self._remember((owner.local, owner.domain), digest)
+        if self.changed is not None:  # told before the answer: then every node knows
+            await self.changed(owner.bare)
+
+    def forget(self, bare: JID) -> None:
+        """Another node stored this account's vCard: read its avatar hash again."""
+        if bare.local is not None:
+            self._hashes.pop((bare.local, bare.domain), None)
 
     def _remember(self, key: tuple[str, str], value: str | None) -> None:
         if len(self._hashes) >= _CACHE_SIZE:
@@ -117,7 +130,7 @@ class VCard(Module):
         assert owner.local is not None
         before = await self.avatar_hash(owner.local, owner.domain)
         await self.server.storage.vcards.set(owner.local, owner.domain, text, digest)
-        self._remember((owner.local, owner.domain), digest)
+        await self._stored(owner, digest)
         if digest != (before or ""):
             await self._photo_to_pep(owner.bare, vcard, digest)
         return result(stanza)
@@ -211,7 +224,7 @@ class VCard(Module):
                      owner)
             return
         await storage.set(owner.local, owner.domain, text, digest)
-        self._remember((owner.local, owner.domain), digest)
+        await self._stored(owner, digest)
 
     @iq_set(ns.VCARD, "vCard", to=("bare",))
     def set_other_vcard(self, _stanza: Stanza, _origin: Session | None) -> Stanza:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lxml import etree
@@ -55,6 +55,12 @@ class Visibility(Module):
         super().__init__(server, config)
         self._hidden: dict[JID, frozenset[str]] = {}  # bare JID -> hidden bare JIDs, if online
         self._changing = asyncio.Lock()
+        # [cluster]: tells the other nodes that an account's hidden list changed
+        self.changed: Callable[[JID], Awaitable[None]] | None = None
+
+    def forget(self, bare: JID) -> None:
+        """Another node changed this account's hidden list: read it again when next needed."""
+        self._hidden.pop(bare, None)
 
     async def _load(self, bare: JID) -> frozenset[str]:
         cached = self._hidden.get(bare)
@@ -191,6 +197,8 @@ class Visibility(Module):
             routed = self._route(notes) if hide else []
             if self.server.sessions.is_online(user):
                 self._hidden[user] = after
+            if self.changed is not None:  # told before the answer: then every node knows
+                await self.changed(user)
             if not hide and not self.server.access.denied(user, contact):  # e.g. blocked
                 routed = self._route(notes)
         log.info("event=%s jid=%s", "hide" if hide else "unhide", user)
