@@ -9,7 +9,9 @@ Delivery is at least once: entries left unacknowledged by an earlier incarnation
 (XAUTOCLAIM) at start; each entry carries an id ("m") and duplicates are dropped.
 
 Entry fields:
-    k  "s": a stanza for a session, "c": close that session with <conflict/>
+    k  "s": a stanza for a session, "c": close that session with <conflict/>,
+       "v": a stanza for something placed on that node (a MUC room: placement.py), with
+       p  its kind ("room") and j its name (the room's bare JID)
     j  the session's full JID          s  its session id (a newer session of the JID: not it)
     x  the stanza (XML, jabber:client) m  "<node>:<incarnation>:<counter>", unique
 A stanza whose session is gone (closed since, or on a node that is dead) is handled as if the
@@ -24,6 +26,7 @@ import inspect
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -58,6 +61,8 @@ class Inbox:
         self._reader: asyncio.Task[None] | None = None
         self._counter = itertools.count(1)
         self._seen: OrderedDict[str, None] = OrderedDict()
+        # kind -> the handler of "v" entries (placement.py registers one per kind it places)
+        self.placed: dict[str, Callable[[dict[str, str]], None]] = {}
         self.sent = 0      # entries added to other nodes' inboxes
         self.received = 0  # entries handed over from ours
 
@@ -72,6 +77,15 @@ class Inbox:
 
     def kick(self, node: str, jid: str, sid: str) -> None:
         self._add(node, {"k": "c", "j": jid, "s": sid})
+
+    def forward(self, node: str, kind: str, name: str, xml: str) -> None:
+        """A stanza for something `node` owns (placement.py), in order after what this node
+        sent there before."""
+        self._add(node, {"k": "v", "p": kind, "j": name, "x": xml})
+
+    def send_fields(self, node: str, fields: dict[str, str]) -> None:
+        """An entry of another kind (placement.py adds "h", "o" to a "v" entry)."""
+        self._add(node, fields)
 
     def _add(self, node: str, fields: dict[str, str]) -> None:
         membership = self.membership
@@ -171,6 +185,11 @@ class Inbox:
         self._seen[ident] = None
         if len(self._seen) > _SEEN:
             self._seen.popitem(last=False)
+        if fields.get("k") == "v":
+            handler = self.placed.get(fields.get("p", ""))
+            if handler is not None:
+                handler(fields)
+            return
         try:
             to = JID.parse(fields["j"])
         except (KeyError, InvalidJID):

@@ -10,6 +10,16 @@ between nodes: changing one is a cluster-wide upgrade).
                                    (for the survivor that cleans up after a dead node: later)
     presenced:inbox:<node>         stream: stanzas and commands for that node's sessions
                                    (consumer group "presenced", one consumer per incarnation)
+    presenced:room:<room JID>      string: "<node>:<incarnation>", the room's owner (placement.py),
+                                   set by a compare-and-set script only while no live incarnation
+                                   holds it; never expires (a dead owner's claim is taken over)
+    presenced:placed:room:<node>:<incarnation>
+                                   set: the rooms that incarnation claimed (re-homed by the
+                                   survivors when it dies)
+    presenced:room-state:<room JID>
+                                   string: JSON, the owner's mirror of a room's occupants (their
+                                   nicks, roles, sessions with their node and presence) and of a
+                                   non-persistent room's config, so that a new owner rebuilds it
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
                                    r: roster), fire-and-forget; a periodic resync covers a loss
 """
@@ -43,3 +53,17 @@ def node_sessions(name: str, incarnation: str) -> str:
 
 def inbox(name: str) -> str:
     return f"{PREFIX}inbox:{name}"
+
+
+def placed(kind: str, name: str) -> str:
+    """The claim of a placed thing (kind "room": a MUC room) by one node's incarnation."""
+    return f"{PREFIX}{kind}:{name}"
+
+
+def placed_by(kind: str, owner: str) -> str:
+    """The set of what one incarnation ("<node>:<incarnation>") claimed, of one kind."""
+    return f"{PREFIX}placed:{kind}:{owner}"
+
+
+def room_state(room: str) -> str:
+    return f"{PREFIX}room-state:{room}"

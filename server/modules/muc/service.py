@@ -104,17 +104,25 @@ class Service(Archive, Invitations, Voice):
         if not self.config.enabled:
             return
         self.id_key = _load_key(self.server.config.data_dir / "muc-occupant-id.key")
+        route = self.route
+        cluster = self.server.cluster
+        if cluster is not None:
+            # [cluster]: each room on one node, loaded there when it is claimed (cluster.py)
+            from server.modules.muc.cluster import PlacedRooms
+            self.placed = PlacedRooms(self, cluster)
+            route = self.placed.route
         components = set(self.server.config.components)
         for domain in self.server.config.domains:
             service = f"{self.config.subdomain}.{domain}"
             if service in components:
                 continue  # an external component serves that domain
             self.services.add(service)
-            for stored in await self.store.load(service):
-                room = self._restore(stored)
-                await self._restore_history(room)
-                self.rooms[room.jid] = room
-            self.server.add_service(ServiceHost(service, domain, self.display_name), self.route)
+            if self.placed is None:
+                for stored in await self.store.load(service):
+                    room = self._restore(stored)
+                    await self._restore_history(room)
+                    self.rooms[room.jid] = room
+            self.server.add_service(ServiceHost(service, domain, self.display_name), route)
 
     @hook(events.SERVER_STOPPING)
     def stopping(self, _server: Any) -> None:
@@ -125,6 +133,8 @@ class Service(Archive, Invitations, Voice):
             for occupant in list(room.occupants.values()):
                 self._deliver(room.remove(occupant, ("332",)))
         self.joined.clear()
+        if self.placed is not None:
+            self.server.router.spawn(self.placed.stop())
 
     async def stop(self) -> None:
         self.stopping(self.server)
