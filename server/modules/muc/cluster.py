@@ -34,7 +34,7 @@ from lxml import etree
 
 from server.cluster import keys
 from server.cluster.placement import Placement
-from server.jid import JID
+from server.jid import JID, InvalidJID
 from server.modules.muc.room import Occupant, Room, RoomConfig, nick_key
 from server.xml import stanza as st
 
@@ -63,6 +63,8 @@ class PlacedRooms:
         self._dirty: set[JID] = set()
         self._written: dict[JID, str] = {}
         self._writer: asyncio.Task[None] | None = None
+        # our sessions (real full JID) -> rooms they joined that another node owns
+        self.away: dict[JID, set[str]] = {}
 
     # -- stanzas -----------------------------------------------------------------------------
 
@@ -70,7 +72,40 @@ class PlacedRooms:
         """The service's route function: the service itself here, a room at its owner."""
         if to.local is None:
             return self.muc.route(stanza, origin, to)
-        return self.placement.route(str(to.bare), stanza, origin, to)
+        name = str(to.bare)
+        if stanza.tag == st.PRESENCE and origin is not None and name not in self.placement.owned:
+            self._track(stanza, name)
+        return self.placement.route(name, stanza, origin, to)
+
+    def _track(self, stanza: Any, room: str) -> None:
+        """The rooms our users' sessions are in, kept where the sessions are: when a session
+        ends or goes unavailable here, the room's owner is told (gone())."""
+        try:
+            real = JID.parse(stanza.get("from", ""))
+        except InvalidJID:
+            return
+        if real.domain not in self.hosts or real.resource is None:
+            return
+        type_ = stanza.get("type")
+        if type_ is None:
+            self.away.setdefault(real, set()).add(room)
+        elif type_ == "unavailable":
+            rooms = self.away.get(real)
+            if rooms is not None:
+                rooms.discard(room)
+                if not rooms:
+                    del self.away[real]
+
+    def gone(self, real: JID) -> None:
+        """A session of ours ended or went unavailable (the MUC service's own hooks): the
+        rooms it is in elsewhere get its unavailable presence, as a room here hears of it
+        directly (XEP-0045 §7.14: the service removes an occupant whose session is gone)."""
+        for room in self.away.pop(real, ()):
+            presence = st.element(st.PRESENCE, {"from": str(real), "to": room,
+                                                "type": "unavailable"})
+            result = self.placement.route(room, presence, None, JID.parse(room))
+            if inspect.isawaitable(result):
+                self.muc.server.router.spawn(result)
 
     def handle(self, stanza: Any, to: JID, origin: str) -> Any:
         result = self.muc.route(stanza, None, to)

@@ -406,6 +406,8 @@ class Service(Archive, Invitations, Voice):
             if real in room.by_jid:
                 self._left(room, real, room.leave(real, None))
         self.joined.pop(real, None)
+        if self.placed is not None:
+            self.placed.gone(real)  # rooms on other nodes
 
     def _message(self, stanza: Stanza, sender: JID, to: JID) -> Any:
         type_ = stanza.get("type")
