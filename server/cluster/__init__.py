@@ -21,6 +21,7 @@ import server.config  # noqa: F401  isort: skip
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from server.cluster import keys
@@ -60,6 +61,9 @@ class Cluster:
         self.directory.inbox = self.inbox
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
+        # kind -> what drops a module's cache entry when another node says it changed
+        # (pubsub/cluster.py: "p" a PEP account's nodes, "q" a pubsub service's)
+        self.invalidations: dict[str, Callable[[str], None]] = {}
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
@@ -115,6 +119,12 @@ class Cluster:
                                                         f"{self.name} r {bare}"))
         task.add_done_callback(_quiet)
 
+    def invalidate(self, kind: str, key: str) -> None:
+        """Tell the other nodes that the cache entry `key` of this kind changed here."""
+        task = asyncio.ensure_future(self.redis.publish(keys.INVALIDATE,
+                                                        f"{self.name} {kind} {key}"))
+        task.add_done_callback(_quiet)
+
     # -- events from the others --------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -146,6 +156,10 @@ class Cluster:
             if rosters is not None:
                 with contextlib.suppress(InvalidJID):
                     rosters.forget(JID.parse(bare))
+        else:
+            forget = self.invalidations.get(kind)
+            if forget is not None:
+                forget(bare)
 
     def _remote_changed(self, bare: JID) -> None:
         # An account no longer online anywhere: drop its cached roster here too.

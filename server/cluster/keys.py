@@ -21,7 +21,9 @@ between nodes: changing one is a cluster-wide upgrade).
                                    nicks, roles, sessions with their node and presence) and of a
                                    non-persistent room's config, so that a new owner rebuilds it
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
-                                   r: roster), fire-and-forget; a periodic resync covers a loss
+                                   r: roster, p: a PEP account's nodes, q: a pubsub service's
+                                   nodes, by its domain), fire-and-forget; a periodic resync
+                                   covers a loss of d and r
 """
 
 from __future__ import annotations
