@@ -241,14 +241,26 @@ async def test_owner_killed_room_moves_to_the_survivor(
             await join(bob, "Bob", room)
             await next_presence_from(alice, f"{room}/Bob")
             assert await claim(survivor, room) == f"node2:{cluster.membership.live['node2']}"
+            # A second room, on the survivor, with Bob (on node2) in it too.
+            here = room_owned_by("node1")
+            await join(alice, "Alice", here)
+            await instant(alice, here)
+            await join(bob, "Bob", here)
+            await next_presence_from(alice, f"{here}/Bob")
+            assert here in rooms_of(survivor)
             await bob.send(f"<message to='{room}' type='groupchat' id='h1'><body>before"
                            "</body></message>")
             assert body(await next_message(alice)) == "before"
             victim.send_signal(signal.SIGKILL)
             victim.wait(10)
             # Within dead_after (3 s) and a heartbeat: node1 owns the room, Bob is removed.
-            lost = await next_presence_from(alice, f"{room}/Bob")
-            assert lost.get("type") == "unavailable" and "333" in codes(lost)
+            lost = {}
+            while len(lost) < 2:
+                presence = await alice.next_of("presence", 10)
+                if presence.get("from") in (f"{room}/Bob", f"{here}/Bob"):
+                    lost[presence.get("from")] = presence
+            for presence in lost.values():
+                assert presence.get("type") == "unavailable" and "333" in codes(presence)
             assert await claim(survivor, room) == incarnation(survivor)
             assert room in rooms_of(survivor)
         # Alice stayed joined without a word: she talks, the room reflects it.
@@ -275,3 +287,16 @@ async def test_owner_killed_room_moves_to_the_survivor(
             await client.close()
     finally:
         await stop_server(survivor)
+
+
+def test_rendezvous_moves_only_the_rooms_of_the_node_that_went() -> None:
+    """Highest random weight: removing a node moves its rooms only, spread over the others."""
+    rooms = [f"r{i}@{SERVICE}" for i in range(3000)]
+    three = {name: rendezvous(name, ("node1", "node2", "node3")) for name in rooms}
+    counts = {node: list(three.values()).count(node) for node in ("node1", "node2", "node3")}
+    assert all(800 < count < 1200 for count in counts.values()), counts
+    two = {name: rendezvous(name, ("node1", "node2")) for name in rooms}
+    assert all(two[name] == owner for name, owner in three.items() if owner != "node3")
+    moved = [two[name] for name, owner in three.items() if owner == "node3"]
+    assert 0.35 < moved.count("node1") / len(moved) < 0.65
+    assert rendezvous("x", ()) is None

@@ -18,7 +18,7 @@ that reaches a node that no longer owns the thing is forwarded on (at most _HOPS
 
 The host (the module that places things: server/modules/muc/cluster.py) does the rest:
 handle(stanza, to, origin) as owner, adopt(name) when it becomes the owner, died(owners)
-when other incarnations die, drop_all() when this node loses its incarnation.
+when other incarnations die, drop_all() when this node loses its incarnation, exists(name).
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ class Host(Protocol):
 
     async def adopt(self, name: str) -> None:
         """This node has just become the owner: its state from the database and the mirror."""
+
+    def exists(self, name: str) -> bool:
+        """As the owner: whether the thing is there (a room that nobody made yet is not)."""
 
     def died(self, owners: set[str]) -> None:
         """These incarnations ("<node>:<incarnation>") died."""
@@ -322,6 +325,8 @@ class Placement:
                     self._spawn(self._resolve(name))
                 self._queues[name].append((_NOTHING, JID.parse(name), self.me, None, 0, done))
                 await done
+                if name in self.owned and not self.host.exists(name):
+                    await self.release(name)  # a claim of nothing: not kept
         except Exception as exc:
             log.warning("event=placement-rehome-failed kind=%s owner=%s error=%s", self.kind,
                         owner, type(exc).__name__)

@@ -238,6 +238,9 @@ class PlacedRooms:
                 log.info("event=muc-occupant-lost room=%s jid=%s", room.jid_str, real)
                 self.muc._left(room, real, room.leave(real, None, ("333",)))
 
+    def exists(self, name: str) -> bool:
+        return JID.parse(name) in self.muc.rooms
+
     def died(self, owners: set[str]) -> None:
         for room_jid, origins in list(self.origins.items()):
             gone = [real for real, origin in origins.items() if origin in owners]

@@ -101,6 +101,7 @@ class Pep(PubsubProtocol, Module):
             from server.modules.pubsub.cluster import SharedPubsub
             self.shared = SharedPubsub(self, cluster, "p")
             self.shared.listen(self._forget_remote)
+            self.notify = self._notify_clustered  # type: ignore[method-assign]
 
     def _forget_remote(self, owner: str) -> None:
         with contextlib.suppress(InvalidJID):
@@ -265,25 +266,22 @@ class Pep(PubsubProtocol, Module):
             await self.server.hooks.notify(events.PEP_PUBLISHED, host.owner, name, item_id,
                                            payload)
 
-    async def targets(self, host: Host, name: str, node: Node) -> list[str]:
-        return await self._targets(host, name, node, None)
-
-    async def notify(self, host: Host, name: str, node: Node, event: Stanza) -> None:
-        if self.shared is None:
-            await super().notify(host, name, node, event)
-            return
-        # [cluster]: contacts' resources on other nodes, whose caps are known there.
+    async def _notify_clustered(self, host: Host, name: str, node: Node,
+                                event: Stanza) -> None:
+        """notify() with [cluster] (set in start()): contacts' resources on other nodes, whose
+        caps are known there, get the notification through their nodes (pubsub/cluster.py)."""
+        assert self.shared is not None
         remote: list[Session] = []
         one = engine.notification(host.jid, node, event,
-                                  await self._targets(host, name, node, remote))
+                                  await self.targets(host, name, node, remote))
         await self.deliver([one])
         if remote:
             if one.message.get("id") is None:
                 one.message.set("id", f"{self._prefix}{next(self._ids)}")
             self.shared.notify_remote(one.message, name + "+notify", remote)
 
-    async def _targets(self, host: Host, name: str, node: Node,
-                       remote: list[Session] | None) -> list[str]:
+    async def targets(self, host: Host, name: str, node: Node,
+                      remote: list[Session] | None = None) -> list[str]:
         """XEP-0163 §4.3: the owner's available resources, the contacts' resources that may
         see the node and asked for <node>+notify, and the explicit subscribers the access
         model still admits (§7.1.2.1; not those whose options say deliver = false, §6.3).
