@@ -34,7 +34,9 @@ from lxml import etree
 from server.cluster import keys
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
+from server.xml import ns
 from server.xml import stanza as st
+from server.xml.writer import serialize
 
 if TYPE_CHECKING:
     from lxml.etree import _Element
@@ -72,8 +74,10 @@ class Inbox:
         if not self.membership.is_live(session.node, session.incarnation):
             self.undeliverable(stanza, session.jid, "node-gone")
             return
+        # serialize(): a copy from addressed_copies (a room's groupchat message, a pubsub
+        # notification) is its template's bytes with its 'to' put in, not serialised anew.
         self._add(session.node, {"k": "s", "j": session.jid_str, "s": session.sid,
-                                 "x": etree.tostring(stanza, encoding="unicode")})
+                                 "x": serialize(stanza, ns.CLIENT).decode()})
 
     def kick(self, node: str, jid: str, sid: str) -> None:
         self._add(node, {"k": "c", "j": jid, "s": sid})
