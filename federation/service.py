@@ -21,6 +21,7 @@ from federation import negotiation as neg
 from federation.inbound import InboundStream
 from federation.outbound import OutboundStream
 from federation.resolver import Resolver
+from server import listening
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.stream.tls import TLSLayer, client_context, sni_server_context
@@ -59,6 +60,9 @@ class FederationContext:
     listen: tuple[tuple[str, tuple[Address, ...]], ...]  # ("s2s" | "s2s_tls", addresses)
     new_parser: Callable[[], StreamParser]
     limiter: Limiter | None = None       # the read rate of inbound streams ([limits])
+    # The dialback secret when [s2s] dialback_secret is unset: the one every node of the domain
+    # shares (storage/keystore.py), so that any node verifies a key another node sent.
+    shared_secret: bytes | None = None
 
 
 class Federation:
@@ -69,7 +73,8 @@ class Federation:
         self.config = config = context.s2s
         self.hosts = context.domains
         self.default_domain = context.default_domain
-        self._secret = (config.dialback_secret or secrets.token_hex(32)).encode()
+        self._secret = (config.dialback_secret.encode() if config.dialback_secret
+                        else context.shared_secret or secrets.token_hex(32).encode())
         self.policy = neg.Policy(
             domains=self.hosts, require_tls=config.require_starttls,
             require_valid_certificates=config.require_valid_certificates, bidi=config.bidi,
@@ -100,8 +105,8 @@ class Federation:
     async def _listen(self, kind: str, host: str, port: int) -> None:
         direct = kind == "s2s_tls"
         listener = await self.loop.create_server(
-            lambda: InboundStream(self, direct_tls=direct), host, port, reuse_address=True,
-            backlog=1024)
+            lambda: InboundStream(self, direct_tls=direct), host, port, backlog=1024,
+            reuse_address=True, reuse_port=listening.ports_shared())
         self._listeners.append((kind, listener))
         for sock in listener.sockets:
             name = sock.getsockname()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from federation.service import Federation, FederationContext
-from server import ctl, events
+from server import ctl, events, listening
 from server.events import Hooks
 from server.jid import JID
 from server.limits import Limiter
@@ -26,6 +26,7 @@ from server.router import Router
 from server.services import Route, ServiceHost
 from server.sessions import Session, SessionManager
 from server.storage import CORE_STORES, Storage, open_storage
+from server.storage.keystore import shared_secret
 from server.stream.c2s import C2SConnection
 from server.stream.component import Components
 from server.stream.negotiation import Policy
@@ -173,7 +174,8 @@ class Server:
                 domains=frozenset(self.config.local_domains),
                 default_domain=self.default_domain, s2s=self.config.s2s, tls=self.config.tls,
                 listen=(("s2s", self.config.listen.s2s), ("s2s_tls", self.config.listen.s2s_tls)),
-                new_parser=self.new_parser, limiter=self.limiter))
+                new_parser=self.new_parser, limiter=self.limiter,
+                shared_secret=await shared_secret(self.storage.secrets, "dialback")))
             await self.federation.start()
             self.components = Components(
                 loop=self.loop, router=self.router, settings=self.config.components,
@@ -218,7 +220,8 @@ class Server:
 
     async def _listen(self, host: str, port: int, direct_tls: bool) -> None:
         listener = await self.loop.create_server(
-            lambda: C2SConnection(self, direct_tls), host, port, reuse_address=True, backlog=1024)
+            lambda: C2SConnection(self, direct_tls), host, port, backlog=1024,
+            reuse_address=True, reuse_port=listening.ports_shared())
         kind = "c2s_tls" if direct_tls else "c2s"
         self._listeners.append((kind, listener))
         for sock in listener.sockets:

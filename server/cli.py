@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import getpass
 import importlib.metadata
@@ -142,6 +143,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _error(str(e))
         return 2
     _log_to_stderr("DEBUG" if args.debug else config.log.level.upper())
+    if args.worker_node is not None:  # started by serve --workers (server/cluster/workers.py)
+        from server import listening
+        listening.share_ports()
+        config = dataclasses.replace(config, cluster=dataclasses.replace(
+            config.cluster, node=args.worker_node))
+        return _run_server(config)
+    if args.workers is not None:
+        return _serve_workers(args, config)
+    if config.cluster.enabled and config.cluster.node is None:
+        _error(f"{config.path}: [cluster] node: missing: each process of a cluster needs a "
+               "name of its own (or run serve --workers N, which derives them)")
+        return 2
     ensure_certificate(config)
     if args.config is None:
         print(f"presenced: no --config: serving {', '.join(config.domains)} with the built-in "
@@ -149,6 +162,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"presenced: add a user with: presenced adduser user@{config.domains[0]}",
               file=sys.stderr)
     _log_data(config, args.config)
+    return _run_server(config)
+
+
+def _serve_workers(args: argparse.Namespace, config: Config) -> int:
+    from server.cluster import workers
+
+    problem = workers.problem(config, args.workers)
+    if problem is not None:
+        _error(problem)
+        return 2
+    assert config.path is not None  # [cluster] is only in a file
+    ensure_certificate(config)  # once, before the workers (they would race to make it)
+    _log_data(config, args.config)
+    names = workers.worker_names(config, args.workers)
+    commands = {name: workers.worker_command(config.path, name, args.debug) for name in names}
+    return asyncio.run(workers.supervise(commands))
+
+
+def _run_server(config: Config) -> int:
     import server.app
 
     loop_factory = None
@@ -340,6 +372,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     database = _database_problem(config)
     if database:
         found.append(("error", where(config, database[0]), database[1]))
+    if config.cluster.enabled:  # SQLite with [cluster] is refused at load already
+        from server.cluster.cli import probe
+        assert config.cluster.redis is not None
+        redis = asyncio.run(probe(config.cluster.redis))
+        if redis:
+            found.append(("error", where(config, "cluster.redis"), redis))
+        if config.cluster.node is None:
+            print("note: [cluster] node is unset: only serve --workers can start (its workers "
+                  "are named <host name>-w1 …)")
     for kind in ("c2s", "c2s_tls", "s2s", "s2s_tls", "component", "http", "https"):
         for address in getattr(config.listen, kind):
             bind = _bind_problem(address)
@@ -554,6 +595,14 @@ def _days(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
 
 
+def _workers(text: str) -> int:
+    try:
+        return parse_int(text, minimum=1, maximum=1024, name="workers")
+    except NumberError:
+        raise argparse.ArgumentTypeError(f"not a number of workers from 1 to 1024: {text!r}") \
+            from None
+
+
 def _count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 1000000:
         raise argparse.ArgumentTypeError(f"not a number from 1 to 1000000: {text!r}")
@@ -588,7 +637,12 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    command("serve", cmd_serve, "run the server until SIGTERM or SIGINT")
+    serve = command("serve", cmd_serve, "run the server until SIGTERM or SIGINT")
+    serve.add_argument("--workers", type=_workers, metavar="N",
+                       help="run N processes behind the same listening ports (SO_REUSEPORT), "
+                            "each a node of the cluster: needs [cluster]; the node names are "
+                            "<[cluster] node or host name>-w1 … -wN")
+    serve.add_argument("--worker-node", metavar="NAME", help=argparse.SUPPRESS)  # one worker
     password_help = "the password (visible to other local users: prefer the prompt or stdin)"
     for name, run, help in (("adduser", cmd_adduser, "create an account"),
                             ("passwd", cmd_passwd, "change an account's password")):

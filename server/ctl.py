@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from server import listening
 from server.jid import JID, InvalidJID
 from server.xml import ns
 from server.xml import stanza as st
@@ -118,6 +119,9 @@ async def reload(server: Server) -> tuple[bool, str]:
             sections = {name: type(settings) for name, settings in old.modules.items()}
             try:
                 new = load_config(old.path, sections=sections)
+                if listening.ports_shared():  # a worker of serve --workers: its derived name
+                    new = dataclasses.replace(new, cluster=dataclasses.replace(
+                        new.cluster, node=old.cluster.node))
             except ConfigErrors as exc:
                 for error in exc.errors:
                     log.error("event=reload-failed error=%s", str(error).replace(" ", "_"))

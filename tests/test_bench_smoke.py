@@ -268,3 +268,20 @@ def test_quick_muc_fanout_on_presenced() -> None:
     got = on_presenced(muc_fanout.run, p)
     assert got["delivered"] >= p.occupants and got["refused"] == 0
     assert got["per_cpu_s"] > 0
+
+
+def test_tsung_logs_in_with_scram_and_talks_on_presenced(tmp_path) -> None:
+    """bench/tsung.py's scenario (tsung 1.7 with SCRAM written in Erlang) runs against
+    presenced: every session logs in, binds, joins its room and sends its messages."""
+    if shutil.which("tsung") is None and not os.environ.get("CI"):
+        pytest.skip("tsung is not installed (apt-get install tsung)")
+    from bench import tsung
+
+    p = tsung.Params(users=4, arrival=4, chat=1, think=0.2, out=tmp_path)
+    (tmp_path / "users.csv").write_text(tsung.users_csv(p))
+    figures = tsung.run_one("presenced", p, log=lambda _line: None)
+    done = {name: count for name, (count, _mean, _max) in figures["tr"].items()}
+    assert figures["errors"] == {}, figures
+    for name in ("connect", "login", "bind", "roster", "muc_join", "chat", "groupchat"):
+        assert done.get(name) == 4, (name, done)
+    assert "tsung" in tsung.table(p, {"presenced": figures})

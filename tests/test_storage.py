@@ -199,7 +199,7 @@ async def test_open_with_a_whole_config(tmp_path: Path) -> None:
 def test_every_store_is_a_core_store() -> None:
     names = [spec.name for spec in CORE_STORES]
     assert names == ["accounts", "rosters", "vcards", "private", "last_activity", "offline",
-                     "blocklists", "fast_tokens"]
+                     "blocklists", "fast_tokens", "secrets"]
     # migrate and storage copy know the core's stores and every module's.
     from server.modules import store_specs
     assert all_store_specs()[:len(CORE_STORES)] == CORE_STORES
@@ -447,6 +447,34 @@ async def test_an_account_deleted_while_its_data_is_written(two: tuple[Storage, 
         await first.accounts.create("alice", "a.test", credentials(2))
         await owns_nothing(first, "alice", "a.test")
         await first.accounts.delete("alice", "a.test")
+
+
+async def test_shared_secrets(two: tuple[Storage, Storage], tmp_path: Path) -> None:
+    """storage/keystore.py (issue 22 item 5): a secret is made once, the first writer's value
+    wins, every connection reads the same; a legacy key file is imported, then not read."""
+    from server.storage.keystore import SECRET_SIZE, shared_secret
+    first, second = two
+    assert await first.secrets.get("fast-token") is None
+    assert await first.secrets.create("fast-token", b"\x00one\xff" * 5) == b"\x00one\xff" * 5
+    # A second create keeps what is there (INSERT ... ON CONFLICT DO NOTHING, then read).
+    assert await second.secrets.create("fast-token", b"two" * 11) == b"\x00one\xff" * 5
+    assert await second.secrets.get("fast-token") == b"\x00one\xff" * 5
+    # Made by two at once: both get the same, random, value.
+    made = await asyncio.gather(*(shared_secret(s.secrets, "upload") for s in (first, second)
+                                  for _ in range(4)))
+    assert len(set(made)) == 1 and len(made[0]) == SECRET_SIZE
+    assert made[0] != await shared_secret(first.secrets, "dialback")
+    # An upgrade: the old file's key is imported; a later change of the file is not read.
+    legacy = tmp_path / "muc-occupant-id.key"
+    legacy.write_bytes(b"k" * 40)
+    assert await shared_secret(second.secrets, "muc-occupant-id", legacy) == b"k" * 40
+    legacy.write_bytes(b"z" * 40)
+    assert await shared_secret(first.secrets, "muc-occupant-id", legacy) == b"k" * 40
+    # Too short a file is refused, as reading it was.
+    legacy.write_bytes(b"short")
+    with pytest.raises(ValueError, match="needs 32 bytes"):
+        await shared_secret(first.secrets, "webadmin-cookie", legacy, min_size=32)
+    assert await first.secrets.get("webadmin-cookie") is None
 
 
 async def test_message_of_the_day(config: StorageConfig) -> None:

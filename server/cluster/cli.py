@@ -9,6 +9,7 @@ from typing import Any
 
 from server.cluster.membership import status
 from server.config import load_config
+from server.xml.numbers import NumberError, parse_int
 
 
 def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -69,3 +70,38 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60}m"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+MIN_REDIS = (6, 2)  # Streams with consumer groups, and XAUTOCLAIM (server/cluster/inbox.py)
+
+
+async def probe(url: str, timeout: float = 5.0) -> str | None:
+    """Why the Redis of [cluster] cannot be used (not reachable, refuses us, too old), or None:
+    for presenced check."""
+    from server.cluster import connect
+
+    redis = connect(url)
+    try:
+        info = await asyncio.wait_for(redis.info("server"), timeout)
+    except TimeoutError:
+        return f"Redis at {url} did not answer within {timeout:.0f} s"
+    except OSError as exc:
+        return f"Redis at {url} is not reachable: {exc}"
+    except Exception as exc:  # redis.exceptions.*: connection refused, auth, unknown db
+        from redis import exceptions
+        if isinstance(exc, exceptions.AuthenticationError | exceptions.ResponseError):
+            return f"Redis at {url} refuses us: {exc}"
+        if isinstance(exc, exceptions.RedisError):
+            return f"Redis at {url} is not reachable: {exc}"
+        raise
+    finally:
+        await redis.aclose()
+    version = str(info.get("redis_version", "0"))
+    try:
+        parts = tuple(parse_int(p, maximum=100000, name="version") for p in version.split(".")[:2])
+    except NumberError:
+        parts = (0,)
+    if parts < MIN_REDIS:
+        return (f"Redis at {url} is version {version}: the cluster needs "
+                f"{'.'.join(map(str, MIN_REDIS))} or later")
+    return None

@@ -2,7 +2,8 @@
 
 Without ``redis`` the table is off and nothing of server/cluster is imported or run: one process,
 no Redis, SQLite allowed. With it, ``node`` names this process among the others (unique per
-process) and ``[storage] backend`` must be "postgresql" (every node reads the one database).
+process; optional with ``serve --workers``, which derives one per worker) and ``[storage]
+backend`` must be "postgresql" (every node reads the one database).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ class ClusterSettings:
     @staticmethod
     def _finish(values: dict[str, Any], given: dict[str, Any],
                 report: Callable[[str, str, str | None], None]) -> None:
+        # node may be left out: serve --workers derives the workers' names (<host>-w1 …);
+        # a plain serve refuses to start without it (server/cli.py).
         if given and "redis" not in given:
             report("redis", _REDIS_EXPECTED, "missing: [cluster] needs it")
-        elif "redis" in given and "node" not in given:
-            report("node", _NODE_EXPECTED, "missing: [cluster] needs a name for this node")
         heartbeat, dead_after = values.get("heartbeat"), values.get("dead_after")
         if heartbeat is not None and dead_after is not None and dead_after <= 2 * heartbeat:
             report("dead_after", "more than twice heartbeat", f"{dead_after} <= 2 × {heartbeat}")

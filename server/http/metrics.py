@@ -9,6 +9,13 @@ connections, paused streams, refused and delayed authentications, addresses in t
 authentication delay and limited addresses connected). Sampled: event-loop lag (a 0.5 s sleep that
 overshoots) and storage latency (one primary-key read every 10 s), each the last value and the
 largest since the previous scrape. Plus the process's CPU, memory and file descriptors.
+
+With [cluster] (server/cluster), every node serves its own /metrics with a ``node`` label on
+the cluster's gauges: live nodes as this node saw them at its last heartbeat, the age of its
+incarnation, stanzas sent to other nodes' inboxes and received from its own, its inbox Stream's
+length and pending (read, not yet acknowledged) entries (sampled from Redis every 2 s), and the
+size of its replica of the directory (bare JIDs with sessions on other nodes it holds, and
+those sessions).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
 
 _LAG_INTERVAL = 0.5
 _STORAGE_INTERVAL = 10.0
+_CLUSTER_INTERVAL = 2.0
 _KINDS = {"{jabber:client}message": "message", "{jabber:client}presence": "presence",
           "{jabber:client}iq": "iq"}
 
@@ -45,6 +53,8 @@ class Metrics:
         self.loop_lag = self.loop_lag_max = 0.0
         self.storage_latency: float | None = None
         self.storage_latency_max = 0.0
+        self.inbox_length: int | None = None   # XLEN of this node's inbox (None: not read)
+        self.inbox_pending: int | None = None  # its entries read and not acknowledged
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -61,6 +71,8 @@ class Metrics:
         self.server.hooks.add("auth-failed", self._auth_failed)
         self._tasks = [asyncio.ensure_future(self._watch_loop()),
                        asyncio.ensure_future(self._watch_storage())]
+        if self.server.cluster is not None:
+            self._tasks.append(asyncio.ensure_future(self._watch_cluster()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -93,6 +105,24 @@ class Metrics:
                 self.storage_latency = time.perf_counter() - started
                 self.storage_latency_max = max(self.storage_latency_max, self.storage_latency)
             await asyncio.sleep(_STORAGE_INTERVAL)
+
+    async def _watch_cluster(self) -> None:
+        from server.cluster import keys
+
+        cluster = self.server.cluster
+        assert cluster is not None
+        while True:
+            stream = keys.inbox(cluster.membership.name)
+            try:
+                length = int(await cluster.redis.xlen(stream))
+                pending = await cluster.redis.xpending(stream, keys.GROUP)
+                self.inbox_length, self.inbox_pending = length, int(
+                    pending.get("pending", 0) if isinstance(pending, dict) else pending[0])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away (or the group not made yet): no sample
+                self.inbox_length = self.inbox_pending = None
+            await asyncio.sleep(_CLUSTER_INTERVAL)
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The exposition for this Accept header: (body, content type)."""
@@ -156,6 +186,51 @@ class _Collector:
             storage.add_metric(["max"], metrics.storage_latency_max)
             metrics.storage_latency_max = metrics.storage_latency
         yield storage
+        if server.cluster is not None:
+            yield from _cluster(metrics, server)
+
+
+def _cluster(metrics: Metrics, server: Server) -> Iterator[Any]:
+    cluster = server.cluster
+    assert cluster is not None
+    membership, node = cluster.membership, [cluster.membership.name]
+
+    def gauge(name: str, text: str, value: float | None) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, text, labels=["node"])
+        if value is not None:
+            family.add_metric(node, value)
+        return family
+
+    def counter(name: str, text: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, text, labels=["node"])
+        family.add_metric(node, value)
+        return family
+
+    yield gauge("presenced_cluster_live_nodes",
+                "Live nodes of the cluster (this one included) at the last heartbeat",
+                len(membership.live))
+    yield gauge("presenced_cluster_incarnation_age_seconds",
+                "Seconds since this node (re)joined the cluster as its current incarnation",
+                time.time() - membership.started)
+    yield counter("presenced_cluster_stanzas_sent",
+                  "Stanzas and commands added to other nodes' inboxes", cluster.inbox.sent)
+    yield counter("presenced_cluster_stanzas_received",
+                  "Stanzas and commands handed over from this node's inbox",
+                  cluster.inbox.received)
+    yield gauge("presenced_cluster_inbox_length", "Entries in this node's inbox Stream",
+                metrics.inbox_length)
+    yield gauge("presenced_cluster_inbox_pending",
+                "Entries of this node's inbox read and not yet acknowledged",
+                metrics.inbox_pending)
+    # The directory's replica of other nodes' sessions (server/cluster/directory.py keeps it
+    # as bare JID -> resource -> RemoteSession; read-only here).
+    replica: dict[Any, dict[str, Any]] = getattr(cluster.directory, "_remote", {})
+    yield gauge("presenced_cluster_directory_replica_jids",
+                "Bare JIDs with sessions on other nodes held in this node's directory replica",
+                len(replica))
+    yield gauge("presenced_cluster_directory_replica_sessions",
+                "Sessions on other nodes held in this node's directory replica",
+                sum(len(sessions) for sessions in list(replica.values())))
 
 
 def _limits(server: Server) -> Iterator[Any]:

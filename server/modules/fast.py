@@ -14,9 +14,11 @@ invalidate='true' ends the client's tokens (§3.6). A password change (presenced
 AccountStore.set_credentials) deletes every token of the account.
 
 The database never holds a token: a row holds a random nonce and the token's SHA-256; the
-token is HMAC-SHA-256(key, nonce) with the key in key_file, outside the database. A stolen
-database (or backup of it) gives no working token. Servers sharing one database need the same
-key file.
+token is HMAC-SHA-256(key, nonce). The key is by default the "fast-token" secret in the
+shared database (server/storage/keystore.py: every node of a cluster checks the tokens any node
+issued; a <data_dir>/fast-token.key of an older version is imported once). With key_file set it
+is that file's instead, outside the database, so that a stolen database (or backup of it) gives
+no working token; servers sharing one database then need the same file.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from server import events
 from server.config import path_option, seconds_option
 from server.module import Module, ModuleContext, hook
 from server.storage.fast import NEW, FastToken, FastTokenStore
+from server.storage.keystore import shared_secret
 from server.stream.sasl2 import ht_initiator, ht_responder
 
 log = logging.getLogger("presenced.fast")
@@ -49,8 +52,8 @@ class FastSettings:
     token_lifetime: float = field(metadata=seconds_option(1814400))
     # A token used when older than this is replaced by a new one (seconds; default 1 day).
     rotate_after: float = field(metadata=seconds_option(86400))
-    # The key tokens are derived from; made at first start when absent. Unset:
-    # <data_dir>/fast-token.key.
+    # A file holding the key tokens are derived from (made at first start when absent). Unset:
+    # the key shared by every node in the database (imported from <data_dir>/fast-token.key).
     key_file: Path | None = field(metadata=path_option("data_dir"))
 
 
@@ -93,9 +96,13 @@ class Fast(Module):
         return self.server.storage.fast_tokens
 
     async def start(self) -> None:
-        path = self.config.key_file or self.server.config.data_dir / "fast-token.key"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._key = load_key(path)
+        if self.config.key_file is not None:
+            self.config.key_file.parent.mkdir(parents=True, exist_ok=True)
+            self._key = load_key(self.config.key_file)
+        else:
+            self._key = await shared_secret(
+                self.server.storage.secrets, "fast-token",
+                legacy=self.server.config.data_dir / "fast-token.key", min_size=KEY_SIZE)
         purged = await self._store.purge_expired(int(time.time()))
         if purged:
             log.info("event=fast-tokens-expired count=%d", purged)

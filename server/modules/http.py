@@ -31,7 +31,7 @@ from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
-from server import events
+from server import events, listening
 from server.config import NETWORKS, Invalid, Network, bool_option, networks, option
 from server.http import websocket
 from server.http.bosh import Bosh
@@ -243,8 +243,8 @@ class HTTP(Module):
         try:
             for kind, addresses in (("http", listen.http), ("https", listen.https)):
                 for address in addresses:
-                    site = web.TCPSite(runner, address.host, address.port, reuse_address=True,
-                                       backlog=1024,
+                    site = web.TCPSite(runner, address.host, address.port, backlog=1024,
+                                       reuse_address=True, reuse_port=listening.ports_shared(),
                                        ssl_context=ssl_context if kind == "https" else None)
                     await site.start()
                     self._sites.append((kind, site))

@@ -64,6 +64,7 @@ from server.sessions import Session
 from server.storage import upload as upload_store
 from server.storage.base import NoSuchAccount
 from server.storage.db import StorageUnavailable, log_failure
+from server.storage.keystore import shared_secret
 from server.storage.upload import Upload
 from server.xml import stanza as st
 from server.xml.numbers import NumberError, parse_int
@@ -130,6 +131,9 @@ class HTTPUpload(ServiceModule):
             log.warning("event=upload-off reason=no-http-listener")
             return
         self._http = http
+        # The URLs one node signs are good on every node (issue 22: the files on a path all
+        # nodes share) and after a restart: the key is in the database (storage/keystore.py).
+        self._key = await shared_secret(self.server.storage.secrets, "upload")
         self._dir = self.config.path or self.server.config.data_dir / "upload"
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         http.route(PREFIX, self._request, prefix=True, cors=True)

@@ -39,12 +39,12 @@ from server.http.admin import CookieSigner, History, Ticket, esc
 from server.jid import JID, InvalidJID
 from server.limits import AuthBackoff
 from server.module import Module
-from server.modules.fast import load_key
 from server.modules.http import HTTP
 from server.modules.invites import Invites, parse_duration
 from server.modules.muc import Muc
 from server.storage.base import AccountExists, Credentials, NoSuchAccount
 from server.storage.db import StorageUnavailable
+from server.storage.keystore import shared_secret
 from server.stream.connection import XMLStreamConnection
 from server.stream.scram import derive_credentials, fake_keys, prepare_password, verify_password
 from server.xml.numbers import NumberError, parse_int
@@ -108,7 +108,11 @@ class WebAdmin(Module):
         self._http = http
         data_dir = self.server.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._signer = CookieSigner(load_key(data_dir / "webadmin-cookie.key"))
+        # Every node checks the cookie any node signed (the key file of an older version is
+        # imported once: server/storage/keystore.py).
+        self._signer = CookieSigner(await shared_secret(
+            self.server.storage.secrets, "webadmin-cookie",
+            legacy=data_dir / "webadmin-cookie.key", min_size=32))
         http.route(PREFIX, self._request, prefix=True)
         self._sample()
         self._sampler = asyncio.ensure_future(self._sampling())

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     )
     from server.storage.db import Database
     from server.storage.fast import FastTokenStore
+    from server.storage.keystore import SecretStore
 
 # [storage] backend -> module with ``async def connect(config: StorageConfig) -> Database``
 BACKENDS = {"sqlite": "server.storage.sqlite", "postgresql": "server.storage.postgres"}
@@ -71,6 +72,7 @@ class Storage:
     offline: OfflineStore
     blocklists: BlocklistStore
     fast_tokens: FastTokenStore
+    secrets: SecretStore
 
     def __init__(self, db: Database, specs: Sequence[StoreSpec],
                  migrated: Sequence[tuple[str, int, int]] = ()) -> None:
@@ -119,7 +121,7 @@ def all_store_specs() -> tuple[StoreSpec, ...]:
 
 
 # Below the names the stores' modules use (StoreSpec, StorageError): they import them from here.
-from server.storage import accounts, blocklist, fast, offline, roster, userdata  # noqa: E402
+from server.storage import accounts, blocklist, fast, keystore, offline, roster, userdata  # noqa: E402
 
 CORE_STORES: tuple[StoreSpec, ...] = (
     accounts.SPEC,
@@ -130,4 +132,5 @@ CORE_STORES: tuple[StoreSpec, ...] = (
     offline.SPEC,
     blocklist.SPEC,
     fast.SPEC,  # core: a credential change (AccountStore.set_credentials) deletes the tokens
+    keystore.SPEC,  # core: keys every node shares (FAST, upload, occupant ids, dialback)
 )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
 
+from server import listening
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
 from server.services import ServiceHost
@@ -220,7 +221,8 @@ class Components:
                                   domain, stanza))
         for address in self._addresses:
             listener = await self.loop.create_server(
-                lambda: ComponentStream(self), address.host, address.port, reuse_address=True)
+                lambda: ComponentStream(self), address.host, address.port,
+                reuse_address=True, reuse_port=listening.ports_shared())
             self._listeners.append(listener)
             for sock in listener.sockets:
                 name = sock.getsockname()

@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
-import os
-import secrets
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from lxml import etree
@@ -33,6 +30,7 @@ from server.modules.muc.room import (
 from server.modules.muc.voice import REQUEST, Voice
 from server.services import ServiceHost
 from server.sessions import Session
+from server.storage.keystore import shared_secret
 from server.storage.muc import StoredRoom
 from server.xml import ns
 from server.xml import stanza as st
@@ -80,20 +78,6 @@ def _kicked(error: Stanza) -> Stanza:
     return presence
 
 
-def _load_key(path: Path) -> bytes:
-    """The occupant-id key (XEP-0421: the same ids after a restart), made when absent."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
-
-
 class Service(Archive, Invitations, Voice):
     """Joins, routing and the rest of what is not an owner's, admin's or moderator's."""
 
@@ -103,7 +87,11 @@ class Service(Archive, Invitations, Voice):
     async def start(self) -> None:
         if not self.config.enabled:
             return
-        self.id_key = _load_key(self.server.config.data_dir / "muc-occupant-id.key")
+        # XEP-0421: the same ids after a restart and on every node of a cluster; the key file
+        # of an older version is imported once (server/storage/keystore.py).
+        self.id_key = await shared_secret(
+            self.server.storage.secrets, "muc-occupant-id",
+            legacy=self.server.config.data_dir / "muc-occupant-id.key")
         route = self.route
         cluster = self.server.cluster
         if cluster is not None:
