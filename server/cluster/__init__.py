@@ -119,12 +119,6 @@ class Cluster:
                                                         f"{self.name} r {bare}"))
         task.add_done_callback(_quiet)
 
-    def invalidate(self, kind: str, key: str) -> None:
-        """Tell the other nodes that the cache entry `key` of this kind changed here."""
-        task = asyncio.ensure_future(self.redis.publish(keys.INVALIDATE,
-                                                        f"{self.name} {kind} {key}"))
-        task.add_done_callback(_quiet)
-
     # -- events from the others --------------------------------------------------------------
 
     async def _listen(self) -> None:

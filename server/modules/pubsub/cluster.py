@@ -18,10 +18,12 @@ things are per node and are made cluster-wide here:
 from __future__ import annotations
 
 import copy
+import logging
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from server.cluster import keys
 from server.cluster.directory import RemoteSession
 from server.jid import JID, InvalidJID
 from server.modules.caps import EntityCaps
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from server.module import Module
     from server.sessions import Session
 
+log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 NOTIFY = "pep-notify"
 
@@ -47,8 +50,16 @@ class SharedPubsub:
         if self.kind == "p":
             self.cluster.inbox.placed[NOTIFY] = self.received
 
-    def changed(self, key: str) -> None:
-        self.cluster.invalidate(self.kind, key)
+    async def changed(self, key: str) -> None:
+        """Before the request that changed `key` is answered: a client told of the change
+        (a subscription's result) may at once ask another node, which must not answer from
+        its old copy."""
+        try:
+            await self.cluster.redis.publish(keys.INVALIDATE,
+                                             f"{self.cluster.name} {self.kind} {key}")
+        except Exception as exc:  # Redis unreachable: the others' copies may be stale a while
+            log.warning("event=cluster-publish-failed kind=%s error=%s", self.kind,
+                        type(exc).__name__)
 
     @staticmethod
     def is_remote(session: Session) -> bool:

@@ -107,10 +107,10 @@ class Pep(PubsubProtocol, Module):
         with contextlib.suppress(InvalidJID):
             self._forget(JID.parse(owner))
 
-    def _changed(self, owner: JID | None) -> None:
+    async def _changed(self, owner: JID | None) -> None:
         """A request may have changed the account's nodes: other nodes drop their copy."""
         if self.shared is not None and owner is not None:
-            self.shared.changed(str(owner.bare))
+            await self.shared.changed(str(owner.bare))
 
     @property
     def store(self) -> PepStore:
@@ -343,7 +343,7 @@ class Pep(PubsubProtocol, Module):
             return await self.answer(stanza, origin)
         finally:
             if self.shared is not None:
-                self._changed(_owner_of(stanza, origin))
+                await self._changed(_owner_of(stanza, origin))
 
     @iq_get(OWNER, "pubsub", to=("self", "bare"))
     async def get_owner(self, stanza: Stanza, origin: Session | None) -> Stanza:
@@ -355,7 +355,7 @@ class Pep(PubsubProtocol, Module):
             return await self.answer(stanza, origin)
         finally:
             if self.shared is not None:
-                self._changed(_owner_of(stanza, origin))
+                await self._changed(_owner_of(stanza, origin))
 
     @hook(events.MESSAGE_BARE, priority=10)
     def authorization(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
@@ -385,8 +385,8 @@ class Pep(PubsubProtocol, Module):
             if unmet:
                 raise engine.precondition_error(unmet)
         published = await self.put_items(host, node, found, owner, [(item_id, payloads)])
-        if created:
-            self._changed(owner)
+        if created and self.shared is not None:
+            await self._changed(owner)
         return published[0][0]
 
     async def retract_item(self, owner: JID, node: str, item_id: str,

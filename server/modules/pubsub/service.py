@@ -115,7 +115,7 @@ class PubsubService(PubsubProtocol, ServiceModule):
             return await pending
         finally:
             if self.shared is not None:
-                self.shared.changed(service)
+                await self.shared.changed(service)
 
     @property
     def store(self) -> PubsubStore:
