@@ -13,7 +13,9 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from lxml import etree
 
 from server.cluster.placement import rendezvous
@@ -300,3 +302,31 @@ def test_rendezvous_moves_only_the_rooms_of_the_node_that_went() -> None:
     moved = [two[name] for name, owner in three.items() if owner == "node3"]
     assert 0.35 < moved.count("node1") / len(moved) < 0.65
     assert rendezvous("x", ()) is None
+
+
+async def test_join_at_once_after_login_on_another_node(
+        nodes: tuple[RunningServer, RunningServer], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+        ) -> None:
+    """Bob's bind reaches Redis after his join reaches the room's node (node2's directory
+    writes held back here): the owner waits for his directory entry before it answers, so
+    the join's presences and subject are not dropped for want of a session."""
+    one, two = nodes
+    room = room_owned_by("node1")
+    alice = await raw_available(one, ALICE, "pc")
+    await join(alice, "Alice", room)
+    await instant(alice, room)
+    cluster = two.server.cluster
+    assert cluster is not None
+    apply = cluster.directory._apply
+
+    async def late(*args: Any) -> None:
+        await asyncio.sleep(0.5)
+        await apply(*args)
+    monkeypatch.setattr(cluster.directory, "_apply", late)
+    bob = await two.raw_login(BOB, "pc")
+    got = await join(bob, "Bob", room)  # no available presence first: only the join
+    assert [s.get("from") for s in got if s.tag == f"{{{CLIENT}}}presence"] == [
+        f"{room}/Alice", f"{room}/Bob"]
+    assert (await next_presence_from(alice, f"{room}/Bob")).get("type") is None
+    await alice.close()
+    await bob.close()

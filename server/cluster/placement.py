@@ -49,6 +49,7 @@ log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _HOPS = 3       # forwards of one stanza between nodes whose views of the owner disagree
 _ATTEMPTS = 3   # claims tried (the membership view refreshed between them)
+_SENDER_WAITS, _SENDER_WAIT = 100, 0.02  # at most 2 s for a sender's directory entry
 
 # KEYS[1] the claim. ARGV[1] the owner wanted ("<node>:<incarnation>"), ARGV[2] the prefix of
 # node keys (presenced:node:), ARGV[3] the prefix of the claim sets (presenced:placed:<kind>:),
@@ -162,25 +163,53 @@ class Placement:
             hops = parse_int(fields.get("h", "0"), maximum=_HOPS, name="h")
         except NumberError:
             hops = _HOPS
-        if name in self.owned:
+        sender = self._unknown_sender(stanza)
+        if name in self.owned and name not in self._queues and sender is None:
             self._complete(stanza, self.host.handle(stanza, to, origin), None)
             return
-        self._owners.pop(name, None)  # we were thought the owner: our view may be stale too
-        self._enqueue(name, stanza, to, origin, None, hops + 1, None)
+        if name not in self.owned:
+            self._owners.pop(name, None)  # we were thought the owner: our view may be stale
+            hops += 1
+        self._enqueue(name, stanza, to, origin, None, hops, None, sender)
+
+    def _unknown_sender(self, stanza: _Element) -> JID | None:
+        """A session of ours on another node that our directory does not know yet: its bind
+        and its first stanzas travel apart (the directory's writes, the inbox streams), and
+        what the owner answers it (a join's presences) would find no session."""
+        try:
+            sender = JID.parse(stanza.get("from", ""))
+        except InvalidJID:
+            return None
+        if sender.resource is None or sender.domain not in self.cluster.inbox.router.hosts:
+            return None
+        return sender if self.cluster.directory.get(sender) is None else None
+
+    async def _sender_known(self, sender: JID) -> None:
+        directory = self.cluster.directory
+        directory.invalidate(str(sender.bare))
+        for _ in range(_SENDER_WAITS):
+            if directory.get(sender) is not None:
+                return
+            await asyncio.sleep(_SENDER_WAIT)
+        log.info("event=placement-sender-unknown kind=%s jid=%s", self.kind, sender)
 
     def _enqueue(self, name: str, stanza: _Element, to: JID, origin: str,
-                 session: Session | None, hops: int, done: asyncio.Future[Any] | None) -> None:
-        """Stanzas for a thing whose owner is being looked up wait, in order, for the answer."""
+                 session: Session | None, hops: int, done: asyncio.Future[Any] | None,
+                 sender: JID | None = None) -> None:
+        """Stanzas for a thing whose owner is being looked up (or whose sender is not known
+        here yet) wait, in order, for the answer."""
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = []
-            self._spawn(self._resolve(name))
+            self._spawn(self._resolve(name, sender))
         queue.append((stanza, to, origin, session, hops, done))
 
-    async def _resolve(self, name: str) -> None:
+    async def _resolve(self, name: str, sender: JID | None = None) -> None:
         error: BaseException | None = None
         owner: tuple[str, str] | None = None
         try:
+            if sender is not None:
+                await self._sender_known(sender)
             owner = await self.owner(name)
             if owner == (self.membership.name, self.membership.incarnation) and (
                     name not in self.owned):
