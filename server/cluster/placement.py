@@ -329,15 +329,31 @@ class Placement:
             self.owned.clear()
             self._owners.clear()
             self.host.drop_all()
+        first = not self._incarnation
         self._incarnation = self.membership.incarnation
         dead = {f"{node}:{inc}" for node, inc in before.items() if live.get(node) != inc}
-        if not dead:
-            return
-        for name in [n for n, (node, inc) in self._owners.items() if f"{node}:{inc}" in dead]:
-            del self._owners[name]
-        self.host.died(dead)
-        for owner in dead:
-            self._spawn(self._rehome(owner))
+        if dead:
+            for name in [n for n, (node, inc) in self._owners.items()
+                         if f"{node}:{inc}" in dead]:
+                del self._owners[name]
+            self.host.died(dead)
+        if dead or first:
+            # Also at our start: an earlier incarnation of ours (kill -9, restarted within
+            # dead_after) or a survivor that died before it re-homed left claims behind.
+            self._spawn(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Every dead incarnation's claims: those the hashing gives us, taken over."""
+        prefix = keys.placed_by(self.kind, "")
+        try:
+            async for raw in self.redis.scan_iter(match=prefix + "*", count=500):
+                owner = raw.decode()[len(prefix):]
+                node, _, incarnation = owner.partition(":")
+                if not self.membership.is_live(node, incarnation):
+                    await self._rehome(owner)
+        except Exception as exc:
+            log.warning("event=placement-sweep-failed kind=%s error=%s", self.kind,
+                        type(exc).__name__)
 
     async def _rehome(self, owner: str) -> None:
         """A dead incarnation's claims: those the hashing gives us, taken over now (so that
@@ -354,7 +370,9 @@ class Placement:
                     self._spawn(self._resolve(name))
                 self._queues[name].append((_NOTHING, JID.parse(name), self.me, None, 0, done))
                 await done
-                if name in self.owned and not self.host.exists(name):
+                if name not in self.owned:  # claimed by another live node meanwhile
+                    await self.redis.srem(keys.placed_by(self.kind, owner), name)
+                elif not self.host.exists(name):
                     await self.release(name)  # a claim of nothing: not kept
         except Exception as exc:
             log.warning("event=placement-rehome-failed kind=%s owner=%s error=%s", self.kind,
