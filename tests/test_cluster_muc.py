@@ -330,3 +330,45 @@ async def test_join_at_once_after_login_on_another_node(
     assert (await next_presence_from(alice, f"{room}/Bob")).get("type") is None
     await alice.close()
     await bob.close()
+
+
+async def test_fenced_owner_gives_up_its_rooms(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """node2 declared dead while running (fencing, as in test_cluster.py): its sessions end,
+    the rooms it held in memory are dropped (never two owners); the room is claimed anew and
+    its new owner rebuilds it from the Redis mirror, Alice still in it."""
+    one, two = nodes
+    room = room_owned_by("node2")
+    alice = await raw_available(one, ALICE, "pc")
+    bob = await raw_available(two, BOB, "pc")
+    await join(alice, "Alice", room)
+    await instant(alice, room)
+    await join(bob, "Bob", room)
+    await next_presence_from(alice, f"{room}/Bob")
+    cluster = two.server.cluster
+    assert cluster is not None
+    first = cluster.membership.incarnation
+    await cluster.redis.delete("presenced:node:node2")
+    assert await bob.stream_error(10) == "system-shutdown"
+    gone = await next_presence_from(alice, f"{room}/Bob")
+    assert gone.get("type") == "unavailable"
+    await eventually(lambda: cluster.membership.incarnation != first, "a new incarnation")
+    await eventually(lambda: room not in rooms_of(two), "node2 dropped the room")
+    one_cluster = one.server.cluster
+    assert one_cluster is not None
+    await eventually(lambda: one_cluster.membership.live.get("node2") ==
+                     cluster.membership.incarnation, "node1 sees the new incarnation")
+    await alice.send(f"<message to='{room}' type='groupchat' id='f1'><body>still here</body>"
+                     "</message>")
+    message = await next_message(alice)
+    assert (message.get("from"), body(message)) == (f"{room}/Alice", "still here")
+    # Whoever took it (node1 if it saw node2 dead before node2 rejoined, else node2, where
+    # the hashing puts it), one live incarnation owns it and only that node has it.
+    owner = await claim(one, room)
+    holder, other = (one, two) if owner == incarnation(one) else (two, one)
+    assert owner == incarnation(holder)
+    assert room in rooms_of(holder) and room not in rooms_of(other)
+    muc = holder.server.module(Muc)
+    assert muc is not None
+    assert [o.nick for o in muc.rooms[JID.parse(room)].occupants.values()] == ["Alice"]
+    await alice.close()

@@ -331,7 +331,11 @@ class Placement:
             self.host.drop_all()
         first = not self._incarnation
         self._incarnation = self.membership.incarnation
-        dead = {f"{node}:{inc}" for node, inc in before.items() if live.get(node) != inc}
+        me = self.membership.name
+        # Our own incarnation gone from the view means we are being fenced (above, once the
+        # membership rejoins): not a death for us to clean up after.
+        dead = {f"{node}:{inc}" for node, inc in before.items()
+                if live.get(node) != inc and node != me}
         if dead:
             for name in [n for n, (node, inc) in self._owners.items()
                          if f"{node}:{inc}" in dead]:
@@ -349,7 +353,7 @@ class Placement:
             async for raw in self.redis.scan_iter(match=prefix + "*", count=500):
                 owner = raw.decode()[len(prefix):]
                 node, _, incarnation = owner.partition(":")
-                if not self.membership.is_live(node, incarnation):
+                if owner != self.me and not self.membership.is_live(node, incarnation):
                     await self._rehome(owner)
         except Exception as exc:
             log.warning("event=placement-sweep-failed kind=%s error=%s", self.kind,
