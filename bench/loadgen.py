@@ -622,11 +622,11 @@ class _Pair:
             self.fill()
 
 
-async def _pairs(target: Target, pairs: list[tuple[str, str]],
-                 sink: bool = True) -> tuple[list[Client], list[Client]]:
+async def _pairs(target: Target, pairs: list[tuple[str, str]], sink: bool = True,
+                 receiver_target: Target | None = None) -> tuple[list[Client], list[Client]]:
     senders = await connect_many(target, [s for s, _ in pairs])
     try:
-        receivers = await connect_many(target, [r for _, r in pairs])
+        receivers = await connect_many(receiver_target or target, [r for _, r in pairs])
     except BaseException:
         for s in senders:
             s.close()
@@ -678,8 +678,16 @@ async def _enable_sm(clients: Sequence[Client]) -> None:
 
 
 async def op_messages(control: Control, target: Target, pairs: list[tuple[str, str]],
-                      window: int, sm: bool = False) -> dict[str, Any]:
-    senders, receivers = await _pairs(target, pairs, sink=not sm)
+                      window: int, sm: bool = False,
+                      receivers_at: dict[str, Any] | None = None,
+                      settle: float = 0.0) -> dict[str, Any]:
+    """receivers_at: another Target (as a dict) for the receivers, e.g. another cluster node;
+    settle: seconds between the logins and the first message (a cluster node learns of the
+    other node's new sessions through Redis, a few milliseconds later)."""
+    senders, receivers = await _pairs(target, pairs, sink=not sm, receiver_target=Target(
+        **receivers_at) if receivers_at else None)
+    if settle:
+        await asyncio.sleep(settle)
     with closing_all(senders + receivers):
         if sm:
             await _enable_sm(senders + receivers)

@@ -872,6 +872,7 @@ class PresencedPeer(Peer):
         self.python = python
         self.config_file = self.workdir / "presenced.toml"
         self.data_dir = self.workdir / "data"
+        self.serve_args: tuple[str, ...] = ()  # e.g. ("--workers", "2") (bench/cluster.py)
 
     def _write_config(self) -> None:
         def addr(port: int | None) -> str:
@@ -935,6 +936,7 @@ class PresencedPeer(Peer):
         self._check_free()
         self._write_config()
         self.process = self._spawn([self.python, "-m", "server", "serve", "--config",
-                                    str(self.config_file)], cwd=REPO, output=self.log_file)
+                                    str(self.config_file), *self.serve_args], cwd=REPO,
+                                   output=self.log_file)
         self._wait_listening(timeout)
 

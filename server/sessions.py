@@ -72,6 +72,11 @@ class Session:
         self.outbox: Outbox | None = None
         self.gate: Gate | None = None
 
+    @property
+    def connected(self) -> bool:
+        """A stream carries it now (False: detached, kept for XEP-0198 resumption)."""
+        return self.transport is not None
+
     def send(self, stanza: _Element) -> None:
         gate = self.gate
         if gate is not None:

@@ -285,3 +285,25 @@ def test_tsung_logs_in_with_scram_and_talks_on_presenced(tmp_path) -> None:
     for name in ("connect", "login", "bind", "roster", "muc_join", "chat", "groupchat"):
         assert done.get(name) == 4, (name, done)
     assert "tsung" in tsung.table(p, {"presenced": figures})
+
+
+def test_cluster_bench_runs_same_and_cross_node() -> None:
+    """bench/cluster.py: a seconds-long run of the two-node variants on a private PostgreSQL
+    and Redis; messages cross between the nodes (nothing about speed)."""
+    from bench import cluster
+    from bench.pgcluster import PostgresCluster
+    from bench.redisserver import RedisServer
+
+    p = replace(cluster.Params.quick(), variants=("same", "cross"))
+    pg, redis = PostgresCluster().start(), RedisServer().start()
+    fleet = Fleet(1)
+    try:
+        results = {name: cluster.run_variant(name, p, fleet, pg, redis, db, log=lambda _: None)
+                   for db, name in enumerate(p.variants)}
+    finally:
+        fleet.close()
+        redis.stop()
+        pg.stop()
+    for name, figures in results.items():
+        assert figures["per_s"] > 0 and figures["cpu_us"] > 0, (name, figures)
+    assert "CPU" in cluster.table(p, results)

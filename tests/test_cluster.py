@@ -305,3 +305,27 @@ def test_sqlite_with_cluster_is_a_config_error(tmp_path: Path) -> None:
         load_config(missing)
     # Without [cluster]: SQLite as always, and no cluster.
     assert load_config(write_config(tmp_path / "d")).cluster.enabled is False
+
+
+async def test_a_connected_session_on_another_node_gets_no_push(
+        nodes: tuple[RunningServer, RunningServer]) -> None:
+    """XEP-0357 §3: push only while an account has no connected session. bob, connected on
+    node2 with push enabled, gets alice's messages from node1, and his app server (here a client
+    on node1) no publish: node1 used to take the session on node2 for a detached one."""
+    one, two = nodes
+    await one.add_user("app@a.test")
+    app = await raw_available(one, "app@a.test", "server")
+    bob = await raw_available(two, BOB, "phone")
+    reply = await bob.ask("<iq type='set' id='e1'><enable xmlns='urn:xmpp:push:0' "
+                          "jid='app@a.test/server' node='n1'/></iq>", skip_others=True)
+    assert reply.get("type") == "result", etree.tostring(reply)
+    alice = await raw_available(one, ALICE, "desk")
+    await eventually(sees(one, f"{BOB}/phone"), "node1 sees bob on node2")
+    for i in range(3):
+        await alice.send(f"<message to='{BOB}' type='chat' id='p{i}'><body>{i}</body></message>")
+        assert (await bob.expect(MESSAGE)).get("id") == f"p{i}"
+    with pytest.raises(TimeoutError):
+        got = await app.expect(IQ, timeout=1.0)
+        raise AssertionError(f"a push for a connected session: {etree.tostring(got)!r}")
+    for client in (alice, bob, app):
+        await client.close()

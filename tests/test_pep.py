@@ -132,6 +132,24 @@ async def wait_caps(server: RunningServer, ver: str) -> None:
     raise AssertionError("caps never cached")
 
 
+async def alice_and_interested_bob(server: RunningServer, node: str, resource: str,
+                                   others: tuple[str, ...] = (), contacts: tuple[str, ...] = ()
+                                   ) -> tuple[RawClient, RawClient, str]:
+    """alice online, and bob, her contact ('both'), online with caps asking for node+notify;
+    (alice, bob, bob's caps ver). `others`: more accounts made; `contacts`: those of them
+    who are alice's contacts too."""
+    for user in ("alice", "bob", *others):
+        await server.add_user(f"{user}@a.test")
+    for contact in ("bob", *contacts):
+        await friends(server, "alice@a.test", f"{contact}@a.test")
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<presence/>")
+    bob = await server.raw_login("bob@a.test", resource=resource)
+    ver = await online_with_caps(bob, [DISCO, CAPS, f"{node}+notify"])
+    await wait_caps(server, ver)
+    return alice, bob, ver
+
+
 async def next_event(client: RawClient, timeout: float = 5.0) -> etree._Element:
     while True:
         message = await client.next_of("message", timeout)
@@ -408,16 +426,9 @@ async def test_notifications_follow_caps_and_access(server: RunningServer) -> No
     """XEP-0163 §4.3: an event goes to the owner's resources and to contacts' resources with
     <node>+notify in their (hash-verified, cached) caps; the last item goes to a resource that
     comes online; retracts are notified."""
-    for user in ("alice", "bob", "carol", "dave"):
-        await server.add_user(f"{user}@a.test")
-    await friends(server, "alice@a.test", "bob@a.test")
-    await friends(server, "alice@a.test", "carol@a.test")
     nick = "http://jabber.org/protocol/nick"
-    alice = await server.raw_login("alice@a.test")
-    await alice.send("<presence/>")
-    bob = await server.raw_login("bob@a.test", resource="b1")
-    ver = await online_with_caps(bob, [DISCO, CAPS, f"{nick}+notify"])
-    await wait_caps(server, ver)
+    alice, bob, ver = await alice_and_interested_bob(server, nick, "b1", ("carol", "dave"),
+                                                     contacts=("carol",))
     # carol: a contact without +notify; dave: interested, but not a contact.
     carol = await server.raw_login("carol@a.test")
     await online_with_caps(carol, [DISCO, CAPS])
@@ -1445,3 +1456,82 @@ async def test_notifications_are_serialised_once() -> None:
         data = writer.serialize(message, "jabber:client")
         assert etree.fromstring(data).get("to") == message.get("to")
         assert b"<item id=\"i1\"/>" in data
+
+
+async def test_publications_of_many_accounts_share_commits(server: RunningServer) -> None:
+    """Items published at once by several accounts are committed together (the group commit,
+    server/modules/pubsub/writer.py), each publish answered only once its item is stored:
+    every result is followed by the item in the store, and an account's own later
+    publication is the one kept."""
+    users = [f"u{n}@a.test" for n in range(8)]
+    for user in users:
+        await server.add_user(user)
+    clients = [await server.raw_login(user) for user in users]
+    pep = server.server.modules["pep"]
+    tune = "http://jabber.org/protocol/tune"
+    before = pep._writer.batches  # type: ignore[attr-defined]
+    rounds = 3
+    for n in range(rounds):
+        await asyncio.gather(*(c.send(publish(tune, f"<tune xmlns='{tune}'><title>{u}/{n}</title>"
+                                              "</tune>", "current", iq_id=f"p{n}"))
+                               for c, u in zip(clients, users, strict=True)))
+        for client in clients:
+            reply = await client.next_of("iq")
+            assert reply.get("type") == "result" and reply.get("id") == f"p{n}"
+    batches = pep._writer.batches - before  # type: ignore[attr-defined]
+    assert batches < rounds * len(users), batches  # some commits were shared
+    store = pep.store  # type: ignore[attr-defined]
+    for user in users:
+        local, domain = user.split("@")
+        stored = await store.items(local, domain, tune)
+        assert [(i.id, etree.fromstring(i.payload).findtext(q(tune, "title"))) for i in stored] \
+            == [("current", f"{user}/{rounds - 1}")]
+
+
+async def test_the_last_item_comes_from_memory_and_follows_retracts(
+        server: RunningServer, monkeypatch: Any) -> None:
+    """XEP-0163 §4.3.2: a resource that comes online with +notify gets the newest item, kept
+    in memory since its publish committed (no store read); a retract or purge forgets it, so
+    the next resource gets what the store has then, read once and kept."""
+    nick = "http://jabber.org/protocol/nick"
+    alice, _bob, ver = await alice_and_interested_bob(server, nick, "b0")
+    store = server.server.modules["pep"].store  # type: ignore[attr-defined]
+    reads: list[str] = []
+    items = store.items
+
+    async def counted(user: str, domain: str, node: str, **kw: Any) -> Any:
+        reads.append(node)
+        return await items(user, domain, node, **kw)
+    monkeypatch.setattr(store, "items", counted)
+
+    async def newest_for_a_new_resource(resource: str) -> str | None:
+        client = await server.raw_login("bob@a.test", resource=resource)
+        await client.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' "
+                          f"ver='{ver}'/></presence>")
+        try:
+            message = await next_event(client, timeout=1.5)
+        except TimeoutError:
+            return None
+        return message.findtext(f".//{{{nick}}}nick")
+
+    for n in (1, 2):
+        reply = await ask(alice, publish(nick, f"<nick xmlns='{nick}'>A{n}</nick>", f"n{n}"))
+        assert reply.get("type") == "result"
+    assert await newest_for_a_new_resource("b1") == "A2"
+    assert reads == []  # from memory
+    reply = await ask(alice, f"<iq type='set' id='r1'><pubsub xmlns='{PUBSUB}'>"
+                      f"<retract node='{nick}'><item id='n2'/></retract></pubsub></iq>")
+    assert reply.get("type") == "result"
+    # max_items is 1 (the PEP default): n1 went when n2 came, so the node is empty now
+    assert await newest_for_a_new_resource("b2") is None  # read again, then kept
+    assert reads == [nick]
+    assert await newest_for_a_new_resource("b3") is None
+    assert reads == [nick]
+    reply = await ask(alice, publish(nick, f"<nick xmlns='{nick}'>A3</nick>", "n3"))
+    assert reply.get("type") == "result"
+    assert await newest_for_a_new_resource("b4") == "A3"
+    assert reads == [nick]
+    reply = await ask(alice, f"<iq type='set' id='x1'><pubsub xmlns='{OWNER}'>"
+                      f"<purge node='{nick}'/></pubsub></iq>")
+    assert reply.get("type") == "result"
+    assert await newest_for_a_new_resource("b5") is None

@@ -1159,6 +1159,39 @@ async def test_pep_nodes_and_items(config: StorageConfig) -> None:
         await opened.close()
 
 
+async def test_pep_items_published_in_one_batch(config: StorageConfig) -> None:
+    """publish_many (the PEP module's group commit): publish() of each in order, committed
+    together, and an entry whose node is gone fails alone, as publish() would."""
+    from server.storage import pubsub
+    from server.storage.pubsub import Published, StoredItem
+    opened = await open_storage(config, (*CORE_STORES, pubsub.SPEC))
+    try:
+        store = opened.pep  # type: ignore[attr-defined]
+        for user in ("alice", "bob"):
+            await opened.accounts.create(user, "a.test", credentials(1))
+            await store.create_node(user, "a.test", "urn:n", {})
+
+        def one(user: str, item: str, max_items: int = 2, node: str = "urn:n") -> Published:
+            return Published(user, "a.test", node, StoredItem(item, f"{user}@a.test",
+                                                              f"<p>{item}</p>"), max_items)
+        assert await store.publish_many([one("alice", "a1"), one("bob", "b1"), one("alice", "a2"),
+                                         one("alice", "a3"), one("alice", "a2")]) == [None] * 5
+        # Trimmed to the newest two, a republished id the newest.
+        assert [i.id for i in await store.items("alice", "a.test", "urn:n")] == ["a3", "a2"]
+        assert [i.id for i in await store.items("bob", "a.test", "urn:n")] == ["b1"]
+        results = await store.publish_many([one("bob", "b2"), one("alice", "x", node="gone"),
+                                            one("bob", "b3", max_items=1)])
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], NoSuchAccount)
+        assert [i.id for i in await store.items("bob", "a.test", "urn:n")] == ["b3"]
+        assert await store.publish_many([one("alice", "a4", max_items=0),
+                                         one("bob", "b4")]) == [None, None]
+        assert await store.items("alice", "a.test", "urn:n") == []
+        assert [i.id for i in await store.items("bob", "a.test", "urn:n")] == ["b3", "b4"]
+    finally:
+        await opened.close()
+
+
 async def test_pep_subscriptions(config: StorageConfig) -> None:
     """Explicit subscriptions to PEP nodes: they go with the node, with its account, and with
     the subscriber's own account."""

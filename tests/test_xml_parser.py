@@ -175,6 +175,31 @@ def test_nothing_after_close() -> None:
     assert parser.feed(b"<more/>") == []
 
 
+def outcome(chunks: list[bytes]) -> tuple[list[object], str]:
+    try:
+        return summary(run(chunks)), "ok"
+    except StreamError as err:
+        return [], err.condition
+
+
+@pytest.mark.parametrize("between, after, expected", [
+    # RFC 6120 §11.7: text between top-level elements is bad-format, read with the stanza or not
+    (b"text", b"", (None, "bad-format")),
+    (b" \n", b"", (["StreamOpened", "{jabber:client}presence", "StreamClosed"], "ok")),
+    # what follows </stream:stream> is not the stream's: it ended first
+    (b"", b"<!ENTITY x 'y'>", (["StreamOpened", "{jabber:client}presence", "StreamClosed"], "ok")),
+    (b"", b"<?pi?>&bogus;", (["StreamOpened", "{jabber:client}presence", "StreamClosed"], "ok")),
+])
+def test_the_end_of_a_stream_is_judged_alike_however_it_is_cut(
+        between: bytes, after: bytes, expected: tuple[list[object] | None, str]) -> None:
+    data = HEAD + b"<presence/>" + between + b"</stream:stream>" + after
+    for cut in range(len(HEAD), len(data) + 1):
+        events, result = outcome([data[:cut], data[cut:]])
+        assert result == expected[1], (cut, data[:cut], data[cut:])
+        if expected[0] is not None:
+            assert events == expected[0], cut
+
+
 def test_writer_helpers() -> None:
     header = stream_header(content_ns="jabber:client", from_="a.test", to="u@a.test",
                            id_="i'd", lang="en")

@@ -78,6 +78,12 @@ class RemoteSession(Session):
         self.presence = etree.fromstring(xml.encode(), _PARSER) if xml else None
         self._inbox = inbox
 
+    @property
+    def connected(self) -> bool:
+        """Its own node carries it: what a detached session there needs (a push) is that
+        node's to decide, not ours."""
+        return True
+
     def send(self, stanza: _Element) -> None:
         self._inbox.send(self, stanza)
 

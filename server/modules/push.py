@@ -170,14 +170,14 @@ class Push(Module):
     @hook(events.MESSAGE_DELIVERED)
     def delivered(self, stanza: Stanza, account: JID, sessions: Sequence[Session]) -> None:
         for session in sessions:  # the hot path: handed to a connected session
-            if session.transport is not None:
+            if session.connected:
                 if self._unseen or self._notified:
                     self._connected(account)  # someone is connected: no push, count anew
                 return
         if not notifiable(stanza):
             return
         for session in self.server.sessions.resources(account):
-            if session.transport is not None:
+            if session.connected:
                 self._connected(account)
                 return
         notified = self._notified.get(account)

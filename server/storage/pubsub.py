@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from server.storage import StoreSpec
+from server.storage.db import IntegrityViolation
 from server.storage.store import Store
 
 
@@ -29,6 +30,18 @@ class StoredItem:
     id: str
     publisher: str
     payload: str  # XML text ('' for an item without payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One publish() of a batch: the item, to the node (user, domain, node), which keeps the
+    newest max_items."""
+
+    user: str
+    domain: str
+    node: str
+    item: StoredItem
+    max_items: int
 
 
 class PubsubStore(Protocol):
@@ -53,6 +66,10 @@ class PubsubStore(Protocol):
     async def publish(self, user: str, domain: str, node: str, item: StoredItem,
                       max_items: int) -> None:
         """Add the item as the newest (replacing one with its id), keep the newest max_items."""
+
+    async def publish_many(self, batch: Sequence[Published]) -> list[Exception | None]:
+        """publish() of each, in order, committed together on return (the module's group
+        commit); per entry None or what publish() alone would have raised for it."""
 
     async def trim(self, user: str, domain: str, node: str, max_items: int) -> int: ...
 
@@ -193,26 +210,61 @@ class SQLitePepStore(Store):
                       max_items: int) -> None:
         """Add the item as the newest (replacing one with its id), then keep the newest
         max_items."""
-        await self._write(
-            user, domain,
-            f"INSERT INTO {self._items_table} "
-            "(domain, localpart, node, item_id, seq, publisher, payload) "
-            f"VALUES (?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM {self._items_table} "
-            f"WHERE {_NODE}), ?, ?) "
-            "ON CONFLICT (domain, localpart, node, item_id) DO UPDATE SET seq = excluded.seq, "
-            "publisher = excluded.publisher, payload = excluded.payload",
-            domain, user, node, item.id, domain, user, node, item.publisher, item.payload)
+        await self._write(user, domain, self._insert_sql(), domain, user, node, item.id, domain,
+                          user, node, item.publisher, item.payload)
         await self.trim(user, domain, node, max_items)
+
+    async def publish_many(self, batch: Sequence[Published]) -> list[Exception | None]:
+        """The batch in one transaction, two statements for it all (the inserts, then one trim
+        per node); if the transaction fails for one entry (its node or account gone), each is
+        published on its own so that only that one fails."""
+        if len(batch) == 1:  # nothing to share: two statements, no BEGIN and COMMIT
+            return [await self._publish_one(batch[0])]
+        limits: dict[tuple[str, str, str], int] = {}
+        for one in batch:
+            limits[(one.domain, one.user, one.node)] = one.max_items  # the last one counts
+        try:
+            async with self._db.transaction() as tx:
+                await tx.executemany(self._insert_sql(), [
+                    (p.domain, p.user, p.node, p.item.id, p.domain, p.user, p.node,
+                     p.item.publisher, p.item.payload) for p in batch])
+                kept = [(*key, *key, limit - 1) for key, limit in limits.items() if limit > 0]
+                if kept:
+                    await tx.executemany(self._trim_sql(), kept)
+                purged = [key for key, limit in limits.items() if limit <= 0]
+                if purged:
+                    await tx.executemany(
+                        f"DELETE FROM {self._items_table} WHERE {_NODE}", purged)
+        except IntegrityViolation:
+            return [await self._publish_one(one) for one in batch]
+        return [None] * len(batch)
+
+    async def _publish_one(self, one: Published) -> Exception | None:
+        try:
+            await self.publish(one.user, one.domain, one.node, one.item, one.max_items)
+        except Exception as exc:
+            return exc
+        return None
+
+    def _insert_sql(self) -> str:
+        return (f"INSERT INTO {self._items_table} "
+                "(domain, localpart, node, item_id, seq, publisher, payload) "
+                f"VALUES (?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM {self._items_table} "
+                f"WHERE {_NODE}), ?, ?) "
+                "ON CONFLICT (domain, localpart, node, item_id) DO UPDATE SET seq = excluded.seq, "
+                "publisher = excluded.publisher, payload = excluded.payload")
+
+    def _trim_sql(self) -> str:
+        return (f"DELETE FROM {self._items_table} WHERE {_NODE} AND seq < "
+                f"(SELECT seq FROM {self._items_table} "
+                f"WHERE {_NODE} ORDER BY seq DESC LIMIT 1 OFFSET ?)")
 
     async def trim(self, user: str, domain: str, node: str, max_items: int) -> int:
         """Keep the newest max_items items of the node; the number removed."""
         if max_items <= 0:
             return await self.purge(user, domain, node)
-        return await self._db.execute(
-            f"DELETE FROM {self._items_table} WHERE {_NODE} AND seq < "
-            f"(SELECT seq FROM {self._items_table} "
-            f"WHERE {_NODE} ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-            domain, user, node, domain, user, node, max_items - 1)
+        return await self._db.execute(self._trim_sql(), domain, user, node, domain, user, node,
+                                      max_items - 1)
 
     async def items(self, user: str, domain: str, node: str, *,
                     ids: Sequence[str] | None = None,

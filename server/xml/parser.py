@@ -3,9 +3,9 @@
 Events: StreamOpened (the root's start tag), complete top-level elements (stanzas and
 negotiation elements, detached from the root so memory stays flat), StreamClosed.
 
-RFC 6120 §11 is enforced on the raw bytes before lxml sees them: a C-speed regex finds the
-only places where restricted constructs can start (`<!`, `<?`, `&`); bytes whose meaning
-depends on what follows are held back until the next feed.
+RFC 6120 §11 is enforced on the raw bytes before lxml sees them: bytes.find (memchr speed)
+finds the only places where restricted constructs can start (`<!`, `<?`, `&`); bytes whose
+meaning depends on what follows are held back until the next feed.
 Detaching loses the root's default-namespace declaration, so a stanza is deep-copied first:
 a detached `{jabber:client}message` then serialises as `<message xmlns="jabber:client">…`
 instead of with generated `ns0:` prefixes (+1.4 µs per stanza). The copy's document still
@@ -26,7 +26,6 @@ streams left in a shared parser's log.
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
 import threading
@@ -37,7 +36,6 @@ from lxml import etree
 
 from server.errors import StreamError
 
-_SPECIAL = re.compile(rb"<!|<\?|&")
 _PREDEFINED = frozenset({b"amp", b"lt", b"gt", b"quot", b"apos"})
 _CHARREF = re.compile(rb"#(?:[0-9]{1,7}|x[0-9a-fA-F]{1,6})\Z")
 _ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
@@ -96,10 +94,22 @@ class StreamParser:
         if self._held:
             data = self._held + data
             self._held = b""
-        decided = self._scan(data)
+        try:
+            decided = self._scan(data)
+        except _Restricted as restricted:
+            # What comes before the restricted construct is read first: a stream that ends
+            # there has ended, whatever follows (as when the bytes arrive in two reads).
+            out = self._parse(data[:restricted.at]) if restricted.at else []
+            if self._closed:
+                return out
+            raise restricted.error from None
         if decided < len(data):
             self._held = data[decided:]
             data = data[:decided]
+        return self._parse(data)
+
+    def _parse(self, data: bytes) -> list[Event]:
+        """Feed decided bytes to lxml; the events they complete."""
         if not data:
             return []
         self._offset += len(data)
@@ -192,10 +202,15 @@ class StreamParser:
             if depth == 1:
                 root = self._root
                 assert root is not None
-                stanza = copy.deepcopy(el)
+                # Text after the stanza that came in the same read is its tail: judged here,
+                # as it would be as the root's text had the read ended after the stanza
+                # (RFC 6120 §11.7: no character data between top-level elements).
+                _check_text(el.tail)
+                _check_text(root.text)
+                # lxml's element copy: copy.deepcopy's memo and dispatch cost more than it.
+                stanza = el.__copy__()
                 stanza.tail = None
                 root.remove(el)
-                _check_text(root.text)
                 root.text = None
                 out.append(stanza)
                 self._since_stanza = 0
@@ -210,9 +225,13 @@ class StreamParser:
         return out
 
     def _scan(self, data: bytes) -> int:
-        """Raise on restricted XML; return how many leading bytes are decided."""
+        """How many leading bytes are decided; _Restricted where restricted XML starts."""
         pos = 0
         n = len(data)
+        # Where each construct comes next, at or after pos (n: nowhere). bytes.find is a
+        # memchr-speed scan: a regex alternation tests every byte against a character set
+        # (re.search of <!|<\?|& cost ~50 instructions per byte read, 5% of the 1:1 path).
+        amp = bang = pi = -1
         while True:
             if self._in_cdata:
                 end = data.find(b"]]>", pos)
@@ -221,44 +240,61 @@ class StreamParser:
                 self._in_cdata = False
                 pos = end + 3
                 continue
-            match = _SPECIAL.search(data, pos)
-            if match is None:
+            if amp < pos:
+                amp = data.find(b"&", pos) % (n + 1)  # -1 (not found) becomes n
+            if bang < pos:
+                bang = data.find(b"<!", pos) % (n + 1)
+            if pi < pos:
+                pi = data.find(b"<?", pos) % (n + 1)
+            start = min(amp, bang, pi)
+            if start == n:
                 return n - 1 if data.endswith(b"<") else n
-            start = match.start()
-            token = match.group()
+            token = b"&" if start == amp else data[start:start + 2]
             if token == b"&":
                 semi = data.find(b";", start, start + 12)
                 if semi < 0:
                     if n - start < 12:
                         return start
-                    raise StreamError("restricted-xml", "entity references are not allowed")
+                    raise _Restricted(start, "restricted-xml", "entity references are not allowed")
                 name = data[start + 1:semi]
                 if name not in _PREDEFINED and not _CHARREF.match(name):
-                    raise StreamError("restricted-xml", "only predefined entities are allowed")
+                    raise _Restricted(start, "restricted-xml",
+                                      "only predefined entities are allowed")
                 pos = semi + 1
             elif token == b"<?":
                 if self._offset + start != 0:
-                    raise StreamError("restricted-xml", "processing instructions are not allowed")
+                    raise _Restricted(start, "restricted-xml",
+                                      "processing instructions are not allowed")
                 end = data.find(b"?>", start)
                 if end < 0:
                     return start  # the XML declaration is still arriving
                 declaration = data[start:end]
                 if not declaration[2:5] == b"xml" or declaration[5:6] not in (b" ", b"\t",
                                                                             b"\r", b"\n"):
-                    raise StreamError("restricted-xml", "processing instructions are not allowed")
+                    raise _Restricted(start, "restricted-xml",
+                                      "processing instructions are not allowed")
                 encoding = _ENCODING.search(declaration)
                 if encoding and encoding.group(1).lower() not in (b"utf-8", b"utf8"):
-                    raise StreamError("unsupported-encoding", "only UTF-8 is allowed")
+                    raise _Restricted(start, "unsupported-encoding", "only UTF-8 is allowed")
                 pos = end + 2
             else:  # "<!"
                 if n - start < len(_CDATA):
                     if _CDATA.startswith(data[start:]):
                         return start
-                    raise StreamError("restricted-xml", "comments and DTDs are not allowed")
+                    raise _Restricted(start, "restricted-xml", "comments and DTDs are not allowed")
                 if data[start:start + len(_CDATA)] != _CDATA:
-                    raise StreamError("restricted-xml", "comments and DTDs are not allowed")
+                    raise _Restricted(start, "restricted-xml", "comments and DTDs are not allowed")
                 self._in_cdata = True
                 pos = start + len(_CDATA)
+
+
+class _Restricted(Exception):
+    """Restricted XML (RFC 6120 §11.1) at offset `at` of the bytes scanned."""
+
+    def __init__(self, at: int, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.at = at
+        self.error = StreamError(condition, text)
 
 
 def _check_text(text: str | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from xml.sax.saxutils import quoteattr
 
@@ -77,7 +76,7 @@ def addressed_copies(template: etree._Element, recipients: Iterable[str]) -> lis
         _SHARED.clear()
     copies = []
     for to in recipients:
-        one = copy.copy(template)  # lxml copies an element with its subtree
+        one = template.__copy__()  # the element with its subtree (copy.copy's dispatch: +1 µs)
         one.set("to", to)
         quoted = quoteattr(to) if ("&" in to or "<" in to or ">" in to or '"' in to) \
             else f'"{to}"'

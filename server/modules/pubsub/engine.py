@@ -351,6 +351,22 @@ class Node:
     affiliations: dict[str, str] = dataclasses.field(default_factory=dict)
     subscriptions: dict[str, str] = dataclasses.field(default_factory=dict)
     options: dict[str, dict[str, bool]] = dataclasses.field(default_factory=dict)
+    # The newest stored item (id, publisher, stored payload; None: no item) when `last_known`,
+    # so that the last item goes to a new subscriber or +notify resource without a read:
+    # set when a publish commits and by a read nothing overtook (`generation` unchanged),
+    # forgotten when items are retracted, purged or trimmed.
+    last: tuple[str, str, str] | None = dataclasses.field(default=None, compare=False,
+                                                         repr=False)
+    last_known: bool = dataclasses.field(default=False, compare=False, repr=False)
+    generation: int = dataclasses.field(default=0, compare=False, repr=False)
+
+    def remember_last(self, item: tuple[str, str, str] | None) -> None:
+        self.last, self.last_known = item, True
+        self.generation += 1
+
+    def forget_last(self) -> None:
+        self.last, self.last_known = None, False
+        self.generation += 1
 
     def affiliation(self, jid: JID) -> str:
         return self.affiliations.get(str(jid.bare), "none")

@@ -18,6 +18,8 @@ who owns them, whether publishing creates a node, the facts the access models ar
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,8 +33,9 @@ from server.jid import JID, InvalidJID
 from server.module import Stanza
 from server.modules.pubsub import engine
 from server.modules.pubsub.engine import EVENT, OWNER, PUBSUB, Node, PubsubError
+from server.modules.pubsub.writer import ItemWriter
 from server.sessions import Session
-from server.storage.pubsub import PubsubStore, StoredItem
+from server.storage.pubsub import Published, PubsubStore, StoredItem
 from server.xml import ns
 from server.xml import stanza as st
 from server.xml.writer import addressed_copies
@@ -93,6 +96,7 @@ class PubsubProtocol:
     unsupported_features: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
+        self._item_writer: ItemWriter | None = None
         self._ids = itertools.count(1)
         self._prefix = f"pubsub-{uuid.uuid4().hex[:8]}-"
         self._operations: dict[tuple[bool, str, str], Operation] = {
@@ -117,6 +121,15 @@ class PubsubProtocol:
             (True, "set", "subscriptions"): self._owner_set_subscriptions,
             (True, "set", "affiliations"): self._owner_set_affiliations,
         }
+
+    @property
+    def _writer(self) -> ItemWriter:
+        """The group commit of published items, on the store the front has now."""
+        store = self.store
+        writer = self._item_writer
+        if writer is None or writer.store is not store:
+            writer = self._item_writer = ItemWriter(store)
+        return writer
 
     # -- policy: what each front says ---------------------------------------------------------
 
@@ -401,12 +414,19 @@ class PubsubProtocol:
                    for item_id, payloads in items]
         publisher = str(who.bare)
         published: list[tuple[str, Stanza | None]] = []
+        stored: list[asyncio.Future[None]] = []
         for item_id, payload, text in checked:
             item_id = item_id or uuid.uuid4().hex
             if node.config["persist_items"]:
-                await self.store.publish(host.user, host.domain, name,
-                                         StoredItem(item_id, publisher, text), self.limit(node))
+                limit = self.limit(node)
+                stored.append(self._writer.add(
+                    Published(host.user, host.domain, name, StoredItem(item_id, publisher, text),
+                              limit),
+                    functools.partial(node.remember_last,
+                                      (item_id, publisher, text) if limit > 0 else None)))
             published.append((item_id, payload))
+        for one in stored:  # committed with the publications of other sessions (writer.py)
+            await one
         if node.config["deliver_notifications"]:
             shown = node.config["deliver_payloads"]
             shown_publisher = self.shown_publisher(host, node, publisher)
@@ -438,6 +458,7 @@ class PubsubProtocol:
         when there was none."""
         if not await self.store.retract(host.user, host.domain, name, item_id):
             return False
+        node.forget_last()
         if notify or node.config["notify_retract"]:
             await self.notify(host, name, node, engine.retract_event(name, item_id))
         return True
@@ -472,6 +493,7 @@ class PubsubProtocol:
         node.config = {**node.config, **options}
         await self.save_config(host, name, node)
         await self.store.trim(host.user, host.domain, name, self.limit(node))
+        node.forget_last()
         return st.result(stanza)
 
     async def _owner_set_delete(self, stanza: Stanza, host: Host, who: JID,
@@ -479,6 +501,7 @@ class PubsubProtocol:
         name, node = await self._owned(host, actions[0], who)
         redirect = actions[0].find(ns.q(OWNER, "redirect"))
         await self.store.delete_node(host.user, host.domain, name)
+        node.forget_last()
         (await self.nodes(host)).pop(name, None)
         if node.config.get("notify_delete", True):  # to its subscribers, before they go too
             await self.notify(host, name, node, engine.node_event(
@@ -490,6 +513,7 @@ class PubsubProtocol:
                                actions: list[Stanza]) -> Stanza:
         name, node = await self._owned(host, actions[0], who)
         await self.store.purge(host.user, host.domain, name)
+        node.forget_last()
         await self.notify(host, name, node, engine.node_event("purge", name))
         return st.result(stanza)
 
@@ -582,8 +606,14 @@ class PubsubProtocol:
         when = node.config["send_last_published_item"]
         if when == "never" or (when == "on_sub" and not on_sub) or not node.delivers(str(jid)):
             return  # before any storage read
-        last = await self.store.items(host.user, host.domain, name, max_items=1)
-        item = (last[0].id, last[0].publisher, last[0].payload) if last else None
+        if node.last_known:
+            item = node.last
+        else:
+            generation = node.generation
+            last = await self.store.items(host.user, host.domain, name, max_items=1)
+            item = (last[0].id, last[0].publisher, last[0].payload) if last else None
+            if node.generation == generation:  # no commit, retract or purge came between
+                node.remember_last(item)
         found = engine.last_item(host.jid, name, node, jid, await self.facts(host, node, jid),
                                  item, self.shown_publisher(host, node, item[1]) if item else None,
                                  on_sub=on_sub)
