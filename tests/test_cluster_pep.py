@@ -73,14 +73,26 @@ async def test_pep_notification_and_last_item_across_nodes(
     last = await next_event(bob2)
     assert last.get("to") == f"{BOB}/b2"
     assert last.findtext(f".//{{{NICK}}}nick") == "Alice"
-    # Retract on node1 (notify_retract): both of bob's resources on node2 hear it.
-    reply = await ask(alice, f"<iq type='set' id='r1'><pubsub xmlns='{PUBSUB}'>"
-                      f"<retract node='{NICK}'><item id='n1'/></retract></pubsub></iq>")
-    assert reply.get("type") == "result"
+    # A newer item published on node1: node2, which kept the newest item of the node in
+    # memory when it sent it to b2, hears of it; the next resource to come online there gets
+    # the new one.
+    reply = await ask(alice, publish(NICK, f"<nick xmlns='{NICK}'>Alicia</nick>", "n2"))
+    assert reply.get("type") == "result", etree.tostring(reply)
     for client in (bob, bob2):
+        assert (await next_event(client)).findtext(f".//{{{NICK}}}nick") == "Alicia"
+    bob3 = await two.raw_login(BOB, "b3")
+    await bob3.send(f"<presence><c xmlns='{CAPS}' hash='sha-1' node='urn:test' ver='{ver}'/>"
+                    "</presence>")
+    last = await next_event(bob3)
+    assert (last.get("to"), last.findtext(f".//{{{NICK}}}nick")) == (f"{BOB}/b3", "Alicia")
+    # Retract on node1 (notify_retract): bob's resources on node2 hear it.
+    reply = await ask(alice, f"<iq type='set' id='r1'><pubsub xmlns='{PUBSUB}'>"
+                      f"<retract node='{NICK}'><item id='n2'/></retract></pubsub></iq>")
+    assert reply.get("type") == "result"
+    for client in (bob, bob2, bob3):
         retract = (await next_event(client)).find(f".//{{{EVENT}}}retract")
-        assert retract is not None and retract.get("id") == "n1"
-    for client in (alice, bob, bob2, carol):
+        assert retract is not None and retract.get("id") == "n2"
+    for client in (alice, bob, bob2, bob3, carol):
         await client.close()
 
 
@@ -93,6 +105,9 @@ async def test_pubsub_service_subscription_on_another_node(
     await alice.send("<presence/>")
     bob = await two.raw_login(BOB, "b1")
     await bob.send("<presence/>")
+    # (node1 must know bob's session: a headline to a full JID it does not know is dropped,
+    # RFC 6121 §8.5.3.2.1; the directory's replica follows a bind within milliseconds.)
+    await eventually(sees(one, f"{BOB}/b1"), "node1 sees bob")
     reply = await ask(alice, f"<iq type='set' id='c1' to='{SERVICE}'><pubsub xmlns='{PUBSUB}'>"
                       "<create node='news'/></pubsub></iq>")
     assert reply.get("type") == "result", etree.tostring(reply)

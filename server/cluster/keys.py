@@ -20,6 +20,11 @@ between nodes: changing one is a cluster-wide upgrade).
                                    string: JSON, the owner's mirror of a room's occupants (their
                                    nicks, roles, sessions with their node and presence) and of a
                                    non-persistent room's config, so that a new owner rebuilds it
+    presenced:pubsub-version:<kind>:<key>
+                                   integer: bumped by the node that changes a PEP account's
+                                   (kind p, key its bare JID) or a pubsub service's (kind q, its
+                                   domain) nodes, before it answers; a node whose copy is older
+                                   reads them again (pubsub/cluster.py)
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>" (kind d: directory,
                                    r: roster, p: a PEP account's nodes, q: a pubsub service's
                                    nodes, by its domain), fire-and-forget; a periodic resync
@@ -69,3 +74,7 @@ def placed_by(kind: str, owner: str) -> str:
 
 def room_state(room: str) -> str:
     return f"{PREFIX}room-state:{room}"
+
+
+def pubsub_version(kind: str, key: str) -> str:
+    return f"{PREFIX}pubsub-version:{kind}:{key}"

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 NOTIFY = "pep-notify"
+_VERSIONS = 100_000  # versions remembered (all forgotten past it: copies are then reread)
 
 
 class SharedPubsub:
@@ -43,6 +44,7 @@ class SharedPubsub:
         self.module = module
         self.cluster = cluster
         self.kind = kind
+        self._versions: dict[str, int] = {}  # key -> the version our copy was read at
 
     def listen(self, forget: Any) -> None:
         """`forget(key)` drops a cache entry another node changed."""
@@ -51,15 +53,39 @@ class SharedPubsub:
             self.cluster.inbox.placed[NOTIFY] = self.received
 
     async def changed(self, key: str) -> None:
-        """Before the request that changed `key` is answered: a client told of the change
-        (a subscription's result) may at once ask another node, which must not answer from
-        its old copy."""
+        """Before the request that changed `key` is answered: its version goes up (a client
+        told of the change, e.g. by a subscription's result, may at once ask another node,
+        whose copy is then older than the version: fresh() reloads it), and the other nodes
+        drop their copies now rather than at their next use."""
+        redis = self.cluster.redis
         try:
-            await self.cluster.redis.publish(keys.INVALIDATE,
-                                             f"{self.cluster.name} {self.kind} {key}")
+            version = int(await redis.incr(keys.pubsub_version(self.kind, key)))
+            if self._versions.get(key) == version - 1:
+                self._versions[key] = version  # our copy has the change (and only ours)
+            else:
+                self._versions.pop(key, None)  # another node's change too: reread
+            await redis.publish(keys.INVALIDATE, f"{self.cluster.name} {self.kind} {key}")
         except Exception as exc:  # Redis unreachable: the others' copies may be stale a while
             log.warning("event=cluster-publish-failed kind=%s error=%s", self.kind,
                         type(exc).__name__)
+
+    async def fresh(self, key: str) -> bool:
+        """Whether this node's copy of `key` may be used: its version is the latest (one
+        Redis read; the pub/sub invalidation alone may come after a request that follows
+        the change)."""
+        try:
+            raw = await self.cluster.redis.get(keys.pubsub_version(self.kind, key))
+        except Exception as exc:  # Redis unreachable: the copy, as good as it gets now
+            log.warning("event=cluster-version-failed kind=%s error=%s", self.kind,
+                        type(exc).__name__)
+            return True
+        version = int(raw) if raw is not None else 0
+        if self._versions.get(key, 0) == version:
+            return True
+        if len(self._versions) >= _VERSIONS:
+            self._versions.clear()
+        self._versions[key] = version
+        return False
 
     @staticmethod
     def is_remote(session: Session) -> bool:

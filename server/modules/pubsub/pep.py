@@ -132,6 +132,10 @@ class Pep(PubsubProtocol, Module):
         owner = host.owner
         assert owner is not None
         nodes = self._nodes.get(owner)
+        if nodes is not None and self.shared is not None and not await self.shared.fresh(
+                host.jid):
+            self._forget(owner)  # [cluster]: changed on another node since we read it
+            nodes = None
         if nodes is None:
             stored = await self.store.nodes(host.user, host.domain)
             subs = await self.store.subscriptions(host.user, host.domain)
@@ -385,8 +389,8 @@ class Pep(PubsubProtocol, Module):
             if unmet:
                 raise engine.precondition_error(unmet)
         published = await self.put_items(host, node, found, owner, [(item_id, payloads)])
-        if created and self.shared is not None:
-            await self._changed(owner)
+        if self.shared is not None:
+            await self._changed(owner)  # the node's newest item, kept in memory (Node.last)
         return published[0][0]
 
     async def retract_item(self, owner: JID, node: str, item_id: str,
@@ -395,7 +399,11 @@ class Pep(PubsubProtocol, Module):
         when there was none."""
         host = self.host_of(owner)
         found = (await self.nodes(host)).get(node)
-        return found is not None and await self.remove_item(host, node, found, item_id, notify)
+        removed = found is not None and await self.remove_item(host, node, found, item_id,
+                                                               notify)
+        if removed and self.shared is not None:
+            await self._changed(owner)
+        return removed
 
     async def stored_items(self, owner: JID, node: str) -> list[tuple[str, Stanza | None]]:
         """The node's items (id, payload), oldest first; none when there is no such node."""

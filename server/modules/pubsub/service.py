@@ -131,6 +131,10 @@ class PubsubService(PubsubProtocol, ServiceModule):
     async def nodes(self, host: Host) -> dict[str, Node]:
         service = host.domain
         nodes = self._nodes.get(service)
+        if nodes is not None and self.shared is not None and not await self.shared.fresh(
+                service):
+            self._nodes.pop(service, None)  # [cluster]: changed on another node since
+            nodes = None
         if nodes is None:
             found = await self.store.nodes("", service)
             nodes = {name: Node(engine.node_config({**SERVICE_DEFAULTS, **s.get("config", {})}),
