@@ -138,9 +138,9 @@ class Placement:
     def route(self, name: str, stanza: _Element, origin: Session | None, to: JID) -> Any:
         """A stanza for `name` that arrived at this node (the service's route function)."""
         if name in self.owned:
-            return self.host.handle(stanza, to, self.me)
-        owner = self._owners.get(name)
-        if owner is not None and self.membership.is_live(*owner):
+            if name not in self._queues:  # (queued: being adopted, or waiting for a sender)
+                return self.host.handle(stanza, to, self.me)
+        elif (owner := self._owners.get(name)) is not None and self.membership.is_live(*owner):
             self.cluster.inbox.forward(owner[0], self.kind, name,
                                        etree.tostring(stanza, encoding="unicode"))
             return True
