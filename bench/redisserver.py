@@ -1,5 +1,6 @@
 """A private, throw-away redis-server (Debian's) on a loopback port with no persistence, for the
-cluster benchmark (bench/cluster.py); like bench/pgcluster.py for PostgreSQL."""
+cluster benchmark (bench/cluster.py) and the cluster tests (tests/redis.py), as bench/pgcluster.py
+is for PostgreSQL."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class RedisServer:
         self.port = port or _free_port(host)
         self.dir = Path(tempfile.mkdtemp(prefix="presenced-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        self._next_db = 0
 
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
@@ -50,14 +52,24 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not answer PING within 10 s")
 
-    def url(self, db: int = 0) -> str:
+    def url(self, db: int | None = None) -> str:
+        """redis:// for database db; without one, the next database of its own, flushed (so
+        that tests of one module do not meet)."""
+        if db is None:
+            db = self._next_db % 64
+            self._next_db += 1
+            with socket.create_connection((self.host, self.port), 2) as sock:
+                sock.sendall(f"SELECT {db}\r\nFLUSHDB\r\n".encode())
+                sock.recv(64)
         return f"redis://{self.host}:{self.port}/{db}"
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the process (its data is lost: no persistence); start() brings it back on the
+        same port."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -65,5 +77,15 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def restart(self, down: float) -> None:
+        """Redis unreachable for `down` seconds, then back, empty, on the same port (as a
+        restart without persistence)."""
+        self.halt()
+        time.sleep(down)
+        self.start()
+
+    def stop(self) -> None:
+        self.halt()
         self.process = None
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -205,6 +205,14 @@ TLS_RELOADED = _notify("tls-reloaded", ("tls: TLSConfig",), "server/app.py",
 SERVER_STARTED = _notify("server-started", ("server",), "server/app.py")
 SERVER_STOPPING = _notify("server-stopping", ("server",), "server/app.py")
 
+# -- cluster (server/cluster/, only with [cluster]) -----------------------------------------
+CLUSTER_NODE_DIED = _notify(
+    "cluster/node-died", ("node: str", "incarnation: str"), "server/cluster/__init__.py",
+    "on every node, once per incarnation of another node that stopped being live (killed, "
+    "fenced, or stopped): whatever was placed on it (rooms, PEP services) moves; the "
+    "incarnation's sessions, directory entries and inbox are cleaned up by one node "
+    "(server/cluster/reaper.py)")
+
 
 # -- the handlers, by event --------------------------------------------------------------------
 

@@ -112,10 +112,21 @@ class Router:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def drain(self) -> None:
-        """Wait for background work (used at shutdown so nothing accepted is lost)."""
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait for background work (used at shutdown so nothing accepted is lost); what is
+        still running after timeout seconds (a handler stuck on an unreachable store) is
+        cancelled, so that a stop always ends."""
+        deadline = asyncio.get_running_loop().time() + timeout
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                stuck = list(self._tasks)
+                log.warning("event=drain-timeout pending=%d", len(stuck))
+                for task in stuck:
+                    task.cancel()
+                await asyncio.gather(*stuck, return_exceptions=True)
+                return
+            await asyncio.wait(list(self._tasks), timeout=left)
 
     # -- dispatch ----------------------------------------------------------------------------
 

@@ -375,3 +375,28 @@ def test_load_order_follows_needs_and_uses_and_keeps_the_rest() -> None:
     x.needs = (y,)
     with pytest.raises(ModuleError, match="cycle: x, y"):
         load_order([x, y])
+
+
+async def test_drain_waits_for_handlers_and_ends_a_stuck_one() -> None:
+    """Shutdown waits for every handler a stream started (storage closes after them), but a
+    handler stuck on an unreachable store is cancelled after the timeout: a stop always ends."""
+    from server.router import Router
+    from server.sessions import SessionManager
+
+    router = Router(frozenset({"a.test"}), SessionManager(10), Hooks())
+    finished: list[str] = []
+
+    async def quick() -> None:
+        await asyncio.sleep(0.05)
+        finished.append("quick")
+
+    async def stuck() -> None:
+        await asyncio.Event().wait()
+
+    router.spawn(quick())
+    hung = router.spawn(stuck())
+    began = asyncio.get_running_loop().time()
+    await router.drain(timeout=0.3)
+    assert finished == ["quick"]
+    assert hung.cancelled()
+    assert 0.25 < asyncio.get_running_loop().time() - began < 2.0

@@ -91,16 +91,20 @@ def test_interleaved_streams_in_random_chunks(pool: str) -> None:
 
 
 @pytest.mark.parametrize("reads", [
-    # (bytes, idle after them). A read without '<' shows no complete tag: the parser is given
-    # back after the next one (rare: a TLS record would have to end inside the last tag).
+    # (bytes, idle after them): given back once everything read since the parser last held
+    # nothing is whole tags and text, ending with a tag, at a stanza boundary.
     [(b"<message><body>hi", False), (b"</body>", False), (b"</message>", True)],
-    [(b"<message><body>hi</body></message", False), (b">", False), (b" ", False),
+    [(b"<message><body>hi</body></message", False), (b">", True), (b" ", True),
      (b"<presence/>", True)],
-    [(b"<presence a='>'", False), (b"/>", False), (b"<presence a=\">\"/>", True)],
-    [(b"<presence/><!", True), (b"[CDATA[ ]]", False), (b">", False), (b"<presence/>", True)],
+    [(b"<presence a='>'", False), (b"/>", True), (b"<presence a=\">\"/>", True)],
+    [(b"<presence/><!", True), (b"[CDATA[ ]]", False), (b">", True), (b"<presence/>", True)],
+    [(b"<presence/><![CDATA[ x>", False)],  # inside the CDATA section still
     [(b"<presence/>&am", True)],  # held back by us, not by libxml2
-    [(b"<presence/>\n ", True), (b"<presence", False), (b" \n/>\r\n", False),
+    [(b"<presence/>\n ", True), (b"<presence", False), (b" \n/>\r\n", True),
      (b"<presence/>", True)],
+    # A '<' inside a quote is no tag: libxml2 is still in the attribute value.
+    [(b'<iq a="<x/>', False)],
+    [(b"<iq a='>' b=\"<x/>", False)],
 ])
 def test_idle_only_at_a_stanza_boundary(pool: str, reads: list[tuple[bytes, bool]]) -> None:
     parser = StreamParser()
@@ -110,6 +114,20 @@ def test_idle_only_at_a_stanza_boundary(pool: str, reads: list[tuple[bytes, bool
     for data, idle in reads:
         parser.feed(data)
         assert parser.idle == idle, data
+
+
+def test_an_open_quote_never_lends_the_parser() -> None:
+    """A stream that stops inside an attribute value whose bytes look like a whole tag keeps its
+    parser: lent, the next stream's stanza would be read into that value and vanish (the
+    fuzzers' cross-stream check found it)."""
+    for attack in (b'<iq a="<x/>', b"<iq a='>' b=\"<x/>", b"<iq a='x'><b c='<y/>",
+                   b"<![CDATA[ <x/>", b"<![CDATA[ x>"):
+        mine, theirs = StreamParser(), StreamParser()
+        mine.feed(HEAD + b"<presence/>")  # gives its parser back
+        theirs.feed(HEAD)
+        theirs.feed(attack)
+        got = mine.feed(b"<message to='b@a.test'><body>hi</body></message>")
+        assert [e.tag for e in got] == ["{jabber:client}message"], attack  # type: ignore[union-attr]
 
 
 def test_pending_text_is_not_a_boundary(pool: str) -> None:

@@ -7,10 +7,40 @@ single process it always was. Pieces:
 - directory.py: the session directory in Redis behind the SessionDirectory Protocol, with a
   replica of the other nodes' sessions kept by invalidation, conflicts settled atomically;
 - inbox.py: one Redis Stream per node for stanzas to sessions on that node;
+- reaper.py: cleaning up after an incarnation that is gone (kill -9, fenced, stopped): one
+  node, by a lock, publishes its sessions' unavailable presence, removes their directory
+  entries and settles its inbox; the event cluster/node-died (server/events.py) tells every
+  node's modules, e.g. the placement of rooms;
 - keys.py: every key, stream and channel name.
 
 Caches that other nodes must drop when an account changes here (rosters) are invalidated
 through the same pub/sub channel as the directory.
+
+What is promised (issue 22 item 6):
+
+- **At least once between nodes.** An entry is acknowledged (and deleted) after it was handed
+  to the session; an entry read by an incarnation that died before acknowledging it is handed
+  over again (claimed by the node's next incarnation or settled by the reaper). Each entry
+  carries an id ("m") and a node drops the duplicates it has seen; a stanza may still reach a
+  client twice when its node died between handing it over and acknowledging it.
+- **Order per sender while neither end moves.** Stanzas from one node to another go through
+  one flusher, in order, on one connection, into one stream read in order; a batch that Redis
+  refused is retried in front of what came after it. When the receiving session moves (SM
+  resumption elsewhere, a node's death) messages may arrive from offline storage after newer
+  ones.
+- **A message accepted is delivered, in offline storage or in the archive.** A message for a
+  session that is gone — closed since, on a node that died, was fenced or stopped — goes to
+  offline storage (RFC 6121 §8.5.2) by the node that finds it undeliverable (the receiver, the
+  reaper, or the stopping node itself, which drains its inbox before leaving); it is not
+  archived again (the accepting node archived it). An iq get/set for such a session is
+  answered with service-unavailable (RFC 6121 §8.5.3.2.1); presence is dropped (its unavailable
+  presence goes out instead). While Redis is unreachable, local traffic goes on and stanzas for
+  other nodes wait and are retried (30 s, then offline storage, as at a stop); when Redis comes
+  back without our state (a restart without persistence) each node re-asserts its key, its
+  sessions' directory entries and its inbox, unless it was declared dead meanwhile (then it
+  fences itself: never two live owners of one session). Entries that were in Redis when it
+  restarted without persistence are gone with it: run Redis with appendonly (AOF) to keep the
+  promises across a Redis restart.
 """
 
 from __future__ import annotations
@@ -21,13 +51,15 @@ import server.config  # noqa: F401  isort: skip
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from server import events
 from server.cluster import keys
 from server.cluster.directory import ClusterDirectory
 from server.cluster.inbox import Inbox
 from server.cluster.membership import ClusterError, Membership
+from server.cluster.reaper import LOCK_MS, TOMBSTONE_MS, Reaper
 from server.jid import JID, InvalidJID
 
 if TYPE_CHECKING:
@@ -39,6 +71,7 @@ __all__ = ["Cluster", "ClusterError"]
 
 log = logging.getLogger("presenced.cluster")
 _RESYNC = 30.0  # seconds between full reloads of the directory replica
+_STOP_STEP = 2.0  # seconds each Redis-bound step of stopping may take at most
 
 
 def connect(url: str) -> Any:
@@ -59,11 +92,16 @@ class Cluster:
                                           self.redis, self.membership)
         self.inbox = Inbox(self.redis, self.membership, self.directory)
         self.directory.inbox = self.inbox
+        self.reaper = Reaper(self)
+        self.membership.on_gone = self._gone
+        self.membership.on_rejoined = self._rejoined
+        self.membership.on_reasserted = self._reasserted
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
         # kind -> what drops a module's cache entry when another node says it changed
         # (pubsub/cluster.py: "p" a PEP account's nodes, "q" a pubsub service's)
         self.invalidations: dict[str, Callable[[str], None]] = {}
+        self.drained = 0  # inbox entries this node settled itself when it stopped
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
@@ -85,29 +123,89 @@ class Cluster:
         rosters = getattr(self.server, "rosters", None)
         if rosters is not None:
             rosters.changed = self._roster_changed
-        await self.inbox.prepare()
         await self.membership.join()
-        self.membership.start()
+        self.membership.start()  # heartbeats while we wait below
+        # The previous incarnation's sessions and unread entries (kill -9, then restart):
+        # cleaned up here unless a survivor does it (then after it), never both (reaper.py).
+        await self.reaper.claim_own()
+        await self.inbox.prepare()
         self.directory.start()
         await self.directory.resync()
         self._tasks.append(asyncio.ensure_future(self._listen()))
         self._tasks.append(asyncio.ensure_future(self._resync()))
+        self._tasks.append(asyncio.ensure_future(self._reap()))
         await self.inbox.claim_orphans()
         self.inbox.start()
 
     async def stop(self) -> None:
-        """Graceful: the directory writes and outgoing stanzas are in Redis, then leave."""
-        await self.directory.flush()
-        await self.inbox.stop()
+        """Graceful: the directory writes and outgoing stanzas are in Redis, then leave.
+
+        Every step that waits on Redis is bounded (_STOP_STEP): a Redis that is down, paused
+        or slow makes the stop give up on that step (logged), never hang."""
+        await _bounded(self.directory.flush(), "directory-flush")
+        await _bounded(self.inbox.stop(), "inbox-stop")
+        await self.inbox.abandon()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            await self.membership.leave()
-        except Exception as exc:
-            log.warning("event=cluster-leave-failed error=%s", type(exc).__name__)
+        await self.membership.stop()
+        settings = self.server.config.cluster
+        await _bounded(self._hand_over(), "hand-over", _STOP_STEP + settings.heartbeat * 1.5)
         await self.directory.stop()
-        await self.redis.aclose()
+        await _bounded(self.redis.aclose(), "redis-close")
+
+    async def _hand_over(self) -> None:
+        """Graceful stop (issue 22 item 6): leave, let the other nodes see it (a heartbeat),
+        then settle what is left in our inbox ourselves (a message to offline storage, an iq
+        answered), under our own reap lock so that no survivor does it as well."""
+        me, incarnation = self.name, self.membership.incarnation
+        lock = keys.reap(me, incarnation)
+        if not await self.redis.set(lock, me, nx=True, px=LOCK_MS):
+            log.info("event=cluster-leave-reaped node=%s", me)  # declared dead meanwhile
+            await self.membership.leave()
+            return
+        await self.membership.leave()
+        await asyncio.sleep(self.server.config.cluster.heartbeat * 1.5)
+        entries = self.drained = await self.reaper.drain_stream(me, "node-stopped")
+        await self.redis.delete(keys.node_sessions(me, incarnation))
+        await self.redis.hdel(keys.INCARNATIONS, keys.incarnation(me, incarnation))
+        await self.redis.set(lock, me, px=TOMBSTONE_MS)
+        log.info("event=cluster-drained node=%s entries=%d", me, entries)
+
+    async def _reap(self) -> None:
+        """Each heartbeat: clean up after incarnations that are gone (reaper.py)."""
+        while True:
+            await asyncio.sleep(self.server.config.cluster.heartbeat)
+            try:
+                await self.reaper.tick()
+                await self.reaper.dead_inboxes(n.decode() for n in
+                                               await self.redis.hkeys(keys.NODES))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event=cluster-reap-failed error=%s", type(exc).__name__)
+
+    def _gone(self, node: str, incarnation: str) -> None:
+        """Another node's incarnation is no longer live: every module that placed something
+        on it hears of it (the MUC/PEP placement re-homes rooms)."""
+        log.info("event=cluster-node-died node=%s incarnation=%s", node, incarnation)
+        for pending in self.server.hooks.notify_nowait(events.CLUSTER_NODE_DIED, node,
+                                                       incarnation):
+            asyncio.ensure_future(pending).add_done_callback(_quiet)
+
+    async def _rejoined(self, old: str) -> None:
+        """Fenced and joined again: our inbox's group (Redis may have lost it), and the old
+        incarnation's leftovers in the background (the heartbeat must go on meanwhile)."""
+        await self.inbox.prepare()
+        task = asyncio.ensure_future(self.reaper.claim_own())
+        task.add_done_callback(_quiet)
+        self._tasks.append(task)
+
+    async def _reasserted(self) -> None:
+        """Redis came back without our state (restarted without persistence): our sessions'
+        entries and our inbox's group again; the other nodes reload them (invalidations)."""
+        await self.inbox.prepare()
+        self.directory.reassert()
 
     # -- events from this node ---------------------------------------------------------------
 
@@ -178,6 +276,17 @@ class Cluster:
         for session in sessions:
             session.close("system-shutdown", "this node left the cluster; reconnect")
         self.directory.forget_remote()
+
+
+async def _bounded(step: Awaitable[Any], what: str, timeout: float | None = None) -> None:
+    """One step of stopping, given up after timeout seconds or on a Redis error (logged)."""
+    try:
+        await asyncio.wait_for(step, _STOP_STEP if timeout is None else timeout)
+    except TimeoutError:
+        log.warning("event=cluster-stop-step-timeout step=%s", what)
+    except Exception as exc:
+        log.warning("event=cluster-stop-step-failed step=%s error=%s", what,
+                    type(exc).__name__)
 
 
 def _quiet(task: asyncio.Task[Any]) -> None:

@@ -38,6 +38,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+_RETRY = 0.5  # seconds between attempts of a write while Redis is unreachable
+
+
+def _unreachable() -> tuple[type[Exception], ...]:
+    """What a call raises while Redis cannot be reached (the call is worth trying again)."""
+    import redis.exceptions  # only with [cluster]
+
+    return (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+UNREACHABLE = _unreachable()
 
 # KEYS[1] dir hash, KEYS[2] node-sessions set; ARGV: resource, entry, member
 _BIND = """
@@ -57,6 +68,18 @@ if ARGV[2] == '' then
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
+return 1
+"""
+# Re-assert (ARGV: resource, entry, member, node, session id): our entry again, unless the
+# resource has since been bound elsewhere (that newer session wins).
+_REASSERT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local e = cjson.decode(old)
+  if e['n'] ~= ARGV[4] or e['s'] ~= ARGV[5] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
 return 1
 """
 
@@ -111,6 +134,7 @@ class ClusterDirectory(SessionManager):
         self._ops: asyncio.Queue[tuple[str, Session, dict[str, Any] | None]] = asyncio.Queue()
         self._bind = redis.register_script(_BIND)
         self._update = redis.register_script(_UPDATE)
+        self._reassert = redis.register_script(_REASSERT)
         self._writer: asyncio.Task[None] | None = None
         self._loads: dict[JID, asyncio.Task[None]] = {}
         self.on_remote_change: Callable[[JID], None] | None = None
@@ -182,6 +206,12 @@ class ClusterDirectory(SessionManager):
         if session in self.sids and super().get(session.jid) is session:
             self._ops.put_nowait(("update", session, self.entry(session)))
 
+    def reassert(self) -> None:
+        """Redis lost our entries: every local session's again, in order with other writes."""
+        for session in list(self.sids):
+            if super().get(session.jid) is session:
+                self._ops.put_nowait(("reassert", session, self.entry(session)))
+
     def start(self) -> None:
         self._writer = asyncio.ensure_future(self._write())
 
@@ -191,7 +221,6 @@ class ClusterDirectory(SessionManager):
             await self._ops.join()
 
     async def stop(self) -> None:
-        await self.flush()
         for task in [self._writer, *self._loads.values()]:
             if task is not None:
                 task.cancel()
@@ -201,7 +230,16 @@ class ClusterDirectory(SessionManager):
         while True:
             op, session, entry = await self._ops.get()
             try:
-                await self._apply(op, session, entry)
+                # Redis unreachable: the write waits and is tried again, in order (the
+                # directory is re-asserted as a whole when Redis comes back empty).
+                while True:
+                    try:
+                        await self._apply(op, session, entry)
+                        break
+                    except UNREACHABLE as exc:
+                        log.warning("event=cluster-directory-write-retry op=%s jid=%s "
+                                    "error=%s", op, session.jid_str, type(exc).__name__)
+                        await asyncio.sleep(_RETRY)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -226,6 +264,10 @@ class ClusterDirectory(SessionManager):
                     log.info("event=cluster-conflict jid=%s old_node=%s", session.jid_str,
                              previous["n"])
                     self.inbox.kick(previous["n"], session.jid_str, previous["s"])
+        elif op == "reassert":
+            await self._reassert(keys=[keys.directory(bare), owned],
+                                 args=[resource, json.dumps(entry), member, membership.name,
+                                       self.sids.get(session, "")])
         elif op == "update":
             await self._update(keys=[keys.directory(bare), owned],
                                args=[resource, json.dumps(entry), self.sids.get(session, ""),

@@ -2,11 +2,13 @@
 
 A stanza for a session on another node is serialised once and added (XADD) to that node's
 stream; the node reads its stream through the consumer group "presenced" (XREADGROUP, one
-consumer per incarnation), hands each stanza to the local session and acknowledges it (XACK)
-after the hand-over. Entries are written in order from one flusher task on one connection
-(a pipeline per batch), so stanzas from one sender reach a node in the order they were routed.
-Delivery is at least once: entries left unacknowledged by an earlier incarnation are claimed
-(XAUTOCLAIM) at start; each entry carries an id ("m") and duplicates are dropped.
+consumer per incarnation), hands each stanza to the local session and acknowledges and
+deletes it (XACK, XDEL) after the hand-over. Entries are written in order from one flusher
+task on one connection (a pipeline per batch), so stanzas from one sender reach a node in the
+order they were routed; a batch Redis refused is retried in front of the rest. Delivery is at
+least once: entries left unacknowledged by an earlier incarnation are claimed (XAUTOCLAIM) at
+start, or settled by the node that reaps it (reaper.py); each entry carries an id ("m") and
+duplicates are dropped.
 
 Entry fields:
     k  "s": a stanza for a session, "c": close that session with <conflict/>,
@@ -22,11 +24,12 @@ answered with service-unavailable (RFC 6121 §8.5.3.2.1), presence and iq result
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -50,6 +53,8 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 _SEEN = 10_000      # entry ids remembered against duplicates
 _BATCH = 256        # entries read at once
 _MAXLEN = 1_000_000  # an inbox nobody reads (a dead node's) is trimmed, approximately
+_RETRY = 0.5        # seconds between attempts to add entries while Redis is unreachable
+_GIVE_UP = 30.0     # seconds of attempts before entries are settled as undeliverable
 
 
 class Inbox:
@@ -99,6 +104,8 @@ class Inbox:
             self._flusher = asyncio.ensure_future(self._flush())
 
     async def _flush(self) -> None:
+        failing_since: float | None = None
+        loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
             pipe = self.redis.pipeline(transaction=False)
@@ -107,9 +114,21 @@ class Inbox:
             try:
                 await pipe.execute()
                 self.sent += len(batch)
-            except Exception as exc:  # Redis unreachable: as if the other node were gone
+                failing_since = None
+            except Exception as exc:
+                # Redis unreachable: the batch goes back in front (order per sender kept) and
+                # is tried again; after _GIVE_UP seconds it is settled as if the other node
+                # were gone (messages to offline storage), so nothing accepted is lost. An
+                # entry that did reach Redis before the error is added twice: at least once,
+                # the receiving node drops the duplicate by its id.
+                now = loop.time()
+                failing_since = now if failing_since is None else failing_since
                 log.warning("event=cluster-send-failed count=%d error=%s", len(batch),
                             type(exc).__name__)
+                if now - failing_since < _GIVE_UP:
+                    self._pending[:0] = batch
+                    await asyncio.sleep(_RETRY)
+                    continue
                 for _stream, fields in batch:
                     if fields["k"] == "s":
                         self.undeliverable(etree.fromstring(fields["x"], _PARSER),
@@ -118,6 +137,22 @@ class Inbox:
     async def flush(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+
+    async def abandon(self) -> None:
+        """Stopping while Redis is unreachable: what could not be added to another node's
+        inbox is settled here (a message to offline storage) instead of lost."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        batch, self._pending = self._pending, []
+        for _stream, fields in batch:
+            if fields["k"] != "s":
+                continue
+            done = self.undeliverable(etree.fromstring(fields["x"], _PARSER),
+                                      JID.parse(fields["j"]), "stopping", spawn=False)
+            if done is not None:
+                with contextlib.suppress(StanzaError):
+                    await done
 
     # -- in ----------------------------------------------------------------------------------
 
@@ -134,10 +169,11 @@ class Inbox:
         self._reader = asyncio.ensure_future(self._read())
 
     async def stop(self) -> None:
-        await self.flush()
+        """Stop reading; the stanzas queued for other nodes go out (the caller bounds it)."""
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+        await self.flush()
 
     async def claim_orphans(self) -> None:
         """Entries an earlier incarnation read but did not acknowledge (it died or was
@@ -176,53 +212,93 @@ class Inbox:
             return
         for _entry_id, raw in entries:
             try:
-                self._hand_over({k.decode(): v.decode() for k, v in raw.items()})
+                stored = self._hand_over({k.decode(): v.decode() for k, v in raw.items()})
+                if stored is not None:
+                    # In order: offline storage keeps a sender's messages as they came.
+                    with contextlib.suppress(StanzaError):
+                        await stored
             except Exception:
                 log.exception("event=cluster-entry-failed")
         self.received += len(entries)
-        await self.redis.xack(stream, keys.GROUP, *[entry_id for entry_id, _ in entries])
+        ids = [entry_id for entry_id, _ in entries]
+        # Acknowledged and deleted at once: the stream holds only entries not yet handed
+        # over (unread, or read by an incarnation that died before this), which is what a
+        # survivor settles and what XLEN counts.
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(stream, keys.GROUP, *ids)
+        pipe.xdel(stream, *ids)
+        await pipe.execute()
 
-    def _hand_over(self, fields: dict[str, str]) -> None:
-        ident = fields.get("m", "")
-        if ident in self._seen:
-            return  # at least once: a duplicate
-        self._seen[ident] = None
-        if len(self._seen) > _SEEN:
-            self._seen.popitem(last=False)
+    def _hand_over(self, fields: dict[str, str]) -> Awaitable[Any] | None:
+        if not self._first(fields.get("m", "")):
+            return None  # at least once: a duplicate
         if fields.get("k") == "v":
             handler = self.placed.get(fields.get("p", ""))
             if handler is not None:
                 handler(fields)
-            return
+            return None
         try:
             to = JID.parse(fields["j"])
         except (KeyError, InvalidJID):
-            log.warning("event=cluster-entry-bad id=%s", ident)
-            return
+            log.warning("event=cluster-entry-bad id=%s", fields.get("m", ""))
+            return None
         session = self.directory.local(to)
         current = session is not None and self.directory.sids.get(session) == fields.get("s")
         if fields.get("k") == "c":
             if session is not None and current:
                 # RFC 6120 §7.7.2.2: a newer session took the resource on another node.
                 session.close("conflict", "replaced by a new session with the same resource")
-            return
+            return None
         stanza = etree.fromstring(fields["x"], _PARSER)
         if session is not None and current:
             session.send(stanza)
-            return
-        self.undeliverable(stanza, to, "session-gone")
+            return None
+        return self.undeliverable(stanza, to, "session-gone", spawn=False)
 
-    def undeliverable(self, stanza: _Element, to: JID, reason: str) -> None:
-        """The session a stanza was for is gone: as if its resource were offline."""
+    async def settle(self, raw: dict[bytes, bytes], reason: str) -> None:
+        """An entry of a stream no session will read (its node or incarnation is gone):
+        undeliverable, once (reaper.py)."""
+        try:
+            fields = {k.decode(): v.decode() for k, v in raw.items()}
+            if fields.get("k") != "s" or not self._first(fields.get("m", "")):
+                return
+            stanza = etree.fromstring(fields["x"], _PARSER)
+            to = JID.parse(fields["j"])
+        except (KeyError, ValueError, InvalidJID, etree.XMLSyntaxError):
+            log.warning("event=cluster-entry-bad reason=%s", reason)
+            return
+        done = self.undeliverable(stanza, to, reason, spawn=False)
+        if done is not None:
+            try:
+                await done
+            except StanzaError as err:  # offline storage full: the sender hears of it
+                self.router.reply_error(stanza, err, None)
+
+    def _first(self, ident: str) -> bool:
+        """False for an entry id seen before (at least once: a duplicate)."""
+        if ident in self._seen:
+            return False
+        self._seen[ident] = None
+        if len(self._seen) > _SEEN:
+            self._seen.popitem(last=False)
+        return True
+
+    def undeliverable(self, stanza: _Element, to: JID, reason: str,
+                      spawn: bool = True) -> Awaitable[Any] | None:
+        """The session a stanza was for is gone: as if its resource were offline. A message's
+        storing is spawned (or returned, spawn=False)."""
         tag = stanza.tag
         kind = stanza.get("type")
         log.info("event=cluster-undeliverable to=%s stanza=%s type=%s reason=%s", to,
                  etree.QName(tag).localname, kind, reason)
         if tag == st.MESSAGE:
             if kind in ("error", "groupchat", "headline"):
-                return  # RFC 6121 §8.5.3.2.1: errors ignored, groupchat/headline dropped
+                return None  # RFC 6121 §8.5.3.2.1: errors ignored, groupchat/headline dropped
             stored = self.router.hooks.fire("message/offline", stanza, None, to.bare)
             if inspect.isawaitable(stored):
+                if not spawn:
+                    return stored
                 self.router.spawn(stored)
         elif tag == st.IQ and kind in ("get", "set"):
             self.router.reply_error(stanza, StanzaError("service-unavailable"), None)
+        return None

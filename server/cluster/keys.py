@@ -7,9 +7,21 @@ between nodes: changing one is a cluster-wide upgrade).
     presenced:dir:<bare JID>       hash: resource -> JSON entry (directory.Entry)
     presenced:dir-node:<node>:<incarnation>
                                    set: "<bare>/<resource>" of the sessions that incarnation bound
-                                   (for the survivor that cleans up after a dead node: later)
+                                   (read by the survivor that cleans up after it, then deleted)
+    presenced:incarnations         hash: "<node>:<incarnation>" -> JSON {"node", "incarnation",
+                                   "started"} of every incarnation not yet cleaned up after;
+                                   one that is no longer live is reaped (reaper.py), then its
+                                   field is removed (a graceful stop removes its own)
+    presenced:reap:<node>:<incarnation>
+                                   string: the node doing the clean-up of that incarnation
+                                   (SET NX PX: one survivor, or the node itself when it rejoins
+                                   or stops); kept as a tombstone for a day once done, so that a
+                                   node paused longer than dead_after knows it was reaped
     presenced:inbox:<node>         stream: stanzas and commands for that node's sessions
-                                   (consumer group "presenced", one consumer per incarnation)
+                                   (consumer group "presenced", one consumer per incarnation,
+                                   "reaper-<node>" for a node settling another's entries);
+                                   an entry is deleted when acknowledged, so what the stream
+                                   holds is what no session got yet
     presenced:room:<room JID>      string: "<node>:<incarnation>", the room's owner (placement.py),
                                    set by a compare-and-set script only while no live incarnation
                                    holds it; never expires (a dead owner's claim is taken over)
@@ -35,6 +47,7 @@ from __future__ import annotations
 
 PREFIX = "presenced:"
 NODES = PREFIX + "nodes"
+INCARNATIONS = PREFIX + "incarnations"
 INVALIDATE = PREFIX + "invalidate"
 GROUP = "presenced"
 
@@ -78,3 +91,12 @@ def room_state(room: str) -> str:
 
 def pubsub_version(kind: str, key: str) -> str:
     return f"{PREFIX}pubsub-version:{kind}:{key}"
+
+
+def incarnation(name: str, incarnation: str) -> str:
+    """The field of INCARNATIONS (node names have no ':')."""
+    return f"{name}:{incarnation}"
+
+
+def reap(name: str, incarnation: str) -> str:
+    return f"{PREFIX}reap:{name}:{incarnation}"

@@ -57,6 +57,12 @@ class Membership:
         self._beat = redis.register_script(_BEAT)
         self._task: asyncio.Task[None] | None = None
         self.on_live_changed: Callable[[], None] | None = None
+        # (node, incarnation) of another node's incarnation that stopped being live.
+        self.on_gone: Callable[[str, str], None] | None = None
+        # After re-asserting our key (Redis lost it, nobody declared us dead).
+        self.on_reasserted: Callable[[], Awaitable[None]] | None = None
+        # After a rejoin (fenced): the incarnation left behind.
+        self.on_rejoined: Callable[[str], Awaitable[None]] | None = None
 
     @property
     def ttl_ms(self) -> int:
@@ -72,8 +78,12 @@ class Membership:
                 raise ClusterError(f"node name {self.name!r} is held by a live node")
             await asyncio.sleep(self.settings.heartbeat)
         self.started = time.time()
-        await self.redis.hset(keys.NODES, self.name, json.dumps(
-            {"incarnation": self.incarnation, "started": self.started}))
+        info = {"incarnation": self.incarnation, "started": self.started}
+        await self.redis.hset(keys.NODES, self.name, json.dumps(info))
+        # Listed until cleaned up after (reaper.py): by a survivor when it dies, by itself
+        # when it stops or its next incarnation joins.
+        await self.redis.hset(keys.INCARNATIONS, keys.incarnation(self.name, self.incarnation),
+                              json.dumps({"node": self.name, **info}))
         await self.beat()
         log.info("event=cluster-joined node=%s incarnation=%s", self.name, self.incarnation)
 
@@ -93,7 +103,11 @@ class Membership:
         values = await self.redis.mget([keys.node(n) for n in names]) if names else []
         live = {n: v.decode() for n, v in zip(names, values, strict=True) if v is not None}
         if live != self.live:
+            gone = [(n, i) for n, i in self.live.items() if live.get(n) != i and n != self.name]
             self.live = live
+            if self.on_gone is not None:
+                for node, incarnation in gone:
+                    self.on_gone(node, incarnation)
             if self.on_live_changed is not None:
                 self.on_live_changed()
 
@@ -111,8 +125,46 @@ class Membership:
                 log.warning("event=cluster-heartbeat-failed node=%s error=%s", self.name,
                             type(exc).__name__)
                 continue
-            if not alive:
-                await self._rejoin()
+            if alive:
+                continue
+            try:
+                lost = await self._lost_by_redis()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event=cluster-heartbeat-failed node=%s error=%s", self.name,
+                            type(exc).__name__)
+                continue
+            if lost and await self._reassert():
+                continue
+            await self._rejoin()
+
+    async def _lost_by_redis(self) -> bool:
+        """Our key is gone. Declared dead (the key expired: we were cut off or paused longer
+        than dead_after), our incarnation is still listed or its reap lock exists (reaper.py);
+        when neither is there, Redis lost its data (a restart without persistence) and nobody
+        declared us dead."""
+        listed = await self.redis.hexists(keys.INCARNATIONS,
+                                          keys.incarnation(self.name, self.incarnation))
+        reaped = await self.redis.exists(keys.reap(self.name, self.incarnation))
+        return not listed and not reaped
+
+    async def _reassert(self) -> bool:
+        """Redis lost our state: the same incarnation takes its key again (False when another
+        process holds the name meanwhile: then we rejoin)."""
+        if not await self.redis.set(keys.node(self.name), self.incarnation, nx=True,
+                                    px=self.ttl_ms):
+            return False
+        info = {"incarnation": self.incarnation, "started": self.started}
+        await self.redis.hset(keys.NODES, self.name, json.dumps(info))
+        await self.redis.hset(keys.INCARNATIONS, keys.incarnation(self.name, self.incarnation),
+                              json.dumps({"node": self.name, **info}))
+        log.warning("event=cluster-reasserted node=%s incarnation=%s", self.name,
+                    self.incarnation)
+        if self.on_reasserted is not None:
+            await self.on_reasserted()
+        await self.beat()
+        return True
 
     async def _rejoin(self) -> None:
         old = self.incarnation
@@ -123,12 +175,19 @@ class Membership:
             await self.join()
         except ClusterError as exc:
             log.error("event=cluster-rejoin-failed node=%s reason=%s", self.name, exc)
+            return
+        if self.on_rejoined is not None:
+            await self.on_rejoined(old)
 
-    async def leave(self) -> None:
-        """Graceful stop: give the name back at once."""
+    async def stop(self) -> None:
+        """No more heartbeats (stopping)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def leave(self) -> None:
+        """Graceful stop: give the name back at once."""
+        await self.stop()
         script = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
                   "redis.call('DEL', KEYS[1]); redis.call('HDEL', KEYS[2], ARGV[2]); "
                   "redis.call('DEL', KEYS[3]) end return 1")

@@ -45,7 +45,11 @@ _WHITESPACE = b" \t\r\n"
 _BLANK = re.compile(rb"[ \t\r\n]*\Z")
 # The end of a read after which libxml2 holds nothing but whitespace: a complete tag ('>' may
 # occur in quoted attribute values), then whitespace. Text or a partial tag stays pending.
+# A read that ends with a whole tag (quotes respected) and whitespace ends at a stanza boundary
+# when libxml2 was between tags where that tag began: see StreamParser._clean.
 _TAG_END = re.compile(rb"""<[^<>"']*(?:(?:"[^"]*"|'[^']*')[^<>"']*)*>[ \t\r\n]*\Z""")
+_EQ_OR_SPACE = b"= \t\r\n"
+_UNCHECKED_MAX = 1 << 20  # bytes kept to judge a parser clean; beyond, the stream keeps it
 _POOL_OPENINGS = 4        # stream openings (c2s, s2s in and out, ...) with idle lxml parsers kept
 _POOL_SIZE = 8            # idle lxml parsers kept per opening (per thread)
 _RETIRE_AFTER = 64 << 20  # bytes one lxml parser reads before it is let go (bounds its counters)
@@ -71,13 +75,17 @@ Event: TypeAlias = StreamOpened | StreamClosed | etree._Element
 
 class StreamParser:
     __slots__ = ("_closed", "_depth", "_fed", "_held", "_in_cdata", "_max_depth", "_max_stanza",
-                 "_offset", "_opening", "_parser", "_pool", "_root", "_since_stanza")
+                 "_offset", "_opening", "_parser", "_pool", "_root", "_since_stanza",
+                 "_unchecked")
 
     def __init__(self, max_stanza_size: int = 262144, max_depth: int = 32) -> None:
         self._parser: etree.XMLPullParser | None = None  # made or borrowed by feed()
         self._pool = _pool()
         self._opening: str | None = None  # the pool key, once the stream is open
         self._fed = 0  # bytes the lxml parser has read, from any stream
+        # The bytes fed since the parser last held nothing (None: too many to judge, so the
+        # parser is never given back); see _give_back.
+        self._unchecked: bytes | None = b""
         self._max_stanza = max_stanza_size
         self._max_depth = max_depth
         self._root: etree._Element | None = None
@@ -123,6 +131,12 @@ class StreamParser:
                 return []
             parser = self._borrow()
         self._fed += len(data)
+        unchecked = self._unchecked
+        if unchecked:  # a stanza across reads: judged on all of it
+            unchecked += data
+            self._unchecked = unchecked if len(unchecked) <= _UNCHECKED_MAX else None
+        elif unchecked is not None:
+            self._unchecked = data
         out: list[Event] = []
         # Large reads are fed in slices so the size limit holds within one slice of slack.
         for start in range(0, len(data), _SLICE):
@@ -148,11 +162,32 @@ class StreamParser:
                 break
             if self._since_stanza > self._max_stanza and self._depth >= 1:
                 raise StreamError("policy-violation", "stanza too large")
-        if self._depth == 1 and not self._closed:
-            last_tag = data.rfind(b"<")
-            if last_tag >= 0 and _TAG_END.match(data, last_tag):
-                self._give_back(parser)
+        if self._depth == 1 and not self._closed and not self._in_cdata and self._clean():
+            self._give_back(parser)
         return out
+
+    def _clean(self) -> bool:
+        """Whether libxml2 holds nothing of this stream, judged on everything fed since it last
+        held nothing: that ends with a whole tag, and libxml2 was between tags where that tag
+        began. It was unless the '<' was inside CDATA (the scanner knows), a comment or PI
+        (refused before), a tag outside quotes (libxml2 fails at once), or a quoted attribute
+        value: '<iq a="<x/>' ends like a tag while libxml2 is still in the quote, and the next
+        stream to borrow the parser would have its bytes read into that value."""
+        data = self._unchecked
+        if not data:
+            return False
+        last_tag = data.rfind(b"<")
+        if last_tag < 0 or _TAG_END.match(data, last_tag) is None:
+            return False
+        # Inside a value quoted with q, the last q is the one that opened it, before the last
+        # tag (whose quotes are balanced) and after '=' (XML's Eq). A closing quote after '='
+        # (a base64 value) looks alike: then the parser stays, which costs only the pooling.
+        at = data.rfind(34, 0, last_tag)  # '"'
+        if at > 0 and data[at - 1] in _EQ_OR_SPACE and _opens_value(data, at, last_tag):
+            return False
+        at = data.rfind(39, 0, last_tag)  # "'"
+        return not (at > 0 and data[at - 1] in _EQ_OR_SPACE
+                    and _opens_value(data, at, last_tag))
 
     @property
     def idle(self) -> bool:
@@ -181,6 +216,7 @@ class StreamParser:
             self._pool.give(self._opening, (parser, self._root, self._fed))
         self._parser = None
         self._root = None
+        self._unchecked = b""
 
     def _events(self) -> list[Event]:
         out: list[Event] = []
@@ -286,6 +322,17 @@ class StreamParser:
                     raise _Restricted(start, "restricted-xml", "comments and DTDs are not allowed")
                 self._in_cdata = True
                 pos = start + len(_CDATA)
+
+
+def _opens_value(data: bytes, at: int, last_tag: int) -> bool:
+    """Whether the quote at `at` (the last of its kind before the last tag, none after it)
+    follows '=' and so opens an attribute value that is still open."""
+    if data.find(data[at], last_tag) >= 0:
+        return False
+    before = at - 1
+    while before > 0 and data[before] in b" \t\r\n":
+        before -= 1
+    return data[before] == 61  # '='
 
 
 class _Restricted(Exception):
