@@ -120,6 +120,7 @@ class Placement:
         self._live: dict[str, str] = {}
         self._incarnation = ""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
         cluster.inbox.placed[kind] = self.received
         previous = self.membership.on_live_changed
 
@@ -320,7 +321,16 @@ class Placement:
 
     # -- membership ------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """The server is stopping: no more take-overs (they would read the database while it
+        closes), the work under way cancelled."""
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+
     def _live_changed(self) -> None:
+        if self.closing:
+            return
         live = dict(self.membership.live)
         before, self._live = self._live, live
         if self._incarnation and self.membership.incarnation != self._incarnation:

@@ -122,6 +122,7 @@ class Service(Archive, Invitations, Voice):
                 self._deliver(room.remove(occupant, ("332",)))
         self.joined.clear()
         if self.placed is not None:
+            self.placed.placement.close()
             self.server.router.spawn(self.placed.stop())
 
     async def stop(self) -> None:
