@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeAlias, T
 from lxml.etree import _Element
 
 if TYPE_CHECKING:
+    from server.cluster import Cluster
     from server.config import Config
     from server.events import Hooks
     from server.jid import JID
@@ -90,6 +91,7 @@ class ModuleContext(Protocol):
     access: AccessRules              # who may see whose presence (server/presence/access.py)
     loop: asyncio.AbstractEventLoop
     features: list[str]              # the user domains' disco#info features (XEP-0030)
+    cluster: Cluster | None          # [cluster] (server/cluster): None in a single process
 
     def module(self, cls: type[M]) -> M | None:
         """The loaded instance of a module class, or None when it is not loaded."""

@@ -111,6 +111,9 @@ class Cluster:
         self.membership.on_reasserted = self._reasserted
         self.directory.on_remote_change = self._remote_changed
         self._tasks: list[asyncio.Task[None]] = []
+        # kind -> what drops a module's cache entry when another node says it changed
+        # (pubsub/cluster.py: "p" a PEP account's nodes, "q" a pubsub service's)
+        self.invalidations: dict[str, Callable[[str], None]] = {}
         self.drained = 0  # inbox entries this node settled itself when it stopped
         self.handover = Handover(self.redis, self.membership, self.inbox, self.directory)
         self.directory.handover = self.handover
@@ -282,6 +285,10 @@ class Cluster:
             return
         if kind == keys.DIRECTORY:
             self.directory.invalidate(bare)
+            return
+        placed = self.invalidations.get(kind)  # pubsub/cluster.py's kinds
+        if placed is not None:
+            placed(bare)
             return
         forget = self._caches.get(kind)
         if forget is None:

@@ -11,7 +11,9 @@ start, or settled by the node that reaps it (reaper.py); each entry carries an i
 duplicates are dropped.
 
 Entry fields:
-    k  "s": a stanza for a session, "c": close that session with <conflict/>
+    k  "s": a stanza for a session, "c": close that session with <conflict/>,
+       "v": a stanza for something placed on that node (a MUC room: placement.py), with
+       p  its kind ("room") and j its name (the room's bare JID)
     j  the session's full JID          s  its session id (a newer session of the JID: not it)
     x  the stanza (XML, jabber:client) m  "<node>:<incarnation>:<counter>", unique
     f  "1": forwarded once already (the session had moved to another node), not again
@@ -36,7 +38,9 @@ from lxml import etree
 from server.cluster import keys
 from server.errors import StanzaError
 from server.jid import JID, InvalidJID
+from server.xml import ns
 from server.xml import stanza as st
+from server.xml.writer import serialize
 
 if TYPE_CHECKING:
     from lxml.etree import _Element
@@ -67,6 +71,8 @@ class Inbox:
         self._seen: OrderedDict[str, None] = OrderedDict()
         # Entry kinds other than stanzas and kicks -> their handler (handover.py: "h")
         self.commands: dict[str, Callable[[dict[str, str]], None]] = {}
+        # kind -> the handler of "v" entries (placement.py registers one per kind it places)
+        self.placed: dict[str, Callable[[dict[str, str]], None]] = {}
         self.sent = 0      # entries added to other nodes' inboxes
         self.received = 0  # entries handed over from ours
 
@@ -76,14 +82,25 @@ class Inbox:
         if not self.membership.is_live(session.node, session.incarnation):
             self.undeliverable(stanza, session.jid, "node-gone")
             return
+        # serialize(): a copy from addressed_copies (a room's groupchat message, a pubsub
+        # notification) is its template's bytes with its 'to' put in, not serialised anew.
         self._add(session.node, {"k": "s", "j": session.jid_str, "s": session.sid,
-                                 "x": etree.tostring(stanza, encoding="unicode")})
+                                 "x": serialize(stanza, ns.CLIENT).decode()})
 
     def kick(self, node: str, jid: str, sid: str) -> None:
         self._add(node, {"k": "c", "j": jid, "s": sid})
 
     def command(self, node: str, fields: dict[str, str]) -> None:
         """An entry for a handler in self.commands on that node (in order with stanzas)."""
+        self._add(node, fields)
+
+    def forward(self, node: str, kind: str, name: str, xml: str) -> None:
+        """A stanza for something `node` owns (placement.py), in order after what this node
+        sent there before."""
+        self._add(node, {"k": "v", "p": kind, "j": name, "x": xml})
+
+    def send_fields(self, node: str, fields: dict[str, str]) -> None:
+        """An entry of another kind (placement.py adds "h", "o" to a "v" entry)."""
         self._add(node, fields)
 
     def _add(self, node: str, fields: dict[str, str]) -> None:
@@ -222,7 +239,13 @@ class Inbox:
     def _hand_over(self, fields: dict[str, str]) -> Awaitable[Any] | None:
         if not self._first(fields.get("m", "")):
             return None  # at least once: a duplicate
-        command = self.commands.get(fields.get("k", ""))
+        kind = fields.get("k", "")
+        if kind == "v":
+            handler = self.placed.get(fields.get("p", ""))
+            if handler is not None:
+                handler(fields)
+            return None
+        command = self.commands.get(kind)
         if command is not None:
             command(fields)
             return None

@@ -27,6 +27,21 @@ between nodes: changing one is a cluster-wide upgrade).
                                    XEP-0198 session previd, and its full JID (handover.py)
     presenced:handover:<token>     list: a holder's answer to a hand-over request (the session's
                                    state as JSON, {} when it has none), EX 60
+    presenced:room:<room JID>      string: "<node>:<incarnation>", the room's owner (placement.py),
+                                   set by a compare-and-set script only while no live incarnation
+                                   holds it; never expires (a dead owner's claim is taken over)
+    presenced:placed:room:<node>:<incarnation>
+                                   set: the rooms that incarnation claimed (re-homed by the
+                                   survivors when it dies)
+    presenced:room-state:<room JID>
+                                   string: JSON, the owner's mirror of a room's occupants (their
+                                   nicks, roles, sessions with their node and presence) and of a
+                                   non-persistent room's config, so that a new owner rebuilds it
+    presenced:pubsub-version:<kind>:<key>
+                                   integer: bumped by the node that changes a PEP account's
+                                   (kind p, key its bare JID) or a pubsub service's (kind q, its
+                                   domain) nodes, before it answers; a node whose copy is older
+                                   reads them again (pubsub/cluster.py)
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>", fire-and-forget
                                    (the directory's periodic resync covers a lost one; a module's
                                    cache is dropped anyway when the account goes offline). Kinds:
@@ -36,6 +51,8 @@ between nodes: changing one is a cluster-wide upgrade).
                                      v  its hidden list (modules/visibility.py)
                                      m  its archive preferences (XEP-0313 §6, modules/mam.py)
                                      a  its vCard's avatar hash (XEP-0153, modules/vcard.py)
+                                     p  a PEP account's nodes (modules/pubsub/cluster.py)
+                                     q  a pubsub service's nodes, by its domain (the same)
 """
 
 from __future__ import annotations
@@ -70,6 +87,24 @@ def node_sessions(name: str, incarnation: str) -> str:
 
 def inbox(name: str) -> str:
     return f"{PREFIX}inbox:{name}"
+
+
+def placed(kind: str, name: str) -> str:
+    """The claim of a placed thing (kind "room": a MUC room) by one node's incarnation."""
+    return f"{PREFIX}{kind}:{name}"
+
+
+def placed_by(kind: str, owner: str) -> str:
+    """The set of what one incarnation ("<node>:<incarnation>") claimed, of one kind."""
+    return f"{PREFIX}placed:{kind}:{owner}"
+
+
+def room_state(room: str) -> str:
+    return f"{PREFIX}room-state:{room}"
+
+
+def pubsub_version(kind: str, key: str) -> str:
+    return f"{PREFIX}pubsub-version:{kind}:{key}"
 
 
 def incarnation(name: str, incarnation: str) -> str:

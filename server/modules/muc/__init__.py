@@ -35,6 +35,7 @@ Split by concern, as Prosody's plugins/muc/ is:
     invite.py      invitations                                (XEP-0045 §7.8)
     moderation.py  message moderation                         (XEP-0425)
     archive.py     the room archive, history after a restart  (XEP-0313)
+    cluster.py     [cluster]: each room on one node, moved when the node dies (only imported then)
 
 Each part declares its iq handlers (`@iq_get(ns, element, to="service-bare")`); this file puts
 them together into the one module.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -21,6 +21,9 @@ from server.storage import muc as muc_store
 from server.storage.archive import ArchiveStore
 from server.storage.muc import MucRoomStore, StoredRoom
 from server.xml import stanza as st
+
+if TYPE_CHECKING:
+    from server.modules.muc.cluster import PlacedRooms
 
 log = logging.getLogger("presenced.muc")
 
@@ -107,6 +110,8 @@ class MucBase(ServiceModule):
         # relayed iq id -> (asker's JID, its iq id, the occupant's real JID, room, nick)
         self.relayed: dict[str, tuple[str, str, JID, JID, str]] = {}
         self._held: set[int] = set()  # occupants (id()) whose held presence goes out later
+        # [cluster]: rooms placed on one node each (cluster.py); None in a single process
+        self.placed: PlacedRooms | None = None
 
     def room_iq(self, stanza: Stanza, to: JID) -> tuple[Room, JID, etree._Element]:
         """An iq to a room (its handlers are called by Service.call_iq, which checked that
@@ -169,6 +174,8 @@ class MucBase(ServiceModule):
             self.rooms.pop(room.jid, None)
             room.destroyed = True
             self.server.router.spawn(self.archive.delete_owner(room.jid_str))
+            if self.placed is not None:
+                self.placed.forgotten(room)
             log.info("event=muc-room-gone room=%s", room.jid_str)
 
     def _forget_sessions(self, room: Room, occupant: Occupant) -> None:

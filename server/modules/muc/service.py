@@ -92,17 +92,25 @@ class Service(Archive, Invitations, Voice):
         self.id_key = await shared_secret(
             self.server.storage.secrets, "muc-occupant-id",
             legacy=self.server.config.data_dir / "muc-occupant-id.key")
+        route = self.route
+        cluster = self.server.cluster
+        if cluster is not None:
+            # [cluster]: each room on one node, loaded there when it is claimed (cluster.py)
+            from server.modules.muc.cluster import PlacedRooms
+            self.placed = PlacedRooms(self, cluster)
+            route = self.placed.route
         components = set(self.server.config.components)
         for domain in self.server.config.domains:
             service = f"{self.config.subdomain}.{domain}"
             if service in components:
                 continue  # an external component serves that domain
             self.services.add(service)
-            for stored in await self.store.load(service):
-                room = self._restore(stored)
-                await self._restore_history(room)
-                self.rooms[room.jid] = room
-            self.server.add_service(ServiceHost(service, domain, self.display_name), self.route)
+            if self.placed is None:
+                for stored in await self.store.load(service):
+                    room = self._restore(stored)
+                    await self._restore_history(room)
+                    self.rooms[room.jid] = room
+            self.server.add_service(ServiceHost(service, domain, self.display_name), route)
 
     @hook(events.SERVER_STOPPING)
     def stopping(self, _server: Any) -> None:
@@ -113,6 +121,9 @@ class Service(Archive, Invitations, Voice):
             for occupant in list(room.occupants.values()):
                 self._deliver(room.remove(occupant, ("332",)))
         self.joined.clear()
+        if self.placed is not None:
+            self.placed.placement.close()
+            self.server.router.spawn(self.placed.stop())
 
     async def stop(self) -> None:
         self.stopping(self.server)
@@ -384,6 +395,8 @@ class Service(Archive, Invitations, Voice):
             if real in room.by_jid:
                 self._left(room, real, room.leave(real, None))
         self.joined.pop(real, None)
+        if self.placed is not None:
+            self.placed.gone(real)  # rooms on other nodes
 
     def _message(self, stanza: Stanza, sender: JID, to: JID) -> Any:
         type_ = stanza.get("type")

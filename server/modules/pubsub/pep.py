@@ -31,6 +31,7 @@ subscriptions in the ``pep`` store (both backends).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from server.xml import stanza as st
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.modules.pubsub.cluster import SharedPubsub
 
 log = logging.getLogger("presenced.pep")
 
@@ -89,6 +91,26 @@ class Pep(PubsubProtocol, Module):
         # owner bare JID -> node -> its state (the whole account's nodes, with their explicit
         # subscriptions and options, XEP-0060 §6.1, §6.3; read once, dropped with them)
         self._nodes: dict[JID, dict[str, Node]] = {}
+        # [cluster]: caches dropped across nodes, +notify checked where sessions are
+        self.shared: SharedPubsub | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        cluster = self.server.cluster
+        if cluster is not None:
+            from server.modules.pubsub.cluster import SharedPubsub
+            self.shared = SharedPubsub(self, cluster, "p")
+            self.shared.listen(self._forget_remote)
+            self.notify = self._notify_clustered  # type: ignore[method-assign]
+
+    def _forget_remote(self, owner: str) -> None:
+        with contextlib.suppress(InvalidJID):
+            self._forget(JID.parse(owner))
+
+    async def _changed(self, owner: JID | None) -> None:
+        """A request may have changed the account's nodes: other nodes drop their copy."""
+        if self.shared is not None and owner is not None:
+            await self.shared.changed(str(owner.bare))
 
     @property
     def store(self) -> PepStore:
@@ -110,6 +132,10 @@ class Pep(PubsubProtocol, Module):
         owner = host.owner
         assert owner is not None
         nodes = self._nodes.get(owner)
+        if nodes is not None and self.shared is not None and not await self.shared.fresh(
+                host.jid):
+            self._forget(owner)  # [cluster]: changed on another node since we read it
+            nodes = None
         if nodes is None:
             stored = await self.store.nodes(host.user, host.domain)
             subs = await self.store.subscriptions(host.user, host.domain)
@@ -244,10 +270,27 @@ class Pep(PubsubProtocol, Module):
             await self.server.hooks.notify(events.PEP_PUBLISHED, host.owner, name, item_id,
                                            payload)
 
-    async def targets(self, host: Host, name: str, node: Node) -> list[str]:
+    async def _notify_clustered(self, host: Host, name: str, node: Node,
+                                event: Stanza) -> None:
+        """notify() with [cluster] (set in start()): contacts' resources on other nodes, whose
+        caps are known there, get the notification through their nodes (pubsub/cluster.py)."""
+        assert self.shared is not None
+        remote: list[Session] = []
+        one = engine.notification(host.jid, node, event,
+                                  await self.targets(host, name, node, remote))
+        await self.deliver([one])
+        if remote:
+            if one.message.get("id") is None:
+                one.message.set("id", f"{self._prefix}{next(self._ids)}")
+            self.shared.notify_remote(one.message, name + "+notify", remote)
+
+    async def targets(self, host: Host, name: str, node: Node,
+                      remote: list[Session] | None = None) -> list[str]:
         """XEP-0163 §4.3: the owner's available resources, the contacts' resources that may
         see the node and asked for <node>+notify, and the explicit subscribers the access
-        model still admits (§7.1.2.1; not those whose options say deliver = false, §6.3)."""
+        model still admits (§7.1.2.1; not those whose options say deliver = false, §6.3).
+        remote ([cluster]): gets the contacts' available resources on other nodes, whose
+        interests are checked there."""
         owner = host.owner
         assert owner is not None
         sessions = self.server.sessions
@@ -269,6 +312,9 @@ class Pep(PubsubProtocol, Module):
                 if jid.domain in self.server.hosts:
                     targets += [s.jid_str for s in sessions.resources(jid)
                                 if s.presence is not None and caps.wants(s, interest)]
+                    if remote is not None and self.shared is not None:
+                        remote += [s for s in sessions.resources(jid)
+                                   if s.presence is not None and self.shared.is_remote(s)]
                 else:  # on another server: the resources whose presence we saw
                     targets += caps.remote_wanting(jid, interest)
         # A bare JID's subscription covers its resources (the router delivers a headline to
@@ -297,7 +343,11 @@ class Pep(PubsubProtocol, Module):
 
     @iq_set(PUBSUB, "pubsub", to=("self", "bare"))
     async def set_pubsub(self, stanza: Stanza, origin: Session | None) -> Stanza:
-        return await self.answer(stanza, origin)
+        try:
+            return await self.answer(stanza, origin)
+        finally:
+            if self.shared is not None:
+                await self._changed(_owner_of(stanza, origin))
 
     @iq_get(OWNER, "pubsub", to=("self", "bare"))
     async def get_owner(self, stanza: Stanza, origin: Session | None) -> Stanza:
@@ -305,7 +355,11 @@ class Pep(PubsubProtocol, Module):
 
     @iq_set(OWNER, "pubsub", to=("self", "bare"))
     async def set_owner(self, stanza: Stanza, origin: Session | None) -> Stanza:
-        return await self.answer(stanza, origin)
+        try:
+            return await self.answer(stanza, origin)
+        finally:
+            if self.shared is not None:
+                await self._changed(_owner_of(stanza, origin))
 
     @hook(events.MESSAGE_BARE, priority=10)
     def authorization(self, stanza: Stanza, origin: Session | None, to: JID) -> object:
@@ -335,6 +389,8 @@ class Pep(PubsubProtocol, Module):
             if unmet:
                 raise engine.precondition_error(unmet)
         published = await self.put_items(host, node, found, owner, [(item_id, payloads)])
+        if self.shared is not None:
+            await self._changed(owner)  # the node's newest item, kept in memory (Node.last)
         return published[0][0]
 
     async def retract_item(self, owner: JID, node: str, item_id: str,
@@ -343,7 +399,11 @@ class Pep(PubsubProtocol, Module):
         when there was none."""
         host = self.host_of(owner)
         found = (await self.nodes(host)).get(node)
-        return found is not None and await self.remove_item(host, node, found, item_id, notify)
+        removed = found is not None and await self.remove_item(host, node, found, item_id,
+                                                               notify)
+        if removed and self.shared is not None:
+            await self._changed(owner)
+        return removed
 
     async def stored_items(self, owner: JID, node: str) -> list[tuple[str, Stanza | None]]:
         """The node's items (id, payload), oldest first; none when there is no such node."""
@@ -444,3 +504,13 @@ class Pep(PubsubProtocol, Module):
     def closed(self, session: Session, _reason: str) -> None:
         if not self.server.sessions.resources(session.jid.bare):
             self._forget(session.jid.bare)
+
+
+def _owner_of(stanza: Stanza, origin: Session | None) -> JID | None:
+    """The account a PEP request is for (as host() finds it), None when it cannot be told."""
+    to = stanza.get("to")
+    try:
+        return JID.parse(to).bare if to is not None else (
+            origin.jid.bare if origin is not None else None)
+    except InvalidJID:
+        return None

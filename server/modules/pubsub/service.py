@@ -28,8 +28,9 @@ the meta-data form, #items lists nodes and a node's items.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.config import Invalid, int_option, option, service_fields
 from server.errors import StanzaError
@@ -43,6 +44,9 @@ from server.sessions import Session
 from server.storage.pubsub import SERVICE_SPEC, PubsubStore
 from server.xml import ns
 from server.xml import stanza as st
+
+if TYPE_CHECKING:
+    from server.modules.pubsub.cluster import SharedPubsub
 
 # The service's node defaults (max_items 20 and itemreply as Prosody's mod_pubsub has them).
 SERVICE_DEFAULTS = {"access_model": "open", "max_items": 20, "send_last_published_item": "never"}
@@ -95,6 +99,23 @@ class PubsubService(PubsubProtocol, ServiceModule):
         ServiceModule.__init__(self, server, config)
         PubsubProtocol.__init__(self)
         self._nodes: dict[str, dict[str, Node]] = {}  # service domain -> node -> Node
+        # [cluster]: the cache dropped on the other nodes when a request changes it here
+        self.shared: SharedPubsub | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        cluster = self.server.cluster
+        if cluster is not None and self.config.enabled:
+            from server.modules.pubsub.cluster import SharedPubsub
+            self.shared = SharedPubsub(self, cluster, "q")
+            self.shared.listen(lambda service: self._nodes.pop(service, None))
+
+    async def _changes(self, pending: Awaitable[Any], service: str) -> Any:
+        try:
+            return await pending
+        finally:
+            if self.shared is not None:
+                await self.shared.changed(service)
 
     @property
     def store(self) -> PubsubStore:
@@ -110,6 +131,10 @@ class PubsubService(PubsubProtocol, ServiceModule):
     async def nodes(self, host: Host) -> dict[str, Node]:
         service = host.domain
         nodes = self._nodes.get(service)
+        if nodes is not None and self.shared is not None and not await self.shared.fresh(
+                service):
+            self._nodes.pop(service, None)  # [cluster]: changed on another node since
+            nodes = None
         if nodes is None:
             found = await self.store.nodes("", service)
             nodes = {name: Node(engine.node_config({**SERVICE_DEFAULTS, **s.get("config", {})}),
@@ -223,6 +248,9 @@ class PubsubService(PubsubProtocol, ServiceModule):
         if stanza.tag == st.MESSAGE and to.local is None and to.resource is None:
             answer = engine.authorization_answer(stanza)
             if answer is not None:
+                if self.shared is not None:
+                    return self._changes(self._authorization(stanza, to.domain, *answer),
+                                         to.domain)
                 return self._authorization(stanza, to.domain, *answer)
         if stanza.tag != st.IQ or stanza.get("type") not in ("get", "set"):
             return True  # messages, presence, results: nothing to do
@@ -232,6 +260,8 @@ class PubsubService(PubsubProtocol, ServiceModule):
         if payload is None:
             return None
         if payload.tag in (ns.q(PUBSUB, "pubsub"), ns.q(OWNER, "pubsub")):
+            if self.shared is not None and stanza.get("type") == "set":
+                return self._changes(self.answer(stanza, origin), to.domain)
             return self.answer(stanza, origin)
         if payload.tag == _INFO:
             return self._disco(stanza, origin, to.domain, payload)

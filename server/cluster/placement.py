@@ -1,0 +1,406 @@
+"""Placement: things that live on exactly one node of the cluster (MUC rooms), found and
+claimed through Redis, moved to a survivor when their node dies.
+
+Each placed thing has a name (a room's bare JID) and one *owner*, "<node>:<incarnation>",
+held in presenced:<kind>:<name>. The owner is chosen by rendezvous hashing (highest random
+weight) over the live nodes, and *claimed* by one compare-and-set script that writes the
+claim only while no live incarnation holds it: two nodes never both own a thing (fencing: a
+claim is bound to an incarnation, and a node that lost its incarnation drops what it held).
+A node that dies leaves its claims behind; they are taken over by the node the hashing picks
+among the survivors, at once (the survivors read the dead incarnation's set of claims) or at
+the latest by the next stanza for the thing.
+
+Every stanza for a thing that reaches a node that does not own it is forwarded to the
+owner's inbox stream (inbox.py, entry kind "v"), in order behind what the node sent there
+before; the owner handles it as if it had arrived there (without the router's filter/user
+chain, which ran on the first node). Node → owner is cached while the owner lives; a stanza
+that reaches a node that no longer owns the thing is forwarded on (at most _HOPS times).
+
+The host (the module that places things: server/modules/muc/cluster.py) does the rest:
+handle(stanza, to, origin) as owner, adopt(name) when it becomes the owner, died(owners)
+when other incarnations die, drop_all() when this node loses its incarnation, exists(name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import sys
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lxml import etree
+
+from server.cluster import keys
+from server.errors import StanzaError
+from server.jid import JID, InvalidJID
+from server.xml import stanza as st
+from server.xml.numbers import NumberError, parse_int
+
+if TYPE_CHECKING:
+    from lxml.etree import _Element
+
+    from server.cluster import Cluster
+    from server.sessions import Session
+
+log = logging.getLogger("presenced.cluster")
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+_HOPS = 3       # forwards of one stanza between nodes whose views of the owner disagree
+_ATTEMPTS = 3   # claims tried (the membership view refreshed between them)
+_SENDER_WAITS, _SENDER_WAIT = 100, 0.02  # at most 2 s for a sender's directory entry
+
+# KEYS[1] the claim. ARGV[1] the owner wanted ("<node>:<incarnation>"), ARGV[2] the prefix of
+# node keys (presenced:node:), ARGV[3] the prefix of the claim sets (presenced:placed:<kind>:),
+# ARGV[4] the name. Returns the owner: the live one already there, or ARGV[1] now; nil when
+# the wanted incarnation is not live itself (the caller's view of the membership is stale).
+_CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local node, inc = string.match(cur, '^([^:]*):(.*)$')
+  if node and redis.call('GET', ARGV[2] .. node) == inc then return cur end
+end
+local node, inc = string.match(ARGV[1], '^([^:]*):(.*)$')
+if redis.call('GET', ARGV[2] .. node) ~= inc then return false end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', ARGV[3] .. ARGV[1], ARGV[4])
+if cur then redis.call('SREM', ARGV[3] .. cur, ARGV[4]) end
+return ARGV[1]
+"""
+# KEYS[1] the claim, KEYS[2] the owner's claim set; ARGV[1] the owner, ARGV[2] the name.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def weight(node: str, name: str) -> bytes:
+    return hashlib.blake2b(f"{node}\0{name}".encode(), digest_size=8).digest()
+
+
+def rendezvous(name: str, nodes: Any) -> str | None:
+    """The node (by name: a restarted node gets its things back as they free up) with the
+    highest weight for `name` (HRW hashing: when a node goes, only its things move)."""
+    return max(nodes, key=lambda node: weight(node, name), default=None)
+
+
+class Host(Protocol):
+    def handle(self, stanza: _Element, to: JID, origin: str) -> Any:
+        """As the owner: the stanza, from a session of incarnation `origin` (or a server
+        stream there); returns like a route function."""
+
+    async def adopt(self, name: str) -> None:
+        """This node has just become the owner: its state from the database and the mirror."""
+
+    def exists(self, name: str) -> bool:
+        """As the owner: whether the thing is there (a room that nobody made yet is not)."""
+
+    def died(self, owners: set[str]) -> None:
+        """These incarnations ("<node>:<incarnation>") died."""
+
+    def drop_all(self) -> None:
+        """This node lost its incarnation: whatever it owned is no longer its own."""
+
+
+class Placement:
+    def __init__(self, cluster: Cluster, kind: str, host: Host) -> None:
+        self.cluster = cluster
+        self.kind = kind
+        self.host = host
+        self.redis = cluster.redis
+        self.membership = cluster.membership
+        self.owned: set[str] = set()
+        self._owners: dict[str, tuple[str, str]] = {}  # name -> (node, incarnation), cached
+        self._queues: dict[str, list[tuple[_Element, JID, str, Session | None, int,
+                                           asyncio.Future[Any] | None]]] = {}
+        self._claim = self.redis.register_script(_CLAIM)
+        self._release = self.redis.register_script(_RELEASE)
+        self._live: dict[str, str] = {}
+        self._incarnation = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+        cluster.inbox.placed[kind] = self.received
+        previous = self.membership.on_live_changed
+
+        def changed() -> None:
+            if previous is not None:
+                previous()
+            self._live_changed()
+        self.membership.on_live_changed = changed
+
+    @property
+    def me(self) -> str:
+        return f"{self.membership.name}:{self.membership.incarnation}"
+
+    # -- stanzas ---------------------------------------------------------------------------
+
+    def route(self, name: str, stanza: _Element, origin: Session | None, to: JID) -> Any:
+        """A stanza for `name` that arrived at this node (the service's route function)."""
+        if name in self.owned:
+            if name not in self._queues:  # (queued: being adopted, or waiting for a sender)
+                return self.host.handle(stanza, to, self.me)
+        elif (owner := self._owners.get(name)) is not None and self.membership.is_live(*owner):
+            self.cluster.inbox.forward(owner[0], self.kind, name,
+                                       etree.tostring(stanza, encoding="unicode"))
+            return True
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(name, stanza, to, self.me, origin, 0, done)
+        return done
+
+    def received(self, fields: dict[str, str]) -> None:
+        """A "v" entry of our inbox: a stanza another node forwarded for `name`."""
+        name = fields.get("j", "")
+        # "<node>:<incarnation>" of the node the stanza first arrived at
+        origin = fields.get("o") or fields.get("m", "").rpartition(":")[0]
+        try:
+            stanza = etree.fromstring(fields["x"], _PARSER)
+            to = JID.parse(stanza.get("to", ""))
+        except (KeyError, etree.XMLSyntaxError, InvalidJID):
+            log.warning("event=placement-entry-bad kind=%s name=%s", self.kind, name)
+            return
+        try:
+            hops = parse_int(fields.get("h", "0"), maximum=_HOPS, name="h")
+        except NumberError:
+            hops = _HOPS
+        sender = self._unknown_sender(stanza)
+        if name in self.owned and name not in self._queues and sender is None:
+            self._complete(stanza, self.host.handle(stanza, to, origin), None)
+            return
+        if name not in self.owned:
+            self._owners.pop(name, None)  # we were thought the owner: our view may be stale
+            hops += 1
+        self._enqueue(name, stanza, to, origin, None, hops, None, sender)
+
+    def _unknown_sender(self, stanza: _Element) -> JID | None:
+        """A session of ours on another node that our directory does not know yet: its bind
+        and its first stanzas travel apart (the directory's writes, the inbox streams), and
+        what the owner answers it (a join's presences) would find no session."""
+        try:
+            sender = JID.parse(stanza.get("from", ""))
+        except InvalidJID:
+            return None
+        if sender.resource is None or sender.domain not in self.cluster.inbox.router.hosts:
+            return None
+        return sender if self.cluster.directory.get(sender) is None else None
+
+    async def _sender_known(self, sender: JID) -> None:
+        directory = self.cluster.directory
+        directory.invalidate(str(sender.bare))
+        for _ in range(_SENDER_WAITS):
+            if directory.get(sender) is not None:
+                return
+            await asyncio.sleep(_SENDER_WAIT)
+        log.info("event=placement-sender-unknown kind=%s jid=%s", self.kind, sender)
+
+    def _enqueue(self, name: str, stanza: _Element, to: JID, origin: str,
+                 session: Session | None, hops: int, done: asyncio.Future[Any] | None,
+                 sender: JID | None = None) -> None:
+        """Stanzas for a thing whose owner is being looked up (or whose sender is not known
+        here yet) wait, in order, for the answer."""
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = []
+            self._spawn(self._resolve(name, sender))
+        queue.append((stanza, to, origin, session, hops, done))
+
+    async def _resolve(self, name: str, sender: JID | None = None) -> None:
+        error: BaseException | None = None
+        owner: tuple[str, str] | None = None
+        try:
+            if sender is not None:
+                await self._sender_known(sender)
+            owner = await self.owner(name)
+            if owner == (self.membership.name, self.membership.incarnation) and (
+                    name not in self.owned):
+                self.owned.add(name)
+                try:
+                    await self.host.adopt(name)
+                except BaseException:
+                    self.owned.discard(name)
+                    raise
+                log.info("event=placement-adopted kind=%s name=%s", self.kind, name)
+        except Exception as exc:
+            error = exc
+            if not isinstance(exc, StanzaError):
+                log.warning("event=placement-failed kind=%s name=%s error=%s", self.kind, name,
+                            type(exc).__name__)
+        queue = self._queues.pop(name, [])
+        for stanza, to, origin, session, hops, done in queue:
+            if stanza is _NOTHING:
+                if done is not None and not done.done():
+                    done.set_result(True)
+                continue
+            try:
+                if error is not None or owner is None:
+                    raise error if isinstance(error, StanzaError) else StanzaError(
+                        "internal-server-error", "the room's node cannot be found",
+                        type="wait")
+                if owner[0] == self.membership.name:
+                    self._complete(stanza, self.host.handle(stanza, to, origin), session)
+                elif hops >= _HOPS:
+                    log.warning("event=placement-loop kind=%s name=%s", self.kind, name)
+                else:
+                    self._forward(owner[0], name, stanza, origin, hops)
+            except StanzaError as err:
+                self.cluster.inbox.router.reply_error(stanza, err, session)
+            except Exception:
+                log.exception("event=placement-handler-failed kind=%s name=%s", self.kind, name)
+            if done is not None and not done.done():
+                done.set_result(True)
+
+    def _forward(self, node: str, name: str, stanza: _Element, origin: str, hops: int) -> None:
+        fields = {"k": "v", "p": self.kind, "j": name,
+                  "x": etree.tostring(stanza, encoding="unicode")}
+        if hops:
+            fields["h"] = str(hops)
+        if origin != self.me:
+            # Forwarded on: the owner must see the first sender's incarnation, not ours.
+            fields["o"] = origin
+        self.cluster.inbox.send_fields(node, fields)
+
+    def _complete(self, stanza: _Element, result: Any, session: Session | None) -> None:
+        """The result of handling, as the router treats a route function's."""
+        router = self.cluster.inbox.router
+        if result is None:
+            if not (stanza.get("type") in ("error", "headline", "groupchat") or (
+                    stanza.tag == st.IQ and stanza.get("type") == "result")):
+                router.reply_error(stanza, StanzaError("service-unavailable"), session)
+        elif etree.iselement(result):
+            router.reply(result, session)
+        elif inspect.isawaitable(result):
+            router.spawn(self._finish(result, stanza, session))
+
+    async def _finish(self, pending: Awaitable[Any], stanza: _Element,
+                      session: Session | None) -> None:
+        router = self.cluster.inbox.router
+        try:
+            result = await pending
+        except StanzaError as err:
+            router.reply_error(stanza, err, session)
+            return
+        except Exception:
+            log.error("event=placement-handler-failed kind=%s id=%s error=%s", self.kind,
+                      stanza.get("id"), type(sys.exc_info()[1]).__name__)
+            router.reply_error(stanza, StanzaError("internal-server-error"), session)
+            return
+        if etree.iselement(result):
+            router.reply(result, session)
+
+    # -- owners ----------------------------------------------------------------------------
+
+    async def owner(self, name: str) -> tuple[str, str]:
+        """The live owner of `name`, claimed for the node the hashing picks when none is."""
+        for _attempt in range(_ATTEMPTS):
+            live = self.membership.live
+            node = rendezvous(name, live)
+            if node is not None:
+                got = await self._claim(
+                    keys=[keys.placed(self.kind, name)],
+                    args=[f"{node}:{live[node]}", keys.node(""),
+                          keys.placed_by(self.kind, ""), name])
+                if got is not None:
+                    owner_node, _, incarnation = got.decode().partition(":")
+                    self._owners[name] = (owner_node, incarnation)
+                    return owner_node, incarnation
+            await self.membership.refresh()
+        raise StanzaError("internal-server-error", "no live node takes this room", type="wait")
+
+    async def release(self, name: str) -> None:
+        """`name` is gone here (an empty temporary room): its claim goes too."""
+        self.owned.discard(name)
+        me = self.me
+        await self._release(keys=[keys.placed(self.kind, name), keys.placed_by(self.kind, me)],
+                            args=[me, name])
+
+    async def release_all(self) -> None:
+        """Graceful stop: our claims go (what we held is re-claimed by the next stanza)."""
+        for name in list(self.owned):
+            await self.release(name)
+
+    # -- membership ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The server is stopping: no more take-overs (they would read the database while it
+        closes), the work under way cancelled."""
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _live_changed(self) -> None:
+        if self.closing:
+            return
+        live = dict(self.membership.live)
+        before, self._live = self._live, live
+        if self._incarnation and self.membership.incarnation != self._incarnation:
+            # Fenced: we were declared dead; what we owned has been (or may be) taken over.
+            log.warning("event=placement-dropped kind=%s count=%d", self.kind, len(self.owned))
+            self.owned.clear()
+            self._owners.clear()
+            self.host.drop_all()
+        first = not self._incarnation
+        self._incarnation = self.membership.incarnation
+        me = self.membership.name
+        # Our own incarnation gone from the view means we are being fenced (above, once the
+        # membership rejoins): not a death for us to clean up after.
+        dead = {f"{node}:{inc}" for node, inc in before.items()
+                if live.get(node) != inc and node != me}
+        if dead:
+            for name in [n for n, (node, inc) in self._owners.items()
+                         if f"{node}:{inc}" in dead]:
+                del self._owners[name]
+            self.host.died(dead)
+        if dead or first:
+            # Also at our start: an earlier incarnation of ours (kill -9, restarted within
+            # dead_after) or a survivor that died before it re-homed left claims behind.
+            self._spawn(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Every dead incarnation's claims: those the hashing gives us, taken over."""
+        prefix = keys.placed_by(self.kind, "")
+        try:
+            async for raw in self.redis.scan_iter(match=prefix + "*", count=500):
+                owner = raw.decode()[len(prefix):]
+                node, _, incarnation = owner.partition(":")
+                if owner != self.me and not self.membership.is_live(node, incarnation):
+                    await self._rehome(owner)
+        except Exception as exc:
+            log.warning("event=placement-sweep-failed kind=%s error=%s", self.kind,
+                        type(exc).__name__)
+
+    async def _rehome(self, owner: str) -> None:
+        """A dead incarnation's claims: those the hashing gives us, taken over now (so that
+        the occupants elsewhere hear at once who went with the node)."""
+        try:
+            names = await self.redis.smembers(keys.placed_by(self.kind, owner))
+            for raw in names:
+                name = raw.decode()
+                if rendezvous(name, self.membership.live) != self.membership.name:
+                    continue
+                done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                if name not in self._queues:
+                    self._queues[name] = []
+                    self._spawn(self._resolve(name))
+                self._queues[name].append((_NOTHING, JID.parse(name), self.me, None, 0, done))
+                await done
+                if name not in self.owned:  # claimed by another live node meanwhile
+                    await self.redis.srem(keys.placed_by(self.kind, owner), name)
+                elif not self.host.exists(name):
+                    await self.release(name)  # a claim of nothing: not kept
+        except Exception as exc:
+            log.warning("event=placement-rehome-failed kind=%s owner=%s error=%s", self.kind,
+                        owner, type(exc).__name__)
+
+    def _spawn(self, pending: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(pending)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+_NOTHING = etree.Element("nothing")  # a re-homing without a stanza to hand over

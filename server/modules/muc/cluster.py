@@ -1,0 +1,269 @@
+"""The MUC service in a cluster ([cluster]; only imported then): every room lives on one node
+(server/cluster/placement.py places it), whatever node its occupants are on.
+
+- Stanzas for a room go to its owner; the room's output reaches occupants on other nodes
+  through the session directory and the nodes' inboxes, like any stanza to a user.
+- The owner mirrors each room's occupants in Redis (presenced:room-state:<room>): nick,
+  affiliation, role, and per session its real JID, the incarnation of the node it came through
+  and its presence; and the config, subject and affiliations of a room that is not persistent
+  (a persistent one's are in the database).
+- When a node dies, the owner of each room removes the occupants whose sessions were on it,
+  telling the others with status code 333 (XEP-0045 §9.8 / the status codes registry: "the
+  user is being removed from the room because of a technical problem", as when an occupant's
+  session answers with a delivery error). The rooms the dead node owned move to the survivor
+  the hashing picks, which rebuilds each from the database (persistent config), the archive
+  (history, XEP-0313) and the mirror (occupants), removes the dead node's occupants the same
+  way, and keeps everyone else joined without a word (they have the room already).
+- A node that stops gracefully tells its rooms' occupants the service is going away (332, as
+  a single process does) and gives its claims back; a node fenced out of the cluster drops its
+  rooms silently (its client streams were closed; the rooms are re-claimed elsewhere).
+
+Occupants from other servers are not tied to a node (their server reaches the room through
+whichever node it talks to): a node's death does not remove them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from server.cluster import keys
+from server.cluster.placement import Placement
+from server.jid import JID, InvalidJID
+from server.modules.muc.room import Occupant, Room, RoomConfig, nick_key
+from server.xml import stanza as st
+
+if TYPE_CHECKING:
+    from server.cluster import Cluster
+    from server.modules.muc.service import Service
+    from server.sessions import Session
+
+log = logging.getLogger("presenced.muc")
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+_SUBJECT = "{jabber:client}subject"
+
+
+class PlacedRooms:
+    """The placement host of the MUC service (placement.Host)."""
+
+    def __init__(self, muc: Service, cluster: Cluster) -> None:
+        self.muc = muc
+        self.redis = cluster.redis
+        self.membership = cluster.membership
+        self.hosts = muc.server.router.hosts
+        self.placement = Placement(cluster, "room", self)
+        # room -> real full JID of each occupant session -> "<node>:<incarnation>" it came
+        # through ("" for a user of another server)
+        self.origins: dict[JID, dict[JID, str]] = {}
+        self._dirty: set[JID] = set()
+        self._written: dict[JID, str] = {}
+        self._writer: asyncio.Task[None] | None = None
+        # our sessions (real full JID) -> rooms they joined that another node owns
+        self.away: dict[JID, set[str]] = {}
+
+    # -- stanzas -----------------------------------------------------------------------------
+
+    def route(self, stanza: Any, origin: Session | None, to: JID) -> Any:
+        """The service's route function: the service itself here, a room at its owner."""
+        if to.local is None:
+            return self.muc.route(stanza, origin, to)
+        name = str(to.bare)
+        if stanza.tag == st.PRESENCE and origin is not None and name not in self.placement.owned:
+            self._track(stanza, name)
+        return self.placement.route(name, stanza, origin, to)
+
+    def _track(self, stanza: Any, room: str) -> None:
+        """The rooms our users' sessions are in, kept where the sessions are: when a session
+        ends or goes unavailable here, the room's owner is told (gone())."""
+        try:
+            real = JID.parse(stanza.get("from", ""))
+        except InvalidJID:
+            return
+        if real.domain not in self.hosts or real.resource is None:
+            return
+        type_ = stanza.get("type")
+        if type_ is None:
+            self.away.setdefault(real, set()).add(room)
+        elif type_ == "unavailable":
+            rooms = self.away.get(real)
+            if rooms is not None:
+                rooms.discard(room)
+                if not rooms:
+                    del self.away[real]
+
+    def gone(self, real: JID) -> None:
+        """A session of ours ended or went unavailable (the MUC service's own hooks): the
+        rooms it is in elsewhere get its unavailable presence, as a room here hears of it
+        directly (XEP-0045 §7.14: the service removes an occupant whose session is gone)."""
+        for room in self.away.pop(real, ()):
+            presence = st.element(st.PRESENCE, {"from": str(real), "to": room,
+                                                "type": "unavailable"})
+            result = self.placement.route(room, presence, None, JID.parse(room))
+            if inspect.isawaitable(result):
+                self.muc.server.router.spawn(result)
+
+    def handle(self, stanza: Any, to: JID, origin: str) -> Any:
+        result = self.muc.route(stanza, None, to)
+        tag = stanza.tag
+        if tag == st.PRESENCE or (tag == st.IQ and stanza.get("type") == "set") or (
+                tag == st.MESSAGE and (stanza.get("type") == "error"
+                                       or stanza.find(_SUBJECT) is not None)):
+            # What may change who is in the room (or the state a new owner needs).
+            if inspect.isawaitable(result):
+                return self._after(result, to.bare, origin)
+            self._changed(to.bare, origin)
+        return result
+
+    async def _after(self, pending: Any, room: JID, origin: str) -> Any:
+        try:
+            return await pending
+        finally:
+            self._changed(room, origin)
+
+    def _changed(self, room_jid: JID, origin: str) -> None:
+        room = self.muc.rooms.get(room_jid)
+        if room is None:
+            self.origins.pop(room_jid, None)
+        else:
+            known = self.origins.setdefault(room_jid, {})
+            for real in room.by_jid:
+                if real not in known:
+                    known[real] = origin if real.domain in self.hosts else ""
+            for real in [r for r in known if r not in room.by_jid]:
+                del known[real]
+        self._mark(room_jid)
+
+    def forgotten(self, room: Room) -> None:
+        """An empty temporary room is gone: its claim and its mirror go too."""
+        self.origins.pop(room.jid, None)
+        self._mark(room.jid)
+        self.muc.server.router.spawn(self.placement.release(room.jid_str))
+
+    # -- the mirror --------------------------------------------------------------------------
+
+    def _mark(self, room: JID) -> None:
+        self._dirty.add(room)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        """One writer: the latest state of each room marked since, in Redis."""
+        while self._dirty:
+            room_jid = self._dirty.pop()
+            room = self.muc.rooms.get(room_jid)
+            key = keys.room_state(str(room_jid))
+            try:
+                if room is None or room.destroyed:
+                    if self._written.pop(room_jid, None) is not None:
+                        await self.redis.delete(key)
+                    continue
+                text = json.dumps(self.state(room))
+                if self._written.get(room_jid) != text:
+                    await self.redis.set(key, text)
+                    self._written[room_jid] = text
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event=muc-mirror-failed room=%s error=%s", room_jid,
+                            type(exc).__name__)
+
+    def state(self, room: Room) -> dict[str, Any]:
+        origins = self.origins.get(room.jid, {})
+        return {
+            "c": room.config.to_json(), "s": room.subject, "f": room.subject_from,
+            "a": {str(j): [a, room.reasons.get(j)] for j, a in room.affiliations.items()},
+            "k": {str(j): n for j, n in room.nicks.items()},
+            "o": [{"n": o.nick, "j": str(o.jid), "f": o.affiliation, "r": o.role,
+                   "s": [[str(real), origins.get(real, ""),
+                          etree.tostring(presence, encoding="unicode")]
+                         for real, presence in o.sessions.items()]}
+                  for o in room.occupants.values()],
+        }
+
+    # -- placement.Host ----------------------------------------------------------------------
+
+    async def adopt(self, name: str) -> None:
+        """This node owns the room now: config from the database (a persistent room) or the
+        mirror, history from the archive, occupants from the mirror, minus those whose node
+        is gone (told to the others with 333)."""
+        muc = self.muc
+        room_jid = JID.parse(name)
+        stored = next((s for s in await muc.store.load(room_jid.domain) if s.room == name),
+                      None)
+        raw = await self.redis.get(keys.room_state(name))
+        state = json.loads(raw) if raw else None
+        if stored is not None:
+            room = muc._restore(stored)
+        elif state is not None:
+            room = Room(room_jid, RoomConfig.from_json(state["c"]), muc.id_key,
+                        muc.config.max_occupants)
+            room.subject, room.subject_from = state.get("s"), state.get("f")
+            for jid, (affiliation, reason) in state.get("a", {}).items():
+                room.set_affiliation(JID.parse(jid), affiliation, reason)
+            for jid, nick in state.get("k", {}).items():
+                room.nicks[JID.parse(jid)] = nick
+        else:
+            muc.rooms.pop(room_jid, None)
+            return  # no such room (yet): a join makes it here
+        await muc._restore_history(room)
+        origins: dict[JID, str] = {}
+        for entry in (state or {}).get("o", ()):
+            occupant = Occupant(entry["n"], JID.parse(entry["j"]), entry["f"], entry["r"])
+            for real_text, origin, xml in entry["s"]:
+                real = JID.parse(real_text)
+                occupant.sessions[real] = etree.fromstring(xml, _PARSER)
+                room.by_jid[real] = occupant
+                origins[real] = origin
+                muc.joined.setdefault(real, set()).add(room)
+            if occupant.sessions:
+                room.occupants[nick_key(occupant.nick)] = occupant
+        muc.rooms[room_jid] = room
+        self.origins[room_jid] = origins
+        live = {f"{node}:{inc}" for node, inc in self.membership.live.items()}
+        self._remove(room, [real for real, origin in origins.items()
+                            if origin and origin not in live])
+        log.info("event=muc-room-adopted room=%s occupants=%d", name, len(room.occupants))
+        self._mark(room_jid)
+
+    def _remove(self, room: Room, reals: list[JID]) -> None:
+        """Sessions whose node died: gone from the room, the others told with status 333."""
+        for real in reals:
+            self.origins.get(room.jid, {}).pop(real, None)
+            if real in room.by_jid:
+                log.info("event=muc-occupant-lost room=%s jid=%s", room.jid_str, real)
+                self.muc._left(room, real, room.leave(real, None, ("333",)))
+
+    def exists(self, name: str) -> bool:
+        return JID.parse(name) in self.muc.rooms
+
+    def died(self, owners: set[str]) -> None:
+        for room_jid, origins in list(self.origins.items()):
+            gone = [real for real, origin in origins.items() if origin in owners]
+            room = self.muc.rooms.get(room_jid)
+            if gone and room is not None:
+                self._remove(room, gone)
+                self._mark(room_jid)
+
+    def drop_all(self) -> None:
+        muc = self.muc
+        muc.rooms.clear()
+        muc.joined.clear()
+        muc.relayed.clear()
+        self.origins.clear()
+        self._written.clear()
+
+    async def stop(self) -> None:
+        """Graceful stop (the occupants were told, 332): the claims and mirrors go."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        names = list(self.placement.owned)
+        await self.placement.release_all()
+        if names:
+            await self.redis.delete(*[keys.room_state(name) for name in names])
+        await self.placement.stop()

@@ -1,0 +1,374 @@
+"""MUC in a cluster (issue 22 item 4): each room on one node (rendezvous hashing, claimed in
+Redis), occupants on any node, the room moved to a survivor when its node dies (kill -9).
+
+Two nodes of a.test with a private PostgreSQL and Redis (tests/test_cluster.py's fixture);
+raw clients, so that status codes and the order of what a join sends are on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from server.cluster.placement import rendezvous
+from server.jid import JID
+from server.modules.muc import Muc
+from tests.conftest import PASSWORD, RunningServer, start_server, stop_server, write_config
+from tests.process import drain, free_port, presenced, watch_line
+from tests.rawclient import CLIENT, RawClient
+from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.test_cluster import (  # noqa: F401 (the nodes fixture)
+    ALICE,
+    BOB,
+    cluster_tables,
+    eventually,
+    nodes,
+    raw_available,
+    sees,
+)
+from tests.test_muc import (
+    MUC,
+    body,
+    codes,
+    item,
+    join,
+    next_message,
+    next_presence_from,
+    self_presence,
+    until,
+)
+
+SERVICE = "muc.a.test"
+CAROL = "carol@a.test"
+
+
+def room_owned_by(node: str, names: tuple[str, ...] = ("node1", "node2")) -> str:
+    """A room name the hashing gives to `node` among `names`."""
+    for i in range(1000):
+        name = f"room{i}@{SERVICE}"
+        if rendezvous(name, names) == node:
+            return name
+    raise AssertionError("no room for " + node)
+
+
+def rooms_of(node: RunningServer) -> set[str]:
+    muc = node.server.module(Muc)
+    assert muc is not None
+    return {str(jid) for jid in muc.rooms}
+
+
+async def claim(node: RunningServer, room: str) -> str:
+    cluster = node.server.cluster
+    assert cluster is not None
+    value = await cluster.redis.get(f"presenced:room:{room}")
+    return value.decode() if value is not None else ""
+
+
+def incarnation(node: RunningServer) -> str:
+    cluster = node.server.cluster
+    assert cluster is not None
+    return f"{cluster.membership.name}:{cluster.membership.incarnation}"
+
+
+async def instant(client: RawClient, room: str, fields: str = "") -> None:
+    done = await client.ask(f"<iq type='set' to='{room}' id='inst'><query xmlns='{MUC}#owner'>"
+                            f"<x xmlns='jabber:x:data' type='submit'>{fields}</x></query></iq>",
+                            skip_others=True)
+    assert done.get("type") == "result", etree.tostring(done)
+
+
+async def test_room_with_occupants_on_both_nodes(nodes: tuple[RunningServer, RunningServer]  # noqa: F811
+                                                 ) -> None:
+    one, two = nodes
+    room = room_owned_by("node2")
+    alice = await raw_available(one, ALICE, "pc")
+    bob = await raw_available(two, BOB, "pc")
+    await eventually(sees(one, f"{BOB}/pc"), "node1 sees bob")
+    await eventually(sees(two, f"{ALICE}/pc"), "node2 sees alice")
+    # Alice, on node1, creates a room the hashing places on node2: node1 claims it for node2
+    # and forwards her join there (XEP-0045 §10.1.1: 201, she owns it).
+    got = await join(alice, "Alice", room)
+    mine = self_presence(got)
+    assert mine.get("from") == f"{room}/Alice" and codes(mine) == {"110", "201"}
+    assert (item(mine).get("affiliation"), item(mine).get("role")) == ("owner", "moderator")
+    assert await claim(one, room) == incarnation(two)
+    assert room in rooms_of(two) and room not in rooms_of(one)
+    await instant(alice, room)
+    # Bob on node2 joins: Alice's presence, then his own, then the subject (§7.2.3).
+    got = await join(bob, "Bob", room)
+    presences = [s for s in got if s.tag == f"{{{CLIENT}}}presence"]
+    assert [p.get("from") for p in presences] == [f"{room}/Alice", f"{room}/Bob"]
+    assert codes(presences[1]) == {"110"}
+    seen = await next_presence_from(alice, f"{room}/Bob")
+    assert item(seen).get("jid") == f"{BOB}/pc"  # the moderator sees his real JID
+    # Groupchat both ways, each reflected to its sender too (§7.4).
+    await alice.send(f"<message to='{room}' type='groupchat' id='g1'><body>hi all</body>"
+                     "</message>")
+    for client in (bob, alice):
+        message = await next_message(client)
+        assert (message.get("from"), message.get("type"), body(message)) == (
+            f"{room}/Alice", "groupchat", "hi all")
+    await bob.send(f"<message to='{room}' type='groupchat' id='g2'><body>hello</body>"
+                   "</message>")
+    for client in (alice, bob):
+        message = await next_message(client)
+        assert (message.get("from"), body(message)) == (f"{room}/Bob", "hello")
+    # A private message between occupants (§7.5), node1 -> owner node2 -> node2's session.
+    await alice.send(f"<message to='{room}/Bob' type='chat' id='p1'><body>psst</body>"
+                     "</message>")
+    message = await next_message(bob)
+    assert (message.get("from"), message.get("type"), body(message)) == (
+        f"{room}/Alice", "chat", "psst")
+    # Subject change by the moderator (§8.1): everyone gets it.
+    await alice.send(f"<message to='{room}' type='groupchat' id='s1'><subject>news</subject>"
+                     "</message>")
+    for client in (bob, alice):
+        message = await next_message(client)
+        assert message.findtext(f"{{{CLIENT}}}subject") == "news"
+    # Kick (§8.2): Bob, on node2, is told with 307 and 110; Alice sees him go.
+    await alice.send(f"<iq type='set' to='{room}' id='k1'><query xmlns='{MUC}#admin'>"
+                     "<item nick='Bob' role='none'><reason>bye</reason></item></query></iq>")
+    seen = await until(alice, lambda s: s.tag == f"{{{CLIENT}}}iq")
+    assert seen[-1].get("type") == "result"
+    gone = next(s for s in seen if s.get("from") == f"{room}/Bob")
+    assert gone.get("type") == "unavailable" and "307" in codes(gone)
+    kicked = await next_presence_from(bob, f"{room}/Bob")
+    assert kicked.get("type") == "unavailable" and codes(kicked) == {"307", "110"}
+    # Bob is out: his groupchat message is refused by the room (not-acceptable, §7.4).
+    await bob.send(f"<message to='{room}' type='groupchat' id='g3'><body>x</body></message>")
+    error = await next_message(bob)
+    assert error.get("type") == "error" and error.get("id") == "g3"
+    # Alice leaves on node1: her session's unavailable presence reaches the owner, the
+    # temporary room is gone there and its claim with it.
+    await alice.send(f"<presence to='{room}/Alice' type='unavailable'/>")
+    left = await next_presence_from(alice, f"{room}/Alice")
+    assert left.get("type") == "unavailable" and "110" in codes(left)
+    await eventually(lambda: room not in rooms_of(two), "the empty room gone")
+    for _ in range(100):
+        if not await claim(one, room):
+            break
+        await asyncio.sleep(0.05)
+    assert await claim(one, room) == ""
+    await alice.close()
+    await bob.close()
+
+
+async def test_session_closed_on_another_node_leaves_the_room(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """A session that ends on node2 leaves a room node1 owns (its directed presence is undone,
+    RFC 6121 §4.6.3, through the owner)."""
+    one, two = nodes
+    room = room_owned_by("node1")
+    alice = await raw_available(one, ALICE, "pc")
+    bob = await raw_available(two, BOB, "pc")
+    await join(alice, "Alice", room)
+    await instant(alice, room)
+    await join(bob, "Bob", room)
+    await next_presence_from(alice, f"{room}/Bob")
+    assert room in rooms_of(one) and room not in rooms_of(two)
+    await bob.close()
+    gone = await next_presence_from(alice, f"{room}/Bob")
+    assert gone.get("type") == "unavailable"
+    muc = one.server.module(Muc)
+    assert muc is not None
+    assert [o.nick for o in muc.rooms[JID.parse(room)].occupants.values()] == ["Alice"]
+    await alice.close()
+
+
+@contextlib.contextmanager
+def subprocess_node(tmp: Path, tables: str, host: str) -> Iterator[tuple[subprocess.Popen[str],
+                                                                           int]]:
+    """A node as a real process (so that kill -9 is a real death); its c2s port."""
+    path = write_config(tmp, tables, domains=("a.test",), host=host)
+    port = free_port(host)
+    path.write_text(path.read_text().replace(f'c2s = ["{host}:0"]', f'c2s = ["{host}:{port}"]'))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent),
+                      os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(presenced("serve", "-c", str(path)), cwd=tmp, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        state = [0]
+        for line in proc.stderr:
+            watch_line(line, state)
+            if "event=started" in line:
+                break
+        else:
+            raise AssertionError(f"the node did not start: {proc.wait()}")
+        drain(proc, state)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+
+async def test_owner_killed_room_moves_to_the_survivor(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """kill -9 of the room's node: the survivor the hashing picks takes the room over, with its
+    config from the database and its history from the archive; the occupant that was on the
+    dead node is removed with status 333 (XEP-0045 §9.8's 'technical reasons'), the others
+    stay joined."""
+    survivor = await start_server(tmp_path / "node1", cluster_tables(pg_dsn, redis_url, "node1"),
+                                  domains=("a.test",), host="127.0.0.1")
+    try:
+        for user in (ALICE, BOB, CAROL):
+            await survivor.add_user(user)
+        room = room_owned_by("node2")
+        with subprocess_node(tmp_path / "node2", cluster_tables(pg_dsn, redis_url, "node2"),
+                             "127.0.0.2") as (victim, port):
+            cluster = survivor.server.cluster
+            assert cluster is not None
+            await eventually(lambda: "node2" in cluster.membership.live, "node2 joined")
+            alice = await raw_available(survivor, ALICE, "pc")
+            bob = await RawClient.connect("127.0.0.2", port)
+            await bob.login("a.test", "bob", PASSWORD, "pc")
+            await bob.send("<presence/>")
+            await bob.next_of("presence")
+            await eventually(sees(survivor, f"{BOB}/pc"), "node1 sees bob on node2")
+            await join(alice, "Alice", room)
+            await instant(alice, room, "<field var='FORM_TYPE'><value>"
+                          f"{MUC}#roomconfig</value></field><field var='muc#roomconfig_"
+                          "persistentroom'><value>1</value></field><field var='muc#roomconfig_"
+                          "roomname'><value>Kept</value></field>")
+            await join(bob, "Bob", room)
+            await next_presence_from(alice, f"{room}/Bob")
+            assert await claim(survivor, room) == f"node2:{cluster.membership.live['node2']}"
+            # A second room, on the survivor, with Bob (on node2) in it too.
+            here = room_owned_by("node1")
+            await join(alice, "Alice", here)
+            await instant(alice, here)
+            await join(bob, "Bob", here)
+            await next_presence_from(alice, f"{here}/Bob")
+            assert here in rooms_of(survivor)
+            await bob.send(f"<message to='{room}' type='groupchat' id='h1'><body>before"
+                           "</body></message>")
+            assert body(await next_message(alice)) == "before"
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            # Within dead_after (3 s) and a heartbeat: node1 owns the room, Bob is removed.
+            lost = {}
+            while len(lost) < 2:
+                presence = await alice.next_of("presence", 10)
+                if presence.get("from") in (f"{room}/Bob", f"{here}/Bob"):
+                    lost[presence.get("from")] = presence
+            for presence in lost.values():
+                assert presence.get("type") == "unavailable" and "333" in codes(presence)
+            assert await claim(survivor, room) == incarnation(survivor)
+            assert room in rooms_of(survivor)
+        # Alice stayed joined without a word: she talks, the room reflects it.
+        await alice.send(f"<message to='{room}' type='groupchat' id='h2'><body>after</body>"
+                         "</message>")
+        message = await next_message(alice)
+        assert (message.get("from"), body(message)) == (f"{room}/Alice", "after")
+        # Carol joins on node1: the persistent config (from the database) and the history
+        # (from the archive) came back; Alice is there, Bob is not.
+        carol = await raw_available(survivor, CAROL, "pc")
+        got = await join(carol, "Carol", room)
+        presences = [s.get("from") for s in got if s.tag == f"{{{CLIENT}}}presence"]
+        assert presences == [f"{room}/Alice", f"{room}/Carol"]
+        history = [body(s) for s in got if s.tag == f"{{{CLIENT}}}message" and body(s)]
+        assert history == ["before", "after"]
+        info = await carol.ask(f"<iq type='get' to='{room}' id='i1'><query xmlns='http://"
+                               "jabber.org/protocol/disco#info'/></iq>", skip_others=True)
+        features = {f.get("var") for f in info.iter(
+            "{http://jabber.org/protocol/disco#info}feature")}
+        assert "muc_persistent" in features
+        identity = info.find(".//{http://jabber.org/protocol/disco#info}identity")
+        assert identity is not None and identity.get("name") == "Kept"
+        for client in (alice, carol):
+            await client.close()
+    finally:
+        await stop_server(survivor)
+
+
+def test_rendezvous_moves_only_the_rooms_of_the_node_that_went() -> None:
+    """Highest random weight: removing a node moves its rooms only, spread over the others."""
+    rooms = [f"r{i}@{SERVICE}" for i in range(3000)]
+    three = {name: rendezvous(name, ("node1", "node2", "node3")) for name in rooms}
+    counts = {node: list(three.values()).count(node) for node in ("node1", "node2", "node3")}
+    assert all(800 < count < 1200 for count in counts.values()), counts
+    two = {name: rendezvous(name, ("node1", "node2")) for name in rooms}
+    assert all(two[name] == owner for name, owner in three.items() if owner != "node3")
+    moved = [two[name] for name, owner in three.items() if owner == "node3"]
+    assert 0.35 < moved.count("node1") / len(moved) < 0.65
+    assert rendezvous("x", ()) is None
+
+
+async def test_join_at_once_after_login_on_another_node(
+        nodes: tuple[RunningServer, RunningServer], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+        ) -> None:
+    """Bob's bind reaches Redis after his join reaches the room's node (node2's directory
+    writes held back here): the owner waits for his directory entry before it answers, so
+    the join's presences and subject are not dropped for want of a session."""
+    one, two = nodes
+    room = room_owned_by("node1")
+    alice = await raw_available(one, ALICE, "pc")
+    await join(alice, "Alice", room)
+    await instant(alice, room)
+    cluster = two.server.cluster
+    assert cluster is not None
+    apply = cluster.directory._apply
+
+    async def late(*args: Any) -> None:
+        await asyncio.sleep(0.5)
+        await apply(*args)
+    monkeypatch.setattr(cluster.directory, "_apply", late)
+    bob = await two.raw_login(BOB, "pc")
+    got = await join(bob, "Bob", room)  # no available presence first: only the join
+    assert [s.get("from") for s in got if s.tag == f"{{{CLIENT}}}presence"] == [
+        f"{room}/Alice", f"{room}/Bob"]
+    assert (await next_presence_from(alice, f"{room}/Bob")).get("type") is None
+    await alice.close()
+    await bob.close()
+
+
+async def test_fenced_owner_gives_up_its_rooms(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """node2 declared dead while running (fencing, as in test_cluster.py): its sessions end,
+    the rooms it held in memory are dropped (never two owners); the room is claimed anew and
+    its new owner rebuilds it from the Redis mirror, Alice still in it."""
+    one, two = nodes
+    room = room_owned_by("node2")
+    alice = await raw_available(one, ALICE, "pc")
+    bob = await raw_available(two, BOB, "pc")
+    await join(alice, "Alice", room)
+    await instant(alice, room)
+    await join(bob, "Bob", room)
+    await next_presence_from(alice, f"{room}/Bob")
+    cluster = two.server.cluster
+    assert cluster is not None
+    first = cluster.membership.incarnation
+    await cluster.redis.delete("presenced:node:node2")
+    assert await bob.stream_error(10) == "system-shutdown"
+    gone = await next_presence_from(alice, f"{room}/Bob")
+    assert gone.get("type") == "unavailable"
+    await eventually(lambda: cluster.membership.incarnation != first, "a new incarnation")
+    await eventually(lambda: room not in rooms_of(two), "node2 dropped the room")
+    one_cluster = one.server.cluster
+    assert one_cluster is not None
+    await eventually(lambda: one_cluster.membership.live.get("node2") ==
+                     cluster.membership.incarnation, "node1 sees the new incarnation")
+    await alice.send(f"<message to='{room}' type='groupchat' id='f1'><body>still here</body>"
+                     "</message>")
+    message = await next_message(alice)
+    assert (message.get("from"), body(message)) == (f"{room}/Alice", "still here")
+    # Whoever took it (node1 if it saw node2 dead before node2 rejoined, else node2, where
+    # the hashing puts it), one live incarnation owns it and only that node has it.
+    owner = await claim(one, room)
+    holder, other = (one, two) if owner == incarnation(one) else (two, one)
+    assert owner == incarnation(holder)
+    assert room in rooms_of(holder) and room not in rooms_of(other)
+    muc = holder.server.module(Muc)
+    assert muc is not None
+    assert [o.nick for o in muc.rooms[JID.parse(room)].occupants.values()] == ["Alice"]
+    await alice.close()
