@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import ssl
@@ -264,11 +265,26 @@ async def start_server(tmp: Path, extra: str = "", top: str = "", **options: Any
     return RunningServer(server, tmp / "data", path)
 
 
+STOP_LIMIT = 60.0  # seconds a test server may take to stop before the test fails
+
+
 async def stop_server(running: RunningServer) -> None:
+    """Stop the server; one that has not stopped within STOP_LIMIT fails the test with every
+    asyncio task's stack (what the stop waits for), instead of hanging the suite."""
     for xmpp in running._clients:
         xmpp.disconnect(wait=0.1)
     await asyncio.sleep(0)
-    await running.server.stop()
+    stopping = asyncio.ensure_future(running.server.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=STOP_LIMIT)
+    if stopping in done:
+        stopping.result()
+        return
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=12, file=stacks)
+    stopping.cancel()
+    pytest.fail(f"the server did not stop within {STOP_LIMIT:g} s; tasks:\n"
+                f"{stacks.getvalue()[-20000:]}")
 
 
 @pytest.fixture

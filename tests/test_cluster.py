@@ -329,3 +329,25 @@ async def test_a_connected_session_on_another_node_gets_no_push(
         raise AssertionError(f"a push for a connected session: {etree.tostring(got)!r}")
     for client in (alice, bob, app):
         await client.close()
+
+
+def test_entries_for_one_node_travel_packed_in_order() -> None:
+    """Inbox: a flush writes one stream entry per run of records for a node (one XADD, one
+    reply to parse), read back in the order written; a value holding a separator goes alone."""
+    from server.cluster.inbox import _entries, records
+
+    def entry(n: int, xml: str = "<message/>") -> dict[str, str]:
+        return {"k": "s", "j": "bob@a.test/r", "s": "1", "x": xml, "m": f"n1:i:{n}"}
+
+    batch = [("in2", entry(1)), ("in3", entry(2)), ("in2", entry(3)),
+             ("in2", entry(4, "<m>\x1f</m>")), ("in2", entry(5)), ("in2", entry(6))]
+    written = _entries(batch)
+    assert [stream for stream, _ in written] == ["in2", "in2", "in2", "in3"]
+    assert len(written[0][1]) == 1 and "*" in written[0][1]  # entries 1 and 3, packed
+    read = {stream: [] for stream in ("in2", "in3")}  # type: dict[str, list[dict[str, str]]]
+    for stream, fields in written:
+        read[stream] += records({k.encode(): v.encode() for k, v in fields.items()})
+    assert read == {"in2": [entry(1), entry(3), entry(4, "<m>\x1f</m>"), entry(5), entry(6)],
+                    "in3": [entry(2)]}
+    many = _entries([("in2", entry(n)) for n in range(300)])
+    assert [len(records({b"*": f["*"].encode()})) for _, f in many] == [128, 128, 44]

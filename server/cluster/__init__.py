@@ -115,6 +115,7 @@ class Cluster:
         # (pubsub/cluster.py: "p" a PEP account's nodes, "q" a pubsub service's)
         self.invalidations: dict[str, Callable[[str], None]] = {}
         self.drained = 0  # inbox entries this node settled itself when it stopped
+        self._stopping = False
         self.handover = Handover(self.redis, self.membership, self.inbox, self.directory)
         self.directory.handover = self.handover
         self._caches: dict[str, Callable[[JID], None]] = {}  # kind -> forget(bare)
@@ -161,9 +162,13 @@ class Cluster:
         await _bounded(self.inbox.stop(), "inbox-stop")
         await self.inbox.abandon()
         await _bounded(self.handover.flush(), "handover-flush")
+        # The loops also end by the flag: a cancellation swallowed deep in a Redis call (seen
+        # once: _reap sleeping on, 'cancelling', with the stop waiting for it) cannot hold
+        # the stop, and the wait for them is bounded too.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), "tasks")
         await self.membership.stop()
         settings = self.server.config.cluster
         await _bounded(self._hand_over(), "hand-over", _STOP_STEP + settings.heartbeat * 1.5)
@@ -190,7 +195,7 @@ class Cluster:
 
     async def _reap(self) -> None:
         """Each heartbeat: clean up after incarnations that are gone (reaper.py)."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.server.config.cluster.heartbeat)
             try:
                 await self.reaper.tick()
@@ -262,7 +267,7 @@ class Cluster:
     # -- events from the others --------------------------------------------------------------
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.INVALIDATE)
@@ -310,7 +315,7 @@ class Cluster:
             self._carbons.remote_changed(bare)
 
     async def _resync(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(_RESYNC)
             try:
                 await self.directory.resync()

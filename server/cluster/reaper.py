@@ -241,17 +241,19 @@ class Reaper:
         return count
 
     async def _settle(self, stream: str, entries: list[Any], reason: str) -> int:
+        """The entries' records settled (a packed entry holds several: inbox.records)."""
         inbox = self.cluster.inbox
+        settled = 0
         for _entry_id, raw in entries:
             if raw:
-                await inbox.settle(raw, reason)
+                settled += await inbox.settle(raw, reason)
         ids = [entry_id for entry_id, _ in entries]
         if ids:
             pipe = self.redis.pipeline(transaction=True)
             pipe.xack(stream, keys.GROUP, *ids)
             pipe.xdel(stream, *ids)
             await pipe.execute()
-        return len(ids)
+        return settled
 
     async def _drain_consumer(self, node: str, incarnation: str) -> int:
         """The entries a dead incarnation read and did not acknowledge, while a newer
@@ -271,10 +273,10 @@ class Reaper:
                 break
             ids = [p["message_id"] for p in pending]
             claimed = await self.redis.xclaim(stream, keys.GROUP, consumer, 0, ids)
-            await self._settle(stream, [(i, r) for i, r in claimed if r], "incarnation-died")
+            count += await self._settle(stream, [(i, r) for i, r in claimed if r],
+                                        "incarnation-died")
             # Entries deleted meanwhile come back empty: acknowledged all the same.
             await self.redis.xack(stream, keys.GROUP, *ids)
-            count += len(ids)
         await self._forget_consumer(stream, incarnation)
         await self.cluster.inbox.flush()
         return count
