@@ -7,10 +7,14 @@ PostgreSQL, clients over real sockets (tests/test_cluster.py has the fixtures)."
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
+import pytest
+import redis.asyncio
 from lxml import etree
 
+from server.cluster import keys
 from server.jid import JID
 from tests.conftest import RunningServer
 from tests.rawclient import CLIENT, RawClient, sync
@@ -337,3 +341,35 @@ async def test_archive_preferences_changed_on_one_node_apply_on_the_other(
     assert set(await archive_ids(phone, "a1")) == {"first"}
     for client in (laptop, phone, bob):
         await client.close()
+
+
+async def test_a_change_is_answered_only_after_every_node_dropped_its_copy(
+        nodes: tuple[RunningServer, RunningServer], redis_url: str,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The answer to a change waits for each other node's acknowledgement (after its forget):
+    a subscriber that hears the change and never acknowledges it (a node that hangs) holds the
+    answer for the whole wait, which is then logged; the two real nodes alone answer at once."""
+    _one, two = nodes
+    phone = await raw_available(two, ALICE, "phone")
+    loop = asyncio.get_running_loop()
+
+    async def set_prefs(ident: str, default: str) -> float:
+        started = loop.time()
+        answer = await phone.ask(f"<iq type='set' id='{ident}'><prefs xmlns='urn:xmpp:mam:2' "
+                                 f"default='{default}'/></iq>", skip_others=True)
+        assert answer.get("type") == "result"
+        return loop.time() - started
+
+    assert await set_prefs("p1", "never") < 1.5  # node1 acknowledged
+    silent = redis.asyncio.from_url(redis_url)
+    listener = silent.pubsub()
+    await listener.subscribe(keys.INVALIDATE)
+    try:
+        caplog.set_level(logging.WARNING, logger="presenced")
+        assert await set_prefs("p2", "always") >= 1.5  # waited for the silent one
+        assert any("event=cluster-ack-timeout missing=1" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        await listener.aclose()
+        await silent.aclose()
+    await phone.close()

@@ -48,7 +48,10 @@ class Tmux:
 
     def command(self, *args: str) -> list[str]:
         prefix = [] if os.geteuid() != 0 else ["runuser", "-u", self.user, "--"]
-        env = ["env", f"HOME={self.home}", "LANG=C.UTF-8", "LC_ALL=C.UTF-8", "TERM=xterm",
+        # SHELL: tmux runs a pane's command with $SHELL -c, else the user's login shell, which
+        # for 'nobody' is nologin (exit status 1, nothing on stderr): CI has no $SHELL.
+        env = ["env", f"HOME={self.home}", "SHELL=/bin/sh", "LANG=C.UTF-8", "LC_ALL=C.UTF-8",
+               "TERM=xterm",
                f"XDG_CONFIG_HOME={self.home}/config", f"XDG_DATA_HOME={self.home}/data",
                f"XDG_CACHE_HOME={self.home}/cache", f"TMUX_TMPDIR={self.home}"]
         assert TMUX is not None
@@ -68,6 +71,7 @@ class Tmux:
         self.run("-f", "/dev/null", "new-session", "-d", "-s", "poezio", "-x", "140",
                  "-y", "40", "sh", "-c", "sleep 3600", ";",
                  "set-option", "-g", "remain-on-exit", "on", ";",
+                 "set-option", "-g", "default-shell", "/bin/sh", ";",
                  "respawn-pane", "-k", "-t", "poezio", command)
 
     def dead(self) -> str | None:

@@ -15,8 +15,10 @@ single process it always was. Pieces:
 
 Caches that modules keep per account (rosters, blocklists, hidden lists, archive preferences,
 avatar hashes) are dropped on the other nodes when an account changes here: the module calls its
-`changed(bare)` callback, which publishes "<node> <kind> <bare>" on the directory's pub/sub
-channel, and every other node calls that module's `forget(bare)` (kinds in keys.py).
+`changed(bare)` callback, which publishes "<node> <kind> <bare> <ack list>" on the directory's
+pub/sub channel; every other node calls that module's `forget(bare)` (kinds in keys.py) and then
+pushes its name to the ack list, which the changing node waits for before the module answers:
+a client's next stanza, to any node, sees the change.
 
 What is promised (issue 22 item 6):
 
@@ -52,6 +54,7 @@ from __future__ import annotations
 import server.config  # noqa: F401  isort: skip
 import asyncio
 import functools
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -76,6 +79,7 @@ __all__ = ["Cluster", "ClusterError"]
 log = logging.getLogger("presenced.cluster")
 _RESYNC = 30.0  # seconds between full reloads of the directory replica
 _STOP_STEP = 2.0  # seconds each Redis-bound step of stopping may take at most
+_ACK_WAIT = 2.0  # seconds a change waits for the other nodes to drop their cache entries
 
 
 class SharedCache(Protocol):
@@ -119,6 +123,9 @@ class Cluster:
         self.handover = Handover(self.redis, self.membership, self.inbox, self.directory)
         self.directory.handover = self.handover
         self._caches: dict[str, Callable[[JID], None]] = {}  # kind -> forget(bare)
+        self._ack_numbers = itertools.count()
+        self._acking: set[asyncio.Task[None]] = set()
+        self._subscribed = False  # our own invalidation subscription hears what we publish
         self._carbons: Carbons | None = None
 
     def attach(self, router: Router) -> None:
@@ -169,6 +176,7 @@ class Cluster:
         for task in self._tasks:
             task.cancel()
         await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), "tasks")
+        await _bounded(asyncio.gather(*self._acking, return_exceptions=True), "acks")
         await self.membership.stop()
         settings = self.server.config.cluster
         await _bounded(self._hand_over(), "hand-over", _STOP_STEP + settings.heartbeat * 1.5)
@@ -259,10 +267,36 @@ class Cluster:
         return asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
 
     async def _publish(self, text: str) -> None:
+        ack = f"{keys.ACK}{self.name}:{next(self._ack_numbers)}"
         try:
-            await self.redis.publish(keys.INVALIDATE, text)
+            heard = await self.redis.publish(keys.INVALIDATE, f"{text} {ack}")
+            # Every other subscribed node drops its entry, then says so: wait for all of them
+            # (a node that dies meanwhile is not waited for longer than _ACK_WAIT).
+            waiting = heard - (1 if self._subscribed else 0)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _ACK_WAIT
+            while waiting > 0:
+                left = deadline - loop.time()
+                if left <= 0 or await self.redis.blpop([ack], timeout=left) is None:
+                    log.warning("event=cluster-ack-timeout missing=%d", waiting)
+                    break
+                waiting -= 1
         except Exception as exc:  # the other nodes drop it when the account goes offline
             log.warning("event=cluster-publish-failed error=%s", type(exc).__name__)
+
+    def _acknowledge(self, ack: str) -> None:
+        task = asyncio.create_task(self._push_ack(ack))
+        self._acking.add(task)
+        task.add_done_callback(self._acking.discard)
+
+    async def _push_ack(self, ack: str) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(ack, self.name)
+                pipe.expire(ack, int(_ACK_WAIT) + 10)
+                await pipe.execute()
+        except Exception as exc:  # the changing node stops waiting after _ACK_WAIT
+            log.warning("event=cluster-ack-failed error=%s", type(exc).__name__)
 
     # -- events from the others --------------------------------------------------------------
 
@@ -271,23 +305,34 @@ class Cluster:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.INVALIDATE)
+                self._subscribed = True
                 # Changes made while we were not subscribed.
                 await self.directory.resync()
                 async for message in pubsub.listen():
                     self._invalidated(message["data"].decode())
             except asyncio.CancelledError:
+                self._subscribed = False
                 await pubsub.aclose()
                 raise
             except Exception as exc:
+                self._subscribed = False
                 log.warning("event=cluster-invalidation-lost error=%s", type(exc).__name__)
                 await pubsub.aclose()
                 await asyncio.sleep(1.0)
 
     def _invalidated(self, text: str) -> None:
         node, _, rest = text.partition(" ")
-        kind, _, bare = rest.partition(" ")
+        kind, _, rest = rest.partition(" ")
+        bare, _, ack = rest.partition(" ")
         if node == self.name:
             return
+        try:
+            self._drop(kind, bare)
+        finally:
+            if ack:
+                self._acknowledge(ack)
+
+    def _drop(self, kind: str, bare: str) -> None:
         if kind == keys.DIRECTORY:
             self.directory.invalidate(bare)
             return

@@ -61,6 +61,9 @@ PREFIX = "presenced:"
 NODES = PREFIX + "nodes"
 INCARNATIONS = PREFIX + "incarnations"
 INVALIDATE = PREFIX + "invalidate"
+# A list each node that dropped a cache entry pushes its name to, so the changing node knows
+# every other one did before it answers its client ("<prefix><node>:<counter>").
+ACK = PREFIX + "ack:"
 GROUP = "presenced"
 # Kinds of presenced:invalidate messages.
 DIRECTORY, ROSTER, BLOCKLIST, HIDDEN, ARCHIVE_PREFS, AVATAR = "d", "r", "b", "v", "m", "a"
