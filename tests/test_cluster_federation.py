@@ -1,0 +1,137 @@
+"""A cluster's edges (issue 22 item 4): federation with a real Prosody through a two-node
+cluster, and external components (XEP-0114) connected to one node for users of another.
+
+a.test is served by two in-process nodes (tests/test_cluster.py's configuration: a private
+Redis and PostgreSQL) on 127.0.0.71 and 127.0.0.72; Prosody (Debian `prosody`) serves
+prosody.test on 127.0.0.73 and resolves a.test to node1 only (its private hosts file), so
+everything Prosody sends lands on node1, for users of either node. Both nodes reach Prosody
+(a static route); each opens its own outbound stream, authenticated by dialback with the key
+secret the nodes share in the database (XEP-0220 §2.3: Prosody verifies node2's key by asking
+a.test, which is node1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.peers import CertificateAuthority, ProsodyPeer, make_ca, make_certificates
+from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
+from tests.rawclient import CLIENT
+from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.test_cluster import cluster_tables, eventually, sees
+from tests.test_federation import federation_scenario, next_message, next_stanza
+from tests.test_interop import need, peer_login
+from tests.test_presence import next_presence
+
+DOMAIN, PROSODY = "a.test", "prosody.test"
+NODE1, NODE2, PROSODY_HOST = "127.0.0.71", "127.0.0.72", "127.0.0.73"
+S2S_PORT = 5269
+ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
+PAT, QUINN = f"pat@{PROSODY}", f"quinn@{PROSODY}"
+
+
+@contextlib.contextmanager
+def prosody(tmp: Path, ca: CertificateAuthority | None) -> Iterator[ProsodyPeer]:
+    """ca: certificates issued by it on both sides, verified (SASL EXTERNAL); None: dialback."""
+    need("prosody", "prosody lua-unbound")
+    certs = make_certificates(tmp / "prosody-certs", [PROSODY], ca=ca)
+    peer = ProsodyPeer(tmp / "prosody", host=PROSODY_HOST, domains=(PROSODY,),
+                       s2s_port=S2S_PORT, certificates=certs,
+                       cafile=ca.certificate if ca else None, dialback=ca is None,
+                       s2s_secure_auth=ca is not None, hosts={DOMAIN: NODE1})
+    for user in ("pat", "quinn"):
+        peer.register(user, PROSODY, PASSWORD)
+    peer.start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+@contextlib.asynccontextmanager
+async def federated_nodes(tmp: Path, pg_dsn: str, redis_url: str,  # noqa: F811
+                          ca: CertificateAuthority | None = None
+                          ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """node1 and node2 for a.test, each with an s2s listener on its own address and a route
+    to Prosody; one certificate for a.test (issued by ca and verified, or self-signed and
+    dialback stands in for it)."""
+    certs = make_certificates(tmp / "a-certs", [DOMAIN], ca=ca)
+    s2s = (f'[s2s]\nroutes = {{ "{PROSODY}" = "{PROSODY_HOST}:{S2S_PORT}" }}\n'
+           f"require_valid_certificates = {'true' if ca else 'false'}\n")
+    trust = {"ca_file": ca.certificate} if ca else {}
+    started: list[RunningServer] = []
+    try:
+        for name, host in (("node1", NODE1), ("node2", NODE2)):
+            started.append(await start_server(
+                tmp / name, cluster_tables(pg_dsn, redis_url, name) + s2s, domains=(DOMAIN,),
+                host=host, s2s=f"{host}:{S2S_PORT}", certificate=(certs.certificate, certs.key),
+                **trust))
+        one, two = started
+        await one.add_user(ALICE)
+        await one.add_user(BOB)
+        yield one, two
+    finally:
+        for node in reversed(started):
+            await stop_server(node)
+
+
+@pytest.mark.parametrize("mode", ["dialback", "certificates"])
+async def test_prosody_federates_with_users_on_both_nodes(
+        tmp_path: Path, pg_dsn: str, redis_url: str, mode: str) -> None:  # noqa: F811
+    """Subscriptions both ways, presence both ways (probes from Prosody answered by node1 for
+    bob on node2), messages and iqs both ways, unavailable: for alice on node1 and bob on
+    node2 with two Prosody users. Prosody's streams land on node1 only; node2 sends over its
+    own outbound stream, which Prosody accepts after asking node1 about node2's key
+    (dialback), or by its certificate (SASL EXTERNAL, XEP-0178)."""
+    ca = make_ca(tmp_path / "ca") if mode == "certificates" else None
+    async with federated_nodes(tmp_path, pg_dsn, redis_url, ca) as (one, two):
+        with prosody(tmp_path, ca) as peer:
+            alice = await one.raw_login(ALICE, resource="pc")
+            bob = await two.raw_login(BOB, resource="desk")
+            pat = await peer_login(PROSODY_HOST, PROSODY, "pat")
+            quinn = await peer_login(PROSODY_HOST, PROSODY, "quinn")
+            # bob first: Prosody's first stream to a.test reaches node1, bob is on node2.
+            await federation_scenario(bob, pat, BOB, PAT)
+            await federation_scenario(alice, quinn, ALICE, QUINN)
+            # Everything Prosody sent came in on node1; each node sent over its own stream.
+            assert one.server.federation is not None and two.server.federation is not None
+            assert not two.server.federation.inbound, peer.log_tail()
+            assert any(s.negotiation.authenticated for s in one.server.federation.inbound)
+            want = "sasl-external" if ca else "dialback"
+            for node in (one, two):
+                ready = {(s.local, s.remote, s.negotiation.method)
+                         for s in node.server.federation.outbound.values()
+                         if s.ready and s.negotiation is not None}
+                assert ready == {(DOMAIN, PROSODY, want)}, (node.server.config.cluster.node,
+                                                             peer.log_tail())
+            # A stanza from Prosody to bob's bare JID while bob is on node2 and alice's
+            # session is the only one on node1: routed across (RFC 6121 §8.5.2.1.1).
+            await pat.send(f"<message to='{BOB}' type='chat' id='p1'><body>to bob</body>"
+                           "</message>")
+            got = await next_message(bob)
+            assert (got.get("from"), got.findtext(f"{{{CLIENT}}}body")) == (
+                pat.jid, "to bob")  # type: ignore[attr-defined]
+            # A probe for bob (on node2) from a Prosody resource that comes online: answered
+            # with bob's presence by node1 (RFC 6121 §4.3.2), through the directory.
+            await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
+            late = await peer_login(PROSODY_HOST, PROSODY, "pat")
+            await late.send("<presence/>")
+            got = await next_presence(late, None, BOB)
+            assert got.get("from") == f"{BOB}/desk"
+            # An iq from Prosody to bob's full JID on node2, answered by bob's client.
+            await late.send(f"<iq type='get' to='{BOB}/desk' id='v1'>"
+                            "<query xmlns='jabber:iq:version'/></iq>")
+            asked = await next_stanza(bob, "iq")
+            assert asked.get("from") == late.jid  # type: ignore[attr-defined]
+            await bob.send(f"<iq type='result' to='{late.jid}' id='v1'/>")  # type: ignore[attr-defined]
+            answer = await next_stanza(late, "iq")
+            assert (answer.get("type"), answer.get("from")) == ("result", f"{BOB}/desk")
+            for client in (alice, bob, pat, quinn, late):
+                await client.close()
+
+
+__all__ = ["federated_nodes", "prosody"]
