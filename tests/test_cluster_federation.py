@@ -12,15 +12,18 @@ a.test, which is node1).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from bench.peers import CertificateAuthority, ProsodyPeer, make_ca, make_certificates
 from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
-from tests.rawclient import CLIENT
+from tests.rawclient import CLIENT, RawClient, condition, header
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
 from tests.test_cluster import cluster_tables, eventually, sees
 from tests.test_federation import federation_scenario, next_message, next_stanza
@@ -134,4 +137,165 @@ async def test_prosody_federates_with_users_on_both_nodes(
                 await client.close()
 
 
-__all__ = ["federated_nodes", "prosody"]
+
+
+# -- external components (XEP-0114) on any node -------------------------------------------------
+
+BRIDGE, SECRET = "bridge.a.test", "a component secret"
+COMPONENT_NS = "jabber:component:accept"
+
+
+@contextlib.asynccontextmanager
+async def component_nodes(tmp: Path, pg_dsn: str, redis_url: str  # noqa: F811
+                          ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """node1 and node2 for a.test, each with a component listener for bridge.a.test."""
+    components = f'[components]\n"{BRIDGE}" = {{ secret = "{SECRET}" }}\n'
+    started: list[RunningServer] = []
+    try:
+        for name, host in (("node1", NODE1), ("node2", NODE2)):
+            started.append(await start_server(
+                tmp / name, cluster_tables(pg_dsn, redis_url, name) + components,
+                domains=(DOMAIN,), host=host, listen_extra=f'component = ["{host}:0"]'))
+        one, two = started
+        await one.add_user(ALICE)
+        await one.add_user(BOB)
+        yield one, two
+    finally:
+        for node in reversed(started):
+            await stop_server(node)
+
+
+async def connect_component(node: RunningServer) -> RawClient:
+    """A component stream to this node, handshake sent (XEP-0114 §3); not yet answered."""
+    host, port = node.address("component")
+    raw = await RawClient.connect(host, port)
+    await raw.send(header(BRIDGE, version=None, xmlns=COMPONENT_NS))
+    for _ in range(50):
+        if raw.stream_attrs:
+            break
+        await raw._read_more(5.0)
+    digest = hashlib.sha1((raw.stream_attrs["id"] + SECRET).encode()).hexdigest()
+    await raw.send(f"<handshake>{digest}</handshake>")
+    return raw
+
+
+async def component(node: RunningServer) -> RawClient:
+    raw = await connect_component(node)
+    done = await raw.next()
+    assert done.tag == f"{{{COMPONENT_NS}}}handshake" and len(done) == 0
+    return raw
+
+
+async def to_component(raw: RawClient, kind: str, timeout: float = 5.0) -> etree._Element:
+    """The next message or iq the component gets (other stanzas skipped)."""
+    while (el := await raw.next(timeout)).tag != f"{{{COMPONENT_NS}}}{kind}":
+        pass
+    return el
+
+
+async def route_owner(node: RunningServer) -> str | None:
+    assert node.server.cluster is not None
+    raw = await node.server.cluster.redis.get(f"presenced:component:{BRIDGE}")
+    return raw.decode() if raw is not None else None
+
+
+def incarnation(node: RunningServer) -> str:
+    cluster = node.server.cluster
+    assert cluster is not None
+    return f"{cluster.name}:{cluster.membership.incarnation}"
+
+
+async def test_a_component_on_one_node_serves_users_on_the_other(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """The bridge connects to node1; bob on node2 writes to it and gets its stanzas, both
+    ways, in order; a second connection on either node is refused with <conflict/>; once the
+    bridge leaves, node2 answers for it as for a component that is away; it may then connect
+    to node2 and serve alice on node1."""
+    async with component_nodes(tmp_path, pg_dsn, redis_url) as (one, two):
+        bridge = await component(one)
+        assert await route_owner(one) == incarnation(one)
+        bob = await two.raw_login(BOB, resource="desk")
+        await bob.send("<presence/>")
+        await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
+        for i in range(5):
+            await bob.send(f"<message to='irc@{BRIDGE}' type='chat' id='b{i}'><body>{i}</body>"
+                           "</message>")
+        got = [await to_component(bridge, "message") for _ in range(5)]
+        assert [(m.get("id"), m.get("from")) for m in got] == [
+            (f"b{i}", f"{BOB}/desk") for i in range(5)]
+        assert got[0].tag == f"{{{COMPONENT_NS}}}message"
+        # The bridge answers bob's full and bare JIDs; both reach node2.
+        for to in (f"{BOB}/desk", BOB):
+            await bridge.send(f"<message xmlns='{COMPONENT_NS}' from='irc@{BRIDGE}' to='{to}' "
+                              f"type='chat' id='to-{to}'><body>hi</body></message>")
+            reply = await next_message(bob)
+            assert (reply.get("id"), reply.get("from")) == (f"to-{to}", f"irc@{BRIDGE}")
+        # An iq from bob to the bridge, answered by it (the result crosses back to node2).
+        await bob.send(f"<iq type='get' to='{BRIDGE}' id='v1'><query xmlns='jabber:iq:version'/>"
+                       "</iq>")
+        asked = await to_component(bridge, "iq")
+        assert (asked.get("from"), asked.get("type")) == (f"{BOB}/desk", "get")
+        await bridge.send(f"<iq xmlns='{COMPONENT_NS}' type='result' id='v1' from='{BRIDGE}' "
+                          f"to='{BOB}/desk'/>")
+        answer = await next_stanza(bob, "iq")
+        assert (answer.get("type"), answer.get("id"), answer.get("from")) == (
+            "result", "v1", BRIDGE)
+        # XEP-0114: one connection per component domain, cluster-wide.
+        for node in (two, one):
+            second = await connect_component(node)
+            assert await second.stream_error() == "conflict"
+        assert await route_owner(one) == incarnation(one)
+        await bridge.close()
+        await eventually_async(lambda: route_owner(one), None, "the route removed")
+        await bob.send(f"<message to='irc@{BRIDGE}' type='chat' id='gone'><body>?</body>"
+                       "</message>")
+        bounce = await next_message(bob)
+        assert bounce.get("id") == "gone" and condition(bounce) == "service-unavailable"
+        # Now on node2, for alice on node1.
+        bridge = await component(two)
+        assert await route_owner(two) == incarnation(two)
+        alice = await one.raw_login(ALICE, resource="pc")
+        await alice.send(f"<message to='irc@{BRIDGE}' type='chat' id='a1'><body>x</body>"
+                         "</message>")
+        got_one = await to_component(bridge, "message")
+        assert (got_one.get("id"), got_one.get("from")) == ("a1", f"{ALICE}/pc")
+        for client in (bridge, bob, alice):
+            await client.close()
+
+
+async def test_a_dead_nodes_component_route_is_removed_and_taken_over(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """node1, holding the bridge, stops beating (as if killed): the survivor removes its
+    route on cluster/node-died, and the bridge may connect to node2."""
+    async with component_nodes(tmp_path, pg_dsn, redis_url) as (one, two):
+        bridge = await component(one)
+        owner = incarnation(one)
+        assert await route_owner(two) == owner
+        second = await connect_component(two)
+        assert await second.stream_error() == "conflict"  # node1 is live
+        assert one.server.cluster is not None
+        await one.server.cluster.membership.stop()  # no more heartbeats: dead after 3 s
+        await eventually_async(lambda: route_owner(two), None, "the dead node's route removed",
+                               timeout=15)
+        assert not await two.server.cluster.redis.exists(  # type: ignore[union-attr]
+            f"presenced:placed:component:{owner}")
+        bridge2 = await component(two)
+        assert await route_owner(two) == incarnation(two)
+        bob = await two.raw_login(BOB, resource="desk")
+        await bob.send(f"<message to='irc@{BRIDGE}' type='chat' id='n2'><body>x</body>"
+                       "</message>")
+        assert (await to_component(bridge2, "message")).get("id") == "n2"
+        for client in (bridge, bridge2, bob):
+            await client.close()
+
+
+async def eventually_async(read: Callable[[], Awaitable[object]], want: object, what: str,
+                           timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (got := await read()) != want:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what} (still {got!r})")
+        await asyncio.sleep(0.05)
+
+
+__all__ = ["component_nodes", "federated_nodes", "prosody"]

@@ -11,6 +11,7 @@ single process it always was. Pieces:
   node, by a lock, publishes its sessions' unavailable presence, removes their directory
   entries and settles its inbox; the event cluster/node-died (server/events.py) tells every
   node's modules, e.g. the placement of rooms;
+- routes.py: external components (XEP-0114) connected to one node, reachable from all;
 - keys.py: every key, stream and channel name.
 
 Caches that modules keep per account (rosters, blocklists, hidden lists, archive preferences,
@@ -70,6 +71,7 @@ from server.jid import JID, InvalidJID
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.cluster.routes import ComponentRoutes
     from server.modules.carbons import Carbons
     from server.router import Router
     from server.sessions import Session
@@ -131,6 +133,14 @@ class Cluster:
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
         self.inbox.router = router
+
+    def component_routes(self) -> ComponentRoutes:
+        """External components (XEP-0114) reachable from every node (routes.py)."""
+        from server.cluster.routes import ComponentRoutes
+
+        routes = ComponentRoutes(self)
+        self.server.hooks.add(events.CLUSTER_NODE_DIED, routes.died)
+        return routes
 
     def _session_count(self) -> int:
         return len(self.directory)
