@@ -38,14 +38,17 @@ PAT, QUINN = f"pat@{PROSODY}", f"quinn@{PROSODY}"
 
 
 @contextlib.contextmanager
-def prosody(tmp: Path, ca: CertificateAuthority | None) -> Iterator[ProsodyPeer]:
-    """ca: certificates issued by it on both sides, verified (SASL EXTERNAL); None: dialback."""
+def prosody(tmp: Path, ca: CertificateAuthority | None, bidi: bool = False
+            ) -> Iterator[ProsodyPeer]:
+    """ca: certificates issued by it on both sides, verified (SASL EXTERNAL); None: dialback.
+    bidi: Prosody's mod_s2s_bidi (XEP-0288) answers over the nodes' own streams."""
     need("prosody", "prosody lua-unbound")
     certs = make_certificates(tmp / "prosody-certs", [PROSODY], ca=ca)
     peer = ProsodyPeer(tmp / "prosody", host=PROSODY_HOST, domains=(PROSODY,),
                        s2s_port=S2S_PORT, certificates=certs,
                        cafile=ca.certificate if ca else None, dialback=ca is None,
-                       s2s_secure_auth=ca is not None, hosts={DOMAIN: NODE1})
+                       s2s_secure_auth=ca is not None, hosts={DOMAIN: NODE1},
+                       extra_modules=("s2s_bidi",) if bidi else ())
     for user in ("pat", "quinn"):
         peer.register(user, PROSODY, PASSWORD)
     peer.start()
@@ -82,17 +85,18 @@ async def federated_nodes(tmp: Path, pg_dsn: str, redis_url: str,  # noqa: F811
             await stop_server(node)
 
 
-@pytest.mark.parametrize("mode", ["dialback", "certificates"])
+@pytest.mark.parametrize("mode", ["dialback", "certificates", "bidi"])
 async def test_prosody_federates_with_users_on_both_nodes(
         tmp_path: Path, pg_dsn: str, redis_url: str, mode: str) -> None:  # noqa: F811
     """Subscriptions both ways, presence both ways (probes from Prosody answered by node1 for
     bob on node2), messages and iqs both ways, unavailable: for alice on node1 and bob on
     node2 with two Prosody users. Prosody's streams land on node1 only; node2 sends over its
     own outbound stream, which Prosody accepts after asking node1 about node2's key
-    (dialback), or by its certificate (SASL EXTERNAL, XEP-0178)."""
-    ca = make_ca(tmp_path / "ca") if mode == "certificates" else None
+    (dialback), or by its certificate (SASL EXTERNAL, XEP-0178); with bidi, Prosody answers
+    each node over that node's own stream (XEP-0288) and never connects to us."""
+    ca = make_ca(tmp_path / "ca") if mode in ("certificates", "bidi") else None
     async with federated_nodes(tmp_path, pg_dsn, redis_url, ca) as (one, two):
-        with prosody(tmp_path, ca) as peer:
+        with prosody(tmp_path, ca, bidi=mode == "bidi") as peer:
             alice = await one.raw_login(ALICE, resource="pc")
             bob = await two.raw_login(BOB, resource="desk")
             pat = await peer_login(PROSODY_HOST, PROSODY, "pat")
@@ -103,7 +107,13 @@ async def test_prosody_federates_with_users_on_both_nodes(
             # Everything Prosody sent came in on node1; each node sent over its own stream.
             assert one.server.federation is not None and two.server.federation is not None
             assert not two.server.federation.inbound, peer.log_tail()
-            assert any(s.negotiation.authenticated for s in one.server.federation.inbound)
+            if mode == "bidi":  # Prosody answered over each node's own stream (XEP-0288)
+                assert not one.server.federation.inbound, peer.log_tail()
+                assert all(s.negotiation.bidi for node in (one, two)
+                           for s in node.server.federation.outbound.values()
+                           if s.negotiation is not None)
+            else:
+                assert any(s.negotiation.authenticated for s in one.server.federation.inbound)
             want = "sasl-external" if ca else "dialback"
             for node in (one, two):
                 ready = {(s.local, s.remote, s.negotiation.method)
