@@ -1,5 +1,7 @@
 """A session moving between nodes: XEP-0198 resumption on another node than the one the
-session was on (issue 22 item 4).
+session was on (issue 22 item 4), with <resume/> after binding or inline in SASL2's
+<authenticate/> (XEP-0388 §2.6: modules/stream_management.py takes the session over before
+<success/> is sent, then answers <resumed/> in it).
 
 Resumption ids are known cluster-wide: presenced:sm:<previd> names the node (and incarnation)
 holding a resumable session, written when SM is enabled with resume and deleted when the session
