@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -27,7 +28,7 @@ from tests.rawclient import CLIENT, RawClient, condition, header
 from tests.redis import redis_server, redis_url  # noqa: F401 (fixtures)
 from tests.test_cluster import cluster_tables, eventually, sees
 from tests.test_federation import federation_scenario, next_message, next_stanza
-from tests.test_interop import need, peer_login
+from tests.test_interop import need, peer_login, running
 from tests.test_presence import next_presence
 
 DOMAIN, PROSODY = "a.test", "prosody.test"
@@ -51,31 +52,23 @@ def prosody(tmp: Path, ca: CertificateAuthority | None, bidi: bool = False
                        extra_modules=("s2s_bidi",) if bidi else ())
     for user in ("pat", "quinn"):
         peer.register(user, PROSODY, PASSWORD)
-    peer.start()
-    try:
+    with running(peer):
         yield peer
-    finally:
-        peer.stop()
 
 
 @contextlib.asynccontextmanager
-async def federated_nodes(tmp: Path, pg_dsn: str, redis_url: str,  # noqa: F811
-                          ca: CertificateAuthority | None = None
-                          ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
-    """node1 and node2 for a.test, each with an s2s listener on its own address and a route
-    to Prosody; one certificate for a.test (issued by ca and verified, or self-signed and
-    dialback stands in for it)."""
-    certs = make_certificates(tmp / "a-certs", [DOMAIN], ca=ca)
-    s2s = (f'[s2s]\nroutes = {{ "{PROSODY}" = "{PROSODY_HOST}:{S2S_PORT}" }}\n'
-           f"require_valid_certificates = {'true' if ca else 'false'}\n")
-    trust = {"ca_file": ca.certificate} if ca else {}
+async def two_nodes(tmp: Path, pg_dsn: str, redis_url: str, extra: str,  # noqa: F811
+                    **options: Any) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """node1 and node2 for a.test on NODE1 and NODE2 (tables `extra` added; options for
+    start_server, "{host}" in a string option being the node's address), alice and bob."""
     started: list[RunningServer] = []
     try:
         for name, host in (("node1", NODE1), ("node2", NODE2)):
+            mine = {k: v.format(host=host) if isinstance(v, str) else v
+                    for k, v in options.items()}
             started.append(await start_server(
-                tmp / name, cluster_tables(pg_dsn, redis_url, name) + s2s, domains=(DOMAIN,),
-                host=host, s2s=f"{host}:{S2S_PORT}", certificate=(certs.certificate, certs.key),
-                **trust))
+                tmp / name, cluster_tables(pg_dsn, redis_url, name) + extra,
+                domains=(DOMAIN,), host=host, **mine))
         one, two = started
         await one.add_user(ALICE)
         await one.add_user(BOB)
@@ -83,6 +76,21 @@ async def federated_nodes(tmp: Path, pg_dsn: str, redis_url: str,  # noqa: F811
     finally:
         for node in reversed(started):
             await stop_server(node)
+
+
+def federated_nodes(tmp: Path, pg_dsn: str, redis_url: str,  # noqa: F811
+                    ca: CertificateAuthority | None = None
+                    ) -> contextlib.AbstractAsyncContextManager[tuple[RunningServer,
+                                                                      RunningServer]]:
+    """Each node with an s2s listener on its own address and a route to Prosody; one
+    certificate for a.test (issued by ca and verified, or self-signed and dialback stands in
+    for it)."""
+    certs = make_certificates(tmp / "a-certs", [DOMAIN], ca=ca)
+    s2s = (f'[s2s]\nroutes = {{ "{PROSODY}" = "{PROSODY_HOST}:{S2S_PORT}" }}\n'
+           f"require_valid_certificates = {'true' if ca else 'false'}\n")
+    trust = {"ca_file": ca.certificate} if ca else {}
+    return two_nodes(tmp, pg_dsn, redis_url, s2s, s2s=f"{{host}}:{S2S_PORT}",
+                     certificate=(certs.certificate, certs.key), **trust)
 
 
 @pytest.mark.parametrize("mode", ["dialback", "certificates", "bidi"])
@@ -155,24 +163,13 @@ BRIDGE, SECRET = "bridge.a.test", "a component secret"
 COMPONENT_NS = "jabber:component:accept"
 
 
-@contextlib.asynccontextmanager
-async def component_nodes(tmp: Path, pg_dsn: str, redis_url: str  # noqa: F811
-                          ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
-    """node1 and node2 for a.test, each with a component listener for bridge.a.test."""
-    components = f'[components]\n"{BRIDGE}" = {{ secret = "{SECRET}" }}\n'
-    started: list[RunningServer] = []
-    try:
-        for name, host in (("node1", NODE1), ("node2", NODE2)):
-            started.append(await start_server(
-                tmp / name, cluster_tables(pg_dsn, redis_url, name) + components,
-                domains=(DOMAIN,), host=host, listen_extra=f'component = ["{host}:0"]'))
-        one, two = started
-        await one.add_user(ALICE)
-        await one.add_user(BOB)
-        yield one, two
-    finally:
-        for node in reversed(started):
-            await stop_server(node)
+def component_nodes(tmp: Path, pg_dsn: str, redis_url: str  # noqa: F811
+                    ) -> contextlib.AbstractAsyncContextManager[tuple[RunningServer,
+                                                                      RunningServer]]:
+    """Each node with a component listener for bridge.a.test."""
+    return two_nodes(tmp, pg_dsn, redis_url,
+                     f'[components]\n"{BRIDGE}" = {{ secret = "{SECRET}" }}\n',
+                     listen_extra='component = ["{host}:0"]')
 
 
 async def connect_component(node: RunningServer) -> RawClient:

@@ -129,6 +129,7 @@ class Cluster:
         self._acking: set[asyncio.Task[None]] = set()
         self._subscribed = False  # our own invalidation subscription hears what we publish
         self._carbons: Carbons | None = None
+        self.routes: ComponentRoutes | None = None  # components on any node (routes.py)
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
@@ -138,7 +139,7 @@ class Cluster:
         """External components (XEP-0114) reachable from every node (routes.py)."""
         from server.cluster.routes import ComponentRoutes
 
-        routes = ComponentRoutes(self)
+        routes = self.routes = ComponentRoutes(self)
         self.server.hooks.add(events.CLUSTER_NODE_DIED, routes.died)
         return routes
 
@@ -236,6 +237,8 @@ class Cluster:
         """Fenced and joined again: our inbox's group (Redis may have lost it), and the old
         incarnation's leftovers in the background (the heartbeat must go on meanwhile)."""
         await self.inbox.prepare()
+        if self.routes is not None:
+            self.routes.rejoined()
         task = asyncio.ensure_future(self.reaper.claim_own())
         task.add_done_callback(_quiet)
         self._tasks.append(task)

@@ -21,13 +21,13 @@ more in Redis and forwards it there, else answers as for a component that is awa
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
 from server.cluster import keys
+from server.cluster.handover import Background
 from server.cluster.placement import _CLAIM, _RELEASE
 from server.errors import StanzaError
 from server.jid import JID
@@ -52,18 +52,10 @@ class ComponentRoutes:
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
         self._owners: dict[str, tuple[str, str]] = {}  # domain -> (node, incarnation)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background("component-route-failed")
         self.components: Components | None = None  # set by the components (the streams here)
         cluster.inbox.placed[keys.COMPONENT] = self._received
         cluster.invalidations[keys.COMPONENT_ROUTE] = self.forget
-        self._incarnation = self.membership.incarnation
-        previous = self.membership.on_live_changed
-
-        def changed() -> None:
-            if previous is not None:
-                previous()
-            self._live_changed()
-        self.membership.on_live_changed = changed
 
     @property
     def me(self) -> str:
@@ -88,7 +80,7 @@ class ComponentRoutes:
     def release(self, domain: str) -> None:
         """The component disconnected from this node."""
         owner = self.me
-        self._spawn(self._release_claim(domain, owner))
+        self._background.spawn(self._release_claim(domain, owner))
 
     async def _release_claim(self, domain: str, owner: str) -> None:
         await self._release(keys=[keys.placed(keys.COMPONENT, domain),
@@ -98,7 +90,7 @@ class ComponentRoutes:
     def died(self, node: str, incarnation: str) -> None:
         """Another node's incarnation died (cluster/node-died, on every node): its claims go
         (idempotent: every survivor does it, the first one removes them)."""
-        self._spawn(self._remove_claims(keys.incarnation(node, incarnation)))
+        self._background.spawn(self._remove_claims(keys.incarnation(node, incarnation)))
 
     async def _remove_claims(self, owner: str) -> None:
         claims = keys.placed_by(keys.COMPONENT, owner)
@@ -110,17 +102,13 @@ class ComponentRoutes:
             log.info("event=component-route-removed domain=%s owner=%s", domain, owner)
         await self.redis.delete(claims)
 
-    def _live_changed(self) -> None:
+    def rejoined(self) -> None:
         """Fenced (declared dead, joined again as a new incarnation): our claims were the old
         incarnation's, which the survivors remove; each component still connected here claims
         its domain again, or ends with <conflict/> when it connected elsewhere meanwhile."""
-        incarnation = self.membership.incarnation
-        if incarnation == self._incarnation:
-            return
-        self._incarnation = incarnation
         if self.components is not None:
             for domain in list(self.components.connected):
-                self._spawn(self._claim_again(domain))
+                self._background.spawn(self._claim_again(domain))
 
     async def _claim_again(self, domain: str) -> None:
         if not await self.claim(domain) and self.components is not None:
@@ -183,7 +171,7 @@ class ComponentRoutes:
         # Not (or no longer) here: where it is now, once; else as if it were away.
         self._owners.pop(domain, None)
         if not fields.get("f"):
-            self._spawn(self._forward_once(domain, stanza))
+            self._background.spawn(self._forward_once(domain, stanza))
             return
         self._away(domain, stanza)
 
@@ -206,17 +194,6 @@ class ComponentRoutes:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _spawn(self, awaitable: Any) -> None:
-        task = asyncio.ensure_future(awaitable)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("event=component-route-failed error=%s", type(task.exception()).__name__)
-
     async def flush(self) -> None:
         """Stopping: the releases under way reach Redis (bounded)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=_STOP_WAIT)
+        await self._background.flush(_STOP_WAIT)
