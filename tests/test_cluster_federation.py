@@ -272,8 +272,8 @@ async def test_a_component_on_one_node_serves_users_on_the_other(
 
 async def test_a_dead_nodes_component_route_is_removed_and_taken_over(
         tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
-    """node1, holding the bridge, stops beating (as if killed): the survivor removes its
-    route on cluster/node-died, and the bridge may connect to node2."""
+    """node1, holding the bridge, stops beating (as if killed): node2, cleaning up after its
+    incarnation (reaper.py), removes its route, and the bridge may connect to node2."""
     async with component_nodes(tmp_path, pg_dsn, redis_url) as (one, two):
         bridge = await component(one)
         owner = incarnation(one)

@@ -140,7 +140,6 @@ class Cluster:
         from server.cluster.routes import ComponentRoutes
 
         routes = self.routes = ComponentRoutes(self)
-        self.server.hooks.add(events.CLUSTER_NODE_DIED, routes.died)
         return routes
 
     def _session_count(self) -> int:

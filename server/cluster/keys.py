@@ -36,7 +36,7 @@ between nodes: changing one is a cluster-wide upgrade).
     presenced:component:<domain>   string: "<node>:<incarnation>", the node an external component
                                    (XEP-0114) of that domain is connected to (routes.py), claimed
                                    by placement.py's compare-and-set script; deleted when it
-                                   disconnects, or by the survivors when that incarnation dies
+                                   disconnects, or by the reaper when that incarnation dies
     presenced:placed:component:<node>:<incarnation>
                                    set: the component domains that incarnation claimed
     presenced:room-state:<room JID>

@@ -7,8 +7,8 @@ The node a component authenticates on claims the domain in presenced:component:<
 connection for the same domain, on any node, gets <conflict/> as on one node, unless the first
 node is dead (its claim is then taken over). The claim is released when the component
 disconnects; the incarnations' sets of claims (presenced:placed:component:<owner>) let the
-survivors remove a dead node's claims at once (cluster/node-died), and a claim left by an
-incarnation that is not live is never used meanwhile.
+node that cleans up after a dead incarnation (reaper.py) remove its claims, and a claim left
+by an incarnation that is not live is never used meanwhile.
 
 A stanza for a component connected to another node is forwarded to that node's inbox (an
 entry of kind "v", p "component": in order behind what this node sent there before) and
@@ -87,12 +87,9 @@ class ComponentRoutes:
                                   keys.placed_by(keys.COMPONENT, owner)], args=[owner, domain])
         await self.cluster.publish(keys.COMPONENT_ROUTE, JID.from_parts(None, domain))
 
-    def died(self, node: str, incarnation: str) -> None:
-        """Another node's incarnation died (cluster/node-died, on every node): its claims go
-        (idempotent: every survivor does it, the first one removes them)."""
-        self._background.spawn(self._remove_claims(keys.incarnation(node, incarnation)))
-
-    async def _remove_claims(self, owner: str) -> None:
+    async def remove_claims(self, owner: str) -> None:
+        """An incarnation ("<node>:<incarnation>") is gone: its claims go (reaper.py, by the
+        one node that cleans up after it, or by the node itself when it joins again)."""
         claims = keys.placed_by(keys.COMPONENT, owner)
         for raw in await self.redis.smembers(claims):
             domain = raw.decode()
