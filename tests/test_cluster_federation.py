@@ -296,6 +296,34 @@ async def test_a_dead_nodes_component_route_is_removed_and_taken_over(
             await client.close()
 
 
+async def test_a_fenced_node_claims_its_components_again(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """node1 is declared dead while it runs (fencing: it lost Redis for longer than
+    dead_after) and joins again as a new incarnation: the bridge still connected to it claims
+    its domain again under that incarnation, the clean-up after the old one leaves the new
+    claim alone, and bob on node2 reaches the bridge again."""
+    async with component_nodes(tmp_path, pg_dsn, redis_url) as (one, two):
+        bridge = await component(one)
+        cluster = one.server.cluster
+        assert cluster is not None
+        first = incarnation(one)
+        await cluster.redis.delete("presenced:node:node1")  # as if its key had expired
+        await eventually(lambda: incarnation(one) != first, "node1 joined again")
+        await eventually_async(lambda: route_owner(two), incarnation(one),
+                               "the bridge claimed again by the new incarnation")
+        await eventually(lambda: two.server.cluster.membership.is_live(  # type: ignore[union-attr]
+            "node1", cluster.membership.incarnation), "node2 sees the new incarnation")
+        await eventually_async(lambda: cluster.redis.hexists("presenced:incarnations", first),
+                               False, "the old incarnation cleaned up after")
+        assert await route_owner(two) == incarnation(one)
+        bob = await two.raw_login(BOB, resource="desk")
+        await bob.send(f"<message to='irc@{BRIDGE}' type='chat' id='f1'><body>x</body>"
+                       "</message>")
+        assert (await to_component(bridge, "message")).get("id") == "f1"
+        for client in (bridge, bob):
+            await client.close()
+
+
 async def eventually_async(read: Callable[[], Awaitable[object]], want: object, what: str,
                            timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
