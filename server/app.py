@@ -181,7 +181,8 @@ class Server:
                 loop=self.loop, router=self.router, settings=self.config.components,
                 addresses=self.config.listen.component, new_parser=self.new_parser,
                 add_service=self.add_service, parent_of=self._parent_domain,
-                limiter=self.limiter)
+                limiter=self.limiter,
+                routes=self.cluster.component_routes() if self.cluster is not None else None)
             await self.components.start()
         except BaseException:
             if self.components is not None:
