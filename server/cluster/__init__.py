@@ -131,6 +131,7 @@ class Cluster:
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
         self.inbox.router = router
+        router.miss = self.directory.recheck
 
     def _session_count(self) -> int:
         return len(self.directory)

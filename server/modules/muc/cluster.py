@@ -14,9 +14,12 @@
   the hashing picks, which rebuilds each from the database (persistent config), the archive
   (history, XEP-0313) and the mirror (occupants), removes the dead node's occupants the same
   way, and keeps everyone else joined without a word (they have the room already).
-- A node that stops gracefully tells its rooms' occupants the service is going away (332, as
-  a single process does) and gives its claims back; a node fenced out of the cluster drops its
-  rooms silently (its client streams were closed; the rooms are re-claimed elsewhere).
+- A node that stops gracefully hands its rooms over before its streams close: each room's
+  state goes to the mirror, its claim to the node the hashing picks among the others, which
+  takes it over at once (placement.hand_over); occupants on other nodes stay joined without a
+  word, those on the stopping node leave as their sessions end (plain unavailable presence,
+  through the room's new node). A node fenced out of the cluster drops its rooms silently
+  (its client streams were closed; the rooms are re-claimed elsewhere).
 
 Occupants from other servers are not tied to a node (their server reaches the room through
 whichever node it talks to): a node's death does not remove them.
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced.muc")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _SUBJECT = "{jabber:client}subject"
+_HAND_OVER = 10.0  # seconds a graceful stop gives its rooms' hand-over at most
 
 
 class PlacedRooms:
@@ -65,6 +69,7 @@ class PlacedRooms:
         self._writer: asyncio.Task[None] | None = None
         # our sessions (real full JID) -> rooms they joined that another node owns
         self.away: dict[JID, set[str]] = {}
+        self._handing: asyncio.Future[None] | None = None  # the graceful stop's hand-over
 
     # -- stanzas -----------------------------------------------------------------------------
 
@@ -173,7 +178,9 @@ class PlacedRooms:
                             type(exc).__name__)
 
     def state(self, room: Room) -> dict[str, Any]:
-        origins = self.origins.get(room.jid, {})
+        return self.state_with(room, self.origins.get(room.jid, {}))
+
+    def state_with(self, room: Room, origins: dict[JID, str]) -> dict[str, Any]:
         return {
             "c": room.config.to_json(), "s": room.subject, "f": room.subject_from,
             "a": {str(j): [a, room.reasons.get(j)] for j, a in room.affiliations.items()},
@@ -257,13 +264,65 @@ class PlacedRooms:
         self.origins.clear()
         self._written.clear()
 
-    async def stop(self) -> None:
-        """Graceful stop (the occupants were told, 332): the claims and mirrors go."""
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+    def stopping(self) -> asyncio.Future[None]:
+        """Graceful stop, before the streams close: no more take-overs here, and the rooms
+        handed over (bounded: a stop never hangs on Redis)."""
+        if self._handing is None:
+            self.placement.close()
+            me = self.membership.name
+            if any(node != me for node in self.membership.live):
+                self._handing = asyncio.ensure_future(self._bounded(self.placement.hand_over()))
+            else:  # the last node: the service goes away, as in a single process
+                self.muc.close_rooms()
+                self._handing = asyncio.ensure_future(self._bounded(self._give_up()))
+        return self._handing
+
+    async def _give_up(self) -> None:
+        """The last node stops: its claims and mirrors go."""
         names = list(self.placement.owned)
         await self.placement.release_all()
         if names:
             await self.redis.delete(*[keys.room_state(name) for name in names])
+
+    async def _bounded(self, step: Any) -> None:
+        try:
+            await asyncio.wait_for(step, _HAND_OVER)
+        except Exception as exc:
+            log.warning("event=muc-hand-over-failed error=%s", type(exc).__name__)
+
+    async def handing_over(self, names: list[str]) -> None:
+        """Graceful stop (placement.hand_over): each room's state in the mirror as it is now,
+        for its next owner; the room dropped here without a word (its occupants stay joined
+        there). Our own sessions in it are remembered in `away`, so that their unavailable
+        presence, when their streams close, reaches the room where it went."""
+        muc = self.muc
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        me = self.placement.me
+        for name in names:
+            room_jid = JID.parse(name)
+            room = muc.rooms.pop(room_jid, None)
+            self._dirty.discard(room_jid)
+            self._written.pop(room_jid, None)
+            origins = self.origins.pop(room_jid, {})
+            if room is None:
+                continue
+            if not room.destroyed:
+                await self.redis.set(keys.room_state(name), json.dumps(self.state_with(
+                    room, origins)))
+            for real in room.by_jid:
+                rooms = muc.joined.get(real)
+                if rooms is not None:
+                    rooms.discard(room)
+                    if not rooms:
+                        del muc.joined[real]
+                if origins.get(real) == me:
+                    self.away.setdefault(real, set()).add(name)
+
+    async def stop(self) -> None:
+        """Graceful stop, after the hand-over: the mirror writer and placement's work end."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self.placement.stop()

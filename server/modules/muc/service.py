@@ -113,20 +113,29 @@ class Service(Archive, Invitations, Voice):
             self.server.add_service(ServiceHost(service, domain, self.display_name), route)
 
     @hook(events.SERVER_STOPPING)
-    def stopping(self, _server: Any) -> None:
+    def stopping(self, _server: Any) -> Any:
         # Occupants are told the service is going away (status 332, XEP-0045 §17.5... §7.2)
         # first thing in a graceful stop, while their streams (c2s, and s2s to the servers of
         # remote occupants) are still open: stop() comes after they are closed.
+        if self.placed is not None:
+            # [cluster]: the rooms go to other nodes instead, before the streams close.
+            return self.placed.stopping()
+        self.close_rooms()
+        return None
+
+    def close_rooms(self) -> None:
+        """The service goes away: every occupant told so (332)."""
         for room in list(self.rooms.values()):
             for occupant in list(room.occupants.values()):
                 self._deliver(room.remove(occupant, ("332",)))
         self.joined.clear()
-        if self.placed is not None:
-            self.placed.placement.close()
-            self.server.router.spawn(self.placed.stop())
 
     async def stop(self) -> None:
-        self.stopping(self.server)
+        if self.placed is not None:
+            await self.placed.stopping()  # done already when the server stopped
+            await self.placed.stop()
+        else:
+            self.stopping(self.server)
         self.rooms.clear()
 
     def _restore(self, stored: StoredRoom) -> Room:
