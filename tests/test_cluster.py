@@ -273,6 +273,7 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
     assert set(nodes_seen) == {"node1", "node2"}
     assert all(n["alive"] for n in nodes_seen.values())
     assert (nodes_seen["node1"]["sessions"], nodes_seen["node2"]["sessions"]) == (1, 2)
+    assert (nodes_seen["node1"]["rooms"], nodes_seen["node2"]["rooms"]) == (0, 0)
     assert nodes_seen["node2"]["incarnation"] == two.server.cluster.membership.incarnation  # type: ignore[union-attr]
     # The table form names both.
     proc = await asyncio.create_subprocess_exec(
@@ -280,8 +281,9 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, _err = await asyncio.wait_for(proc.communicate(), 60)
     lines = out.decode().splitlines()
-    assert lines[0].startswith("NODE") and [line.split()[:2] for line in lines[1:]] == [
-        ["node1", "alive"], ["node2", "alive"]]
+    assert lines[0].split()[:6] == ["NODE", "STATE", "AGE", "HEARTBEAT", "SESSIONS", "ROOMS"]
+    assert [line.split()[:2] for line in lines[1:]] == [["node1", "alive"], ["node2", "alive"]]
+    assert [line.split()[4:6] for line in lines[1:]] == [["1", "0"], ["2", "0"]]
     for client in (alice, bob, bob2):
         await client.close()
 

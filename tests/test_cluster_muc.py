@@ -491,3 +491,71 @@ async def test_graceful_stop_hands_its_rooms_over(
         await stop_server(two)
         if not stopped:
             await stop_server(one)
+
+
+async def test_room_list_and_room_quota_count_every_node(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """disco#items on the service (XEP-0045 §6.3) lists the public rooms of both nodes, asked
+    on either; [muc] max_rooms_per_user counts the rooms the user owns on both nodes (a third
+    room is refused with resource-constraint wherever it would live); `presenced cluster
+    status` counts the rooms each node holds."""
+    quota = "[muc]\nmax_rooms_per_user = 2\n"
+    one = await start_server(tmp_path / "node1",
+                             cluster_tables(pg_dsn, redis_url, "node1") + quota,
+                             domains=("a.test",), host="127.0.0.1")
+    two = await start_server(tmp_path / "node2",
+                             cluster_tables(pg_dsn, redis_url, "node2") + quota,
+                             domains=("a.test",), host="127.0.0.2")
+    try:
+        for user in (ALICE, BOB):
+            await one.add_user(user)
+        here, there = room_owned_by("node1"), room_owned_by("node2")
+        alice = await raw_available(one, ALICE, "pc")
+        bob = await raw_available(two, BOB, "pc")
+        for room in (here, there):
+            await join(alice, "Alice", room)
+            await instant(alice, room, "<field var='FORM_TYPE'><value>"
+                          f"{MUC}#roomconfig</value></field><field var='muc#roomconfig_"
+                          f"roomname'><value>{room[:5]}</value></field>")
+        assert rooms_of(one) == {here} and rooms_of(two) == {there}
+        for client in (alice, bob):
+            result = await client.ask(f"<iq type='get' to='{SERVICE}' id='items'><query "
+                                      "xmlns='http://jabber.org/protocol/disco#items'/></iq>",
+                                      skip_others=True)
+            assert result.get("type") == "result", etree.tostring(result)
+            listed = [(i.get("jid"), i.get("name")) for i in result.iter(
+                "{http://jabber.org/protocol/disco#items}item")]
+            assert listed == sorted([(here, here[:5]), (there, there[:5])])
+        # A third room, on either node: alice owns two already (one on each node).
+        for node in ("node1", "node2"):
+            third = next(f"extra{i}@{SERVICE}" for i in range(1000)
+                         if rendezvous(f"extra{i}@{SERVICE}", ("node1", "node2")) == node)
+            await alice.send(f"<presence to='{third}/Alice'><x xmlns='{MUC}'/></presence>")
+            refused = await alice.next_of("presence", 10)
+            assert refused.get("type") == "error" and refused.get("from") == f"{third}/Alice"
+            error = refused.find(f"{{{CLIENT}}}error")
+            assert error is not None and error.find(
+                "{urn:ietf:params:xml:ns:xmpp-stanzas}resource-constraint") is not None
+        # Bob owns none: he may.
+        got = await join(bob, "Bob", f"bobs@{SERVICE}")
+        assert "201" in codes(self_presence(got))
+        # cluster status: the rooms each node holds (its heartbeat publishes the count; the
+        # refused joins left claims of nothing behind, not counted).
+        from server.cluster.membership import status
+        cluster = one.server.cluster
+        assert cluster is not None
+        owners = {"node1": 1, "node2": 1}
+        owners[rendezvous(f"bobs@{SERVICE}", ("node1", "node2")) or ""] += 1
+
+        async def rooms_per_node() -> dict[str, int]:
+            return {n["node"]: n["rooms"] for n in await status(cluster.redis)}
+        for _ in range(100):
+            if await rooms_per_node() == owners:
+                break
+            await asyncio.sleep(0.05)
+        assert await rooms_per_node() == owners
+        for client in (alice, bob):
+            await client.close()
+    finally:
+        await stop_server(two)
+        await stop_server(one)

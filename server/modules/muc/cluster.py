@@ -61,6 +61,7 @@ class PlacedRooms:
         self.membership = cluster.membership
         self.hosts = muc.server.router.hosts
         self.placement = Placement(cluster, "room", self)
+        cluster.membership.room_count = lambda: len(muc.rooms)  # `presenced cluster status`
         # room -> real full JID of each occupant session -> "<node>:<incarnation>" it came
         # through ("" for a user of another server)
         self.origins: dict[JID, dict[JID, str]] = {}
@@ -70,6 +71,9 @@ class PlacedRooms:
         # our sessions (real full JID) -> rooms they joined that another node owns
         self.away: dict[JID, set[str]] = {}
         self._handing: asyncio.Future[None] | None = None  # the graceful stop's hand-over
+        # account -> rooms it owns on other nodes, while a join that may create a room is
+        # handled (max_rooms_per_user; Service._check_room_quota)
+        self.owned_elsewhere: dict[JID, int] = {}
 
     # -- stanzas -----------------------------------------------------------------------------
 
@@ -113,6 +117,69 @@ class PlacedRooms:
                 self.muc.server.router.spawn(result)
 
     def handle(self, stanza: Any, to: JID, origin: str) -> Any:
+        if (to.resource is not None and stanza.tag == st.PRESENCE and stanza.get("type") is None
+                and self.muc.config.max_rooms_per_user and to.bare not in self.muc.rooms):
+            # A join that may create the room: [muc] max_rooms_per_user counts the rooms
+            # the sender owns on every node (the database and the mirrors), not just ours.
+            try:
+                sender = JID.parse(stanza.get("from", "")).bare
+            except InvalidJID:
+                sender = None
+            if sender is not None and str(sender) not in self.muc.server.config.admins:
+                return self._counted(sender, stanza, to, origin)
+        return self._handle(stanza, to, origin)
+
+    async def _counted(self, sender: JID, stanza: Any, to: JID, origin: str) -> Any:
+        local = {room.jid_str for room in self.muc.rooms.values()}
+        elsewhere = sum(1 for name, (_config, affiliations) in (await self.all_rooms()).items()
+                        if name not in local and affiliations.get(str(sender)) == "owner")
+        self.owned_elsewhere[sender] = elsewhere
+        try:
+            result = self._handle(stanza, to, origin)
+            return await result if inspect.isawaitable(result) else result
+        finally:
+            self.owned_elsewhere.pop(sender, None)
+
+    async def all_rooms(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """Every room of the service on every node, as name -> (config JSON, bare JID ->
+        affiliation): the persistent ones from the database (loaded on a node or not), the
+        temporary ones from the mirrors of the live nodes' claims, ours as they are now."""
+        muc = self.muc
+        rooms: dict[str, tuple[str, dict[str, str]]] = {}
+        for service in sorted(muc.services):
+            for stored in await muc.store.load(service):
+                rooms[stored.room] = (stored.config,
+                                      {j: a for j, (a, _r) in stored.affiliations.items()})
+        names: set[str] = set()
+        for node, incarnation in self.membership.live.items():
+            for raw in await self.redis.smembers(keys.placed_by("room", f"{node}:{incarnation}")):
+                names.add(raw.decode())
+        wanted = sorted(names - set(rooms))
+        if wanted:
+            for name, raw in zip(wanted, await self.redis.mget(
+                    [keys.room_state(name) for name in wanted]), strict=True):
+                if raw is None:
+                    continue
+                state = json.loads(raw)
+                rooms[name] = (state["c"], {j: a for j, (a, _r) in state.get("a", {}).items()})
+        for room in muc.rooms.values():
+            if not room.destroyed:
+                rooms[room.jid_str] = (room.config.to_json(),
+                                       {str(j): a for j, a in room.affiliations.items()})
+        return rooms
+
+    async def items(self, stanza: Any) -> Any:
+        """disco#items on the service (XEP-0045 §6.3): the public rooms of every node."""
+        service = stanza.get("to", "")
+        listed = []
+        for name, (config_json, _affiliations) in (await self.all_rooms()).items():
+            jid = JID.parse(name)
+            config = RoomConfig.from_json(config_json)
+            if jid.domain == service and config.public:
+                listed.append((name, config.name or jid.local or ""))
+        return self.muc.items_result(stanza, sorted(listed))
+
+    def _handle(self, stanza: Any, to: JID, origin: str) -> Any:
         result = self.muc.route(stanza, None, to)
         tag = stanza.tag
         if tag == st.PRESENCE or (tag == st.IQ and stanza.get("type") == "set") or (

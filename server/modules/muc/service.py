@@ -151,13 +151,20 @@ class Service(Archive, Invitations, Voice):
     def items(self, stanza: Stanza, _origin: Session | None) -> Any:
         if stanza[0].get("node") is not None:
             raise StanzaError("item-not-found", "no such node")
-        query = st.element(_ITEMS)
+        if self.placed is not None:
+            return self.placed.items(stanza)  # [cluster]: every node's rooms
         service = stanza.get("to", "")
-        for jid in sorted(self.rooms, key=str):
-            room = self.rooms[jid]
-            if jid.domain == service and room.config.public:
-                st.child(query, ns.q(ns.DISCO_ITEMS, "item"),
-                         {"jid": room.jid_str, "name": room.config.name or jid.local or ""})
+        return self.items_result(stanza, [
+            (room.jid_str, room.config.name or jid.local or "")
+            for jid, room in sorted(self.rooms.items(), key=lambda item: str(item[0]))
+            if jid.domain == service and room.config.public])
+
+    @staticmethod
+    def items_result(stanza: Stanza, rooms: list[tuple[str, str]]) -> Stanza:
+        """The disco#items result listing these (room JID, name)."""
+        query = st.element(_ITEMS)
+        for jid, name in rooms:
+            st.child(query, ns.q(ns.DISCO_ITEMS, "item"), {"jid": jid, "name": name})
         return st.result(stanza, query)
 
     # -- iqs to the service and to rooms (the parts declare theirs) ------------------------------
@@ -249,6 +256,8 @@ class Service(Archive, Invitations, Voice):
             return
         bare = sender.bare
         owned = sum(1 for room in self.rooms.values() if room.affiliations.get(bare) == "owner")
+        if self.placed is not None:  # [cluster]: and those on the other nodes
+            owned += self.placed.owned_elsewhere.get(bare, 0)
         if owned >= limit:
             raise StanzaError("resource-constraint", f"you own {owned} rooms already")
 
