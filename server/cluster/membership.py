@@ -59,6 +59,7 @@ class Membership:
         self._fenced = fenced
         self._beat = redis.register_script(_BEAT)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.on_live_changed: Callable[[], None] | None = None
         # (node, incarnation) of another node's incarnation that stopped being live.
         self.on_gone: Callable[[str, str], None] | None = None
@@ -118,8 +119,12 @@ class Membership:
         return self.live.get(node) == incarnation
 
     async def _run(self) -> None:
-        while True:
+        # Also ends by the flag: a cancellation swallowed inside a Redis call (Python 3.11's
+        # asyncio.timeout can) left this loop beating on, 'cancelling', while stop() waited.
+        while not self._stopping:
             await asyncio.sleep(self.settings.heartbeat)
+            if self._stopping:
+                return
             try:
                 alive = await self.beat()
             except asyncio.CancelledError:
@@ -184,9 +189,10 @@ class Membership:
 
     async def stop(self) -> None:
         """No more heartbeats (stopping)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=self.settings.heartbeat + 2.0)
 
     async def leave(self) -> None:
         """Graceful stop: give the name back at once."""

@@ -379,11 +379,7 @@ class PlacedRooms:
                 await self.redis.set(keys.room_state(name), json.dumps(self.state_with(
                     room, origins)))
             for real in room.by_jid:
-                rooms = muc.joined.get(real)
-                if rooms is not None:
-                    rooms.discard(room)
-                    if not rooms:
-                        del muc.joined[real]
+                muc.unjoin(real, room)
                 if origins.get(real) == me:
                     self.away.setdefault(real, set()).add(name)
 
