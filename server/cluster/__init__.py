@@ -134,6 +134,7 @@ class Cluster:
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
         self.inbox.router = router
+        router.miss = self.directory.recheck
 
     def component_routes(self) -> ComponentRoutes:
         """External components (XEP-0114) reachable from every node (routes.py)."""

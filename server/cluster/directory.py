@@ -18,10 +18,11 @@ swaps the entry in and returns the one it replaced: the older session, wherever 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _RETRY = 0.5  # seconds between attempts of a write while Redis is unreachable
+_WRITTEN = 1.0  # seconds the inbox waits at most for the directory's earlier writes
+_RECHECK = 1.0  # seconds a stanza waits at most for a miss to be looked up again
 
 
 def _unreachable() -> tuple[type[Exception], ...]:
@@ -145,6 +148,10 @@ class ClusterDirectory(SessionManager):
         self._writer: asyncio.Task[None] | None = None
         self._loads: dict[JID, asyncio.Task[None]] = {}
         self.on_remote_change: Callable[[JID], None] | None = None
+        self.rechecks = 0  # misses looked up again in Redis (recheck)
+        self._queued = 0   # writes queued so far, and done so far (written())
+        self._done = 0
+        self._progress = asyncio.Event()
 
     # -- the Protocol ------------------------------------------------------------------------
 
@@ -157,13 +164,13 @@ class ClusterDirectory(SessionManager):
         full = super().bind(session, requested)
         # (a session moving here from another node comes with the id it announced there)
         self.sids[session] = self.sids.get(session) or secrets.token_hex(8)
-        self._ops.put_nowait(("bind", session, self.entry(session)))
+        self._put("bind", session, self.entry(session))
         return full
 
     def unbind(self, session: Session) -> bool:
         if not super().unbind(session):
             return False
-        self._ops.put_nowait(("unbind", session, None))
+        self._put("unbind", session, None)
         return True
 
     def get(self, full: JID) -> Session | None:
@@ -227,13 +234,38 @@ class ClusterDirectory(SessionManager):
     def changed(self, session: Session) -> None:
         """The session's presence (or priority, interest) changed: publish it."""
         if session in self.sids and super().get(session.jid) is session:
-            self._ops.put_nowait(("update", session, self.entry(session)))
+            self._put("update", session, self.entry(session))
 
     def reassert(self) -> None:
         """Redis lost our entries: every local session's again, in order with other writes."""
         for session in list(self.sids):
             if super().get(session.jid) is session:
-                self._ops.put_nowait(("reassert", session, self.entry(session)))
+                self._put("reassert", session, self.entry(session))
+
+    def _put(self, op: str, session: Session, entry: dict[str, Any] | None) -> None:
+        self._queued += 1
+        self._ops.put_nowait((op, session, entry))
+
+    def written(self) -> Awaitable[None] | None:
+        """What to await until the writes queued so far are in Redis (not those queued
+        meanwhile); None when they are. The inbox flushes a batch after this: a stanza a
+        session sent to another node reaches Redis after the session's entry, so that node
+        finds it there (recheck) when it answers before its replica caught up. Bounded
+        (_WRITTEN): with Redis unreachable the inbox has its own retries."""
+        target = self._queued
+        if self._done >= target or self._writer is None or self._writer.done():
+            return None
+        return self._written(target)
+
+    async def _written(self, target: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _WRITTEN
+        while self._done < target:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
 
     def start(self) -> None:
         self._writer = asyncio.ensure_future(self._write())
@@ -270,6 +302,9 @@ class ClusterDirectory(SessionManager):
                               session.jid_str)
             finally:
                 self._ops.task_done()
+                self._done += 1
+                self._progress.set()
+                self._progress = asyncio.Event()
 
     async def _apply(self, op: str, session: Session, entry: dict[str, Any] | None) -> None:
         membership = self.membership
@@ -312,6 +347,19 @@ class ClusterDirectory(SessionManager):
             running.add_done_callback(lambda _t: self.invalidate(bare_str))
             return
         self._loads[bare] = asyncio.ensure_future(self._load(bare))
+
+    async def recheck(self, bare: JID) -> None:
+        """The router found no session for a stanza to this account (Router.miss): our
+        replica may lag a session bound on another node a moment ago (its invalidation is on
+        its way), so the account's entries are read from Redis once, in turn with the other
+        loads of it, before the stanza goes to offline storage or is refused. Only on a miss:
+        a hit in the replica costs no round trip."""
+        while (running := self._loads.get(bare)) is not None and not running.done():
+            await asyncio.wait([running])
+        task = self._loads[bare] = asyncio.ensure_future(self._load(bare))
+        self.rechecks += 1
+        # Bounded: with Redis unreachable the stanza goes on as a miss (the load goes on).
+        await asyncio.wait([task], timeout=_RECHECK)
 
     async def _load(self, bare: JID) -> None:
         try:
