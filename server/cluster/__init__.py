@@ -277,7 +277,10 @@ class Cluster:
     def publish(self, kind: str, bare: JID) -> asyncio.Future[None]:
         """An account's cached data of this kind changed here: the other nodes drop theirs.
         Awaitable (a module answers once every node was told); it never raises."""
-        return asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
+        task = asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
+        self._acking.add(task)  # kept until done: a caller may not await it (the roster)
+        task.add_done_callback(self._acking.discard)
+        return task
 
     async def _publish(self, text: str) -> None:
         ack = f"{keys.ACK}{self.name}:{next(self._ack_numbers)}"
