@@ -405,3 +405,31 @@ async def test_a_session_bound_a_moment_ago_elsewhere_is_found_on_a_miss(
         assert await one.server.storage.offline.count(user, "a.test") == 0
     for client in (alice, bob, carol, tablet):
         await client.close()
+
+
+async def test_a_burst_of_changes_elsewhere_is_read_in_batches(
+        nodes: tuple[RunningServer, RunningServer], redis_url: str) -> None:  # noqa: F811
+    """A thousand accounts changed on other nodes at once (a burst of logins) are read again in
+    batches by one task, over a connection or two: not a Redis connection per account, which
+    emptied redis-py's pool under `--workers 6` and starved the heartbeats (the nodes were
+    fenced). Sessions of the burst that exist in Redis appear in the replica."""
+    import redis.asyncio
+
+    one, two = nodes
+    bob = await two.raw_login(BOB, "desk")
+    watcher = redis.asyncio.from_url(redis_url)
+    try:
+        before = len(await watcher.client_list())
+        cluster = one.server.cluster
+        assert cluster is not None
+        directory = cluster.directory
+        for n in range(1000):
+            directory.invalidate(f"user{n}@a.test")
+        directory.invalidate(BOB)
+        await eventually(lambda: directory.get(JID.parse(f"{BOB}/desk")) is not None,
+                         "bob/desk read again")
+        await eventually(lambda: not directory._stale, "every account read")
+        assert len(await watcher.client_list()) <= before + 2
+    finally:
+        await watcher.aclose()
+        await bob.close()
