@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from server.storage import StoreSpec
 from server.storage.base import NoSuchAccount
@@ -93,10 +93,11 @@ class UnknownArchiveId(LookupError):
     """An id the query names is not in this owner's archive (XEP-0313: item-not-found)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ArchiveEntry:
+class ArchiveEntry(NamedTuple):
     """One message to archive. owner: bare JID string; account: the owner is an account
-    (its archive goes with it), else a room or other owner without an account row."""
+    (its archive goes with it), else a room or other owner without an account row. A named
+    tuple: one is made for each copy of every message archived, and a tuple is made in one C
+    call (a frozen dataclass sets each field through object.__setattr__)."""
 
     owner: str
     with_bare: str
@@ -219,9 +220,14 @@ def _insert_sql(rows: int) -> str:
 
 def _rows(ids: Sequence[int], owners: Sequence[int | None],
           entries: Sequence[ArchiveEntry]) -> list[Any]:
+    """The parameters of a multi-row INSERT. 'outgoing' goes as an int: Python's sqlite3
+    binds exact ints, floats, strings and bytearrays directly, and anything else (a bool)
+    through its adapter lookup, which fails through two AttributeErrors (bytes are
+    registered as their own adapter in server/storage/sqlite.py for the same reason)."""
     args: list[Any] = []
-    for number, owner, e in zip(ids, owners, entries, strict=True):
-        args += (number, owner, e.ts, e.with_bare, e.with_resource, e.outgoing, e.stanza)
+    for number, owner, (_, with_bare, resource, outgoing, ts, stanza, _, _) in zip(
+            ids, owners, entries, strict=True):
+        args += (number, owner, ts, with_bare, resource, 1 if outgoing else 0, stanza)
     return args
 
 
