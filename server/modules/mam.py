@@ -81,6 +81,8 @@ PURGE = "urn:presenced:mam:purge:0"
 XDATA_VALIDATE = "http://jabber.org/protocol/xdata-validate"
 
 _STANZA_ID = ns.q(SID, "stanza-id")
+_SID_NSMAP = {None: SID}
+_new_tuple = tuple.__new__
 _ID_BLOCK, _ID_LOW = 1024, 256  # archive ids reserved at once; refilled below this many
 # The message path's group commit: a batch is written after at most _LINGER seconds, or at
 # once when _BATCH_FULL entries wait (or someone waits for the commit: a stream management
@@ -427,15 +429,18 @@ class Mam(Module):
         that is promised: before a stream management <a/> (the "durability-barrier" hook),
         before an archive query, and at shutdown."""
         if stamped is not None:
-            child(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])})
+            # stanza.child() without its look at the parent's namespaces (a <message/> is
+            # never in urn:xmpp:sid:0): the element declares its own.
+            etree.SubElement(stanza, _STANZA_ID, {"by": str(to_bare), "id": str(ids[stamped])},
+                             nsmap=_SID_NSMAP)
         first = copies[0]
         if first[3] and stamped != 0 and self.server.hooks.has(events.ARCHIVE_SENT_ID):
             # The sender's own id for its copies (carbons' <sent/>, XEP-0280 §5 with
             # XEP-0359 §3: 'by' is the sender's bare JID); the stanza carries the recipient's.
             self.server.hooks.notify_nowait(events.ARCHIVE_SENT_ID, stanza, first[0], str(ids[0]))
-        self.writer.put([ArchiveEntry(owner, with_bare, resource, outgoing, ts, data, True, n)
-                         for (owner, with_bare, resource, outgoing), n
-                         in zip(copies, ids, strict=True)])
+        # Each entry made in one C call (ArchiveEntry's own __new__ is a Python function).
+        self.writer.put([_new_tuple(ArchiveEntry, (*copy, ts, data, True, n))
+                         for copy, n in zip(copies, ids, strict=True)])
 
     async def _write_later(self, stanza: Stanza, copies: list[tuple[str, str, str, bool]],
                            ts: int, data: bytes, stamped: int | None, to_bare: JID) -> None:
@@ -458,7 +463,7 @@ class Mam(Module):
         pool = self._ids
         if self._waiting or len(pool) < count:
             return None
-        ids = [pool.popleft() for _ in range(count)]
+        ids = [pool.popleft()] if count == 1 else [pool.popleft() for _ in range(count)]
         if len(pool) < _ID_LOW:
             self._reserve_more()
         return ids
