@@ -382,12 +382,17 @@ class SQLiteArchiveStore(Store):
         return numbers
 
     async def reserve_ids(self, count: int) -> list[int]:
-        lock = getattr(self._db, "write_lock", None)
-        async with lock if lock is not None else contextlib.nullcontext():
-            if self._next_id is None:
-                self._next_id = await _next_id(self._db)
-            first = self._next_id
-            self._next_id += count
+        """From the counter kept here, without waiting for the write lock once it is known:
+        the lock is held while a batch is written, and messages whose ids run out meanwhile
+        wait for them (under load the archive then set the pace of every conversation). A
+        batch being written took its numbers before it let go of the loop."""
+        if self._next_id is None:
+            lock = getattr(self._db, "write_lock", None)
+            async with lock if lock is not None else contextlib.nullcontext():
+                if self._next_id is None:
+                    self._next_id = await _next_id(self._db)
+        first = self._next_id
+        self._next_id += count
         return list(range(first, first + count))
 
     # -- reading -----------------------------------------------------------------------------
