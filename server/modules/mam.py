@@ -311,7 +311,13 @@ class Mam(Module):
         return self._writer
 
     async def start(self) -> None:
-        self._reserve_more()
+        # The first ids before the first message (modules start before the listeners):
+        # without them every message would wait for them, through a coroutine each.
+        try:
+            self._ids.extend(await self.store.reserve_ids(_ID_BLOCK))
+        except Exception:
+            log_failure(log, "event=archive-reserve-failed")
+            self._reserve_more()
         if self.config.expire_after is not None:
             self._expiry = asyncio.ensure_future(self._expire_periodically())
 
