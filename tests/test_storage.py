@@ -987,6 +987,23 @@ async def test_archive_expiry_in_batches(archived: Storage) -> None:
     assert await store.expire("nobody@a.test", 20_000_000, 8) == 0
 
 
+async def test_archive_batch_with_new_owners(archived: Storage) -> None:
+    """One batch for owners with no row yet (every account's first message after a start):
+    accounts get theirs, a room its own (no account), an owner without an account none."""
+    store = archived.archive  # type: ignore[attr-defined]
+    await archived.accounts.create("carol", "a.test", credentials(3))
+    entries = [archive_entry(owner, "bob@a.test", n, account=owner != "room@muc.a.test")
+               for n, owner in enumerate(["alice@a.test", "nobody@a.test", "carol@a.test",
+                                          "room@muc.a.test", "alice@a.test", "bob@a.test"])]
+    ids = await store.append(entries)
+    assert ids[1] is None and None not in ids[:1] + ids[2:]
+    assert len(set(ids)) == 6
+    assert [await store.count(owner) for owner in
+            ("alice@a.test", "nobody@a.test", "carol@a.test", "room@muc.a.test", "bob@a.test")
+            ] == [2, 0, 1, 1, 1]
+    assert "nobody@a.test" not in await store.owners()
+
+
 async def test_archive_ids_reserved_while_a_batch_is_written(archived: Storage) -> None:
     """Reserving ids does not wait for a batch being written (on SQLite the write lock is
     held meanwhile): messages whose ids ran out would wait for the archive. Ids stay

@@ -303,6 +303,42 @@ class SQLiteArchiveStore(Store):
         self._owners[owner] = int(row[0])
         return int(row[0])
 
+    async def _find_owners(self, missing: dict[str, bool]) -> None:
+        """Cache the ids of the owners of a batch (owner -> is an account), making the rows of
+        accounts that have none, in three statements whatever their number: one by one, a
+        batch with many new owners (every account's first message after a start) took a few
+        round trips each, through an event loop that is busy under load (seconds). What is
+        left (a room, an account that does not exist) goes the one-by-one way."""
+        names = list(missing)
+        found = await self._select_owners(names)
+        new = [owner for owner in names if owner not in found and missing[owner]]
+        for start in range(0, len(new), _CHUNK):
+            part = new[start:start + _CHUNK]
+            values: list[str] = []
+            for owner in part:
+                localpart, _, domain = owner.rpartition("@")
+                values += (owner, domain, localpart)
+            # Only for accounts that exist (the join): no foreign key fails the statement.
+            await self._db.execute(
+                "INSERT INTO archive_owners (jid, domain, localpart) SELECT v.column1, "
+                "v.column2, v.column3 FROM (VALUES " + ", ".join(["(?, ?, ?)"] * len(part))
+                + ") AS v JOIN accounts a ON a.domain = v.column2 AND a.localpart = v.column3 "
+                "WHERE true ON CONFLICT (jid) DO NOTHING", *values)
+            found.update(await self._select_owners(part))
+        if len(self._owners) + len(found) >= 100_000:
+            self._owners.clear()
+        self._owners.update(found)
+
+    async def _select_owners(self, names: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(names), _CHUNK):
+            part = names[start:start + _CHUNK]
+            for row in await self._db.fetch(
+                    "SELECT jid, id FROM archive_owners WHERE jid IN ("
+                    + ", ".join(["?"] * len(part)) + ")", *part):
+                found[str(row[0])] = int(row[1])
+        return found
+
     def forget(self, owner: str) -> None:
         """Drop a cached owner id (its account was deleted)."""
         self._owners.pop(owner, None)
@@ -314,6 +350,10 @@ class SQLiteArchiveStore(Store):
         (None for an entry whose owner account does not exist)."""
         owners: list[int | None] = []
         cached = self._owners
+        missing = {entry.owner: entry.account for entry in entries
+                   if entry.owner not in cached}
+        if missing:
+            await self._find_owners(missing)
         for entry in entries:
             number = cached.get(entry.owner)  # the usual case, without a coroutine per entry
             if number is None:
