@@ -643,11 +643,12 @@ class PostgresArchiveStore(SQLiteArchiveStore):
         return [str(n) for n in numbers]
 
     async def reserve_ids(self, count: int) -> list[int]:
-        # The identity's sequence: ascending for one server, never given twice.
-        rows = await self._db.fetch(
-            "SELECT nextval(pg_get_serial_sequence('archive_messages', 'id')) "
+        # The identity's sequence: ascending for one server, never given twice. One row with
+        # an array (decoded in C), not a row per id.
+        row = await self._db.fetchrow(
+            "SELECT array_agg(nextval(pg_get_serial_sequence('archive_messages', 'id'))) "
             "FROM generate_series(1, ?)", count)
-        return sorted(int(r[0]) for r in rows)
+        return sorted(row[0]) if row is not None and row[0] is not None else []
 
 
 SPEC: StoreSpec = StoreSpec(name="archive", sqlite=SQLiteArchiveStore,
