@@ -93,11 +93,12 @@ def measure(storage: str, archiving: bool, p: Params, fleet: Fleet,
 
 def _settle(peer: PresencedPeer, quiet: float = 0.05, timeout: float = 900.0) -> float:
     """Wait until the server is idle (less than `quiet` CPU seconds in one second, twice in
-    a row): the archive writes of the window are then counted too. Under Valgrind the SQLite
-    worker thread hardly ever gets the GIL while the event loop is busy (the loop drops and
-    takes it back at every poll, which wakes the waiting thread before its switch interval
-    runs out, so it never asks for it), so the writes wait for the end of the load and run
-    afterwards, in batches of a thousand. Seconds waited."""
+    a row): the archive writes of the window are then counted too. Under Valgrind they hardly
+    progress while the load runs (counted in the database file: 2 rows in 20 s of load, all
+    the rest after it; the SQLite worker thread seldom gets the GIL back, and each statement's
+    answer waits for a turn of the busy event loop), so without this the figure left SQLite
+    out. They then run in batches of a thousand, cheaper per row than under a real load.
+    Seconds waited."""
     began = time.monotonic()
     last, calm = peer.cpu_seconds(), 0
     while calm < 2 and time.monotonic() - began < timeout:
