@@ -322,6 +322,10 @@ class Server:
         # (unavailable presence to contacts and rooms, RFC 6121 §4.6.3) goes out first.
         if self.federation is not None:
             await self.federation.stop()
+            # What peers sent until their streams closed (after the first drain) is handled
+            # before the modules stop and storage closes (CI: a message from Prosody read the
+            # closed SQLite database).
+            await self.router.drain()
         for module in reversed(list(self.modules.values())):
             await module.stop()
         await self.storage.close()
