@@ -111,6 +111,7 @@ async def _generate(conn: Connection, target: loadgen.Target, users: list[str], 
     clients: list[loadgen.Client] = []
     failed = retried = 0
     error = ""
+    sources: set[str] = set()  # the local addresses the sessions came from
     slots = asyncio.Semaphore(in_flight)
 
     async def one(user: str) -> None:
@@ -130,6 +131,8 @@ async def _generate(conn: Connection, target: loadgen.Target, users: list[str], 
                     continue
                 client.idle()
                 clients.append(client)
+                if client.transport is not None:
+                    sources.add(client.transport.get_extra_info("sockname")[0])
                 return
         finally:
             slots.release()
@@ -157,7 +160,7 @@ async def _generate(conn: Connection, target: loadgen.Target, users: list[str], 
     while tasks:
         await asyncio.wait(set(tasks))
     reporter.cancel()
-    conn.send(("connected", len(clients), failed, retried, error))
+    conn.send(("connected", len(clients), failed, retried, error, sorted(sources)))
     while True:  # connected and idle until the parent is done with the server
         while not conn.poll():
             await asyncio.sleep(0.2)
@@ -179,6 +182,7 @@ class _Generator:
     retried: int = 0
     error: str = ""
     connected: bool = False
+    sources: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -219,6 +223,8 @@ def _drain(gens: list[_Generator]) -> None:
                 message = g.conn.recv()
                 if message[0] in ("progress", "connected"):
                     g.done, g.failed, g.retried, g.error = message[1:5]
+                    if message[0] == "connected":
+                        g.sources = message[5]
                     g.connected = g.connected or message[0] == "connected"
         if not g.connected and not g.process.is_alive():
             raise RuntimeError(f"a generator exited (status {g.process.exitcode}) before "
@@ -295,6 +301,7 @@ def run(p: Params) -> dict[str, Any]:
     return {
         "sessions": last.connected, "seconds": last.t, "workers": p.workers,
         "failed": failed, "retried": retried, "error": error,
+        "sources_seen": sorted({a for g in gens for a in g.sources}),
         "generator_kib_per_session": generator_kib / max(last.connected, 1),
         "procs": p.procs, "sources": p.sources,
         "logins_per_s": last.connected / last.t,
