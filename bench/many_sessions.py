@@ -142,6 +142,10 @@ async def _generate(conn: Connection, target: loadgen.Target, users: list[str], 
             conn.send(("progress", len(clients), failed, retried, error))
             await asyncio.sleep(0.5)
 
+    conn.send(("ready",))  # imported and running: the parent starts the clock for all at once
+    while not conn.poll():
+        await asyncio.sleep(0.05)
+    conn.recv()
     reporter = asyncio.create_task(progress())
     tasks: set[asyncio.Task[None]] = set()
     start = loop.time()
@@ -199,6 +203,12 @@ def generators(p: Params, users: list[str]) -> Iterator[list[_Generator]]:
             proc.start()
             child.close()
             started.append(_Generator(proc, parent, len(share)))
+        for g in started:
+            if not g.conn.poll(120.0):
+                raise RuntimeError("a generator process did not start within 120 s")
+            g.conn.recv()
+        for g in started:
+            g.conn.send(("go",))
         yield started
     finally:
         for g in started:
