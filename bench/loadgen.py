@@ -352,6 +352,12 @@ class Client(asyncio.Protocol):
             raise
         return True
 
+    @property
+    def alive(self) -> bool:
+        """Not closed by either side (an idle client notices the server closing it here)."""
+        return self._lost is None and self.transport is not None \
+            and not self.transport.is_closing()
+
     def idle(self) -> None:
         """Logged in and left alone: the negotiation parser and what it kept go, and whatever
         the server sends from now on is dropped unread (a hundred thousand idle clients in a

@@ -26,6 +26,7 @@ import itertools
 import math
 import multiprocessing
 import resource
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -137,10 +138,13 @@ async def _generate(conn: Connection, target: loadgen.Target, users: list[str], 
         finally:
             slots.release()
 
+    def alive() -> int:
+        return sum(1 for c in clients if c.alive)
+
     async def progress() -> None:
         while True:
-            conn.send(("progress", len(clients), failed, retried, error))
-            await asyncio.sleep(0.5)
+            conn.send(("progress", alive(), failed, retried, error, len(clients)))
+            await asyncio.sleep(1.0)
 
     conn.send(("ready",))  # imported and running: the parent starts the clock for all at once
     while not conn.poll():
@@ -164,7 +168,7 @@ async def _generate(conn: Connection, target: loadgen.Target, users: list[str], 
     while tasks:
         await asyncio.wait(set(tasks))
     reporter.cancel()
-    conn.send(("connected", len(clients), failed, retried, error, sorted(sources)))
+    conn.send(("connected", alive(), failed, retried, error, len(clients), sorted(sources)))
     while True:  # connected and idle until the parent is done with the server
         while not conn.poll():
             await asyncio.sleep(0.2)
@@ -184,6 +188,7 @@ class _Generator:
     done: int = 0
     failed: int = 0
     retried: int = 0
+    logged_in: int = 0  # of which done (still connected) is what the server has not closed
     error: str = ""
     connected: bool = False
     sources: list[str] = field(default_factory=list)
@@ -232,9 +237,9 @@ def _drain(gens: list[_Generator]) -> None:
             while g.conn.poll():
                 message = g.conn.recv()
                 if message[0] in ("progress", "connected"):
-                    g.done, g.failed, g.retried, g.error = message[1:5]
+                    g.done, g.failed, g.retried, g.error, g.logged_in = message[1:6]
                     if message[0] == "connected":
-                        g.sources = message[5]
+                        g.sources = message[6]
                     g.connected = g.connected or message[0] == "connected"
         if not g.connected and not g.process.is_alive():
             raise RuntimeError(f"a generator exited (status {g.process.exitcode}) before "
@@ -298,6 +303,9 @@ def run(p: Params) -> dict[str, Any]:
             if failed > max(p.sessions // 100, samples[-1].connected // 10):
                 raise RuntimeError(f"{failed} login(s) failed; the first error: {error}")
             time.sleep(2.0)  # idle: every read over, every write flushed
+            # Sessions the server closed after their login (none should be) are not counted.
+            _drain(gens)
+            dropped = sum(g.logged_in - g.done for g in gens)
             generator_kib = rss_kib(g.process.pid for g in gens if g.process.pid is not None)
             connected_rss = server.rss_kib()
             aux_kib = server.aux_rss_kib() - server.aux_base_kib
@@ -310,7 +318,7 @@ def run(p: Params) -> dict[str, Any]:
     mem = _mem_available_kib()
     return {
         "sessions": last.connected, "seconds": last.t, "workers": p.workers,
-        "failed": failed, "retried": retried, "error": error,
+        "failed": failed, "retried": retried, "error": error, "dropped": dropped,
         "sources_seen": sorted({a for g in gens for a in g.sources}),
         "generator_kib_per_session": generator_kib / max(last.connected, 1),
         "procs": p.procs, "sources": p.sources,
@@ -366,7 +374,9 @@ def _login_phase(p: Params, server: Any, gens: list[_Generator]
             rate = (sample.connected - prev.connected) / max(sample.t - prev.t, 1e-9)
             cores = (sample.server_cpu - prev.server_cpu) / max(sample.t - prev.t, 1e-9)
             gcores = (sample.generator_cpu - prev.generator_cpu) / max(sample.t - prev.t, 1e-9)
+            dropped = sum(g.logged_in for g in gens) - connected
             p.log(f"t={sample.t:6.0f}s connected={connected:7d} failed={failed} "
+                  f"dropped={dropped} "
                   f"logins/s={rate:6.0f} rss={sample.rss_kib / 1024:7.0f}MiB "
                   f"server_cores={cores:.2f} generator_cores={gcores:.2f}")
         if done:
@@ -400,7 +410,8 @@ def describe(r: dict[str, Any], p: Params) -> str:
         f"  logins/s: {r['logins_per_s']:,.0f} on average; per {p.report:g} s: min "
         f"{min(rates):,.0f}, max {max(rates):,.0f}, first tenth {sum(rates[:tenth]) / tenth:,.0f}"
         f", last tenth {sum(rates[-tenth:]) / tenth:,.0f}",
-        f"  failed logins: {r['failed']} (tried again: {r['retried']})"
+        f"  failed logins: {r['failed']} (tried again: {r['retried']}); closed by the server "
+        f"after logging in: {r['dropped']}"
         + (f"; the first error: {r['error']}" if r["error"] else ""),
         f"  CPU per login: server {r['server_ms_per_login']:.2f} ms "
         f"({r['server_cores']:.2f} cores), generators {r['generator_ms_per_login']:.2f} ms",
@@ -443,8 +454,14 @@ def parse(argv: list[str] | None) -> Params:
                   pings=args.pings, report=args.report, timeout=args.timeout)
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # progress is read while the run goes on (often from a file)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parse(argv)
+    # SIGTERM ends the run as an exception would: generators, servers and databases stopped.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
+    p = replace(parse(argv), log=_say)
     result = run(p)
     print(describe(result, plan(p)), flush=True)
     return 0
