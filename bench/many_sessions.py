@@ -445,13 +445,17 @@ def parse(argv: list[str] | None) -> Params:
                     help="logins under way at once per generator process")
     ap.add_argument("--pings", type=int, default=defaults.pings)
     ap.add_argument("--report", type=float, default=defaults.report)
-    ap.add_argument("--timeout", type=float, default=defaults.timeout)
+    ap.add_argument("--timeout", type=float, default=defaults.timeout,
+                    help="seconds of logins at most; then what is connected is measured")
+    ap.add_argument("--stall", type=float, default=defaults.stall,
+                    help="seconds without a login done before the logins stop")
     args = ap.parse_args(argv)
     if args.sessions < 1 or args.pings < 1:
         ap.error("--sessions and --pings must be at least 1")
     return Params(sessions=args.sessions, sources=args.sources, rate=args.rate,
                   procs=args.procs, workers=args.workers, in_flight=args.in_flight,
-                  pings=args.pings, report=args.report, timeout=args.timeout)
+                  pings=args.pings, report=args.report, timeout=args.timeout,
+                  stall=args.stall)
 
 
 def _say(line: str) -> None:
