@@ -144,7 +144,7 @@ async def _generate(conn: Connection, target: loadgen.Target, users: list[str], 
     async def progress() -> None:
         while True:
             conn.send(("progress", alive(), failed, retried, error, len(clients)))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
 
     conn.send(("ready",))  # imported and running: the parent starts the clock for all at once
     while not conn.poll():
@@ -257,6 +257,7 @@ class Sample:
     server_cpu: float  # seconds, cumulative (presenced, and PostgreSQL and Redis with workers)
     generator_cpu: float
     rss_kib: int       # presenced's processes
+    logged_in: int = 0  # logins done, whether or not the session is still connected
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -312,30 +313,31 @@ def run(p: Params) -> dict[str, Any]:
             login_ms, rtts = asyncio.run(ping_from_fresh_client(p, p.pings))
             open_now = server.open_files()
     last = samples[-1]
-    rates = [(b.connected - a.connected) / (b.t - a.t) for a, b in itertools.pairwise(samples)
+    rates = [(b.logged_in - a.logged_in) / (b.t - a.t) for a, b in itertools.pairwise(samples)
              if b.t > a.t]
-    per_session_kib = (connected_rss - base_rss) / last.connected
+    kept = max(last.connected, 1)
+    per_session_kib = (connected_rss - base_rss) / kept
     mem = _mem_available_kib()
     return {
         "sessions": last.connected, "seconds": last.t, "workers": p.workers,
         "failed": failed, "retried": retried, "error": error, "dropped": dropped,
         "sources_seen": sorted({a for g in gens for a in g.sources}),
-        "generator_kib_per_session": generator_kib / max(last.connected, 1),
+        "generator_kib_per_session": generator_kib / kept,
         "procs": p.procs, "sources": p.sources,
-        "logins_per_s": last.connected / last.t,
+        "logins_per_s": last.logged_in / last.t,
         "rates": rates,
-        "server_ms_per_login": last.server_cpu / last.connected * 1000,
-        "generator_ms_per_login": last.generator_cpu / last.connected * 1000,
+        "server_ms_per_login": last.server_cpu / max(last.logged_in, 1) * 1000,
+        "generator_ms_per_login": last.generator_cpu / max(last.logged_in, 1) * 1000,
         "server_cores": last.server_cpu / last.t,
         "base_rss_mib": base_rss / 1024, "connected_rss_mib": connected_rss / 1024,
         "kib_per_session": per_session_kib,
-        "aux_kib_per_session": aux_kib / last.connected, "stopped": stopped,
+        "aux_kib_per_session": aux_kib / kept, "stopped": stopped,
         "wanted": p.sessions,
         "fresh_login_ms": login_ms,
         "ping_p50_ms": _percentile(rtts, 0.50), "ping_p99_ms": _percentile(rtts, 0.99),
         "ping_max_ms": max(rtts), "pings": len(rtts),
         "open_files": open_now, "hard_open_files": hard_open_files(),
-        "sessions_by_memory": int(mem / max(per_session_kib + aux_kib / last.connected, 0.1)),
+        "sessions_by_memory": int(mem / max(per_session_kib + aux_kib / kept, 0.1)),
         "samples": samples,
     }
 
@@ -367,11 +369,12 @@ def _login_phase(p: Params, server: Any, gens: list[_Generator]
         done = all(g.connected for g in gens)
         if done or now - last_report >= p.report:
             sample = Sample(now - began, connected, failed, server.cpu_seconds() - cpu0,
-                            cpu_seconds(gen_pids) - gcpu0, server.rss_kib())
+                            cpu_seconds(gen_pids) - gcpu0, server.rss_kib(),
+                            sum(g.logged_in for g in gens))
             prev = samples[-1]
             samples.append(sample)
             last_report = now
-            rate = (sample.connected - prev.connected) / max(sample.t - prev.t, 1e-9)
+            rate = (sample.logged_in - prev.logged_in) / max(sample.t - prev.t, 1e-9)
             cores = (sample.server_cpu - prev.server_cpu) / max(sample.t - prev.t, 1e-9)
             gcores = (sample.generator_cpu - prev.generator_cpu) / max(sample.t - prev.t, 1e-9)
             dropped = sum(g.logged_in for g in gens) - connected
@@ -394,12 +397,13 @@ def _login_phase(p: Params, server: Any, gens: list[_Generator]
                 _drain(gens)
             samples.append(Sample(time.monotonic() - began, sum(g.done for g in gens),
                                   sum(g.failed for g in gens), server.cpu_seconds() - cpu0,
-                                  cpu_seconds(gen_pids) - gcpu0, server.rss_kib()))
+                                  cpu_seconds(gen_pids) - gcpu0, server.rss_kib(),
+                                  sum(g.logged_in for g in gens)))
             return samples, stopped
 
 
 def describe(r: dict[str, Any], p: Params) -> str:
-    rates = r["rates"][:-1] or r["rates"]  # the last window is a partial one
+    rates = r["rates"][:-1] if len(r["rates"]) > 2 else r["rates"]  # the last: partial
     tenth = max(1, len(rates) // 10)
     lines = [
         f"presenced: {r['sessions']:,} authenticated TLS sessions in {r['seconds']:.0f} s "

@@ -324,5 +324,6 @@ def test_many_sessions_stay_connected_and_a_fresh_client_pings() -> None:
     assert got["open_files"] >= 240  # every session is a descriptor of the server's
     assert got["pings"] == 40 and 0 < got["ping_p50_ms"] <= got["ping_p99_ms"]
     assert got["kib_per_session"] > 0 and got["server_ms_per_login"] > 0
+    assert max(got["rates"]) > 0 and got["logins_per_s"] > 0
     assert any(line.startswith("t=") and "connected=" in line for line in logged)
     print(many_sessions.describe(got, many_sessions.plan(p)))
