@@ -339,7 +339,7 @@ def _external_url_problem(config: Config) -> str | None:
 
 
 # Below this many open files a process serves too few clients for most deployments.
-FEW_OPEN_FILES = 8192
+FEW_OPEN_FILES = 4096
 
 
 def _open_files_problem() -> str | None:

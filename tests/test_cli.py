@@ -316,6 +316,27 @@ def test_check_a_good_config(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()  # check changes nothing
 
 
+def test_check_warns_when_few_files_may_be_open(tmp_path: Path) -> None:
+    """Each connection is a file descriptor: a hard RLIMIT_NOFILE of 1024 (which serve cannot
+    raise) caps the connections one process holds; check says so, as a warning."""
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(
+        'c2s_tls = ["127.0.0.1:0"]', 'c2s_tls = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]'))
+
+    def low_hard_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    proc = subprocess.run([sys.executable, "-m", "server", "check", "--config", str(config)],
+                          cwd=tmp_path, env=env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=low_hard_limit)
+    assert proc.returncode == 0, proc  # a warning, not an error
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("warning: open files (RLIMIT_NOFILE): the hard limit is 1024 "
+                               "open files") and "LimitNOFILE=" in line for line in lines), lines
+    assert lines[-1] == f"{config}: 0 error(s), 1 warning(s)"
+
+
 def test_check_reports_config_errors_with_lines(tmp_path: Path) -> None:
     config = write_config(tmp_path, "[log]\nlevel = 'loud'\ncolour = true\n")
     result = presenced(tmp_path, "check", "-c", str(config))
