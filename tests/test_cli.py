@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from server import cli
 from server.certs import check_certificate, generate_self_signed
 from server.config import load_config
 from server.storage import open_storage
@@ -307,7 +308,10 @@ def test_check_a_good_config(tmp_path: Path) -> None:
         'c2s_tls = ["127.0.0.1:0"]', 'c2s_tls = ["127.0.0.1:0"]\nhttps = ["127.0.0.1:0"]'))
     result = presenced(tmp_path, "check", "--config", str(config))
     assert result.code == 0, result
-    assert result.out.splitlines() == [
+    lines = result.out.splitlines()
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < cli.FEW_OPEN_FILES:  # this machine's, not ours
+        lines = [line for line in lines if "RLIMIT_NOFILE" not in line]
+    assert lines == [
         # The service domains (MUC and pubsub, on by default) are named too: peers check them.
         "note: a self-signed certificate for a.test, b.test, pubsub.a.test, pubsub.b.test, "
         f"muc.a.test, muc.b.test will be made at first start: {tmp_path / 'data' / 'cert.pem'}",
