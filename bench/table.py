@@ -225,7 +225,7 @@ MANY_SESSIONS_KEYS = (("sessions", "sessions", 0), ("logins_per_s", "logins/s", 
 def read_many_sessions(path: Path) -> tuple[str, dict[str, Any] | None]:
     """bench.many_sessions' result: (a one-line summary, its figures) or ("not run: …", None).
     A JSON object (its run()'s dict) gives the figures of MANY_SESSIONS_KEYS (or, with none of
-    them, its scalar ones); any other text (its printed report) is shown as it is, one line."""
+    them, its scalar ones); any other text (its output) gives its report, on one line."""
     if not path.exists():
         return f"not run (`{MANY_SESSIONS_COMMAND}`)", None
     try:
@@ -236,7 +236,9 @@ def read_many_sessions(path: Path) -> tuple[str, dict[str, Any] | None]:
         data = json.loads(text)
     except ValueError:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return "; ".join(lines)[:600] or f"{path} is empty", None
+        # its report follows the progress lines: from its last "presenced: …" line on
+        heads = [i for i, line in enumerate(lines) if line.startswith("presenced: ")]
+        return "; ".join(lines[heads[-1] if heads else 0:])[:600] or f"{path} is empty", None
     if not isinstance(data, dict):
         return f"unreadable {path}: not a JSON object", None
 
