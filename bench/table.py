@@ -59,8 +59,9 @@ NAMES = {"presenced": "presenced", "prosody": "Prosody", "ejabberd": "ejabberd"}
 PEERS = ("prosody", "ejabberd")
 # Addresses of the table's own servers, apart from those of the benchmarks it reuses (bench.run
 # 127.0.0.20-24, fan-out 24-26, tsung 27-29): a helper running one of them meanwhile does not
-# take the table's address. bench.idle_memory, run as a command, keeps its own.
+# take the table's address.
 ADDRESSES = {"presenced": "127.0.0.90", "prosody": "127.0.0.91", "ejabberd": "127.0.0.92"}
+IDLE_ADDRESS = "127.0.0.93"  # bench.idle_memory's presenced
 MANY_SESSIONS_JSON = Path("bench/results/many_sessions.json")
 MANY_SESSIONS_COMMAND = "python -m bench.many_sessions --sessions 100000"
 
@@ -162,16 +163,19 @@ IDLE_LINE = re.compile(r"^(?P<kind>[\w-]+): (?P<kib>[0-9.]+) KiB", re.MULTILINE)
 
 
 def idle_memory(sessions: int) -> dict[str, float]:
-    """bench.idle_memory as its own command (its printed figures, by server): it runs on its own
-    address and its helpers are another helper's to change."""
+    """bench.idle_memory as its command line runs it (its printed figures, by server), in a
+    process of its own whose bench.run.ADDRESSES (which it reads) puts presenced on the table's
+    IDLE_ADDRESS: a benchmark running meanwhile on bench.run's addresses does not collide."""
+    code = ("import sys\nfrom bench import idle_memory, run\n"
+            "run.ADDRESSES['presenced'] = sys.argv[1]\n"
+            "sys.exit(idle_memory.main(sys.argv[2:]))\n")
     for attempt in range(3):
-        done = subprocess.run([sys.executable, "-m", "bench.idle_memory", "--sessions",
+        done = subprocess.run([sys.executable, "-c", code, IDLE_ADDRESS, "--sessions",
                                str(sessions)], capture_output=True, text=True, cwd=REPO,
                               timeout=600)
         found = {m["kind"]: float(m["kib"]) for m in IDLE_LINE.finditer(done.stdout)}
         if done.returncode == 0 and found:
             return found
-        # Its address is bench.run's: another run of a benchmark on the machine may hold it.
         last = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
         _log(f"table: bench.idle_memory failed ({done.returncode}): "
              f"{last[-1] if last else ''}")
