@@ -329,7 +329,7 @@ def test_table_quick_on_presenced_rows(tmp_path) -> None:
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1]
              for line in text.splitlines() if line.startswith("| ")}
     assert cells["1:1 messages per server CPU-s, archiving off"] == f"{got['off']:,.0f}"
-    assert cells["100,000 sessions"].startswith(
+    assert cells["Many sessions (issue 25: 100,000), as bench.many_sessions reported"].startswith(
         "not run (`python -m bench.many_sessions"), cells
     # The ratio columns: presenced's figure over each peer's (the peers' archiving-on row is
     # their archiving-off figure, as they run without an archive).
