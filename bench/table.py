@@ -19,8 +19,9 @@ Rows (the benchmark each one reuses):
   tsung     tsung's CPU per user and mean transaction times (bench.tsung)
 
 Absolute figures vary 1.6x between machines (and with the load other work puts on a shared
-one); the ratios are what carries over. The whole table takes about 10 minutes, `--quick`
-(tiny parameters, nothing meaningful about speed) about 2.
+one); the ratios are what carries over. On this 2-core machine the whole table took 9 minutes
+at a load average of 3 (12.5 at 10: most of it is starting servers and making ejabberd's
+accounts in-band), `--quick` (tiny parameters, nothing meaningful about speed) 3 minutes.
 """
 
 from __future__ import annotations
@@ -447,7 +448,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, Path | None]
     ap = argparse.ArgumentParser(prog="python -m bench.table",
                                  description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="tiny parameters, about 2 minutes (the CI smoke run)")
+                    help="tiny parameters, a few minutes (a smoke run)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/table.md"),
                     help="the Markdown table (default bench/results/table.md); tsung's "
                          "reports go to tsung/ beside it")
