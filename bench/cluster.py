@@ -128,8 +128,6 @@ def run_variant(name: str, p: Params, fleet: Fleet, pg: PostgresCluster, redis: 
                 time.sleep(0.2)
         target = loadgen.Target(NODES[0], 5222, DOMAIN, PASSWORD)
         extra: dict[str, Any] = {"window": p.window}
-        if name != "single":
-            extra["settle"] = 1.0  # every node knows every session before the first message
         if name == "cross":
             extra["receivers_at"] = asdict(loadgen.Target(NODES[1], 5222, DOMAIN, PASSWORD))
         shards = split(fleet, "pairs", pairs(p.users, p.pairs), **extra)

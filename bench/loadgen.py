@@ -21,6 +21,7 @@ import functools
 import hashlib
 import random
 import re
+import socket
 import ssl
 import time
 import traceback
@@ -43,6 +44,7 @@ REGISTER_NS = "jabber:iq:register"
 ROSTER_NS = "jabber:iq:roster"
 PING_NS = "urn:xmpp:ping"
 CLIENT_NS = "jabber:client"
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2
 
 # A typical chat message body: 100 bytes of text.
 BODY = ("The quick brown fox jumps over the lazy dog while the benchmark counts every "
@@ -113,6 +115,7 @@ class Target:
     port: int
     domain: str
     password: str
+    source: str | None = None  # the local address to connect from (127.0.0.x: more ports)
 
 
 class Client(asyncio.Protocol):
@@ -244,8 +247,11 @@ class Client(asyncio.Protocol):
 
     async def connect(self, timeout: float = 30.0) -> etree._Element:
         """TCP, stream, STARTTLS, stream: returns the features offered over TLS."""
-        await asyncio.wait_for(self._loop.create_connection(
-            lambda: self, self.target.host, self.target.port), timeout)
+        if self.target.source is None:
+            await asyncio.wait_for(self._loop.create_connection(
+                lambda: self, self.target.host, self.target.port), timeout)
+        else:
+            await asyncio.wait_for(self._connect_from(self.target.source), timeout)
         features = await self._open_stream(timeout)
         if features.find(f"{{{TLS_NS}}}starttls") is None:
             raise XMPPError("STARTTLS not offered")
@@ -259,6 +265,22 @@ class Client(asyncio.Protocol):
                                          ssl_handshake_timeout=timeout)
         self.transport = tls
         return await self._open_stream(timeout)
+
+    async def _connect_from(self, source: str) -> None:
+        """TCP from a given local address. Its port is chosen at connect(), not bind()
+        (IP_BIND_ADDRESS_NO_PORT): unique per (source, destination) pair, so each source
+        address gives the whole ephemeral port range towards each server address."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((source, 0))
+            sock.setblocking(False)
+            await self._loop.sock_connect(sock, (self.target.host, self.target.port))
+            await self._loop.create_connection(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def authenticate(self, features: etree._Element, timeout: float = 30.0) -> None:
         """SASL SCRAM-SHA-1 (RFC 5802, RFC 6120 §6), checking the server's signature."""
@@ -329,6 +351,22 @@ class Client(asyncio.Protocol):
                 return False
             raise
         return True
+
+    @property
+    def alive(self) -> bool:
+        """Not closed by either side (an idle client notices the server closing it here)."""
+        return self._lost is None and self.transport is not None \
+            and not self.transport.is_closing()
+
+    def idle(self) -> None:
+        """Logged in and left alone: the negotiation parser and what it kept go, and whatever
+        the server sends from now on is dropped unread (a hundred thousand idle clients in a
+        few generator processes must cost little)."""
+        self.sink = _drop
+        self._parser = None
+        self._root = None
+        self.features = None
+        self._inbox.clear()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -2,10 +2,11 @@
 distort the way it does wall-clock or CPU-second figures: bench/run.py's 1:1 messages scenario
 against presenced run under Valgrind's callgrind, with `[mam] default = "never"` and
 `"always"`, each on a fresh server. Instrumentation is switched on at the end of the warm-up
-(`callgrind_control -i on`) and the counters dumped at the end of the window, so the figure is
-the server process's instructions (every thread: the event loop and the SQLite worker) per
-delivered message. On PostgreSQL the database's own processes are not counted (their CPU
-seconds are printed beside it).
+(`callgrind_control -i on`) and the counters dumped once the server is idle after the window
+(the archive writes of the window done), so the figure is the server process's instructions
+(every thread: the event loop and the SQLite worker) per message delivered in the window. On
+PostgreSQL the database's own processes are not counted (their CPU seconds are printed beside
+it).
 
     python -m bench.mam_instructions [--storage sqlite,postgresql] [--pairs 10]
                                      [--window 8] [--warmup 5] [--duration 20]
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,7 @@ def measure(storage: str, archiving: bool, p: Params, fleet: Fleet,
         db0 = _db_cpu(peer)
         window = fleet.run("messages", peer, target, shards, p.warmup, p.duration,
                            on_warm=lambda: _control("-i", "on", pid), setup_timeout=900)
+        settled = _settle(peer)
         _control("-d", pid)
         db1 = _db_cpu(peer)
     finally:
@@ -85,7 +88,25 @@ def measure(storage: str, archiving: bool, p: Params, fleet: Fleet,
         shutil.rmtree(run_dir, ignore_errors=True)
     return {"delivered": delivered, "instructions": instructions,
             "per_message": instructions / max(delivered, 1),
-            "db_cpu_s": db1 - db0}
+            "db_cpu_s": db1 - db0, "settle_s": settled}
+
+
+def _settle(peer: PresencedPeer, quiet: float = 0.05, timeout: float = 900.0) -> float:
+    """Wait until the server is idle (less than `quiet` CPU seconds in one second, twice in
+    a row): the archive writes of the window are then counted too. Under Valgrind they hardly
+    progress while the load runs (counted in the database file: 2 rows in 20 s of load, all
+    the rest after it; the SQLite worker thread seldom gets the GIL back, and each statement's
+    answer waits for a turn of the busy event loop), so without this the figure left SQLite
+    out. They then run in batches of a thousand, cheaper per row than under a real load.
+    Seconds waited."""
+    began = time.monotonic()
+    last, calm = peer.cpu_seconds(), 0
+    while calm < 2 and time.monotonic() - began < timeout:
+        time.sleep(1.0)
+        now = peer.cpu_seconds()
+        calm = calm + 1 if now - last < quiet else 0
+        last = now
+    return time.monotonic() - began
 
 
 def _shard(items: list[Any], n: int) -> list[list[Any]]:
@@ -124,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = measure(storage, archiving, p, fleet, directory, bool(args.keep))
                 rows.append((storage, "always" if archiving else "never", got))
                 print(f"{storage:10} {rows[-1][1]:7} {got['delivered']:7d} msgs "
-                      f"{got['per_message'] / 1000:9.1f} k instructions/msg"
+                      f"{got['per_message'] / 1000:9.1f} k instructions/msg "
+                      f"(settled {got['settle_s']:.0f} s)"
                       + (f"  (PostgreSQL CPU {got['db_cpu_s']:.2f} s)" if got["db_cpu_s"]
                          else ""), flush=True)
     finally:

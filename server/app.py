@@ -181,7 +181,8 @@ class Server:
                 loop=self.loop, router=self.router, settings=self.config.components,
                 addresses=self.config.listen.component, new_parser=self.new_parser,
                 add_service=self.add_service, parent_of=self._parent_domain,
-                limiter=self.limiter)
+                limiter=self.limiter,
+                routes=self.cluster.component_routes() if self.cluster is not None else None)
             await self.components.start()
         except BaseException:
             if self.components is not None:
@@ -321,6 +322,10 @@ class Server:
         # (unavailable presence to contacts and rooms, RFC 6121 §4.6.3) goes out first.
         if self.federation is not None:
             await self.federation.stop()
+            # What peers sent until their streams closed (after the first drain) is handled
+            # before the modules stop and storage closes (CI: a message from Prosody read the
+            # closed SQLite database).
+            await self.router.drain()
         for module in reversed(list(self.modules.values())):
             await module.stop()
         await self.storage.close()

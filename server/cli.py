@@ -182,6 +182,11 @@ def _serve_workers(args: argparse.Namespace, config: Config) -> int:
 
 def _run_server(config: Config) -> int:
     import server.app
+    from server.listening import raise_open_files_limit
+
+    # Each connection is a file descriptor: the soft limit (often 1024) up to the hard one.
+    before, after = raise_open_files_limit()
+    logging.getLogger("presenced").info("event=open-files-limit soft=%d was=%d", after, before)
 
     loop_factory = None
     try:
@@ -333,6 +338,23 @@ def _external_url_problem(config: Config) -> str | None:
             f"{', '.join(names)}): clients will refuse uploads and web connections there")
 
 
+# Below this many open files a process serves too few clients for most deployments.
+FEW_OPEN_FILES = 4096
+
+
+def _open_files_problem() -> str | None:
+    """serve raises its soft RLIMIT_NOFILE to the hard limit; a hard limit this low caps the
+    connections one process can hold (each is a file descriptor)."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= FEW_OPEN_FILES:
+        return None
+    return (f"the hard limit is {hard} open files, so one process holds fewer than {hard} "
+            f"connections; raise it (LimitNOFILE= in the systemd unit, nofile in "
+            f"/etc/security/limits.conf) or run serve --workers N")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -386,6 +408,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             bind = _bind_problem(address)
             if bind:
                 found.append((bind[0], where(config, f"listen.{kind}"), bind[1]))
+    files = _open_files_problem()
+    if files:
+        found.append(("warning", "open files (RLIMIT_NOFILE)", files))
     for severity, place, message in found:
         print(f"{severity}: {place}: {message}")
     errors = sum(1 for f in found if f[0] == "error")

@@ -44,6 +44,10 @@ class Router:
         self._filters = hooks.by_kind("filter/user")  # stanza tag -> its filter chain
         # deliver_in_order: stanzas to a session that wait behind one held up by a filter
         self._backlogs: dict[JID, list[_Element]] = {}
+        # [cluster]: looks an account up again in the shared directory, whose replica here may
+        # lag a session bound on another node a moment ago (server/cluster/directory.py);
+        # None in a single process, where a miss is final and nothing awaits.
+        self.miss: Callable[[JID], Awaitable[None]] | None = None
 
     def add_iq_handler(self, type_: str, target: str, xmlns: str, name: str,
                        handler: Handler) -> None:
@@ -179,7 +183,8 @@ class Router:
             result = await result
         return result
 
-    def _deliver(self, stanza: _Element, origin: Session | None, jid: JID, tag: str) -> Any:
+    def _deliver(self, stanza: _Element, origin: Session | None, jid: JID, tag: str,
+                 looked: bool = False) -> Any:
         domain = jid.domain
         if domain not in self.hosts:
             service = self.services.get(domain)
@@ -199,6 +204,9 @@ class Router:
             kind = "bare"
         else:
             kind = "full"
+        if self.miss is not None and not looked and kind != "host" and self._missed(
+                stanza, jid, kind, tag):
+            return self._look_again(stanza, origin, jid, tag)
         if tag == st.IQ:
             return self._route_iq(stanza, origin, jid, kind)
         if tag == st.MESSAGE:
@@ -209,6 +217,26 @@ class Router:
         if tag == st.PRESENCE:
             return self.hooks.fire(_PRESENCE_EVENTS[kind], stanza, origin, jid)
         raise StanzaError("bad-request", "unknown stanza kind")
+
+    def _missed(self, stanza: _Element, jid: JID, kind: str, tag: str) -> bool:
+        """[cluster] The replica finds no session this stanza could go to: to a full JID, no
+        such session; a message to a bare JID, no available resource (RFC 6121 §8.5.2.1.1:
+        it would go to offline storage). The shared directory is asked before giving up."""
+        if kind == "full":
+            return self.sessions.get(jid) is None
+        if tag != st.MESSAGE or stanza.get("type") == "error":
+            return False  # iqs and presence to a bare JID are the server's to answer
+        return not any(s.presence is not None and s.priority >= 0
+                       for s in self.sessions.resources(jid))
+
+    async def _look_again(self, stanza: _Element, origin: Session | None, jid: JID,
+                          tag: str) -> Any:
+        assert self.miss is not None
+        await self.miss(jid.bare)
+        result = self._deliver(stanza, origin, jid, tag, looked=True)
+        while inspect.isawaitable(result):
+            result = await result
+        return result
 
     def _route_iq(self, stanza: _Element, origin: Session | None, jid: JID, kind: str) -> Any:
         type_ = stanza.get("type")
@@ -298,6 +326,10 @@ class Router:
         session = self.sessions.get(to)
         if session is not None:
             session.send(stanza)
+        elif self.miss is not None and start <= len(chain):
+            # [cluster] A session bound on another node a moment ago (a room's joiner): the
+            # shared directory is asked once, in order with what follows for it.
+            return self.miss(to.bare), len(chain) + 1
         return None, 0
 
     async def _in_order_later(self, pending: Any, chain: tuple[Callable[..., Any], ...],

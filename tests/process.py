@@ -72,6 +72,8 @@ def serving(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
                 break
             if proc.poll() is not None:
                 raise AssertionError(f"presenced did not start: {line}")
+        else:  # stderr closed before event=started: it exited
+            raise AssertionError(f"presenced exited before it started (status {proc.wait(5)})")
         drain(proc, state)
         yield proc
     finally:

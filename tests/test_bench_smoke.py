@@ -309,6 +309,26 @@ def test_cluster_bench_runs_same_and_cross_node() -> None:
     assert "CPU" in cluster.table(p, results)
 
 
+def test_many_sessions_stay_connected_and_a_fresh_client_pings() -> None:
+    """bench/many_sessions.py, seconds long: a few hundred authenticated TLS sessions from two
+    loopback source addresses stay connected on a fresh presenced; a fresh client's pings are
+    then answered (nothing about speed)."""
+    from bench import many_sessions
+
+    logged: list[str] = []
+    p = replace(many_sessions.Params.quick(), sessions=240, procs=2, sources=2, pings=40,
+                host=BENCH_HOST, port=free_port(BENCH_HOST), log=logged.append)
+    got = many_sessions.run(p)
+    assert (got["sessions"], got["failed"], got["stopped"]) == (240, 0, ""), logged
+    assert got["sources_seen"] == ["127.0.33.1", "127.0.33.2"]
+    assert got["open_files"] >= 240  # every session is a descriptor of the server's
+    assert got["pings"] == 40 and 0 < got["ping_p50_ms"] <= got["ping_p99_ms"]
+    assert got["kib_per_session"] > 0 and got["server_ms_per_login"] > 0
+    assert max(got["rates"]) > 0 and got["logins_per_s"] > 0
+    assert any(line.startswith("t=") and "connected=" in line for line in logged)
+    print(many_sessions.describe(got, many_sessions.plan(p)))
+
+
 def test_table_quick_on_presenced_rows(tmp_path) -> None:
     """`python -m bench.table --quick`, restricted to presenced and its 1:1 rows, seconds long:
     the Markdown table names the machine and the load, shows the figures the benchmarks

@@ -273,6 +273,7 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
     assert set(nodes_seen) == {"node1", "node2"}
     assert all(n["alive"] for n in nodes_seen.values())
     assert (nodes_seen["node1"]["sessions"], nodes_seen["node2"]["sessions"]) == (1, 2)
+    assert (nodes_seen["node1"]["rooms"], nodes_seen["node2"]["rooms"]) == (0, 0)
     assert nodes_seen["node2"]["incarnation"] == two.server.cluster.membership.incarnation  # type: ignore[union-attr]
     # The table form names both.
     proc = await asyncio.create_subprocess_exec(
@@ -280,8 +281,9 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, _err = await asyncio.wait_for(proc.communicate(), 60)
     lines = out.decode().splitlines()
-    assert lines[0].startswith("NODE") and [line.split()[:2] for line in lines[1:]] == [
-        ["node1", "alive"], ["node2", "alive"]]
+    assert lines[0].split()[:6] == ["NODE", "STATE", "AGE", "HEARTBEAT", "SESSIONS", "ROOMS"]
+    assert [line.split()[:2] for line in lines[1:]] == [["node1", "alive"], ["node2", "alive"]]
+    assert [line.split()[4:6] for line in lines[1:]] == [["1", "0"], ["2", "0"]]
     for client in (alice, bob, bob2):
         await client.close()
 
@@ -351,3 +353,83 @@ def test_entries_for_one_node_travel_packed_in_order() -> None:
                     "in3": [entry(2)]}
     many = _entries([("in2", entry(n)) for n in range(300)])
     assert [len(records({b"*": f["*"].encode()})) for _, f in many] == [128, 128, 44]
+
+
+async def test_a_session_bound_a_moment_ago_elsewhere_is_found_on_a_miss(
+        nodes: tuple[RunningServer, RunningServer]) -> None:
+    """node1's replica lags binds on node2 (here: node1 hears no invalidation for bob or
+    carol at all). A stanza that finds nothing in the replica makes node1 read the account's
+    directory entry in Redis once before giving up: a message to a bare or full JID reaches
+    the session on node2 instead of offline storage (RFC 6121 §8.5), an iq to a full JID is
+    the client's to answer instead of service-unavailable. A hit in the replica reads nothing."""
+    one, two = nodes
+    cluster, other = one.server.cluster, two.server.cluster
+    assert cluster is not None and other is not None
+    await one.add_user("carol@a.test")
+    directory = cluster.directory
+    heard = directory.invalidate
+    lagging = {BOB, "carol@a.test"}
+    directory.invalidate = lambda bare: None if bare in lagging else heard(bare)  # type: ignore[method-assign]
+    alice = await raw_available(one, ALICE, "phone")
+    carol = await raw_available(two, "carol@a.test", "desk")
+    bob = await raw_available(two, BOB, "desk")
+    await other.directory.flush()  # node2's entries are in Redis (node1 was not told)
+    assert not one.server.sessions.resources(JID.parse(BOB))  # the replica lags
+    assert not one.server.sessions.resources(JID.parse("carol@a.test"))
+    # Bare JID: no available resource known, until Redis is asked.
+    await alice.send("<message to='carol@a.test' type='chat' id='b1'><body>bare</body>"
+                     "</message>")
+    got = await carol.expect(MESSAGE)
+    assert (got.get("id"), got.findtext(f"{{{CLIENT}}}body")) == ("b1", "bare")
+    assert directory.rechecks == 1
+    # Full JID.
+    await alice.send(f"<message to='{BOB}/desk' type='chat' id='f1'><body>full</body>"
+                     "</message>")
+    got = await bob.expect(MESSAGE)
+    assert (got.get("id"), got.findtext(f"{{{CLIENT}}}body")) == ("f1", "full")
+    assert directory.rechecks == 2
+    # Found now: the next one goes straight to node2's inbox, no lookup.
+    await alice.send(f"<message to='{BOB}/desk' type='chat' id='f2'><body>2</body></message>")
+    assert (await bob.expect(MESSAGE)).get("id") == "f2"
+    assert directory.rechecks == 2
+    # An iq to a full JID bound a moment ago: delivered to the client, which answers it.
+    tablet = await two.raw_login(BOB, "tablet")
+    await other.directory.flush()
+    await alice.send(f"<iq to='{BOB}/tablet' type='get' id='q1'>"
+                     "<query xmlns='jabber:iq:version'/></iq>")
+    asked = await tablet.expect(IQ)
+    assert asked.get("id") == "q1" and asked.get("type") == "get"
+    assert directory.rechecks == 3
+    # Nothing was stored offline.
+    for user in ("bob", "carol"):
+        assert await one.server.storage.offline.count(user, "a.test") == 0
+    for client in (alice, bob, carol, tablet):
+        await client.close()
+
+
+async def test_a_burst_of_changes_elsewhere_is_read_in_batches(
+        nodes: tuple[RunningServer, RunningServer], redis_url: str) -> None:  # noqa: F811
+    """A thousand accounts changed on other nodes at once (a burst of logins) are read again in
+    batches by one task, over a connection or two: not a Redis connection per account, which
+    emptied redis-py's pool under `--workers 6` and starved the heartbeats (the nodes were
+    fenced). Sessions of the burst that exist in Redis appear in the replica."""
+    import redis.asyncio
+
+    one, two = nodes
+    bob = await two.raw_login(BOB, "desk")
+    watcher = redis.asyncio.from_url(redis_url)
+    try:
+        before = len(await watcher.client_list())
+        cluster = one.server.cluster
+        assert cluster is not None
+        directory = cluster.directory
+        for n in range(1000):
+            directory.invalidate(f"user{n}@a.test")
+        directory.invalidate(BOB)
+        await eventually(lambda: directory.get(JID.parse(f"{BOB}/desk")) is not None,
+                         "bob/desk read again")
+        await eventually(lambda: not directory._stale, "every account read")
+        assert len(await watcher.client_list()) <= before + 2
+    finally:
+        await watcher.aclose()
+        await bob.close()

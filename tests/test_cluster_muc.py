@@ -307,27 +307,33 @@ def test_rendezvous_moves_only_the_rooms_of_the_node_that_went() -> None:
 async def test_join_at_once_after_login_on_another_node(
         nodes: tuple[RunningServer, RunningServer], monkeypatch: pytest.MonkeyPatch  # noqa: F811
         ) -> None:
-    """Bob's bind reaches Redis after his join reaches the room's node (node2's directory
-    writes held back here): the owner waits for his directory entry before it answers, so
-    the join's presences and subject are not dropped for want of a session."""
+    """Bob's bind is slow to reach Redis (node2's directory writes held back here) and the
+    room's node never hears of it (node1's invalidations for bob dropped): node2 sends his
+    join after his directory entry (the inbox waits for the directory's earlier writes), and
+    node1, finding no session for what the room answers, reads the entry in Redis (the
+    router's miss lookup), so the join's presences and subject are not dropped."""
     one, two = nodes
     room = room_owned_by("node1")
     alice = await raw_available(one, ALICE, "pc")
     await join(alice, "Alice", room)
     await instant(alice, room)
-    cluster = two.server.cluster
-    assert cluster is not None
+    cluster, owner = two.server.cluster, one.server.cluster
+    assert cluster is not None and owner is not None
     apply = cluster.directory._apply
 
     async def late(*args: Any) -> None:
         await asyncio.sleep(0.5)
         await apply(*args)
     monkeypatch.setattr(cluster.directory, "_apply", late)
+    heard = owner.directory.invalidate
+    monkeypatch.setattr(owner.directory, "invalidate",
+                        lambda bare: None if bare == BOB else heard(bare))
     bob = await two.raw_login(BOB, "pc")
     got = await join(bob, "Bob", room)  # no available presence first: only the join
     assert [s.get("from") for s in got if s.tag == f"{{{CLIENT}}}presence"] == [
         f"{room}/Alice", f"{room}/Bob"]
     assert (await next_presence_from(alice, f"{room}/Bob")).get("type") is None
+    assert owner.directory.rechecks == 1
     await alice.close()
     await bob.close()
 
@@ -372,3 +378,184 @@ async def test_fenced_owner_gives_up_its_rooms(
     assert muc is not None
     assert [o.nick for o in muc.rooms[JID.parse(room)].occupants.values()] == ["Alice"]
     await alice.close()
+
+
+async def test_stanzas_forwarded_to_an_owner_that_died_reach_the_new_owner(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """Groupchat messages node1 forwarded to the room's node (its inbox, "v" entries) that the
+    node never read — frozen (SIGSTOP), then killed (SIGKILL) — are not lost with it: the
+    survivor that reaps the dead node hands them to the room's new owner (itself here), which
+    sends them to the occupants in the order they were sent, then goes on with new ones."""
+    survivor = await start_server(tmp_path / "node1", cluster_tables(pg_dsn, redis_url, "node1"),
+                                  domains=("a.test",), host="127.0.0.1")
+    try:
+        for user in (ALICE, CAROL):
+            await survivor.add_user(user)
+        room = room_owned_by("node2")
+        with subprocess_node(tmp_path / "node2", cluster_tables(pg_dsn, redis_url, "node2"),
+                             "127.0.0.2") as (victim, _port):
+            cluster = survivor.server.cluster
+            assert cluster is not None
+            await eventually(lambda: "node2" in cluster.membership.live, "node2 joined")
+            alice = await raw_available(survivor, ALICE, "pc")
+            carol = await raw_available(survivor, CAROL, "pc")
+            await join(alice, "Alice", room)
+            await instant(alice, room)
+            await join(carol, "Carol", room)
+            await next_presence_from(alice, f"{room}/Carol")
+            assert await claim(survivor, room) == f"node2:{cluster.membership.live['node2']}"
+            victim.send_signal(signal.SIGSTOP)
+            try:
+                sent = cluster.inbox.sent
+                for i in range(5):
+                    await alice.send(f"<message to='{room}' type='groupchat' id='v{i}'>"
+                                     f"<body>{i}</body></message>")
+                # In node2's stream, unread.
+                await eventually(lambda: cluster.inbox.sent >= sent + 5, "forwarded to node2")
+                assert await cluster.redis.xlen("presenced:inbox:node2") >= 1
+            finally:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(10)
+        # The survivor reaps node2 (dead_after 3 s) and owns the room now; the five arrive
+        # in order, to both occupants, from the room.
+        for client in (alice, carol):
+            got = [await client.next_of("message", 15) for _ in range(5)]
+            assert [(m.get("from"), body(m)) for m in got] == [
+                (f"{room}/Alice", str(i)) for i in range(5)]
+        assert await claim(survivor, room) == incarnation(survivor)
+        await alice.send(f"<message to='{room}' type='groupchat' id='v5'><body>5</body>"
+                         "</message>")
+        for client in (alice, carol):
+            assert body(await next_message(client)) == "5"
+        for client in (alice, carol):
+            await client.close()
+    finally:
+        await stop_server(survivor)
+
+
+async def test_graceful_stop_hands_its_rooms_over(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """node1 stops gracefully while it owns a room with occupants on both nodes: the room goes
+    to node2 (the hashing among the others) instead of ending with 332. Bob and Carol, on
+    node2, stay joined without a word and go on talking; Alice, on node1, leaves as her
+    session ends (a plain unavailable presence, no 332 and no 333)."""
+    one = await start_server(tmp_path / "node1", cluster_tables(pg_dsn, redis_url, "node1"),
+                             domains=("a.test",), host="127.0.0.1")
+    two = await start_server(tmp_path / "node2", cluster_tables(pg_dsn, redis_url, "node2"),
+                             domains=("a.test",), host="127.0.0.2")
+    stopped = False
+    try:
+        for user in (ALICE, BOB, CAROL):
+            await one.add_user(user)
+        room = room_owned_by("node1")
+        alice = await raw_available(one, ALICE, "pc")
+        bob = await raw_available(two, BOB, "pc")
+        carol = await raw_available(two, CAROL, "pc")
+        await join(alice, "Alice", room)
+        await instant(alice, room)  # a temporary room: its state lives in the mirror only
+        await join(bob, "Bob", room)
+        await join(carol, "Carol", room)
+        for client in (alice, bob):
+            await next_presence_from(client, f"{room}/Carol")
+        await alice.send(f"<message to='{room}' type='groupchat' id='s1'><subject>kept"
+                         "</subject></message>")
+        for client in (alice, bob, carol):
+            assert (await next_message(client)).findtext(f"{{{CLIENT}}}subject") == "kept"
+        assert room in rooms_of(one) and await claim(one, room) == incarnation(one)
+        await stop_server(one)
+        stopped = True
+        # Alice's session ended: Bob and Carol see her leave, plainly.
+        for client in (bob, carol):
+            gone = await next_presence_from(client, f"{room}/Alice")
+            assert gone.get("type") == "unavailable" and not codes(gone) & {"332", "333"}
+        assert room in rooms_of(two) and await claim(two, room) == incarnation(two)
+        # Still joined, still talking: the room reflects to both (XEP-0045 §7.4).
+        await bob.send(f"<message to='{room}' type='groupchat' id='g1'><body>still here"
+                       "</body></message>")
+        for client in (bob, carol):
+            message = await next_message(client)
+            assert (message.get("from"), body(message)) == (f"{room}/Bob", "still here")
+        muc = two.server.module(Muc)
+        assert muc is not None
+        moved = muc.rooms[JID.parse(room)]
+        assert sorted(o.nick for o in moved.occupants.values()) == ["Bob", "Carol"]
+        assert moved.subject == "kept"
+        # Nobody on node2 heard 332 or 333.
+        for client in (bob, carol):
+            with pytest.raises(TimeoutError):
+                extra = await client.next_of("presence", 0.5)
+                raise AssertionError(f"unexpected: {etree.tostring(extra)!r}")
+        for client in (bob, carol):
+            await client.close()
+    finally:
+        await stop_server(two)
+        if not stopped:
+            await stop_server(one)
+
+
+async def test_room_list_and_room_quota_count_every_node(
+        tmp_path: Path, pg_dsn: str, redis_url: str) -> None:  # noqa: F811
+    """disco#items on the service (XEP-0045 §6.3) lists the public rooms of both nodes, asked
+    on either; [muc] max_rooms_per_user counts the rooms the user owns on both nodes (a third
+    room is refused with resource-constraint wherever it would live); `presenced cluster
+    status` counts the rooms each node holds."""
+    quota = "[muc]\nmax_rooms_per_user = 2\n"
+    one = await start_server(tmp_path / "node1",
+                             cluster_tables(pg_dsn, redis_url, "node1") + quota,
+                             domains=("a.test",), host="127.0.0.1")
+    two = await start_server(tmp_path / "node2",
+                             cluster_tables(pg_dsn, redis_url, "node2") + quota,
+                             domains=("a.test",), host="127.0.0.2")
+    try:
+        for user in (ALICE, BOB):
+            await one.add_user(user)
+        here, there = room_owned_by("node1"), room_owned_by("node2")
+        alice = await raw_available(one, ALICE, "pc")
+        bob = await raw_available(two, BOB, "pc")
+        for room in (here, there):
+            await join(alice, "Alice", room)
+            await instant(alice, room, "<field var='FORM_TYPE'><value>"
+                          f"{MUC}#roomconfig</value></field><field var='muc#roomconfig_"
+                          f"roomname'><value>{room[:5]}</value></field>")
+        assert rooms_of(one) == {here} and rooms_of(two) == {there}
+        for client in (alice, bob):
+            result = await client.ask(f"<iq type='get' to='{SERVICE}' id='items'><query "
+                                      "xmlns='http://jabber.org/protocol/disco#items'/></iq>",
+                                      skip_others=True)
+            assert result.get("type") == "result", etree.tostring(result)
+            listed = [(i.get("jid"), i.get("name")) for i in result.iter(
+                "{http://jabber.org/protocol/disco#items}item")]
+            assert listed == sorted([(here, here[:5]), (there, there[:5])])
+        # A third room, on either node: alice owns two already (one on each node).
+        for node in ("node1", "node2"):
+            third = next(f"extra{i}@{SERVICE}" for i in range(1000)
+                         if rendezvous(f"extra{i}@{SERVICE}", ("node1", "node2")) == node)
+            await alice.send(f"<presence to='{third}/Alice'><x xmlns='{MUC}'/></presence>")
+            refused = await alice.next_of("presence", 10)
+            assert refused.get("type") == "error" and refused.get("from") == f"{third}/Alice"
+            error = refused.find(f"{{{CLIENT}}}error")
+            assert error is not None and error.find(
+                "{urn:ietf:params:xml:ns:xmpp-stanzas}resource-constraint") is not None
+        # Bob owns none: he may.
+        got = await join(bob, "Bob", f"bobs@{SERVICE}")
+        assert "201" in codes(self_presence(got))
+        # cluster status: the rooms each node holds (its heartbeat publishes the count; the
+        # refused joins left claims of nothing behind, not counted).
+        from server.cluster.membership import status
+        cluster = one.server.cluster
+        assert cluster is not None
+        owners = {"node1": 1, "node2": 1}
+        owners[rendezvous(f"bobs@{SERVICE}", ("node1", "node2")) or ""] += 1
+
+        async def rooms_per_node() -> dict[str, int]:
+            return {n["node"]: n["rooms"] for n in await status(cluster.redis)}
+        for _ in range(100):
+            if await rooms_per_node() == owners:
+                break
+            await asyncio.sleep(0.05)
+        assert await rooms_per_node() == owners
+        for client in (alice, bob):
+            await client.close()
+    finally:
+        await stop_server(two)
+        await stop_server(one)

@@ -23,7 +23,7 @@ from tests.test_carbons import CARBONS, archive_ids, carbon, login, stanza_ids
 from tests.test_cluster import ALICE, BOB, MESSAGE, eventually, nodes, raw_available, sees  # noqa: F401
 from tests.test_csi import ACTIVE, INACTIVE, describe, until_held
 from tests.test_presence import next_presence, roster_of, subscribe_both
-from tests.test_sasl2 import S2, ping, q, scram_sasl2
+from tests.test_sasl2 import B2, S2, ping, q, scram_sasl2
 from tests.test_stream_management import SM, bodies, drop, read_all, resume, sm_login, tag
 
 CAROL = "carol@a.test"
@@ -196,6 +196,59 @@ async def test_resumption_on_the_other_node_moves_the_session(
     _other, answer = await resume(one, "no-such-id", 0)
     assert answer.find("{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
     for client in (new, bob):
+        await client.close()
+
+
+async def test_sasl2_inline_resumption_on_the_other_node_moves_the_session(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """XEP-0388 §2.6 with XEP-0198 §5 inline, across nodes: alice enables resumable SM in
+    Bind 2 on node1, loses her TCP connection, and resumes inside SASL2's <authenticate/> on
+    node2. <success/> carries <resumed/> (no <bound/>: XEP-0386), the session moves as with
+    <resume/> (server/cluster/handover.py): what she had not acknowledged and what came while
+    she was away arrive once each, after <success/>; it goes on from node2."""
+    one, two = nodes
+    alice = await one.raw()
+    success, _after = await scram_sasl2(
+        alice, bind=f"<tag>Test</tag><enable xmlns='{SM}' resume='true'/>")
+    jid = success.findtext(q(S2, "authorization-identifier")) or ""
+    enabled = success.find(f"{q(B2, 'bound')}/{q(SM, 'enabled')}")
+    assert enabled is not None and enabled.get("resume") == "true", etree.tostring(success)
+    previd = enabled.get("id")
+    await alice.send("<presence/>")
+    await next_presence(alice, None, ALICE)
+    bob = await two.raw_login(BOB, "pc")
+    await eventually(sees(two, jid), "node2 sees alice's session on node1")
+    await bob.send(f"<message to='{jid}' type='chat'><body>one</body></message>")
+    assert (await alice.next_of("message")).findtext(f"{{{CLIENT}}}body") == "one"
+    drop(alice)  # nothing acknowledged
+    await eventually(lambda: one.server.sessions.local(JID.parse(jid))  # type: ignore[attr-defined]
+                     .transport is None, "node1 noticed the drop")
+    await bob.send(f"<message to='{jid}' type='chat'><body>two</body></message>")
+    await asyncio.sleep(0.3)  # queued on node1, for the detached session
+    back = await two.raw()
+    success, _after = await scram_sasl2(
+        back, bind="<tag>Test</tag>", extra=f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    resumed = success.find(q(SM, "resumed"))
+    assert resumed is not None and resumed.get("previd") == previd, etree.tostring(success)
+    assert success.findtext(q(S2, "authorization-identifier")) == jid
+    assert success.find(q(B2, "bound")) is None
+    assert await bodies(back, 2) == ["one", "two"]
+    # The session is node2's now, and only node2's; it goes on from there, once.
+    assert type(two.server.sessions.get(JID.parse(jid))).__name__ == "Session"
+    assert one.server.sessions.local(JID.parse(jid)) is None  # type: ignore[attr-defined]
+    await bob.send(f"<message to='{jid}' type='chat'><body>three</body></message>")
+    assert await bodies(back, 1) == ["three"]
+    await back.send(f"<r xmlns='{SM}'/>")
+    while (el := await back.next()).tag != tag("a"):
+        assert el.tag != MESSAGE, etree.tostring(el)  # nothing delivered twice
+    # The same id resumes nothing on node1 any more (it names node2's session, now bound).
+    again = await one.raw()
+    success, _after = await scram_sasl2(
+        again, bind="<tag>Other</tag>", extra=f"<resume xmlns='{SM}' previd='no-such-id' h='0'/>")
+    failed = success.find(q(SM, "failed"))
+    assert failed is not None and failed.find(
+        "{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
+    for client in (back, bob, again):
         await client.close()
 
 

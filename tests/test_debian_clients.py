@@ -61,6 +61,7 @@ async def test_go_sendxmpp_starttls_and_direct_tls(tmp_path: Path) -> None:
         [listen]
         c2s = ["127.0.0.1:{c2s}"]
         c2s_tls = ["127.0.0.1:{c2s_tls}"]
+        https = []
         """))
     for user in ("alice", "bob"):
         subprocess.run(presenced("adduser", f"{user}@a.test", "--password", "pw-" + user,
@@ -89,10 +90,10 @@ def _port_free(port: int) -> bool:
 
 async def test_readme_default_serve_with_go_sendxmpp(tmp_path: Path) -> None:
     """README: `presenced serve` with no config (domain localhost, self-signed, 5222/5223)."""
-    if not (_port_free(5222) and _port_free(5223)):
+    if not all(_port_free(port) for port in (5222, 5223, 5281)):
         if on_ci():
-            raise AssertionError("ports 5222/5223 are taken on CI")
-        pytest.skip("ports 5222/5223 are in use on this machine")
+            raise AssertionError("ports 5222/5223/5281 are taken on CI")
+        pytest.skip("ports 5222/5223/5281 are in use on this machine")
     for user in ("alice", "bob"):
         subprocess.run(presenced("adduser", f"{user}@localhost", "--password", "pw-" + user),
                        check=True, cwd=tmp_path)

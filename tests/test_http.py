@@ -703,14 +703,15 @@ async def test_upload_hostile_numbers_content_type_and_cut_off_puts(
 
 
 async def test_files_expire(tmp_path: Path) -> None:
-    running = await start_upload(tmp_path, "expire_after = 1\n")
+    # 2 s: time for the PUT and the first GET on a loaded machine (CI saw 404 with 1 s)
+    running = await start_upload(tmp_path, "expire_after = 2\n")
     try:
         files = running.data_dir / "upload"
         client = await running.raw_login("alice@a.test")
         put, get = slot_urls(await request_slot(client, "old.txt", 3))
         assert (await put_file(put, b"old"))[0] == 201
         assert (await fetch(get))[2] == b"old"
-        await asyncio.sleep(2.1)
+        await asyncio.sleep(3.1)
         assert (await fetch(get))[0] == 404  # expired, even before a sweep
         await running.server.modules["upload"].sweep()  # (the periodic one may have run)
         assert not list(files.iterdir())

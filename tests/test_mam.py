@@ -312,6 +312,29 @@ async def test_group_commit_batches_concurrent_senders(server: RunningServer) ->
     assert module.writer.batches - batches < 40
 
 
+async def test_group_commit_lingers_until_a_query_needs_the_archive(
+        server: RunningServer) -> None:
+    """Messages wait in memory for the batch after them (bigger batches: fewer index pages
+    written per row); an archive query (like a stream management <a/>) ends the wait, so what
+    was delivered before it is in the answer."""
+    alice = await online(server, "alice@a.test")
+    bob = await online(server, "bob@a.test")
+    module = mam(server)
+    store = module.store
+    await chat(alice, "bob@a.test", "first")
+    await sync(alice)
+    assert (await query(bob)).bodies == ["first"]  # both archives exist now
+    module.writer.linger = 30.0  # longer than the test: only the query can end the wait
+    await chat(alice, "bob@a.test", "lingering")
+    await sync(alice)
+    delivered = [el for el in await sync(bob) if el.tag == MESSAGE]
+    assert [m.findtext(f"{{{CLIENT}}}body") for m in delivered] == ["lingering"]
+    assert delivered[0].find(STANZA_ID) is not None  # its id goes out before the write
+    assert await store.count("bob@a.test") == 1  # not written yet: waiting for company
+    assert (await query(bob)).bodies == ["first", "lingering"]
+    assert await store.count("alice@a.test") == 2
+
+
 # -- queries --------------------------------------------------------------------------------------
 
 

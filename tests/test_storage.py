@@ -4,6 +4,7 @@ cluster, see tests/pg.py), then each backend's own concerns (migrations, files, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 import threading
@@ -984,6 +985,38 @@ async def test_archive_expiry_in_batches(archived: Storage) -> None:
     assert await store.expire("alice@a.test", 20_000_000, 8) == 0
     assert await store.count("alice@a.test") == 5
     assert await store.expire("nobody@a.test", 20_000_000, 8) == 0
+
+
+async def test_archive_batch_with_new_owners(archived: Storage) -> None:
+    """One batch for owners with no row yet (every account's first message after a start):
+    accounts get theirs, a room its own (no account), an owner without an account none."""
+    store = archived.archive  # type: ignore[attr-defined]
+    await archived.accounts.create("carol", "a.test", credentials(3))
+    entries = [archive_entry(owner, "bob@a.test", n, account=owner != "room@muc.a.test")
+               for n, owner in enumerate(["alice@a.test", "nobody@a.test", "carol@a.test",
+                                          "room@muc.a.test", "alice@a.test", "bob@a.test"])]
+    ids = await store.append(entries)
+    assert ids[1] is None and None not in ids[:1] + ids[2:]
+    assert len(set(ids)) == 6
+    assert [await store.count(owner) for owner in
+            ("alice@a.test", "nobody@a.test", "carol@a.test", "room@muc.a.test", "bob@a.test")
+            ] == [2, 0, 1, 1, 1]
+    assert "nobody@a.test" not in await store.owners()
+
+
+async def test_archive_ids_reserved_while_a_batch_is_written(archived: Storage) -> None:
+    """Reserving ids does not wait for a batch being written (on SQLite the write lock is
+    held meanwhile): messages whose ids ran out would wait for the archive. Ids stay
+    unique and ascending."""
+    store = archived.archive  # type: ignore[attr-defined]
+    first = await store.reserve_ids(4)
+    lock = getattr(archived.db, "write_lock", None)
+    async with lock if lock is not None else contextlib.nullcontext():
+        more = await asyncio.wait_for(store.reserve_ids(4), 5)
+    assert more == sorted(more) and min(more) > max(first)
+    written = await store.append([archive_entry("alice@a.test", "bob@a.test", n)
+                                  for n in range(2)])
+    assert min(int(i) for i in written) > max(more)
 
 
 async def test_archive_concurrent_batches(config: StorageConfig) -> None:

@@ -11,6 +11,7 @@ single process it always was. Pieces:
   node, by a lock, publishes its sessions' unavailable presence, removes their directory
   entries and settles its inbox; the event cluster/node-died (server/events.py) tells every
   node's modules, e.g. the placement of rooms;
+- routes.py: external components (XEP-0114) connected to one node, reachable from all;
 - keys.py: every key, stream and channel name.
 
 Caches that modules keep per account (rosters, blocklists, hidden lists, archive preferences,
@@ -70,6 +71,7 @@ from server.jid import JID, InvalidJID
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.cluster.routes import ComponentRoutes
     from server.modules.carbons import Carbons
     from server.router import Router
     from server.sessions import Session
@@ -127,10 +129,19 @@ class Cluster:
         self._acking: set[asyncio.Task[None]] = set()
         self._subscribed = False  # our own invalidation subscription hears what we publish
         self._carbons: Carbons | None = None
+        self.routes: ComponentRoutes | None = None  # components on any node (routes.py)
 
     def attach(self, router: Router) -> None:
         """The router that undeliverable stanzas go back through (made after the directory)."""
         self.inbox.router = router
+        router.miss = self.directory.recheck
+
+    def component_routes(self) -> ComponentRoutes:
+        """External components (XEP-0114) reachable from every node (routes.py)."""
+        from server.cluster.routes import ComponentRoutes
+
+        routes = self.routes = ComponentRoutes(self)
+        return routes
 
     def _session_count(self) -> int:
         return len(self.directory)
@@ -226,6 +237,8 @@ class Cluster:
         """Fenced and joined again: our inbox's group (Redis may have lost it), and the old
         incarnation's leftovers in the background (the heartbeat must go on meanwhile)."""
         await self.inbox.prepare()
+        if self.routes is not None:
+            self.routes.rejoined()
         task = asyncio.ensure_future(self.reaper.claim_own())
         task.add_done_callback(_quiet)
         self._tasks.append(task)
@@ -264,7 +277,10 @@ class Cluster:
     def publish(self, kind: str, bare: JID) -> asyncio.Future[None]:
         """An account's cached data of this kind changed here: the other nodes drop theirs.
         Awaitable (a module answers once every node was told); it never raises."""
-        return asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
+        task = asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
+        self._acking.add(task)  # kept until done: a caller may not await it (the roster)
+        task.add_done_callback(self._acking.discard)
+        return task
 
     async def _publish(self, text: str) -> None:
         ack = f"{keys.ACK}{self.name}:{next(self._ack_numbers)}"

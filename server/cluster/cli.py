@@ -1,4 +1,5 @@
-"""`presenced cluster status`: the nodes of the cluster, their age and sessions, from Redis."""
+"""`presenced cluster status`: the nodes of the cluster, their age, sessions and rooms, from
+Redis."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True,
                                          metavar="COMMAND")
     show = cluster_sub.add_parser(
-        "status", parents=[common], help="list the nodes: alive, age, heartbeat, sessions",
+        "status", parents=[common], help="list the nodes: alive, age, heartbeat, sessions, rooms",
         description="list every node that joined the cluster of this configuration's "
                     "[cluster] redis: whether it is alive, its age, the age of its last "
-                    "heartbeat and its sessions")
+                    "heartbeat, its sessions and the MUC rooms it holds")
     show.add_argument("--json", action="store_true", help="one JSON object per node")
     show.set_defaults(run=cmd_status)
 
@@ -54,12 +55,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         for node in nodes:
             print(json.dumps(node))
         return 0
-    print(f"{'NODE':<20} {'STATE':<6} {'AGE':>10} {'HEARTBEAT':>10} {'SESSIONS':>9}  INCARNATION")
+    print(f"{'NODE':<20} {'STATE':<6} {'AGE':>10} {'HEARTBEAT':>10} {'SESSIONS':>9} "
+          f"{'ROOMS':>7}  INCARNATION")
     for node in nodes:
         beat = node["heartbeat_age"]
         print(f"{node['node']:<20} {'alive' if node['alive'] else 'dead':<6} "
               f"{_duration(node['age']):>10} {'-' if beat is None else f'{beat:.1f}s':>10} "
-              f"{node['sessions']:>9}  {node['incarnation']}")
+              f"{node['sessions']:>9} {node['rooms']:>7}  {node['incarnation']}")
     return 0
 
 

@@ -18,10 +18,12 @@ swaps the entry in and returns the one it replaced: the older session, wherever 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _RETRY = 0.5  # seconds between attempts of a write while Redis is unreachable
+_WRITTEN = 1.0  # seconds the inbox waits at most for the directory's earlier writes
+_RECHECK = 1.0  # seconds a stanza waits at most for a miss to be looked up again
+_BATCH = 256  # accounts whose entries one reload (or resync) pipeline reads
 
 
 def _unreachable() -> tuple[type[Exception], ...]:
@@ -143,8 +148,16 @@ class ClusterDirectory(SessionManager):
         self._update = redis.register_script(_UPDATE)
         self._reassert = redis.register_script(_REASSERT)
         self._writer: asyncio.Task[None] | None = None
-        self._loads: dict[JID, asyncio.Task[None]] = {}
+        # Accounts to read again (insertion-ordered), the one task reading them in batches,
+        # and the futures of rechecks waiting for a read that starts after they asked.
+        self._stale: dict[JID, None] = {}
+        self._reloader: asyncio.Task[None] | None = None
+        self._waiting: dict[JID, asyncio.Future[None]] = {}
         self.on_remote_change: Callable[[JID], None] | None = None
+        self.rechecks = 0  # misses looked up again in Redis (recheck)
+        self._queued = 0   # writes queued so far, and done so far (written())
+        self._done = 0
+        self._progress = asyncio.Event()
 
     # -- the Protocol ------------------------------------------------------------------------
 
@@ -157,13 +170,13 @@ class ClusterDirectory(SessionManager):
         full = super().bind(session, requested)
         # (a session moving here from another node comes with the id it announced there)
         self.sids[session] = self.sids.get(session) or secrets.token_hex(8)
-        self._ops.put_nowait(("bind", session, self.entry(session)))
+        self._put("bind", session, self.entry(session))
         return full
 
     def unbind(self, session: Session) -> bool:
         if not super().unbind(session):
             return False
-        self._ops.put_nowait(("unbind", session, None))
+        self._put("unbind", session, None)
         return True
 
     def get(self, full: JID) -> Session | None:
@@ -227,13 +240,38 @@ class ClusterDirectory(SessionManager):
     def changed(self, session: Session) -> None:
         """The session's presence (or priority, interest) changed: publish it."""
         if session in self.sids and super().get(session.jid) is session:
-            self._ops.put_nowait(("update", session, self.entry(session)))
+            self._put("update", session, self.entry(session))
 
     def reassert(self) -> None:
         """Redis lost our entries: every local session's again, in order with other writes."""
         for session in list(self.sids):
             if super().get(session.jid) is session:
-                self._ops.put_nowait(("reassert", session, self.entry(session)))
+                self._put("reassert", session, self.entry(session))
+
+    def _put(self, op: str, session: Session, entry: dict[str, Any] | None) -> None:
+        self._queued += 1
+        self._ops.put_nowait((op, session, entry))
+
+    def written(self) -> Awaitable[None] | None:
+        """What to await until the writes queued so far are in Redis (not those queued
+        meanwhile); None when they are. The inbox flushes a batch after this: a stanza a
+        session sent to another node reaches Redis after the session's entry, so that node
+        finds it there (recheck) when it answers before its replica caught up. Bounded
+        (_WRITTEN): with Redis unreachable the inbox has its own retries."""
+        target = self._queued
+        if self._done >= target or self._writer is None or self._writer.done():
+            return None
+        return self._written(target)
+
+    async def _written(self, target: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _WRITTEN
+        while self._done < target:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
 
     def start(self) -> None:
         self._writer = asyncio.ensure_future(self._write())
@@ -244,7 +282,7 @@ class ClusterDirectory(SessionManager):
             await self._ops.join()
 
     async def stop(self) -> None:
-        for task in [self._writer, *self._loads.values()]:
+        for task in [self._writer, self._reloader]:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -270,6 +308,9 @@ class ClusterDirectory(SessionManager):
                               session.jid_str)
             finally:
                 self._ops.task_done()
+                self._done += 1
+                self._progress.set()
+                self._progress = asyncio.Event()
 
     async def _apply(self, op: str, session: Session, entry: dict[str, Any] | None) -> None:
         membership = self.membership
@@ -304,27 +345,57 @@ class ClusterDirectory(SessionManager):
     # -- the replica of the other nodes' entries ---------------------------------------------
 
     def invalidate(self, bare_str: str) -> None:
-        """Another node changed this account's entries: reload them (one load at a time per
-        account; one asked for while a load runs starts after it)."""
-        bare = JID.parse(bare_str)
-        running = self._loads.get(bare)
-        if running is not None and not running.done():
-            running.add_done_callback(lambda _t: self.invalidate(bare_str))
-            return
-        self._loads[bare] = asyncio.ensure_future(self._load(bare))
+        """Another node changed this account's entries: read them again. One task reads the
+        accounts asked for in batches (a pipeline of HGETALLs each, one batch at a time, so one
+        account's reads apply in order): a burst of logins on the other nodes costs a round
+        trip per batch, not a Redis connection per login (seen with 6 workers: the reloads
+        emptied redis-py's pool and starved the heartbeats, and the nodes were fenced)."""
+        self._stale[JID.parse(bare_str)] = None
+        self._wake()
 
-    async def _load(self, bare: JID) -> None:
-        try:
-            raw = await self.redis.hgetall(keys.directory(str(bare)))
-            self._set_remote(bare, raw)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("event=cluster-directory-load-failed jid=%s error=%s", bare,
-                        type(exc).__name__)
-        finally:
-            if self._loads.get(bare) is asyncio.current_task():
-                del self._loads[bare]
+    def _wake(self) -> None:
+        if self._reloader is None or self._reloader.done():
+            self._reloader = asyncio.ensure_future(self._reload())
+
+    async def recheck(self, bare: JID) -> None:
+        """The router found no session for a stanza to this account (Router.miss): our
+        replica may lag a session bound on another node a moment ago (its invalidation is on
+        its way), so the account's entries are read from Redis once more (by a read that
+        starts after this call) before the stanza goes to offline storage or is refused. Only
+        on a miss: a hit in the replica costs no round trip."""
+        done = self._waiting.get(bare)
+        if done is None:
+            done = self._waiting[bare] = asyncio.get_running_loop().create_future()
+        self._stale[bare] = None
+        self.rechecks += 1
+        self._wake()
+        # Bounded: with Redis unreachable the stanza goes on as a miss (the read goes on).
+        await asyncio.wait([done], timeout=_RECHECK)
+
+    async def _reload(self) -> None:
+        while self._stale:
+            batch = list(itertools.islice(self._stale, _BATCH))
+            for bare in batch:
+                del self._stale[bare]
+            # A recheck asked before this read started is answered by it; one that asks
+            # while it is in flight waits for the next.
+            waiting = [f for bare in batch if (f := self._waiting.pop(bare, None)) is not None]
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for bare in batch:
+                        pipe.hgetall(keys.directory(str(bare)))
+                    answers = await pipe.execute()
+                for bare, raw in zip(batch, answers, strict=True):
+                    self._set_remote(bare, raw)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the periodic resync reads them again
+                log.warning("event=cluster-directory-load-failed accounts=%d error=%s",
+                            len(batch), type(exc).__name__)
+            finally:
+                for future in waiting:
+                    if not future.done():
+                        future.set_result(None)
 
     def _set_remote(self, bare: JID, raw: dict[bytes, bytes]) -> None:
         me = self.membership.name
@@ -346,12 +417,29 @@ class ClusterDirectory(SessionManager):
         """Reload every account's entries (at start, and now and then against a lost
         invalidation)."""
         seen: set[JID] = set()
+        found: list[bytes] = []
         async for key in self.redis.scan_iter(match=keys.DIRECTORY_PATTERN, count=500):
-            bare = JID.parse(key.decode()[len(keys.directory("")):])
-            seen.add(bare)
-            self._set_remote(bare, await self.redis.hgetall(key))
+            found.append(key)
+            if len(found) >= _BATCH:
+                await self._read_keys(found, seen)
+                found = []
+        await self._read_keys(found, seen)
         for bare in [b for b in self._remote if b not in seen]:
             del self._remote[bare]
+
+    async def _read_keys(self, found: list[bytes], seen: set[JID]) -> None:
+        """One pipeline for a batch of the resync's directory keys."""
+        if not found:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in found:
+                pipe.hgetall(key)
+            answers = await pipe.execute()
+        prefix = len(keys.directory(""))
+        for key, raw in zip(found, answers, strict=True):
+            bare = JID.parse(key.decode()[prefix:])
+            seen.add(bare)
+            self._set_remote(bare, raw)
 
     def forget_remote(self) -> None:
         self._remote.clear()

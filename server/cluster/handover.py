@@ -1,5 +1,7 @@
 """A session moving between nodes: XEP-0198 resumption on another node than the one the
-session was on (issue 22 item 4).
+session was on (issue 22 item 4), with <resume/> after binding or inline in SASL2's
+<authenticate/> (XEP-0388 §2.6: modules/stream_management.py takes the session over before
+<success/> is sent, then answers <resumed/> in it).
 
 Resumption ids are known cluster-wide: presenced:sm:<previd> names the node (and incarnation)
 holding a resumable session, written when SM is enabled with resume and deleted when the session
@@ -63,7 +65,7 @@ class Handover:
         # or None when it has no such resumable session of that account.
         self.give: Callable[[str, str], dict[str, Any] | None] | None = None
         inbox.commands[keys.HANDOVER] = self._asked
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background("sm-handover-write-failed")
 
     # -- resumption ids, cluster-wide --------------------------------------------------------
 
@@ -76,11 +78,11 @@ class Handover:
         membership = self.membership
         value = json.dumps({"n": membership.name, "i": membership.incarnation,
                             "j": session.jid_str})
-        self._spawn(self.redis.set(keys.resumption(previd), value))
+        self._background.spawn(self.redis.set(keys.resumption(previd), value))
 
     def forget(self, previd: str) -> None:
         """The session ended here: its id resumes nothing any more."""
-        self._spawn(self.redis.delete(keys.resumption(previd)))
+        self._background.spawn(self.redis.delete(keys.resumption(previd)))
 
     # -- taking a session from the node that holds it ----------------------------------------
 
@@ -133,19 +135,30 @@ class Handover:
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(fields["r"], json.dumps(state or {}))
         pipe.expire(fields["r"], _ANSWER_KEEP)
-        self._spawn(pipe.execute())
+        self._background.spawn(pipe.execute())
 
-    def _spawn(self, awaitable: Any) -> None:
+    async def flush(self) -> None:
+        await self._background.flush()
+
+
+class Background:
+    """Redis work nobody waits for (writes, clean-ups): kept until done (flush() at a stop),
+    a failure logged as one line (event=<event>)."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, awaitable: Any) -> None:
         task = asyncio.ensure_future(awaitable)
-        self._tasks.add(task)
+        self.tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+        self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("event=sm-handover-write-failed error=%s",
-                        type(task.exception()).__name__)
+            log.warning("event=%s error=%s", self.event, type(task.exception()).__name__)
 
-    async def flush(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def flush(self, timeout: float | None = None) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout)

@@ -73,8 +73,9 @@ class Inbox:
         self._seen: OrderedDict[str, None] = OrderedDict()
         # Entry kinds other than stanzas and kicks -> their handler (handover.py: "h")
         self.commands: dict[str, Callable[[dict[str, str]], None]] = {}
-        # kind -> the handler of "v" entries (placement.py registers one per kind it places)
-        self.placed: dict[str, Callable[[dict[str, str]], None]] = {}
+        # kind -> the handler of "v" entries (placement.py registers one per kind it places);
+        # what it returns, when not None, is done once the stanza was handled or forwarded
+        self.placed: dict[str, Callable[[dict[str, str]], Awaitable[Any] | None]] = {}
         self.sent = 0      # entries added to other nodes' inboxes
         self.received = 0  # entries handed over from ours
 
@@ -117,6 +118,11 @@ class Inbox:
         loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
+            # The directory's writes queued before these entries first: a session bound
+            # here a moment ago is in Redis before its first stanzas reach another node.
+            earlier = self.directory.written()
+            if earlier is not None:
+                await earlier
             pipe = self.redis.pipeline(transaction=False)
             for stream, entry in _entries(batch):
                 pipe.xadd(stream, entry, maxlen=_MAXLEN, approximate=True)
@@ -290,8 +296,12 @@ class Inbox:
         return len(unpacked)
 
     async def _settle(self, fields: dict[str, str], reason: str) -> None:
+        kind = fields.get("k")
+        if kind == "v":
+            await self._replace(fields, reason)
+            return
         try:
-            if fields.get("k") != "s" or not self._first(fields.get("m", "")):
+            if kind != "s" or not self._first(fields.get("m", "")):
                 return
             stanza = etree.fromstring(fields["x"], _PARSER)
             to = JID.parse(fields["j"])
@@ -304,6 +314,22 @@ class Inbox:
                 await done
             except StanzaError as err:  # offline storage full: the sender hears of it
                 self.router.reply_error(stanza, err, None)
+
+    async def _replace(self, fields: dict[str, str], reason: str) -> None:
+        """A stanza forwarded to a room's owner that died (or stopped) before it read it:
+        placement hands it to the room's new owner (claimed for the node the hashing picks
+        among the live ones), in the order of the stream, instead of losing it."""
+        if not self._first(fields.get("m", "")):
+            return
+        handler = self.placed.get(fields.get("p", ""))
+        if handler is None:
+            log.info("event=cluster-undeliverable stanza=placed kind=%s reason=%s",
+                     fields.get("p", ""), reason)
+            return
+        done = handler(fields)
+        if done is not None:
+            with contextlib.suppress(Exception):
+                await done
 
     def _first(self, ident: str) -> bool:
         """False for an entry id seen before (at least once: a duplicate)."""

@@ -33,6 +33,12 @@ between nodes: changing one is a cluster-wide upgrade).
     presenced:placed:room:<node>:<incarnation>
                                    set: the rooms that incarnation claimed (re-homed by the
                                    survivors when it dies)
+    presenced:component:<domain>   string: "<node>:<incarnation>", the node an external component
+                                   (XEP-0114) of that domain is connected to (routes.py), claimed
+                                   by placement.py's compare-and-set script; deleted when it
+                                   disconnects, or by the reaper when that incarnation dies
+    presenced:placed:component:<node>:<incarnation>
+                                   set: the component domains that incarnation claimed
     presenced:room-state:<room JID>
                                    string: JSON, the owner's mirror of a room's occupants (their
                                    nicks, roles, sessions with their node and presence) and of a
@@ -53,6 +59,7 @@ between nodes: changing one is a cluster-wide upgrade).
                                      a  its vCard's avatar hash (XEP-0153, modules/vcard.py)
                                      p  a PEP account's nodes (modules/pubsub/cluster.py)
                                      q  a pubsub service's nodes, by its domain (the same)
+                                     k  a component's route, by its domain (routes.py)
 """
 
 from __future__ import annotations
@@ -119,6 +126,8 @@ def reap(name: str, incarnation: str) -> str:
     return f"{PREFIX}reap:{name}:{incarnation}"
 
 
+COMPONENT = "component"  # the placed kind of component routes (routes.py)
+COMPONENT_ROUTE = "k"    # the invalidation kind of a component route (routes.py)
 HANDOVER = "h"  # an inbox entry: give up a resumable session (handover.py)
 
 

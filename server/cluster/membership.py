@@ -24,11 +24,12 @@ from server.cluster.settings import ClusterSettings
 
 log = logging.getLogger("presenced.cluster")
 
-# KEYS[1] node key, KEYS[2] stats; ARGV: incarnation, ttl ms, now ms, sessions
+# KEYS[1] node key, KEYS[2] stats; ARGV: incarnation, ttl ms, now ms, sessions, rooms
 _BEAT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[2], 'incarnation', ARGV[1], 'heartbeat', ARGV[3], 'sessions', ARGV[4])
+redis.call('HSET', KEYS[2], 'incarnation', ARGV[1], 'heartbeat', ARGV[3], 'sessions', ARGV[4],
+           'rooms', ARGV[5])
 return 1
 """
 
@@ -53,9 +54,12 @@ class Membership:
         self.started = time.time()
         self.live: dict[str, str] = {}  # node -> its live incarnation, as of the last beat
         self._sessions = sessions
+        # the MUC rooms this node holds (set by server/modules/muc/cluster.py), for status
+        self.room_count: Callable[[], int] = lambda: 0
         self._fenced = fenced
         self._beat = redis.register_script(_BEAT)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.on_live_changed: Callable[[], None] | None = None
         # (node, incarnation) of another node's incarnation that stopped being live.
         self.on_gone: Callable[[str, str], None] | None = None
@@ -94,7 +98,7 @@ class Membership:
         """Refresh our key; False when we were declared dead. Then refresh the live view."""
         ok = await self._beat(keys=[keys.node(self.name), keys.stats(self.name)],
                               args=[self.incarnation, self.ttl_ms, int(time.time() * 1000),
-                                    self._sessions()])
+                                    self._sessions(), self.room_count()])
         await self.refresh()
         return bool(ok)
 
@@ -115,8 +119,12 @@ class Membership:
         return self.live.get(node) == incarnation
 
     async def _run(self) -> None:
-        while True:
+        # Also ends by the flag: a cancellation swallowed inside a Redis call (Python 3.11's
+        # asyncio.timeout can) left this loop beating on, 'cancelling', while stop() waited.
+        while not self._stopping:
             await asyncio.sleep(self.settings.heartbeat)
+            if self._stopping:
+                return
             try:
                 alive = await self.beat()
             except asyncio.CancelledError:
@@ -181,9 +189,10 @@ class Membership:
 
     async def stop(self) -> None:
         """No more heartbeats (stopping)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=self.settings.heartbeat + 2.0)
 
     async def leave(self) -> None:
         """Graceful stop: give the name back at once."""
@@ -198,7 +207,7 @@ class Membership:
 
 async def status(redis: Any) -> list[dict[str, Any]]:
     """Every node that joined: name, incarnation, alive, age (s since start), heartbeat age,
-    sessions. For `presenced cluster status`."""
+    sessions, rooms. For `presenced cluster status`."""
     now = time.time()
     out = []
     for name_b, info_b in sorted((await redis.hgetall(keys.NODES)).items()):
@@ -214,5 +223,6 @@ async def status(redis: Any) -> list[dict[str, Any]]:
             "age": now - float(info["started"]),
             "heartbeat_age": (now - beat) if beat else None,
             "sessions": int(stats.get("sessions", 0)),
+            "rooms": int(stats.get("rooms", 0)),  # the MUC rooms it holds
         })
     return out

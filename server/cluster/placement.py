@@ -49,7 +49,6 @@ log = logging.getLogger("presenced.cluster")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _HOPS = 3       # forwards of one stanza between nodes whose views of the owner disagree
 _ATTEMPTS = 3   # claims tried (the membership view refreshed between them)
-_SENDER_WAITS, _SENDER_WAIT = 100, 0.02  # at most 2 s for a sender's directory entry
 
 # KEYS[1] the claim. ARGV[1] the owner wanted ("<node>:<incarnation>"), ARGV[2] the prefix of
 # node keys (presenced:node:), ARGV[3] the prefix of the claim sets (presenced:placed:<kind>:),
@@ -103,6 +102,10 @@ class Host(Protocol):
     def drop_all(self) -> None:
         """This node lost its incarnation: whatever it owned is no longer its own."""
 
+    async def handing_over(self, names: list[str]) -> None:
+        """Graceful stop: these things go to other nodes; what the next owner needs is
+        written (the mirror) and this node's copy dropped, without a word to anyone."""
+
 
 class Placement:
     def __init__(self, cluster: Cluster, kind: str, host: Host) -> None:
@@ -139,7 +142,7 @@ class Placement:
     def route(self, name: str, stanza: _Element, origin: Session | None, to: JID) -> Any:
         """A stanza for `name` that arrived at this node (the service's route function)."""
         if name in self.owned:
-            if name not in self._queues:  # (queued: being adopted, or waiting for a sender)
+            if name not in self._queues:  # (queued: being adopted)
                 return self.host.handle(stanza, to, self.me)
         elif (owner := self._owners.get(name)) is not None and self.membership.is_live(*owner):
             self.cluster.inbox.forward(owner[0], self.kind, name,
@@ -149,68 +152,69 @@ class Placement:
         self._enqueue(name, stanza, to, self.me, origin, 0, done)
         return done
 
-    def received(self, fields: dict[str, str]) -> None:
-        """A "v" entry of our inbox: a stanza another node forwarded for `name`."""
+    def received(self, fields: dict[str, str]) -> asyncio.Future[Any] | None:
+        """A "v" entry of our inbox: a stanza another node forwarded for `name` (or one that
+        was forwarded to a node that died before it read it: the reaper settles it here).
+        Returns, when the stanza has to wait, what is done once it was handled or sent on."""
         name = fields.get("j", "")
         # "<node>:<incarnation>" of the node the stanza first arrived at
         origin = fields.get("o") or fields.get("m", "").rpartition(":")[0]
+        if fields.get("a"):
+            # A stopping node handed `name` over to us (hand_over): taken over now, so that
+            # its occupants elsewhere go on without waiting for the next stanza.
+            if name in self.owned:
+                return None
+            try:
+                to = JID.parse(name)
+            except InvalidJID:
+                log.warning("event=placement-entry-bad kind=%s name=%s", self.kind, name)
+                return None
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._enqueue(name, _NOTHING, to, origin, None, 0, done)
+            return done
         try:
             stanza = etree.fromstring(fields["x"], _PARSER)
             to = JID.parse(stanza.get("to", ""))
         except (KeyError, etree.XMLSyntaxError, InvalidJID):
             log.warning("event=placement-entry-bad kind=%s name=%s", self.kind, name)
-            return
+            return None
         try:
             hops = parse_int(fields.get("h", "0"), maximum=_HOPS, name="h")
         except NumberError:
             hops = _HOPS
-        sender = self._unknown_sender(stanza)
-        if name in self.owned and name not in self._queues and sender is None:
-            self._complete(stanza, self.host.handle(stanza, to, origin), None)
-            return
+        # (A sender on another node that our directory replica does not know yet — its bind
+        # and its first stanzas travel apart — is found by what the room answers it: the
+        # router reads the directory in Redis on a miss, Router.miss.)
+        if name in self.owned and name not in self._queues:
+            result = self._handle(stanza, to, origin, None)
+            if inspect.isawaitable(result):
+                # What comes next for it waits until this is done: the stanzas of one
+                # stream reach the room in order (a groupchat message waits for its
+                # archive id, and the next must not overtake it).
+                self._queues[name] = []
+                self._spawn(self._after(name, result, stanza))
+            return None
         if name not in self.owned:
             self._owners.pop(name, None)  # we were thought the owner: our view may be stale
             hops += 1
-        self._enqueue(name, stanza, to, origin, None, hops, None, sender)
-
-    def _unknown_sender(self, stanza: _Element) -> JID | None:
-        """A session of ours on another node that our directory does not know yet: its bind
-        and its first stanzas travel apart (the directory's writes, the inbox streams), and
-        what the owner answers it (a join's presences) would find no session."""
-        try:
-            sender = JID.parse(stanza.get("from", ""))
-        except InvalidJID:
-            return None
-        if sender.resource is None or sender.domain not in self.cluster.inbox.router.hosts:
-            return None
-        return sender if self.cluster.directory.get(sender) is None else None
-
-    async def _sender_known(self, sender: JID) -> None:
-        directory = self.cluster.directory
-        directory.invalidate(str(sender.bare))
-        for _ in range(_SENDER_WAITS):
-            if directory.get(sender) is not None:
-                return
-            await asyncio.sleep(_SENDER_WAIT)
-        log.info("event=placement-sender-unknown kind=%s jid=%s", self.kind, sender)
+        waited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(name, stanza, to, origin, None, hops, waited)
+        return waited
 
     def _enqueue(self, name: str, stanza: _Element, to: JID, origin: str,
-                 session: Session | None, hops: int, done: asyncio.Future[Any] | None,
-                 sender: JID | None = None) -> None:
-        """Stanzas for a thing whose owner is being looked up (or whose sender is not known
-        here yet) wait, in order, for the answer."""
+                 session: Session | None, hops: int, done: asyncio.Future[Any] | None) -> None:
+        """Stanzas for a thing whose owner is being looked up wait, in order, for the
+        answer."""
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = []
-            self._spawn(self._resolve(name, sender))
+            self._spawn(self._resolve(name))
         queue.append((stanza, to, origin, session, hops, done))
 
-    async def _resolve(self, name: str, sender: JID | None = None) -> None:
+    async def _resolve(self, name: str) -> None:
         error: BaseException | None = None
         owner: tuple[str, str] | None = None
         try:
-            if sender is not None:
-                await self._sender_known(sender)
             owner = await self.owner(name)
             if owner == (self.membership.name, self.membership.incarnation) and (
                     name not in self.owned):
@@ -226,6 +230,56 @@ class Placement:
             if not isinstance(exc, StanzaError):
                 log.warning("event=placement-failed kind=%s name=%s error=%s", self.kind, name,
                             type(exc).__name__)
+        await self._dispatch(name, owner, error)
+
+    async def _after(self, name: str, pending: Awaitable[Any], stanza: _Element) -> None:
+        await self._finish(pending, stanza, None)
+        await self._run(name)
+
+    async def _run(self, name: str) -> None:
+        """As the owner: what waits for `name`, handled one at a time, in order (each one's
+        handling done before the next starts)."""
+        queue = self._queues.get(name, [])
+        while queue:
+            if name not in self.owned:  # handed over or dropped meanwhile: the rest goes on
+                self._spawn(self._resolve(name))
+                return
+            stanza, to, origin, session, _hops, done = queue.pop(0)
+            if stanza is not _NOTHING:
+                result = self._handle(stanza, to, origin, session)
+                if inspect.isawaitable(result):
+                    await self._finish(result, stanza, session)
+            if done is not None and not done.done():
+                done.set_result(True)
+        if self._queues.get(name) is queue:
+            del self._queues[name]
+
+    def _handle(self, stanza: _Element, to: JID, origin: str, session: Session | None) -> Any:
+        """Handled here as the owner; an awaitable when it goes on (its result then goes to
+        _finish), else done (an error answered)."""
+        try:
+            result = self.host.handle(stanza, to, origin)
+        except StanzaError as err:
+            self.cluster.inbox.router.reply_error(stanza, err, session)
+            return None
+        except Exception:
+            log.exception("event=placement-handler-failed kind=%s", self.kind)
+            self.cluster.inbox.router.reply_error(stanza, StanzaError("internal-server-error"),
+                                                  session)
+            return None
+        if inspect.isawaitable(result):
+            return result
+        self._complete(stanza, result, session)
+        return None
+
+    async def _dispatch(self, name: str, owner: tuple[str, str] | None,
+                        error: BaseException | None) -> None:
+        """What waited for `name`'s owner: handled here (in order), forwarded there, or
+        refused."""
+        if error is None and owner is not None and owner[0] == self.membership.name and (
+                name in self.owned):
+            await self._run(name)
+            return
         queue = self._queues.pop(name, [])
         for stanza, to, origin, session, hops, done in queue:
             if stanza is _NOTHING:
@@ -294,6 +348,8 @@ class Placement:
         """The live owner of `name`, claimed for the node the hashing picks when none is."""
         for _attempt in range(_ATTEMPTS):
             live = self.membership.live
+            if self.closing:  # stopping: our things go to the others (hand_over)
+                live = {n: i for n, i in live.items() if n != self.membership.name}
             node = rendezvous(name, live)
             if node is not None:
                 got = await self._claim(
@@ -318,6 +374,37 @@ class Placement:
         """Graceful stop: our claims go (what we held is re-claimed by the next stanza)."""
         for name in list(self.owned):
             await self.release(name)
+
+    async def hand_over(self) -> int:
+        """Graceful stop (after close()): each thing we own, and each stanza waiting here for
+        an owner, goes to the node the hashing picks among the others — claimed for it, told
+        to take it over at once (an "a" entry), then the waiting stanzas behind, in order.
+        The host has written what the new owner needs (the mirror) and dropped its copy.
+        How many things were handed over."""
+        names = sorted(self.owned)
+        for name in names:
+            self._queues.setdefault(name, [])  # what arrives meanwhile waits, in order
+        await self.host.handing_over(names)
+        handed = 0
+        for name in sorted(set(self._queues) | set(names)):
+            owner: tuple[str, str] | None = None
+            error: BaseException | None = None
+            try:
+                if name in self.owned:
+                    await self.release(name)
+                owner = await self.owner(name)
+                if name in names:
+                    self.cluster.inbox.send_fields(
+                        owner[0], {"k": "v", "p": self.kind, "j": name, "a": "1"})
+                    handed += 1
+            except Exception as exc:
+                error = exc
+                log.warning("event=placement-hand-over-failed kind=%s name=%s error=%s",
+                            self.kind, name, type(exc).__name__)
+            await self._dispatch(name, owner, error)
+        if names:
+            log.info("event=placement-handed-over kind=%s count=%d", self.kind, handed)
+        return handed
 
     # -- membership ------------------------------------------------------------------------
 

@@ -151,6 +151,8 @@ class Reaper:
         started = time.monotonic()
         sessions = await self._sessions(node, incarnation)
         entries = await self._inbox(node, incarnation)
+        if self.cluster.routes is not None:  # its components' routes (routes.py)
+            await self.cluster.routes.remove_claims(keys.incarnation(node, incarnation))
         await self.redis.hdel(keys.INCARNATIONS, keys.incarnation(node, incarnation))
         self._done.add(keys.incarnation(node, incarnation))
         self.reaped += 1

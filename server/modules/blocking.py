@@ -206,6 +206,11 @@ class Blocking(Module):
                 after = _EMPTY
                 changed = sorted(before.items)
             notes = await self._presence_notes(bare, changed, blocked)
+            # [cluster] every other node drops its copy (and reads the stored list again)
+            # before the answer and the pushes: a client that saw either finds the change
+            # in force on every node.
+            if self.changed is not None:
+                await self.changed(bare)
             # From here to the cache update nothing awaits: no stanza sees a half-made change.
             # The answer first, then the pushes (XEP-0191 §3.3, §3.4 examples).
             origin.send(st.result(stanza))
@@ -226,8 +231,6 @@ class Blocking(Module):
             routed = self._route(notes) if blocked else []
             if self.server.sessions.is_online(bare):
                 self._lists[origin.bare_str] = after
-            if self.changed is not None:  # told before the answer: then every node knows
-                await self.changed(bare)
             if not blocked:
                 routed = self._route(notes)
         log.info("event=blocklist-%s jid=%s count=%d", "block" if blocked else "unblock",

@@ -209,7 +209,7 @@ class Carbons(Module):
     def archived_sent(self, stanza: Stanza, account: str, ident: str) -> None:
         """MAM archived a local client's message under this id in the sender's archive (it
         runs before this module's filter/user handler): kept for the <sent/> copy."""
-        if JID.parse(account) not in self._accounts:
+        if not self._accounts or JID.parse(account) not in self._accounts:
             return
         remembered = self._sent_ids
         remembered[id(stanza)] = (stanza, ident)  # the stanza held: its id() is not reused

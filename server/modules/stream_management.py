@@ -172,10 +172,25 @@ class StreamManagement(Module):
         return self._enable(session, el) if el.tag == ENABLE else None
 
     @hook(events.SASL2_RESUME)
-    def sasl2_resume(self, stream: C2SConnection,
-                     el: Stanza) -> tuple[Stanza, Callable[[], None] | None] | None:
+    def sasl2_resume(self, stream: C2SConnection, el: Stanza) -> Any:
         """<resume/> inside SASL2's <authenticate/>: (<resumed/> or <failed/>, what to do once
-        <success/> is out: the redelivery); None when the stream was closed (h too high)."""
+        <success/> is out: the redelivery); None when the stream was closed (h too high). With
+        [cluster], a session held by another node is taken over first, as for <resume/>
+        (XEP-0388 §2.6 with XEP-0198 §5): then an awaitable of that answer."""
+        if self.handover is not None and el.get("previd", "") not in self.resumable:
+            return self._sasl2_resume_from_another_node(stream, el)
+        return self._sasl2_answer(stream, el)
+
+    async def _sasl2_resume_from_another_node(
+            self, stream: C2SConnection,
+            el: Stanza) -> tuple[Stanza, Callable[[], None] | None] | None:
+        await self._take_over(stream, el)
+        if stream.closing:
+            return None
+        return self._sasl2_answer(stream, el)
+
+    def _sasl2_answer(self, stream: C2SConnection,
+                      el: Stanza) -> tuple[Stanza, Callable[[], None] | None] | None:
         answer, state = self._resume(stream, el)
         if answer is None:
             return None
@@ -288,6 +303,13 @@ class StreamManagement(Module):
 
     async def _resume_from_another_node(self, stream: C2SConnection, el: Stanza) -> None:
         """The session is held by another node: take it over, then resume it here."""
+        await self._take_over(stream, el)
+        if not stream.closing:
+            self._resume_here(stream, el)
+
+    async def _take_over(self, stream: C2SConnection, el: Stanza) -> None:
+        """The session <resume/> names, held by another node, moved here (detached, resumable)
+        when that node gives it up; nothing when no live node holds it."""
         assert self.handover is not None
         negotiation = stream.negotiation
         previd = el.get("previd", "")
@@ -303,8 +325,6 @@ class StreamManagement(Module):
                 self.server.router.spawn(self._rescue(
                     Session(JID.parse(taken["j"]), None),
                     [etree.fromstring(x, _PARSER) for x in taken["q"]]))
-        if not stream.closing:
-            self._resume_here(stream, el)
 
     def give(self, previd: str, bare: str) -> dict[str, Any] | None:
         """Another node resumes this session: it leaves this node, as it is, in one step (no

@@ -329,7 +329,7 @@ class HTTPUpload(ServiceModule):
                 log.warning("event=upload-write-failed id=%s errno=%s error=%s", upload.id,
                             exc.errno, exc.strerror)
                 return _text(507, "the file cannot be stored now", close=True)
-            await storage.stored(upload.id, int(time.time()))
+            await storage.stored(upload.id, math.ceil(time.time()))  # kept at least expire_after
             ok = True
         finally:
             if not ok:
@@ -359,7 +359,7 @@ class HTTPUpload(ServiceModule):
         storage = self._store
         now = time.time()
         gone = await storage.expired(
-            int(now - self.config.expire_after),
+            math.ceil(now - self.config.expire_after),  # stored < now - expire_after, as _get
             int(now - self.config.slot_lifetime - 3600))  # a PUT may still be under way
         for upload_id in gone:
             await storage.delete(upload_id)

@@ -189,6 +189,9 @@ class Visibility(Module):
             await self.server.storage.private.set(user.local, user.domain,
                                                   [(ns.WATCHERS, "hidden", _serialise(after))])
             notes = await self._presence_notes(user, contact, hide)
+            # [cluster] every other node drops its copy before the answer (blocking.py).
+            if self.changed is not None:
+                await self.changed(user)
             # From here to the cache update nothing awaits: no stanza sees a half-made change.
             origin.send(st.result(stanza))  # the answer first, then the presence it causes
             # Filters judge a stanza as it is routed (before route() returns, while the
@@ -197,8 +200,6 @@ class Visibility(Module):
             routed = self._route(notes) if hide else []
             if self.server.sessions.is_online(user):
                 self._hidden[user] = after
-            if self.changed is not None:  # told before the answer: then every node knows
-                await self.changed(user)
             if not hide and not self.server.access.denied(user, contact):  # e.g. blocked
                 routed = self._route(notes)
         log.info("event=%s jid=%s", "hide" if hide else "unhide", user)

@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from server.storage import StoreSpec
 from server.storage.base import NoSuchAccount
@@ -93,10 +93,11 @@ class UnknownArchiveId(LookupError):
     """An id the query names is not in this owner's archive (XEP-0313: item-not-found)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ArchiveEntry:
+class ArchiveEntry(NamedTuple):
     """One message to archive. owner: bare JID string; account: the owner is an account
-    (its archive goes with it), else a room or other owner without an account row."""
+    (its archive goes with it), else a room or other owner without an account row. A named
+    tuple: one is made for each copy of every message archived, and a tuple is made in one C
+    call (a frozen dataclass sets each field through object.__setattr__)."""
 
     owner: str
     with_bare: str
@@ -206,7 +207,7 @@ _COLUMNS = "id, ts, with_bare, with_resource, outgoing, stanza"
 _INSERT = ("INSERT INTO archive_messages (id, owner, ts, with_bare, with_resource, outgoing, "
            "stanza) VALUES ")
 log = logging.getLogger("presenced.archive")
-_CHUNK = 1000  # rows per statement: 7000 parameters (SQLite allows 32766)
+_CHUNK = 1024  # rows per statement: 7168 parameters (SQLite allows 32766)
 # The next id: past every id ever given (AUTOINCREMENT's sqlite_sequence) and every row.
 _NEXT_ID = ("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = "
             "'archive_messages'), 0), coalesce((SELECT max(id) FROM archive_messages), 0)) + 1")
@@ -217,11 +218,29 @@ def _insert_sql(rows: int) -> str:
     return _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
 
 
+@functools.lru_cache(maxsize=16)
+def _padded_insert_sql(rows: int) -> str:
+    """A multi-row INSERT for a power of two of rows, the rows past the batch all NULL and
+    left out: eleven statements serve every batch, so they stay prepared in the connection's
+    statement cache (preparing one for each batch size cost more than the NULLs bound; ~17%
+    of the insert, batches of 100 to 1000 rows)."""
+    return (_INSERT.replace(" VALUES ", " SELECT * FROM (VALUES ")
+            + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows) + ") WHERE column1 IS NOT NULL")
+
+
+_NULL_ROW = (None,) * 7
+
+
 def _rows(ids: Sequence[int], owners: Sequence[int | None],
           entries: Sequence[ArchiveEntry]) -> list[Any]:
+    """The parameters of a multi-row INSERT. 'outgoing' goes as an int: Python's sqlite3
+    binds exact ints, floats, strings and bytearrays directly, and anything else (a bool)
+    through its adapter lookup, which fails through two AttributeErrors (bytes are
+    registered as their own adapter in server/storage/sqlite.py for the same reason)."""
     args: list[Any] = []
-    for number, owner, e in zip(ids, owners, entries, strict=True):
-        args += (number, owner, e.ts, e.with_bare, e.with_resource, e.outgoing, e.stanza)
+    for number, owner, (_, with_bare, resource, outgoing, ts, stanza, _, _) in zip(
+            ids, owners, entries, strict=True):
+        args += (number, owner, ts, with_bare, resource, 1 if outgoing else 0, stanza)
     return args
 
 
@@ -284,6 +303,42 @@ class SQLiteArchiveStore(Store):
         self._owners[owner] = int(row[0])
         return int(row[0])
 
+    async def _find_owners(self, missing: dict[str, bool]) -> None:
+        """Cache the ids of the owners of a batch (owner -> is an account), making the rows of
+        accounts that have none, in three statements whatever their number: one by one, a
+        batch with many new owners (every account's first message after a start) took a few
+        round trips each, through an event loop that is busy under load (seconds). What is
+        left (a room, an account that does not exist) goes the one-by-one way."""
+        names = list(missing)
+        found = await self._select_owners(names)
+        new = [owner for owner in names if owner not in found and missing[owner]]
+        for start in range(0, len(new), _CHUNK):
+            part = new[start:start + _CHUNK]
+            values: list[str] = []
+            for owner in part:
+                localpart, _, domain = owner.rpartition("@")
+                values += (owner, domain, localpart)
+            # Only for accounts that exist (the join): no foreign key fails the statement.
+            await self._db.execute(
+                "INSERT INTO archive_owners (jid, domain, localpart) SELECT v.column1, "
+                "v.column2, v.column3 FROM (VALUES " + ", ".join(["(?, ?, ?)"] * len(part))
+                + ") AS v JOIN accounts a ON a.domain = v.column2 AND a.localpart = v.column3 "
+                "WHERE true ON CONFLICT (jid) DO NOTHING", *values)
+            found.update(await self._select_owners(part))
+        if len(self._owners) + len(found) >= 100_000:
+            self._owners.clear()
+        self._owners.update(found)
+
+    async def _select_owners(self, names: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(names), _CHUNK):
+            part = names[start:start + _CHUNK]
+            for row in await self._db.fetch(
+                    "SELECT jid, id FROM archive_owners WHERE jid IN ("
+                    + ", ".join(["?"] * len(part)) + ")", *part):
+                found[str(row[0])] = int(row[1])
+        return found
+
     def forget(self, owner: str) -> None:
         """Drop a cached owner id (its account was deleted)."""
         self._owners.pop(owner, None)
@@ -295,6 +350,10 @@ class SQLiteArchiveStore(Store):
         (None for an entry whose owner account does not exist)."""
         owners: list[int | None] = []
         cached = self._owners
+        missing = {entry.owner: entry.account for entry in entries
+                   if entry.owner not in cached}
+        if missing:
+            await self._find_owners(missing)
         for entry in entries:
             number = cached.get(entry.owner)  # the usual case, without a coroutine per entry
             if number is None:
@@ -347,7 +406,10 @@ class SQLiteArchiveStore(Store):
                     self._next_id = await _next_id(self._db)
                 numbers = self._numbers(chunk)
                 try:
-                    await self._db.fetch(_insert_sql(len(chunk)), *_rows(numbers, rows, chunk))
+                    size = 1 << (len(chunk) - 1).bit_length()
+                    args = _rows(numbers, rows, chunk)
+                    args += _NULL_ROW * (size - len(chunk))
+                    await self._db.fetch(_padded_insert_sql(size), *args)
                 except UniqueViolation:
                     numbers = None
                     self._next_id = None
@@ -376,12 +438,17 @@ class SQLiteArchiveStore(Store):
         return numbers
 
     async def reserve_ids(self, count: int) -> list[int]:
-        lock = getattr(self._db, "write_lock", None)
-        async with lock if lock is not None else contextlib.nullcontext():
-            if self._next_id is None:
-                self._next_id = await _next_id(self._db)
-            first = self._next_id
-            self._next_id += count
+        """From the counter kept here, without waiting for the write lock once it is known:
+        the lock is held while a batch is written, and messages whose ids run out meanwhile
+        wait for them (under load the archive then set the pace of every conversation). A
+        batch being written took its numbers before it let go of the loop."""
+        if self._next_id is None:
+            lock = getattr(self._db, "write_lock", None)
+            async with lock if lock is not None else contextlib.nullcontext():
+                if self._next_id is None:
+                    self._next_id = await _next_id(self._db)
+        first = self._next_id
+        self._next_id += count
         return list(range(first, first + count))
 
     # -- reading -----------------------------------------------------------------------------
@@ -576,11 +643,12 @@ class PostgresArchiveStore(SQLiteArchiveStore):
         return [str(n) for n in numbers]
 
     async def reserve_ids(self, count: int) -> list[int]:
-        # The identity's sequence: ascending for one server, never given twice.
-        rows = await self._db.fetch(
-            "SELECT nextval(pg_get_serial_sequence('archive_messages', 'id')) "
+        # The identity's sequence: ascending for one server, never given twice. One row with
+        # an array (decoded in C), not a row per id.
+        row = await self._db.fetchrow(
+            "SELECT array_agg(nextval(pg_get_serial_sequence('archive_messages', 'id'))) "
             "FROM generate_series(1, ?)", count)
-        return sorted(int(r[0]) for r in rows)
+        return sorted(row[0]) if row is not None and row[0] is not None else []
 
 
 SPEC: StoreSpec = StoreSpec(name="archive", sqlite=SQLiteArchiveStore,

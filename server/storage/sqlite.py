@@ -53,6 +53,13 @@ LEGACY_VERSIONS: tuple[tuple[str, ...], ...] = (
 _UNAVAILABLE = frozenset({5, 6, 8, 10, 11, 13, 14})
 
 
+# Python's sqlite3 binds exact ints, floats, strings and bytearrays directly and anything else
+# through its adapter lookup, which for a value without an adapter fails through two
+# AttributeErrors (~0.6 us a value here). bytes registered as their own adapter bind the same
+# (a BLOB) with one dict lookup and a call: the archive binds one for each message copy.
+sqlite3.register_adapter(bytes, bytes)
+
+
 def _unavailable(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in _UNAVAILABLE

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lxml import etree
@@ -270,7 +271,9 @@ class C2SConnection(XMLStreamConnection):
     #   bind2/enable (session, element)      -> an element for <bound/>, True (done, nothing
     #                                           to say) or None (not mine: ignored)
     #   sasl2/resume (stream, <resume/>)     -> (<resumed/> | <failed/>, callable to run once
-    #                                           <success/> is out, or None) (XEP-0198)
+    #                                           <success/> is out, or None) (XEP-0198), or
+    #                                           an awaitable of it ([cluster]: a session
+    #                                           taken over from another node)
     #   fast/verify (user, domain, client, mechanism, proof, cb_data, invalidate)
     #                                        -> awaitable (HT responder data | None, rotate)
     #   fast/issue (user, domain, client, mechanism) -> awaitable (token, expiry) | None
@@ -312,6 +315,21 @@ class C2SConnection(XMLStreamConnection):
 
     def _resume_inline(self, element: _Element) -> None:
         found = self._server.hooks.fire("sasl2/resume", self, element)
+        if inspect.isawaitable(found):  # [cluster]: the session is taken from another node
+            self._spawn(self._resume_inline_later(found))
+            return
+        self._resumed_inline(found)
+
+    async def _resume_inline_later(self, pending: Awaitable[Any]) -> None:
+        try:
+            found = await pending
+        except Exception:
+            log.exception("event=sasl2-resume-failed peer=%s", self.peer)
+            self.close("internal-server-error", "the session could not be resumed")
+            return
+        self._resumed_inline(found)
+
+    def _resumed_inline(self, found: Any) -> None:
         if self._closing or found is None:
             return
         answer, after = found

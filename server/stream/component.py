@@ -32,6 +32,7 @@ from server.xml.stanza import STANZA_TAGS
 from server.xml.writer import serialize, stream_header, to_canonical
 
 if TYPE_CHECKING:
+    from server.cluster.routes import ComponentRoutes
     from server.config import Address, ComponentConfig
     from server.limits import Limiter
     from server.router import Router
@@ -134,8 +135,8 @@ class ComponentStream(XMLStreamConnection):
                              version=None)
 
     def _event(self, event: Event) -> None:
-        if self.domain is not None and type(event) is _ElementType:
-            self._stanza(event)
+        if (self.domain is not None or self._blocked) and type(event) is _ElementType:
+            self._stanza(event)  # (blocked: waits for the cluster-wide claim, then goes on)
             return
         for action in self.negotiation.receive(event):
             if isinstance(action, Send):
@@ -147,12 +148,44 @@ class ComponentStream(XMLStreamConnection):
                 if not self._components.attach(action.domain, self):
                     self.close("conflict", "this component is connected already")
                     return
-                self.domain = action.domain
-                log.info("event=component-authenticated peer=%s domain=%s", self.peer,
-                         action.domain)
+                routes = self._components.routes
+                if routes is not None:
+                    # [cluster]: the domain is claimed cluster-wide before <handshake/> goes
+                    # out; what the component sends meanwhile waits (server/cluster/routes.py).
+                    self._wait_for(self._components.router.spawn(
+                        self._claim(routes, action.domain)))
+                    return
+                self._authenticated(action.domain)
+
+    def _authenticated(self, domain: str) -> None:
+        self.domain = domain
+        log.info("event=component-authenticated peer=%s domain=%s", self.peer, domain)
+
+    async def _claim(self, routes: ComponentRoutes, domain: str) -> None:
+        try:
+            claimed = await routes.claim(domain)
+        except Exception as exc:  # Redis unreachable: refused, the component tries again
+            log.warning("event=component-claim-failed domain=%s error=%s", domain,
+                        type(exc).__name__)
+            self._components.detach(domain, self)
+            self.close("remote-connection-failed", "the cluster is unreachable")
+            return
+        if self._closing:  # gone meanwhile: what it claimed goes too
+            if claimed:
+                routes.release(domain)
+            self._components.detach(domain, self)
+            return
+        if not claimed:  # XEP-0114: connected to another node of the cluster
+            self._components.detach(domain, self)
+            self.close("conflict", "this component is connected already")
+            return
+        self._authenticated(domain)
+        self._write_now(f"<handshake xmlns='{ns.COMPONENT}'/>".encode())
 
     def _stanza(self, el: _Element) -> None:
         if self._blocked and self._hold(el):
+            return
+        if self.domain is None:  # [cluster]: held while the claim was under way, refused
             return
         if etree.QName(el).localname not in _STANZA_NAMES:
             self.close("unsupported-stanza-type", f"unexpected element {el.tag}")
@@ -187,7 +220,9 @@ class ComponentStream(XMLStreamConnection):
 
     def _detach(self) -> None:
         if self.domain is not None:
-            self._components.detach(self.domain, self)
+            if self._components.detach(self.domain, self) and \
+                    self._components.routes is not None:
+                self._components.routes.release(self.domain)
             log.info("event=component-disconnected domain=%s", self.domain)
             self.domain = None
 
@@ -199,8 +234,13 @@ class Components:
                  settings: dict[str, ComponentConfig], addresses: tuple[Address, ...],
                  new_parser: Callable[[], StreamParser],
                  add_service: Callable[[ServiceHost, Any], None],
-                 parent_of: Callable[[str], str], limiter: Limiter | None = None) -> None:
+                 parent_of: Callable[[str], str], limiter: Limiter | None = None,
+                 routes: ComponentRoutes | None = None) -> None:
         self.loop = loop
+        # [cluster]: a component connected to any node serves its domain for all of them
+        self.routes = routes
+        if routes is not None:
+            routes.components = self
         self.limiter = limiter  # the read rate of component streams ([limits])
         self.router = router
         self.settings = settings
@@ -228,9 +268,11 @@ class Components:
                 name = sock.getsockname()
                 log.info("event=listening kind=component address=%s:%s", name[0], name[1])
 
-    def _route(self, domain: str, stanza: _Element) -> bool:
+    def _route(self, domain: str, stanza: _Element) -> Any:
         stream = self.connected.get(domain)
-        if stream is None:
+        if stream is None or stream.domain is None:
+            if self.routes is not None:
+                return self.routes.route(domain, stanza)  # connected to another node?
             raise StanzaError("service-unavailable", f"{domain} is not connected")
         stream.deliver(stanza)
         return True
@@ -245,6 +287,9 @@ class Components:
         self._listeners.clear()
         for stream in list(self.streams):
             stream.close("system-shutdown", "the server is shutting down")
+            stream._detach()  # [cluster]: its domain is released before Redis closes
+        if self.routes is not None:
+            await self.routes.flush()
 
     def attach(self, domain: str, stream: ComponentStream) -> bool:
         if domain in self.connected:
@@ -252,9 +297,11 @@ class Components:
         self.connected[domain] = stream
         return True
 
-    def detach(self, domain: str, stream: ComponentStream) -> None:
+    def detach(self, domain: str, stream: ComponentStream) -> bool:
         if self.connected.get(domain) is stream:
             del self.connected[domain]
+            return True
+        return False
 
 
 _ElementType = type(etree.Element("x"))

@@ -162,12 +162,16 @@ class MucBase(ServiceModule):
 
     def _left(self, room: Room, real: JID, out: list[Stanza]) -> None:
         self._deliver(out)
+        self.unjoin(real, room)
+        self._maybe_forget(room)
+
+    def unjoin(self, real: JID, room: Room) -> None:
+        """The session `real` is no longer counted in `room` (self.joined)."""
         rooms = self.joined.get(real)
         if rooms is not None:
             rooms.discard(room)
             if not rooms:
                 del self.joined[real]
-        self._maybe_forget(room)
 
     def _maybe_forget(self, room: Room) -> None:
         if not room.occupants and not room.config.persistent and not room.destroyed:
@@ -180,8 +184,4 @@ class MucBase(ServiceModule):
 
     def _forget_sessions(self, room: Room, occupant: Occupant) -> None:
         for real in occupant.sessions:
-            rooms = self.joined.get(real)
-            if rooms is not None:
-                rooms.discard(room)
-                if not rooms:
-                    del self.joined[real]
+            self.unjoin(real, room)

@@ -14,9 +14,12 @@
   the hashing picks, which rebuilds each from the database (persistent config), the archive
   (history, XEP-0313) and the mirror (occupants), removes the dead node's occupants the same
   way, and keeps everyone else joined without a word (they have the room already).
-- A node that stops gracefully tells its rooms' occupants the service is going away (332, as
-  a single process does) and gives its claims back; a node fenced out of the cluster drops its
-  rooms silently (its client streams were closed; the rooms are re-claimed elsewhere).
+- A node that stops gracefully hands its rooms over before its streams close: each room's
+  state goes to the mirror, its claim to the node the hashing picks among the others, which
+  takes it over at once (placement.hand_over); occupants on other nodes stay joined without a
+  word, those on the stopping node leave as their sessions end (plain unavailable presence,
+  through the room's new node). A node fenced out of the cluster drops its rooms silently
+  (its client streams were closed; the rooms are re-claimed elsewhere).
 
 Occupants from other servers are not tied to a node (their server reaches the room through
 whichever node it talks to): a node's death does not remove them.
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("presenced.muc")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _SUBJECT = "{jabber:client}subject"
+_HAND_OVER = 10.0  # seconds a graceful stop gives its rooms' hand-over at most
 
 
 class PlacedRooms:
@@ -57,6 +61,7 @@ class PlacedRooms:
         self.membership = cluster.membership
         self.hosts = muc.server.router.hosts
         self.placement = Placement(cluster, "room", self)
+        cluster.membership.room_count = lambda: len(muc.rooms)  # `presenced cluster status`
         # room -> real full JID of each occupant session -> "<node>:<incarnation>" it came
         # through ("" for a user of another server)
         self.origins: dict[JID, dict[JID, str]] = {}
@@ -65,6 +70,10 @@ class PlacedRooms:
         self._writer: asyncio.Task[None] | None = None
         # our sessions (real full JID) -> rooms they joined that another node owns
         self.away: dict[JID, set[str]] = {}
+        self._handing: asyncio.Future[None] | None = None  # the graceful stop's hand-over
+        # account -> rooms it owns on other nodes, while a join that may create a room is
+        # handled (max_rooms_per_user; Service._check_room_quota)
+        self.owned_elsewhere: dict[JID, int] = {}
 
     # -- stanzas -----------------------------------------------------------------------------
 
@@ -108,6 +117,69 @@ class PlacedRooms:
                 self.muc.server.router.spawn(result)
 
     def handle(self, stanza: Any, to: JID, origin: str) -> Any:
+        if (to.resource is not None and stanza.tag == st.PRESENCE and stanza.get("type") is None
+                and self.muc.config.max_rooms_per_user and to.bare not in self.muc.rooms):
+            # A join that may create the room: [muc] max_rooms_per_user counts the rooms
+            # the sender owns on every node (the database and the mirrors), not just ours.
+            try:
+                sender = JID.parse(stanza.get("from", "")).bare
+            except InvalidJID:
+                sender = None
+            if sender is not None and str(sender) not in self.muc.server.config.admins:
+                return self._counted(sender, stanza, to, origin)
+        return self._handle(stanza, to, origin)
+
+    async def _counted(self, sender: JID, stanza: Any, to: JID, origin: str) -> Any:
+        local = {room.jid_str for room in self.muc.rooms.values()}
+        elsewhere = sum(1 for name, (_config, affiliations) in (await self.all_rooms()).items()
+                        if name not in local and affiliations.get(str(sender)) == "owner")
+        self.owned_elsewhere[sender] = elsewhere
+        try:
+            result = self._handle(stanza, to, origin)
+            return await result if inspect.isawaitable(result) else result
+        finally:
+            self.owned_elsewhere.pop(sender, None)
+
+    async def all_rooms(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """Every room of the service on every node, as name -> (config JSON, bare JID ->
+        affiliation): the persistent ones from the database (loaded on a node or not), the
+        temporary ones from the mirrors of the live nodes' claims, ours as they are now."""
+        muc = self.muc
+        rooms: dict[str, tuple[str, dict[str, str]]] = {}
+        for service in sorted(muc.services):
+            for stored in await muc.store.load(service):
+                rooms[stored.room] = (stored.config,
+                                      {j: a for j, (a, _r) in stored.affiliations.items()})
+        names: set[str] = set()
+        for node, incarnation in self.membership.live.items():
+            for raw in await self.redis.smembers(keys.placed_by("room", f"{node}:{incarnation}")):
+                names.add(raw.decode())
+        wanted = sorted(names - set(rooms))
+        if wanted:
+            for name, raw in zip(wanted, await self.redis.mget(
+                    [keys.room_state(name) for name in wanted]), strict=True):
+                if raw is None:
+                    continue
+                state = json.loads(raw)
+                rooms[name] = (state["c"], {j: a for j, (a, _r) in state.get("a", {}).items()})
+        for room in muc.rooms.values():
+            if not room.destroyed:
+                rooms[room.jid_str] = (room.config.to_json(),
+                                       {str(j): a for j, a in room.affiliations.items()})
+        return rooms
+
+    async def items(self, stanza: Any) -> Any:
+        """disco#items on the service (XEP-0045 §6.3): the public rooms of every node."""
+        service = stanza.get("to", "")
+        listed = []
+        for name, (config_json, _affiliations) in (await self.all_rooms()).items():
+            jid = JID.parse(name)
+            config = RoomConfig.from_json(config_json)
+            if jid.domain == service and config.public:
+                listed.append((name, config.name or jid.local or ""))
+        return self.muc.items_result(stanza, sorted(listed))
+
+    def _handle(self, stanza: Any, to: JID, origin: str) -> Any:
         result = self.muc.route(stanza, None, to)
         tag = stanza.tag
         if tag == st.PRESENCE or (tag == st.IQ and stanza.get("type") == "set") or (
@@ -173,7 +245,9 @@ class PlacedRooms:
                             type(exc).__name__)
 
     def state(self, room: Room) -> dict[str, Any]:
-        origins = self.origins.get(room.jid, {})
+        return self.state_with(room, self.origins.get(room.jid, {}))
+
+    def state_with(self, room: Room, origins: dict[JID, str]) -> dict[str, Any]:
         return {
             "c": room.config.to_json(), "s": room.subject, "f": room.subject_from,
             "a": {str(j): [a, room.reasons.get(j)] for j, a in room.affiliations.items()},
@@ -257,13 +331,61 @@ class PlacedRooms:
         self.origins.clear()
         self._written.clear()
 
-    async def stop(self) -> None:
-        """Graceful stop (the occupants were told, 332): the claims and mirrors go."""
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+    def stopping(self) -> asyncio.Future[None]:
+        """Graceful stop, before the streams close: no more take-overs here, and the rooms
+        handed over (bounded: a stop never hangs on Redis)."""
+        if self._handing is None:
+            self.placement.close()
+            me = self.membership.name
+            if any(node != me for node in self.membership.live):
+                self._handing = asyncio.ensure_future(self._bounded(self.placement.hand_over()))
+            else:  # the last node: the service goes away, as in a single process
+                self.muc.close_rooms()
+                self._handing = asyncio.ensure_future(self._bounded(self._give_up()))
+        return self._handing
+
+    async def _give_up(self) -> None:
+        """The last node stops: its claims and mirrors go."""
         names = list(self.placement.owned)
         await self.placement.release_all()
         if names:
             await self.redis.delete(*[keys.room_state(name) for name in names])
+
+    async def _bounded(self, step: Any) -> None:
+        try:
+            await asyncio.wait_for(step, _HAND_OVER)
+        except Exception as exc:
+            log.warning("event=muc-hand-over-failed error=%s", type(exc).__name__)
+
+    async def handing_over(self, names: list[str]) -> None:
+        """Graceful stop (placement.hand_over): each room's state in the mirror as it is now,
+        for its next owner; the room dropped here without a word (its occupants stay joined
+        there). Our own sessions in it are remembered in `away`, so that their unavailable
+        presence, when their streams close, reaches the room where it went."""
+        muc = self.muc
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        me = self.placement.me
+        for name in names:
+            room_jid = JID.parse(name)
+            room = muc.rooms.pop(room_jid, None)
+            self._dirty.discard(room_jid)
+            self._written.pop(room_jid, None)
+            origins = self.origins.pop(room_jid, {})
+            if room is None:
+                continue
+            if not room.destroyed:
+                await self.redis.set(keys.room_state(name), json.dumps(self.state_with(
+                    room, origins)))
+            for real in room.by_jid:
+                muc.unjoin(real, room)
+                if origins.get(real) == me:
+                    self.away.setdefault(real, set()).add(name)
+
+    async def stop(self) -> None:
+        """Graceful stop, after the hand-over: the mirror writer and placement's work end."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self.placement.stop()

@@ -113,20 +113,29 @@ class Service(Archive, Invitations, Voice):
             self.server.add_service(ServiceHost(service, domain, self.display_name), route)
 
     @hook(events.SERVER_STOPPING)
-    def stopping(self, _server: Any) -> None:
+    def stopping(self, _server: Any) -> Any:
         # Occupants are told the service is going away (status 332, XEP-0045 §17.5... §7.2)
         # first thing in a graceful stop, while their streams (c2s, and s2s to the servers of
         # remote occupants) are still open: stop() comes after they are closed.
+        if self.placed is not None:
+            # [cluster]: the rooms go to other nodes instead, before the streams close.
+            return self.placed.stopping()
+        self.close_rooms()
+        return None
+
+    def close_rooms(self) -> None:
+        """The service goes away: every occupant told so (332)."""
         for room in list(self.rooms.values()):
             for occupant in list(room.occupants.values()):
                 self._deliver(room.remove(occupant, ("332",)))
         self.joined.clear()
-        if self.placed is not None:
-            self.placed.placement.close()
-            self.server.router.spawn(self.placed.stop())
 
     async def stop(self) -> None:
-        self.stopping(self.server)
+        if self.placed is not None:
+            await self.placed.stopping()  # done already when the server stopped
+            await self.placed.stop()
+        else:
+            self.stopping(self.server)
         self.rooms.clear()
 
     def _restore(self, stored: StoredRoom) -> Room:
@@ -142,13 +151,20 @@ class Service(Archive, Invitations, Voice):
     def items(self, stanza: Stanza, _origin: Session | None) -> Any:
         if stanza[0].get("node") is not None:
             raise StanzaError("item-not-found", "no such node")
-        query = st.element(_ITEMS)
+        if self.placed is not None:
+            return self.placed.items(stanza)  # [cluster]: every node's rooms
         service = stanza.get("to", "")
-        for jid in sorted(self.rooms, key=str):
-            room = self.rooms[jid]
-            if jid.domain == service and room.config.public:
-                st.child(query, ns.q(ns.DISCO_ITEMS, "item"),
-                         {"jid": room.jid_str, "name": room.config.name or jid.local or ""})
+        return self.items_result(stanza, [
+            (room.jid_str, room.config.name or jid.local or "")
+            for jid, room in sorted(self.rooms.items(), key=lambda item: str(item[0]))
+            if jid.domain == service and room.config.public])
+
+    @staticmethod
+    def items_result(stanza: Stanza, rooms: list[tuple[str, str]]) -> Stanza:
+        """The disco#items result listing these (room JID, name)."""
+        query = st.element(_ITEMS)
+        for jid, name in rooms:
+            st.child(query, ns.q(ns.DISCO_ITEMS, "item"), {"jid": jid, "name": name})
         return st.result(stanza, query)
 
     # -- iqs to the service and to rooms (the parts declare theirs) ------------------------------
@@ -240,6 +256,8 @@ class Service(Archive, Invitations, Voice):
             return
         bare = sender.bare
         owned = sum(1 for room in self.rooms.values() if room.affiliations.get(bare) == "owner")
+        if self.placed is not None:  # [cluster]: and those on the other nodes
+            owned += self.placed.owned_elsewhere.get(bare, 0)
         if owned >= limit:
             raise StanzaError("resource-constraint", f"you own {owned} rooms already")
 
