@@ -205,8 +205,8 @@ def users_csv(p: Params) -> str:
     return "\n".join(rows) + "\n"
 
 
-def make_peer(kind: str) -> Peer:
-    host = ADDRESSES[kind]
+def make_peer(kind: str, host: str | None = None) -> Peer:
+    host = host or ADDRESSES[kind]
     if kind == "presenced":  # as shipped: every message archived, rooms archived
         return PresencedPeer(host=host, c2s_port=5222, c2s_direct_tls_port=TLS_PORT,
                              domains=(DOMAIN,),
@@ -266,8 +266,10 @@ def _tsung(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
-def run_one(kind: str, p: Params, log: Any = print) -> dict[str, Any]:
-    peer = make_peer(kind)
+def run_one(kind: str, p: Params, log: Any = print, host: str | None = None) -> dict[str, Any]:
+    """tsung's scenario against one fresh server (on host, by default its own address):
+    tsung.log's figures (parse_log) with the server's CPU seconds, RSS and tsung's log dir."""
+    peer = make_peer(kind, host)
     users = [f"t{i:05d}" for i in range(p.users)]
     target = loadgen.Target(peer.host, 5222, DOMAIN, PASSWORD)
     if isinstance(peer, ProsodyPeer | PresencedPeer):

@@ -327,3 +327,34 @@ def test_many_sessions_stay_connected_and_a_fresh_client_pings() -> None:
     assert max(got["rates"]) > 0 and got["logins_per_s"] > 0
     assert any(line.startswith("t=") and "connected=" in line for line in logged)
     print(many_sessions.describe(got, many_sessions.plan(p)))
+
+
+def test_table_quick_on_presenced_rows(tmp_path) -> None:
+    """`python -m bench.table --quick`, restricted to presenced and its 1:1 rows, seconds long:
+    the Markdown table names the machine and the load, shows the figures the benchmarks
+    measured, says how to run the 100k-sessions row whose result file is absent, and divides
+    presenced's figure by a peer's for the ratio columns."""
+    import json
+
+    from bench import table
+
+    out, figures = tmp_path / "table.md", tmp_path / "table.json"
+    assert table.main(["--quick", "--servers", "presenced", "--rows", "messages,sessions",
+                       "--out", str(out), "--json", str(figures),
+                       "--many-sessions", str(tmp_path / "absent.json")]) == 0
+    text = out.read_text()
+    assert "cores" in text and "load average" in text, text
+    got = json.loads(figures.read_text())["results"]["messages"]["presenced"]
+    assert got["off"] > 0 and got["on"] > 0, got
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1]
+             for line in text.splitlines() if line.startswith("| ")}
+    assert cells["1:1 messages per server CPU-s, archiving off"] == f"{got['off']:,.0f}"
+    assert cells["Many sessions (issue 25: 100,000), as bench.many_sessions reported"].startswith(
+        "not run (`python -m bench.many_sessions"), cells
+    # The ratio columns: presenced's figure over each peer's (the peers' archiving-on row is
+    # their archiving-off figure, as they run without an archive).
+    s = replace(table.Settings.for_quick(), servers=("presenced", "prosody"))
+    now = (table.datetime.now(table.UTC), (0.0, 0.0, 0.0))
+    both = table.format_table(s, {"messages": {"presenced": {"off": 300.0, "on": 150.0},
+                                               "prosody": {"off": 100.0}}}, "cmd", now, now)
+    assert "| 300 | 100 | 3.00x |" in both and "| 150 | 100 | 1.50x |" in both, both
