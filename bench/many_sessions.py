@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import math
 import multiprocessing
 import resource
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from bench import loadgen
@@ -453,6 +455,9 @@ def parse(argv: list[str] | None) -> Params:
                     help="seconds of logins at most; then what is connected is measured")
     ap.add_argument("--stall", type=float, default=defaults.stall,
                     help="seconds without a login done before the logins stop")
+    ap.add_argument("--json", metavar="FILE",
+                    help="also write the figures there (bench.table reads "
+                         "bench/results/many_sessions.json)")
     args = ap.parse_args(argv)
     if args.sessions < 1 or args.pings < 1:
         ap.error("--sessions and --pings must be at least 1")
@@ -470,8 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the run as an exception would: generators, servers and databases stopped.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     p = replace(parse(argv), log=_say)
+    json_out = argparse.ArgumentParser(add_help=False)
+    json_out.add_argument("--json")
+    path = json_out.parse_known_args(argv)[0].json
     result = run(p)
     print(describe(result, plan(p)), flush=True)
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0
 
 

@@ -12,8 +12,8 @@ duplicates are dropped.
 
 Entry fields:
     k  "s": a stanza for a session, "c": close that session with <conflict/>,
-       "v": a stanza for something placed on that node (a MUC room: placement.py), with
-       p  its kind ("room") and j its name (the room's bare JID)
+       "v": a stanza for something placed on that node (a MUC room, a component), with
+       p  its kind ("room": placement.py; "component": routes.py) and j its name (the bare JID)
     j  the session's full JID          s  its session id (a newer session of the JID: not it)
     x  the stanza (XML, jabber:client) m  "<node>:<incarnation>:<counter>", unique
     f  "1": forwarded once already (the session had moved to another node), not again

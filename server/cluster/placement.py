@@ -54,7 +54,7 @@ _ATTEMPTS = 3   # claims tried (the membership view refreshed between them)
 # node keys (presenced:node:), ARGV[3] the prefix of the claim sets (presenced:placed:<kind>:),
 # ARGV[4] the name. Returns the owner: the live one already there, or ARGV[1] now; nil when
 # the wanted incarnation is not live itself (the caller's view of the membership is stale).
-_CLAIM = """
+CLAIM_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local node, inc = string.match(cur, '^([^:]*):(.*)$')
@@ -68,7 +68,7 @@ if cur then redis.call('SREM', ARGV[3] .. cur, ARGV[4]) end
 return ARGV[1]
 """
 # KEYS[1] the claim, KEYS[2] the owner's claim set; ARGV[1] the owner, ARGV[2] the name.
-_RELEASE = """
+RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('SREM', KEYS[2], ARGV[2])
 return 1
@@ -118,8 +118,8 @@ class Placement:
         self._owners: dict[str, tuple[str, str]] = {}  # name -> (node, incarnation), cached
         self._queues: dict[str, list[tuple[_Element, JID, str, Session | None, int,
                                            asyncio.Future[Any] | None]]] = {}
-        self._claim = self.redis.register_script(_CLAIM)
-        self._release = self.redis.register_script(_RELEASE)
+        self._claim = self.redis.register_script(CLAIM_SCRIPT)
+        self._release = self.redis.register_script(RELEASE_SCRIPT)
         self._live: dict[str, str] = {}
         self._incarnation = ""
         self._tasks: set[asyncio.Task[Any]] = set()

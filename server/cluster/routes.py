@@ -28,7 +28,7 @@ from lxml import etree
 
 from server.cluster import keys
 from server.cluster.handover import Background
-from server.cluster.placement import _CLAIM, _RELEASE
+from server.cluster.placement import CLAIM_SCRIPT, RELEASE_SCRIPT
 from server.errors import StanzaError
 from server.jid import JID
 from server.xml import stanza as st
@@ -49,8 +49,8 @@ class ComponentRoutes:
         self.cluster = cluster
         self.redis = cluster.redis
         self.membership = cluster.membership
-        self._claim = self.redis.register_script(_CLAIM)
-        self._release = self.redis.register_script(_RELEASE)
+        self._claim = self.redis.register_script(CLAIM_SCRIPT)
+        self._release = self.redis.register_script(RELEASE_SCRIPT)
         self._owners: dict[str, tuple[str, str]] = {}  # domain -> (node, incarnation)
         self._background = Background("component-route-failed")
         self.components: Components | None = None  # set by the components (the streams here)
