@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from server import events
 from server.cluster import keys
 from server.cluster.directory import ClusterDirectory
-from server.cluster.handover import Handover
+from server.cluster.handover import Background, Handover
 from server.cluster.inbox import Inbox
 from server.cluster.membership import ClusterError, Membership
 from server.cluster.reaper import LOCK_MS, TOMBSTONE_MS, Reaper
@@ -126,7 +126,8 @@ class Cluster:
         self.directory.handover = self.handover
         self._caches: dict[str, Callable[[JID], None]] = {}  # kind -> forget(bare)
         self._ack_numbers = itertools.count()
-        self._acking: set[asyncio.Task[None]] = set()
+        # Publications nobody may await (the roster's) and acknowledgements, kept until done.
+        self._acking = Background("cluster-ack-failed")
         self._subscribed = False  # our own invalidation subscription hears what we publish
         self._carbons: Carbons | None = None
         self.routes: ComponentRoutes | None = None  # components on any node (routes.py)
@@ -187,7 +188,7 @@ class Cluster:
         for task in self._tasks:
             task.cancel()
         await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), "tasks")
-        await _bounded(asyncio.gather(*self._acking, return_exceptions=True), "acks")
+        await _bounded(self._acking.flush(), "acks")
         await self.membership.stop()
         settings = self.server.config.cluster
         await _bounded(self._hand_over(), "hand-over", _STOP_STEP + settings.heartbeat * 1.5)
@@ -277,10 +278,7 @@ class Cluster:
     def publish(self, kind: str, bare: JID) -> asyncio.Future[None]:
         """An account's cached data of this kind changed here: the other nodes drop theirs.
         Awaitable (a module answers once every node was told); it never raises."""
-        task = asyncio.ensure_future(self._publish(f"{self.name} {kind} {bare.bare}"))
-        self._acking.add(task)  # kept until done: a caller may not await it (the roster)
-        task.add_done_callback(self._acking.discard)
-        return task
+        return self._acking.spawn(self._publish(f"{self.name} {kind} {bare.bare}"))
 
     async def _publish(self, text: str) -> None:
         ack = f"{keys.ACK}{self.name}:{next(self._ack_numbers)}"
@@ -300,19 +298,12 @@ class Cluster:
         except Exception as exc:  # the other nodes drop it when the account goes offline
             log.warning("event=cluster-publish-failed error=%s", type(exc).__name__)
 
-    def _acknowledge(self, ack: str) -> None:
-        task = asyncio.create_task(self._push_ack(ack))
-        self._acking.add(task)
-        task.add_done_callback(self._acking.discard)
-
     async def _push_ack(self, ack: str) -> None:
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(ack, self.name)
-                pipe.expire(ack, int(_ACK_WAIT) + 10)
-                await pipe.execute()
-        except Exception as exc:  # the changing node stops waiting after _ACK_WAIT
-            log.warning("event=cluster-ack-failed error=%s", type(exc).__name__)
+        # A failure is logged (Background); the changing node stops waiting after _ACK_WAIT.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(ack, self.name)
+            pipe.expire(ack, int(_ACK_WAIT) + 10)
+            await pipe.execute()
 
     # -- events from the others --------------------------------------------------------------
 
@@ -346,7 +337,7 @@ class Cluster:
             self._drop(kind, bare)
         finally:
             if ack:
-                self._acknowledge(ack)
+                self._acking.spawn(self._push_ack(ack))
 
     def _drop(self, kind: str, bare: str) -> None:
         if kind == keys.DIRECTORY:

@@ -149,10 +149,11 @@ class Background:
         self.event = event
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, awaitable: Any) -> None:
+    def spawn(self, awaitable: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(awaitable)
         self.tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
