@@ -14,10 +14,11 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from bench.ports import free_port
 
 SUPERUSER = "postgres"
 PASSWORD = "pg-test-password"  # the superuser's: TCP connections must give one (scram-sha-256)
@@ -50,11 +51,6 @@ def _runner() -> list[str]:
     raise ClusterError("running as root without a postgres or nobody user")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
 
 class PostgresCluster:
     """``start()``, then ``create_database()`` and ``dsn(...)``; ``stop()`` removes it all.
@@ -68,7 +64,7 @@ class PostgresCluster:
             raise ClusterError("PostgreSQL is not installed (apt-get install postgresql)")
         self.bin = binaries
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.dir: Path | None = None
         self._prefix = _runner()
         self._names = itertools.count(1)

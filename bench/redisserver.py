@@ -11,11 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+from bench.ports import free_port
 
 
 class RedisServer:
@@ -25,7 +21,7 @@ class RedisServer:
             raise FileNotFoundError("redis-server is not installed (Debian: redis-server)")
         self.binary = binary
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.dir = Path(tempfile.mkdtemp(prefix="presenced-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
         self._next_db = 0

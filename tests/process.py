@@ -5,31 +5,20 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+# (re-exported: the tests take their ports from here)
+from bench.ports import free_port as free_port
+from bench.ports import free_ports as free_ports
+
 
 def presenced(*args: str) -> list[str]:
     exe = shutil.which("presenced")
     return [exe, *args] if exe else [sys.executable, "-m", "server", *args]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Distinct free ports: every socket stays bound until all are chosen, so the
-    kernel cannot hand the same ephemeral port out twice."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(1, host)[0]
 
 
 # Tracebacks seen on the stderr of presenced processes (the first lines of each): the autouse

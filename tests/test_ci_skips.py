@@ -34,7 +34,8 @@ def test_xfails():
 '''
 
 
-def run_tiny(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[str]:
+def run_tiny(tmp_path: Path, ci: str | None, *options: str
+             ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "conftest.py").write_text(
         "from tests.conftest import (pytest_make_collect_report, pytest_runtest_makereport,\n"
@@ -43,12 +44,14 @@ def run_tiny(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[str]
     (tmp_path / "test_module_skip.py").write_text(
         "import pytest\n\npytest.importorskip('no_such_module_for_this_test')\n\n\n"
         "def test_never_collected():\n    pass\n")
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    # (not this run's xdist worker: PYTEST_XDIST_WORKER says "a worker" to the tiny run)
+    env = {k: v for k, v in os.environ.items() if k != "CI" and not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(ROOT)
     if ci is not None:
         env["CI"] = ci
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs",
-                           "-q", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                           "-q", *options, str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True,
                           text=True, timeout=120)
 
 
@@ -75,6 +78,16 @@ def test_every_skip_fails_under_ci(tmp_path: Path) -> None:
             "'no_such_module_for_this_test'") in out, out
     # xfail is not a skip; the passing test still passes.
     assert "1 failed, 1 passed, 1 skipped, 1 xfailed, 1 error" in out.splitlines()[-1], out
+
+
+def test_a_skipped_module_fails_under_ci_on_xdist_workers(tmp_path: Path) -> None:
+    """The suite runs on pytest-xdist's workers (pyproject.toml), whose exit status the
+    controller does not read: there a module skipped at collection is a collection error."""
+    done = run_tiny(tmp_path, "true", "-n", "2")
+    assert done.returncode not in (0, 5), done.stdout + done.stderr
+    assert ("ERROR test_module_skip.py - skipped under CI (CI='true'), where nothing may be "
+            "skipped: could not import 'no_such_module_for_this_test'") in done.stdout, (
+        done.stdout)
 
 
 def test_empty_ci_variable_is_not_ci(tmp_path: Path) -> None:

@@ -47,6 +47,16 @@ async def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0)
         await asyncio.sleep(0.05)
 
 
+async def see_each_other(*running: RunningServer) -> None:
+    """Every node counts every other one live (rooms are placed by the hashing over what a
+    node sees: a node that joined a moment ago may not be in the others' view yet)."""
+    clusters = [r.server.cluster for r in running]
+    assert all(c is not None for c in clusters)
+    names = {c.membership.name for c in clusters if c is not None}
+    await eventually(lambda: all(names <= c.membership.live.keys() for c in clusters
+                                 if c is not None), "the nodes see each other")
+
+
 @pytest.fixture
 async def nodes(tmp_path: Path, pg_dsn: str, redis_url: str  # noqa: F811
                 ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
@@ -57,6 +67,7 @@ async def nodes(tmp_path: Path, pg_dsn: str, redis_url: str  # noqa: F811
     await one.add_user(ALICE)
     await one.add_user(BOB)
     try:
+        await see_each_other(one, two)
         yield one, two
     finally:
         await stop_server(two)

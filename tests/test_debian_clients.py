@@ -88,7 +88,8 @@ def _port_free(port: int) -> bool:
         return False
 
 
-async def test_readme_default_serve_with_go_sendxmpp(tmp_path: Path) -> None:
+async def test_readme_default_serve_with_go_sendxmpp(tmp_path: Path,
+                                                     hold_default_ports: None) -> None:
     """README: `presenced serve` with no config (domain localhost, self-signed, 5222/5223)."""
     if not all(_port_free(port) for port in (5222, 5223, 5281)):
         if on_ci():

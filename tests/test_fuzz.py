@@ -7,6 +7,7 @@ that a traceback in the server's log fails a test (tests/conftest.py).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 from pathlib import Path
@@ -19,7 +20,10 @@ from tests.fuzz.runner import run
 from tests.rawclient import condition
 
 FIXED_SEED = 20261207
-FRESH_SEED = secrets.randbelow(1 << 32)
+# One fresh seed per run: pytest-xdist's workers each collect the tests and must agree on the
+# ids, so under xdist it comes from the run's id they share.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+FRESH_SEED = int(_RUN, 16) % (1 << 32) if _RUN else secrets.randbelow(1 << 32)
 # Seconds of fuzzing per seed for each group (two seeds, with the servers' start and stop and
 # the reading of the suite's stanzas: about a minute in all).
 GROUPS = {"pure": (("parser", "negotiation"), 3.0),

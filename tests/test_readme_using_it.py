@@ -79,7 +79,7 @@ async def serve(args: list[str], cwd: Path, accounts: dict[str, str]) -> None:
         await asyncio.wait_for(proc.wait(), 15)
 
 
-async def test_readme_using_it_as_written(tmp_path: Path) -> None:
+async def test_readme_using_it_as_written(tmp_path: Path, hold_default_ports: None) -> None:
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     commands = using_it()
     assert ["presenced", "adduser", "alice@localhost"] in commands

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.peers import make_ca, make_certificates
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, default_ports
 
 VERSION = "1.17.0"
 # Every itest whose XEPs presenced serves (not test_sos: XEP-0455 service outage status).
@@ -75,6 +75,11 @@ def itests_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def localhost_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """presenced serving localhost on 127.0.0.1:5222 (direct TLS on 5223, https on 5281 for
     upload), where slixmpp looks by default."""
+    with default_ports():
+        yield from _localhost_server(tmp_path_factory)
+
+
+def _localhost_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     if not (_free(5222) and _free(5223) and _free(5281)):
         pytest.skip("127.0.0.1:5222, :5223 or :5281 is taken on this machine")
     tmp = tmp_path_factory.mktemp("itests-server")

@@ -128,6 +128,7 @@ class Cluster:
         self._ack_numbers = itertools.count()
         # Publications nobody may await (the roster's) and acknowledgements, kept until done.
         self._acking = Background("cluster-ack-failed")
+        self._refreshes = Background("cluster-refresh-failed")  # another node joined or left
         self._subscribed = False  # our own invalidation subscription hears what we publish
         self._carbons: Carbons | None = None
         self.routes: ComponentRoutes | None = None  # components on any node (routes.py)
@@ -171,6 +172,15 @@ class Cluster:
         self._tasks.append(asyncio.ensure_future(self._reap()))
         await self.inbox.claim_orphans()
         self.inbox.start()
+        await self._announce()
+
+    async def _announce(self) -> None:
+        """The others read the live nodes now rather than at their next heartbeat: rooms
+        are placed by the hashing over what each node sees."""
+        try:
+            await self.redis.publish(keys.INVALIDATE, f"{self.name} {keys.MEMBERSHIP} -")
+        except Exception as exc:  # their heartbeat reads it anyway
+            log.warning("event=cluster-announce-failed error=%s", type(exc).__name__)
 
     async def stop(self) -> None:
         """Graceful: the directory writes and outgoing stanzas are in Redis, then leave.
@@ -189,6 +199,7 @@ class Cluster:
             task.cancel()
         await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), "tasks")
         await _bounded(self._acking.flush(), "acks")
+        await _bounded(self._refreshes.flush(), "refreshes")
         await self.membership.stop()
         settings = self.server.config.cluster
         await _bounded(self._hand_over(), "hand-over", _STOP_STEP + settings.heartbeat * 1.5)
@@ -206,6 +217,7 @@ class Cluster:
             await self.membership.leave()
             return
         await self.membership.leave()
+        await self._announce()
         await asyncio.sleep(self.server.config.cluster.heartbeat * 1.5)
         entries = self.drained = await self.reaper.drain_stream(me, "node-stopped")
         await self.redis.delete(keys.node_sessions(me, incarnation))
@@ -340,6 +352,9 @@ class Cluster:
                 self._acking.spawn(self._push_ack(ack))
 
     def _drop(self, kind: str, bare: str) -> None:
+        if kind == keys.MEMBERSHIP:
+            self._refreshes.spawn(self.membership.refresh())
+            return
         if kind == keys.DIRECTORY:
             self.directory.invalidate(bare)
             return

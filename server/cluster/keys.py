@@ -60,6 +60,8 @@ between nodes: changing one is a cluster-wide upgrade).
                                      p  a PEP account's nodes (modules/pubsub/cluster.py)
                                      q  a pubsub service's nodes, by its domain (the same)
                                      k  a component's route, by its domain (routes.py)
+                                     n  the nodes: one joined or left (its name; the others
+                                        read the live nodes now, not at their next heartbeat)
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ ACK = PREFIX + "ack:"
 GROUP = "presenced"
 # Kinds of presenced:invalidate messages.
 DIRECTORY, ROSTER, BLOCKLIST, HIDDEN, ARCHIVE_PREFS, AVATAR = "d", "r", "b", "v", "m", "a"
+MEMBERSHIP = "n"
 
 
 def node(name: str) -> str:

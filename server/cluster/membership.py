@@ -60,6 +60,7 @@ class Membership:
         self._beat = redis.register_script(_BEAT)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._refreshing = asyncio.Lock()
         self.on_live_changed: Callable[[], None] | None = None
         # (node, incarnation) of another node's incarnation that stopped being live.
         self.on_gone: Callable[[str, str], None] | None = None
@@ -103,9 +104,15 @@ class Membership:
         return bool(ok)
 
     async def refresh(self) -> None:
-        names = sorted(n.decode() for n in await self.redis.hkeys(keys.NODES))
-        values = await self.redis.mget([keys.node(n) for n in names]) if names else []
-        live = {n: v.decode() for n, v in zip(names, values, strict=True) if v is not None}
+        # One at a time (the heartbeat's and an announcement's): an older read applied after
+        # a newer one would bring a dead node back for a beat, and report its death twice.
+        async with self._refreshing:
+            names = sorted(n.decode() for n in await self.redis.hkeys(keys.NODES))
+            values = await self.redis.mget([keys.node(n) for n in names]) if names else []
+            self._apply({n: v.decode() for n, v in zip(names, values, strict=True)
+                         if v is not None})
+
+    def _apply(self, live: dict[str, str]) -> None:
         if live != self.live:
             gone = [(n, i) for n, i in self.live.items() if live.get(n) != i and n != self.name]
             self.live = live

@@ -483,7 +483,11 @@ class Room:
             key = (other.role == "moderator", other is occupant)
             groups.setdefault(key, []).extend(str(real) for real in other.sessions)
         out: Out = []
-        for (to_moderator, is_self), recipients in groups.items():
+        # The occupant's own copy last (as XEP-0045 §7.2.3 asks of a join): once a client
+        # sees it, the others were sent theirs (slixmpp's itests wait on it, then on another
+        # occupant's copy).
+        for (to_moderator, is_self), recipients in sorted(groups.items(),
+                                                          key=lambda group: group[0][1]):
             out += addressed_copies(self._presence(
                 occupant, to_moderator, is_self, unavailable=unavailable, codes=codes,
                 self_codes=self_codes, **item), recipients)
