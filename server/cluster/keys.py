@@ -48,6 +48,9 @@ between nodes: changing one is a cluster-wide upgrade).
                                    (kind p, key its bare JID) or a pubsub service's (kind q, its
                                    domain) nodes, before it answers; a node whose copy is older
                                    reads them again (pubsub/cluster.py)
+    presenced:bosh:<sid>           string: "<node>:<incarnation>" holding that BOSH session, so
+                                   that its requests may reach any node (bosh.py); expires a
+                                   little after the session could have ended without a word
     presenced:invalidate           pub/sub channel: "<node> <kind> <bare JID>", fire-and-forget
                                    (the directory's periodic resync covers a lost one; a module's
                                    cache is dropped anyway when the account goes offline). Kinds:
@@ -110,6 +113,10 @@ def placed(kind: str, name: str) -> str:
 def placed_by(kind: str, owner: str) -> str:
     """The set of what one incarnation ("<node>:<incarnation>") claimed, of one kind."""
     return f"{PREFIX}placed:{kind}:{owner}"
+
+
+def bosh(sid: str) -> str:
+    return f"{PREFIX}bosh:{sid}"
 
 
 def room_state(room: str) -> str:

@@ -41,6 +41,7 @@ from server.xml.writer import STREAM_CLOSE
 
 if TYPE_CHECKING:
     from server.app import Server
+    from server.cluster.bosh import BoshRelay
 
 log = logging.getLogger("presenced.bosh")
 
@@ -319,6 +320,7 @@ class BoshSession(C2SConnection):
         """The session is over: forget it, as a TCP connection being lost."""
         if self._bosh.sessions.pop(self.sid, None) is None:
             return
+        self._bosh.ended(self.sid)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -339,24 +341,49 @@ class Bosh:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.sessions: dict[str, BoshSession] = {}
+        self._relay: BoshRelay | None = None
+
+    @property
+    def relay(self) -> BoshRelay | None:
+        """With [cluster]: requests for sessions held by other nodes go there
+        (server/cluster/bosh.py)."""
+        cluster = self.server.cluster
+        if self._relay is None and cluster is not None:
+            from server.cluster.bosh import BoshRelay
+
+            self._relay = BoshRelay(cluster, self.answer, MAX_PAUSE + MAX_WAIT + 30)
+        return self._relay
 
     async def handle(self, request: web.Request, peer: tuple[str, int] | None) -> web.Response:
         if request.method != "POST":
             return web.Response(text="XMPP over BOSH (XEP-0206): POST <body/> here\n")
         try:
             data = await _read_body(request)
+        except _Terminate as exc:
+            return _xml(_terminate_body(exc.condition))
+        return _xml(await self.answer(data, peer))
+
+    async def answer(self, data: bytes, peer: tuple[str, int] | None = None) -> bytes:
+        """The response to one request body (also for a request another node relayed)."""
+        try:
             body = _parse(data)
             rid = _number(body, "rid", MAX_RID)
             if rid is None:
                 raise _Terminate("bad-request")
             sid = body.get("sid")
             if sid is None:
-                return _xml(await self._create(body, rid, peer))
+                return await self._create(body, rid, peer)
             session = self.sessions.get(sid)
+            relay = self.relay
             if session is None:
-                raise _Terminate("item-not-found")
+                relayed = await self._relayed(relay, sid, data)
+                if relayed is None:
+                    raise _Terminate("item-not-found")
+                return relayed
+            if relay is not None:
+                relay.used(sid)
             try:
-                return _xml(await session.request(rid, body))
+                return await session.request(rid, body)
             except _Terminate as exc:
                 # XEP-0124 §14.2: a rid out of the window ends the session; so does a
                 # malformed attribute (§17.2 bad-request).
@@ -366,7 +393,22 @@ class Bosh:
                 session.finish()
                 raise
         except _Terminate as exc:
-            return _xml(_terminate_body(exc.condition))
+            return _terminate_body(exc.condition)
+
+    async def _relayed(self, relay: BoshRelay | None, sid: str, data: bytes) -> bytes | None:
+        if relay is None:
+            return None
+        try:
+            return await relay.relay(sid, data, MAX_WAIT + 10)
+        except TimeoutError:
+            return _terminate_body("remote-connection-failed")
+        except Exception as exc:  # Redis unreachable: the session cannot be found
+            log.warning("event=bosh-relay-failed error=%s", type(exc).__name__)
+            return None
+
+    def ended(self, sid: str) -> None:
+        if self._relay is not None:
+            self._relay.ended(sid)
 
     async def _create(self, body: etree._Element, rid: int,
                       peer: tuple[str, int] | None) -> bytes:
@@ -404,6 +446,12 @@ class Bosh:
         response = _body(payload, f" xmlns:xmpp='{XBOSH}'{text}")
         session._record(rid, response)
         session._touch()
+        relay = self.relay
+        if relay is not None:
+            try:
+                await relay.held(session.sid)
+            except Exception as exc:  # its requests must then reach this node
+                log.warning("event=bosh-relay-failed error=%s", type(exc).__name__)
         log.info("event=bosh-session sid=%s peer=%s", session.sid[:8], session.peer)
         return response
 
