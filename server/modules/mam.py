@@ -307,7 +307,11 @@ class Mam(Module):
     @property
     def writer(self) -> _Writer:
         if self._writer is None:
-            self._writer = _Writer(self.store, _LINGER)
+            # [cluster]: no lingering. An archive query waits for this node's writes only, and
+            # a query on another node (the user's other device) must find what was archived
+            # here a moment ago. (Rows that come while a write is under way still go together.)
+            linger = 0.0 if self.server.config.cluster.enabled else _LINGER
+            self._writer = _Writer(self.store, linger)
         return self._writer
 
     async def start(self) -> None:

@@ -43,12 +43,12 @@ _CDATA = b"<![CDATA["
 _SLICE = 16384
 _WHITESPACE = b" \t\r\n"
 _BLANK = re.compile(rb"[ \t\r\n]*\Z")
-# The end of a read after which libxml2 holds nothing but whitespace: a complete tag ('>' may
-# occur in quoted attribute values), then whitespace. Text or a partial tag stays pending.
-# A read that ends with a whole tag (quotes respected) and whitespace ends at a stanza boundary
-# when libxml2 was between tags where that tag began: see StreamParser._clean.
-_TAG_END = re.compile(rb"""<[^<>"']*(?:(?:"[^"]*"|'[^']*')[^<>"']*)*>[ \t\r\n]*\Z""")
-_EQ_OR_SPACE = b"= \t\r\n"
+# What libxml2 has read whole, holding nothing but whitespace: text and tags (each ending at
+# its first '>' outside quotes, as libxml2 looks for it) or CDATA sections, then whitespace.
+# See StreamParser._clean.
+_BETWEEN_TAGS = re.compile(
+    rb"""(?:[^<]*(?:<!\[CDATA\[(?:[^\]]|\](?!\]>))*\]\]>|<[^<>"']*(?:(?:"[^"]*"|'[^']*')[^<>"']*)*>))*"""
+    rb"""[ \t\r\n]*\Z""")
 _UNCHECKED_MAX = 1 << 20  # bytes kept to judge a parser clean; beyond, the stream keeps it
 _POOL_OPENINGS = 4        # stream openings (c2s, s2s in and out, ...) with idle lxml parsers kept
 _POOL_SIZE = 8            # idle lxml parsers kept per opening (per thread)
@@ -168,26 +168,18 @@ class StreamParser:
 
     def _clean(self) -> bool:
         """Whether libxml2 holds nothing of this stream, judged on everything fed since it last
-        held nothing: that ends with a whole tag, and libxml2 was between tags where that tag
-        began. It was unless the '<' was inside CDATA (the scanner knows), a comment or PI
-        (refused before), a tag outside quotes (libxml2 fails at once), or a quoted attribute
-        value: '<iq a="<x/>' ends like a tag while libxml2 is still in the quote, and the next
-        stream to borrow the parser would have its bytes read into that value."""
+        held nothing: tag after tag (CDATA sections whole), then whitespace. A tag ends at the
+        first '>' outside quotes, where any quote opens a quoted stretch until the same quote
+        comes again: libxml2's push parser looks for a tag's end that way (xmlParseLookupGt)
+        and holds the bytes until it finds it. Judging only the last tag was not enough: after
+        '<iq xmlns=\xfcjabber:client" ...' (found by the fuzzers) every quote that follows is
+        paired one off, libxml2 held the rest, and the next stream to borrow the parser had
+        its bytes read into that tag (its <starttls/> never came out). Comments and processing
+        instructions never get here (refused before)."""
         data = self._unchecked
         if not data:
             return False
-        last_tag = data.rfind(b"<")
-        if last_tag < 0 or _TAG_END.match(data, last_tag) is None:
-            return False
-        # Inside a value quoted with q, the last q is the one that opened it, before the last
-        # tag (whose quotes are balanced) and after '=' (XML's Eq). A closing quote after '='
-        # (a base64 value) looks alike: then the parser stays, which costs only the pooling.
-        at = data.rfind(34, 0, last_tag)  # '"'
-        if at > 0 and data[at - 1] in _EQ_OR_SPACE and _opens_value(data, at, last_tag):
-            return False
-        at = data.rfind(39, 0, last_tag)  # "'"
-        return not (at > 0 and data[at - 1] in _EQ_OR_SPACE
-                    and _opens_value(data, at, last_tag))
+        return _BETWEEN_TAGS.match(data) is not None
 
     @property
     def idle(self) -> bool:
@@ -322,17 +314,6 @@ class StreamParser:
                     raise _Restricted(start, "restricted-xml", "comments and DTDs are not allowed")
                 self._in_cdata = True
                 pos = start + len(_CDATA)
-
-
-def _opens_value(data: bytes, at: int, last_tag: int) -> bool:
-    """Whether the quote at `at` (the last of its kind before the last tag, none after it)
-    follows '=' and so opens an attribute value that is still open."""
-    if data.find(data[at], last_tag) >= 0:
-        return False
-    before = at - 1
-    while before > 0 and data[before] in b" \t\r\n":
-        before -= 1
-    return data[before] == 61  # '='
 
 
 class _Restricted(Exception):
