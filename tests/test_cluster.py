@@ -444,3 +444,73 @@ async def test_a_burst_of_changes_elsewhere_is_read_in_batches(
     finally:
         await watcher.aclose()
         await bob.close()
+
+
+async def test_a_busy_event_loop_is_not_a_dead_node(
+        nodes: tuple[RunningServer, RunningServer], caplog: pytest.LogCaptureFixture) -> None:
+    """A node whose event loop is starved (CPU-bound work, here a blocking sleep longer than
+    dead_after) is busy, not dead: its heartbeat thread keeps its key, nobody declares it dead,
+    it does not fence itself, and its clients stay connected (session 7: a CPU-starved worker
+    was fenced and closed ~9,500 sessions, whose reconnections loaded the others further)."""
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO, logger="presenced.cluster")
+    one, two = nodes
+    clusters = [one.server.cluster, two.server.cluster]
+    assert clusters[0] is not None and clusters[1] is not None
+    alice = await raw_available(one, ALICE, "phone")
+    bob = await raw_available(two, BOB, "desk")
+    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
+    await eventually(sees(two, f"{ALICE}/phone"), "node2 sees alice on node1")
+    before = [c.membership.incarnation for c in clusters if c is not None]
+    dead_after = clusters[0].membership.settings.dead_after
+    loop = asyncio.get_running_loop()
+    blocked = loop.create_future()
+
+    def block() -> None:  # both nodes share this loop: both are starved
+        time.sleep(dead_after + 1.5)
+        blocked.set_result(None)
+
+    loop.call_soon(block)
+    await blocked
+    await asyncio.sleep(dead_after)  # time for a fencing, a reaping, to happen
+    assert not [r for r in caplog.records if "event=cluster-fenced" in r.getMessage()]
+    assert not [r for r in caplog.records if "event=cluster-node-died" in r.getMessage()]
+    assert [c.membership.incarnation for c in clusters if c is not None] == before
+    await alice.send(f"<message to='{BOB}/desk' type='chat' id='b1'><body>still here</body>"
+                     "</message>")
+    got = await bob.expect(MESSAGE)
+    assert (got.get("id"), got.findtext(f"{{{CLIENT}}}body")) == ("b1", "still here")
+    await bob.send(f"<message to='{ALICE}/phone' type='chat' id='b2'><body>me too</body>"
+                   "</message>")
+    assert (await alice.expect(MESSAGE)).get("id") == "b2"
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_hung_event_loop_is_a_dead_node(nodes: tuple[RunningServer, RunningServer]
+                                                ) -> None:
+    """The heartbeat thread beats only while the event loop shows progress: a loop that has
+    shown none for hung_after(dead_after) seconds is hung, its key expires and the others
+    declare the node dead within dead_after, as for a frozen process."""
+    import time
+
+    from server.cluster.heartbeat import hung_after
+
+    one, two = nodes
+    cluster, other = one.server.cluster, two.server.cluster
+    assert cluster is not None and other is not None
+    membership = other.membership
+    dead = membership.incarnation
+    await asyncio.sleep(0.5)
+    assert membership.thread.beats > 0
+    # node2's loop side stops (as a hung loop would), its last sign of progress long ago.
+    assert membership._task is not None
+    membership._task.cancel()
+    membership.progress = time.monotonic() - hung_after(membership.settings.dead_after) - 1
+    beats = membership.thread.beats
+    await eventually(lambda: cluster.membership.live.get("node2") != dead,
+                     "node1 declares node2 dead", timeout=membership.settings.dead_after + 2)
+    assert membership.thread.beats == beats
+    assert membership.thread.alive  # not stopped: it waits for the loop
