@@ -285,6 +285,7 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
     assert all(n["alive"] for n in nodes_seen.values())
     assert (nodes_seen["node1"]["sessions"], nodes_seen["node2"]["sessions"]) == (1, 2)
     assert (nodes_seen["node1"]["rooms"], nodes_seen["node2"]["rooms"]) == (0, 0)
+    assert all(isinstance(n["missed"], int) for n in nodes_seen.values())
     assert nodes_seen["node2"]["incarnation"] == two.server.cluster.membership.incarnation  # type: ignore[union-attr]
     # The table form names both.
     proc = await asyncio.create_subprocess_exec(
@@ -292,7 +293,8 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, _err = await asyncio.wait_for(proc.communicate(), 60)
     lines = out.decode().splitlines()
-    assert lines[0].split()[:6] == ["NODE", "STATE", "AGE", "HEARTBEAT", "SESSIONS", "ROOMS"]
+    assert lines[0].split()[:7] == ["NODE", "STATE", "AGE", "HEARTBEAT", "SESSIONS", "ROOMS",
+                                    "MISSED"]
     assert [line.split()[:2] for line in lines[1:]] == [["node1", "alive"], ["node2", "alive"]]
     assert [line.split()[4:6] for line in lines[1:]] == [["1", "0"], ["2", "0"]]
     for client in (alice, bob, bob2):
@@ -514,3 +516,54 @@ async def test_a_hung_event_loop_is_a_dead_node(nodes: tuple[RunningServer, Runn
                      "node1 declares node2 dead", timeout=membership.settings.dead_after + 2)
     assert membership.thread.beats == beats
     assert membership.thread.alive  # not stopped: it waits for the loop
+
+
+async def test_missed_heartbeats_are_counted_and_shown(
+        nodes: tuple[RunningServer, RunningServer], redis_server: Any,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis paused for less than dead_after: every node misses beats, is not declared dead,
+    and says how many it missed (`presenced cluster status`, /metrics) and, while it waits,
+    how overdue its next beat is."""
+    import logging
+    import signal
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.cluster.membership import status
+    from server.http.metrics import Metrics
+
+    caplog.set_level(logging.INFO, logger="presenced.cluster")
+    one, _two = nodes
+    cluster = one.server.cluster
+    assert cluster is not None
+    metrics = Metrics(one.server)
+
+    def samples() -> dict[str, float]:
+        text = metrics.render("text/plain")[0].decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name.startswith("presenced_cluster_heartbeat")}
+
+    await asyncio.sleep(0.5)
+    before = samples()
+    assert before["presenced_cluster_heartbeats_missed_total"] == 0
+    assert before["presenced_cluster_heartbeat_late_seconds"] < 0.5
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.2)
+        assert samples()["presenced_cluster_heartbeat_late_seconds"] >= 0.6
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    await eventually(lambda: cluster.membership.thread.missed >= 3, "node1 counts them")
+    after = samples()
+    assert after["presenced_cluster_heartbeats_missed_total"] >= 3
+    assert after["presenced_cluster_heartbeat_late_seconds"] < 0.5
+
+    async def published() -> dict[str, int]:
+        return {n["node"]: n["missed"] for n in await status(cluster.redis)}
+    for _ in range(50):
+        missed = await published()
+        if all(m >= 3 for m in missed.values()):
+            break
+        await asyncio.sleep(0.1)
+    assert set(missed) == {"node1", "node2"} and all(m >= 3 for m in missed.values()), missed
+    assert not [r for r in caplog.records if "event=cluster-fenced" in r.getMessage()]

@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presenced.cluster")
 
-# KEYS[1] node key, KEYS[2] stats; ARGV: incarnation, ttl ms, now ms, sessions, rooms
+# KEYS[1] node key, KEYS[2] stats; ARGV: incarnation, ttl ms, now ms, sessions, rooms, beats
+# missed
 BEAT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[2], 'incarnation', ARGV[1], 'heartbeat', ARGV[3], 'sessions', ARGV[4],
-           'rooms', ARGV[5])
+           'rooms', ARGV[5], 'missed', ARGV[6])
 return 1
 """
 
@@ -58,8 +59,12 @@ class HeartbeatThread:
         # also bounds how long stop() may have to wait for the thread.
         self.timeout = min(settings.dead_after, 2.0)
         self.hung_after = hung_after(settings.dead_after)
-        self.beats = 0  # successful beats (tests)
-        self.last_beat: float | None = None  # time.time() of the last successful beat
+        self.beats = 0  # successful beats
+        # Beats missed since the process started: the intervals without a successful beat
+        # (Redis slow or unreachable, the loop hung, the process starved or paused), counted
+        # when a beat succeeds again; published with each beat (`presenced cluster status`).
+        self.missed = 0
+        self.last_beat: float | None = None  # time.monotonic() of the last successful beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
@@ -80,6 +85,12 @@ class HeartbeatThread:
             return True
         thread.join(timeout)
         return not thread.is_alive()
+
+    def late(self) -> float | None:
+        """Seconds the next beat is overdue (0 while on time; None before the first)."""
+        if self.last_beat is None:
+            return None
+        return max(0.0, time.monotonic() - self.last_beat - self.interval)
 
     @property
     def alive(self) -> bool:
@@ -117,7 +128,7 @@ class HeartbeatThread:
                 self._script = self._client.register_script(BEAT)
             ok = self._script(keys=[keys.node(membership.name), keys.stats(membership.name)],
                               args=[incarnation, membership.ttl_ms, int(time.time() * 1000),
-                                    sessions, rooms])
+                                    sessions, rooms, self.missed])
         except Exception as exc:  # Redis unreachable: the loop's side goes on; try again
             if not self._failing:
                 log.warning("event=cluster-heartbeat-failed node=%s error=%s", membership.name,
@@ -129,8 +140,11 @@ class HeartbeatThread:
             log.info("event=cluster-heartbeat-restored node=%s", membership.name)
             self._failing = False
         if ok:
+            now = time.monotonic()
+            if self.last_beat is not None:
+                self.missed += max(0, int((now - self.last_beat) / self.interval + 0.5) - 1)
             self.beats += 1
-            self.last_beat = time.time()
+            self.last_beat = now
         else:  # declared dead, or Redis lost our key: the loop confirms and acts
             membership.lost = incarnation
 

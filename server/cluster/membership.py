@@ -115,7 +115,7 @@ class Membership:
         self._progressed()
         ok = await self._beat(keys=[keys.node(self.name), keys.stats(self.name)],
                               args=[self.incarnation, self.ttl_ms, int(time.time() * 1000),
-                                    *self.counts])
+                                    *self.counts, self.thread.missed])
         await self.refresh()
         return bool(ok)
 
@@ -246,7 +246,8 @@ class Membership:
 
 async def status(redis: Any) -> list[dict[str, Any]]:
     """Every node that joined: name, incarnation, alive, age (s since start), heartbeat age,
-    sessions, rooms. For `presenced cluster status`."""
+    sessions, rooms, beats missed (since its process started). For `presenced cluster
+    status`."""
     now = time.time()
     out = []
     for name_b, info_b in sorted((await redis.hgetall(keys.NODES)).items()):
@@ -263,5 +264,6 @@ async def status(redis: Any) -> list[dict[str, Any]]:
             "heartbeat_age": (now - beat) if beat else None,
             "sessions": int(stats.get("sessions", 0)),
             "rooms": int(stats.get("rooms", 0)),  # the MUC rooms it holds
+            "missed": int(stats.get("missed", 0)),  # heartbeats missed (heartbeat.py)
         })
     return out
