@@ -567,3 +567,48 @@ async def test_missed_heartbeats_are_counted_and_shown(
         await asyncio.sleep(0.1)
     assert set(missed) == {"node1", "node2"} and all(m >= 3 for m in missed.values()), missed
     assert not [r for r in caplog.records if "event=cluster-fenced" in r.getMessage()]
+
+
+async def test_an_entry_read_while_the_loop_is_busy_is_not_lost(
+        nodes: tuple[RunningServer, RunningServer], redis_url: str) -> None:  # noqa: F811
+    """node2's event loop is busy for longer than its Redis socket timeout (5 s) while an entry
+    arrives in its inbox: Redis answered the blocking read, the client gave up waiting for the
+    answer (a timeout), and the entry stayed read and unacknowledged, never handed over, until
+    the node died. The reader reads its unacknowledged entries again after a failure."""
+    import time
+
+    import redis
+
+    one, two = nodes
+    alice = await raw_available(one, ALICE, "phone")
+    bob = await raw_available(two, BOB, "desk")
+    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
+    remote = one.server.sessions.get(JID.parse(f"{BOB}/desk"))
+    assert remote is not None
+    sid = remote.sid  # type: ignore[attr-defined]
+    writer = redis.Redis.from_url(redis_url)
+    loop = asyncio.get_running_loop()
+    blocked = loop.create_future()
+
+    def block() -> None:
+        time.sleep(0.3)
+        # As node1 would write it (inbox.py: a stanza for a session), while node2 is busy.
+        writer.xadd("presenced:inbox:node2", {
+            "k": "s", "j": f"{BOB}/desk", "s": sid, "m": "node1:test:1",
+            "x": f"<message xmlns='jabber:client' from='{ALICE}/phone' to='{BOB}/desk' "
+                 "type='chat' id='busy1'><body>while you were busy</body></message>"})
+        time.sleep(6.0)
+        blocked.set_result(None)
+
+    try:
+        loop.call_soon(block)
+        await blocked
+        got = await bob.expect(MESSAGE, timeout=10)
+        assert (got.get("id"), got.findtext(f"{{{CLIENT}}}body")) == (
+            "busy1", "while you were busy")
+        pending = await asyncio.to_thread(writer.xpending, "presenced:inbox:node2", "presenced")
+        assert pending["pending"] == 0, pending
+    finally:
+        writer.close()
+    await alice.close()
+    await bob.close()
