@@ -92,13 +92,19 @@ async def raw_available(node: RunningServer, jid: str, resource: str) -> RawClie
     return client
 
 
+async def alice_and_bob(one: RunningServer, two: RunningServer) -> tuple[RawClient, RawClient]:
+    """alice available on node1 (phone), bob on node2 (desk), each node seeing the other's."""
+    alice = await raw_available(one, ALICE, "phone")
+    bob = await raw_available(two, BOB, "desk")
+    for node, other in ((one, f"{BOB}/desk"), (two, f"{ALICE}/phone")):
+        await eventually(sees(node, other), f"{other} seen from the other node")
+    return alice, bob
+
+
 async def test_messages_bare_and_full_both_ways(nodes: tuple[RunningServer, RunningServer]
                                                 ) -> None:
     one, two = nodes
-    alice = await raw_available(one, ALICE, "phone")
-    bob = await raw_available(two, BOB, "desk")
-    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
-    await eventually(sees(two, f"{ALICE}/phone"), "node2 sees alice on node1")
+    alice, bob = await alice_and_bob(one, two)
     # Bare JID on node1 -> the available resource on node2 (RFC 6121 §8.5.2.1.1).
     await alice.send(f"<message to='{BOB}' type='chat' id='m1'><body>one</body></message>")
     got = await bob.expect(MESSAGE)
@@ -203,9 +209,7 @@ async def test_iq_to_a_session_gone_since_is_answered(
     """The directory still names a session that its node closed: the node answers the iq
     with service-unavailable (RFC 6121 §8.5.3.2.1) and keeps a message offline."""
     one, two = nodes
-    alice = await raw_available(one, ALICE, "phone")
-    bob = await raw_available(two, BOB, "desk")
-    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob")
+    alice, bob = await alice_and_bob(one, two)
     remote = one.server.sessions.get(JID.parse(f"{BOB}/desk"))
     assert remote is not None
     await bob.close()
@@ -461,10 +465,7 @@ async def test_a_busy_event_loop_is_not_a_dead_node(
     one, two = nodes
     clusters = [one.server.cluster, two.server.cluster]
     assert clusters[0] is not None and clusters[1] is not None
-    alice = await raw_available(one, ALICE, "phone")
-    bob = await raw_available(two, BOB, "desk")
-    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
-    await eventually(sees(two, f"{ALICE}/phone"), "node2 sees alice on node1")
+    alice, bob = await alice_and_bob(one, two)
     before = [c.membership.incarnation for c in clusters if c is not None]
     dead_after = clusters[0].membership.settings.dead_after
     loop = asyncio.get_running_loop()
@@ -580,9 +581,7 @@ async def test_an_entry_read_while_the_loop_is_busy_is_not_lost(
     import redis
 
     one, two = nodes
-    alice = await raw_available(one, ALICE, "phone")
-    bob = await raw_available(two, BOB, "desk")
-    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
+    alice, bob = await alice_and_bob(one, two)
     remote = one.server.sessions.get(JID.parse(f"{BOB}/desk"))
     assert remote is not None
     sid = remote.sid  # type: ignore[attr-defined]
