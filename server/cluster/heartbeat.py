@@ -97,9 +97,13 @@ class HeartbeatThread:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        # On a fixed cadence (a beat's own time is not added to the interval), never in a
+        # burst to catch up after a late one.
+        due = time.monotonic() + self.interval
         try:
-            while not self._stop.wait(self.interval):
+            while not self._stop.wait(max(0.0, due - time.monotonic())):
                 self._tick()
+                due = max(due + self.interval, time.monotonic())
         finally:
             self._drop_client()
 
