@@ -534,3 +534,35 @@ async def test_every_log_line_names_its_node(tmp_path: Path, pg_dsn: str,
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+async def test_a_frozen_node_is_dead_and_fences_itself_when_it_thaws(
+        cluster: Callable[..., Node]) -> None:
+    """SIGSTOP freezes every thread of a node, its heartbeat thread too (server/cluster/
+    heartbeat.py): the others declare it dead within dead_after and clean up after it; when
+    it runs again its key is gone, so it fences itself (closes its client streams) and joins
+    again as a new incarnation — never two live owners of bob's session."""
+    one, two = await two_nodes(cluster)
+    alice = await available(one, ALICE, "phone")
+    bob = await available(two, BOB, "desk")
+    await reaches(alice, bob, f"{BOB}/desk")
+    first = status(one)["node2"]["incarnation"]
+    assert two.proc is not None
+    two.proc.send_signal(signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        assert await one.logs("event=cluster-reaped node=node2", timeout=DEAD_AFTER + 6)
+        assert time.monotonic() - frozen < DEAD_AFTER + 3
+        assert status(one)["node2"]["alive"] is False
+    finally:
+        two.proc.send_signal(signal.SIGCONT)
+    assert await two.logs("event=cluster-fenced node=node2", timeout=10)
+    assert await bob.stream_error(10) == "system-shutdown"
+    deadline = time.monotonic() + 10
+    while (now := status(one)["node2"])["incarnation"] == first or not now["alive"]:
+        assert time.monotonic() < deadline, now
+        await asyncio.sleep(0.2)
+    back = await available(two, BOB, "desk")  # the new incarnation serves him again
+    await reaches(alice, back, f"{BOB}/desk")
+    await alice.close()
+    await back.close()
