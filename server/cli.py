@@ -123,10 +123,16 @@ def _with_storage(config: Config, use: Callable[[Storage], Awaitable[T]]) -> T:
 # -- commands -----------------------------------------------------------------------------------
 
 
-def _log_to_stderr(level: str) -> None:
-    """One line per event: ``time=... level=INFO logger=presenced event=... key=value``."""
+def _log_to_stderr(level: str, node: str | None = None) -> None:
+    """One line per event: ``time=... level=INFO logger=presenced event=... key=value``; with
+    [cluster] ``node=<name>`` after the level, on every line, so that the lines of several nodes
+    in one terminal or file (serve --workers) can be told apart. The first ``node=`` of a line
+    is always the process's own: a message may carry another (a PEP node, a dead cluster node).
+    """
+    # Node names are letters, digits, '.', '_', '-' (cluster/settings.py): no '%' to escape.
+    named = f"node={node} " if node is not None else ""
     formatter = logging.Formatter(
-        "time=%(asctime)s.%(msecs)03dZ level=%(levelname)s logger=%(name)s %(message)s",
+        f"time=%(asctime)s.%(msecs)03dZ level=%(levelname)s {named}logger=%(name)s %(message)s",
         "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
@@ -142,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for e in exc.errors:
             _error(str(e))
         return 2
-    _log_to_stderr("DEBUG" if args.debug else config.log.level.upper())
+    _log_to_stderr("DEBUG" if args.debug else config.log.level.upper(), _log_node(args, config))
     if args.worker_node is not None:  # started by serve --workers (server/cluster/workers.py)
         from server import listening
         listening.share_ports()
@@ -163,6 +169,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     _log_data(config, args.config)
     return _run_server(config)
+
+
+def _log_node(args: argparse.Namespace, config: Config) -> str | None:
+    """The node name serve's log lines carry: a worker's, the [cluster] node's, or under
+    serve --workers the parent's (the base of its workers' names); None without [cluster]."""
+    if args.worker_node is not None:
+        return str(args.worker_node)
+    if not config.cluster.enabled:
+        return None
+    if args.workers is not None:
+        from server.cluster import workers
+
+        return workers.base_name(config)
+    return config.cluster.node
 
 
 def _serve_workers(args: argparse.Namespace, config: Config) -> int:

@@ -92,13 +92,19 @@ async def raw_available(node: RunningServer, jid: str, resource: str) -> RawClie
     return client
 
 
+async def alice_and_bob(one: RunningServer, two: RunningServer) -> tuple[RawClient, RawClient]:
+    """alice available on node1 (phone), bob on node2 (desk), each node seeing the other's."""
+    alice = await raw_available(one, ALICE, "phone")
+    bob = await raw_available(two, BOB, "desk")
+    for node, other in ((one, f"{BOB}/desk"), (two, f"{ALICE}/phone")):
+        await eventually(sees(node, other), f"{other} seen from the other node")
+    return alice, bob
+
+
 async def test_messages_bare_and_full_both_ways(nodes: tuple[RunningServer, RunningServer]
                                                 ) -> None:
     one, two = nodes
-    alice = await raw_available(one, ALICE, "phone")
-    bob = await raw_available(two, BOB, "desk")
-    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob on node2")
-    await eventually(sees(two, f"{ALICE}/phone"), "node2 sees alice on node1")
+    alice, bob = await alice_and_bob(one, two)
     # Bare JID on node1 -> the available resource on node2 (RFC 6121 §8.5.2.1.1).
     await alice.send(f"<message to='{BOB}' type='chat' id='m1'><body>one</body></message>")
     got = await bob.expect(MESSAGE)
@@ -203,9 +209,7 @@ async def test_iq_to_a_session_gone_since_is_answered(
     """The directory still names a session that its node closed: the node answers the iq
     with service-unavailable (RFC 6121 §8.5.3.2.1) and keeps a message offline."""
     one, two = nodes
-    alice = await raw_available(one, ALICE, "phone")
-    bob = await raw_available(two, BOB, "desk")
-    await eventually(sees(one, f"{BOB}/desk"), "node1 sees bob")
+    alice, bob = await alice_and_bob(one, two)
     remote = one.server.sessions.get(JID.parse(f"{BOB}/desk"))
     assert remote is not None
     await bob.close()
@@ -285,6 +289,7 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
     assert all(n["alive"] for n in nodes_seen.values())
     assert (nodes_seen["node1"]["sessions"], nodes_seen["node2"]["sessions"]) == (1, 2)
     assert (nodes_seen["node1"]["rooms"], nodes_seen["node2"]["rooms"]) == (0, 0)
+    assert all(isinstance(n["missed"], int) for n in nodes_seen.values())
     assert nodes_seen["node2"]["incarnation"] == two.server.cluster.membership.incarnation  # type: ignore[union-attr]
     # The table form names both.
     proc = await asyncio.create_subprocess_exec(
@@ -292,7 +297,8 @@ async def test_cluster_status_lists_both_nodes(nodes: tuple[RunningServer, Runni
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, _err = await asyncio.wait_for(proc.communicate(), 60)
     lines = out.decode().splitlines()
-    assert lines[0].split()[:6] == ["NODE", "STATE", "AGE", "HEARTBEAT", "SESSIONS", "ROOMS"]
+    assert lines[0].split()[:7] == ["NODE", "STATE", "AGE", "HEARTBEAT", "SESSIONS", "ROOMS",
+                                    "MISSED"]
     assert [line.split()[:2] for line in lines[1:]] == [["node1", "alive"], ["node2", "alive"]]
     assert [line.split()[4:6] for line in lines[1:]] == [["1", "0"], ["2", "0"]]
     for client in (alice, bob, bob2):
@@ -444,3 +450,164 @@ async def test_a_burst_of_changes_elsewhere_is_read_in_batches(
     finally:
         await watcher.aclose()
         await bob.close()
+
+
+async def test_a_busy_event_loop_is_not_a_dead_node(
+        nodes: tuple[RunningServer, RunningServer], caplog: pytest.LogCaptureFixture) -> None:
+    """A node whose event loop is starved (CPU-bound work, here a blocking sleep longer than
+    dead_after) is busy, not dead: its heartbeat thread keeps its key, nobody declares it dead,
+    it does not fence itself, and its clients stay connected (session 7: a CPU-starved worker
+    was fenced and closed ~9,500 sessions, whose reconnections loaded the others further)."""
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO, logger="presenced.cluster")
+    one, two = nodes
+    clusters = [one.server.cluster, two.server.cluster]
+    assert clusters[0] is not None and clusters[1] is not None
+    alice, bob = await alice_and_bob(one, two)
+    before = [c.membership.incarnation for c in clusters if c is not None]
+    dead_after = clusters[0].membership.settings.dead_after
+    loop = asyncio.get_running_loop()
+    blocked = loop.create_future()
+
+    def block() -> None:  # both nodes share this loop: both are starved
+        time.sleep(dead_after + 1.5)
+        blocked.set_result(None)
+
+    loop.call_soon(block)
+    await blocked
+    await asyncio.sleep(dead_after)  # time for a fencing, a reaping, to happen
+    assert not [r for r in caplog.records if "event=cluster-fenced" in r.getMessage()]
+    assert not [r for r in caplog.records if "event=cluster-node-died" in r.getMessage()]
+    assert [c.membership.incarnation for c in clusters if c is not None] == before
+    await alice.send(f"<message to='{BOB}/desk' type='chat' id='b1'><body>still here</body>"
+                     "</message>")
+    got = await bob.expect(MESSAGE)
+    assert (got.get("id"), got.findtext(f"{{{CLIENT}}}body")) == ("b1", "still here")
+    await bob.send(f"<message to='{ALICE}/phone' type='chat' id='b2'><body>me too</body>"
+                   "</message>")
+    assert (await alice.expect(MESSAGE)).get("id") == "b2"
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_hung_event_loop_is_a_dead_node(nodes: tuple[RunningServer, RunningServer]
+                                                ) -> None:
+    """The heartbeat thread beats only while the event loop shows progress: a loop that has
+    shown none for hung_after(dead_after) seconds is hung, its key expires and the others
+    declare the node dead within dead_after, as for a frozen process."""
+    import time
+
+    from server.cluster.heartbeat import hung_after
+
+    one, two = nodes
+    cluster, other = one.server.cluster, two.server.cluster
+    assert cluster is not None and other is not None
+    membership = other.membership
+    dead = membership.incarnation
+    await asyncio.sleep(0.5)
+    assert membership.thread.beats > 0
+    # node2's loop side stops (as a hung loop would), its last sign of progress long ago.
+    assert membership._task is not None
+    membership._task.cancel()
+    membership.progress = time.monotonic() - hung_after(membership.settings.dead_after) - 1
+    beats = membership.thread.beats
+    await eventually(lambda: cluster.membership.live.get("node2") != dead,
+                     "node1 declares node2 dead", timeout=membership.settings.dead_after + 2)
+    assert membership.thread.beats == beats
+    assert membership.thread.alive  # not stopped: it waits for the loop
+
+
+async def test_missed_heartbeats_are_counted_and_shown(
+        nodes: tuple[RunningServer, RunningServer], redis_server: Any,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis paused for less than dead_after: every node misses beats, is not declared dead,
+    and says how many it missed (`presenced cluster status`, /metrics) and, while it waits,
+    how overdue its next beat is."""
+    import logging
+    import signal
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.cluster.membership import status
+    from server.http.metrics import Metrics
+
+    caplog.set_level(logging.INFO, logger="presenced.cluster")
+    one, _two = nodes
+    cluster = one.server.cluster
+    assert cluster is not None
+    metrics = Metrics(one.server)
+
+    def samples() -> dict[str, float]:
+        text = metrics.render("text/plain")[0].decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name.startswith("presenced_cluster_heartbeat")}
+
+    await asyncio.sleep(0.5)
+    before = samples()
+    assert before["presenced_cluster_heartbeats_missed_total"] == 0
+    assert before["presenced_cluster_heartbeat_late_seconds"] < 0.5
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.2)
+        assert samples()["presenced_cluster_heartbeat_late_seconds"] >= 0.6
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    await eventually(lambda: cluster.membership.thread.missed >= 3, "node1 counts them")
+    after = samples()
+    assert after["presenced_cluster_heartbeats_missed_total"] >= 3
+    assert after["presenced_cluster_heartbeat_late_seconds"] < 0.5
+
+    async def published() -> dict[str, int]:
+        return {n["node"]: n["missed"] for n in await status(cluster.redis)}
+    for _ in range(50):
+        missed = await published()
+        if all(m >= 3 for m in missed.values()):
+            break
+        await asyncio.sleep(0.1)
+    assert set(missed) == {"node1", "node2"} and all(m >= 3 for m in missed.values()), missed
+    assert not [r for r in caplog.records if "event=cluster-fenced" in r.getMessage()]
+
+
+async def test_an_entry_read_while_the_loop_is_busy_is_not_lost(
+        nodes: tuple[RunningServer, RunningServer], redis_url: str) -> None:  # noqa: F811
+    """node2's event loop is busy for longer than its Redis socket timeout (5 s) while an entry
+    arrives in its inbox: Redis answered the blocking read, the client gave up waiting for the
+    answer (a timeout), and the entry stayed read and unacknowledged, never handed over, until
+    the node died. The reader reads its unacknowledged entries again after a failure."""
+    import time
+
+    import redis
+
+    one, two = nodes
+    alice, bob = await alice_and_bob(one, two)
+    remote = one.server.sessions.get(JID.parse(f"{BOB}/desk"))
+    assert remote is not None
+    sid = remote.sid  # type: ignore[attr-defined]
+    writer = redis.Redis.from_url(redis_url)
+    loop = asyncio.get_running_loop()
+    blocked = loop.create_future()
+
+    def block() -> None:
+        time.sleep(0.3)
+        # As node1 would write it (inbox.py: a stanza for a session), while node2 is busy.
+        writer.xadd("presenced:inbox:node2", {
+            "k": "s", "j": f"{BOB}/desk", "s": sid, "m": "node1:test:1",
+            "x": f"<message xmlns='jabber:client' from='{ALICE}/phone' to='{BOB}/desk' "
+                 "type='chat' id='busy1'><body>while you were busy</body></message>"})
+        time.sleep(6.0)
+        blocked.set_result(None)
+
+    try:
+        loop.call_soon(block)
+        await blocked
+        got = await bob.expect(MESSAGE, timeout=10)
+        assert (got.get("id"), got.findtext(f"{{{CLIENT}}}body")) == (
+            "busy1", "while you were busy")
+        pending = await asyncio.to_thread(writer.xpending, "presenced:inbox:node2", "presenced")
+        assert pending["pending"] == 0, pending
+    finally:
+        writer.close()
+    await alice.close()
+    await bob.close()

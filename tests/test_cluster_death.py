@@ -496,3 +496,73 @@ async def test_stopping_node_settles_its_unread_inbox(
         if not stopped:
             await stop_server(two)
         await stop_server(one)
+
+
+async def test_every_log_line_names_its_node(tmp_path: Path, pg_dsn: str,
+                                             redis_url: str) -> None:  # noqa: F811
+    """serve --workers 2: the workers and their parent write to one stderr, and every line
+    says whose it is (node=<name> after the level); without [cluster] no line has it."""
+    from tests.test_cluster_ops import Workers, worker_config
+
+    config = worker_config(tmp_path / "workers", pg_dsn, redis_url, free_ports(1)[0],
+                           node="box")
+    workers = Workers(presenced("serve", "--workers", "2", "--config", str(config)))
+    try:
+        await workers.wait_for("event=started", 2)
+        started = sorted(line.split()[2] for line in workers.lines if "event=started" in line)
+        assert started == ["node=box-w1", "node=box-w2"], workers.lines
+        lines = [line for line in list(workers.lines) if line.startswith("time=")]
+        assert lines and all(line.split()[2].startswith("node=box") for line in lines), lines
+        assert any(line.split()[2] == "node=box" and "event=workers-started" in line
+                   for line in lines)  # the parent's own
+        workers.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(workers.proc.wait, 30) == 0
+    finally:
+        workers.kill()
+    single = write_config(tmp_path / "single", domains=("a.test",))
+    proc = subprocess.Popen(presenced("serve", "-c", str(single)), env=_env(),
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "event=started" in line:
+                break
+        assert any("event=started" in line for line in seen), seen
+        assert not [line for line in seen if line.startswith("time=") and " node=" in line]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+async def test_a_frozen_node_is_dead_and_fences_itself_when_it_thaws(
+        cluster: Callable[..., Node]) -> None:
+    """SIGSTOP freezes every thread of a node, its heartbeat thread too (server/cluster/
+    heartbeat.py): the others declare it dead within dead_after and clean up after it; when
+    it runs again its key is gone, so it fences itself (closes its client streams) and joins
+    again as a new incarnation — never two live owners of bob's session."""
+    one, two = await two_nodes(cluster)
+    alice = await available(one, ALICE, "phone")
+    bob = await available(two, BOB, "desk")
+    await reaches(alice, bob, f"{BOB}/desk")
+    first = status(one)["node2"]["incarnation"]
+    assert two.proc is not None
+    two.proc.send_signal(signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        assert await one.logs("event=cluster-reaped node=node2", timeout=DEAD_AFTER + 6)
+        assert time.monotonic() - frozen < DEAD_AFTER + 3
+        assert status(one)["node2"]["alive"] is False
+    finally:
+        two.proc.send_signal(signal.SIGCONT)
+    assert await two.logs("event=cluster-fenced node=node2", timeout=10)
+    assert await bob.stream_error(10) == "system-shutdown"
+    deadline = time.monotonic() + 10
+    while (now := status(one)["node2"])["incarnation"] == first or not now["alive"]:
+        assert time.monotonic() < deadline, now
+        await asyncio.sleep(0.2)
+    back = await available(two, BOB, "desk")  # the new incarnation serves him again
+    await reaches(alice, back, f"{BOB}/desk")
+    await alice.close()
+    await back.close()

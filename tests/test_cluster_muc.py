@@ -548,15 +548,34 @@ async def test_room_list_and_room_quota_count_every_node(
                 "{http://jabber.org/protocol/disco#items}item")]
             assert listed == sorted([(here, here[:5]), (there, there[:5])])
         # A third room, on either node: alice owns two already (one on each node).
+        refused_rooms = []
         for node in ("node1", "node2"):
             third = next(f"extra{i}@{SERVICE}" for i in range(1000)
                          if rendezvous(f"extra{i}@{SERVICE}", ("node1", "node2")) == node)
+            refused_rooms.append(third)
             await alice.send(f"<presence to='{third}/Alice'><x xmlns='{MUC}'/></presence>")
             refused = await alice.next_of("presence", 10)
             assert refused.get("type") == "error" and refused.get("from") == f"{third}/Alice"
             error = refused.find(f"{{{CLIENT}}}error")
             assert error is not None and error.find(
                 "{urn:ietf:params:xml:ns:xmpp-stanzas}resource-constraint") is not None
+        # The refused joins made no room: their claims are gone (not held until the node
+        # dies), on both nodes and in Redis; the two rooms made keep theirs.
+        from server.cluster import keys
+        redis = one.server.cluster.redis  # type: ignore[union-attr]
+        claims = [keys.placed("room", name) for name in refused_rooms]
+        for _ in range(100):
+            if not await redis.exists(*claims):
+                break
+            await asyncio.sleep(0.05)
+        assert await redis.exists(*claims) == 0
+        for running in (one, two):
+            member = running.server.cluster.membership  # type: ignore[union-attr]
+            mine = {raw.decode() for raw in await redis.smembers(keys.placed_by(
+                "room", f"{member.name}:{member.incarnation}"))}
+            assert not mine & set(refused_rooms), mine
+            assert mine == {here if member.name == "node1" else there}
+        assert await redis.exists(keys.placed("room", here), keys.placed("room", there)) == 2
         # Bob owns none: he may.
         got = await join(bob, "Bob", f"bobs@{SERVICE}")
         assert "201" in codes(self_presence(got))
@@ -580,3 +599,43 @@ async def test_room_list_and_room_quota_count_every_node(
     finally:
         await stop_server(two)
         await stop_server(one)
+
+
+async def test_no_claim_is_kept_for_a_room_that_is_not_there(
+        nodes: tuple[RunningServer, RunningServer]) -> None:  # noqa: F811
+    """A stanza for a room nobody made (disco#info, XEP-0045 §6.4: item-not-found), and a room
+    its owner destroyed (§10.9): the claim that brought the stanza to the room's node goes once
+    it was handled, instead of staying until that node dies."""
+    one, two = nodes
+    alice = await raw_available(one, ALICE, "pc")
+    nothing, made = room_owned_by("node2"), room_owned_by("node1")
+    info = await alice.ask(f"<iq type='get' to='{nothing}' id='i1'><query "
+                           "xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+                           skip_others=True)
+    assert info.get("type") == "error" and info.find(
+        f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}item-not-found"
+    ) is not None, etree.tostring(info)
+    await eventually_async(lambda: claim(one, nothing), "", "the claim of nothing gone")
+    muc_two = two.server.module(Muc)
+    assert muc_two is not None and nothing not in muc_two.placed.placement.owned  # type: ignore[union-attr]
+    # A room made, then destroyed by its owner: its claim goes with it.
+    await join(alice, "Alice", made)
+    await instant(alice, made)
+    assert await claim(two, made) == incarnation(one)
+    done = await alice.ask(f"<iq type='set' to='{made}' id='d1'><query xmlns='{MUC}#owner'>"
+                           "<destroy/></query></iq>", skip_others=True)
+    assert done.get("type") == "result", etree.tostring(done)
+    await eventually_async(lambda: claim(two, made), "", "the destroyed room's claim gone")
+    # Joined again, it is made again, and claimed again.
+    got = await join(alice, "Alice", made)
+    assert "201" in codes(self_presence(got))
+    assert await claim(two, made) == incarnation(one)
+    await alice.close()
+
+
+async def eventually_async(read: Any, expected: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := await read()) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what} ({value!r})")
+        await asyncio.sleep(0.05)

@@ -3,7 +3,8 @@
 Only imported with [cluster] (server/cluster/settings.py); without it the server is the
 single process it always was. Pieces:
 
-- membership.py: incarnations, heartbeats with a TTL, fencing and rejoining;
+- membership.py: incarnations, heartbeats with a TTL, fencing and rejoining; heartbeat.py:
+  the thread that beats, so that a busy event loop does not make a node dead;
 - directory.py: the session directory in Redis behind the SessionDirectory Protocol, with a
   replica of the other nodes' sessions kept by invalidation, conflicts settled atomically;
 - inbox.py: one Redis Stream per node for stanzas to sessions on that node;

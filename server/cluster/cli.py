@@ -20,10 +20,12 @@ def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True,
                                          metavar="COMMAND")
     show = cluster_sub.add_parser(
-        "status", parents=[common], help="list the nodes: alive, age, heartbeat, sessions, rooms",
+        "status", parents=[common],
+        help="list the nodes: alive, age, heartbeat, sessions, rooms, beats missed",
         description="list every node that joined the cluster of this configuration's "
                     "[cluster] redis: whether it is alive, its age, the age of its last "
-                    "heartbeat, its sessions and the MUC rooms it holds")
+                    "heartbeat, its sessions, the MUC rooms it holds and the heartbeats it "
+                    "missed since its process started")
     show.add_argument("--json", action="store_true", help="one JSON object per node")
     show.set_defaults(run=cmd_status)
 
@@ -56,12 +58,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(node))
         return 0
     print(f"{'NODE':<20} {'STATE':<6} {'AGE':>10} {'HEARTBEAT':>10} {'SESSIONS':>9} "
-          f"{'ROOMS':>7}  INCARNATION")
+          f"{'ROOMS':>7} {'MISSED':>7}  INCARNATION")
     for node in nodes:
         beat = node["heartbeat_age"]
         print(f"{node['node']:<20} {'alive' if node['alive'] else 'dead':<6} "
               f"{_duration(node['age']):>10} {'-' if beat is None else f'{beat:.1f}s':>10} "
-              f"{node['sessions']:>9} {node['rooms']:>7}  {node['incarnation']}")
+              f"{node['sessions']:>9} {node['rooms']:>7} {node['missed']:>7}  "
+              f"{node['incarnation']}")
     return 0
 
 

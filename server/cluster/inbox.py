@@ -205,22 +205,33 @@ class Inbox:
 
     async def _read(self) -> None:
         stream = keys.inbox(self.membership.name)
+        # "0": first the entries this incarnation read and did not acknowledge, then ">": new
+        # ones. Again after a failure: a reply lost to a timeout (a busy event loop overran
+        # the socket timeout while Redis had answered) or an acknowledgement that failed left
+        # entries read and never handed over; read again from there (duplicates are dropped).
+        since = "0"
         while True:
             try:
                 answer = await self.redis.xreadgroup(
-                    keys.GROUP, self.membership.incarnation, {stream: ">"}, count=_BATCH,
-                    block=1000)
+                    keys.GROUP, self.membership.incarnation, {stream: since}, count=_BATCH,
+                    block=1000 if since == ">" else None)
+                entries = [entry for _stream, found in answer or () for entry in found]
+                if since != ">":
+                    since = entries[-1][0] if entries else ">"
+                    gone = [entry_id for entry_id, raw in entries if not raw]  # deleted since
+                    if gone:
+                        await self.redis.xack(stream, keys.GROUP, *gone)
+                    entries = [(entry_id, raw) for entry_id, raw in entries if raw]
+                await self._handle(stream, entries)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                since = "0"
                 if "NOGROUP" in str(exc):
                     await self.prepare()
                     continue
                 log.warning("event=cluster-read-failed error=%s", type(exc).__name__)
                 await asyncio.sleep(1.0)
-                continue
-            for _stream, entries in answer or ():
-                await self._handle(stream, entries)
 
     async def _handle(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         if not entries:

@@ -2,11 +2,14 @@
 
 Each start (and each rejoin) is a new *incarnation*, a random id. The node holds the key
 presenced:node:<name> = incarnation with a TTL of dead_after and refreshes it every heartbeat
-through a compare-and-expire script: when the key is gone or holds another incarnation, the
-node has been declared dead (it lost Redis, or was paused, longer than dead_after). It then
-*fences* itself: it closes its client streams (so that no session has two live owners) and
-joins again as a new incarnation. Liveness is read from these keys, never from keyspace
-expiry events (they fire late or never).
+through a compare-and-expire script, from a thread of its own (heartbeat.py: a busy event loop
+does not make a node dead; a hung one, a frozen or killed process, or one cut off from Redis
+does). When the key is gone or holds another incarnation, the node has been declared dead (it
+lost Redis, or was paused, longer than dead_after). The thread says so; the event loop, which
+reads the live nodes every heartbeat, confirms with a beat of its own and *fences* the node: it
+closes its client streams (so that no session has two live owners) and joins again as a new
+incarnation. Liveness is read from these keys, never from keyspace expiry events (they fire
+late or never).
 """
 
 from __future__ import annotations
@@ -20,18 +23,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.cluster import keys
+from server.cluster.heartbeat import BEAT, HeartbeatThread
 from server.cluster.settings import ClusterSettings
 
 log = logging.getLogger("presenced.cluster")
-
-# KEYS[1] node key, KEYS[2] stats; ARGV: incarnation, ttl ms, now ms, sessions, rooms
-_BEAT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[2], 'incarnation', ARGV[1], 'heartbeat', ARGV[3], 'sessions', ARGV[4],
-           'rooms', ARGV[5])
-return 1
-"""
+_THREAD_STOP = 2.0  # seconds stop() waits for a beat in flight (a no-op once the key is gone)
 
 
 class ClusterError(ConnectionError):
@@ -57,7 +53,17 @@ class Membership:
         # the MUC rooms this node holds (set by server/modules/muc/cluster.py), for status
         self.room_count: Callable[[], int] = lambda: 0
         self._fenced = fenced
-        self._beat = redis.register_script(_BEAT)
+        self._beat = redis.register_script(BEAT)
+        # Shared with the heartbeat thread (heartbeat.py), each written by one side only:
+        # the incarnation it beats for (None: not joined, or rejoining), the loop's last sign
+        # of progress (time.monotonic()), the counts it publishes, and, from the thread, the
+        # incarnation whose beat found the key lost.
+        self.beating: str | None = None
+        self.progress = time.monotonic()
+        self.counts: tuple[int, int] = (0, 0)
+        self.lost: str | None = None
+        assert settings.redis is not None
+        self.thread = HeartbeatThread(settings.redis, self)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._refreshing = asyncio.Lock()
@@ -90,16 +96,26 @@ class Membership:
         await self.redis.hset(keys.INCARNATIONS, keys.incarnation(self.name, self.incarnation),
                               json.dumps({"node": self.name, **info}))
         await self.beat()
+        self.beating = self.incarnation
         log.info("event=cluster-joined node=%s incarnation=%s", self.name, self.incarnation)
 
     def start(self) -> None:
+        self._progressed()
         self._task = asyncio.ensure_future(self._run())
+        self.thread.start()
+
+    def _progressed(self) -> None:
+        """The loop is alive: the thread may beat for it (and publishes these counts)."""
+        self.progress = time.monotonic()
+        self.counts = (self._sessions(), self.room_count())
 
     async def beat(self) -> bool:
-        """Refresh our key; False when we were declared dead. Then refresh the live view."""
+        """Refresh our key from the loop (joining, re-asserting, confirming what the thread
+        saw); False when we were declared dead. Then refresh the live view."""
+        self._progressed()
         ok = await self._beat(keys=[keys.node(self.name), keys.stats(self.name)],
                               args=[self.incarnation, self.ttl_ms, int(time.time() * 1000),
-                                    self._sessions(), self.room_count()])
+                                    *self.counts, self.thread.missed])
         await self.refresh()
         return bool(ok)
 
@@ -126,33 +142,41 @@ class Membership:
         return self.live.get(node) == incarnation
 
     async def _run(self) -> None:
+        """The loop's side of each heartbeat: a sign of progress for the thread, the live
+        view read again, and what the thread saw acted upon."""
         # Also ends by the flag: a cancellation swallowed inside a Redis call (Python 3.11's
         # asyncio.timeout can) left this loop beating on, 'cancelling', while stop() waited.
         while not self._stopping:
             await asyncio.sleep(self.settings.heartbeat)
             if self._stopping:
                 return
+            self._progressed()
+            lost = self.lost
             try:
-                alive = await self.beat()
+                if lost is None or lost != self.incarnation:
+                    await self.refresh()
+                else:
+                    self.lost = None
+                    await self._confirm_lost()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis unreachable: local traffic goes on; try again
-                log.warning("event=cluster-heartbeat-failed node=%s error=%s", self.name,
+                log.warning("event=cluster-refresh-failed node=%s error=%s", self.name,
                             type(exc).__name__)
-                continue
-            if alive:
-                continue
-            try:
-                lost = await self._lost_by_redis()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("event=cluster-heartbeat-failed node=%s error=%s", self.name,
-                            type(exc).__name__)
-                continue
-            if lost and await self._reassert():
-                continue
-            await self._rejoin()
+                if lost == self.incarnation or self.beating != self.incarnation:
+                    self.lost = self.incarnation  # confirmed at the next heartbeat
+
+    async def _confirm_lost(self) -> None:
+        """The thread found our key lost. Confirmed here first, on the loop's connection (a
+        beat of the thread's in flight across a rejoin or a re-assertion may have seen the key
+        before it came back); then re-asserted (Redis lost its data) or fenced and rejoined
+        (we were declared dead)."""
+        if await self.beat():
+            self.beating = self.incarnation  # ours after all (a rejoin that failed half-way)
+            return
+        if await self._lost_by_redis() and await self._reassert():
+            return
+        await self._rejoin()
 
     async def _lost_by_redis(self) -> bool:
         """Our key is gone. Declared dead (the key expired: we were cut off or paused longer
@@ -179,10 +203,12 @@ class Membership:
         if self.on_reasserted is not None:
             await self.on_reasserted()
         await self.beat()
+        self.beating = self.incarnation
         return True
 
     async def _rejoin(self) -> None:
         old = self.incarnation
+        self.beating = None  # the thread waits for the new incarnation's key
         log.warning("event=cluster-fenced node=%s incarnation=%s", self.name, old)
         await self._fenced()
         self.incarnation = new_incarnation()
@@ -190,13 +216,19 @@ class Membership:
             await self.join()
         except ClusterError as exc:
             log.error("event=cluster-rejoin-failed node=%s reason=%s", self.name, exc)
+            self.lost = self.incarnation  # tried again at the next heartbeat
             return
         if self.on_rejoined is not None:
             await self.on_rejoined(old)
 
     async def stop(self) -> None:
-        """No more heartbeats (stopping)."""
+        """No more heartbeats (stopping): the thread first (bounded), then the loop's side."""
         self._stopping = True
+        self.beating = None
+        stopped = (await asyncio.to_thread(self.thread.stop, _THREAD_STOP) if self.thread.alive
+                   else self.thread.stop(0))
+        if not stopped:
+            log.warning("event=cluster-heartbeat-stop-timeout node=%s", self.name)
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=self.settings.heartbeat + 2.0)
@@ -214,7 +246,8 @@ class Membership:
 
 async def status(redis: Any) -> list[dict[str, Any]]:
     """Every node that joined: name, incarnation, alive, age (s since start), heartbeat age,
-    sessions, rooms. For `presenced cluster status`."""
+    sessions, rooms, beats missed (since its process started). For `presenced cluster
+    status`."""
     now = time.time()
     out = []
     for name_b, info_b in sorted((await redis.hgetall(keys.NODES)).items()):
@@ -231,5 +264,6 @@ async def status(redis: Any) -> list[dict[str, Any]]:
             "heartbeat_age": (now - beat) if beat else None,
             "sessions": int(stats.get("sessions", 0)),
             "rooms": int(stats.get("rooms", 0)),  # the MUC rooms it holds
+            "missed": int(stats.get("missed", 0)),  # heartbeats missed (heartbeat.py)
         })
     return out

@@ -123,6 +123,7 @@ class Placement:
         self._live: dict[str, str] = {}
         self._incarnation = ""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._releasing: dict[str, asyncio.Future[None]] = {}  # name -> its release, under way
         self.closing = False
         cluster.inbox.placed[kind] = self.received
         previous = self.membership.on_live_changed
@@ -346,6 +347,9 @@ class Placement:
 
     async def owner(self, name: str) -> tuple[str, str]:
         """The live owner of `name`, claimed for the node the hashing picks when none is."""
+        releasing = self._releasing.get(name)
+        if releasing is not None:
+            await asyncio.shield(releasing)
         for _attempt in range(_ATTEMPTS):
             live = self.membership.live
             if self.closing:  # stopping: our things go to the others (hand_over)
@@ -364,11 +368,20 @@ class Placement:
         raise StanzaError("internal-server-error", "no live node takes this room", type="wait")
 
     async def release(self, name: str) -> None:
-        """`name` is gone here (an empty temporary room): its claim goes too."""
+        """`name` is gone here (an empty temporary room, a refused join's claim of nothing):
+        its claim goes too. Dropped from `owned` at once; a claim of `name` meanwhile waits
+        until the release is done (it would find its own claim and keep it, then lose it)."""
         self.owned.discard(name)
+        self._owners.pop(name, None)
         me = self.me
-        await self._release(keys=[keys.placed(self.kind, name), keys.placed_by(self.kind, me)],
-                            args=[me, name])
+        done = self._releasing[name] = asyncio.get_running_loop().create_future()
+        try:
+            await self._release(keys=[keys.placed(self.kind, name),
+                                      keys.placed_by(self.kind, me)], args=[me, name])
+        finally:
+            done.set_result(None)
+            if self._releasing.get(name) is done:
+                del self._releasing[name]
 
     async def release_all(self) -> None:
         """Graceful stop: our claims go (what we held is re-claimed by the next stanza)."""

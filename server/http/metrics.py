@@ -11,11 +11,11 @@ overshoots) and storage latency (one primary-key read every 10 s), each the last
 largest since the previous scrape. Plus the process's CPU, memory and file descriptors.
 
 With [cluster] (server/cluster), every node serves its own /metrics with a ``node`` label on
-the cluster's gauges: live nodes as this node saw them at its last heartbeat, the age of its
-incarnation, stanzas sent to other nodes' inboxes and received from its own, its inbox Stream's
-length and pending (read, not yet acknowledged) entries (sampled from Redis every 2 s), and the
-size of its replica of the directory (bare JIDs with sessions on other nodes it holds, and
-those sessions).
+the cluster's gauges: live nodes as this node saw them at its last heartbeat, how overdue its
+next heartbeat is and how many it missed, the age of its incarnation, stanzas sent to other
+nodes' inboxes and received from its own, its inbox Stream's length and pending (read, not yet
+acknowledged) entries (sampled from Redis every 2 s), and the size of its replica of the
+directory (bare JIDs with sessions on other nodes it holds, and those sessions).
 """
 
 from __future__ import annotations
@@ -209,6 +209,13 @@ def _cluster(metrics: Metrics, server: Server) -> Iterator[Any]:
     yield gauge("presenced_cluster_live_nodes",
                 "Live nodes of the cluster (this one included) at the last heartbeat",
                 len(membership.live))
+    heartbeat = membership.thread  # server/cluster/heartbeat.py
+    yield gauge("presenced_cluster_heartbeat_late_seconds",
+                "Seconds this node's next heartbeat is overdue (0 while on time; its key "
+                "expires once this passes dead_after minus the heartbeat)", heartbeat.late())
+    yield counter("presenced_cluster_heartbeats_missed",
+                  "Heartbeats this node missed since it started (Redis slow or unreachable, "
+                  "the process starved, paused, or its event loop hung)", heartbeat.missed)
     yield gauge("presenced_cluster_incarnation_age_seconds",
                 "Seconds since this node (re)joined the cluster as its current incarnation",
                 time.time() - membership.started)

@@ -74,6 +74,8 @@ class PlacedRooms:
         # account -> rooms it owns on other nodes, while a join that may create a room is
         # handled (max_rooms_per_user; Service._check_room_quota)
         self.owned_elsewhere: dict[JID, int] = {}
+        # room -> stanzas being handled that may leave it unmade or destroyed (handle())
+        self._unsettled: dict[JID, int] = {}
 
     # -- stanzas -----------------------------------------------------------------------------
 
@@ -117,6 +119,50 @@ class PlacedRooms:
                 self.muc.server.router.spawn(result)
 
     def handle(self, stanza: Any, to: JID, origin: str) -> Any:
+        """As the room's owner. A stanza for a room that does not exist here (a join that may
+        create it, a disco#info) and an iq set (the owner's <destroy/>, XEP-0045 §10.9) are
+        counted while handled: when the last of them is done and there is no room, the claim
+        that brought them here goes (a refused join — max_rooms_per_user, restrict_room_creation
+        — made nothing; it is not held until the node dies)."""
+        room = to.bare
+        if room in self.muc.rooms and not (stanza.tag == st.IQ and stanza.get("type") == "set"):
+            return self._owned(stanza, to, origin)
+        self._unsettled[room] = self._unsettled.get(room, 0) + 1
+        try:
+            result = self._owned(stanza, to, origin)
+        except BaseException:
+            self._settled(room)
+            raise
+        if inspect.isawaitable(result):
+            return self._settled_after(result, room)
+        self._settled(room)
+        return result
+
+    async def _settled_after(self, pending: Any, room: JID) -> Any:
+        try:
+            return await pending
+        finally:
+            self._settled(room)
+
+    def _settled(self, room: JID) -> None:
+        left = self._unsettled[room] - 1
+        if left:
+            self._unsettled[room] = left
+            return
+        del self._unsettled[room]
+        if room not in self.muc.rooms and str(room) in self.placement.owned:
+            self.muc.server.router.spawn(self._release_unmade(room))
+
+    async def _release_unmade(self, room: JID) -> None:
+        # Checked again as the release starts (it drops the room from `owned` before its first
+        # await): a join handled since may have made the room.
+        name = str(room)
+        if room in self.muc.rooms or room in self._unsettled or name not in self.placement.owned:
+            return
+        log.info("event=muc-claim-released room=%s reason=no-room", name)
+        await self.placement.release(name)
+
+    def _owned(self, stanza: Any, to: JID, origin: str) -> Any:
         if (to.resource is not None and stanza.tag == st.PRESENCE and stanza.get("type") is None
                 and self.muc.config.max_rooms_per_user and to.bare not in self.muc.rooms):
             # A join that may create the room: [muc] max_rooms_per_user counts the rooms
