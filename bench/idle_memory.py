@@ -5,7 +5,14 @@ left idle; VmRSS of the server process before and after, divided by N. RSS is wh
 pays and a loaded machine does not distort it; no message burst precedes the sessions, so no
 freed heap hides their cost.
 
-    python -m bench.idle_memory [--sessions 1000] [--rounds 1]
+    python -m bench.idle_memory [--sessions 1000] [--rounds 1] [--tls]
+
+--tls adds the share of it that is OpenSSL's, measured in this process (no server): N server
+TLSLayers (server/stream/tls.py) after a TLS 1.3 handshake and a stanza each way, idle, as
+glibc's malloc counts the bytes in use (mallinfo2), once with the stdlib's client (the
+loadgen's, OpenSSL of the system: X25519) and once with a pyOpenSSL client (the OpenSSL that
+cryptography bundles, which offers the X25519MLKEM768 hybrid that current clients use), and
+what SSL_new alone allocates. No Python object of ours can shrink that part.
 """
 
 from __future__ import annotations
@@ -13,8 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import gc
 import os
+import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -135,10 +146,118 @@ async def _measure(peer: FreshServer, target: loadgen.Target, users: list[str],
     return (after - base) / len(users)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> int:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().uordblks)
+
+
+def tls_share(sessions: int) -> list[str]:
+    """KiB of malloc per idle server TLS session (see the module's docstring), one line each."""
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+
+    from server.certs import generate_self_signed
+    from server.stream.tls import TLSLayer, server_context
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        generate_self_signed([DOMAIN], cert, key)
+        context = server_context(cert, key)  # type: ignore[arg-type]
+    stdlib = loadgen.client_context()
+    bundled = SSL.Context(SSL.TLS_CLIENT_METHOD)
+
+    def handshake(server: TLSLayer, to_server: Callable[[], bytes],
+                  from_server: Callable[[bytes], object], done: Callable[[], bool]) -> None:
+        for _ in range(8):
+            if done():
+                break
+            data = to_server()
+            if data:
+                _plain, out = server.receive(data)
+                if out:
+                    from_server(out)
+
+    def stdlib_pair() -> tuple[TLSLayer, object]:
+        server = TLSLayer(context)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = stdlib.wrap_bio(incoming, outgoing)
+
+        def step() -> bool:
+            try:
+                client.do_handshake()
+            except ssl.SSLWantReadError:
+                return False
+            return True
+
+        handshake(server, lambda: (step(), outgoing.read())[1], incoming.write,
+                  lambda: server.handshake_done and not outgoing.pending)
+        client.write(b"<presence/>")
+        plain, out = server.receive(outgoing.read())
+        assert plain == b"<presence/>", plain
+        incoming.write(out + server.send(b"<presence/>"))
+        assert client.read(64) == b"<presence/>"
+        return server, client
+
+    def bundled_pair() -> tuple[TLSLayer, object]:
+        server = TLSLayer(context)
+        client = SSL.Connection(bundled, None)
+        client.set_connect_state()
+
+        def pending() -> bytes:
+            with contextlib.suppress(SSL.WantReadError):
+                client.do_handshake()
+            try:
+                return client.bio_read(65536)
+            except SSL.WantReadError:
+                return b""
+
+        handshake(server, pending, client.bio_write, lambda: False)
+        client.sendall(b"<presence/>")
+        plain, out = server.receive(client.bio_read(65536))
+        assert plain == b"<presence/>", plain
+        client.bio_write(out + server.send(b"<presence/>"))
+        assert client.recv(64) == b"<presence/>"
+        return server, client
+
+    lines = []
+    for name, pair in (("stdlib client", stdlib_pair), ("pyOpenSSL client", bundled_pair)):
+        for _ in range(10):
+            pair()  # code and caches loaded first
+        gc.collect()
+        before = _malloc_in_use()
+        pairs = [pair() for _ in range(sessions)]
+        servers = [server for server, _client in pairs]
+        del pairs
+        gc.collect()
+        per = (_malloc_in_use() - before) / sessions / 1024
+        group = ffi.string(lib.SSL_get0_group_name(servers[0]._conn._ssl)).decode()
+        lines.append(f"OpenSSL ({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}): "
+                     f"{per:.1f} KiB malloc per idle {servers[0].version} server session, "
+                     f"{name}, key exchange {group} ({sessions} sessions)")
+        del servers
+        gc.collect()
+    before = _malloc_in_use()
+    bare = [TLSLayer(context) for _ in range(sessions)]
+    per = (_malloc_in_use() - before) / sessions / 1024
+    del bare
+    lines.append(f"OpenSSL: {per:.1f} KiB malloc per TLSLayer before any byte (SSL_new, two "
+                 f"memory BIOs)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=1, help="fresh servers, one figure each")
+    ap.add_argument("--tls", action="store_true",
+                    help="also OpenSSL's share, measured in this process")
     args = ap.parse_args(argv)
     raise_nofile_limit()
     host = ADDRESSES["presenced"]
@@ -151,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             per = asyncio.run(_measure(server, target, users, warm))
         print(f"presenced: {per:.1f} KiB RSS per idle TLS session with SM and CSI "
               f"({args.sessions} sessions, {time.monotonic() - began:.0f} s)", flush=True)
+    if args.tls:
+        for line in tls_share(args.sessions):
+            print(line, flush=True)
     return 0
 
 

@@ -358,3 +358,16 @@ def test_table_quick_on_presenced_rows(tmp_path) -> None:
     both = table.format_table(s, {"messages": {"presenced": {"off": 300.0, "on": 150.0},
                                                "prosody": {"off": 100.0}}}, "cmd", now, now)
     assert "| 300 | 100 | 3.00x |" in both and "| 150 | 100 | 1.50x |" in both, both
+
+
+def test_idle_memory_tls_share_measures_both_clients() -> None:
+    """bench.idle_memory --tls: handshakes with both clients go through and give a figure."""
+    import re
+
+    from bench.idle_memory import tls_share
+
+    lines = tls_share(20)
+    assert len(lines) == 3, lines
+    figures = [float(re.search(r"([0-9.]+) KiB", line).group(1)) for line in lines]  # type: ignore[union-attr]
+    assert all(figure > 1 for figure in figures), lines
+    assert "stdlib client" in lines[0] and "pyOpenSSL client" in lines[1], lines

@@ -460,3 +460,34 @@ async def test_scram_plus_with_tls_exporter_end_to_end(server: RunningServer) ->
     assert b"<success" in outcome, outcome
     outcome = await asyncio.to_thread(_exporter_login, host, port, b"\0" * 32)
     assert b"<failure" in outcome and b"not-authorized" in outcome, outcome
+
+
+async def test_channel_bindings_read_once_per_tls_session(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tls-exporter and tls-server-end-point values are read from OpenSSL once per TLS
+    session, not on every features build or SASL step: a STARTTLS login (features before and
+    after TLS, SCRAM-SHA-256-PLUS, the restart, bind) and a direct TLS one read each once."""
+    from OpenSSL import SSL
+
+    calls = {"export_keying_material": 0, "get_certificate": 0}
+    for name in calls:
+        original = getattr(SSL.Connection, name)
+
+        def counted(self, *args, _original=original, _name=name):  # type: ignore[no-untyped-def]
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(SSL.Connection, name, counted)
+    await server.add_user("alice@a.test")
+    for direct_tls, resource in ((False, "starttls"), (True, "direct")):
+        client = await server.raw(direct_tls=direct_tls)
+        await client.authenticate("a.test", "alice", PASSWORD, mechanism="SCRAM-SHA-256-PLUS")
+        features = await features_of(client)
+        assert features.find(f"{{{BIND_NS}}}bind") is not None
+        await client.send(f"<iq type='set' id='b'><bind xmlns='{BIND_NS}'>"
+                          f"<resource>{resource}</resource></bind></iq>")
+        reply = await client.expect(f"{{{CLIENT}}}iq")
+        assert reply.get("type") == "result", etree.tostring(reply)
+        await client.close()
+    # TLS 1.3 here: the exporter is defined, so each session read it once
+    assert calls == {"export_keying_material": 2, "get_certificate": 2}, calls

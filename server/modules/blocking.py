@@ -30,6 +30,7 @@ _BLOCKLIST = ns.q(ns.BLOCKING, "blocklist")
 _BLOCK = ns.q(ns.BLOCKING, "block")
 _UNBLOCK = ns.q(ns.BLOCKING, "unblock")
 _ITEM = ns.q(ns.BLOCKING, "item")
+_NOTHING: frozenset[str] = frozenset()  # shared: CPython makes a new empty one per call
 
 
 class Blocklist:
@@ -40,7 +41,8 @@ class Blocklist:
     __slots__ = ("items",)
 
     def __init__(self, items: Iterable[str] = ()) -> None:
-        self.items = frozenset(items)
+        found = frozenset(items)
+        self.items = found if found else _NOTHING  # most lists are empty: one shared set
 
     def __bool__(self) -> bool:
         return bool(self.items)

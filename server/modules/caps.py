@@ -112,6 +112,9 @@ def features_of(query: etree._Element) -> frozenset[str]:
     return frozenset(f.get("var", "") for f in query.findall(_FEATURE))
 
 
+_NOTHING: frozenset[str] = frozenset()  # shared: CPython makes a new empty one per call
+
+
 # -- the module --------------------------------------------------------------------------------
 
 
@@ -172,7 +175,7 @@ class EntityCaps(Module):
         if session.presence is not None and old is not None and old.ver == ver:
             return None  # the same caps: nothing new
         if ver is None or c is None:
-            self.caps.set(session, Caps(None, frozenset(), fresh=True))
+            self.caps.set(session, Caps(None, _NOTHING, fresh=True))
             return None
         known = self._known.get(ver)
         self.caps.set(session, Caps(ver, known, fresh=known is not None))

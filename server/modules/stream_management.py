@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -82,7 +81,10 @@ class SMState:
         self.id = secrets.token_urlsafe(18)
         self.handled = 0        # stanzas received from the client (h we report)
         self.acked = 0          # h the client last reported
-        self.queue: deque[Stanza] = deque()  # sent, not yet acknowledged, oldest first
+        # Sent, not yet acknowledged, oldest first. A list, not a deque: an empty deque keeps
+        # a 64-slot block (760 bytes per idle session), an emptied list frees its array, and
+        # an acknowledgement drops its stanzas with one slice deletion.
+        self.queue: list[Stanza] = []
         self.requested = False  # an <r/> of ours is unanswered
         self.timer: asyncio.TimerHandle | None = None
 
@@ -110,8 +112,7 @@ class SMState:
         newly = (h - self.acked) % _MOD
         if newly > len(self.queue):
             return False
-        for _ in range(newly):
-            self.queue.popleft()
+        del self.queue[:newly]
         self.acked = h % _MOD
         self.requested = False
         return True

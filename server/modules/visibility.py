@@ -44,6 +44,7 @@ log = logging.getLogger("presenced.visibility")
 HIDDEN = ns.q(ns.WATCHERS, "hidden")
 ITEM = ns.q(ns.WATCHERS, "item")
 MAX_HIDDEN = 1000  # contacts one account may hide
+_NOTHING: frozenset[str] = frozenset()  # shared: CPython makes a new empty one per call
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_comments=True,
                           remove_pis=True)
 
@@ -69,7 +70,7 @@ class Visibility(Module):
         assert bare.local is not None
         stored = await self.server.storage.private.get(bare.local, bare.domain, ns.WATCHERS,
                                                        "hidden")
-        hidden = frozenset(_parse(stored)) if stored else frozenset()
+        hidden = frozenset(_parse(stored)) if stored else _NOTHING
         if self.server.sessions.is_online(bare):
             hidden = self._hidden.setdefault(bare, hidden)  # a change made meanwhile wins
         return hidden

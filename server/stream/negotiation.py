@@ -262,6 +262,7 @@ class C2SNegotiation:
 
     def bound(self, iq: _Element, full_jid: str) -> list[Action]:
         self.stage = Stage.BOUND
+        self._negotiated()
         reply = _iq_result(iq)
         bind = etree.SubElement(reply, ns.q(ns.BIND, "bind"), nsmap={None: ns.BIND})
         etree.SubElement(bind, ns.q(ns.BIND, "jid")).text = full_jid
@@ -273,6 +274,7 @@ class C2SNegotiation:
         out.)"""
         if self.stage is not Stage.INLINE:
             self.stage = Stage.BOUND
+            self._negotiated()
 
     # -- inputs of SASL2 (XEP-0388) and its inline features ----------------------------------
 
@@ -649,7 +651,18 @@ class C2SNegotiation:
             Send(self._features()),
             Sasl2Complete(self._jid, self._resumed)]
         self._reset_sasl2()
+        if bound:
+            self._negotiated()
         return out
+
+    def _negotiated(self) -> None:
+        """Bound: no features are built and no SASL runs on this stream again (a header now
+        is a bad-format error), so what only negotiation needed is let go; an idle session
+        keeps less (the connection's bound methods, the SASL2 offer)."""
+        self._channel_binding = _no_binding
+        self._post_bind_features = self._pre_auth_features = list
+        self._sasl2_inline = sasl2.Inline
+        self._inline = None
 
     def _reset_sasl2(self) -> None:
         self._request = None
@@ -707,6 +720,10 @@ class C2SNegotiation:
     def _fail(self, condition: str, text: str | None) -> list[Action]:
         self.stage = Stage.CLOSED
         return [CloseStream(condition, text)]
+
+
+def _no_binding(_kind: str) -> bytes | None:
+    return None
 
 
 VERSION_PART_MAX = 10**9  # a major or minor version number larger than this is not XMPP

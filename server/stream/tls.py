@@ -124,7 +124,7 @@ class TLSLayer:
     """One TLS session: ciphertext in, plaintext out, and back. Server side unless a
     server_name is given (an s2s client; SNI carries the remote domain)."""
 
-    __slots__ = ("_conn", "_end_point", "handshake_done")
+    __slots__ = ("_bindings", "_conn", "_end_point", "handshake_done")
 
     def __init__(self, context: SSL.Context, end_point: bytes | None = None, *,
                  server_name: str | None = None) -> None:
@@ -136,6 +136,9 @@ class TLSLayer:
             self._conn.set_connect_state()
         self._end_point = end_point
         self.handshake_done = False
+        # (tls-exporter, tls-server-end-point), read once the handshake is done: both are fixed
+        # for the life of this TLS session, and stream features ask for them on every build.
+        self._bindings: tuple[bytes | None, bytes | None] | None = None
 
     def start(self) -> bytes:
         """Client side: the ClientHello to send first."""
@@ -243,21 +246,32 @@ class TLSLayer:
         return name.decode("ascii", "replace") if name else None
 
     def channel_binding(self, kind: str) -> bytes | None:
-        """Channel-binding data for SCRAM-*-PLUS, or None where the binding is undefined."""
+        """Channel-binding data for SCRAM-*-PLUS, or None where the binding is undefined.
+        Read from OpenSSL once per TLS session, when first asked after the handshake (a
+        STARTTLS makes a new session, with its own values)."""
         if not self.handshake_done:
             return None
+        found = self._bindings
+        if found is None:
+            found = self._bindings = (self._exporter(), self._served_end_point())
         if kind == "tls-exporter":
-            # RFC 9266 §3: only defined for TLS 1.3 (or 1.2 with extended master secret).
-            if self.version != "TLSv1.3":
-                return None
-            return self._conn.export_keying_material(EXPORTER_LABEL, 32)
+            return found[0]
         if kind == "tls-server-end-point":
-            # The certificate this connection actually served (SNI may have chosen it).
-            served = self._conn.get_certificate()
-            if served is None:
-                return self._end_point
-            return _end_point_of(served.to_cryptography().public_bytes(_DER))
+            return found[1]
         return None
+
+    def _exporter(self) -> bytes | None:
+        # RFC 9266 §3: only defined for TLS 1.3 (or 1.2 with extended master secret).
+        if self.version != "TLSv1.3":
+            return None
+        return self._conn.export_keying_material(EXPORTER_LABEL, 32)
+
+    def _served_end_point(self) -> bytes | None:
+        # RFC 5929 §4: the certificate this connection actually served (SNI may have chosen it).
+        served = self._conn.get_certificate()
+        if served is None:
+            return self._end_point
+        return _end_point_of(served.to_cryptography().public_bytes(_DER))
 
     def bindings(self) -> list[str]:
         return [k for k in ("tls-exporter", "tls-server-end-point")
