@@ -337,6 +337,21 @@ async def test_offline_messages(storage: Storage) -> None:
         await offline.store("nobody", "a.test", b"<message/>", 3)
 
 
+async def test_offline_owners(storage: Storage) -> None:
+    """The accounts holding messages, each once, at most limit of them."""
+    offline = storage.offline
+    assert await offline.owners(10) == []
+    for n, user in enumerate(("alice", "bob", "carol")):
+        await storage.accounts.create(user, "a.test", credentials(n + 1))
+    for user in ("alice", "alice", "bob"):
+        assert await offline.store(user, "a.test", b"<message/>", 10)
+    assert sorted(await offline.owners(10)) == [("alice", "a.test"), ("bob", "a.test")]
+    assert len(await offline.owners(1)) == 1
+    stored = await offline.load("alice", "a.test")
+    await offline.delete("alice", "a.test", stored[-1][0])
+    assert await offline.owners(10) == [("bob", "a.test")]
+
+
 async def test_offline_quota_holds_for_concurrent_senders(two: tuple[Storage, Storage]) -> None:
     first, second = two
     await first.accounts.create("alice", "a.test", credentials(1))
