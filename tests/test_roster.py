@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 
 import pytest
 from lxml import etree
 
+from server.jid import JID
 from tests.conftest import RunningServer
 from tests.rawclient import CLIENT, RawClient
 from tests.test_presence import next_presence
@@ -164,26 +166,28 @@ async def test_pre_approval(server: RunningServer) -> None:
     assert item.get("subscription") == "from" and item.get("approved") is None
 
 
-async def test_roster_read_once_at_bind_and_not_kept_when_forgotten_meanwhile(
-        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The roster is read ahead at bind; the initial presence and the roster get share that
-    read. A copy forgotten while it is read ([cluster]: changed on another node) is not kept."""
-    import asyncio
-
-    from server.jid import JID
-
-    await server.add_user("alice@a.test")
-    store = server.server.storage.rosters
+def held_reads(monkeypatch: pytest.MonkeyPatch, store: object, method: str
+               ) -> tuple[list[str], asyncio.Event]:
+    """store.method(user, domain) made to note the user and wait for the event."""
     reads: list[str] = []
     release = asyncio.Event()
-    load = store.load
+    read = getattr(store, method)
 
     async def held(user: str, domain: str) -> object:
         reads.append(user)
         await release.wait()
-        return await load(user, domain)
+        return await read(user, domain)
 
-    monkeypatch.setattr(store, "load", held)
+    monkeypatch.setattr(store, method, held)
+    return reads, release
+
+
+async def test_roster_read_once_at_bind_and_not_kept_when_forgotten_meanwhile(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The roster is read ahead at bind; the initial presence and the roster get share that
+    read. A copy forgotten while it is read ([cluster]: changed on another node) is not kept."""
+    await server.add_user("alice@a.test")
+    reads, release = held_reads(monkeypatch, server.server.storage.rosters, "load")
     alice = await server.raw_login("alice@a.test")
     assert reads == ["alice"]  # read at bind, before any stanza asks for it
     await alice.send(f"<presence/><iq type='get' id='g1'><query xmlns='{ROSTER}'/></iq>")

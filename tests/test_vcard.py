@@ -188,19 +188,10 @@ async def test_avatar_hash_read_at_bind_and_not_kept_when_forgotten_meanwhile(
     import asyncio
 
     from server.jid import JID
+    from tests.test_roster import held_reads
 
     await server.add_user("alice@a.test")
-    store = server.server.storage.vcards
-    reads: list[str] = []
-    release = asyncio.Event()
-    read = store.avatar_hash
-
-    async def held(user: str, domain: str) -> object:
-        reads.append(user)
-        await release.wait()
-        return await read(user, domain)
-
-    monkeypatch.setattr(store, "avatar_hash", held)
+    reads, release = held_reads(monkeypatch, server.server.storage.vcards, "avatar_hash")
     alice = await server.raw_login("alice@a.test")
     assert reads == ["alice"]  # read at bind, before the presence that carries it
     await alice.send("<presence/>")
