@@ -33,10 +33,10 @@ from server.xml.stanza import child
 log = logging.getLogger("presenced.offline")
 
 _DELAY = ns.q(ns.DELAY, "delay")
-# Stored stanzas are our own serialisation; still, never resolve entities or reach the network.
 # Accounts holding messages beyond which the module does not keep their set (it then reads at
-# every initial presence, as with [cluster]).
-_MAX_HOLDING = 100_000
+# every initial presence, as with [cluster]); a JID each: 10,000 of them are ~5 MiB.
+_MAX_HOLDING = 10_000
+# Stored stanzas are our own serialisation; still, never resolve entities or reach the network.
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
