@@ -76,10 +76,8 @@ async def test_stored_and_delivered_in_order_with_delay(server: RunningServer) -
     assert await server.server.storage.offline.count("alice", "a.test") == 0
 
 
-async def test_no_read_for_an_account_known_to_hold_none(
-        server: RunningServer, monkeypatch: Any) -> None:
-    """The initial presence of an account without stored messages reads nothing (issue 25
-    item 6); one with messages still gets them, and after their delivery it is known empty."""
+def counted_loads(server: RunningServer, monkeypatch: Any) -> list[str]:
+    """The users whose offline messages are read from now on."""
     offline = server.server.storage.offline
     reads: list[str] = []
     load = offline.load
@@ -89,6 +87,14 @@ async def test_no_read_for_an_account_known_to_hold_none(
         return await load(user, domain)
 
     monkeypatch.setattr(offline, "load", counted)
+    return reads
+
+
+async def test_no_read_for_an_account_known_to_hold_none(
+        server: RunningServer, monkeypatch: Any) -> None:
+    """The initial presence of an account without stored messages reads nothing (issue 25
+    item 6); one with messages still gets them, and after their delivery it is known empty."""
+    reads = counted_loads(server, monkeypatch)
     for user in ("alice", "bob", "carol"):
         await server.add_user(f"{user}@a.test")
     alice = await server.raw_login("alice@a.test")
@@ -196,3 +202,22 @@ async def test_slixmpp_client_gets_offline_messages(server: RunningServer) -> No
     msg = await asyncio.wait_for(got.get(), 5)
     assert msg["body"] == "hi from the past"  # type: ignore[index]
     assert msg["delay"]["from"] == "a.test"  # type: ignore[index]
+
+
+async def test_too_many_accounts_holding_messages_means_reading_for_all(
+        server: RunningServer, monkeypatch: Any) -> None:
+    """Beyond the limit the set is dropped (memory): every initial presence reads again."""
+    from server.modules import offline as offline_module
+
+    monkeypatch.setattr(offline_module, "_MAX_HOLDING", 1)
+    for user in ("alice", "bob", "carol", "dave"):
+        await server.add_user(f"{user}@a.test")
+    bob = await server.raw_login("bob@a.test")
+    assert await send_messages(bob, "carol@a.test", ["c"]) == []
+    assert await send_messages(bob, "dave@a.test", ["d"]) == []  # the second: over the limit
+    reads = counted_loads(server, monkeypatch)
+    alice = await server.raw_login("alice@a.test")
+    assert await come_online(alice) == []
+    assert reads == ["alice"]
+    dave = await server.raw_login("dave@a.test")
+    assert [m.findtext(f"{{{CLIENT}}}body") for m in await come_online(dave)] == ["d"]

@@ -92,6 +92,8 @@ class Offline(Module):
         bare = to.bare
         if self._holding is not None:  # marked before it is stored: in doubt, read
             self._holding.add(bare)
+            if len(self._holding) > _MAX_HOLDING:
+                self._holding = None  # too many to keep: read at every initial presence
         if bare in self._delivering:
             self._raced.add(bare)
         self._storing[bare] = self._storing.get(bare, 0) + 1
