@@ -282,6 +282,25 @@ async def test_message_of_the_day_survives_a_restart(tmp_path: Path) -> None:
         await stop_server(running)
 
 
+async def test_message_of_the_day_changes_reach_the_next_login(
+        admin_server: RunningServer) -> None:
+    """The message of the day is cached per domain: set, edit and delete replace the copy."""
+    server = admin_server
+    first = await server.raw_login("alice@a.test", resource="r0")
+    await no_message_at_login(first, "a.test")  # none yet: "none" is what is cached
+    root = await server.client("root@a.test", plugins=PLUGINS)
+    for n, text in enumerate(("Welcome", "Welcome, edited"), 1):
+        await run(root, "set-motd", {"motd": [text]})
+        root.plugin["xep_0050"].sessions.clear()
+        raw = await server.raw_login("alice@a.test", resource=f"r{n}")
+        await raw.send("<presence/>")
+        message = await raw.next_of("message")
+        assert message.findtext(f"{{{CLIENT}}}body") == text
+    await run(root, "delete-motd")
+    last = await server.raw_login("alice@a.test", resource="r9")
+    await no_message_at_login(last, "a.test")
+
+
 async def test_admin_creates_an_invitation(admin_server: RunningServer) -> None:
     """XEP-0401 §3.2 urn:xmpp:invite#create-account: the link and xmpp: URI, a token that
     registers over XEP-0077 (pars), and the new account and the admin are contacts."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from lxml import etree
 
@@ -73,6 +74,42 @@ async def test_stored_and_delivered_in_order_with_delay(server: RunningServer) -
     assert [m.findtext(f"{{{CLIENT}}}body") for m in await sync(alice)
             if m.tag == MESSAGE] == ["live"]
     assert await server.server.storage.offline.count("alice", "a.test") == 0
+
+
+def counted_loads(server: RunningServer, monkeypatch: Any) -> list[str]:
+    """The users whose offline messages are read from now on."""
+    offline = server.server.storage.offline
+    reads: list[str] = []
+    load = offline.load
+
+    async def counted(user: str, domain: str) -> Any:
+        reads.append(user)
+        return await load(user, domain)
+
+    monkeypatch.setattr(offline, "load", counted)
+    return reads
+
+
+async def test_no_read_for_an_account_known_to_hold_none(
+        server: RunningServer, monkeypatch: Any) -> None:
+    """The initial presence of an account without stored messages reads nothing (issue 25
+    item 6); one with messages still gets them, and after their delivery it is known empty."""
+    reads = counted_loads(server, monkeypatch)
+    for user in ("alice", "bob", "carol"):
+        await server.add_user(f"{user}@a.test")
+    alice = await server.raw_login("alice@a.test")
+    assert await come_online(alice) == []
+    assert reads == []
+    bob = await server.raw_login("bob@a.test")
+    assert await send_messages(bob, "carol@a.test", ["held"]) == []
+    carol = await server.raw_login("carol@a.test")
+    got = await come_online(carol)
+    assert [m.findtext(f"{{{CLIENT}}}body") for m in got] == ["held"]
+    assert reads == ["carol", "carol"]  # the batch, then none left
+    await carol.close()
+    again = await server.raw_login("carol@a.test", resource="again")
+    assert await come_online(again) == []
+    assert reads == ["carol", "carol"]
 
 
 async def test_negative_priority_does_not_take_offline_messages(server: RunningServer) -> None:
@@ -165,3 +202,22 @@ async def test_slixmpp_client_gets_offline_messages(server: RunningServer) -> No
     msg = await asyncio.wait_for(got.get(), 5)
     assert msg["body"] == "hi from the past"  # type: ignore[index]
     assert msg["delay"]["from"] == "a.test"  # type: ignore[index]
+
+
+async def test_too_many_accounts_holding_messages_means_reading_for_all(
+        server: RunningServer, monkeypatch: Any) -> None:
+    """Beyond the limit the set is dropped (memory): every initial presence reads again."""
+    from server.modules import offline as offline_module
+
+    monkeypatch.setattr(offline_module, "_MAX_HOLDING", 1)
+    for user in ("alice", "bob", "carol", "dave"):
+        await server.add_user(f"{user}@a.test")
+    bob = await server.raw_login("bob@a.test")
+    assert await send_messages(bob, "carol@a.test", ["c"]) == []
+    assert await send_messages(bob, "dave@a.test", ["d"]) == []  # the second: over the limit
+    reads = counted_loads(server, monkeypatch)
+    alice = await server.raw_login("alice@a.test")
+    assert await come_online(alice) == []
+    assert reads == ["alice"]
+    dave = await server.raw_login("dave@a.test")
+    assert [m.findtext(f"{{{CLIENT}}}body") for m in await come_online(dave)] == ["d"]

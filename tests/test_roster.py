@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 
 import pytest
 from lxml import etree
 
+from server.jid import JID
 from tests.conftest import RunningServer
 from tests.rawclient import CLIENT, RawClient
 from tests.test_presence import next_presence
@@ -162,3 +164,41 @@ async def test_pre_approval(server: RunningServer) -> None:
     await next_presence(bob, None, "alice@a.test")  # alice's presence follows at once
     item = await push(alice)
     assert item.get("subscription") == "from" and item.get("approved") is None
+
+
+def held_reads(monkeypatch: pytest.MonkeyPatch, store: object, method: str
+               ) -> tuple[list[str], asyncio.Event]:
+    """store.method(user, domain) made to note the user and wait for the event."""
+    reads: list[str] = []
+    release = asyncio.Event()
+    read = getattr(store, method)
+
+    async def held(user: str, domain: str) -> object:
+        reads.append(user)
+        await release.wait()
+        return await read(user, domain)
+
+    monkeypatch.setattr(store, method, held)
+    return reads, release
+
+
+async def test_roster_read_once_at_bind_and_not_kept_when_forgotten_meanwhile(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The roster is read ahead at bind; the initial presence and the roster get share that
+    read. A copy forgotten while it is read ([cluster]: changed on another node) is not kept."""
+    await server.add_user("alice@a.test")
+    reads, release = held_reads(monkeypatch, server.server.storage.rosters, "load")
+    alice = await server.raw_login("alice@a.test")
+    assert reads == ["alice"]  # read at bind, before any stanza asks for it
+    await alice.send(f"<presence/><iq type='get' id='g1'><query xmlns='{ROSTER}'/></iq>")
+    await asyncio.sleep(0.2)
+    assert reads == ["alice"]  # presence and roster get wait for that same read
+    rosters = server.server.rosters
+    bare = JID.parse("alice@a.test")
+    rosters.forget(bare)
+    release.set()
+    answer = await request(alice, "<iq type='get' id='g2'><query xmlns='jabber:iq:roster'/>"
+                           "</iq>", "g2")
+    assert answer.get("type") == "result"
+    assert reads == ["alice", "alice"]  # the forgotten copy was not kept: read again
+    assert rosters.cached(bare) is not None

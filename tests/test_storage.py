@@ -242,6 +242,35 @@ async def test_roster_items_and_versions(storage: Storage) -> None:
     assert await rosters.load("alice", "a.test") == (5, [item("bob@b.test", name="B")])
 
 
+async def test_a_roster_and_its_version_are_read_in_one_statement(
+        storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read at every initial presence, before the stream's next stanza: one round trip."""
+    rosters = storage.rosters
+    await storage.accounts.create("alice", "a.test", credentials(1))
+    db = rosters._db
+    statements: list[str] = []
+    fetch = db.fetch
+
+    async def counting(sql: str, *args: Any) -> Any:
+        statements.append(sql)
+        return await fetch(sql, *args)
+
+    monkeypatch.setattr(db, "fetch", counting)
+    assert await rosters.load("alice", "a.test") == (0, [])
+    await rosters.put("alice", "a.test", item("bob@b.test"))
+    await rosters.put("alice", "a.test", item("carol@c.test", groups=("G",)))
+    statements.clear()
+    version, items = await rosters.load("alice", "a.test")
+    assert (version, sorted(i.contact for i in items)) == (2, ["bob@b.test", "carol@c.test"])
+    assert len(statements) == 1
+    # Every item removed: the version stays (XEP-0237 §4: it never goes back).
+    await rosters.delete("alice", "a.test", "bob@b.test")
+    await rosters.delete("alice", "a.test", "carol@c.test")
+    statements.clear()
+    assert await rosters.load("alice", "a.test") == (4, [])
+    assert len(statements) == 1
+
+
 async def test_roster_of_a_missing_account(storage: Storage) -> None:
     with pytest.raises(NoSuchAccount):
         await storage.rosters.put("nobody", "a.test", item("bob@b.test"))
@@ -306,6 +335,21 @@ async def test_offline_messages(storage: Storage) -> None:
     assert await offline.count("bob", "a.test") == 1
     with pytest.raises(NoSuchAccount):
         await offline.store("nobody", "a.test", b"<message/>", 3)
+
+
+async def test_offline_owners(storage: Storage) -> None:
+    """The accounts holding messages, each once, at most limit of them."""
+    offline = storage.offline
+    assert await offline.owners(10) == []
+    for n, user in enumerate(("alice", "bob", "carol")):
+        await storage.accounts.create(user, "a.test", credentials(n + 1))
+    for user in ("alice", "alice", "bob"):
+        assert await offline.store(user, "a.test", b"<message/>", 10)
+    assert sorted(await offline.owners(10)) == [("alice", "a.test"), ("bob", "a.test")]
+    assert len(await offline.owners(1)) == 1
+    stored = await offline.load("alice", "a.test")
+    await offline.delete("alice", "a.test", stored[-1][0])
+    assert await offline.owners(10) == [("bob", "a.test")]
 
 
 async def test_offline_quota_holds_for_concurrent_senders(two: tuple[Storage, Storage]) -> None:

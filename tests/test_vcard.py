@@ -6,6 +6,7 @@ import base64
 import hashlib
 from pathlib import Path
 
+import pytest
 from slixmpp import JID as SlixJID
 from slixmpp.plugins.xep_0054.stanza import VCardTemp
 
@@ -178,3 +179,34 @@ async def test_avatar_hash_added_to_presence(server: RunningServer) -> None:
             break
     photo = el.findtext("{vcard-temp:x:update}x/{vcard-temp:x:update}photo")
     assert photo == hashlib.sha1(b"hello").hexdigest()
+
+
+async def test_avatar_hash_read_at_bind_and_not_kept_when_forgotten_meanwhile(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The avatar hash is read ahead at bind and the initial presence shares that read; one
+    forgotten while it is read ([cluster]: a vCard stored on another node) is not kept."""
+    import asyncio
+
+    from server.jid import JID
+    from tests.test_roster import held_reads
+
+    await server.add_user("alice@a.test")
+    reads, release = held_reads(monkeypatch, server.server.storage.vcards, "avatar_hash")
+    alice = await server.raw_login("alice@a.test")
+    assert reads == ["alice"]  # read at bind, before the presence that carries it
+    await alice.send("<presence/>")
+    await asyncio.sleep(0.2)
+    assert reads == ["alice"]  # the presence waits for that same read
+    module = server.server.module(vcard_module.VCard)
+    assert module is not None
+    module.forget(JID.parse("alice@a.test"))
+    release.set()
+    await alice.next_of("presence")
+    second = await server.raw_login("alice@a.test", resource="second")
+    await second.send("<presence/>")
+    await second.next_of("presence")
+    assert reads == ["alice", "alice"]  # the forgotten hash was read again, then kept
+    third = await server.raw_login("alice@a.test", resource="third")
+    await third.send("<presence/>")
+    await third.next_of("presence")
+    assert reads == ["alice", "alice"]

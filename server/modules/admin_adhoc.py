@@ -19,7 +19,9 @@ session id; the submitted form (action complete, next or execute) completes it. 
 in the first request completes at once. Everyone else gets <forbidden/> and does not see the
 commands in disco#items (XEP-0050 §2.2: the responder decides what a requester may see).
 
-The message of the day is stored per domain (server/storage/motd.py), so it survives restarts.
+The message of the day is stored per domain (server/storage/motd.py), so it survives restarts,
+and cached per domain for the logins (read at every initial presence otherwise, while the
+stream's next stanzas wait: issue 25 item 6); set/edit/delete here replace the cached copy.
   urn:xmpp:invite#create-account  uses, expires, group: an invitation (XEP-0401 §3.2) whose
                         new accounts and the admin become contacts (XEP-0379); offered when
                         server/modules/invites.py is loaded.
@@ -65,6 +67,9 @@ _VALUE = ns.q(ns.DATA_FORMS, "value")
 _SESSION_LIFETIME = 600.0  # seconds a half-done command waits for its form
 _MAX_SESSIONS = 64         # half-done commands kept at once (the oldest go first)
 _MAX_ITEMS = ("25", "50", "75", "100", "150", "200", "none")
+# [cluster]: seconds a cached message of the day is used before it is read again (another node
+# may have changed it).
+MOTD_RECHECK = 10.0
 
 Values = dict[str, list[str]]
 
@@ -104,6 +109,12 @@ class AdminAdHoc(Module):
 
     def __init__(self, server: Server, config: Any) -> None:
         super().__init__(server, config)
+        # domain -> (its message of the day or None, time.monotonic() when read). With
+        # [cluster] an admin may change it on another node, and no invalidation tells us:
+        # there the copy is read again once it is MOTD_RECHECK seconds old (a change reaches
+        # the logins on every node within that); alone, it is only replaced by our commands.
+        self._motds: dict[str, tuple[str | None, float]] = {}
+        self._motd_changes = 0  # bumped by every change: a read begun before one is not kept
         jid_multi = Field("accountjids", "jid-multi", "The Jabber ID(s)", required=True)
         password = Field("password", "text-private", "The password for this account",
                          required=True)
@@ -394,6 +405,7 @@ class AdminAdHoc(Module):
     async def _set_motd(self, ctx: Context, values: Values) -> Stanza:
         text = "\n".join(values.get("motd", []))
         await self.motd.set(ctx.domain, text)
+        self._motd_changed(ctx.domain, text)
         log.info("event=motd-set domain=%s by=%s", ctx.domain, ctx.requester)
         return _note("message of the day set")
 
@@ -427,9 +439,27 @@ class AdminAdHoc(Module):
 
     async def _delete_motd(self, ctx: Context, values: Values) -> Stanza:
         existed = await self.motd.delete(ctx.domain)
+        self._motd_changed(ctx.domain, None)
         log.info("event=motd-deleted domain=%s by=%s", ctx.domain, ctx.requester)
         return _note("message of the day deleted" if existed else "there was no message of "
                      "the day")
+
+    def _motd_changed(self, domain: str, text: str | None) -> None:
+        self._motd_changes += 1
+        self._motds[domain] = (text, time.monotonic())
+
+    async def _motd_of(self, domain: str) -> str | None:
+        """The domain's message of the day, from the cache when it may be used."""
+        cached = self._motds.get(domain)
+        now = time.monotonic()
+        if cached is not None and (not self.server.config.cluster.enabled
+                                   or now - cached[1] < MOTD_RECHECK):
+            return cached[0]
+        changes = self._motd_changes
+        text = await self.motd.get(domain)
+        if changes == self._motd_changes:  # else a command replaced it while we read
+            self._motds[domain] = (text, now)
+        return text
 
     # -- message of the day at login ---------------------------------------------------------
 
@@ -443,7 +473,7 @@ class AdminAdHoc(Module):
         return self._send_motd(session)
 
     async def _send_motd(self, session: Session) -> None:
-        text = await self.motd.get(session.jid.domain)
+        text = await self._motd_of(session.jid.domain)
         if text:
             session.send(ctl.server_message(session.jid.domain, session.jid_str, text))
 

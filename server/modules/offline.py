@@ -12,6 +12,7 @@ crash in between delivers a message twice, never zero times.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from lxml import etree
 from server import events
 from server.config import int_option
 from server.errors import StanzaError
-from server.jid import JID
+from server.jid import JID, InvalidJID
 from server.module import Module, ModuleContext, Stanza, hook
 from server.sessions import Session
 from server.xml import ns
@@ -32,6 +33,9 @@ from server.xml.stanza import child
 log = logging.getLogger("presenced.offline")
 
 _DELAY = ns.q(ns.DELAY, "delay")
+# Accounts holding messages beyond which the module does not keep their set (it then reads at
+# every initial presence, as with [cluster]); a JID each: 10,000 of them are ~5 MiB.
+_MAX_HOLDING = 10_000
 # Stored stanzas are our own serialisation; still, never resolve entities or reach the network.
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -56,6 +60,22 @@ class Offline(Module):
     def __init__(self, server: ModuleContext, config: Any) -> None:
         super().__init__(server, config)
         self._delivering: set[JID] = set()  # accounts whose stored messages go out right now
+        # The accounts that may hold stored messages; None: unknown, every initial presence
+        # reads (issue 25 item 6: the read otherwise delays the stream's next stanzas). Read
+        # at start and kept by this process, which is then the only writer (an import runs
+        # with the server stopped, server/porting/load.py). Not with [cluster]: another node
+        # may store a message for the account and nothing tells us, so there we always read.
+        self._holding: set[JID] | None = None
+        self._storing: dict[JID, int] = {}  # stores not yet returned, per account
+        self._raced: set[JID] = set()  # a store began while the account's delivery read
+
+    async def start(self) -> None:
+        if self.server.config.cluster.enabled:
+            return
+        owners = await self.server.storage.offline.owners(_MAX_HOLDING + 1)
+        if len(owners) <= _MAX_HOLDING:
+            with contextlib.suppress(InvalidJID):  # a row we cannot name: read for everyone
+                self._holding = {JID(user, domain) for user, domain in owners}
 
     @hook(events.MESSAGE_OFFLINE)
     def store(self, stanza: Stanza, _origin: Session | None, to: JID) -> object:
@@ -69,8 +89,23 @@ class Offline(Module):
         # XEP-0203 §3: who delayed it and when.
         child(kept, _DELAY, {"from": to.domain, "stamp": stamp()}, text="Offline Storage")
         data = etree.tostring(kept)
-        if not await self.server.storage.offline.store(to.local, to.domain, data,
-                                                       self.config.max_messages):
+        bare = to.bare
+        if self._holding is not None:  # marked before it is stored: in doubt, read
+            self._holding.add(bare)
+            if len(self._holding) > _MAX_HOLDING:
+                self._holding = None  # too many to keep: read at every initial presence
+        if bare in self._delivering:
+            self._raced.add(bare)
+        self._storing[bare] = self._storing.get(bare, 0) + 1
+        try:
+            stored = await self.server.storage.offline.store(to.local, to.domain, data,
+                                                             self.config.max_messages)
+        finally:
+            if (left := self._storing[bare] - 1) > 0:
+                self._storing[bare] = left
+            else:
+                del self._storing[bare]
+        if not stored:
             log.info("event=offline-quota to=%s", to)
             raise StanzaError("resource-constraint", "the recipient's offline storage is full")
         return True
@@ -84,6 +119,8 @@ class Offline(Module):
         bare = session.jid.bare
         if bare in self._delivering:
             return None  # another resource of the account is receiving them right now
+        if self._holding is not None and bare not in self._holding:
+            return None  # none stored (a store marks the account before it writes)
         return self._deliver(session, bare)
 
     async def _deliver(self, session: Session, bare: JID) -> None:
@@ -95,8 +132,14 @@ class Offline(Module):
             # A message stored while a batch is delivered gets a higher id: loop until none is
             # left (the session is available now, so new messages no longer come here).
             for _ in range(8):
+                # Known empty when the read finds none, no store was under way as it began
+                # and none began since (its message may be committed after the read).
+                quiet = bare not in self._storing
+                self._raced.discard(bare)
                 batch = await offline.load(bare.local, bare.domain)
                 if not batch:
+                    if quiet and bare not in self._raced and self._holding is not None:
+                        self._holding.discard(bare)
                     return
                 if sessions.get(session.jid) is not session:
                     return  # gone before we could hand anything over: keep them all
@@ -108,3 +151,4 @@ class Offline(Module):
                 log.info("event=offline-delivered jid=%s count=%d", session.jid, len(batch))
         finally:
             self._delivering.discard(bare)
+            self._raced.discard(bare)

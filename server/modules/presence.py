@@ -183,6 +183,13 @@ class Presence(Module):
             await self.server.hooks.notify(events.PRESENCE_UNAVAILABLE, session, stanza)
         return True
 
+    @hook(events.SESSION_BOUND)
+    def bound(self, session: Session) -> Awaitable[Roster] | None:
+        """The roster read ahead, while the client is still on its way to the initial presence
+        (or roster get) that needs it: neither then waits for storage (issue 25 item 6)."""
+        user = session.jid.bare
+        return None if self.rosters.cached(user) is not None else self.rosters.get(user)
+
     @hook(events.SESSION_CLOSED)
     def closed(self, session: Session, _reason: str) -> Awaitable[None]:
         async def finish() -> None:

@@ -14,6 +14,7 @@ the new one.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import copy
@@ -69,6 +70,10 @@ class VCard(Module):
         super().__init__(server, config)
         # (localpart, domain) -> what avatar_hash() returns; cleared when it grows too big.
         self._hashes: dict[tuple[str, str], str | None] = {}
+        # Reads under way, shared by their callers (the bind's read-ahead and the presence);
+        # a key changed or forgotten while read is not remembered from that read.
+        self._reading: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+        self._dropped: set[tuple[str, str]] = set()
         # [cluster]: tells the other nodes that an account's vCard changed (server/cluster)
         self.changed: Callable[[JID], Awaitable[None]] | None = None
 
@@ -78,12 +83,35 @@ class VCard(Module):
         key = (user, domain)
         if key in self._hashes:
             return self._hashes[key]
-        value = await self.server.storage.vcards.avatar_hash(user, domain)
-        self._remember(key, value)
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._read_hash(key))
+            reading.add_done_callback(_retrieved)
+        return await asyncio.shield(reading)  # a caller that goes away leaves it to the others
+
+    async def _read_hash(self, key: tuple[str, str]) -> str | None:
+        try:
+            value = await self.server.storage.vcards.avatar_hash(*key)
+        finally:
+            del self._reading[key]
+            dropped = key in self._dropped
+            self._dropped.discard(key)
+        if not dropped:
+            self._remember(key, value)
         return value
+
+    @hook(events.SESSION_BOUND)
+    def bound(self, session: Session) -> Awaitable[str | None] | None:
+        """The avatar hash read ahead, before the initial presence that carries it: that
+        presence then waits for no storage (issue 25 item 6)."""
+        jid = session.jid
+        if jid.local is None or (jid.local, jid.domain) in self._hashes:
+            return None
+        return self.avatar_hash(jid.local, jid.domain)
 
     async def _stored(self, owner: JID, digest: str) -> None:
         assert owner.local is not None
+        self._changing((owner.local, owner.domain))
         self._remember((owner.local, owner.domain), digest)
         if self.changed is not None:  # told before the answer: then every node knows
             await self.changed(owner.bare)
@@ -91,7 +119,12 @@ class VCard(Module):
     def forget(self, bare: JID) -> None:
         """Another node stored this account's vCard: read its avatar hash again."""
         if bare.local is not None:
+            self._changing((bare.local, bare.domain))
             self._hashes.pop((bare.local, bare.domain), None)
+
+    def _changing(self, key: tuple[str, str]) -> None:
+        if key in self._reading:
+            self._dropped.add(key)  # what that read returns may be from before the change
 
     def _remember(self, key: tuple[str, str], value: str | None) -> None:
         if len(self._hashes) >= _CACHE_SIZE:
@@ -256,6 +289,12 @@ class VCard(Module):
             return  # no vCard: say nothing rather than "no avatar"
         update = etree.SubElement(presence, UPDATE, nsmap={None: ns.VCARD_UPDATE})
         etree.SubElement(update, ns.q(ns.VCARD_UPDATE, "photo")).text = photo or None
+
+
+def _retrieved(reading: asyncio.Future[str | None]) -> None:
+    """Its error is the awaiting callers'; none may be left to take it (all went away)."""
+    if not reading.cancelled():
+        reading.exception()
 
 
 def photo_hash(vcard: Stanza) -> str:

@@ -153,6 +153,9 @@ class OfflineStore(Protocol):
 
     async def count(self, user: str, domain: str) -> int: ...
 
+    async def owners(self, limit: int) -> list[tuple[str, str]]:
+        """(user, domain) of at most limit accounts that hold messages, in no order."""
+
 
 class BlocklistStore(Protocol):
     """Blocking command (XEP-0191): the normalised JIDs (full, bare or domain) an account

@@ -88,6 +88,11 @@ class SQLiteOfflineStore(Store):
         assert row is not None
         return int(row[0])
 
+    async def owners(self, limit: int) -> list[tuple[str, str]]:
+        rows = await self._db.fetch(
+            "SELECT DISTINCT localpart, domain FROM offline_messages LIMIT ?", limit)
+        return [(str(row[0]), str(row[1])) for row in rows]
+
 
 class PostgresOfflineStore(SQLiteOfflineStore):
     """On PostgreSQL, writers run at once: store() (presenced_offline_store, one round trip)

@@ -43,6 +43,7 @@ MIGRATIONS = {backend: [[_ROSTER_ITEMS.format(**types), _ROSTER_VERSIONS.format(
               for backend, types in _TYPES.items()}  # 1
 
 _COLUMNS = "contact, name, groups, subscription, pending_out, pending_in, approved, listed, request"
+_ITEM_COLUMNS = ", ".join(f"i.{c}" for c in _COLUMNS.split(", "))
 _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.split(", ")[1:])
 
 
@@ -50,16 +51,21 @@ class RosterStoreSQL(Store):
     """RosterStore."""
 
     async def load(self, user: str, domain: str) -> tuple[int, list[RosterItem]]:
+        # One statement, one round trip (it is read at every initial presence, RFC 6121 §4.2.2,
+        # and the stream's next stanzas wait for it): the version joined to the items, from a
+        # one-row table so that an account without items still gets its version (a row of
+        # NULL items then).
         rows = await self._db.fetch(
-            f"SELECT {_COLUMNS} FROM roster_items WHERE domain = ? AND localpart = ?",
-            domain, user)
-        version = await self._first(
-            "SELECT version FROM roster_versions WHERE domain = ? AND localpart = ?",
-            domain, user)
-        items = [RosterItem(contact=r[0], name=r[1], groups=tuple(json.loads(r[2])),
-                            subscription=r[3], pending_out=bool(r[4]), pending_in=bool(r[5]),
-                            approved=bool(r[6]), listed=bool(r[7]), request=r[8]) for r in rows]
-        return (0 if version is None else int(version[0])), items
+            f"SELECT v.version, {_ITEM_COLUMNS} FROM (SELECT 1 AS one) AS one "
+            "LEFT JOIN roster_versions AS v ON v.domain = ? AND v.localpart = ? "
+            "LEFT JOIN roster_items AS i ON i.domain = ? AND i.localpart = ?",
+            domain, user, domain, user)
+        version = rows[0][0] if rows else None
+        items = [RosterItem(contact=r[1], name=r[2], groups=tuple(json.loads(r[3])),
+                            subscription=r[4], pending_out=bool(r[5]), pending_in=bool(r[6]),
+                            approved=bool(r[7]), listed=bool(r[8]), request=r[9])
+                 for r in rows if r[1] is not None]
+        return (0 if version is None else int(version)), items
 
     async def put(self, user: str, domain: str, item: RosterItem) -> int:
         return await self._change_and_bump(
