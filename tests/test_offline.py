@@ -221,3 +221,28 @@ async def test_too_many_accounts_holding_messages_means_reading_for_all(
     assert reads == ["alice"]
     dave = await server.raw_login("dave@a.test")
     assert [m.findtext(f"{{{CLIENT}}}body") for m in await come_online(dave)] == ["d"]
+
+
+async def test_a_message_stored_while_its_account_came_online_is_delivered(
+        server: RunningServer, monkeypatch: Any) -> None:
+    """Stored for an offline bob, but the store ends only after bob's initial presence read
+    the (still empty) storage: delivered to him then, not left until his next login."""
+    for user in ("alice", "bob"):
+        await server.add_user(f"{user}@a.test")
+    offline = server.server.storage.offline
+    release = asyncio.Event()
+    slow_store = offline.store
+
+    async def store(*args: Any) -> Any:
+        await release.wait()
+        return await slow_store(*args)
+    monkeypatch.setattr(offline, "store", store)
+    alice = await server.raw_login("alice@a.test")
+    await alice.send("<message to='bob@a.test' type='chat' id='late'><body>late</body>"
+                     "</message>")
+    await asyncio.sleep(0.2)  # routed to offline storage, the store waits
+    bob = await server.raw_login("bob@a.test")
+    assert await come_online(bob) == []  # its read found nothing yet
+    release.set()
+    got = await bob.next_of("message", 5)
+    assert got.get("id") == "late" and got.findtext(f"{{{CLIENT}}}body") == "late"

@@ -68,6 +68,7 @@ class Offline(Module):
         self._holding: set[JID] | None = None
         self._storing: dict[JID, int] = {}  # stores not yet returned, per account
         self._raced: set[JID] = set()  # a store began while the account's delivery read
+        self._again: set[JID] = set()  # a store ended while the account's delivery read
 
     async def start(self) -> None:
         if self.server.config.cluster.enabled:
@@ -108,7 +109,19 @@ class Offline(Module):
         if not stored:
             log.info("event=offline-quota to=%s", to)
             raise StanzaError("resource-constraint", "the recipient's offline storage is full")
+        self._stored_late(bare)
         return True
+
+    def _stored_late(self, bare: JID) -> None:
+        """A message whose store ended after its account came online: the initial presence's
+        read may have run before this commit, so it is delivered now, not at the next login."""
+        if bare in self._delivering:
+            self._again.add(bare)  # the delivery under way reads once more
+            return
+        for session in self.server.sessions.resources(bare):
+            if not session.remote and session.presence is not None and session.priority >= 0:
+                self.server.router.spawn(self._deliver(session, bare))
+                return
 
     @hook(events.PRESENCE_AVAILABLE)
     def available(self, session: Session, first: bool) -> object:
@@ -136,8 +149,11 @@ class Offline(Module):
                 # and none began since (its message may be committed after the read).
                 quiet = bare not in self._storing
                 self._raced.discard(bare)
+                self._again.discard(bare)
                 batch = await offline.load(bare.local, bare.domain)
                 if not batch:
+                    if bare in self._again:
+                        continue  # a store ended during that read: read again
                     if quiet and bare not in self._raced and self._holding is not None:
                         self._holding.discard(bare)
                     return
@@ -152,3 +168,4 @@ class Offline(Module):
         finally:
             self._delivering.discard(bare)
             self._raced.discard(bare)
+            self._again.discard(bare)
