@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from server.jid import JID
 from server.presence.subscription import Subscription, SubState
+from server.shared_reads import SharedReads
 from server.storage.base import RosterItem
 from server.xml import ns
 from server.xml.stanza import Element, child, element, iq
@@ -64,8 +65,7 @@ class RosterManager:
         self._locks: dict[JID, asyncio.Lock] = {}
         # Loads under way, shared by every caller (a bind's prefetch, the initial presence,
         # the roster get): one read each, and two never cache different copies.
-        self._loading: dict[JID, asyncio.Future[Roster]] = {}
-        self._dropped: set[JID] = set()  # forgotten while loading: that load is not cached
+        self._loads: SharedReads[JID, Roster] = SharedReads()
         self._push_ids = itertools.count(1)
         # server/cluster: told of every stored change, so other nodes drop their cached copy.
         self.changed: Callable[[JID], None] | None = None
@@ -84,33 +84,24 @@ class RosterManager:
         roster = self._cache.get(bare)
         if roster is not None:
             return roster
-        loading = self._loading.get(bare)
-        if loading is None:
-            loading = self._loading[bare] = asyncio.ensure_future(self._load(bare))
-            loading.add_done_callback(_retrieved)
-        # Shielded: a caller that goes away (its stream closed) leaves the load to the others.
-        return await asyncio.shield(loading)
+        return await self._loads.read(bare, lambda: self._load(bare),
+                                      lambda roster: self._keep(bare, roster))
 
     async def _load(self, bare: JID) -> Roster:
         assert bare.local is not None
-        try:
-            version, items = await self._server.storage.rosters.load(bare.local, bare.domain)
-        finally:
-            del self._loading[bare]
-            dropped = bare in self._dropped
-            self._dropped.discard(bare)
-        roster = Roster(version, {item.contact: item for item in items})
+        version, items = await self._server.storage.rosters.load(bare.local, bare.domain)
+        return Roster(version, {item.contact: item for item in items})
+
+    def _keep(self, bare: JID, roster: Roster) -> None:
         # [cluster]: a change on another node announced while we read ("r": forget) may be
-        # missing from what we read; that copy is returned, not kept.
-        if not dropped and self._server.sessions.is_online(bare):
+        # missing from what we read; that copy is returned, not kept (SharedReads).
+        if self._server.sessions.is_online(bare):
             self._cache[bare] = roster
-        return roster
 
     def forget(self, bare: JID) -> None:
         """The account's last session ended, or ([cluster]) another node changed its roster."""
         self._cache.pop(bare, None)
-        if bare in self._loading:
-            self._dropped.add(bare)
+        self._loads.forget(bare)
         lock = self._locks.get(bare)
         if lock is not None and not lock.locked():
             del self._locks[bare]
@@ -152,12 +143,6 @@ class RosterManager:
             query = child(push, ns.q(ns.ROSTER, "query"), {"ver": str(version)})
             query.append(item_element(item, removed))
             session.send(push)
-
-
-def _retrieved(loading: asyncio.Future[Roster]) -> None:
-    """Its error is the awaiting callers'; none may be left to take it (all went away)."""
-    if not loading.cancelled():
-        loading.exception()
 
 
 def _send(answer: Answer | None) -> None:

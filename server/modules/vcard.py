@@ -14,7 +14,6 @@ the new one.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import copy
@@ -33,6 +32,7 @@ from server.module import Module, ModuleContext, Stanza, hook, iq_get, iq_set
 from server.modules.pubsub.engine import PubsubError
 from server.modules.pubsub.pep import Pep
 from server.sessions import Session
+from server.shared_reads import SharedReads
 from server.storage.userdata import VCARDS
 from server.xml import ns
 from server.xml.stanza import child, element, payload, result
@@ -72,8 +72,7 @@ class VCard(Module):
         self._hashes: dict[tuple[str, str], str | None] = {}
         # Reads under way, shared by their callers (the bind's read-ahead and the presence);
         # a key changed or forgotten while read is not remembered from that read.
-        self._reading: dict[tuple[str, str], asyncio.Future[str | None]] = {}
-        self._dropped: set[tuple[str, str]] = set()
+        self._reads: SharedReads[tuple[str, str], str | None] = SharedReads()
         # [cluster]: tells the other nodes that an account's vCard changed (server/cluster)
         self.changed: Callable[[JID], Awaitable[None]] | None = None
 
@@ -83,22 +82,9 @@ class VCard(Module):
         key = (user, domain)
         if key in self._hashes:
             return self._hashes[key]
-        reading = self._reading.get(key)
-        if reading is None:
-            reading = self._reading[key] = asyncio.ensure_future(self._read_hash(key))
-            reading.add_done_callback(_retrieved)
-        return await asyncio.shield(reading)  # a caller that goes away leaves it to the others
-
-    async def _read_hash(self, key: tuple[str, str]) -> str | None:
-        try:
-            value = await self.server.storage.vcards.avatar_hash(*key)
-        finally:
-            del self._reading[key]
-            dropped = key in self._dropped
-            self._dropped.discard(key)
-        if not dropped:
-            self._remember(key, value)
-        return value
+        return await self._reads.read(
+            key, lambda: self.server.storage.vcards.avatar_hash(*key),
+            lambda value: self._remember(key, value))
 
     @hook(events.SESSION_BOUND)
     def bound(self, session: Session) -> Awaitable[str | None] | None:
@@ -123,8 +109,7 @@ class VCard(Module):
             self._hashes.pop((bare.local, bare.domain), None)
 
     def _changing(self, key: tuple[str, str]) -> None:
-        if key in self._reading:
-            self._dropped.add(key)  # what that read returns may be from before the change
+        self._reads.forget(key)  # what a read under way returns may be from before the change
 
     def _remember(self, key: tuple[str, str], value: str | None) -> None:
         if len(self._hashes) >= _CACHE_SIZE:
@@ -289,12 +274,6 @@ class VCard(Module):
             return  # no vCard: say nothing rather than "no avatar"
         update = etree.SubElement(presence, UPDATE, nsmap={None: ns.VCARD_UPDATE})
         etree.SubElement(update, ns.q(ns.VCARD_UPDATE, "photo")).text = photo or None
-
-
-def _retrieved(reading: asyncio.Future[str | None]) -> None:
-    """Its error is the awaiting callers'; none may be left to take it (all went away)."""
-    if not reading.cancelled():
-        reading.exception()
 
 
 def photo_hash(vcard: Stanza) -> str:
